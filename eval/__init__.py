@@ -1,0 +1,1 @@
+"""Benchmarks and the method-comparison harness (installed as `qdora.eval`)."""

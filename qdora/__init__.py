@@ -1,0 +1,18 @@
+"""qdora: quantized DoRA fine-tuning (DoRA adapters over NF4 bitsandbytes bases)."""
+
+import warnings as _warnings
+
+# bitsandbytes' CPU backend warns at import that an optional PyPI kernel package is missing.
+_warnings.filterwarnings("ignore", message="Failed to load CPU gemm_4bit_forward")
+import logging as _logging
+
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+
+from qdora.config import AdapterConfig, METHODS  # noqa: E402
+from qdora.layer import QDoRALinear  # noqa: E402
+from qdora.nf4 import linear4bit_from_linear, quantize_nf4, RowBlocks  # noqa: E402
+from qdora.surgery import add_adapters, param_report  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["AdapterConfig", "METHODS", "QDoRALinear", "add_adapters", "param_report",
+           "quantize_nf4", "linear4bit_from_linear", "RowBlocks"]

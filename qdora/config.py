@@ -1,0 +1,178 @@
+"""`AdapterConfig`: what to adapt and how. Frozen, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+METHODS = ("full", "lora", "dora", "qlora", "qdora")
+"""`full` trains every weight; `lora`/`dora` adapt an unquantized base; `qlora`/`qdora` an NF4 base."""
+
+NORM_MODES = ("detached", "exact")
+QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")
+NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def _dtype_name(value) -> str | None:
+    """Canonical name of a dtype given as `torch.dtype` or string, or None if unknown."""
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    if isinstance(value, str) and value in _DTYPES:
+        return str(_DTYPES[value]).removeprefix("torch.")
+    return None
+
+
+def resolve_dtype(value) -> torch.dtype:
+    name = _dtype_name(value)
+    if name is None:
+        raise ValueError(f"unknown dtype {value!r}; use one of {sorted(set(_DTYPES))}")
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """How `qdora.add_adapters` adapts a model. Every field is checked in `__post_init__`."""
+
+    method: str = "qdora"
+    """One of `full`, `lora`, `dora`, `qlora`, `qdora` (the q-methods keep the base in NF4)."""
+    r: int = 16
+    """Rank of the direction update `B·A`."""
+    alpha: float = 32.0
+    """Scale numerator: the update is `s·B·A` with `s = alpha / r` (or `alpha / sqrt(r)`, rsLoRA)."""
+    dropout: float = 0.05
+    """Dropout on the adapter path's input only (the base path never sees it); in [0, 1)."""
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+    """Linear modules to adapt: an exact module name, a dotted suffix (`q_proj` matches
+    `model.layers.0.self_attn.q_proj`), or a regex prefixed with `re:` matched against the full name."""
+    magnitude_only_modules: tuple[str, ...] = ()
+    """Modules (same matching) that train only the magnitude `m`, no `A`/`B` (DoRA methods only).
+    They need not appear in `target_modules`."""
+    norm: str = "detached"
+    """`detached`: the row norm is a constant in backward (DoRA paper §4.3, cheap);
+    `exact`: gradients flow through the norm too."""
+    use_rslora: bool = False
+    """Use `s = alpha / sqrt(r)` instead of `alpha / r`."""
+    adapter_dtype: str = "bfloat16"
+    """Storage dtype of `A`, `B` and the magnitude offset. Compute never happens in it on CPU."""
+    compute_dtype: str = "auto"
+    """Dtype of the matmuls: `auto` = float32 on CPU (bf16 matmuls are very slow there), bfloat16 on CUDA."""
+    block_rows: int = 1024
+    """Rows of the base weight dequantized at once: peak temporary memory is `block_rows × in_features`."""
+    nf4_blocksize: int = 64
+    """bitsandbytes NF4 block size used when this library quantizes a weight."""
+    double_quant: bool = True
+    """Quantize the NF4 absmax statistics too (bitsandbytes `compress_statistics`)."""
+    quant_storage: str = "uint8"
+    """dtype holding the packed NF4 data (`bfloat16` lets FSDP shard it with the rest of the model)."""
+    eps: float = 1e-6
+    """Row norms below this are clamped to it, so zero rows never divide by zero."""
+
+    def __post_init__(self):
+        # Normalise sequences given as a single string or a list, before checking anything.
+        for name in ("target_modules", "magnitude_only_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            if isinstance(value, (list, set, frozenset)):
+                value = tuple(sorted(value) if isinstance(value, (set, frozenset)) else value)
+            object.__setattr__(self, name, value)
+        problems: list[str] = []
+        if self.method not in METHODS:
+            problems.append(f"method={self.method!r} is unknown; use one of {', '.join(METHODS)}")
+        is_dora = self.method in ("dora", "qdora")
+        adapts = self.method != "full"
+        if adapts:
+            if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+                problems.append(f"r={self.r!r} must be a positive integer (typical: 8, 16, 32, 64)")
+            if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) \
+                    or not math.isfinite(self.alpha) or self.alpha <= 0:
+                problems.append(f"alpha={self.alpha!r} must be a positive number (typical: 2*r)")
+            if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+                problems.append(f"dropout={self.dropout!r} must be in [0, 1) (typical: 0.05; 0 disables it)")
+            if not isinstance(self.target_modules, tuple) or not all(
+                    isinstance(t, str) and t for t in self.target_modules):
+                problems.append(f"target_modules={self.target_modules!r} must be a tuple of non-empty strings")
+            elif not self.target_modules and not self.magnitude_only_modules:
+                problems.append("target_modules is empty: name the linear modules to adapt, "
+                                "e.g. ('q_proj', 'k_proj', 'v_proj', 'up_proj', 'down_proj')")
+            for pattern in (*self.target_modules, *self.magnitude_only_modules):
+                if isinstance(pattern, str) and pattern.startswith("re:"):
+                    import re
+                    try:
+                        re.compile(pattern[3:])
+                    except re.error as err:
+                        problems.append(f"target pattern {pattern!r} is not a valid regex: {err}")
+        if self.magnitude_only_modules and not is_dora:
+            problems.append(f"magnitude_only_modules={self.magnitude_only_modules!r} needs a DoRA method "
+                            f"(dora or qdora), not method={self.method!r}")
+        if self.norm not in NORM_MODES:
+            problems.append(f"norm={self.norm!r} is unknown; use 'detached' (default) or 'exact'")
+        if _dtype_name(self.adapter_dtype) is None:
+            problems.append(f"adapter_dtype={self.adapter_dtype!r} is unknown; use 'bfloat16' or 'float32'")
+        else:
+            object.__setattr__(self, "adapter_dtype", _dtype_name(self.adapter_dtype))
+        if self.compute_dtype != "auto":
+            if _dtype_name(self.compute_dtype) is None:
+                problems.append(f"compute_dtype={self.compute_dtype!r} is unknown; use 'auto', 'float32' or 'bfloat16'")
+            else:
+                object.__setattr__(self, "compute_dtype", _dtype_name(self.compute_dtype))
+        if isinstance(self.block_rows, bool) or not isinstance(self.block_rows, int) or self.block_rows <= 0:
+            problems.append(f"block_rows={self.block_rows!r} must be a positive integer (e.g. 1024)")
+        if self.nf4_blocksize not in NF4_BLOCKSIZES:
+            problems.append(f"nf4_blocksize={self.nf4_blocksize!r} is not supported by bitsandbytes; "
+                            f"use one of {NF4_BLOCKSIZES} (64 is the QLoRA default)")
+        storage = _dtype_name(self.quant_storage) if self.quant_storage != "uint8" else "uint8"
+        if storage not in QUANT_STORAGE:
+            problems.append(f"quant_storage={self.quant_storage!r} is unknown; use one of {QUANT_STORAGE}")
+        else:
+            object.__setattr__(self, "quant_storage", storage)
+        if not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1e-2:
+            problems.append(f"eps={self.eps!r} must be a small positive number (default 1e-6)")
+        if problems:
+            raise ValueError("invalid AdapterConfig:\n  - " + "\n  - ".join(problems))
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def quantized(self) -> bool:
+        return self.method in ("qlora", "qdora")
+
+    @property
+    def use_dora(self) -> bool:
+        return self.method in ("dora", "qdora")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    def resolved_compute_dtype(self, device: torch.device | str) -> torch.dtype:
+        if self.compute_dtype != "auto":
+            return _DTYPES[self.compute_dtype]
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+    def replace(self, **changes) -> "AdapterConfig":
+        return dataclasses.replace(self, **changes)
+
+    def half_rank(self) -> "AdapterConfig":
+        """The DoRA paper's DoRA†: half the rank and half the alpha, so the scale `s` is unchanged."""
+        if self.r < 2:
+            raise ValueError(f"half_rank() needs r >= 2, got r={self.r}")
+        return self.replace(r=self.r // 2, alpha=self.alpha / 2)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AdapterConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown AdapterConfig fields {unknown}; known: {sorted(names)}")
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})

@@ -1,0 +1,247 @@
+r"""The adapter math: one autograd function for DoRA, QDoRA, LoRA and QLoRA layers.
+
+Notation (one layer, tokens flattened to `T` rows):
+
+    x  (T, in)     input;  x_d = dropout(x) feeds the adapter path only
+    W0 (out, in)   frozen base, NF4 or plain; read block of rows by block of rows
+    A  (r, in), B (out, r)  direction update, scale s;  m (out,) magnitude
+    a  = x_d·Aᵀ                        (T, r)
+    h  = x·W0ᵀ + s·a·Bᵀ                (T, out)
+    n² = c + 2s·rowsum(B ⊙ P) + s²·rowsum((B·G) ⊙ B),   c = rowsum(W0²), P = W0·Aᵀ, G = A·Aᵀ
+    g  = m / max(n, eps)
+    y  = g ⊙ h + bias                  (LoRA: g ≡ 1, no norm)
+
+`n` is the row norm of `W0 + s·B·A` without ever forming it: `P` rides along the forward pass
+over W0 as r extra rows (`W·Aᵀ` per block), `c` is computed once (W0 is frozen), the rest is
+O(out·r²). Norm terms are fp32 whatever the compute dtype.
+
+Backward, with `dy = ∂L/∂y` and `dh = dy ⊙ g` (never materialized: `g` is folded into whichever
+operand is smaller):
+
+    dm  = Σ_t dy ⊙ h / n   = Σ_t dy ⊙ (y − bias) / m    (h is recovered from the saved output;
+                                                         rows with m = 0 recompute h)
+    dB  = s·dhᵀ·a          = s·g ⊙ (dyᵀ·a)
+    dA  = s·(dh·B)ᵀ·x_d
+    dx  = dh·W0 + s·(dh·B)·A    (second W0 pass, block by block; the adapter term goes to x_d)
+
+`norm="exact"` adds the path through n. With `u = ∂L/∂(n²) = −g·dm / (2n)` (0 where n ≤ eps):
+
+    dB += u ⊙ (2s·P + 2s²·B·G)
+    dA += 2s·(u ⊙ B)ᵀ·W0 + 2s²·(Bᵀ·diag(u)·B)·A
+
+The `(u ⊙ B)ᵀ·W0` product is r extra rows in the backward pass over W0, so exact mode costs no
+extra dequantization either. Saved for backward: the output (which the caller holds anyway), `a`,
+`x_d`, vectors of size out, and in exact mode `P` (out × r) — never an out × in or T × out extra.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qdora.nf4 import RowBlocks
+
+# Rows with |g| below this are treated as m = 0: `h` cannot be recovered from `y = g·h` there.
+_TINY_G = 1e-30
+
+
+@dataclass
+class LayerSpec:
+    """Everything the function needs that is not a trainable tensor."""
+
+    blocks: RowBlocks
+    c: torch.Tensor | None            # (out,) fp32 rowsum(W0²); None for LoRA
+    bias: torch.Tensor | None
+    scaling: float
+    exact: bool
+    eps: float
+    compute_dtype: torch.dtype
+    cached_norm: torch.Tensor | None = None   # (out,) fp32 row norm to reuse (eval mode)
+    norm_out: torch.Tensor | None = None      # written by forward: the row norm it used
+
+
+def factored_norm_sq(c: torch.Tensor, P: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                     s: float) -> torch.Tensor:
+    """`rowsum((W0 + s·B·A)²)` from `c = rowsum(W0²)`, `P = W0·Aᵀ`, `A`, `B` (all fp32)."""
+    G = A @ A.t()
+    return c + 2.0 * s * (B * P).sum(1) + (s * s) * ((B @ G) * B).sum(1)
+
+
+def _rows_of(blocks: RowBlocks, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `index` of W0 (few rows: dequantizes only the aligned row groups holding them)."""
+    align = blocks.row_align
+    out = []
+    for i in index.tolist():
+        start = (i // align) * align
+        out.append(blocks.rows(start, min(start + align, blocks.out_features), dtype)[i - start])
+    return torch.stack(out)
+
+
+class DoRAFunction(torch.autograd.Function):
+    """`y = g ⊙ (x·W0ᵀ + s·(x_d·Aᵀ)·Bᵀ) + bias`; see the module docstring for the derivation.
+
+    Arguments: `x`, `x_lora` (dropout(x), or `x` itself), `A`, `B` (None for magnitude-only),
+    `m` (None for LoRA), `spec`. `m` is the full magnitude (a differentiable tensor).
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_lora, A, B, m, spec: LayerSpec):
+        cd = spec.compute_dtype
+        blocks = spec.blocks
+        out_f, in_f = blocks.out_features, blocks.in_features
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, in_f).to(cd)
+        same_x = x_lora is x
+        has_lora = A is not None
+        use_dora = m is not None
+        s = spec.scaling
+
+        A32 = A.float() if has_lora else None
+        B32 = B.float() if has_lora else None
+        Ac = A.to(cd) if has_lora else None
+        need_P = use_dora and has_lora and spec.cached_norm is None
+
+        z = torch.empty(x2.shape[0], out_f, dtype=cd, device=x.device)
+        P = torch.empty(out_f, A.shape[0], dtype=torch.float32, device=x.device) if need_P else None
+        for r0, r1, W in blocks.blocks(cd):
+            torch.mm(x2, W.t(), out=z[:, r0:r1])
+            if need_P:
+                P[r0:r1] = W @ Ac.t()
+        a = None
+        if has_lora:
+            xl2 = x2 if same_x else x_lora.reshape(-1, in_f).to(cd)
+            a = xl2 @ Ac.t()
+            z.addmm_(a, B.to(cd).t(), alpha=s)
+            del xl2
+        g = n = m32 = None
+        if use_dora:
+            if spec.cached_norm is not None:
+                n = spec.cached_norm
+            elif has_lora:
+                n = factored_norm_sq(spec.c, P, A32, B32, s).clamp_min_(0).sqrt_()
+            else:
+                n = spec.c.clamp_min(0).sqrt()
+            spec.norm_out = n
+            m32 = m.float()
+            g = m32 / n.clamp_min(spec.eps)
+            z.mul_(g.to(cd))
+        if spec.bias is not None:
+            z.add_(spec.bias.to(cd))
+        y = z.view(*lead, out_f)
+        y_out = y if y.dtype == x.dtype else y.to(x.dtype)
+
+        # Save what backward needs; `y` is h scaled by g (plus bias), from which dm is recovered.
+        ctx.spec, ctx.lead, ctx.same_x = spec, lead, same_x
+        ctx.has_lora, ctx.use_dora = has_lora, use_dora
+        ctx.x_dtype, ctx.xl_dtype = x.dtype, x_lora.dtype
+        saved_y = None
+        small_g = None
+        if use_dora:
+            saved_y = y_out if y_out is y else y
+            small_g = (g.abs() < _TINY_G).nonzero().flatten()
+        keep_x = use_dora and small_g.numel() > 0
+        ctx.save_for_backward(
+            x if keep_x else None,
+            (x_lora if has_lora else None) if not same_x else (x if has_lora else None),
+            A, B, a, g, n, m32, P if spec.exact else None, saved_y, small_g)
+        return y_out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xl, A, B, a, g, n, m32, P, saved_y, small_g = ctx.saved_tensors
+        spec: LayerSpec = ctx.spec
+        cd, s, blocks = spec.compute_dtype, spec.scaling, spec.blocks
+        out_f, in_f = blocks.out_features, blocks.in_features
+        need_x, need_xl, need_A, need_B, need_m, _ = ctx.needs_input_grad
+        if ctx.same_x:
+            need_x = need_x or need_xl
+        dy2 = dy.reshape(-1, out_f).to(cd)
+        T = dy2.shape[0]
+        exact = spec.exact and ctx.use_dora and ctx.has_lora
+
+        # ---- magnitude gradient: dm = Σ_t dy ⊙ (y − bias) / m, column block by column block ----
+        dm = u = None
+        if ctx.use_dora and (need_m or (exact and (need_A or need_B))):
+            y2 = saved_y.reshape(-1, out_f)
+            acc = torch.empty(out_f, dtype=torch.float32, device=dy.device)
+            step = max(1, blocks.block_rows)
+            for c0 in range(0, out_f, step):
+                c1 = min(out_f, c0 + step)
+                yb = y2[:, c0:c1].float()
+                if spec.bias is not None:
+                    yb = yb - spec.bias[c0:c1].float()
+                acc[c0:c1] = (dy2[:, c0:c1].float() * yb).sum(0)
+            dm = acc / torch.where(m32 == 0, torch.ones_like(m32), m32)
+            if small_g.numel():  # m ≈ 0: h is lost in y = g·h; recompute those few columns of h
+                x2 = x.reshape(-1, in_f).to(cd)
+                h = x2 @ _rows_of(blocks, small_g, cd).t()
+                if ctx.has_lora:
+                    h += s * (a @ B[small_g].to(cd).t())
+                dm[small_g] = (dy2[:, small_g].float() * h.float()).sum(0) / n[small_g].clamp_min(spec.eps)
+            if exact:
+                u = torch.where(n > spec.eps, -g * dm / (2 * n.clamp_min(spec.eps)), torch.zeros_like(n))
+
+        gc = g.to(cd) if ctx.use_dora else None
+
+        # ---- pass over W0: dx = (dy ⊙ g)·W0, and in exact mode 2s·(u ⊙ B)ᵀ·W0 ----
+        dx = dA_w = None
+        V = (2 * s * u[:, None] * B.float()).to(cd) if exact and need_A else None
+        if need_x or V is not None:
+            if need_x:
+                dx = torch.zeros(T, in_f, dtype=cd, device=dy.device)
+            if V is not None:
+                dA_w = torch.zeros(V.shape[1], in_f, dtype=cd, device=dy.device)
+            owns = blocks.owns_blocks(cd)
+            for r0, r1, W in blocks.blocks(cd):
+                if V is not None:
+                    dA_w.addmm_(V[r0:r1].t(), W)
+                if dx is None:
+                    continue
+                dyb = dy2[:, r0:r1]
+                if gc is None:
+                    dx.addmm_(dyb, W)
+                elif owns and W.shape[0] * in_f <= T * (r1 - r0):
+                    dx.addmm_(dyb, W.mul_(gc[r0:r1, None]))  # fold g into the fresh weight block
+                else:
+                    dx.addmm_(dyb * gc[r0:r1], W)           # fold g into the gradient block
+
+        # ---- adapter gradients ----
+        dA = dB = dxl = None
+        if ctx.has_lora:
+            Bc = B.to(cd)
+            gB = Bc * gc[:, None] if gc is not None else Bc
+            dhB = dy2 @ gB                                        # (T, r) = (dy ⊙ g)·B
+            if need_x or need_xl:
+                dxl = (s * dhB) @ A.to(cd)
+            if need_A:
+                xl2 = xl.reshape(-1, in_f).to(cd)
+                dA = (s * dhB).t() @ xl2
+            if need_B:
+                dB = s * (dy2.t() @ a)
+                if gc is not None:
+                    dB = dB * gc[:, None]
+            if exact:
+                A32, B32 = A.float(), B.float()
+                if need_B:
+                    G = A32 @ A32.t()
+                    dB = dB.float() + u[:, None] * (2 * s * P + 2 * s * s * (B32 @ G))
+                if need_A:
+                    dA = dA.float() + dA_w.float() + 2 * s * s * ((B32.t() * u) @ B32) @ A32
+
+        dx_out = dxl_out = None
+        if ctx.same_x:
+            if need_x:
+                dx_out = dx if dxl is None else (dx + dxl if dx is not None else dxl)
+        else:
+            dx_out = dx
+            dxl_out = dxl if need_xl else None
+        if dx_out is not None:
+            dx_out = dx_out.view(*ctx.lead, in_f).to(ctx.x_dtype)
+        if dxl_out is not None:
+            dxl_out = dxl_out.view(*ctx.lead, in_f).to(ctx.xl_dtype)
+        return (dx_out, dxl_out,
+                dA.to(A.dtype) if dA is not None else None,
+                dB.to(B.dtype) if dB is not None else None,
+                dm if need_m else None,
+                None)

@@ -1,0 +1,162 @@
+"""`QDoRALinear`: a frozen linear base (NF4 `bnb.nn.Linear4bit` or plain `nn.Linear`) with a
+DoRA adapter (`m`, `A`, `B`), a LoRA adapter (`A`, `B`), or a magnitude only (`m`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import bitsandbytes as bnb
+
+from qdora.function import DoRAFunction, LayerSpec
+from qdora.nf4 import RowBlocks
+
+
+class QDoRALinear(nn.Module):
+    """Adapted linear layer. The math is `qdora.function.DoRAFunction`.
+
+    Args:
+        base_layer: the frozen base: `nn.Linear` (dora/lora) or an NF4 `bnb.nn.Linear4bit` (qdora/qlora).
+        r: rank of `B·A`; 0 means magnitude only (DoRA) — no `A`/`B`.
+        alpha: scale numerator (`s = alpha/r`, or `alpha/sqrt(r)` with `use_rslora`).
+        dropout: dropout probability on the adapter path's input.
+        use_dora: learn a magnitude `m` and normalise rows (DoRA); False gives LoRA.
+        norm: `"detached"` (norm constant in backward) or `"exact"`.
+        adapter_dtype: storage dtype of `A`, `B` and the magnitude offset.
+        compute_dtype: dtype of the matmuls, or `"auto"` (fp32 on CPU, bf16 on CUDA).
+        block_rows: rows of the base weight dequantized at once.
+        eps: clamp for row norms (zero rows never divide by zero).
+
+    The magnitude is stored as an offset from the base row norm: `m = ||W0 row|| + magnitude_delta`
+    with `magnitude_delta` trainable and initialised at 0. At step 0 `m / n` is exactly 1, and
+    small updates are not rounded away when the offset is stored in bf16 (an O(1) `m` in bf16
+    would lose updates below ~4e-3·m). `magnitude` returns the full `m` in fp32.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 use_dora: bool = True, norm: str = "detached", use_rslora: bool = False,
+                 adapter_dtype: torch.dtype = torch.bfloat16, compute_dtype: torch.dtype | str = "auto",
+                 block_rows: int = 1024, eps: float = 1e-6):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"base_layer must be nn.Linear or bnb.nn.Linear4bit, got {type(base_layer).__name__}")
+        if norm not in ("detached", "exact"):
+            raise ValueError(f"norm={norm!r} is unknown; use 'detached' or 'exact'")
+        if r == 0 and not use_dora:
+            raise ValueError("r=0 (magnitude only) needs use_dora=True")
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.base_layer = base_layer
+        self._blocks = RowBlocks(base_layer, block_rows)
+        self.in_features = self._blocks.in_features
+        self.out_features = self._blocks.out_features
+        if r < 0 or r > min(self.in_features, self.out_features):
+            raise ValueError(f"r={r} is out of range for a {self.out_features}x{self.in_features} layer: "
+                             f"use 1 <= r <= {min(self.in_features, self.out_features)}")
+        self.r = r
+        self.alpha = alpha
+        self.use_dora = use_dora
+        self.norm = norm
+        self.use_rslora = use_rslora
+        self.scaling = (alpha / math.sqrt(r) if use_rslora else alpha / r) if r else 0.0
+        self.compute_dtype = compute_dtype
+        self.eps = eps
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 and r > 0 else nn.Identity()
+        device = self._blocks.device
+        if r > 0:
+            A = torch.empty(r, self.in_features, dtype=torch.float32, device=device)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as nn.Linear, PEFT and the LoRA paper
+            self.lora_A = nn.Parameter(A.to(adapter_dtype))
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=adapter_dtype, device=device))
+        else:
+            self.register_parameter("lora_A", None)
+            self.register_parameter("lora_B", None)
+        if use_dora:
+            # c = rowsum(W0²) from the weight actually used (the dequantized NF4 one), once: W0 is frozen.
+            self.register_buffer("base_row_sq_norm", self._blocks.row_sq_norms(), persistent=False)
+            self.magnitude_delta = nn.Parameter(torch.zeros(self.out_features, dtype=adapter_dtype, device=device))
+        else:
+            self.register_buffer("base_row_sq_norm", None, persistent=False)
+            self.register_parameter("magnitude_delta", None)
+        self._norm_cache: tuple[tuple, torch.Tensor] | None = None
+
+    # ---- the magnitude -------------------------------------------------------------------
+    @property
+    def base_norm(self) -> torch.Tensor:
+        """`||W0 row||` (fp32) of the dequantized base."""
+        return self.base_row_sq_norm.clamp_min(0).sqrt()
+
+    @property
+    def magnitude(self) -> torch.Tensor | None:
+        """The DoRA magnitude `m` (fp32, differentiable through `magnitude_delta`)."""
+        if not self.use_dora:
+            return None
+        return self.base_norm + self.magnitude_delta.float()
+
+    @torch.no_grad()
+    def set_magnitude(self, m: torch.Tensor) -> None:
+        """Set `m` (e.g. from a PEFT adapter): stores `m − ||W0 row||` in `magnitude_delta`."""
+        if not self.use_dora:
+            raise ValueError("this layer has no magnitude (LoRA)")
+        if m.shape != (self.out_features,):
+            raise ValueError(f"magnitude must have shape ({self.out_features},), got {tuple(m.shape)}")
+        self.magnitude_delta.copy_(m.float().to(self.base_norm.device) - self.base_norm)
+
+    # ---- forward -----------------------------------------------------------------------------
+    def _compute_dtype(self, device: torch.device) -> torch.dtype:
+        if self.compute_dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return self.compute_dtype
+
+    def _cache_key(self) -> tuple:
+        A, B = self.lora_A, self.lora_B
+        if A is None:
+            return ()
+        return (A._version, B._version, A.data_ptr(), B.data_ptr(), A.device, self.scaling)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        has_lora = self.lora_A is not None
+        x_lora = self.lora_dropout(x) if has_lora else x
+        # In eval mode the row norm depends only on A, B: reuse it until either changes.
+        use_cache = self.use_dora and not self.training and (self.norm == "detached" or not torch.is_grad_enabled())
+        cached = None
+        if use_cache and self._norm_cache is not None and self._norm_cache[0] == self._cache_key():
+            cached = self._norm_cache[1]
+        spec = LayerSpec(blocks=self._blocks, c=self.base_row_sq_norm, bias=self.base_layer.bias,
+                         scaling=self.scaling, exact=self.norm == "exact", eps=self.eps,
+                         compute_dtype=self._compute_dtype(x.device), cached_norm=cached)
+        y = DoRAFunction.apply(x, x_lora, self.lora_A, self.lora_B, self.magnitude, spec)
+        if use_cache and cached is None:
+            self._norm_cache = (self._cache_key(), spec.norm_out.detach())
+        elif not use_cache:
+            self._norm_cache = None
+        return y
+
+    @torch.no_grad()
+    def row_norm(self) -> torch.Tensor:
+        """`||W0 + s·B·A||` per output row (fp32), by the factored formula (one pass over W0)."""
+        from qdora.function import factored_norm_sq
+        if self.lora_A is None:
+            return self.base_norm
+        A = self.lora_A.float()
+        P = torch.cat([W @ A.t() for _, _, W in self._blocks.blocks(torch.float32)])
+        return factored_norm_sq(self.base_row_sq_norm, P, A, self.lora_B.float(), self.scaling).clamp_min_(0).sqrt_()
+
+    def dequantized_base(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole base weight as the layer uses it (tests and small layers)."""
+        return self._blocks.dequantize(dtype)
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.base_layer, bnb.nn.Linear4bit)
+
+    def extra_repr(self) -> str:
+        kind = ("q" if self.quantized else "") + ("dora" if self.use_dora else "lora")
+        if self.r == 0:
+            kind += " (magnitude only)"
+        return (f"{kind}, in={self.in_features}, out={self.out_features}, r={self.r}, "
+                f"scaling={self.scaling:g}, norm={self.norm}")

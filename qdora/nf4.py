@@ -1,0 +1,187 @@
+"""NF4 storage on bitsandbytes: explicit quantization, adoption of `bnb.nn.Linear4bit`, and
+row-block access to a frozen base weight (quantized or not) for the adapter math.
+
+Quantization here is always an explicit call (never a side effect of `.to()`), always NF4.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch import nn
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+
+from qdora.kernels.nf4 import dequantize_nf4
+
+_STORAGE = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16,
+            "float32": torch.float32}
+
+
+def _storage_dtype(quant_storage) -> torch.dtype:
+    if isinstance(quant_storage, torch.dtype):
+        return quant_storage
+    if quant_storage not in _STORAGE:
+        raise ValueError(f"quant_storage={quant_storage!r} is unknown; use one of {list(_STORAGE)}")
+    return _STORAGE[quant_storage]
+
+
+def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+                 quant_storage="uint8") -> tuple[torch.Tensor, bnbF.QuantState]:
+    """Quantize a float `(out, in)` weight to NF4. Returns the packed data and its `QuantState`,
+    exactly what `bitsandbytes.functional.quantize_4bit` returns (so every bnb tool reads it)."""
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"expected a float weight, got dtype {weight.dtype}")
+    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        weight = weight.float()
+    storage = _storage_dtype(quant_storage)
+    numel = weight.numel()
+    bytes_needed = (numel + 1) // 2
+    if bytes_needed % storage.itemsize:
+        raise ValueError(
+            f"a {tuple(weight.shape)} weight packs into {bytes_needed} bytes, not a whole number of "
+            f"{storage} elements; use quant_storage='uint8' for this layer")
+    if not torch.isfinite(weight).all():
+        bad = (~torch.isfinite(weight)).nonzero()[0].tolist()
+        raise ValueError(f"weight has non-finite values (first at index {bad}); cannot quantize")
+    return bnbF.quantize_4bit(weight.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
+                              quant_type="nf4", quant_storage=storage)
+
+
+def linear4bit_from_linear(linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
+                           quant_storage="uint8") -> bnb.nn.Linear4bit:
+    """Build a quantized `bnb.nn.Linear4bit` from an `nn.Linear`, quantizing explicitly.
+    The bias is kept as it is (same dtype, same values)."""
+    weight = linear.weight.detach()
+    packed, state = quantize_nf4(weight, blocksize, double_quant, quant_storage)
+    storage = _storage_dtype(quant_storage)
+    with torch.device("meta"):
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=weight.dtype, compress_statistics=double_quant,
+                                  quant_type="nf4", quant_storage=storage)
+    layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=blocksize,
+                                     compress_statistics=double_quant, quant_type="nf4",
+                                     quant_storage=storage, module=layer, bnb_quantized=True)
+    layer.quant_state = state
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return layer
+
+
+def adopt_linear4bit(layer: bnb.nn.Linear4bit) -> bnb.nn.Linear4bit:
+    """Check that a `bnb.nn.Linear4bit` holds an NF4 weight this library can read, and return it
+    unchanged (no re-quantization). A layer whose weight was never quantized (bitsandbytes
+    quantizes on `.to(device)`) is quantized here, explicitly, with its own settings."""
+    weight = layer.weight
+    if not isinstance(weight, bnb.nn.Params4bit):
+        raise TypeError(f"{type(layer).__name__}.weight is a {type(weight).__name__}, not a Params4bit")
+    if weight.quant_type != "nf4":
+        raise ValueError(f"Linear4bit uses quant_type={weight.quant_type!r}; qdora needs 'nf4' "
+                         "(pass quant_type='nf4', or bnb_4bit_quant_type='nf4' in BitsAndBytesConfig)")
+    if weight.device.type == "meta":
+        raise ValueError("Linear4bit weight is on the meta device: load its weights first")
+    if not weight.bnb_quantized:
+        weight._quantize(weight.device)
+        layer.quant_state = weight.quant_state
+    state = weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks weights for its AVX512-BF16 inference kernel; undo it.
+        weight.data, weight.quant_state = bnbF._convert_weight_packed_for_cpu_inverse(weight.data, state)
+        layer.quant_state = weight.quant_state
+    return layer
+
+
+class RowBlocks:
+    """Row-block reader over a frozen base weight of shape `(out, in)`.
+
+    `blocks(dtype)` yields `(r0, r1, W0[r0:r1])` in `dtype`. For an NF4 weight each block is
+    dequantized from the packed data (double-quantized absmax included) into a fresh buffer;
+    only `block_rows × in` values exist at once. For a plain tensor, a block is a view when the
+    dtype already matches (no copy), otherwise a converted copy.
+    """
+
+    def __init__(self, module: nn.Module, block_rows: int):
+        self.module = module
+        self.quantized = isinstance(module, bnb.nn.Linear4bit)
+        if self.quantized:
+            adopt_linear4bit(module)
+            shape = tuple(module.weight.quant_state.shape)
+        else:
+            shape = tuple(module.weight.shape)
+        if len(shape) != 2:
+            raise ValueError(f"expected a 2-D base weight, got shape {shape}")
+        self.out_features, self.in_features = shape
+        self.block_rows = block_rows
+        if self.quantized:
+            bs = module.weight.quant_state.blocksize
+            # Rows per step so that each row block starts on an NF4 block boundary.
+            self.row_align = bs // math.gcd(self.in_features, bs)
+        else:
+            self.row_align = 1
+
+    @property
+    def state(self) -> bnbF.QuantState:
+        return self.module.weight.quant_state
+
+    def step(self, block_rows: int | None = None) -> int:
+        rows = block_rows or self.block_rows
+        return max(self.row_align, (rows // self.row_align) * self.row_align)
+
+    def absmax(self, b0: int, b1: int) -> torch.Tensor:
+        """fp32 absmax of NF4 blocks `[b0, b1)`, undoing double quantization if present."""
+        state = self.state
+        if not state.nested:
+            return state.absmax[b0:b1].float()
+        s2 = state.state2
+        q = state.absmax[b0:b1].long()
+        scale = s2.absmax.float()[torch.arange(b0, b1, device=q.device) // s2.blocksize]
+        # Same operation order as bitsandbytes' dequantize_blockwise + offset, so results are bitwise equal.
+        return s2.code.float()[q] * scale + state.offset
+
+    def rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        """`W0[r0:r1]` in `dtype`; `r0` must be a multiple of `row_align`."""
+        if not self.quantized:
+            block = self.module.weight[r0:r1]
+            return block if block.dtype == dtype else block.to(dtype)
+        if r0 % self.row_align:
+            raise ValueError(f"row block start {r0} is not a multiple of {self.row_align}")
+        state = self.state
+        bs = state.blocksize
+        n0, n1 = r0 * self.in_features, r1 * self.in_features
+        packed = self.module.weight.data.reshape(-1).view(torch.uint8)
+        return dequantize_nf4(packed[n0 // 2:(n1 + 1) // 2], self.absmax(n0 // bs, -(-n1 // bs)), bs,
+                              (r1 - r0, self.in_features), dtype)
+
+    def owns_blocks(self, dtype: torch.dtype) -> bool:
+        """True if `rows()` returns fresh buffers that may be modified in place."""
+        return self.quantized or self.module.weight.dtype != dtype
+
+    def blocks(self, dtype: torch.dtype, block_rows: int | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
+        if not self.quantized and self.module.weight.dtype == dtype:
+            yield 0, self.out_features, self.module.weight  # a view costs nothing: one block
+            return
+        step = self.step(block_rows)
+        for r0 in range(0, self.out_features, step):
+            r1 = min(self.out_features, r0 + step)
+            yield r0, r1, self.rows(r0, r1, dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole weight (for tests and small layers only)."""
+        return torch.cat([b for _, _, b in self.blocks(dtype)]) if self.out_features else \
+            torch.empty(0, self.in_features, dtype=dtype)
+
+    def row_sq_norms(self) -> torch.Tensor:
+        """`c = rowsum(W0 ⊙ W0)` in fp32, one pass over the weight block by block."""
+        c = torch.empty(self.out_features, dtype=torch.float32, device=self.device)
+        for r0, r1, block in self.blocks(torch.float32):
+            c[r0:r1] = block.pow(2).sum(dim=1) if block.dtype == torch.float32 else block.float().pow(2).sum(1)
+        return c
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.weight.device

@@ -1,0 +1,140 @@
+"""Model surgery: put adapters on the linear layers a config names, freeze everything else."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import bitsandbytes as bnb
+
+from qdora.config import AdapterConfig, resolve_dtype
+from qdora.layer import QDoRALinear
+from qdora.nf4 import linear4bit_from_linear
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Exact name, dotted suffix (`q_proj` matches `model.layers.0.self_attn.q_proj`), or `re:<regex>`
+    matched against the full name."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name]
+
+
+def _summarize(names: list[str], limit: int = 12) -> str:
+    """Short listing of module names: the distinct last components, then a few full names."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    examples = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+    return f"leaf names: {', '.join(leaves) or '(none)'}; e.g. {examples or '(none)'}"
+
+
+@dataclass(frozen=True)
+class ParamReport:
+    trainable: int
+    total: int
+    adapted_modules: int
+    magnitude_only_modules: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(1, self.total)
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+                f"trainable: {self.percent:.4f}% || adapted modules: {self.adapted_modules} "
+                f"(+{self.magnitude_only_modules} magnitude-only)")
+
+
+def _logical_numel(p: torch.Tensor) -> int:
+    """Parameter count, counting an NF4 weight by its unpacked shape."""
+    state = getattr(p, "quant_state", None)
+    if isinstance(p, bnb.nn.Params4bit) and state is not None:
+        return int(torch.Size(state.shape).numel())
+    return p.numel()
+
+
+def param_report(model: nn.Module) -> ParamReport:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(_logical_numel(p) for p in model.parameters())
+    layers = [m for m in model.modules() if isinstance(m, QDoRALinear)]
+    mag_only = sum(1 for m in layers if m.r == 0)
+    return ParamReport(trainable, total, len(layers) - mag_only, mag_only)
+
+
+def add_adapters(model: nn.Module, cfg: AdapterConfig, verbose: bool = True) -> nn.Module:
+    """Adapt `model` in place as `cfg` says and return it.
+
+    - `full`: every parameter trainable, nothing replaced (an NF4 model cannot be fully fine-tuned).
+    - `lora`/`dora`: matched `nn.Linear` layers become `QDoRALinear` over the same weight.
+    - `qlora`/`qdora`: matched `nn.Linear` layers are quantized to NF4 (explicitly) and wrapped;
+      `bnb.nn.Linear4bit` layers (e.g. loaded with `BitsAndBytesConfig`) are adopted as they are.
+    Everything else is frozen. Raises if a pattern matches nothing (listing the model's linear
+    modules), if the model already has adapters, or if a layer cannot take the rank.
+    """
+    if not isinstance(cfg, AdapterConfig):
+        raise TypeError(f"cfg must be a qdora.AdapterConfig, got {type(cfg).__name__}")
+    existing = [n for n, m in model.named_modules() if isinstance(m, QDoRALinear)]
+    if existing or getattr(model, "qdora_config", None) is not None:
+        raise ValueError(f"model already has qdora adapters ({len(existing)} layers, e.g. {existing[:3]}); "
+                         "add_adapters must be applied once — start from the base model to change the config")
+    linears = linear_module_names(model)
+    quantized = [n for n in linears if isinstance(model.get_submodule(n), bnb.nn.Linear4bit)]
+
+    if cfg.method == "full":
+        if quantized:
+            raise ValueError(f"method='full' cannot train NF4 weights ({len(quantized)} bnb.nn.Linear4bit layers, "
+                             f"e.g. {quantized[0]}); load the model unquantized or use method='qdora'")
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.qdora_config = cfg
+        if verbose:
+            print(param_report(model))
+        return model
+
+    problems: list[str] = []
+    if quantized and not cfg.quantized:
+        problems.append(f"the model has NF4 layers (e.g. {quantized[0]}) but method={cfg.method!r} "
+                        f"expects an unquantized base; use method='q{cfg.method}'")
+    mag_only = [n for n in linears if any(matches(n, p) for p in cfg.magnitude_only_modules)]
+    direction = [n for n in linears if n not in mag_only and any(matches(n, p) for p in cfg.target_modules)]
+    for pattern in (*cfg.target_modules, *cfg.magnitude_only_modules):
+        if not any(matches(n, pattern) for n in linears):
+            problems.append(f"target {pattern!r} matches no linear module")
+    if not direction and not mag_only and not problems:
+        problems.append("no linear module matched")
+    for name in direction:
+        mod = model.get_submodule(name)
+        limit = min(mod.in_features, mod.out_features)
+        if cfg.r > limit:
+            problems.append(f"r={cfg.r} exceeds {name} ({mod.out_features}x{mod.in_features}); "
+                            f"use r <= {limit} or leave that module out")
+    if problems:
+        msg = "cannot add adapters:\n  - " + "\n  - ".join(problems)
+        if any("matches no" in p or "no linear" in p for p in problems):
+            msg += f"\nthe model's linear modules: {_summarize(linears)}"
+        raise ValueError(msg)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapter_dtype = resolve_dtype(cfg.adapter_dtype)
+    compute = cfg.compute_dtype if cfg.compute_dtype == "auto" else resolve_dtype(cfg.compute_dtype)
+    for name in direction + mag_only:
+        base = model.get_submodule(name)
+        if cfg.quantized and not isinstance(base, bnb.nn.Linear4bit):
+            base = linear4bit_from_linear(base, cfg.nf4_blocksize, cfg.double_quant, cfg.quant_storage)
+        layer = QDoRALinear(base, r=0 if name in mag_only else cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                            use_dora=cfg.use_dora, norm=cfg.norm, use_rslora=cfg.use_rslora,
+                            adapter_dtype=adapter_dtype, compute_dtype=compute,
+                            block_rows=cfg.block_rows, eps=cfg.eps)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    model.qdora_config = cfg
+    if verbose:
+        print(param_report(model))
+    return model
