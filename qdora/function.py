@@ -184,12 +184,31 @@ class DoRAFunction(torch.autograd.Function):
 
         gc = g.to(cd) if ctx.use_dora else None
 
-        # ---- pass over W0: dx = (dy ⊙ g)·W0, and in exact mode 2s·(u ⊙ B)ᵀ·W0 ----
-        dx = dA_w = None
+        # ---- adapter path: dh·B, and its contribution s·(dh·B)·A to the input gradient ----
+        dA = dB = dx = dxl = None
+        if ctx.has_lora:
+            Bc = B.to(cd)
+            dhB = dy2 @ (Bc * gc[:, None] if gc is not None else Bc)   # (T, r) = (dy ⊙ g)·B
+            sdhB = s * dhB
+            if (need_x if ctx.same_x else need_xl):
+                dxl = sdhB @ A.to(cd)
+            if need_A:
+                dA = sdhB.t() @ xl.reshape(-1, in_f).to(cd)
+            if need_B:
+                dB = s * (dy2.t() @ a)
+                if gc is not None:
+                    dB = dB * gc[:, None]
+
+        # ---- pass over W0: dx += (dy ⊙ g)·W0, and in exact mode 2s·(u ⊙ B)ᵀ·W0 ----
+        dA_w = None
         V = (2 * s * u[:, None] * B.float()).to(cd) if exact and need_A else None
         if need_x or V is not None:
             if need_x:
-                dx = torch.zeros(T, in_f, dtype=cd, device=dy.device)
+                # The adapter term starts the accumulator when it feeds the same input (no extra T × in).
+                if ctx.same_x and dxl is not None:
+                    dx, dxl = dxl, None
+                else:
+                    dx = torch.zeros(T, in_f, dtype=cd, device=dy.device)
             if V is not None:
                 dA_w = torch.zeros(V.shape[1], in_f, dtype=cd, device=dy.device)
             owns = blocks.owns_blocks(cd)
@@ -205,37 +224,19 @@ class DoRAFunction(torch.autograd.Function):
                     dx.addmm_(dyb, W.mul_(gc[r0:r1, None]))  # fold g into the fresh weight block
                 else:
                     dx.addmm_(dyb * gc[r0:r1], W)           # fold g into the gradient block
+        elif ctx.same_x and dxl is not None:
+            dx, dxl = dxl, None
 
-        # ---- adapter gradients ----
-        dA = dB = dxl = None
-        if ctx.has_lora:
-            Bc = B.to(cd)
-            gB = Bc * gc[:, None] if gc is not None else Bc
-            dhB = dy2 @ gB                                        # (T, r) = (dy ⊙ g)·B
-            if need_x or need_xl:
-                dxl = (s * dhB) @ A.to(cd)
-            if need_A:
-                xl2 = xl.reshape(-1, in_f).to(cd)
-                dA = (s * dhB).t() @ xl2
+        if exact:
+            A32, B32 = A.float(), B.float()
             if need_B:
-                dB = s * (dy2.t() @ a)
-                if gc is not None:
-                    dB = dB * gc[:, None]
-            if exact:
-                A32, B32 = A.float(), B.float()
-                if need_B:
-                    G = A32 @ A32.t()
-                    dB = dB.float() + u[:, None] * (2 * s * P + 2 * s * s * (B32 @ G))
-                if need_A:
-                    dA = dA.float() + dA_w.float() + 2 * s * s * ((B32.t() * u) @ B32) @ A32
+                G = A32 @ A32.t()
+                dB = dB.float() + u[:, None] * (2 * s * P + 2 * s * s * (B32 @ G))
+            if need_A:
+                dA = dA.float() + dA_w.float() + 2 * s * s * ((B32.t() * u) @ B32) @ A32
 
-        dx_out = dxl_out = None
-        if ctx.same_x:
-            if need_x:
-                dx_out = dx if dxl is None else (dx + dxl if dx is not None else dxl)
-        else:
-            dx_out = dx
-            dxl_out = dxl if need_xl else None
+        dx_out = dx if need_x else None
+        dxl_out = dxl if (need_xl and not ctx.same_x) else None
         if dx_out is not None:
             dx_out = dx_out.view(*ctx.lead, in_f).to(ctx.x_dtype)
         if dxl_out is not None:

@@ -1,0 +1,140 @@
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import pytest
+import torch
+from torch import nn
+
+from qdora.kernels import NF4_CODE, dequantize_nf4, dequantize_nf4_reference
+from qdora.nf4 import RowBlocks, adopt_linear4bit, linear4bit_from_linear, quantize_nf4
+
+SHAPES = [(70, 1151), (7, 96), (33, 1000), (130, 256), (5, 1150), (3, 4096)]  # (out, in)
+
+
+def full_reference(packed, state):
+    """Whole-weight dequantization with the plain-torch reference (absmax via bitsandbytes)."""
+    absmax = state.absmax.float()
+    if state.nested:
+        absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    numel = torch.Size(state.shape).numel()
+    return dequantize_nf4_reference(packed, absmax, state.blocksize, numel).view(state.shape)
+
+
+def test_code_book_is_bitsandbytes_nf4():
+    assert torch.equal(NF4_CODE, bnbF.get_4bit_type("nf4", device="cpu").float())
+
+
+@pytest.mark.parametrize("out_f, in_f", [(130, 256), (3, 4096), (33, 1000)])
+def test_reference_matches_bitsandbytes(out_f, in_f):
+    W = torch.randn(out_f, in_f)
+    packed, state = quantize_nf4(W, double_quant=False)
+    assert torch.equal(full_reference(packed, state), bnbF.dequantize_4bit(packed, state))
+
+
+@pytest.mark.parametrize("out_f, in_f", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("blocksize", [64, 128, 256])
+def test_dequantize_equals_reference_for_any_row_length(out_f, in_f, blocksize):
+    # Includes rows that are not whole NF4 blocks (in=96, 1151, ...), where bitsandbytes 0.50's
+    # CPU kernel, given the 2-D shape, is wrong; dequantize_nf4 must not be.
+    W = torch.randn(out_f, in_f)
+    packed, state = quantize_nf4(W, blocksize=blocksize, double_quant=False)
+    got = dequantize_nf4(packed, state.absmax, blocksize, (out_f, in_f))
+    assert torch.equal(got, full_reference(packed, state))
+
+
+@pytest.mark.parametrize("out_f, in_f", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
+@pytest.mark.parametrize("storage", ["uint8", "bfloat16", "float32"])
+@pytest.mark.parametrize("block_rows", [1, 64, 10**6])
+def test_row_blocks_reassemble_the_weight(out_f, in_f, double_quant, storage, block_rows):
+    W = torch.randn(out_f, in_f) * 0.02
+    itemsize = {"uint8": 1, "bfloat16": 2, "float32": 4}[storage]
+    if ((out_f * in_f + 1) // 2) % itemsize:  # packed bytes do not fill whole storage elements
+        with pytest.raises(ValueError, match="not a whole number of torch.* elements; use quant_storage='uint8'"):
+            linear4bit_from_linear(_linear(W), 64, double_quant, storage)
+        return
+    layer = linear4bit_from_linear(_linear(W), 64, double_quant, storage)
+    blocks = RowBlocks(layer, block_rows)
+    expected = full_reference(layer.weight.data, layer.weight.quant_state)
+    seen = []
+    for r0, r1, block in blocks.blocks(torch.float32):
+        assert r0 % blocks.row_align == 0 and block.shape == (r1 - r0, in_f)
+        assert r1 - r0 <= max(block_rows, blocks.row_align)
+        seen.append(block)
+    assert torch.equal(torch.cat(seen), expected)
+    # c = rowsum(W0²) of the dequantized weight, checked in fp64
+    assert torch.allclose(blocks.row_sq_norms().double(), expected.double().pow(2).sum(1), rtol=1e-5)
+
+
+def _linear(W):
+    lin = nn.Linear(W.shape[1], W.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(W)
+    return lin
+
+
+def test_quantization_error_is_nf4_sized():
+    # A value rounds to its nearest NF4 code, so it is off by at most half the widest gap between
+    # neighbouring codes (-1 to -0.696: 0.304) times its block's absmax.
+    W = torch.randn(64, 512)
+    packed, state = quantize_nf4(W, double_quant=False)
+    err = (full_reference(packed, state) - W).abs().view(-1, 64)
+    absmax = W.abs().view(-1, 64).amax(1, keepdim=True)
+    assert (err <= 0.5 * NF4_CODE.diff().max() * absmax * (1 + 1e-6)).all()
+
+
+def test_zero_rows_dequantize_to_exact_zeros():
+    W = torch.randn(8, 128)
+    W[[1, 5]] = 0
+    packed, state = quantize_nf4(W)
+    deq = RowBlocks(linear4bit_from_linear(_linear(W)), 4).dequantize()
+    assert torch.equal(deq[[1, 5]], torch.zeros(2, 128))
+
+
+def test_adopts_a_bnb_linear4bit_without_requantizing():
+    lin = bnb.nn.Linear4bit(256, 96, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    lin = lin.to("cpu")  # bitsandbytes quantizes here
+    ptr = lin.weight.data_ptr()
+    absmax = lin.weight.quant_state.absmax.clone()
+    adopted = adopt_linear4bit(lin)
+    assert adopted is lin and lin.weight.data_ptr() == ptr
+    assert torch.equal(lin.weight.quant_state.absmax, absmax)
+    assert torch.equal(RowBlocks(lin, 32).dequantize(), bnbF.dequantize_4bit(lin.weight.data, lin.weight.quant_state))
+
+
+def test_unquantized_linear4bit_is_quantized_explicitly():
+    lin = bnb.nn.Linear4bit(128, 64, bias=False, quant_type="nf4")
+    assert not lin.weight.bnb_quantized
+    adopt_linear4bit(lin)
+    assert lin.weight.bnb_quantized and lin.weight.dtype == torch.uint8
+
+
+def test_fp4_is_rejected_with_the_fix():
+    lin = bnb.nn.Linear4bit(128, 64, bias=False).to("cpu")  # bitsandbytes' default is fp4
+    with pytest.raises(ValueError, match="quant_type='fp4'; qdora needs 'nf4'"):
+        adopt_linear4bit(lin)
+
+
+def test_quantize_errors_are_clear():
+    with pytest.raises(ValueError, match="expected a 2-D"):
+        quantize_nf4(torch.randn(4, 4, 4))
+    with pytest.raises(TypeError, match="expected a float weight"):
+        quantize_nf4(torch.ones(4, 64, dtype=torch.int32))
+    W = torch.randn(4, 64)
+    W[2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite values \(first at index \[2, 3\]\)"):
+        quantize_nf4(W)
+    with pytest.raises(ValueError, match="use quant_storage='uint8' for this layer"):
+        quantize_nf4(torch.randn(3, 1151), quant_storage="bfloat16")
+    with pytest.raises(ValueError, match="quant_storage='int2' is unknown"):
+        quantize_nf4(torch.randn(4, 64), quant_storage="int2")
+
+
+def test_linear4bit_from_linear_keeps_bias_and_matches_bitsandbytes_forward():
+    lin = nn.Linear(256, 80)
+    q = linear4bit_from_linear(lin)
+    assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_type == "nf4"
+    assert torch.equal(q.bias, lin.bias) and not q.bias.requires_grad
+    x = torch.randn(5, 256)
+    W = RowBlocks(q, 1024).dequantize()
+    with torch.no_grad():
+        assert torch.allclose(q(x), x @ W.t() + lin.bias, atol=1e-5)
