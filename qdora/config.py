@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -74,10 +74,14 @@ class AdapterConfig:
     """dtype holding the packed NF4 data (`bfloat16` lets FSDP shard it with the rest of the model)."""
     eps: float = 1e-6
     """Row norms below this are clamped to it, so zero rows never divide by zero."""
+    quantize_frozen: bool = True
+    """qlora/qdora: also quantize to NF4 the linear layers that get no adapter (as a 4-bit load does)."""
+    keep_full_precision: tuple[str, ...] = ("lm_head",)
+    """Linear modules (same matching as targets) never quantized by `quantize_frozen`."""
 
     def __post_init__(self):
         # Normalise sequences given as a single string or a list, before checking anything.
-        for name in ("target_modules", "magnitude_only_modules"):
+        for name in ("target_modules", "magnitude_only_modules", "keep_full_precision"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = (value,)

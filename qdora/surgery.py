@@ -73,7 +73,8 @@ def add_adapters(model: nn.Module, cfg: AdapterConfig, verbose: bool = True) -> 
     - `full`: every parameter trainable, nothing replaced (an NF4 model cannot be fully fine-tuned).
     - `lora`/`dora`: matched `nn.Linear` layers become `QDoRALinear` over the same weight.
     - `qlora`/`qdora`: matched `nn.Linear` layers are quantized to NF4 (explicitly) and wrapped;
-      `bnb.nn.Linear4bit` layers (e.g. loaded with `BitsAndBytesConfig`) are adopted as they are.
+      `bnb.nn.Linear4bit` layers (e.g. loaded with `BitsAndBytesConfig`) are adopted as they are;
+      the other linear layers are quantized too (`quantize_frozen`), except `keep_full_precision`.
     Everything else is frozen. Raises if a pattern matches nothing (listing the model's linear
     modules), if the model already has adapters, or if a layer cannot take the rank.
     """
@@ -134,6 +135,16 @@ def add_adapters(model: nn.Module, cfg: AdapterConfig, verbose: bool = True) -> 
                             block_rows=cfg.block_rows, eps=cfg.eps)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    if cfg.quantized and cfg.quantize_frozen:
+        adapted = set(direction + mag_only)
+        for name in linears:
+            mod = model.get_submodule(name)
+            if (name in adapted or isinstance(mod, bnb.nn.Linear4bit)
+                    or any(matches(name, p) for p in cfg.keep_full_precision)):
+                continue
+            frozen = linear4bit_from_linear(mod, cfg.nf4_blocksize, cfg.double_quant, cfg.quant_storage)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, frozen)
     model.qdora_config = cfg
     if verbose:
         print(param_report(model))

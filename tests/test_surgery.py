@@ -29,7 +29,9 @@ def test_qdora_wraps_targets_quantizes_and_freezes(capsys):
     assert len(layers) == 2 * len(TARGETS)
     assert all(n.rsplit(".", 1)[-1] in TARGETS for n in layers)
     assert all(isinstance(m.base_layer, bnb.nn.Linear4bit) and m.use_dora and m.r == 4 for m in layers.values())
-    assert isinstance(model.model.layers[0].self_attn.o_proj, nn.Linear)  # not targeted: untouched
+    # Not targeted: frozen, quantized like a 4-bit load would; lm_head stays in full precision.
+    assert isinstance(model.model.layers[0].self_attn.o_proj, bnb.nn.Linear4bit)
+    assert type(model.lm_head) is nn.Linear
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "magnitude_delta") for n in trainable)
     report = param_report(model)
@@ -42,13 +44,19 @@ def test_step_zero_logits_equal_the_quantized_model():
     model = tiny_llama()
     quantized = tiny_llama()
     for name, mod in list(quantized.named_modules()):
-        if name.rsplit(".", 1)[-1] in TARGETS:
+        if isinstance(mod, nn.Linear) and name != "lm_head":
             parent, _, child = name.rpartition(".")
             setattr(quantized.get_submodule(parent), child, linear4bit_from_linear(mod))
     ids = torch.randint(0, 96, (2, 11))
     add_adapters(model, AdapterConfig(method="qdora", r=4, alpha=8, dropout=0.0, target_modules=TARGETS))
     with torch.no_grad():
         assert_close(model(ids).logits, quantized(ids).logits, 1e-5, "logits")
+
+
+def test_quantize_frozen_can_be_turned_off():
+    model = tiny_llama()
+    add_adapters(model, AdapterConfig(r=4, alpha=8, quantize_frozen=False), verbose=False)
+    assert type(model.model.layers[0].self_attn.o_proj) is nn.Linear
 
 
 def test_adopts_bnb_linear4bit_layers_in_place():
