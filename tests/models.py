@@ -1,0 +1,41 @@
+"""Tiny random Llama models shaped like Llama-2 and Llama-3, scaled down, built in the tests."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def llama2_config(**kw):
+    # Llama-2: multi-head attention (no GQA), rope theta 1e4, 32k vocab (scaled to 256).
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0,
+                max_position_embeddings=128, tie_word_embeddings=False)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def llama3_config(**kw):
+    # Llama-3: GQA (8 heads, 2 kv heads), rope theta 5e5, large vocab (128256 scaled to 1024).
+    base = dict(vocab_size=1024, hidden_size=64, intermediate_size=224, num_hidden_layers=2,
+                num_attention_heads=8, num_key_value_heads=2, rope_theta=500000.0,
+                max_position_embeddings=128, tie_word_embeddings=False)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def build(config, seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def save_tokenizer(path, vocab_size):
+    """A real (tiny) fast tokenizer saved next to a checkpoint: word-level over a fixed vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(vocab_size - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+    fast.save_pretrained(path)
+    return fast
