@@ -1,0 +1,139 @@
+"""Dequantize-merge. The adapter is made to matter (m scaled, B random) before comparing."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import assert_close
+from models import build, llama2_config, llama3_config, save_tokenizer
+from qdora import AdapterConfig, QDoRALinear, load_model, merge_and_save, merged_weight
+from qdora.eval.memory import peak_bytes
+
+IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(5))
+
+
+def adapted_model(tmp_path, config, method="qdora", **cfg_kw):
+    build(config).save_pretrained(tmp_path / "base", max_shard_size="200KB")
+    save_tokenizer(tmp_path / "base", config.vocab_size)
+    cfg = AdapterConfig(method=method, r=4, alpha=8, dropout=0.0, adapter_dtype="float32", **cfg_kw)
+    model, tok = load_model(tmp_path / "base", method=method, cfg=cfg, progress=False)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, QDoRALinear):
+                if layer.lora_B is not None:
+                    layer.lora_B.normal_(0, 0.2)
+                if layer.use_dora:
+                    layer.set_magnitude(layer.magnitude * (1 + 0.5 * torch.rand(layer.out_features)))
+    return model.eval(), tok
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+def load_plain(path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("config", [llama2_config(), llama3_config(tie_word_embeddings=True)], ids=["llama2", "llama3-tied"])
+@pytest.mark.parametrize("method", ["qdora", "qlora", "dora"])
+def test_merged_checkpoint_reproduces_the_adapted_model(tmp_path, config, method):
+    model, tok = adapted_model(tmp_path, config, method)
+    adapted = logits(model)
+    base = logits(load_plain(tmp_path / "base"))
+    assert (adapted - base).abs().max() > 0.05  # the adapter matters
+    # fp32 merge: the only difference is summation order. Source: fp32 rounding through 2 layers.
+    merge_and_save(model, tmp_path / "fp32", tokenizer=tok, dtype=torch.float32, max_shard_size="100KB")
+    assert_close(logits(load_plain(tmp_path / "fp32")), adapted, 1e-5, "fp32-merged logits")
+    # bf16 merge (the default): weights rounded to bf16 (unit roundoff 3.9e-3), logits within a few of it.
+    merge_and_save(model, tmp_path / "bf16", tokenizer=tok)
+    merged = load_plain(tmp_path / "bf16", dtype=None)
+    assert next(merged.parameters()).dtype == torch.bfloat16
+    assert_close(logits(merged.float()), adapted, 2e-2, "bf16-merged logits")
+    if config.tie_word_embeddings:
+        assert merged.lm_head.weight is merged.model.embed_tokens.weight
+
+
+def test_checkpoint_layout_and_config(tmp_path):
+    model, tok = adapted_model(tmp_path, llama3_config())
+    out = merge_and_save(model, tmp_path / "merged", tokenizer=tok, max_shard_size="150KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    from safetensors import safe_open
+    total = 0
+    for s in shards:
+        with safe_open(str(out / s), "pt") as f:
+            for k in f.keys():
+                assert index["weight_map"][k] == s
+                total += f.get_tensor(k).numel() * 2
+    assert total == index["metadata"]["total_size"]
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    assert (out / "generation_config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert not any(p.name.endswith(".tmp") or ".tmp-" in p.name for p in tmp_path.iterdir())
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
+        merge_and_save(model, out)
+
+
+def test_plain_transformers_loads_it_without_qdora(tmp_path):
+    model, tok = adapted_model(tmp_path, llama2_config())
+    merge_and_save(model, tmp_path / "merged", tokenizer=tok, dtype=torch.float32)
+    torch.save(IDS, tmp_path / "ids.pt")
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'merged')!r}, dtype=torch.float32).eval()\n"
+        f"AutoTokenizer.from_pretrained({str(tmp_path / 'merged')!r})\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(m(ids).logits, {str(tmp_path / 'logits.pt')!r})\n"
+        "assert not any(k == 'qdora' or k.startswith('qdora.') for k in sys.modules), 'qdora was imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_close(torch.load(tmp_path / "logits.pt"), logits(model), 1e-5, "logits in a process without qdora")
+
+
+def test_merge_onto_the_original_weights(tmp_path):
+    model, tok = adapted_model(tmp_path, llama2_config())
+    merge_and_save(model, tmp_path / "nf4", dtype=torch.float32)
+    merge_and_save(model, tmp_path / "orig", dtype=torch.float32, original_checkpoint=tmp_path / "base")
+    a, b = logits(load_plain(tmp_path / "nf4")), logits(load_plain(tmp_path / "orig"))
+    # Different by the NF4 quantization error only: nonzero, and far smaller than the logits.
+    diff = (a - b).abs().max().item()
+    assert 1e-4 < diff < 0.5 * a.abs().max().item()
+    layer = model.model.layers[0].self_attn.q_proj
+    from qdora.loading import CheckpointReader
+    W0 = CheckpointReader(tmp_path / "base").get("model.layers.0.self_attn.q_proj.weight").double()
+    W = W0 + layer.scaling * layer.lora_B.double() @ layer.lora_A.double()
+    expected = W * (layer.magnitude.double() / W.norm(dim=1))[:, None]
+    assert_close(merged_weight(layer, torch.float64, W0.float()), expected, 1e-6, "merged on original")
+
+
+def test_merged_weight_matches_the_fp64_formula():
+    from torch import nn
+    from qdora import linear4bit_from_linear
+    layer = QDoRALinear(linear4bit_from_linear(nn.Linear(1151, 70)), r=8, alpha=16, adapter_dtype=torch.float32,
+                        block_rows=64)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.2)
+        layer.magnitude_delta.normal_(0, 0.3)
+    W = layer.dequantized_base().double() + layer.scaling * layer.lora_B.double() @ layer.lora_A.double()
+    expected = W * (layer.magnitude.double() / W.norm(dim=1))[:, None]
+    assert_close(merged_weight(layer, torch.float64), expected, 1e-6, "merged weight")
+
+
+def test_merge_streams_one_layer_at_a_time(tmp_path):
+    config = llama3_config(hidden_size=128, intermediate_size=512, num_hidden_layers=4, vocab_size=256)
+    model, _ = adapted_model(tmp_path, config)
+    full_bf16 = sum(p.numel() for p in load_plain(tmp_path / "base").parameters()) * 2
+    largest_fp32 = 512 * 128 * 4
+    peak = peak_bytes(lambda: merge_and_save(model, tmp_path / "merged", max_shard_size="100MB"))
+    # One merged layer in fp32 plus its block temporaries and bf16 copy; never the whole model.
+    assert peak < 4 * largest_fp32 < full_bf16, (peak, largest_fp32, full_bf16)
