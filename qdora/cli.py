@@ -28,6 +28,9 @@ def _bench(args) -> int:
     if args.what == "layer":
         from qdora.eval.bench_layer import main as bench_layer
         return bench_layer(args.rest)
+    if args.what == "load":
+        from qdora.eval.bench_load import main as bench_load
+        return bench_load(args.rest)
     print(f"qdora bench {args.what}: not available in this version yet; try `qdora bench layer`.",
           file=sys.stderr)
     return 2
@@ -37,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdora", description="Quantized DoRA fine-tuning of LLMs.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    bench = sub.add_parser("bench", help="benchmarks: layer (available), model, kernels",
+    bench = sub.add_parser("bench", help="benchmarks: layer, load (available); model, kernels",
                            description="Run a benchmark. `qdora bench layer --help` lists its options.")
-    bench.add_argument("what", choices=("layer", "model", "kernels"))
+    bench.add_argument("what", choices=("layer", "load", "model", "kernels"))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=_bench)
     for name, text in _PLANNED.items():

@@ -8,6 +8,7 @@ the NF4 model plus the tensor being converted (shards are memory-mapped, not rea
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,8 +31,6 @@ class CheckpointReader:
     Missing shards and unreadable files are reported with the file's name."""
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"checkpoint folder not found: {self.path}")
@@ -52,16 +51,10 @@ class CheckpointReader:
                     "safetensors)" if pickles else "")
             raise FileNotFoundError(f"{self.path}: no {SINGLE} or {INDEX}{hint}")
         self.files = files
-        self._handles = {}
         self.keys_by_file: dict[str, list[str]] = {}
         for f in files:
-            try:
-                handle = safe_open(str(self.path / f), framework="pt")
-                keys = list(handle.keys())
-            except Exception as err:  # safetensors' own error types for truncated/corrupt files
-                raise ValueError(f"{self.path / f}: corrupt or truncated safetensors file ({err})") from err
-            self._handles[f] = handle
-            self.keys_by_file[f] = keys
+            with self.open(f) as handle:
+                self.keys_by_file[f] = list(handle.keys())
         self.file_of = {k: f for f, keys in self.keys_by_file.items() for k in keys}
         if weight_map is not None:
             absent = sorted(k for k, f in weight_map.items() if self.file_of.get(k) != f)
@@ -69,17 +62,61 @@ class CheckpointReader:
                 raise ValueError(f"{self.path}: {len(absent)} tensor(s) listed in {INDEX} are not in their shard, "
                                  f"e.g. {absent[0]!r} in {weight_map[absent[0]]}")
 
+    @contextlib.contextmanager
+    def open(self, file: str):
+        """One shard, memory-mapped while the context lasts (its pages leave the process after)."""
+        from safetensors import safe_open
+
+        try:
+            handle = safe_open(str(self.path / file), framework="pt")
+        except Exception as err:  # safetensors' own error types for truncated/corrupt files
+            raise ValueError(f"{self.path / file}: corrupt or truncated safetensors file ({err})") from err
+        shard = _Shard(handle, self.path / file)
+        try:
+            yield shard
+        finally:
+            shard.handle = None  # drop the mapping now, not when the caller's variable goes away
+            del handle
+
     def keys(self) -> list[str]:
         return list(self.file_of)
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self.file_of:
             raise KeyError(f"{self.path}: no tensor named {key!r}")
-        file = self.file_of[key]
+        with self.open(self.file_of[key]) as shard:
+            return shard.get(key)
+
+
+class _Shard:
+    def __init__(self, handle, file: Path):
+        self.handle, self.file = handle, file
+
+    def keys(self) -> list[str]:
+        return list(self.handle.keys())
+
+    def get(self, key: str) -> torch.Tensor:
         try:
-            return self._handles[file].get_tensor(key)
+            return self.handle.get_tensor(key)
         except Exception as err:
-            raise ValueError(f"{self.path / file}: cannot read tensor {key!r} ({err})") from err
+            raise ValueError(f"{self.file}: cannot read tensor {key!r} ({err})") from err
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim). Quantizing makes large short-lived
+    temporaries; without this, glibc keeps their pages and the process's RSS ratchets up."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def _storage_dtype(dtype, config, device: torch.device) -> torch.dtype:
@@ -102,6 +139,14 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
     else:
         raise KeyError(key)
+
+
+def _set_config_dtype(config, dtype: torch.dtype) -> None:
+    import transformers
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        config.dtype = dtype
+    else:
+        config.torch_dtype = dtype
 
 
 def load_checkpoint_dir(path: str | os.PathLike, method: str = "qdora", cfg: AdapterConfig | None = None,
@@ -131,37 +176,44 @@ def load_checkpoint_dir(path: str | os.PathLike, method: str = "qdora", cfg: Ada
     from tqdm.auto import tqdm
     bar = tqdm(total=len(reader.file_of), desc=f"loading {path.name}", unit="tensor",
                disable=None if progress else True)
-    for file in reader.files:
-        for key in reader.keys_by_file[file]:
-            bar.update(1)
-            module_name, _, attr = key.rpartition(".")
-            if key not in expected:
-                unexpected.append(key)
-                continue
-            tensor = reader.get(key)
-            if module_name in to_nf4:
-                parent, _, child = module_name.rpartition(".")
-                owner = model.get_submodule(parent) if parent else model
-                current = getattr(owner, child)
-                if attr == "weight":
-                    layer = linear4bit_from_weight(tensor.to(device), None, cfg.nf4_blocksize, cfg.double_quant,
-                                                   cfg.quant_storage, has_bias=current.bias is not None)
-                    if current.bias is not None and current.bias.device.type != "meta":
-                        layer.bias = current.bias
-                    setattr(owner, child, layer)
-                else:  # bias: goes to whichever module (nn.Linear on meta or Linear4bit) is there now
-                    current.bias = nn.Parameter(tensor.to(device=device, dtype=storage), requires_grad=False)
-                del tensor
-                continue
-            value = tensor.to(device=device, dtype=storage) if tensor.is_floating_point() else tensor.to(device)
-            _set_tensor(model, key, value)
-            del tensor
+    def place(key: str, tensor: torch.Tensor) -> None:
+        """Put one checkpoint tensor into the meta model: NF4 for linear weights to quantize."""
+        module_name, _, attr = key.rpartition(".")
+        if module_name not in to_nf4:
+            # copy=True: a tensor read from a shard may share the shard's memory map; a kept view
+            # would keep the whole mapped shard resident after we move on.
+            dtype = storage if tensor.is_floating_point() else tensor.dtype
+            _set_tensor(model, key, tensor.to(device=device, dtype=dtype, copy=True))
+            return
+        parent, _, child = module_name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        current = getattr(owner, child)
+        if attr == "weight":
+            layer = linear4bit_from_weight(tensor.to(device), None, cfg.nf4_blocksize, cfg.double_quant,
+                                           cfg.quant_storage, has_bias=current.bias is not None)
+            if current.bias is not None and current.bias.device.type != "meta":
+                layer.bias = current.bias  # the bias arrived first
+            setattr(owner, child, layer)
+            _release_freed_memory()
+        else:  # the bias, onto whichever module (nn.Linear on meta, or Linear4bit) is there now
+            current.bias = nn.Parameter(tensor.to(device=device, dtype=storage, copy=True), requires_grad=False)
+
+    for file in reader.files:  # one shard mapped at a time
+        with reader.open(file) as shard:
+            for key in reader.keys_by_file[file]:
+                bar.update(1)
+                if key in expected:
+                    place(key, shard.get(key))
+                else:
+                    unexpected.append(key)
+        _release_freed_memory()
     bar.close()
     if unexpected:
         warnings.warn(f"{path}: {len(unexpected)} checkpoint tensor(s) are not used by "
                       f"{type(model).__name__}, e.g. {unexpected[:3]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    _set_config_dtype(model.config, storage)  # the dtype the unquantized tensors now have
     still_meta = sorted(n for n, t in list(model.named_parameters()) + list(model.named_buffers())
                         if t.device.type == "meta")
     if still_meta:

@@ -29,10 +29,17 @@ def _storage_dtype(quant_storage) -> torch.dtype:
     return _STORAGE[quant_storage]
 
 
+# Elements quantized per call: bitsandbytes' CPU quantizer makes ~14 bytes of temporaries per
+# element, so an 8B model's largest matrix (58.7M elements) would need ~0.8 GB at once.
+QUANT_CHUNK = 1 << 22
+
+
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
-                 quant_storage="uint8") -> tuple[torch.Tensor, bnbF.QuantState]:
+                 quant_storage="uint8", chunk: int = QUANT_CHUNK) -> tuple[torch.Tensor, bnbF.QuantState]:
     """Quantize a float `(out, in)` weight to NF4. Returns the packed data and its `QuantState`,
-    exactly what `bitsandbytes.functional.quantize_4bit` returns (so every bnb tool reads it)."""
+    bit for bit what `bitsandbytes.functional.quantize_4bit` returns (so every bnb tool reads it),
+    computed `chunk` elements at a time (NF4 blocks are independent; the double quantization of
+    the absmax runs once over all of them, as bitsandbytes does)."""
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
@@ -49,8 +56,30 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     if not torch.isfinite(weight).all():
         bad = (~torch.isfinite(weight)).nonzero()[0].tolist()
         raise ValueError(f"weight has non-finite values (first at index {bad}); cannot quantize")
-    return bnbF.quantize_4bit(weight.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
-                              quant_type="nf4", quant_storage=storage)
+    weight = weight.contiguous()
+    chunk = max(2 * blocksize, chunk // (2 * blocksize) * (2 * blocksize))  # whole blocks, whole bytes
+    if numel <= chunk:
+        return bnbF.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double_quant,
+                                  quant_type="nf4", quant_storage=storage)
+    flat = weight.view(-1)
+    packed_parts, absmax_parts = [], []
+    for start in range(0, numel, chunk):
+        packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default(flat[start:start + chunk], blocksize,
+                                                                      "nf4", torch.uint8)
+        packed_parts.append(packed.view(-1))
+        absmax_parts.append(absmax)
+    packed = torch.cat(packed_parts)
+    absmax = torch.cat(absmax_parts)
+    del packed_parts, absmax_parts
+    packed = (packed if storage == torch.uint8 else packed.view(storage)).unsqueeze(1)
+    code = bnbF.get_4bit_type("nf4", device=weight.device)
+    if not double_quant:
+        return packed, bnbF.QuantState(absmax=absmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize,
+                                       code=code, quant_type="nf4")
+    offset = absmax.mean()
+    qabsmax, state2 = bnbF.quantize_blockwise(absmax - offset, blocksize=256)
+    return packed, bnbF.QuantState(absmax=qabsmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize,
+                                   code=code, quant_type="nf4", offset=offset, state2=state2)
 
 
 def linear4bit_from_linear(linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
@@ -71,6 +100,9 @@ def linear4bit_from_weight(weight: torch.Tensor, bias: torch.Tensor | None = Non
     if compute_dtype is None:
         compute_dtype = torch.float32 if weight.device.type == "cpu" else weight.dtype
     packed, state = quantize_nf4(weight, blocksize, double_quant, quant_storage)
+    # bitsandbytes dequantizes to state.dtype in its own forward: make that the compute dtype, so a
+    # bf16 checkpoint's frozen layers are not rounded to bf16 again on a CPU computing in fp32.
+    state.dtype = compute_dtype
     storage = _storage_dtype(quant_storage)
     out_f, in_f = weight.shape
     has_bias = bias is not None if has_bias is None else has_bias

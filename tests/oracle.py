@@ -30,3 +30,25 @@ def dora_reference(x, W0, A, B, m, s, *, bias=None, exact=False, eps=1e-6, x_lor
                 n = n.detach()
             out = h * (m / n.clamp_min(eps))
     return out if bias is None else out + bias
+
+
+def nf4_reference_dequantize(packed, state):
+    """Whole-weight NF4 dequantization with the plain-torch reference (absmax via bitsandbytes)."""
+    import bitsandbytes.functional as bnbF
+
+    from qdora.kernels import dequantize_nf4_reference
+
+    absmax = state.absmax.float()
+    if state.nested:
+        absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    numel = torch.Size(state.shape).numel()
+    return dequantize_nf4_reference(packed, absmax, state.blocksize, numel).view(state.shape)
+
+
+def nf4_roundtrip(weight, blocksize=64, double_quant=True):
+    """`weight` quantized to NF4 by bitsandbytes and dequantized by the plain-torch reference (fp32)."""
+    import bitsandbytes.functional as bnbF
+
+    packed, state = bnbF.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double_quant,
+                                       quant_type="nf4")
+    return nf4_reference_dequantize(packed, state)

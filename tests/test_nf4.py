@@ -4,19 +4,14 @@ import pytest
 import torch
 from torch import nn
 
+from oracle import nf4_reference_dequantize
 from qdora.kernels import NF4_CODE, dequantize_nf4, dequantize_nf4_reference
 from qdora.nf4 import RowBlocks, adopt_linear4bit, linear4bit_from_linear, quantize_nf4
 
 SHAPES = [(70, 1151), (7, 96), (33, 1000), (130, 256), (5, 1150), (3, 4096)]  # (out, in)
 
 
-def full_reference(packed, state):
-    """Whole-weight dequantization with the plain-torch reference (absmax via bitsandbytes)."""
-    absmax = state.absmax.float()
-    if state.nested:
-        absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    numel = torch.Size(state.shape).numel()
-    return dequantize_nf4_reference(packed, absmax, state.blocksize, numel).view(state.shape)
+full_reference = nf4_reference_dequantize
 
 
 def test_code_book_is_bitsandbytes_nf4():
@@ -138,3 +133,21 @@ def test_linear4bit_from_linear_keeps_bias_and_matches_bitsandbytes_forward():
     W = RowBlocks(q, 1024).dequantize()
     with torch.no_grad():
         assert torch.allclose(q(x), x @ W.t() + lin.bias, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(40, 1151), (33, 1000), (16, 4096)])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("storage", ["uint8", "bfloat16"])
+def test_chunked_quantization_is_bitsandbytes_bit_for_bit(shape, double_quant, storage):
+    W = torch.randn(*shape)
+    if ((W.numel() + 1) // 2) % (2 if storage == "bfloat16" else 1):
+        pytest.skip("bytes do not fill bf16 elements")  # covered by test_quantize_errors_are_clear
+    storage_dtype = {"uint8": torch.uint8, "bfloat16": torch.bfloat16}[storage]
+    ref, ref_state = bnbF.quantize_4bit(W, blocksize=64, compress_statistics=double_quant, quant_type="nf4",
+                                        quant_storage=storage_dtype)
+    packed, state = quantize_nf4(W, 64, double_quant, storage, chunk=1024)  # many chunks
+    assert packed.dtype == ref.dtype and torch.equal(packed.view(torch.uint8), ref.view(torch.uint8))
+    assert torch.equal(state.absmax, ref_state.absmax) and state.shape == ref_state.shape
+    if double_quant:
+        assert torch.equal(state.offset, ref_state.offset)
+        assert torch.equal(state.state2.absmax, ref_state.state2.absmax)
