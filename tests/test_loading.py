@@ -103,7 +103,7 @@ def test_loading_peaks_near_the_nf4_model_plus_one_shard(tmp_path):
     # tensor (bitsandbytes' CPU quantizer: ~14 bytes per element), plus 8 MiB of allocator slack.
     bound = ours["model_bytes"] + shard + 16 * largest + 8 * 2**20
     assert ours["peak_growth_bytes"] < bound, (ours, bound)
-    assert ours["peak_growth_bytes"] < 0.6 * plain["peak_growth_bytes"], (ours, plain)
+    assert ours["peak_growth_bytes"] < 0.75 * plain["peak_growth_bytes"], (ours, plain)
 
 
 def test_a_model_loaded_by_transformers_in_4bit_is_adapted_in_place(tmp_path):
