@@ -7,8 +7,6 @@ import sys
 
 # Subcommands not built yet: their flags are the documented contract; running them says so.
 _PLANNED = {
-    "train": "fine-tune a model with an adapter method",
-    "merge": "dequantize-merge an adapter into a plain bf16 checkpoint",
     "eval": "compare methods on models and tasks",
     "analyze": "magnitude/direction (dM/dD) diagnostics of fine-tuned weights",
     "plan": "predict peak GPU memory for a model, method and setting",
@@ -36,6 +34,113 @@ def _bench(args) -> int:
     return 2
 
 
+def _add_train(sub) -> None:
+    from qdora.train import OPTIMIZERS, SCHEDULES, TrainConfig
+    d = TrainConfig(model="", data="", out="")
+    p = sub.add_parser("train", help="fine-tune a model (full, lora, dora, qlora, qdora)",
+                       description="Fine-tune a model. Writes metrics.jsonl, checkpoint/ and adapter/ (model/ for full) "
+                                   "to --out. Ctrl-C or SIGTERM writes a checkpoint; --resume continues it.")
+    p.add_argument("--model", required=True, help="transformers checkpoint folder or .gguf file")
+    p.add_argument("--data", required=True, help="JSON/JSONL training data (Alpaca/LLM-Adapters or GSM8K fields)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--method", default=d.method, choices=("full", "lora", "dora", "qlora", "qdora"))
+    p.add_argument("--r", type=int, default=d.r)
+    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--target-modules", default=",".join(d.target_modules), help="comma-separated (default: %(default)s)")
+    p.add_argument("--magnitude-only-modules", default="", help="comma-separated modules that train only m")
+    p.add_argument("--norm", default=d.norm, choices=("detached", "exact"))
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--max-steps", type=int, default=d.max_steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--cutoff-len", type=int, default=d.cutoff_len, help="tokens per example, truncated")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
+    p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
+    p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--train-on-prompt", action="store_true", help="also supervise the prompt tokens")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or notes")
+    p.set_defaults(func=_train)
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _train(args) -> int:
+    from qdora.train import TrainConfig, train
+    cfg = TrainConfig(model=args.model, data=args.data, out=args.out, method=args.method, r=args.r, alpha=args.alpha,
+                      dropout=args.dropout, target_modules=_split(args.target_modules),
+                      magnitude_only_modules=_split(args.magnitude_only_modules), norm=args.norm, lr=args.lr,
+                      weight_decay=args.weight_decay, max_steps=args.max_steps, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, cutoff_len=args.cutoff_len, warmup_steps=args.warmup_steps,
+                      schedule=args.schedule, max_grad_norm=args.max_grad_norm, seed=args.seed,
+                      save_every=args.save_every, optimizer=args.optimizer,
+                      gradient_checkpointing=not args.no_gradient_checkpointing,
+                      train_on_prompt=args.train_on_prompt, resume=args.resume, progress=not args.no_progress)
+    summary = train(cfg)
+    if summary["interrupted"] is not None:
+        print(f"stopped at step {summary['steps']}; continue with the same command plus --resume", file=sys.stderr)
+        return 128 + summary["interrupted"]
+    if not args.no_progress:
+        print(f"done: {summary['steps']} steps, {summary['tokens']} tokens in {summary['seconds']:.1f} s; "
+              f"results in {args.out}")
+    return 0
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="dequantize-merge an adapter into a plain transformers checkpoint",
+                       description="Merge an adapter (qdora or PEFT format) into its base model and write a plain "
+                                   "transformers checkpoint (sharded safetensors, config, tokenizer).")
+    p.add_argument("--model", required=True, help="the base model: checkpoint folder or .gguf")
+    p.add_argument("--adapter", required=True, help="adapter folder (qdora or PEFT format)")
+    p.add_argument("--out", required=True, help="output folder for the merged checkpoint")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--original", action="store_true",
+                   help="merge onto the original weights of --model instead of their dequantized NF4 form")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_merge)
+
+
+def _merge(args) -> int:
+    import torch
+
+    from qdora.adapter_io import _config_from_file, read_adapter
+    from qdora.adapter_io import load_adapter
+    from qdora.loading import convert_gguf, load_model
+    from qdora.merge import merge_and_save
+    from pathlib import Path
+
+    fmt, meta, modules = read_adapter(args.adapter)
+    base_path = Path(args.model)
+    if base_path.suffix == ".gguf":
+        base_path = convert_gguf(base_path)
+    # The base must be quantized exactly as during training: read the method from the adapter.
+    probe, _ = None, None
+    if fmt == "qdora":
+        from qdora.config import AdapterConfig
+        cfg = AdapterConfig.from_dict(meta["config"])
+    else:
+        from qdora.config import AdapterConfig
+        use_dora = bool(meta.get("use_dora"))
+        cfg = AdapterConfig(method="qdora" if use_dora else "qlora", r=int(meta["r"]), alpha=float(meta["lora_alpha"]),
+                            target_modules=tuple(sorted(modules)), adapter_dtype="float32")
+    model, tokenizer = load_model(base_path, method=cfg.method, cfg=cfg, add=False)
+    load_adapter(model, args.adapter, verbose=False)
+    out = merge_and_save(model, args.out, tokenizer=tokenizer, dtype=getattr(torch, args.dtype),
+                         max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                         original_checkpoint=base_path if args.original else None)
+    print(f"merged checkpoint written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdora", description="Quantized DoRA fine-tuning of LLMs.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -45,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=("layer", "load", "model", "kernels"))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=_bench)
+    _add_train(sub)
+    _add_merge(sub)
     for name, text in _PLANNED.items():
         p = sub.add_parser(name, help=f"{text} (not available yet)", description=f"{text} (not available yet).")
         p.set_defaults(func=_not_available(name))

@@ -1,0 +1,119 @@
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from models import build, llama3_config, save_bpe_tokenizer
+from qdora.data import DEMO_DATA, DataError
+from qdora.train import TrainConfig, lr_at, read_metrics, train
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:16]
+    (root / "data.json").write_text(json.dumps(records))
+    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(root / "model")
+    corpus = [r["instruction"] + " " + r["output"] for r in records] + ["Below is an instruction ### Response:"]
+    save_bpe_tokenizer(root / "model", corpus)
+    return root
+
+
+def config(setup, out, **kw):
+    base = dict(model=str(setup / "model"), data=str(setup / "data.json"), out=str(out), method="qdora", r=4,
+                alpha=8, dropout=0.1, lr=5e-3, max_steps=6, batch_size=4, cutoff_len=320, save_every=2,
+                warmup_steps=1, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "dora", "qlora", "qdora"])
+def test_every_method_trains_and_saves(setup, tmp_path, method):
+    summary = train(config(setup, tmp_path / method, method=method, max_steps=3))
+    metrics = read_metrics(tmp_path / method)
+    assert [m["step"] for m in metrics] == [1, 2, 3] and summary["steps"] == 3
+    assert all(math.isfinite(m["loss"]) and m["tokens"] > 0 and m["tokens_per_s"] > 0 for m in metrics)
+    saved = tmp_path / method / ("model" if method == "full" else "adapter")
+    assert saved.is_dir() and (tmp_path / method / "checkpoint" / "state.json").is_file()
+
+
+def test_qdora_loss_goes_down(setup, tmp_path):
+    train(config(setup, tmp_path / "run", max_steps=12, lr=3e-2, dropout=0.0, schedule="constant"))
+    losses = [m["loss"] for m in read_metrics(tmp_path / "run")]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses  # nats per token
+
+
+def test_resume_continues_the_same_curve_bitwise(setup, tmp_path):
+    full = train(config(setup, tmp_path / "full"))
+    reference = read_metrics(tmp_path / "full")
+
+    def interrupt(step, _):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a scheduler would
+
+    first = train(config(setup, tmp_path / "resumed"), on_step=interrupt)
+    assert first["interrupted"] == signal.SIGTERM and first["steps"] == 3
+    assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["step"] == 3
+    second = train(config(setup, tmp_path / "resumed", resume=True))
+    assert second["steps"] == 6 and second["interrupted"] is None
+    resumed = read_metrics(tmp_path / "resumed")
+    assert [m["step"] for m in resumed] == list(range(1, 7))
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in reference]  # bitwise: same floats
+    assert [m["lr"] for m in resumed] == [m["lr"] for m in reference]
+    for (n1, p1), (n2, p2) in zip(full["model"].named_parameters(), second["model"].named_parameters()):
+        if p1.requires_grad:
+            assert torch.equal(p1, p2), n1
+
+
+def test_bad_data_never_touches_a_good_checkpoint(setup, tmp_path):
+    out, data = tmp_path / "run", tmp_path / "data.jsonl"
+    records = json.loads((setup / "data.json").read_text())
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    train(config(setup, out, data=str(data), max_steps=2))
+    before = {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()}
+    metrics = (out / "metrics.jsonl").read_bytes()
+    broken = dict(records[1])
+    del broken["output"]
+    data.write_text(json.dumps(records[0]) + "\n" + json.dumps(broken) + "\n")  # the file went bad
+    with pytest.raises(DataError, match=r"data.jsonl line 2: field 'output' is missing"):
+        train(config(setup, out, data=str(data), max_steps=4, resume=True))
+    assert {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()} == before
+    assert (out / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_existing_checkpoint_needs_resume_and_same_settings(setup, tmp_path):
+    out = tmp_path / "run"
+    train(config(setup, out, max_steps=2))
+    with pytest.raises(FileExistsError, match="already holds a checkpoint.*pass --resume"):
+        train(config(setup, out, max_steps=4))
+    with pytest.raises(ValueError, match=r"--resume with different settings.*lr: 0.005 -> 0.001"):
+        train(config(setup, out, max_steps=4, lr=1e-3, resume=True))
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(model="m", data="d", out="o", lr=1.0, max_steps=10, warmup_steps=2, schedule="linear")
+    assert [lr_at(s, cfg) for s in (0, 1, 2, 6)] == [0.5, 1.0, 1.0, 0.5]
+    cos = TrainConfig(model="m", data="d", out="o", lr=1.0, max_steps=10, warmup_steps=2, schedule="cosine")
+    assert lr_at(2, cos) == 1.0 and lr_at(6, cos) == pytest.approx(0.5) and lr_at(10, cos) == pytest.approx(0.0)
+
+
+def test_train_config_errors_are_collected():
+    with pytest.raises(ValueError) as info:
+        TrainConfig(model="m", data="d", out="o", method="qdor", max_steps=0, lr=-1, schedule="step")
+    text = str(info.value)
+    for fragment in ("method='qdor'", "max_steps=0", "lr=-1", "schedule='step'"):
+        assert fragment in text
+    with pytest.raises(ValueError, match="r=0 must be a positive integer"):
+        TrainConfig(model="m", data="d", out="o", r=0)
+
+
+def test_cli_train(setup, tmp_path):
+    from qdora.cli import main
+    rc = main(["train", "--model", str(setup / "model"), "--data", str(setup / "data.json"), "--method", "qlora",
+               "--r", "4", "--alpha", "8", "--lr", "1e-3", "--max-steps", "2", "--batch-size", "2",
+               "--out", str(tmp_path / "cli"), "--cutoff-len", "320", "--no-progress"])
+    assert rc == 0 and len(read_metrics(tmp_path / "cli")) == 2
+    assert (tmp_path / "cli" / "adapter" / "qdora_adapter.json").is_file()
