@@ -10,7 +10,6 @@ _PLANNED = {
     "eval": "compare methods on models and tasks",
     "analyze": "magnitude/direction (dM/dD) diagnostics of fine-tuned weights",
     "plan": "predict peak GPU memory for a model, method and setting",
-    "demo": "fine-tune, evaluate, merge and reload a small real model on CPU",
 }
 
 
@@ -152,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
     _add_train(sub)
     _add_merge(sub)
+    sub.add_parser("demo", help="fine-tune, score, merge and reload SmolLM2-135M on CPU (a few minutes); "
+                                "`qdora demo --help` lists its options")
     for name, text in _PLANNED.items():
         p = sub.add_parser(name, help=f"{text} (not available yet)", description=f"{text} (not available yet).")
         p.set_defaults(func=_not_available(name))
@@ -164,6 +165,10 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:  # its own parser owns every flag after the word
+        from qdora.demo import main as demo_main
+        return demo_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -301,7 +301,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     pad = pad_token_id(tokenizer)
 
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
