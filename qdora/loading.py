@@ -194,6 +194,9 @@ def load_checkpoint_dir(path: str | os.PathLike, method: str = "qdora", cfg: Ada
             if current.bias is not None and current.bias.device.type != "meta":
                 layer.bias = current.bias  # the bias arrived first
             setattr(owner, child, layer)
+            if tensor.numel() >= 1 << 20:  # large temporaries were just freed; small ones wait for the shard
+                del tensor
+                _release_freed_memory()
         else:  # the bias, onto whichever module (nn.Linear on meta, or Linear4bit) is there now
             current.bias = nn.Parameter(tensor.to(device=device, dtype=storage, copy=True), requires_grad=False)
 

@@ -30,8 +30,9 @@ def _storage_dtype(quant_storage) -> torch.dtype:
 
 
 # Elements quantized per call: bitsandbytes' CPU quantizer makes ~14 bytes of temporaries per
-# element, so an 8B model's largest matrix (58.7M elements) would need ~0.8 GB at once.
-QUANT_CHUNK = 1 << 22
+# element, so an 8B model's largest matrix (58.7M elements) would need ~0.8 GB at once; in chunks
+# of 2^20 elements it needs ~15 MB.
+QUANT_CHUNK = 1 << 20
 
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,

@@ -17,7 +17,7 @@ def test_help_lists_the_commands(capsys):
 
 
 def test_unavailable_commands_say_so(capsys):
-    assert main(["train"]) == 2
+    assert main(["plan"]) == 2
     assert "not available in this version yet" in capsys.readouterr().err
 
 
