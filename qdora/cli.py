@@ -109,28 +109,27 @@ def _add_merge(sub) -> None:
 
 
 def _merge(args) -> int:
+    from pathlib import Path
+
     import torch
 
-    from qdora.adapter_io import _config_from_file, read_adapter
-    from qdora.adapter_io import load_adapter
+    from qdora.adapter_io import load_adapter, read_adapter
+    from qdora.config import AdapterConfig
     from qdora.loading import convert_gguf, load_model
     from qdora.merge import merge_and_save
-    from pathlib import Path
 
     fmt, meta, modules = read_adapter(args.adapter)
     base_path = Path(args.model)
     if base_path.suffix == ".gguf":
         base_path = convert_gguf(base_path)
-    # The base must be quantized exactly as during training: read the method from the adapter.
-    probe, _ = None, None
+    # Rebuild the base exactly as training quantized it: the method comes from the adapter file.
     if fmt == "qdora":
-        from qdora.config import AdapterConfig
         cfg = AdapterConfig.from_dict(meta["config"])
-    else:
-        from qdora.config import AdapterConfig
+    else:  # PEFT files do not record how the base was loaded; QDoRA/QLoRA (NF4) is assumed
         use_dora = bool(meta.get("use_dora"))
-        cfg = AdapterConfig(method="qdora" if use_dora else "qlora", r=int(meta["r"]), alpha=float(meta["lora_alpha"]),
-                            target_modules=tuple(sorted(modules)), adapter_dtype="float32")
+        cfg = AdapterConfig(method="qdora" if use_dora else "qlora", r=int(meta["r"]),
+                            alpha=float(meta["lora_alpha"]), target_modules=tuple(sorted(modules)),
+                            adapter_dtype="float32")
     model, tokenizer = load_model(base_path, method=cfg.method, cfg=cfg, add=False)
     load_adapter(model, args.adapter, verbose=False)
     out = merge_and_save(model, args.out, tokenizer=tokenizer, dtype=getattr(torch, args.dtype),

@@ -137,3 +137,14 @@ def test_merge_streams_one_layer_at_a_time(tmp_path):
     peak = peak_bytes(lambda: merge_and_save(model, tmp_path / "merged", max_shard_size="100MB"))
     # One merged layer in fp32 plus its block temporaries and bf16 copy; never the whole model.
     assert peak < 4 * largest_fp32 < full_bf16, (peak, largest_fp32, full_bf16)
+
+
+def test_cli_merge_equals_the_library_merge(tmp_path):
+    from qdora import save_adapter
+    from qdora.cli import main
+    model, tok = adapted_model(tmp_path, llama3_config())
+    save_adapter(model, tmp_path / "adapter")
+    merge_and_save(model, tmp_path / "lib", tokenizer=tok, dtype=torch.float32)
+    assert main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "cli"), "--dtype", "float32"]) == 0
+    assert torch.equal(logits(load_plain(tmp_path / "cli")), logits(load_plain(tmp_path / "lib")))
