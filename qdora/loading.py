@@ -176,6 +176,8 @@ def load_checkpoint_dir(path: str | os.PathLike, method: str = "qdora", cfg: Ada
     from tqdm.auto import tqdm
     bar = tqdm(total=len(reader.file_of), desc=f"loading {path.name}", unit="tensor",
                disable=None if progress else True)
+    since_trim = [0]
+
     def place(key: str, tensor: torch.Tensor) -> None:
         """Put one checkpoint tensor into the meta model: NF4 for linear weights to quantize."""
         module_name, _, attr = key.rpartition(".")
@@ -194,7 +196,11 @@ def load_checkpoint_dir(path: str | os.PathLike, method: str = "qdora", cfg: Ada
             if current.bias is not None and current.bias.device.type != "meta":
                 layer.bias = current.bias  # the bias arrived first
             setattr(owner, child, layer)
-            if tensor.numel() >= 1 << 20:  # large temporaries were just freed; small ones wait for the shard
+            # Quantizing leaves ~14 bytes per element of freed temporaries: hand them back every
+            # 2^22 elements (≈ 56 MB of temporaries), not after every small tensor (trimming costs time).
+            since_trim[0] += tensor.numel()
+            if since_trim[0] >= 1 << 22:
+                since_trim[0] = 0
                 del tensor
                 _release_freed_memory()
         else:  # the bias, onto whichever module (nn.Linear on meta, or Linear4bit) is there now
