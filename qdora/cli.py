@@ -8,7 +8,6 @@ import sys
 # Subcommands not built yet: their flags are the documented contract; running them says so.
 _PLANNED = {
     "eval": "compare methods on models and tasks",
-    "analyze": "magnitude/direction (dM/dD) diagnostics of fine-tuned weights",
     "plan": "predict peak GPU memory for a model, method and setting",
 }
 
@@ -162,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
     _add_train(sub)
     _add_merge(sub)
+    sub.add_parser("analyze", help="magnitude/direction (ΔM/ΔD) changes of fine-tuned weights, as CSV and plot; "
+                                   "`qdora analyze --help` lists its options")
     sub.add_parser("demo", help="fine-tune, score, merge and reload SmolLM2-135M on CPU (a few minutes); "
                                 "`qdora demo --help` lists its options")
     for name, text in _PLANNED.items():
@@ -177,9 +178,12 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["demo"]:  # its own parser owns every flag after the word
+    if argv[:1] == ["demo"]:  # these parsers own every flag after the word
         from qdora.demo import main as demo_main
         return demo_main(argv[1:])
+    if argv[:1] == ["analyze"]:
+        from qdora.eval.analyze import main as analyze_main
+        return analyze_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

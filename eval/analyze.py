@@ -1,0 +1,171 @@
+"""`qdora analyze`: magnitude and direction changes of fine-tuned weights (DoRA paper, §2.2, Fig. 2).
+
+For a weight `W` of shape `(out, in)` the DoRA magnitude runs over the output rows `k`:
+
+    ΔM = mean_k | ||W_t,k|| − ||W_0,k|| |          ΔD = mean_k ( 1 − cos(W_t,k, W_0,k) )
+
+per module and layer, for each fine-tuned checkpoint: a full transformers checkpoint, or an adapter
+(qdora or PEFT format), whose effective weight `(m/n)·(W0 + s·B·A)` is compared with the base it was
+trained on (the dequantized NF4 weight for q-methods). The paper's finding: LoRA's ΔM and ΔD move
+together (positive slope), full fine-tuning and DoRA's do not (negative slope).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def delta_m_d(W0: torch.Tensor, Wt: torch.Tensor, eps: float = 1e-12) -> tuple[float, float]:
+    """(ΔM, ΔD) of `Wt` against `W0`, rows as the magnitude axis, in fp64."""
+    if W0.shape != Wt.shape:
+        raise ValueError(f"weight shapes differ: {tuple(W0.shape)} vs {tuple(Wt.shape)}")
+    W0, Wt = W0.double(), Wt.double()
+    n0, nt = W0.norm(dim=1), Wt.norm(dim=1)
+    dm = (nt - n0).abs().mean().item()
+    cos = (W0 * Wt).sum(1) / (n0 * nt).clamp_min(eps)
+    return dm, (1 - cos).mean().item()
+
+
+def _module_of(name: str) -> tuple[str, int | None]:
+    match = _LAYER.search(name + ".")
+    return name.rsplit(".", 1)[-1], int(match.group(1)) if match else None
+
+
+def weight_pairs(base: str | os.PathLike, tuned: str | os.PathLike, modules: tuple[str, ...]):
+    """Yield (module name, W0, Wt) for the linear weights of `modules` (leaf names)."""
+    from qdora.adapter_io import read_adapter
+    from qdora.loading import CheckpointReader
+
+    tuned = Path(tuned)
+    if (tuned / "config.json").is_file():  # a full checkpoint: compare with the original base weights
+        a, b = CheckpointReader(base), CheckpointReader(tuned)
+        for key in b.keys():
+            name = key.removesuffix(".weight")
+            if key.endswith(".weight") and _module_of(name)[0] in modules and key in a.file_of:
+                yield name, a.get(key).float(), b.get(key).float()
+        return
+    from qdora.config import AdapterConfig
+    from qdora.adapter_io import load_adapter
+    from qdora.layer import QDoRALinear
+    from qdora.loading import load_model
+    from qdora.merge import merged_weight
+
+    fmt, meta, found = read_adapter(tuned)
+    if fmt == "qdora":
+        cfg = AdapterConfig.from_dict(meta["config"])
+    else:
+        cfg = AdapterConfig(method="qdora" if meta.get("use_dora") else "qlora", r=int(meta["r"]),
+                            alpha=float(meta["lora_alpha"]), target_modules=tuple(sorted(found)))
+    model, _ = load_model(base, method=cfg.method, cfg=cfg, add=False, progress=False)
+    load_adapter(model, tuned, verbose=False)
+    for name, layer in model.named_modules():
+        if isinstance(layer, QDoRALinear) and _module_of(name)[0] in modules:
+            yield name, layer.dequantized_base(torch.float32), merged_weight(layer, torch.float32)
+
+
+def analyze(base, tuned: list[tuple[str, str]], modules=("q_proj", "v_proj")) -> list[dict]:
+    """Rows {checkpoint, module, layer, name, delta_m, delta_d} for each (label, path) in `tuned`."""
+    rows = []
+    for label, path in tuned:
+        for name, W0, Wt in weight_pairs(base, path, tuple(modules)):
+            module, layer = _module_of(name)
+            dm, dd = delta_m_d(W0, Wt)
+            rows.append({"checkpoint": label, "module": module, "layer": layer, "name": name,
+                         "delta_m": dm, "delta_d": dd})
+    return rows
+
+
+def fit(rows: list[dict]) -> dict:
+    """Least-squares slope of ΔM on ΔD and the Pearson correlation."""
+    x = torch.tensor([r["delta_d"] for r in rows], dtype=torch.float64)
+    y = torch.tensor([r["delta_m"] for r in rows], dtype=torch.float64)
+    if len(rows) < 2 or x.std() == 0 or y.std() == 0:
+        return {"points": len(rows), "slope": math.nan, "correlation": math.nan}
+    xc, yc = x - x.mean(), y - y.mean()
+    slope = (xc * yc).sum() / (xc * xc).sum()
+    corr = (xc * yc).sum() / (xc.norm() * yc.norm())
+    return {"points": len(rows), "slope": slope.item(), "correlation": corr.item()}
+
+
+def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
+    from qdora.safetensors_io import write_text_atomic
+    import io
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["checkpoint", "module", "layer", "name", "delta_m", "delta_d"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+def plot(rows: list[dict], path: str | os.PathLike, title: str = "") -> bool:
+    """ΔD (x) vs ΔM (y): one colour per layer, one marker per checkpoint, with the fitted line.
+    Returns False (and writes nothing) when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
+    checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    markers = "o^sDvP*Xh<>"
+    cmap = plt.get_cmap("viridis", max(2, len(layers)))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in rows:
+        color = cmap(layers.index(r["layer"])) if r["layer"] in layers else "gray"
+        ax.scatter(r["delta_d"], r["delta_m"], color=color, marker=markers[checkpoints.index(r["checkpoint"]) % len(markers)],
+                   s=28)
+    stats = fit(rows)
+    if math.isfinite(stats["slope"]):
+        xs = torch.tensor([min(r["delta_d"] for r in rows), max(r["delta_d"] for r in rows)])
+        my = sum(r["delta_m"] for r in rows) / len(rows)
+        mx = sum(r["delta_d"] for r in rows) / len(rows)
+        ax.plot(xs, my + stats["slope"] * (xs - mx), "k--", lw=1)
+    for i, c in enumerate(checkpoints):
+        ax.scatter([], [], color="black", marker=markers[i % len(markers)], label=c)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_xlabel("ΔD  (mean 1 − cos per output row)")
+    ax.set_ylabel("ΔM  (mean |Δ row norm|)")
+    ax.set_title(f"{title}  slope {stats['slope']:.3g}, r = {stats['correlation']:.2f}".strip(), fontsize=9)
+    fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(min(layers or [0]), max(layers or [1]))),
+                 ax=ax, label="layer")
+    fig.tight_layout()
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="qdora analyze", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="the base checkpoint folder the tuned weights started from")
+    p.add_argument("--tuned", required=True, action="append",
+                   help="a full checkpoint folder or an adapter folder; repeat for several (e.g. intermediate "
+                        "checkpoints); LABEL=PATH names it in the plot")
+    p.add_argument("--modules", default="q_proj,v_proj", help="leaf module names (default: %(default)s)")
+    p.add_argument("--out", required=True, help="folder for delta_md.csv and delta_md.png")
+    args = p.parse_args(argv)
+    tuned = [(t.split("=", 1)[0], t.split("=", 1)[1]) if "=" in t else (Path(t).name, t) for t in args.tuned]
+    rows = analyze(args.base, tuned, tuple(m.strip() for m in args.modules.split(",") if m.strip()))
+    if not rows:
+        p.error(f"no weights of modules {args.modules} found in {[t for _, t in tuned]}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "delta_md.csv")
+    stats = fit(rows)
+    drew = plot(rows, out / "delta_md.png", title=", ".join(label for label, _ in tuned))
+    print(f"{len(rows)} weights: ΔM on ΔD slope {stats['slope']:.4g}, correlation {stats['correlation']:.3f}")
+    print(f"wrote {out / 'delta_md.csv'}" + (f" and {out / 'delta_md.png'}" if drew else
+                                               " (install matplotlib for the plot)"))
+    return 0
