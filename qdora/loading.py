@@ -117,6 +117,8 @@ def _release_freed_memory() -> None:
 
 
 _malloc_trim = None
+TRIM_EVERY = 1 << 21
+"""Elements quantized between two returns of freed memory to the OS (≈ 29 MB of temporaries)."""
 
 
 def _storage_dtype(dtype, config, device: torch.device) -> torch.dtype:
@@ -197,9 +199,9 @@ def load_checkpoint_dir(path: str | os.PathLike, method: str = "qdora", cfg: Ada
                 layer.bias = current.bias  # the bias arrived first
             setattr(owner, child, layer)
             # Quantizing leaves ~14 bytes per element of freed temporaries: hand them back every
-            # 2^22 elements (≈ 56 MB of temporaries), not after every small tensor (trimming costs time).
+            # TRIM_EVERY elements, not after every small tensor (trimming costs time).
             since_trim[0] += tensor.numel()
-            if since_trim[0] >= 1 << 22:
+            if since_trim[0] >= TRIM_EVERY:
                 since_trim[0] = 0
                 del tensor
                 _release_freed_memory()
