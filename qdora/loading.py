@@ -221,6 +221,11 @@ def load_checkpoint_dir(path: str | os.PathLike, method: str = "qdora", cfg: Ada
     if unexpected:
         warnings.warn(f"{path}: {len(unexpected)} checkpoint tensor(s) are not used by "
                       f"{type(model).__name__}, e.g. {unexpected[:3]}")
+    if device.type != "cpu":  # buffers the model built itself (e.g. rotary inv_freq) start on the CPU
+        for module in model.modules():
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and buf.device != device:
+                    module._buffers[name] = buf.to(device)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     _set_config_dtype(model.config, storage)  # the dtype the unquantized tensors now have
