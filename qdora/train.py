@@ -260,9 +260,12 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
+def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
+          build: Callable[[TrainConfig, torch.device], tuple] | None = None) -> dict:
     """Run (or resume) a fine-tuning run. Returns a summary dict; `summary['interrupted']` is the
-    signal number if a signal stopped it. `on_step(step, metrics)` is called after each step."""
+    signal number if a signal stopped it. `on_step(step, metrics)` is called after each step.
+    `build(cfg, device) -> (model, tokenizer)` replaces the model setup (e.g. a PEFT peer on the
+    same quantized base); by default `qdora.load_model` with the config's method and adapters."""
     from tqdm.auto import tqdm
 
     from qdora.adapter_io import save_adapter
@@ -286,8 +289,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _seed_all(cfg.seed)
     adapter_cfg = cfg.adapter_config() if cfg.method != "full" else AdapterConfig(method="full")
-    model, tokenizer = load_model(cfg.model, method=cfg.method, cfg=adapter_cfg, device=device,
-                                  progress=cfg.progress)
+    if build is None:
+        model, tokenizer = load_model(cfg.model, method=cfg.method, cfg=adapter_cfg, device=device,
+                                      progress=cfg.progress)
+    else:
+        model, tokenizer = build(cfg, device)
     if tokenizer is None:
         raise ValueError(f"{cfg.model}: no tokenizer found next to the model; training needs one")
     dataset = SFTDataset(records, tokenizer, cfg.cutoff_len, cfg.train_on_prompt)
@@ -379,6 +385,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         if cfg.method == "full":
             model.save_pretrained(out / "model")
             tokenizer.save_pretrained(out / "model")
+        elif build is not None and hasattr(model, "peft_config"):  # a PEFT peer saves its own way
+            model.save_pretrained(out / "adapter")
         else:
             save_adapter(model, out / "adapter", base_model_name_or_path=str(cfg.model))
     summary["model"], summary["tokenizer"] = model, tokenizer

@@ -1,0 +1,58 @@
+import json
+import math
+
+import pytest
+
+from models import build, llama3_config, save_bpe_tokenizer
+from qdora.data import DEMO_DATA
+from qdora.eval.harness import METHODS, HarnessConfig, extract_answer, markdown, run, summarize
+
+
+def test_answer_extraction_like_llm_adapters():
+    options = ["answer1", "answer2", "answer3", "answer4"]
+    assert extract_answer("the correct answer is answer3", options) == "answer3"
+    assert extract_answer("answer2, or maybe answer1", options) == "answer2"  # the first one found
+    assert extract_answer("I do not know", options) == ""
+    assert extract_answer("the correct answer is false", ["true", "false"]) == "false"
+    assert extract_answer("ending4", ["ending1", "ending2", "ending3", "ending4"]) == "ending4"
+
+
+def test_summary_mean_and_spread():
+    rows = [{"method": "m", "trainable_params": 10, "peak_rss_growth_mib": 1.0, "median_step_s": 1.0,
+             "tokens_per_s": 5.0, "final_train_loss": loss, "tasks": {"t": {"acc_loglik": acc, "answer_nll": 1.0,
+                                                                            "answer_ppl": math.e}}}
+            for loss, acc in ((1.0, 0.5), (3.0, 0.7))]
+    s = summarize(rows)["m"]
+    assert s["final_train_loss"] == {"mean": 2.0, "std": pytest.approx(math.sqrt(2)), "n": 2}
+    assert s["t/acc_loglik"]["mean"] == pytest.approx(0.6)
+    assert "| m | 10 |" in markdown(summarize(rows), ["t"])
+
+
+@pytest.mark.slow
+def test_every_method_runs_with_the_same_data_order(tmp_path, monkeypatch):
+    records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:8]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(tmp_path / "m")
+    save_bpe_tokenizer(tmp_path / "m", [r["instruction"] + r["output"] for r in records])
+    import qdora.data
+    calls = []
+    real = qdora.data.batch_order
+    monkeypatch.setattr(qdora.data, "batch_order", lambda *a: calls.append(a) or real(*a))
+    hc = HarnessConfig(model=str(tmp_path / "m"), train_data=str(tmp_path / "train.json"), out=str(tmp_path / "out"),
+                       methods=tuple(METHODS), max_steps=2, batch_size=2, cutoff_len=320, eval_items=3,
+                       r=4, alpha=8, generate=True)
+    result = run(hc)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["method"] for r in saved["runs"]] == list(METHODS)
+    assert set(saved["summary"]) == set(METHODS)
+    for r in saved["runs"]:
+        assert r["trainable_params"] > 0 and math.isfinite(r["final_train_loss"]) and len(r["loss_curve"]) == 2
+        t = r["tasks"]["ARC-Easy"]
+        assert t["items"] == 3 and math.isfinite(t["answer_nll"]) and 0 <= t["acc_generate"] <= 1
+    assert len({c for c in calls}) == 1 and len(calls) == len(METHODS)  # one order, used by every method
+    by = {r["method"]: r for r in saved["runs"]}
+    assert by["dora-half"]["trainable_params"] < by["dora"]["trainable_params"]
+    assert by["qdora-magonly"]["trainable_params"] < by["qdora"]["trainable_params"]
+    assert by["full"]["trainable_params"] > 10 * by["qdora"]["trainable_params"]
+    assert (tmp_path / "out" / "results.md").read_text().count("\n") == len(METHODS) + 2
+    assert result["summary"].keys() == saved["summary"].keys()
