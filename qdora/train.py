@@ -30,7 +30,7 @@ CHECKPOINT = "checkpoint"
 SCHEDULES = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 # Fields that may change between a run and its resumption.
-_RESUMABLE_CHANGES = {"max_steps", "resume", "save_every", "log_every", "progress"}
+_RESUMABLE_CHANGES = {"max_steps", "resume", "save_every", "log_every", "progress", "keep_adapters_every"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,8 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 50
     """Write a checkpoint every this many steps (and always at the end)."""
+    keep_adapters_every: int = 0
+    """Also keep the adapter of every this many steps as `adapter-step<N>/` (for `qdora analyze`); 0: never."""
     log_every: int = 1
     gradient_checkpointing: bool = True
     optimizer: str = "adamw"
@@ -260,6 +262,18 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def _save_final(model, tokenizer, path: Path, cfg: TrainConfig, build) -> None:
+    """The trained result: the whole model for `full`, else the adapter (ours, or a PEFT peer's)."""
+    from qdora.adapter_io import save_adapter
+    if cfg.method == "full":
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    elif build is not None and hasattr(model, "peft_config"):
+        model.save_pretrained(path)
+    else:
+        save_adapter(model, path, base_model_name_or_path=str(cfg.model))
+
+
 def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
           build: Callable[[TrainConfig, torch.device], tuple] | None = None) -> dict:
     """Run (or resume) a fine-tuning run. Returns a summary dict; `summary['interrupted']` is the
@@ -268,7 +282,6 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
     same quantized base); by default `qdora.load_model` with the config's method and adapters."""
     from tqdm.auto import tqdm
 
-    from qdora.adapter_io import save_adapter
     from qdora.data import SFTDataset, batch_order, collate, count_supervised, load_records, pad_token_id
     from qdora.loading import load_model
 
@@ -375,6 +388,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
             if on_step is not None:
                 on_step(step, record)
+            if cfg.keep_adapters_every and step % cfg.keep_adapters_every == 0 and step < cfg.max_steps:
+                _save_final(model, tokenizer, out / f"adapter-step{step}", cfg, build)
             if step % cfg.save_every == 0 or step == cfg.max_steps or stop.signal is not None:
                 metrics_file.flush()
                 save_checkpoint(out, model, optimizer, names, step, cfg)
@@ -382,13 +397,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
         summary.update(steps=step, interrupted=stop.signal,
                        seconds=time.perf_counter() - t_start, tokens=tokens_total)
     if step == cfg.max_steps:
-        if cfg.method == "full":
-            model.save_pretrained(out / "model")
-            tokenizer.save_pretrained(out / "model")
-        elif build is not None and hasattr(model, "peft_config"):  # a PEFT peer saves its own way
-            model.save_pretrained(out / "adapter")
-        else:
-            save_adapter(model, out / "adapter", base_model_name_or_path=str(cfg.model))
+        _save_final(model, tokenizer, out / ("model" if cfg.method == "full" else "adapter"), cfg, build)
     summary["model"], summary["tokenizer"] = model, tokenizer
     return summary
 

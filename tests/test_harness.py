@@ -56,3 +56,15 @@ def test_every_method_runs_with_the_same_data_order(tmp_path, monkeypatch):
     assert by["full"]["trainable_params"] > 10 * by["qdora"]["trainable_params"]
     assert (tmp_path / "out" / "results.md").read_text().count("\n") == len(METHODS) + 2
     assert result["summary"].keys() == saved["summary"].keys()
+
+
+def test_union_of_training_files(tmp_path):
+    from qdora.data import load_records
+    from qdora.eval.harness import union_file
+    a = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:3]
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "2\n#### 2"}) + "\n")
+    path = union_file([str(tmp_path / "a.json"), str(tmp_path / "b.jsonl")], tmp_path / "u.jsonl")
+    records = load_records(path)
+    assert [r.response for r in records] == [x["output"] for x in a] + ["2\n#### 2"]
+    assert records[-1].label == "2"

@@ -40,6 +40,12 @@ def test_every_method_trains_and_saves(setup, tmp_path, method):
     assert saved.is_dir() and (tmp_path / method / "checkpoint" / "state.json").is_file()
 
 
+def test_intermediate_adapters_are_kept(setup, tmp_path):
+    train(config(setup, tmp_path / "run", max_steps=4, keep_adapters_every=2))
+    assert (tmp_path / "run" / "adapter-step2" / "qdora_adapter.json").is_file()
+    assert not (tmp_path / "run" / "adapter-step4").exists() and (tmp_path / "run" / "adapter").is_dir()
+
+
 def test_qdora_loss_goes_down(setup, tmp_path):
     train(config(setup, tmp_path / "run", max_steps=12, lr=3e-2, dropout=0.0, schedule="constant"))
     losses = [m["loss"] for m in read_metrics(tmp_path / "run")]
