@@ -13,8 +13,8 @@ _PLANNED = {
 
 def _not_available(name: str):
     def run(_args) -> int:
-        print(f"qdora {name}: not available in this version yet. "
-              f"Available now: `qdora bench layer` (see `qdora bench --help`).", file=sys.stderr)
+        print(f"qdora {name}: not available in this version yet. Available now: train, merge, eval, analyze, "
+              f"demo, bench layer|load (`qdora --help`).", file=sys.stderr)
         return 2
     return run
 
@@ -26,8 +26,8 @@ def _bench(args) -> int:
     if args.what == "load":
         from qdora.eval.bench_load import main as bench_load
         return bench_load(args.rest)
-    print(f"qdora bench {args.what}: not available in this version yet; try `qdora bench layer`.",
-          file=sys.stderr)
+    print(f"qdora bench {args.what}: not available in this version yet; `qdora bench layer` and "
+          f"`qdora bench load` are.", file=sys.stderr)
     return 2
 
 
