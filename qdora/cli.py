@@ -14,7 +14,7 @@ _PLANNED = {
 def _not_available(name: str):
     def run(_args) -> int:
         print(f"qdora {name}: not available in this version yet. Available now: train, merge, eval, analyze, "
-              f"demo, bench layer|load (`qdora --help`).", file=sys.stderr)
+              f"demo, bench layer|load|model (`qdora --help`).", file=sys.stderr)
         return 2
     return run
 
@@ -26,8 +26,11 @@ def _bench(args) -> int:
     if args.what == "load":
         from qdora.eval.bench_load import main as bench_load
         return bench_load(args.rest)
-    print(f"qdora bench {args.what}: not available in this version yet; `qdora bench layer` and "
-          f"`qdora bench load` are.", file=sys.stderr)
+    if args.what == "model":
+        from qdora.eval.bench_model import main as bench_model
+        return bench_model(args.rest)
+    print(f"qdora bench {args.what}: not available in this version yet; `qdora bench layer|load|model` are.",
+          file=sys.stderr)
     return 2
 
 
@@ -153,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdora", description="Quantized DoRA fine-tuning of LLMs.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    bench = sub.add_parser("bench", help="benchmarks: layer, load (available); model, kernels",
+    bench = sub.add_parser("bench", help="benchmarks: layer, load, model (available); kernels",
                            description="Run a benchmark. `qdora bench layer --help` lists its options.")
     bench.add_argument("what", choices=("layer", "load", "model", "kernels"))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")
