@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 
@@ -281,7 +280,7 @@ def convert_gguf(gguf_path: str | os.PathLike, progress: bool = True) -> Path:
     checkpoint folder; later calls return the cached folder at once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qdora.safetensors_io import TensorSpec, write_streaming
+    from qdora.safetensors_io import TensorSpec, atomic_dir, write_streaming
 
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
@@ -297,11 +296,7 @@ def convert_gguf(gguf_path: str | os.PathLike, progress: bool = True) -> Path:
         print(f"converting {gguf_path.name} to safetensors (once; cached in {out})", flush=True)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
         state, seen = {}, set()
         for key, t in model.state_dict().items():
             if t.untyped_storage().data_ptr() in seen:  # tied weights once
@@ -313,12 +308,6 @@ def convert_gguf(gguf_path: str | os.PathLike, progress: bool = True) -> Path:
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +22,7 @@ from torch import nn
 
 from qdora.layer import QDoRALinear
 from qdora.nf4 import RowBlocks
-from qdora.safetensors_io import TensorSpec, parse_size, write_streaming, write_text_atomic
+from qdora.safetensors_io import TensorSpec, atomic_dir, parse_size, write_streaming, write_text_atomic
 
 
 def _fp32_row_blocks(layer: QDoRALinear, base_weight: torch.Tensor | None):
@@ -134,12 +133,10 @@ def merge_and_save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
             size = 0
         shards[-1].append(item)
         size += item[0].nbytes
-    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
+
+    from qdora.loading import _set_config_dtype
+    with atomic_dir(out_dir) as tmp:
         weight_map = {}
         names = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
@@ -160,23 +157,13 @@ def merge_and_save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
         for attr in ("quantization_config", "_pre_quantization_dtype"):
             if hasattr(config, attr):
                 delattr(config, attr)
-        import transformers
-        if int(transformers.__version__.split(".")[0]) >= 5:
-            config.dtype = dtype
-        else:
-            config.torch_dtype = dtype
+        _set_config_dtype(config, dtype)
         config.save_pretrained(tmp)
         generation = getattr(model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out_dir
 
 

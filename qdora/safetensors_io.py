@@ -10,8 +10,10 @@ under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -91,6 +93,32 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike):
+    """Build a folder under a temporary name and swap it in only when the block completes.
+    The previous folder, if any, is moved to `<name>.old` first and removed last, so a crash at
+    any point leaves either the old folder (possibly as `.old`) or the new one, never a mix."""
+    from pathlib import Path
+    final = Path(final)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    old = final.with_name(f"{final.name}.old")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if old.exists():
+            shutil.rmtree(old)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def parse_size(size: int | str) -> int:

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Callable
 import torch
 
 from qdora.config import METHODS, AdapterConfig
-from qdora.safetensors_io import save_file_atomic, write_text_atomic
+from qdora.safetensors_io import atomic_dir, save_file_atomic, write_text_atomic
 
 CHECKPOINT = "checkpoint"
 SCHEDULES = ("linear", "cosine", "constant")
@@ -170,30 +169,19 @@ def _load_optimizer(optimizer, names: dict[int, str], tensors: dict[str, torch.T
 def save_checkpoint(out: Path, model, optimizer, names: dict[int, str], step: int, cfg: TrainConfig) -> Path:
     """Write `out/checkpoint` atomically: a new folder is completed, then swapped in."""
     final = out / CHECKPOINT
-    tmp = out / f"{CHECKPOINT}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file_atomic(trainable, tmp / "trainable.safetensors")
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer, names)
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["torch_cuda"] = torch.cuda.get_rng_state()
-    save_file_atomic(opt_tensors, tmp / "optimizer.safetensors")
-    save_file_atomic(rng, tmp / "rng.safetensors")
-    state = {"step": step, "optimizer": opt_meta, "python_random": _jsonable(random.getstate()),
-             "scheduler": {"schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps, "lr": cfg.lr,
-                           "max_steps": cfg.max_steps, "next_lr": lr_at(step, cfg)}}
-    write_text_atomic(tmp / "state.json", json.dumps(state, indent=1) + "\n")
-    old = out / f"{CHECKPOINT}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
+    with atomic_dir(final) as tmp:
+        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file_atomic(trainable, tmp / "trainable.safetensors")
+        opt_tensors, opt_meta = _optimizer_tensors(optimizer, names)
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["torch_cuda"] = torch.cuda.get_rng_state()
+        save_file_atomic(opt_tensors, tmp / "optimizer.safetensors")
+        save_file_atomic(rng, tmp / "rng.safetensors")
+        state = {"step": step, "optimizer": opt_meta, "python_random": _jsonable(random.getstate()),
+                 "scheduler": {"schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps, "lr": cfg.lr,
+                               "max_steps": cfg.max_steps, "next_lr": lr_at(step, cfg)}}
+        write_text_atomic(tmp / "state.json", json.dumps(state, indent=1) + "\n")
     return final
 
 

@@ -12,8 +12,7 @@ from torch import nn
 from conftest import assert_close
 from oracle import nf4_roundtrip
 from models import build, llama2_config, llama3_config, save_tokenizer
-from qdora import AdapterConfig, QDoRALinear, linear4bit_from_linear, load_model
-from qdora.eval.memory import peak_bytes
+from qdora import AdapterConfig, QDoRALinear, load_model
 from qdora.loading import TRIM_EVERY, CheckpointReader
 from qdora.nf4 import QUANT_CHUNK
 

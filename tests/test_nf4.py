@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from oracle import nf4_reference_dequantize
-from qdora.kernels import NF4_CODE, dequantize_nf4, dequantize_nf4_reference
+from qdora.kernels import NF4_CODE, dequantize_nf4
 from qdora.nf4 import RowBlocks, adopt_linear4bit, linear4bit_from_linear, quantize_nf4
 
 SHAPES = [(70, 1151), (7, 96), (33, 1000), (130, 256), (5, 1150), (3, 4096)]  # (out, in)
