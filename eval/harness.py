@@ -36,7 +36,8 @@ METHODS = {
     "peft-qdora": ("qdora", {}, True),
     "peft-qlora": ("qlora", {}, False),
 }
-TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
+TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa",
+         "gsm8k")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class HarnessConfig:
     """Default: a tenth of max_steps."""
     generate: bool = True
     """Also score by generation + answer extraction (LLM-Adapters' way; slower on CPU)."""
+    math_max_new_tokens: int = 256
+    """Generation length for GSM8K solutions."""
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -77,8 +80,41 @@ def test_records(task: str, data_dir: str | None, items: int) -> list[Record]:
                              "is bundled")
         path = DEMO_DATA / "arc_easy_test.json"
     else:
-        path = Path(data_dir) / task / "test.json"
+        path = Path(data_dir) / task / ("test.jsonl" if task == "gsm8k" else "test.json")
     return load_records(path)[:items]
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+
+
+def extract_number(text: str) -> str | None:
+    """The final number in generated text (commas removed), as LLM-Adapters scores math answers."""
+    found = _NUMBER.findall(text)
+    return found[-1].replace(",", "").rstrip(".") if found else None
+
+
+def same_number(a: str | None, b: str | None) -> bool:
+    try:
+        return a is not None and b is not None and abs(float(a) - float(b)) < 1e-4
+    except ValueError:
+        return False
+
+
+@torch.no_grad()
+def math_accuracy(model, tokenizer, records: list[Record], max_new_tokens: int = 256) -> float:
+    """GSM8K: greedy generation, exact match of the final number with the reference answer."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for rec in records:
+        ids = tokenizer(rec.prompt, return_tensors="pt").input_ids.to(device)
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        correct += same_number(extract_number(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)),
+                               rec.label)
+    model.train(was_training)
+    return correct / len(records)
 
 
 def extract_answer(text: str, options: list[str]) -> str:
@@ -167,6 +203,15 @@ def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Rec
            "final_train_loss": statistics.fmean(m["loss"] for m in metrics[-5:]),
            "loss_curve": [m["loss"] for m in metrics], "tasks": {}}
     for task, records in tests.items():
+        if task == "gsm8k":  # not multiple choice: exact match of the final number, and answer NLL
+            from qdora.eval.scoring import continuation_logprobs
+            nll = continuation_logprobs(model, tok, [(r.prompt, r.response) for r in records], add_eos=True)
+            answer_nll = -sum(lp for lp, _ in nll) / sum(n for _, n in nll)
+            entry = {"items": len(records), "answer_nll": answer_nll, "answer_ppl": math.exp(answer_nll)}
+            if hc.generate:
+                entry["acc_generate"] = math_accuracy(model, tok, records, hc.math_max_new_tokens)
+            row["tasks"][task] = entry
+            continue
         scores = score_multiple_choice(model, tok, records)
         entry = {"items": len(records), "acc_loglik": scores.accuracy, "answer_nll": scores.answer_nll,
                  "answer_ppl": math.exp(scores.answer_nll), "predictions": scores.predictions}
@@ -280,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="training file, or several comma-separated (their union is used, in order)")
     p.add_argument("--methods", default=",".join(HarnessConfig.methods), help=f"any of {', '.join(METHODS)}")
     p.add_argument("--tasks", default="ARC-Easy", help=f"any of {', '.join(TASKS)}")
-    p.add_argument("--data-dir", help="folder with <task>/test.json (default: the bundled ARC-Easy slice)")
+    p.add_argument("--data-dir", help="folder with <task>/test.json, and gsm8k/test.jsonl "
+                                      "(default: the bundled ARC-Easy slice)")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=4)

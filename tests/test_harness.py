@@ -17,6 +17,29 @@ def test_answer_extraction_like_llm_adapters():
     assert extract_answer("ending4", ["ending1", "ending2", "ending3", "ending4"]) == "ending4"
 
 
+def test_math_answer_extraction():
+    from qdora.eval.harness import extract_number, same_number
+    assert extract_number("She sold 48/2 = 24 in May, so 48 + 24 = 72 in all.") == "72"
+    assert extract_number("The answer is 1,080.") == "1080"
+    assert extract_number("no digits here") is None
+    assert same_number("72.0", "72") and not same_number("71", "72") and not same_number(None, "1")
+
+
+@pytest.mark.slow
+def test_gsm8k_task_is_scored_by_final_number(tmp_path):
+    rows = [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(1, 9)]
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(tmp_path / "m")
+    save_bpe_tokenizer(tmp_path / "m", [r["question"] + r["answer"] for r in rows])
+    hc = HarnessConfig(model=str(tmp_path / "m"), train_data=str(tmp_path / "train.jsonl"), out=str(tmp_path / "o"),
+                       methods=("qdora",), tasks=("gsm8k",), data_dir=str(tmp_path), max_steps=2, batch_size=2,
+                       cutoff_len=480, eval_items=3, r=4, alpha=8, math_max_new_tokens=8)
+    task = run(hc)["runs"][0]["tasks"]["gsm8k"]
+    assert task["items"] == 3 and 0 <= task["acc_generate"] <= 1 and math.isfinite(task["answer_nll"])
+
+
 def test_summary_mean_and_spread():
     rows = [{"method": "m", "trainable_params": 10, "peak_rss_growth_mib": 1.0, "median_step_s": 1.0,
              "tokens_per_s": 5.0, "final_train_loss": loss, "tasks": {"t": {"acc_loglik": acc, "answer_nll": 1.0,
