@@ -53,18 +53,13 @@ def weight_pairs(base: str | os.PathLike, tuned: str | os.PathLike, modules: tup
             if key.endswith(".weight") and _module_of(name)[0] in modules and key in a.file_of:
                 yield name, a.get(key).float(), b.get(key).float()
         return
-    from qdora.config import AdapterConfig
-    from qdora.adapter_io import load_adapter
+    from qdora.adapter_io import adapter_config, load_adapter
     from qdora.layer import QDoRALinear
     from qdora.loading import load_model
     from qdora.merge import merged_weight
 
     fmt, meta, found = read_adapter(tuned)
-    if fmt == "qdora":
-        cfg = AdapterConfig.from_dict(meta["config"])
-    else:
-        cfg = AdapterConfig(method="qdora" if meta.get("use_dora") else "qlora", r=int(meta["r"]),
-                            alpha=float(meta["lora_alpha"]), target_modules=tuple(sorted(found)))
+    cfg = adapter_config(fmt, meta, found, quantized=True)
     model, _ = load_model(base, method=cfg.method, cfg=cfg, add=False, progress=False)
     load_adapter(model, tuned, verbose=False)
     for name, layer in model.named_modules():

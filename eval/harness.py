@@ -100,21 +100,10 @@ def same_number(a: str | None, b: str | None) -> bool:
         return False
 
 
-@torch.no_grad()
 def math_accuracy(model, tokenizer, records: list[Record], max_new_tokens: int = 256) -> float:
     """GSM8K: greedy generation, exact match of the final number with the reference answer."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for rec in records:
-        ids = tokenizer(rec.prompt, return_tensors="pt").input_ids.to(device)
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        correct += same_number(extract_number(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)),
-                               rec.label)
-    model.train(was_training)
-    return correct / len(records)
+    texts = greedy_answers(model, tokenizer, records, max_new_tokens)
+    return sum(same_number(extract_number(t), r.label) for t, r in zip(texts, records)) / len(records)
 
 
 def extract_answer(text: str, options: list[str]) -> str:
@@ -124,20 +113,25 @@ def extract_answer(text: str, options: list[str]) -> str:
 
 
 @torch.no_grad()
-def generation_accuracy(model, tokenizer, records: list[Record], max_new_tokens: int = 12) -> float:
-    from qdora.eval.scoring import answer_options
+def greedy_answers(model, tokenizer, records: list[Record], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of each record's prompt (eval mode; the mode is restored after)."""
     was_training = model.training
     model.eval()
-    correct = 0
     device = next(model.parameters()).device
+    texts = []
     for rec in records:
         ids = tokenizer(rec.prompt, return_tensors="pt").input_ids.to(device)
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        correct += extract_answer(text, answer_options(rec) or []) == rec.label
+        texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     model.train(was_training)
-    return correct / len(records)
+    return texts
+
+
+def generation_accuracy(model, tokenizer, records: list[Record], max_new_tokens: int = 12) -> float:
+    from qdora.eval.scoring import answer_options
+    texts = greedy_answers(model, tokenizer, records, max_new_tokens)
+    return sum(extract_answer(t, answer_options(r) or []) == r.label for t, r in zip(texts, records)) / len(records)
 
 
 def _peft_builder(use_dora: bool):

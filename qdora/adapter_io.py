@@ -151,11 +151,11 @@ def read_adapter(path: str | os.PathLike) -> tuple[str, dict, dict[str, dict[str
     raise FileNotFoundError(f"{path} holds neither {QDORA_CONFIG} (qdora) nor {PEFT_CONFIG} (PEFT)")
 
 
-def _config_from_file(fmt: str, meta: dict, modules: dict, model: nn.Module) -> AdapterConfig:
+def adapter_config(fmt: str, meta: dict, modules: dict, quantized: bool = True) -> AdapterConfig:
+    """The `AdapterConfig` an adapter file was trained with. Ours records it; a PEFT file does not
+    say how its base was loaded, so `quantized` chooses between the q-methods and the plain ones."""
     if fmt == "qdora":
         return AdapterConfig.from_dict(meta["config"])
-    import bitsandbytes as bnb
-    quantized = any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     use_dora = bool(meta.get("use_dora", False))
     method = ("q" if quantized else "") + ("dora" if use_dora else "lora")
     return AdapterConfig(method=method, r=int(meta["r"]), alpha=float(meta["lora_alpha"]),
@@ -173,7 +173,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, verbose: bool = True
     fmt, meta, modules = read_adapter(path)
     if not adapter_layers(model):
         from qdora.surgery import add_adapters
-        add_adapters(model, _config_from_file(fmt, meta, modules, model), verbose=verbose)
+        import bitsandbytes as bnb
+        quantized = any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+        add_adapters(model, adapter_config(fmt, meta, modules, quantized), verbose=verbose)
     layers = adapter_layers(model)
     problems = []
     for name in sorted(set(layers) - set(modules)):

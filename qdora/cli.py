@@ -117,8 +117,7 @@ def _merge(args) -> int:
 
     import torch
 
-    from qdora.adapter_io import load_adapter, read_adapter
-    from qdora.config import AdapterConfig
+    from qdora.adapter_io import adapter_config, load_adapter, read_adapter
     from qdora.loading import convert_gguf, load_model
     from qdora.merge import merge_and_save
 
@@ -126,14 +125,9 @@ def _merge(args) -> int:
     base_path = Path(args.model)
     if base_path.suffix == ".gguf":
         base_path = convert_gguf(base_path)
-    # Rebuild the base exactly as training quantized it: the method comes from the adapter file.
-    if fmt == "qdora":
-        cfg = AdapterConfig.from_dict(meta["config"])
-    else:  # PEFT files do not record how the base was loaded; QDoRA/QLoRA (NF4) is assumed
-        use_dora = bool(meta.get("use_dora"))
-        cfg = AdapterConfig(method="qdora" if use_dora else "qlora", r=int(meta["r"]),
-                            alpha=float(meta["lora_alpha"]), target_modules=tuple(sorted(modules)),
-                            adapter_dtype="float32")
+    # Rebuild the base exactly as training quantized it: the method comes from the adapter file
+    # (PEFT files do not record it; QDoRA/QLoRA on an NF4 base is assumed).
+    cfg = adapter_config(fmt, meta, modules, quantized=True)
     model, tokenizer = load_model(base_path, method=cfg.method, cfg=cfg, add=False)
     load_adapter(model, args.adapter, verbose=False)
     out = merge_and_save(model, args.out, tokenizer=tokenizer, dtype=getattr(torch, args.dtype),
