@@ -4,6 +4,8 @@ qdora format (a folder):
     qdora_adapter.json       {"format": "qdora", "version": 1, "config": AdapterConfig, "modules": {...}}
     adapter.safetensors      <module>.lora_A (r, in), <module>.lora_B (out, r),
                              <module>.magnitude_delta (out,)   — stored exactly as trained
+                             VeRA direction: <module>.vera_lambda_d (r,), <module>.vera_lambda_b (out,),
+                             and the shared projections once, as vera_A (r, max_in), vera_B (max_out, r)
 
 PEFT format (what `peft.PeftModel.save_pretrained` writes for `LoraConfig(use_dora=...)`):
     adapter_config.json
@@ -29,6 +31,8 @@ QDORA_CONFIG, QDORA_WEIGHTS = "qdora_adapter.json", "adapter.safetensors"
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 FORMAT_VERSION = 1
+_TRAINED = ("lora_A", "lora_B", "vera_lambda_d", "vera_lambda_b", "magnitude_delta")
+_SHARED = ("vera_A", "vera_B")
 
 
 def adapter_layers(model: nn.Module) -> dict[str, QDoRALinear]:
@@ -59,10 +63,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "qdora
     if format == "qdora":
         modules = {}
         for name, layer in layers.items():
-            for attr in ("lora_A", "lora_B", "magnitude_delta"):
-                p = getattr(layer, attr)
+            for attr in _TRAINED:
+                p = getattr(layer, attr, None)
                 if p is not None:
                     tensors[f"{name}.{attr}"] = p.detach().cpu().contiguous()
+            if layer.vera is not None and "vera_A" not in tensors:
+                tensors["vera_A"] = layer.vera.A.detach().cpu().contiguous()
+                tensors["vera_B"] = layer.vera.B.detach().cpu().contiguous()
             modules[name] = {"r": layer.r, "in_features": layer.in_features,
                              "out_features": layer.out_features, "use_dora": layer.use_dora}
         save_file_atomic(tensors, path / QDORA_WEIGHTS, {"format": "qdora"})
@@ -71,6 +78,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "qdora
         write_text_atomic(path / QDORA_CONFIG, json.dumps(meta, indent=2) + "\n")
         return path
 
+    if cfg.direction == "vera":
+        raise ValueError("PEFT has no DoRA/LoRA adapter with a VeRA direction; save with format='qdora'")
     mag_only = [n for n, layer in layers.items() if layer.r == 0]
     if mag_only:
         raise ValueError(f"PEFT cannot represent magnitude-only modules ({len(mag_only)}, e.g. {mag_only[0]}); "
@@ -123,6 +132,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[str, dict, dict[str, dict[str
                              f"{meta.get('format')!r}/{meta.get('version')!r}")
         modules: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in _read_tensors(path / QDORA_WEIGHTS).items():
+            if key in _SHARED:
+                meta.setdefault("shared", {})[key] = t
+                continue
             name, _, attr = key.rpartition(".")
             modules.setdefault(name, {})[attr] = t
         return "qdora", meta, modules
@@ -185,9 +197,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, verbose: bool = True
     for name in sorted(set(layers) & set(modules)):
         layer, saved = layers[name], modules[name]
         expected = {}
-        if layer.lora_A is not None:
-            expected["lora_A"] = tuple(layer.lora_A.shape)
-            expected["lora_B"] = tuple(layer.lora_B.shape)
+        for attr in ("lora_A", "lora_B", "vera_lambda_d", "vera_lambda_b"):
+            if getattr(layer, attr, None) is not None:
+                expected[attr] = tuple(getattr(layer, attr).shape)
         if layer.use_dora:
             expected["magnitude_delta" if fmt == "qdora" else "magnitude"] = (layer.out_features,)
         for attr in sorted(set(expected) | set(saved)):
@@ -199,18 +211,30 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, verbose: bool = True
                                 + (" (the file is DoRA, the model LoRA)" if "magnitude" in attr else ""))
             elif tuple(saved[attr].shape) != expected[attr]:
                 problems.append(f"{name}.{attr}: file shape {tuple(saved[attr].shape)}, model shape {expected[attr]}")
+    shared = meta.get("shared", {}) if fmt == "qdora" else {}
+    projections = {id(layer.vera): layer.vera for layer in layers.values() if layer.vera is not None}
+    if projections and not shared:
+        problems.append("the model has a VeRA direction but the file has no vera_A/vera_B projections")
+    for vera in projections.values():
+        for key in _SHARED:
+            if key in shared and shared[key].shape != getattr(vera, key[-1]).shape:
+                problems.append(f"{key}: file shape {tuple(shared[key].shape)}, "
+                                f"model shape {tuple(getattr(vera, key[-1]).shape)}")
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise ValueError(f"adapter {path} does not fit this model:\n  - " + "\n  - ".join(shown))
     with torch.no_grad():
         for name, layer in layers.items():
             saved = modules[name]
-            if layer.lora_A is not None:
-                layer.lora_A.copy_(saved["lora_A"])
-                layer.lora_B.copy_(saved["lora_B"])
+            for attr in ("lora_A", "lora_B", "vera_lambda_d", "vera_lambda_b"):
+                if getattr(layer, attr, None) is not None:
+                    getattr(layer, attr).copy_(saved[attr])
             if layer.use_dora:
                 if fmt == "qdora":
                     layer.magnitude_delta.copy_(saved["magnitude_delta"])
                 else:
                     layer.set_magnitude(saved["magnitude"])
+        for vera in projections.values():  # shared by every layer: copied once
+            vera.A.copy_(shared["vera_A"])
+            vera.B.copy_(shared["vera_B"])
     return model

@@ -12,6 +12,7 @@ METHODS = ("full", "lora", "dora", "qlora", "qdora")
 """`full` trains every weight; `lora`/`dora` adapt an unquantized base; `qlora`/`qdora` an NF4 base."""
 
 NORM_MODES = ("detached", "exact")
+DIRECTIONS = ("lora", "vera")
 QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _DTYPES = {
@@ -78,6 +79,14 @@ class AdapterConfig:
     """qlora/qdora: also quantize to NF4 the linear layers that get no adapter (as a 4-bit load does)."""
     keep_full_precision: tuple[str, ...] = ("lm_head",)
     """Linear modules (same matching as targets) never quantized by `quantize_frozen`."""
+    direction: str = "lora"
+    """The direction update: `lora` (trainable `A`, `B`) or `vera` (VeRA, Kopiczko et al. 2024: frozen
+    random `A`, `B` shared by every adapted layer, trainable vectors `λ_d` (r,) and `λ_b` (out,); the update
+    is `diag(λ_b)·B·diag(λ_d)·A` with `s = 1`, so `alpha` is unused and `r` may exceed a layer's width)."""
+    vera_d_init: float = 0.1
+    """VeRA: initial value of every `λ_d` entry (`λ_b` starts at 0, so step 0 is the base model)."""
+    projection_seed: int = 0
+    """VeRA: seed of the shared random projections (they are also saved with the adapter)."""
 
     def __post_init__(self):
         # Normalise sequences given as a single string or a list, before checking anything.
@@ -114,6 +123,15 @@ class AdapterConfig:
                         re.compile(pattern[3:])
                     except re.error as err:
                         problems.append(f"target pattern {pattern!r} is not a valid regex: {err}")
+        if self.direction not in DIRECTIONS:
+            problems.append(f"direction={self.direction!r} is unknown; use 'lora' (default) or 'vera'")
+        elif self.direction == "vera" and not adapts:
+            problems.append("direction='vera' needs an adapter method (lora, dora, qlora, qdora), not 'full'")
+        if not isinstance(self.vera_d_init, (int, float)) or not math.isfinite(self.vera_d_init) \
+                or self.vera_d_init == 0:
+            problems.append(f"vera_d_init={self.vera_d_init!r} must be a finite non-zero number (VeRA uses 0.1)")
+        if isinstance(self.projection_seed, bool) or not isinstance(self.projection_seed, int):
+            problems.append(f"projection_seed={self.projection_seed!r} must be an integer")
         if self.magnitude_only_modules and not is_dora:
             problems.append(f"magnitude_only_modules={self.magnitude_only_modules!r} needs a DoRA method "
                             f"(dora or qdora), not method={self.method!r}")
@@ -154,6 +172,8 @@ class AdapterConfig:
 
     @property
     def scaling(self) -> float:
+        if self.direction == "vera":
+            return 1.0
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
     def resolved_compute_dtype(self, device: torch.device | str) -> torch.dtype:
@@ -168,6 +188,8 @@ class AdapterConfig:
         """The DoRA paper's DoRA†: half the rank and half the alpha, so the scale `s` is unchanged."""
         if self.r < 2:
             raise ValueError(f"half_rank() needs r >= 2, got r={self.r}")
+        if self.direction == "vera":
+            return self.replace(r=self.r // 2)
         return self.replace(r=self.r // 2, alpha=self.alpha / 2)
 
     def to_dict(self) -> dict:

@@ -48,8 +48,7 @@ def merged_weight(layer: QDoRALinear, dtype: torch.dtype = torch.bfloat16,
         raise ValueError(f"base weight shape {tuple(base_weight.shape)} != layer "
                          f"({layer.out_features}, {layer.in_features})")
     s = layer.scaling
-    A = layer.lora_A.float() if layer.lora_A is not None else None
-    B = layer.lora_B.float() if layer.lora_B is not None else None
+    A, B = (t.float() if t is not None else None for t in layer.direction_factors())
     out = torch.empty(layer.out_features, layer.in_features, dtype=torch.float32)
     for r0, r1, W in _fp32_row_blocks(layer, base_weight):
         if A is not None:

@@ -11,7 +11,7 @@ from torch import nn
 import bitsandbytes as bnb
 
 from qdora.config import AdapterConfig, resolve_dtype
-from qdora.layer import QDoRALinear
+from qdora.layer import QDoRALinear, VeRAProjections
 from qdora.nf4 import adopt_linear4bit, linear4bit_from_linear
 
 
@@ -109,7 +109,7 @@ def add_adapters(model: nn.Module, cfg: AdapterConfig, verbose: bool = True) -> 
             problems.append(f"target {pattern!r} matches no linear module")
     if not direction and not mag_only and not problems:
         problems.append("no linear module matched")
-    for name in direction:
+    for name in direction if cfg.direction == "lora" else ():  # VeRA's shared rank may exceed a layer's
         mod = model.get_submodule(name)
         limit = min(mod.in_features, mod.out_features)
         if cfg.r > limit:
@@ -127,6 +127,12 @@ def add_adapters(model: nn.Module, cfg: AdapterConfig, verbose: bool = True) -> 
         p.requires_grad_(False)
     adapter_dtype = resolve_dtype(cfg.adapter_dtype)
     compute = cfg.compute_dtype if cfg.compute_dtype == "auto" else resolve_dtype(cfg.compute_dtype)
+    vera = None
+    if cfg.direction == "vera" and direction:
+        shapes = [model.get_submodule(n) for n in direction]
+        device = next((p.device for p in shapes[0].parameters()), None)
+        vera = VeRAProjections(cfg.r, max(m.in_features for m in shapes), max(m.out_features for m in shapes),
+                               seed=cfg.projection_seed, device=device)
     for name in direction + mag_only:
         base = model.get_submodule(name)
         if cfg.quantized and not isinstance(base, bnb.nn.Linear4bit):
@@ -134,7 +140,8 @@ def add_adapters(model: nn.Module, cfg: AdapterConfig, verbose: bool = True) -> 
         layer = QDoRALinear(base, r=0 if name in mag_only else cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
                             use_dora=cfg.use_dora, norm=cfg.norm, use_rslora=cfg.use_rslora,
                             adapter_dtype=adapter_dtype, compute_dtype=compute,
-                            block_rows=cfg.block_rows, eps=cfg.eps)
+                            block_rows=cfg.block_rows, eps=cfg.eps,
+                            vera=vera if name in direction else None, vera_d_init=cfg.vera_d_init)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     if cfg.quantized and cfg.quantize_frozen:
