@@ -50,6 +50,9 @@ def _add_train(sub) -> None:
     p.add_argument("--target-modules", default=",".join(d.target_modules), help="comma-separated (default: %(default)s)")
     p.add_argument("--magnitude-only-modules", default="", help="comma-separated modules that train only m")
     p.add_argument("--norm", default=d.norm, choices=("detached", "exact"))
+    p.add_argument("--direction", default=d.direction, choices=("lora", "vera"),
+                   help="direction update: trained B·A (lora) or VeRA's shared random projections with trained "
+                        "scaling vectors (vera: alpha unused; use a large --r, e.g. 256, and a higher --lr)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--max-steps", type=int, default=d.max_steps)
@@ -77,7 +80,8 @@ def _train(args) -> int:
     from qdora.train import TrainConfig, train
     cfg = TrainConfig(model=args.model, data=args.data, out=args.out, method=args.method, r=args.r, alpha=args.alpha,
                       dropout=args.dropout, target_modules=_split(args.target_modules),
-                      magnitude_only_modules=_split(args.magnitude_only_modules), norm=args.norm, lr=args.lr,
+                      magnitude_only_modules=_split(args.magnitude_only_modules), norm=args.norm,
+                      direction=args.direction, lr=args.lr,
                       weight_decay=args.weight_decay, max_steps=args.max_steps, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, cutoff_len=args.cutoff_len, warmup_steps=args.warmup_steps,
                       schedule=args.schedule, max_grad_norm=args.max_grad_norm, seed=args.seed,

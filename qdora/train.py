@@ -49,6 +49,8 @@ class TrainConfig:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
     magnitude_only_modules: tuple[str, ...] = ()
     norm: str = "detached"
+    direction: str = "lora"
+    """`lora`, or `vera`: VeRA's shared frozen projections with trained scaling vectors (see AdapterConfig)."""
     lr: float = 2e-4
     weight_decay: float = 0.0
     max_steps: int = 100
@@ -105,7 +107,8 @@ class TrainConfig:
         return AdapterConfig(method=self.method, r=self.r, alpha=self.alpha, dropout=self.dropout,
                              target_modules=tuple(self.target_modules),
                              magnitude_only_modules=tuple(self.magnitude_only_modules), norm=self.norm,
-                             adapter_dtype=self.adapter_dtype)
+                             adapter_dtype=self.adapter_dtype, direction=self.direction,
+                             projection_seed=self.seed)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
