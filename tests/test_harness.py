@@ -35,7 +35,8 @@ def test_gsm8k_task_is_scored_by_final_number(tmp_path):
     save_bpe_tokenizer(tmp_path / "m", [r["question"] + r["answer"] for r in rows])
     hc = HarnessConfig(model=str(tmp_path / "m"), train_data=str(tmp_path / "train.jsonl"), out=str(tmp_path / "o"),
                        methods=("qdora",), tasks=("gsm8k",), data_dir=str(tmp_path), max_steps=2, batch_size=2,
-                       cutoff_len=480, eval_items=3, r=4, alpha=8, math_max_new_tokens=8)
+                       cutoff_len=480, eval_items=3, r=4, alpha=8, math_max_new_tokens=8, isolate=False, generate=True,
+                       seeds=1)
     task = run(hc)["runs"][0]["tasks"]["gsm8k"]
     assert task["items"] == 3 and 0 <= task["acc_generate"] <= 1 and math.isfinite(task["answer_nll"])
 
@@ -63,7 +64,7 @@ def test_every_method_runs_with_the_same_data_order(tmp_path, monkeypatch):
     monkeypatch.setattr(qdora.data, "batch_order", lambda *a: calls.append(a) or real(*a))
     hc = HarnessConfig(model=str(tmp_path / "m"), train_data=str(tmp_path / "train.json"), out=str(tmp_path / "out"),
                        methods=tuple(METHODS), max_steps=2, batch_size=2, cutoff_len=320, eval_items=3,
-                       r=4, alpha=8, generate=True)
+                       r=4, alpha=8, generate=True, isolate=False, tasks=("ARC-Easy",), vera_r=8, seeds=1)
     result = run(hc)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["method"] for r in saved["runs"]] == list(METHODS)
@@ -77,6 +78,8 @@ def test_every_method_runs_with_the_same_data_order(tmp_path, monkeypatch):
     assert by["dora-half"]["trainable_params"] < by["dora"]["trainable_params"]
     assert by["qdora-magonly"]["trainable_params"] < by["qdora"]["trainable_params"]
     assert by["full"]["trainable_params"] > 10 * by["qdora"]["trainable_params"]
+    assert by["qdora-vera"]["trainable_params"] < by["qdora"]["trainable_params"]
+    assert by["qdora-vera"]["lr"] == hc.vera_lr and by["full"]["lr"] == hc.full_lr and by["qdora"]["lr"] == hc.lr
     assert (tmp_path / "out" / "results.md").read_text().count("\n") == len(METHODS) + 2
     assert result["summary"].keys() == saved["summary"].keys()
 
@@ -91,3 +94,42 @@ def test_union_of_training_files(tmp_path):
     records = load_records(path)
     assert [r.response for r in records] == [x["output"] for x in a] + ["2\n#### 2"]
     assert records[-1].label == "2"
+
+
+def test_separation_is_a_paired_t_test_by_seed():
+    from qdora.eval.harness import separation
+    nll = {("a", 0): 1.00, ("a", 1): 1.10, ("a", 2): 1.20, ("b", 0): 1.02, ("b", 1): 1.13, ("b", 2): 1.21,
+           ("c", 0): 1.50, ("c", 1): 0.90, ("c", 2): 1.20}
+    rows = [{"method": m, "seed": k, "tasks": {"t": {"answer_nll": v}}} for (m, k), v in nll.items()]
+    pairs = {(p["a"], p["b"]): p for p in separation(rows, "t")}
+    ab = pairs[("a", "b")]  # differences -0.02, -0.03, -0.01: mean -0.02, std 0.01
+    assert ab["n"] == 3 and ab["mean_diff"] == pytest.approx(-0.02) and ab["std"] == pytest.approx(0.01)
+    assert ab["t"] == pytest.approx(-0.02 / (0.01 / math.sqrt(3)))  # -3.46: inside t(2 dof, 97.5%) = 4.303
+    assert ab["separated"] is False
+    # b shifted by a constant 0.05 from a: zero spread, any shift is beyond seed noise
+    rows += [{"method": "d", "seed": k, "tasks": {"t": {"answer_nll": nll[("a", k)] + 0.05}}} for k in range(3)]
+    ad = {(p["a"], p["b"]): p for p in separation(rows, "t")}[("a", "d")]
+    assert ad["mean_diff"] == pytest.approx(-0.05) and ad["separated"] is True
+    # a single common seed: no spread, no verdict
+    one = [r for r in rows if r["seed"] == 0]
+    assert all(p["separated"] is None and p["n"] == 1 for p in separation(one, "t"))
+
+
+@pytest.mark.slow
+def test_isolated_runs_equal_in_process_runs(tmp_path):
+    """A run in its own subprocess gives the same training and scores as in-process, plus its own peak."""
+    records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:6]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(tmp_path / "m")
+    save_bpe_tokenizer(tmp_path / "m", [r["instruction"] + r["output"] for r in records])
+    common = dict(model=str(tmp_path / "m"), train_data=str(tmp_path / "train.json"), methods=("qdora-vera",),
+                  tasks=("ARC-Easy",), seeds=1, max_steps=2, batch_size=2, cutoff_len=320, eval_items=3, r=4,
+                  alpha=8, vera_r=8)
+    inproc = run(HarnessConfig(out=str(tmp_path / "a"), isolate=False, **common))["runs"][0]
+    isolated = run(HarnessConfig(out=str(tmp_path / "b"), isolate=True, **common))["runs"][0]
+    assert isolated["loss_curve"] == pytest.approx(inproc["loss_curve"], rel=1e-5)
+    assert isolated["tasks"]["ARC-Easy"]["answer_nll"] == pytest.approx(inproc["tasks"]["ARC-Easy"]["answer_nll"],
+                                                                       rel=1e-5)
+    assert isolated["peak_rss_mib"] > 0 and isolated["trainable_params"] == inproc["trainable_params"]
+    with pytest.raises(ValueError, match="learning rates must be positive"):
+        HarnessConfig(out="x", vera_lr=0, **common)
