@@ -101,24 +101,14 @@ def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
-def plot(rows: list[dict], path: str | os.PathLike, title: str = "") -> bool:
-    """ΔD (x) vs ΔM (y): one colour per layer, one marker per checkpoint, with the fitted line.
-    Returns False (and writes nothing) when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
+def _draw(ax, rows: list[dict], title: str, cmap, layers: list[int]) -> dict:
+    """One ΔD-vs-ΔM panel on `ax`; returns the fit."""
     checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
     markers = "o^sDvP*Xh<>"
-    cmap = plt.get_cmap("viridis", max(2, len(layers)))
-    fig, ax = plt.subplots(figsize=(6, 4.5))
     for r in rows:
         color = cmap(layers.index(r["layer"])) if r["layer"] in layers else "gray"
-        ax.scatter(r["delta_d"], r["delta_m"], color=color, marker=markers[checkpoints.index(r["checkpoint"]) % len(markers)],
-                   s=28)
+        ax.scatter(r["delta_d"], r["delta_m"], color=color, s=28,
+                   marker=markers[checkpoints.index(r["checkpoint"]) % len(markers)])
     stats = fit(rows)
     if math.isfinite(stats["slope"]):
         xs = torch.tensor([min(r["delta_d"] for r in rows), max(r["delta_d"] for r in rows)])
@@ -131,11 +121,34 @@ def plot(rows: list[dict], path: str | os.PathLike, title: str = "") -> bool:
     ax.set_xlabel("ΔD  (mean 1 − cos per output row)")
     ax.set_ylabel("ΔM  (mean |Δ row norm|)")
     ax.set_title(f"{title}  slope {stats['slope']:.3g}, r = {stats['correlation']:.2f}".strip(), fontsize=9)
+    return stats
+
+
+def plot(rows: list[dict], path: str | os.PathLike, title: str = "") -> bool:
+    """ΔD (x) vs ΔM (y): one colour per layer, one marker per checkpoint, with the fitted line.
+    Returns False (and writes nothing) when matplotlib is not installed."""
+    return plot_panels({title: rows}, path)
+
+
+def plot_panels(groups: dict[str, list[dict]], path: str | os.PathLike) -> bool:
+    """One `plot` panel per group (e.g. per method, as the paper's Fig. 2), side by side, sharing the
+    layer colour scale. Returns False (and writes nothing) when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    groups = {k: v for k, v in groups.items() if v}
+    layers = sorted({r["layer"] for rows in groups.values() for r in rows if r["layer"] is not None})
+    cmap = plt.get_cmap("viridis", max(2, len(layers)))
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups) + 1, 4.5), squeeze=False)
+    for ax, (title, rows) in zip(axes[0], groups.items()):
+        _draw(ax, rows, title, cmap, layers)
     fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(min(layers or [0]), max(layers or [1]))),
-                 ax=ax, label="layer")
-    fig.tight_layout()
+                 ax=list(axes[0]), label="layer")
     tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
     os.replace(tmp, path)
     return True

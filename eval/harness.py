@@ -74,6 +74,9 @@ class HarnessConfig:
     """Rank of VeRA's shared projections (VeRA's parameters per layer are r + out, so its r is large)."""
     isolate: bool = True
     """Run each (method, seed) in a fresh subprocess, so peak memory is per run and nothing leaks across."""
+    analyze: bool = True
+    """Keep seed 0's checkpoints at 1/3, 2/3 and the end of training, and compute ΔM/ΔD of their q_proj
+    and v_proj weights (`qdora analyze`): `delta_md.csv`, `delta_md.png`, slopes in `results.json`."""
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
@@ -209,7 +212,9 @@ def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Rec
                       dropout=hc.dropout, lr=lr, max_steps=hc.max_steps, batch_size=hc.batch_size,
                       cutoff_len=hc.cutoff_len, seed=seed,
                       warmup_steps=hc.warmup_steps if hc.warmup_steps is not None else max(1, hc.max_steps // 10),
-                      save_every=hc.max_steps, keep_adapters_every=max(1, hc.max_steps // 3), progress=False,
+                      save_every=hc.max_steps, progress=False,
+                      # intermediate checkpoints for the ΔM/ΔD analysis: seed 0 only (a full model is large)
+                      keep_adapters_every=max(1, hc.max_steps // 3) if seed == 0 and hc.analyze else 0,
                       **extra)
     gc.collect()
     base_rss = _peak_rss_reset()
@@ -273,6 +278,40 @@ def _run_one_from_spec(spec_path: str) -> int:
     row = run_one(hc, spec["method"], spec["seed"], tests)
     write_text_atomic(spec["result"], json.dumps(row) + "\n")
     return 0
+
+
+def run_checkpoints(hc: HarnessConfig, method: str, seed: int = 0) -> list[tuple[str, str]]:
+    """(label, folder) of a run's kept checkpoints in step order, the final one last."""
+    folder = Path(hc.out) / "runs" / f"{method}-seed{seed}"
+    steps = sorted((int(p.name.removeprefix("adapter-step")), p) for p in folder.glob("adapter-step*")
+                   if p.name.removeprefix("adapter-step").isdigit())
+    final = folder / ("model" if METHODS[method][0] == "full" else "adapter")
+    return [(f"step {k}", str(p)) for k, p in steps] + ([(f"step {hc.max_steps}", str(final))] if final.is_dir() else [])
+
+
+def analyze_runs(hc: HarnessConfig, methods: list[str]) -> dict:
+    """ΔM/ΔD (DoRA paper, Fig. 2) of seed 0's checkpoints for every method: writes `delta_md.csv`
+    (one row per checkpoint, module and layer) and `delta_md.png` (one panel per method); returns
+    the least-squares slope and correlation per method."""
+    from qdora.eval.analyze import analyze, fit, plot_panels
+    from qdora.safetensors_io import write_text_atomic
+    groups, fits = {}, {}
+    for method in methods:
+        checkpoints = run_checkpoints(hc, method)
+        if not checkpoints:
+            continue
+        print(f"ΔM/ΔD: {method} ({len(checkpoints)} checkpoints)", flush=True)
+        rows = analyze(hc.model, checkpoints, ("q_proj", "v_proj"))
+        groups[method] = rows
+        fits[method] = fit(rows)
+    out = Path(hc.out)
+    lines = ["method,checkpoint,module,layer,delta_m,delta_d"]
+    lines += [f"{m},{r['checkpoint']},{r['module']},{r['layer']},{r['delta_m']:.6g},{r['delta_d']:.6g}"
+              for m, rows in groups.items() for r in rows]
+    write_text_atomic(out / "delta_md.csv", "\n".join(lines) + "\n")
+    if groups:
+        plot_panels({f"{m}:": rows for m, rows in groups.items()}, out / "delta_md.png")
+    return fits
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -398,10 +437,17 @@ def run(hc: HarnessConfig) -> dict:
     summary = summarize(rows)
     table = markdown(summary, list(hc.tasks))
     pairs = [p for t in hc.tasks for p in separation(rows, t)]
+    fits = analyze_runs(hc, list(hc.methods)) if hc.analyze else {}
+    if fits:
+        table += "\nΔM on ΔD (q_proj, v_proj; seed 0's checkpoints), least-squares slope and correlation:\n\n"
+        table += "| method | slope | correlation | points |\n|---|---|---|---|\n"
+        table += "".join(f"| {m} | {f['slope']:.3g} | {f['correlation']:.3f} | {f['points']} |\n"
+                         for m, f in fits.items())
     if hc.seeds > 1:
         table += f"\nPairwise, answer NLL on {', '.join(hc.tasks)} (paired by seed):\n\n" + separation_markdown(pairs)
     write_text_atomic(out / "results.json", json.dumps(
-        {"config": asdict(hc), "runs": rows, "summary": summary, "separation": pairs}, indent=1) + "\n")
+        {"config": asdict(hc), "runs": rows, "summary": summary, "separation": pairs, "delta_md": fits},
+        indent=1) + "\n")
     write_text_atomic(out / "results.md", table)
     plot_losses(rows, out / "loss_curves.png")
     print(table)
@@ -450,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
                         "slow on CPU, off by default")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=d.isolate,
                    help="one subprocess per run, so peak memory is per run (default: on)")
+    p.add_argument("--analyze", action=argparse.BooleanOptionalAction, default=d.analyze,
+                   help="ΔM/ΔD of seed 0's checkpoints per method (delta_md.csv/.png; default: on)")
     p.add_argument("--out", required=True)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--run-one"]:  # internal: one run in this process (see run_isolated)
@@ -468,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), data_dir=args.data_dir,
                        seeds=args.seeds, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, r=args.r,
                        full_lr=args.full_lr, vera_lr=args.vera_lr, vera_r=args.vera_r, isolate=args.isolate,
+                       analyze=args.analyze,
                        alpha=args.alpha, eval_items=args.eval_items, generate=args.generate,
                        warmup_steps=args.warmup_steps, cutoff_len=args.cutoff_len, dropout=args.dropout)
     run(hc)

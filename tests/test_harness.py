@@ -36,7 +36,7 @@ def test_gsm8k_task_is_scored_by_final_number(tmp_path):
     hc = HarnessConfig(model=str(tmp_path / "m"), train_data=str(tmp_path / "train.jsonl"), out=str(tmp_path / "o"),
                        methods=("qdora",), tasks=("gsm8k",), data_dir=str(tmp_path), max_steps=2, batch_size=2,
                        cutoff_len=480, eval_items=3, r=4, alpha=8, math_max_new_tokens=8, isolate=False, generate=True,
-                       seeds=1)
+                       seeds=1, analyze=False)
     task = run(hc)["runs"][0]["tasks"]["gsm8k"]
     assert task["items"] == 3 and 0 <= task["acc_generate"] <= 1 and math.isfinite(task["answer_nll"])
 
@@ -80,8 +80,16 @@ def test_every_method_runs_with_the_same_data_order(tmp_path, monkeypatch):
     assert by["full"]["trainable_params"] > 10 * by["qdora"]["trainable_params"]
     assert by["qdora-vera"]["trainable_params"] < by["qdora"]["trainable_params"]
     assert by["qdora-vera"]["lr"] == hc.vera_lr and by["full"]["lr"] == hc.full_lr and by["qdora"]["lr"] == hc.lr
-    assert (tmp_path / "out" / "results.md").read_text().count("\n") == len(METHODS) + 2
+    table = (tmp_path / "out" / "results.md").read_text().split("\n\n")[0]
+    assert len(table.splitlines()) == len(METHODS) + 2
     assert result["summary"].keys() == saved["summary"].keys()
+    # ΔM/ΔD of seed 0's checkpoints (step 1 kept, step 2 final) for every method, q_proj and v_proj per layer
+    assert set(saved["delta_md"]) == set(METHODS)
+    layers = llama3_config().num_hidden_layers
+    csv_rows = (tmp_path / "out" / "delta_md.csv").read_text().splitlines()[1:]
+    assert len(csv_rows) == len(METHODS) * 2 * 2 * layers
+    assert {tuple(r.split(",")[:2]) for r in csv_rows} == {(m, f"step {k}") for m in METHODS for k in (1, 2)}
+    assert all(float(r.split(",")[4]) >= 0 and float(r.split(",")[5]) >= 0 for r in csv_rows)
 
 
 def test_union_of_training_files(tmp_path):
@@ -124,7 +132,7 @@ def test_isolated_runs_equal_in_process_runs(tmp_path):
     save_bpe_tokenizer(tmp_path / "m", [r["instruction"] + r["output"] for r in records])
     common = dict(model=str(tmp_path / "m"), train_data=str(tmp_path / "train.json"), methods=("qdora-vera",),
                   tasks=("ARC-Easy",), seeds=1, max_steps=2, batch_size=2, cutoff_len=320, eval_items=3, r=4,
-                  alpha=8, vera_r=8)
+                  alpha=8, vera_r=8, analyze=False)
     inproc = run(HarnessConfig(out=str(tmp_path / "a"), isolate=False, **common))["runs"][0]
     isolated = run(HarnessConfig(out=str(tmp_path / "b"), isolate=True, **common))["runs"][0]
     assert isolated["loss_curve"] == pytest.approx(inproc["loss_curve"], rel=1e-5)
