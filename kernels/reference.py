@@ -99,9 +99,11 @@ def dora_epilogue_(out: torch.Tensor, a: torch.Tensor | None, B: torch.Tensor | 
 
 def dora_epilogue_backward(dy: torch.Tensor, y: torch.Tensor, g: torch.Tensor,
                            bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`dh = dy ⊙ g` (dy's dtype) and `Σ_t dy ⊙ (y − bias)` (fp32, one value per column)."""
-    dh = dy * g.to(dy.dtype)
+    """`dh = dy ⊙ g` (dy's dtype) and `Σ_t dy ⊙ (y − bias)` (fp32, one value per column).
+    The sum is taken first, so at most one `tokens × columns` temporary exists besides `dh`."""
     yb = y.float()
     if bias is not None:
         yb = yb - bias.float()
-    return dh, (dy.float() * yb).sum(0)
+    total = (dy.float() * yb).sum(0)
+    del yb
+    return dy * g.to(dy.dtype), total
