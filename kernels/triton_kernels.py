@@ -32,8 +32,8 @@ import triton.language as tl
 from qdora.kernels.nf4 import NF4_CODE
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Read when this module is imported, as `triton.jit` reads it to choose the interpreter.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -229,7 +229,7 @@ def dora_epilogue_(out, a, B, g, bias, scaling: float) -> None:
     r = a.shape[1] if has_lora else 0
     if has_lora:  # the dot's operands: the output's dtype, as the reference's addmm
         a, B = _unit_stride(a.to(out.dtype)), _unit_stride(B.to(out.dtype))
-    dot_fp32 = _interpreting() or out.dtype == torch.float32
+    dot_fp32 = _INTERPRETING or out.dtype == torch.float32
     grid = (triton.cdiv(T, _EPI_BLOCK_M), triton.cdiv(N, _EPI_BLOCK_N))
     _epilogue_kernel[grid](out, a if has_lora else out, B if has_lora else out,
                            g if g is not None else out, bias if bias is not None else out,
