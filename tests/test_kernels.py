@@ -294,3 +294,39 @@ def test_compiled_qdora_step_equals_eager(norm):
     compiled = step(torch.compile(layer, backend="inductor"))
     for got, want in zip(compiled, eager):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---- qdora bench kernels -------------------------------------------------------------------------
+
+def test_bench_kernels_runs_end_to_end(tmp_path, capsys):
+    from qdora.cli import main
+
+    path = tmp_path / "kernels.json"
+    assert main(["bench", "kernels", "--shapes", f"{IN}x{OUT}", "--tokens", str(T), "--r", "3", "--reps", "2",
+                 "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    for row in ("| dequantize | torch |", "| norm terms | torch |", "| epilogue | torch |", "| epilogue bwd | torch |",
+                "copy bandwidth"):
+        assert row in out
+    (res,) = __import__("json").loads(path.read_text())
+    assert res["copy_gbps"] > 0 and set(res["results"]) == {"dequantize", "norm terms", "epilogue", "epilogue bwd"}
+    assert all(v["torch"]["ms"] > 0 and v["torch"]["bytes"] > 0 for v in res["results"].values())
+
+
+def test_bench_kernels_triton_path_agrees_and_moves_fewer_bytes():
+    """The CUDA path of the benchmark (Triton beside torch), run here under the interpreter."""
+    from qdora.eval.bench_kernels import bench_shape
+
+    res = bench_shape(IN, OUT, T, 3, torch.float32, torch.device("cpu"), reps=1, triton=True)
+    for name, row in res["results"].items():
+        assert row["max_rel_diff"] < 1e-5, (name, row["max_rel_diff"])   # fp32: a few ulps apart
+        assert row["triton"]["bytes"] <= row["torch"]["bytes"], name
+    assert res["results"]["epilogue"]["torch"]["bytes"] > 2 * res["results"]["epilogue"]["triton"]["bytes"]
+
+
+@pytest.mark.parametrize("argv", [["--shapes", "4096by4096"], ["--shapes", "0x64"], ["--r", "0"]])
+def test_bench_kernels_rejects_bad_arguments(argv):
+    from qdora.eval.bench_kernels import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
