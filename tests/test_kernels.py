@@ -29,10 +29,32 @@ if not tk._INTERPRETING and not torch.cuda.is_available():
     pytest.skip("Triton was imported before TRITON_INTERPRET=1 was set (see conftest.py) and there is no GPU",
                 allow_module_level=True)
 
+
+
+class _Triton:
+    """The Triton launchers, called with CPU tensors: directly under the interpreter; with a GPU
+    and compiled Triton, on CUDA copies (results and in-place updates copied back), so this file
+    checks the real kernels wherever a GPU is present."""
+
+    def __getattr__(self, name):
+        fn = getattr(tk, name)
+        if tk._INTERPRETING:
+            return fn
+
+        def on_cuda(*args):
+            moved = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+            out = fn(*moved)
+            for a, m in zip(args, moved):
+                if isinstance(a, torch.Tensor):
+                    a.copy_(m)
+            return tuple(t.cpu() for t in out) if isinstance(out, tuple) else (out.cpu() if out is not None else None)
+        return on_cuda
+
+
 OUT, IN, T = 67, 192, 37           # awkward: 67 rows, 3 NF4 blocks a row, 37 tokens
 U = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}  # unit roundoff 2^-p
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-IMPLS = {"reference": reference, "triton": tk}
+IMPLS = {"reference": reference, "triton": _Triton()}
 
 
 def gamma(k: int) -> float:
@@ -155,7 +177,7 @@ def test_epilogue_forward_matches_fp64(impl, r, with_g, with_bias, dtype):
 def test_epilogue_triton_equals_reference_fp32(r):
     base, a, B, g, bias, s = epilogue_inputs(r, torch.float32)
     got, want = base.clone(), base.clone()
-    tk.dora_epilogue_(got, a, B, g, bias, s)
+    IMPLS["triton"].dora_epilogue_(got, a, B, g, bias, s)
     reference.dora_epilogue_(want, a, B, g, bias, s)
     assert (got - want).abs().max() <= 8 * U[torch.float32] * want.abs().max()
 
@@ -231,20 +253,19 @@ def _opcheck_cases():
     }
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("case", list(_opcheck_cases()))
-def test_opcheck(case):
+def test_opcheck(case, device):
     op, args = _opcheck_cases()[case]
-    torch.library.opcheck(op, args)
+    torch.library.opcheck(op, tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
 
 
 def test_cuda_dispatch_runs_triton_and_falls_back_to_the_reference(monkeypatch):
-    """The CUDA kernel of each op is Triton when importable, else the reference (run here on CPU
-    tensors: the dispatch logic, not the device, is under test)."""
+    """The CUDA kernel of each op is Triton when importable, else the reference (the dispatch
+    logic, not the device, is under test: the implementations are replaced by recorders)."""
     calls = []
     for module in (tk, reference):
-        real = module.dora_epilogue_
-        monkeypatch.setattr(module, "dora_epilogue_",
-                            lambda *args, _real=real, _m=module: (calls.append(_m), _real(*args))[1])
+        monkeypatch.setattr(module, "dora_epilogue_", lambda *args, _m=module: calls.append(_m))
     base, a, B, g, bias, s = epilogue_inputs(3, torch.float32)
     kernel = ops._cuda_kernel("dora_epilogue_")
     kernel(base.clone(), a, B, g, bias, s)
@@ -314,10 +335,11 @@ def test_bench_kernels_runs_end_to_end(tmp_path, capsys):
 
 
 def test_bench_kernels_triton_path_agrees_and_moves_fewer_bytes():
-    """The CUDA path of the benchmark (Triton beside torch), run here under the interpreter."""
+    """The CUDA path of the benchmark (Triton beside torch), on CPU under the interpreter."""
     from qdora.eval.bench_kernels import bench_shape
 
-    res = bench_shape(IN, OUT, T, 3, torch.float32, torch.device("cpu"), reps=1, triton=True)
+    device = torch.device("cpu" if tk._INTERPRETING else "cuda")
+    res = bench_shape(IN, OUT, T, 3, torch.float32, device, reps=1, triton=True)
     for name, row in res["results"].items():
         assert row["max_rel_diff"] < 1e-5, (name, row["max_rel_diff"])   # fp32: a few ulps apart
         assert row["triton"]["bytes"] <= row["torch"]["bytes"], name
