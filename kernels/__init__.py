@@ -8,5 +8,7 @@ if __name__ != "qdora.kernels":
     del __file__
 else:
     from qdora.kernels.nf4 import NF4_CODE, dequantize_nf4, dequantize_nf4_reference
+    from qdora.kernels.ops import NF4Weight, dora_epilogue_, dora_epilogue_backward, nf4_norm_terms
 
-    __all__ = ["NF4_CODE", "dequantize_nf4", "dequantize_nf4_reference"]
+    __all__ = ["NF4_CODE", "NF4Weight", "dequantize_nf4", "dequantize_nf4_reference", "dora_epilogue_",
+               "dora_epilogue_backward", "nf4_norm_terms"]

@@ -14,7 +14,7 @@ _PLANNED = {
 def _not_available(name: str):
     def run(_args) -> int:
         print(f"qdora {name}: not available in this version yet. Available now: train, merge, eval, analyze, "
-              f"demo, bench layer|load|model (`qdora --help`).", file=sys.stderr)
+              f"demo, bench layer|load|model|kernels (`qdora --help`).", file=sys.stderr)
         return 2
     return run
 
@@ -29,9 +29,8 @@ def _bench(args) -> int:
     if args.what == "model":
         from qdora.eval.bench_model import main as bench_model
         return bench_model(args.rest)
-    print(f"qdora bench {args.what}: not available in this version yet; `qdora bench layer|load|model` are.",
-          file=sys.stderr)
-    return 2
+    from qdora.eval.bench_kernels import main as bench_kernels
+    return bench_kernels(args.rest)
 
 
 def _add_train(sub) -> None:
@@ -154,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdora", description="Quantized DoRA fine-tuning of LLMs.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    bench = sub.add_parser("bench", help="benchmarks: layer, load, model (available); kernels",
+    bench = sub.add_parser("bench", help="benchmarks: layer, load, model, kernels",
                            description="Run a benchmark. `qdora bench layer --help` lists its options.")
     bench.add_argument("what", choices=("layer", "load", "model", "kernels"))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")

@@ -13,14 +13,15 @@ Notation (one layer, tokens flattened to `T` rows):
 
 `n` is the row norm of `W0 + s·B·A` without ever forming it: `P` rides along the forward pass
 over W0 as r extra rows (`W·Aᵀ` per block), `c` is computed once (W0 is frozen), the rest is
-O(out·r²). Norm terms are fp32 whatever the compute dtype.
+O(out·r²). Norm terms are fp32 whatever the compute dtype. After the base matmul, the rest of
+`y` is one fused op over the `T × out` tensor (`qdora::dora_epilogue_`: Triton on CUDA).
 
-Backward, with `dy = ∂L/∂y` and `dh = dy ⊙ g` (never materialized: `g` is folded into whichever
-operand is smaller):
+Backward, with `dy = ∂L/∂y` and `dh = dy ⊙ g` (formed one column block at a time, together with
+that block's `dm`, by one fused op, `qdora::dora_epilogue_backward`):
 
     dm  = Σ_t dy ⊙ h / n   = Σ_t dy ⊙ (y − bias) / m    (h is recovered from the saved output;
                                                          rows with m = 0 recompute h)
-    dB  = s·dhᵀ·a          = s·g ⊙ (dyᵀ·a)
+    dB  = s·dhᵀ·a
     dA  = s·(dh·B)ᵀ·x_d
     dx  = dh·W0 + s·(dh·B)·A    (second W0 pass, block by block; the adapter term goes to x_d)
 
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qdora.kernels.ops import dora_epilogue_, dora_epilogue_backward
 from qdora.nf4 import RowBlocks
 
 # Rows with |g| below this are treated as m = 0: `h` cannot be recovered from `y = g·h` there.
@@ -112,7 +114,6 @@ class DoRAFunction(torch.autograd.Function):
         if has_lora:
             xl2 = x2 if same_x else x_lora.reshape(-1, in_f).to(cd)
             a = xl2 @ Ac.t()
-            z.addmm_(a, B.to(cd).t(), alpha=s)
             del xl2
         g = n = m32 = None
         if use_dora:
@@ -125,9 +126,8 @@ class DoRAFunction(torch.autograd.Function):
             spec.norm_out = n
             m32 = m.float()
             g = m32 / n.clamp_min(spec.eps)
-            z.mul_(g.to(cd))
-        if spec.bias is not None:
-            z.add_(spec.bias.to(cd))
+        # z ← g ⊙ (z + s·a·Bᵀ) + bias, one fused pass over the tokens × out tensor.
+        dora_epilogue_(z, a, B.to(cd) if has_lora else None, g, spec.bias, float(s))
         y = z.view(*lead, out_f)
         y_out = y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -160,72 +160,75 @@ class DoRAFunction(torch.autograd.Function):
         T = dy2.shape[0]
         exact = spec.exact and ctx.use_dora and ctx.has_lora
 
-        # ---- magnitude gradient: dm = Σ_t dy ⊙ (y − bias) / m, column block by column block ----
+        # ---- rows with m ≈ 0: h is lost in y = g·h; recompute those few columns of h for dm ----
+        need_dm = ctx.use_dora and (need_m or (exact and (need_A or need_B)))
+        dm_small = None
+        if need_dm and small_g.numel():
+            x2 = x.reshape(-1, in_f).to(cd)
+            h = x2 @ _rows_of(blocks, small_g, cd).t()
+            if ctx.has_lora:
+                h += s * (a @ B[small_g].to(cd).t())
+            dm_small = (dy2[:, small_g].float() * h.float()).sum(0) / n[small_g].clamp_min(spec.eps)
+            del x2, h
+
+        # ---- one pass over column blocks of dy (row blocks of W0, dequantized only when needed):
+        # dh = dy ⊙ g and dm = Σ_t dy ⊙ (y − bias) / m (one fused op), then dh·B, dB = s·dhᵀ·a,
+        # dx += dh·W0, and in exact mode dA_w += 2s·(u ⊙ B)ᵀ·W0 with u from this block's dm.
         dm = u = None
-        if ctx.use_dora and (need_m or (exact and (need_A or need_B))):
-            y2 = saved_y.reshape(-1, out_f)
-            acc = torch.empty(out_f, dtype=torch.float32, device=dy.device)
-            step = max(1, blocks.block_rows)
-            for c0 in range(0, out_f, step):
-                c1 = min(out_f, c0 + step)
-                yb = y2[:, c0:c1].float()
-                if spec.bias is not None:
-                    yb = yb - spec.bias[c0:c1].float()
-                acc[c0:c1] = (dy2[:, c0:c1].float() * yb).sum(0)
-            dm = acc / torch.where(m32 == 0, torch.ones_like(m32), m32)
-            if small_g.numel():  # m ≈ 0: h is lost in y = g·h; recompute those few columns of h
-                x2 = x.reshape(-1, in_f).to(cd)
-                h = x2 @ _rows_of(blocks, small_g, cd).t()
-                if ctx.has_lora:
-                    h += s * (a @ B[small_g].to(cd).t())
-                dm[small_g] = (dy2[:, small_g].float() * h.float()).sum(0) / n[small_g].clamp_min(spec.eps)
-            if exact:
-                u = torch.where(n > spec.eps, -g * dm / (2 * n.clamp_min(spec.eps)), torch.zeros_like(n))
+        if need_dm:
+            dm = torch.empty(out_f, dtype=torch.float32, device=dy.device)
+            m_div = torch.where(m32 == 0, torch.ones_like(m32), m32)
+        if exact and (need_A or need_B):
+            u = torch.zeros(out_f, dtype=torch.float32, device=dy.device)
+        y2 = saved_y.reshape(-1, out_f) if ctx.use_dora else None
+        Bc = B.to(cd) if ctx.has_lora else None
+        dhB = torch.zeros(T, B.shape[1], dtype=cd, device=dy.device) if ctx.has_lora else None
+        dB = torch.empty(out_f, B.shape[1], dtype=cd, device=dy.device) if ctx.has_lora and need_B else None
+        need_dA_w = exact and need_A
+        dx = torch.zeros(T, in_f, dtype=cd, device=dy.device) if need_x else None
+        dA_w = torch.zeros(A.shape[0], in_f, dtype=cd, device=dy.device) if need_dA_w else None
+        if need_x or need_dA_w:
+            column_blocks = blocks.blocks(cd)
+        else:  # no W0 product needed: same column blocks, no dequantization
+            step = blocks.step()
+            column_blocks = ((c0, min(out_f, c0 + step), None) for c0 in range(0, out_f, step))
+        for r0, r1, W in column_blocks:
+            if ctx.use_dora:
+                bias = spec.bias[r0:r1] if spec.bias is not None else None
+                dh, total = dora_epilogue_backward(dy2[:, r0:r1], y2[:, r0:r1], g[r0:r1], bias)
+                if need_dm:
+                    dm[r0:r1] = total / m_div[r0:r1]
+                    if dm_small is not None:
+                        inside = (small_g >= r0) & (small_g < r1)
+                        dm[small_g[inside]] = dm_small[inside]
+                if u is not None:
+                    nb = n[r0:r1]
+                    u[r0:r1] = torch.where(nb > spec.eps, -g[r0:r1] * dm[r0:r1] / (2 * nb.clamp_min(spec.eps)),
+                                           torch.zeros_like(nb))
+            else:
+                dh = dy2[:, r0:r1]
+            if ctx.has_lora:
+                dhB.addmm_(dh, Bc[r0:r1])
+                if dB is not None:
+                    torch.mm(dh.t(), a, out=dB[r0:r1])
+            if dx is not None:
+                dx.addmm_(dh, W)
+            if dA_w is not None:
+                dA_w.addmm_((2 * s * u[r0:r1, None] * B[r0:r1].float()).to(cd).t(), W)
+            del dh, W
 
-        gc = g.to(cd) if ctx.use_dora else None
-
-        # ---- adapter path: dh·B, and its contribution s·(dh·B)·A to the input gradient ----
-        dA = dB = dx = dxl = None
+        # ---- adapter path: s·(dh·B)·A to the input gradient, dA = s·(dh·B)ᵀ·x_d ----
+        dA = dxl = None
         if ctx.has_lora:
-            Bc = B.to(cd)
-            dhB = dy2 @ (Bc * gc[:, None] if gc is not None else Bc)   # (T, r) = (dy ⊙ g)·B
             sdhB = s * dhB
-            if (need_x if ctx.same_x else need_xl):
-                dxl = sdhB @ A.to(cd)
+            if dB is not None:
+                dB.mul_(s)
             if need_A:
                 dA = sdhB.t() @ xl.reshape(-1, in_f).to(cd)
-            if need_B:
-                dB = s * (dy2.t() @ a)
-                if gc is not None:
-                    dB = dB * gc[:, None]
-
-        # ---- pass over W0: dx += (dy ⊙ g)·W0, and in exact mode 2s·(u ⊙ B)ᵀ·W0 ----
-        dA_w = None
-        V = (2 * s * u[:, None] * B.float()).to(cd) if exact and need_A else None
-        if need_x or V is not None:
-            if need_x:
-                # The adapter term starts the accumulator when it feeds the same input (no extra T × in).
-                if ctx.same_x and dxl is not None:
-                    dx, dxl = dxl, None
-                else:
-                    dx = torch.zeros(T, in_f, dtype=cd, device=dy.device)
-            if V is not None:
-                dA_w = torch.zeros(V.shape[1], in_f, dtype=cd, device=dy.device)
-            owns = blocks.owns_blocks(cd)
-            for r0, r1, W in blocks.blocks(cd):
-                if V is not None:
-                    dA_w.addmm_(V[r0:r1].t(), W)
-                if dx is None:
-                    continue
-                dyb = dy2[:, r0:r1]
-                if gc is None:
-                    dx.addmm_(dyb, W)
-                elif owns and W.shape[0] * in_f <= T * (r1 - r0):
-                    dx.addmm_(dyb, W.mul_(gc[r0:r1, None]))  # fold g into the fresh weight block
-                else:
-                    dx.addmm_(dyb * gc[r0:r1], W)           # fold g into the gradient block
-        elif ctx.same_x and dxl is not None:
-            dx, dxl = dxl, None
+            if ctx.same_x and dx is not None:
+                dx.addmm_(sdhB, A.to(cd))
+            elif need_xl and not ctx.same_x:
+                dxl = sdhB @ A.to(cd)
 
         if exact:
             A32, B32 = A.float(), B.float()

@@ -197,12 +197,13 @@ class QDoRALinear(nn.Module):
 
     @torch.no_grad()
     def row_norm(self) -> torch.Tensor:
-        """`||W0 + s·B·A||` per output row (fp32), by the factored formula (one pass over W0)."""
+        """`||W0 + s·B·A||` per output row (fp32), by the factored formula: `P = W0·Aᵀ` in one pass
+        over the packed weight (`RowBlocks.norm_terms`), `c` cached."""
         from qdora.function import factored_norm_sq
         if not self.has_direction:
             return self.base_norm
         A, B = (t.float() for t in self.direction_factors())
-        P = torch.cat([W @ A.t() for _, _, W in self._blocks.blocks(torch.float32)])
+        P, _ = self._blocks.norm_terms(A)
         return factored_norm_sq(self.base_row_sq_norm, P, A, B, self.scaling).clamp_min_(0).sqrt_()
 
     def dequantized_base(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

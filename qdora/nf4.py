@@ -15,7 +15,7 @@ from torch import nn
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 
-from qdora.kernels.nf4 import dequantize_nf4
+from qdora.kernels.ops import NF4Weight
 
 _STORAGE = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16,
             "float32": torch.float32}
@@ -188,16 +188,10 @@ class RowBlocks:
         rows = block_rows or self.block_rows
         return max(self.row_align, (rows // self.row_align) * self.row_align)
 
-    def absmax(self, b0: int, b1: int) -> torch.Tensor:
-        """fp32 absmax of NF4 blocks `[b0, b1)`, undoing double quantization if present."""
-        state = self.state
-        if not state.nested:
-            return state.absmax[b0:b1].float()
-        s2 = state.state2
-        q = state.absmax[b0:b1].long()
-        scale = s2.absmax.float()[torch.arange(b0, b1, device=q.device) // s2.blocksize]
-        # Same operation order as bitsandbytes' dequantize_blockwise + offset, so results are bitwise equal.
-        return s2.code.float()[q] * scale + state.offset
+    @property
+    def nf4(self) -> NF4Weight:
+        """The packed weight as the kernel ops take it (read afresh: FSDP may swap the data)."""
+        return NF4Weight.from_quant_state(self.module.weight.data, self.state)
 
     def rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         """`W0[r0:r1]` in `dtype`; `r0` must be a multiple of `row_align`."""
@@ -206,12 +200,7 @@ class RowBlocks:
             return block if block.dtype == dtype else block.to(dtype)
         if r0 % self.row_align:
             raise ValueError(f"row block start {r0} is not a multiple of {self.row_align}")
-        state = self.state
-        bs = state.blocksize
-        n0, n1 = r0 * self.in_features, r1 * self.in_features
-        packed = self.module.weight.data.reshape(-1).view(torch.uint8)
-        return dequantize_nf4(packed[n0 // 2:(n1 + 1) // 2], self.absmax(n0 // bs, -(-n1 // bs)), bs,
-                              (r1 - r0, self.in_features), dtype)
+        return self.nf4.rows(r0, r1, dtype)
 
     def owns_blocks(self, dtype: torch.dtype) -> bool:
         """True if `rows()` returns fresh buffers that may be modified in place."""
@@ -232,11 +221,23 @@ class RowBlocks:
             torch.empty(0, self.in_features, dtype=dtype)
 
     def row_sq_norms(self) -> torch.Tensor:
-        """`c = rowsum(W0 ⊙ W0)` in fp32, one pass over the weight block by block."""
+        """`c = rowsum(W0 ⊙ W0)` in fp32, one pass over the weight."""
+        return self.norm_terms(None)[1]
+
+    def norm_terms(self, A: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(P, c) = (W0·Aᵀ, rowsum(W0²))` in fp32. NF4: one pass over the packed data with no
+        dequantized weight in memory (`torch.ops.qdora.nf4_norm_terms`); plain: block by block."""
+        if self.quantized:
+            return self.nf4.norm_terms(A)
+        r = 0 if A is None else A.shape[0]
+        P = torch.empty(self.out_features, r, dtype=torch.float32, device=self.device)
         c = torch.empty(self.out_features, dtype=torch.float32, device=self.device)
+        A32 = None if A is None else A.float()
         for r0, r1, block in self.blocks(torch.float32):
-            c[r0:r1] = block.pow(2).sum(dim=1) if block.dtype == torch.float32 else block.float().pow(2).sum(1)
-        return c
+            c[r0:r1] = block.pow(2).sum(1)
+            if r:
+                P[r0:r1] = block @ A32.t()
+        return P, c
 
     @property
     def device(self) -> torch.device:

@@ -8,6 +8,12 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))  # tests/oracle.py
 warnings.filterwarnings("ignore", message="Failed to load CPU gemm_4bit_forward")
 
+# Triton kernels run on CPU tensors only in Triton's interpreter, which `triton.jit` chooses when
+# the decorator runs, for triton.language's own helpers too: set it before anything imports Triton
+# (bitsandbytes does, on import). Without a GPU there is no other way to run them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import qdora  # noqa: E402,F401  (silences bitsandbytes' import-time warning before tests import it)
 
 # fp32 compute against the fp64 oracle. Source: fp32 unit roundoff 6e-8 times the accumulation
