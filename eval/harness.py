@@ -218,6 +218,7 @@ def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Rec
                       **extra)
     gc.collect()
     base_rss = _peak_rss_reset()
+    cpu0 = time.process_time()
     summary = train(cfg, build=_peft_builder(peer) if peer is not None else None)
     peak = _status("VmHWM")
     model, tok = summary["model"], summary["tokenizer"]
@@ -246,6 +247,7 @@ def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Rec
         if hc.generate:
             entry["acc_generate"] = generation_accuracy(model, tok, records)
         row["tasks"][task] = entry
+    row["cpu_s"] = time.process_time() - cpu0  # training + evaluation, all threads: a load-independent cost
     del model, summary
     gc.collect()
     return row
