@@ -113,6 +113,8 @@ def _add_plan(sub) -> None:
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per example (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch per device")
     p.add_argument("--gpus", type=int, default=d.gpus, help="devices; above 1 the model is sharded with FSDP")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="FSDP CPU offload: sharded parameters, gradients and optimizer states in CPU memory")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--optimizer", default=d.optimizer, choices=("adamw", "paged_adamw_8bit"))
     p.add_argument("--adapter-dtype", default=d.adapter_dtype, choices=("float32", "bfloat16"))
@@ -133,7 +135,7 @@ def _plan(args) -> int:
                          magnitude_only_modules=args.magnitude_only_modules, dropout=args.dropout,
                          batch_size=args.batch_size, seq_len=args.seq_len,
                          gradient_checkpointing=not args.no_gradient_checkpointing, gpus=args.gpus,
-                         device=args.device, adapter_dtype=args.adapter_dtype, optimizer=args.optimizer,
+                         cpu_offload=args.cpu_offload, device=args.device, adapter_dtype=args.adapter_dtype, optimizer=args.optimizer,
                          norm=args.norm)
     except ValueError as err:
         print(f"qdora plan: {err}", file=sys.stderr)

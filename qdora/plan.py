@@ -171,6 +171,9 @@ class PlanConfig:
     gradient_checkpointing: bool = True
     gpus: int = 1
     """Devices; above 1 the model is sharded with FSDP."""
+    cpu_offload: bool = False
+    """FSDP CPU offload (FSDP2 `CPUOffloadPolicy`): sharded parameters, gradients and optimizer
+    states live in CPU memory; the GPU holds the gathered layers, activations and the rest."""
     device: str = "cuda"
     """`cuda` (bf16 compute and storage) or `cpu` (fp32 compute and storage)."""
     adapter_dtype: str = "float32"
@@ -215,6 +218,8 @@ class PlanConfig:
             problems.append(f"optimizer={self.optimizer!r} is unknown; use adamw or paged_adamw_8bit")
         elif self.optimizer == "paged_adamw_8bit" and self.device != "cuda":
             problems.append("optimizer='paged_adamw_8bit' needs device='cuda'")
+        if self.cpu_offload and self.gpus < 2:
+            problems.append("cpu_offload is an FSDP option: use gpus >= 2")
         if self.norm not in ("detached", "exact"):
             problems.append(f"norm={self.norm!r} is unknown; use 'detached' or 'exact'")
         if problems:
@@ -362,6 +367,10 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
         details["fsdp: one layer's gradients before reduce-scatter (fp32)"] = \
             trainable_layer * 4 // (w if full else ab)
         fsdp_buf = sum(details.values())
+        if cfg.cpu_offload:
+            details["cpu offload: sharded parameters, gradients, optimizer states in CPU memory"] = \
+                nf4 + base + adapters + grads_total + opt_states
+            nf4 = base = adapters = grads_total = opt_states = 0
     adapters += buffers
 
     resident = nf4 + qstate + base + adapters + opt_states + rope
@@ -422,10 +431,12 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
     if cfg.device == "cpu":
         opt_tmp = 2 * largest_trainable
     else:
-        opt_tmp = grads_total
+        opt_tmp = grads_total                 # zero with CPU offload: the step runs on the CPU
     grads_head = (root - (0 if shape.tied_embeddings else embed)) if full else 0
     grads_head = -(-grads_head // N) if cfg.fsdp else grads_head
     grad_layer = -(-trainable_layer // N) if cfg.fsdp else trainable_layer
+    if cfg.cpu_offload:
+        grads_head = grad_layer = 0
 
     logits_fwd = T * V * e + (T * V * 4 if e != 4 else 0) + lsm
     phase_parts = {
@@ -472,7 +483,7 @@ def format_plan(p: MemoryPlan, cards=CARDS_GB) -> str:
         f"{c.method}" + ("" if c.method == "full" else f" r={c.r} on {targets}, dropout {c.dropout}")
         + f"; batch {c.batch_size} x {c.seq_len} tokens; gradient checkpointing "
         f"{'on' if c.gradient_checkpointing else 'off'}; {c.optimizer}; "
-        f"{c.gpus} {'GPU' if c.device == 'cuda' else 'CPU process'}{'s (FSDP)' if c.fsdp else ''}; "
+        f"{c.gpus} {'GPU' if c.device == 'cuda' else 'CPU process'}{('s (FSDP, CPU offload)' if c.cpu_offload else 's (FSDP)') if c.fsdp else ''}; "
         f"{'bf16' if c.device == 'cuda' else 'fp32'} compute",
         "",
         f"predicted peak per {'GPU' if c.device == 'cuda' else 'process'}, at the {p.peak_phase} phase:",
