@@ -112,6 +112,7 @@ def _add_plan(sub) -> None:
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per example (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch per device")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
     p.add_argument("--gpus", type=int, default=d.gpus, help="devices; above 1 the model is sharded with FSDP")
     p.add_argument("--cpu-offload", action="store_true",
                    help="FSDP CPU offload: sharded parameters, gradients and optimizer states in CPU memory")
@@ -133,7 +134,7 @@ def _plan(args) -> int:
         shape = resolve_model(args.model)
         cfg = PlanConfig(method=args.method, r=args.r, target_modules=args.target_modules,
                          magnitude_only_modules=args.magnitude_only_modules, dropout=args.dropout,
-                         batch_size=args.batch_size, seq_len=args.seq_len,
+                         batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
                          gradient_checkpointing=not args.no_gradient_checkpointing, gpus=args.gpus,
                          cpu_offload=args.cpu_offload, device=args.device, adapter_dtype=args.adapter_dtype, optimizer=args.optimizer,
                          norm=args.norm)

@@ -30,6 +30,7 @@ Per phase of the step (the peak is the largest phase)
                      layers go row block by row block: `block_rows × in`).
     optimizer step   all gradients + AdamW's temporaries (CPU: the largest parameter twice;
                      CUDA: torch's foreach path, one copy of all trainable parameters).
+    With gradient accumulation the gradients of the earlier micro-batches are in every phase.
 
 Saved activations of one Llama decoder layer (autograd's saved tensors, measured on CPU with
 saved-tensor hooks and derived from the code): each RMSNorm keeps its fp32 input `T·h·4`; the
@@ -167,7 +168,10 @@ class PlanConfig:
     magnitude_only_modules: tuple[str, ...] = ()
     dropout: float = 0.05
     batch_size: int = 1
+    """Examples per micro-batch per device."""
     seq_len: int = 2048
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: above 1, gradients stay allocated through every phase."""
     gradient_checkpointing: bool = True
     gpus: int = 1
     """Devices; above 1 the model is sharded with FSDP."""
@@ -194,7 +198,7 @@ class PlanConfig:
         problems = []
         if self.method not in METHODS:
             problems.append(f"method={self.method!r} is unknown; use one of {', '.join(METHODS)}")
-        for name in ("batch_size", "seq_len", "gpus", "block_rows"):
+        for name in ("batch_size", "seq_len", "grad_accum", "gpus", "block_rows"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 problems.append(f"{name}={v!r} must be a positive integer")
@@ -437,13 +441,15 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
     grad_layer = -(-trainable_layer // N) if cfg.fsdp else trainable_layer
     if cfg.cpu_offload:
         grads_head = grad_layer = 0
+    kept_grads = grads_total if cfg.grad_accum > 1 else 0   # accumulated over the earlier micro-batches
 
     logits_fwd = T * V * e + (T * V * 4 if e != 4 else 0) + lsm
     phase_parts = {
-        "forward end (loss)": {"activations": body + head_saved, "logits_loss": logits_fwd},
-        "loss backward": {"activations": body + head_saved, "logits_loss": 3 * lsm},
-        "layer backward": {"activations": body + recompute, "gradients": grads_head + grad_layer,
-                           "temporaries": in_flight + deq},
+        "forward end (loss)": {"activations": body + head_saved, "logits_loss": logits_fwd,
+                               "gradients": kept_grads},
+        "loss backward": {"activations": body + head_saved, "logits_loss": 3 * lsm, "gradients": kept_grads},
+        "layer backward": {"activations": body + recompute, "temporaries": in_flight + deq,
+                           "gradients": kept_grads or grads_head + grad_layer},
         "optimizer step": {"gradients": grads_total, "temporaries": opt_tmp},
     }
     fsdp_in_phase = {"forward end (loss)": True, "loss backward": True, "layer backward": True,
@@ -481,7 +487,8 @@ def format_plan(p: MemoryPlan, cards=CARDS_GB) -> str:
         f"{m.layers} layers, {m.heads} heads / {m.kv_heads} kv, vocab {m.vocab}"
         f"{', tied embeddings' if m.tied_embeddings else ''})",
         f"{c.method}" + ("" if c.method == "full" else f" r={c.r} on {targets}, dropout {c.dropout}")
-        + f"; batch {c.batch_size} x {c.seq_len} tokens; gradient checkpointing "
+        + f"; batch {c.batch_size} x {c.seq_len} tokens"
+        + (f", {c.grad_accum} micro-batches per step" if c.grad_accum > 1 else "") + "; gradient checkpointing "
         f"{'on' if c.gradient_checkpointing else 'off'}; {c.optimizer}; "
         f"{c.gpus} {'GPU' if c.device == 'cuda' else 'CPU process'}{('s (FSDP, CPU offload)' if c.cpu_offload else 's (FSDP)') if c.fsdp else ''}; "
         f"{'bf16' if c.device == 'cuda' else 'fp32'} compute",
