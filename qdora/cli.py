@@ -5,18 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-# Subcommands not built yet: their flags are the documented contract; running them says so.
-_PLANNED: dict[str, str] = {}
-
-
-def _not_available(name: str):
-    def run(_args) -> int:
-        print(f"qdora {name}: not available in this version yet. Available now: train, merge, eval, analyze, "
-              f"demo, bench layer|load|model (`qdora --help`).", file=sys.stderr)
-        return 2
-    return run
-
-
 def _bench(args) -> int:
     if args.what == "layer":
         from qdora.eval.bench_layer import main as bench_layer
@@ -216,9 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`qdora analyze --help` lists its options")
     sub.add_parser("demo", help="fine-tune, score, merge and reload SmolLM2-135M on CPU (a few minutes); "
                                 "`qdora demo --help` lists its options")
-    for name, text in _PLANNED.items():
-        p = sub.add_parser(name, help=f"{text} (not available yet)", description=f"{text} (not available yet).")
-        p.set_defaults(func=_not_available(name))
     return parser
 
 

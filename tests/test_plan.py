@@ -14,7 +14,7 @@ from qdora.cli import main
 from qdora.eval.validate_plan import Case, error, measure
 from qdora.layer import QDoRALinear
 from qdora.plan import PRESETS, PlanConfig, plan, resolve_model, shape_from_config
-from tests.models import llama2_config, llama3_config
+from models import llama2_config, llama3_config
 
 # Published parameter counts of the presets' architectures, checked against transformers (meta device).
 PUBLISHED = {"llama-2-7b": dict(rope_theta=1e4), "llama-3-8b": dict(rope_theta=5e5),
@@ -102,6 +102,19 @@ def test_resident_terms_are_the_models_bytes(make, method, r, targets, mag_only,
 def test_prediction_within_15_percent_of_measured_peak(case):
     row = measure(case)
     assert abs(error(row)) <= 0.15, row
+
+
+def test_published_allocated_figures():
+    """Answer.AI's fsdp_qlora benchmarks (benchmarks_03_2024.md, 2x3090, FSDP, Llama-2-7B LoRA r=64,
+    batch 1) report peak *allocated* memory, the quantity the planner's tensor bytes predict:
+    8.28 GiB at 512 tokens and 9.16 GiB at 2048. Their code (2024 transformers, FSDP1, PEFT) is not
+    ours, so the bound is loose: 10%."""
+    from qdora.eval.validate_plan import PUBLISHED, published_table
+    rows = [(cfg, model, figure) for _, _, model, cfg, figure, reads in PUBLISHED if reads == "peak allocated"]
+    assert len(rows) == 2
+    for cfg, model, figure in rows:
+        assert abs(plan(model, cfg).tensor_bytes / 2**30 / figure - 1) < 0.10
+    assert published_table().count("\n") == len(PUBLISHED) + 1
 
 
 def test_fsdp_shards_what_it_shards_and_names_its_buffers():
