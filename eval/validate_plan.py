@@ -175,9 +175,7 @@ def measure(case: Case, seed: int = 0) -> dict:
             "dropout": cfg.dropout, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
             "gradient_checkpointing": cfg.gradient_checkpointing, "weights_bytes": weights,
             "optimizer_bytes": states, "step_peak_bytes": step_peak, "measured_bytes": weights + states + step_peak,
-            "predicted_bytes": predicted.tensor_bytes, "predicted_phase": predicted.peak_phase,
-            "predicted_resident_bytes": predicted.phases["optimizer step"] - predicted.terms["gradients"]
-            - predicted.terms["temporaries"] if predicted.peak_phase == "optimizer step" else None}
+            "predicted_bytes": predicted.tensor_bytes, "predicted_phase": predicted.peak_phase}
 
 
 def error(row: dict) -> float:
