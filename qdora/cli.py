@@ -5,20 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-# Subcommands not built yet: their flags are the documented contract; running them says so.
-_PLANNED = {
-    "plan": "predict peak GPU memory for a model, method and setting",
-}
-
-
-def _not_available(name: str):
-    def run(_args) -> int:
-        print(f"qdora {name}: not available in this version yet. Available now: train, merge, eval, analyze, "
-              f"demo, bench layer|load|model|kernels (`qdora --help`).", file=sys.stderr)
-        return 2
-    return run
-
-
 def _bench(args) -> int:
     if args.what == "layer":
         from qdora.eval.bench_layer import main as bench_layer
@@ -97,6 +83,60 @@ def _train(args) -> int:
     return 0
 
 
+def _add_plan(sub) -> None:
+    from qdora.plan import CARDS_GB, LINEARS, PlanConfig
+    d = PlanConfig()
+    p = sub.add_parser("plan", help="predict peak GPU memory per device for a model, method and setting",
+                       description="Predict the peak memory per device of one training step, term by term "
+                                   "(NF4 weights, quantization state, adapters, gradients, optimizer states, "
+                                   "activations, logits/loss, temporaries, FSDP buffers, CUDA context), and "
+                                   f"whether it fits a {'/'.join(map(str, CARDS_GB))} GB card. "
+                                   "See qdora/plan.py for the model of each term.")
+    p.add_argument("--model", required=True,
+                   help="a preset (Llama-2-7B, Llama-2-13B, Llama-2-70B, LLaMA-65B, Llama-3-8B, Llama-3-70B, "
+                        "SmolLM2-135M) or a checkpoint folder with a config.json")
+    p.add_argument("--method", default=d.method, choices=("full", "lora", "dora", "qlora", "qdora"))
+    p.add_argument("--r", type=int, default=d.r)
+    p.add_argument("--target-modules", default=",".join(d.target_modules),
+                   help=f"comma-separated from {','.join(LINEARS)}, or 'all' (default: %(default)s)")
+    p.add_argument("--magnitude-only-modules", default="", help="comma-separated modules that train only m")
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per example (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch per device")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--gpus", type=int, default=d.gpus, help="devices; above 1 the model is sharded with FSDP")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="FSDP CPU offload: sharded parameters, gradients and optimizer states in CPU memory")
+    p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--optimizer", default=d.optimizer, choices=("adamw", "paged_adamw_8bit"))
+    p.add_argument("--adapter-dtype", default=d.adapter_dtype, choices=("float32", "bfloat16"))
+    p.add_argument("--norm", default=d.norm, choices=("detached", "exact"))
+    p.add_argument("--device", default=d.device, choices=("cuda", "cpu"),
+                   help="cuda: bf16 compute (default); cpu: fp32 compute, as on this library's CPU path")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_plan)
+
+
+def _plan(args) -> int:
+    import json
+
+    from qdora.plan import PlanConfig, format_plan, plan, plan_to_dict, resolve_model
+    try:
+        shape = resolve_model(args.model)
+        cfg = PlanConfig(method=args.method, r=args.r, target_modules=args.target_modules,
+                         magnitude_only_modules=args.magnitude_only_modules, dropout=args.dropout,
+                         batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
+                         gradient_checkpointing=not args.no_gradient_checkpointing, gpus=args.gpus,
+                         cpu_offload=args.cpu_offload, device=args.device, adapter_dtype=args.adapter_dtype, optimizer=args.optimizer,
+                         norm=args.norm)
+    except ValueError as err:
+        print(f"qdora plan: {err}", file=sys.stderr)
+        return 2
+    result = plan(shape, cfg)
+    print(json.dumps(plan_to_dict(result), indent=1) if args.json else format_plan(result))
+    return 0
+
+
 def _add_merge(sub) -> None:
     p = sub.add_parser("merge", help="dequantize-merge an adapter into a plain transformers checkpoint",
                        description="Merge an adapter (qdora or PEFT format) into its base model and write a plain "
@@ -160,15 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
     _add_train(sub)
     _add_merge(sub)
+    _add_plan(sub)
     sub.add_parser("eval", help="compare methods (ours and PEFT's) on one model, data and seeds; "
                                 "`qdora eval --help` lists its options")
     sub.add_parser("analyze", help="magnitude/direction (ΔM/ΔD) changes of fine-tuned weights, as CSV and plot; "
                                    "`qdora analyze --help` lists its options")
     sub.add_parser("demo", help="fine-tune, score, merge and reload SmolLM2-135M on CPU (a few minutes); "
                                 "`qdora demo --help` lists its options")
-    for name, text in _PLANNED.items():
-        p = sub.add_parser(name, help=f"{text} (not available yet)", description=f"{text} (not available yet).")
-        p.set_defaults(func=_not_available(name))
     return parser
 
 

@@ -16,9 +16,10 @@ def test_help_lists_the_commands(capsys):
         assert command in out
 
 
-def test_unavailable_commands_say_so(capsys):
-    assert main(["plan"]) == 2
-    assert "not available in this version yet" in capsys.readouterr().err
+def test_plan_needs_a_model(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan"])
+    assert "--model" in capsys.readouterr().err
 
 
 def test_console_script_is_installed():

@@ -1,0 +1,522 @@
+r"""`qdora plan`: predicted peak memory per device of one training step, term by term.
+
+The model follows what this library allocates, tensor by tensor (T = batch × sequence tokens,
+e = bytes of the compute dtype: 2 for bf16 on CUDA, 4 for fp32 on CPU; h hidden, i intermediate,
+q = heads·head_dim, kv = kv_heads·head_dim, V vocabulary, L layers):
+
+Resident (the whole step)
+    NF4 weights      ⌈out·in/2⌉ bytes per quantized linear (`qdora.nf4.quantize_nf4`).
+    quant state      per linear, blocks of 64: double quant keeps one uint8 absmax per block, an
+                     fp32 absmax per 256 blocks, an fp32 offset, the 16-entry NF4 code and the
+                     256-entry fp32 code of the second level (each layer holds its own copy).
+                     Without double quant: one fp32 absmax per block and the NF4 code.
+    base weights     everything not in NF4: embeddings, norms, `lm_head` (`keep_full_precision`),
+                     all linears for full/lora/dora; in the storage dtype (bf16 on CUDA, fp32 on CPU).
+    adapters         per adapted linear `A (r, in)`, `B (out, r)` and for DoRA `magnitude_delta (out,)`
+                     in the adapter dtype (fp32 by default in `qdora train`), plus DoRA's fp32
+                     `base_row_sq_norm (out,)` buffer.
+    optimizer states AdamW: two tensors shaped like every trainable parameter, in its dtype
+                     (in steady state they exist through the whole step).
+
+Per phase of the step (the peak is the largest phase)
+    forward end      saved activations + the loss: logits `T·V·e`, their fp32 upcast on bf16
+                     (transformers' `ForCausalLMLoss` calls `logits.float()`), log-softmax `T·V·4`.
+    loss backward    saved activations + log-softmax output, its gradient and the logits'
+                     gradient: `3·T·V·4`.
+    layer backward   saved activations (or, with gradient checkpointing, the L checkpointed layer
+                     inputs `L·T·h·e` plus one layer's recomputed activations) + the gradients in
+                     flight through one layer + the dequantized base weight of the largest frozen
+                     NF4 layer (bitsandbytes dequantizes it whole; FSDP's path and the adapted
+                     layers go row block by row block: `block_rows × in`).
+    optimizer step   all gradients + AdamW's temporaries (CPU: the largest parameter twice;
+                     CUDA: torch's foreach path, one copy of all trainable parameters).
+    With gradient accumulation the gradients of the earlier micro-batches are in every phase.
+
+Saved activations of one Llama decoder layer (autograd's saved tensors, measured on CPU with
+saved-tensor hooks and derived from the code): each RMSNorm keeps its fp32 input `T·h·4`; the
+attention (SDPA flash/efficient kernels, no padding mask) keeps q, k (after rotary), v, its output
+and an fp32 logsumexp per head and token; the MLP keeps `gate`, `silu(gate)`, `up` (`3·T·i·e`).
+A linear keeps its input only if its weight trains (full) or it has an adapter: then its input
+(or, with dropout, each adapter's own dropped-out copy plus the dropout mask), `a = x·Aᵀ (T·r)`,
+and for DoRA its output (`dm` is recovered from it; shared when the next op keeps it anyway: v,
+gate, up). Full fine-tuning adds the normalised RMSNorm outputs (their weight trains).
+
+FSDP over N devices (`qdora.fsdp`: FSDP2 `fully_shard` per decoder layer, then the root):
+parameters, gradients and optimizer states are divided by N; the quantization state and buffers
+stay whole on every rank; named extra terms are the unsharded parameters of two decoder layers
+(the one computing and the one prefetched), the root's unsharded embeddings/norm/`lm_head` (the
+root is not resharded between forward and backward), and one layer's unsharded gradients awaiting
+reduce-scatter (fp32). With CUDA mixed precision the gathered copies are bf16.
+
+CUDA only: a CUDA context (a constant, `CUDA_CONTEXT_BYTES`) and allocator slack (a stated
+fraction of the tensor peak, `ALLOCATOR_SLACK`) are reported as their own lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GIB = 1 << 30
+CARDS_GB = (16, 24, 48, 80)
+"""Card sizes checked by `fits` (GB as sold: 24 GB cards hold 24 GiB)."""
+
+CUDA_CONTEXT_BYTES = GIB // 2
+"""CUDA context and kernel images outside PyTorch's allocator: ~0.3-0.6 GiB on recent drivers."""
+
+ALLOCATOR_SLACK = 0.10
+"""Reserved-but-unallocated memory of PyTorch's caching allocator, as a fraction of the tensor peak
+(Answer.AI's FSDP+QLoRA benchmarks report 9.16 GiB allocated vs 10.22 GiB reserved for Llama-2-7B LoRA)."""
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METHODS = ("full", "lora", "dora", "qlora", "qdora")
+DEVICES = ("cuda", "cpu")
+_DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+
+
+# ---- model shapes --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a Llama-architecture model that memory depends on."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied_embeddings: bool
+    head_dim: int = 0
+    """0: hidden // heads."""
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """`(out, in)` of each linear of one decoder layer."""
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.hd, self.kv_heads * self.hd
+        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+    def params(self) -> int:
+        per_layer = sum(o * i for o, i in self.linear_shapes().values()) + 2 * self.hidden
+        head = 0 if self.tied_embeddings else self.vocab * self.hidden
+        return self.layers * per_layer + self.vocab * self.hidden + head + self.hidden
+
+
+# Published configurations (the models' own config.json files on the Hugging Face Hub).
+PRESETS = {
+    "llama-2-7b": ModelShape("Llama-2-7B", 4096, 11008, 32, 32, 32, 32000, False),
+    "llama-2-13b": ModelShape("Llama-2-13B", 5120, 13824, 40, 40, 40, 32000, False),
+    "llama-2-70b": ModelShape("Llama-2-70B", 8192, 28672, 80, 64, 8, 32000, False),
+    "llama-65b": ModelShape("LLaMA-65B", 8192, 22016, 80, 64, 64, 32000, False),
+    "llama-3-8b": ModelShape("Llama-3-8B", 4096, 14336, 32, 32, 8, 128256, False),
+    "llama-3-70b": ModelShape("Llama-3-70B", 8192, 28672, 80, 64, 8, 128256, False),
+    "smollm2-135m": ModelShape("SmolLM2-135M", 576, 1536, 30, 9, 3, 49152, True),
+}
+
+
+def shape_from_config(config, name: str = "model") -> ModelShape:
+    """A `ModelShape` from a transformers config object or a config.json dict."""
+    get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else \
+        (lambda k, d=None: getattr(config, k, d))
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                           "vocab_size") if get(k) is None]
+    if missing:
+        raise ValueError(f"{name}: config lacks {', '.join(missing)}; a Llama-architecture config is expected")
+    heads = int(get("num_attention_heads"))
+    return ModelShape(name=name, hidden=int(get("hidden_size")), intermediate=int(get("intermediate_size")),
+                      layers=int(get("num_hidden_layers")), heads=heads,
+                      kv_heads=int(get("num_key_value_heads") or heads), vocab=int(get("vocab_size")),
+                      tied_embeddings=bool(get("tie_word_embeddings", False)),
+                      head_dim=int(get("head_dim") or 0))
+
+
+def resolve_model(spec: str) -> ModelShape:
+    """A preset name (case-insensitive, e.g. `Llama-3-8B`) or a checkpoint folder / config.json."""
+    key = spec.strip().lower().rsplit("/", 1)[-1].removeprefix("meta-")
+    if key in PRESETS:
+        return PRESETS[key]
+    path = Path(spec)
+    config_file = path / "config.json" if path.is_dir() else path
+    if path.exists() and config_file.name.endswith(".json") and config_file.is_file():
+        try:
+            data = json.loads(config_file.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_file}: not valid JSON ({err})") from err
+        return shape_from_config(data, name=path.name or str(path))
+    raise ValueError(f"--model {spec!r} is neither a preset ({', '.join(p.name for p in PRESETS.values())}) "
+                     "nor a checkpoint folder with a config.json")
+
+
+# ---- the setting ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """One training setting to plan for. Defaults are `qdora train`'s."""
+
+    method: str = "qdora"
+    r: int = 16
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+    """Decoder-layer linears with a direction adapter (`all` = every one of them)."""
+    magnitude_only_modules: tuple[str, ...] = ()
+    dropout: float = 0.05
+    batch_size: int = 1
+    """Examples per micro-batch per device."""
+    seq_len: int = 2048
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: above 1, gradients stay allocated through every phase."""
+    gradient_checkpointing: bool = True
+    gpus: int = 1
+    """Devices; above 1 the model is sharded with FSDP."""
+    cpu_offload: bool = False
+    """FSDP CPU offload (FSDP2 `CPUOffloadPolicy`): sharded parameters, gradients and optimizer
+    states live in CPU memory; the GPU holds the gathered layers, activations and the rest."""
+    device: str = "cuda"
+    """`cuda` (bf16 compute and storage) or `cpu` (fp32 compute and storage)."""
+    adapter_dtype: str = "float32"
+    optimizer: str = "adamw"
+    """`adamw` (torch) or `paged_adamw_8bit` (bitsandbytes; counted as resident)."""
+    norm: str = "detached"
+    double_quant: bool = True
+    block_rows: int = 1024
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", tuple(t for t in self.target_modules.split(",") if t))
+        if tuple(self.target_modules) in (("all",), ("all-linear",)):
+            object.__setattr__(self, "target_modules", LINEARS)
+        if isinstance(self.magnitude_only_modules, str):
+            object.__setattr__(self, "magnitude_only_modules",
+                               tuple(t for t in self.magnitude_only_modules.split(",") if t))
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method={self.method!r} is unknown; use one of {', '.join(METHODS)}")
+        for name in ("batch_size", "seq_len", "grad_accum", "gpus", "block_rows"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                problems.append(f"{name}={v!r} must be a positive integer")
+        if self.method != "full":
+            if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+                problems.append(f"r={self.r!r} must be a positive integer (typical: 8, 16, 32, 64)")
+            unknown = [t for t in (*self.target_modules, *self.magnitude_only_modules) if t not in LINEARS]
+            if unknown:
+                problems.append(f"unknown target module(s) {unknown}; use names from {', '.join(LINEARS)} or 'all'")
+            if not self.target_modules and not self.magnitude_only_modules:
+                problems.append("target_modules is empty: name the linears to adapt, e.g. q_proj,k_proj,v_proj")
+        if self.magnitude_only_modules and self.method not in ("dora", "qdora"):
+            problems.append(f"magnitude_only_modules needs method dora or qdora, not {self.method!r}")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"dropout={self.dropout!r} must be in [0, 1)")
+        if self.device not in DEVICES:
+            problems.append(f"device={self.device!r} is unknown; use 'cuda' or 'cpu'")
+        if self.adapter_dtype not in _DTYPE_BYTES:
+            problems.append(f"adapter_dtype={self.adapter_dtype!r} is unknown; use float32 or bfloat16")
+        if self.optimizer not in ("adamw", "paged_adamw_8bit"):
+            problems.append(f"optimizer={self.optimizer!r} is unknown; use adamw or paged_adamw_8bit")
+        elif self.optimizer == "paged_adamw_8bit" and self.device != "cuda":
+            problems.append("optimizer='paged_adamw_8bit' needs device='cuda'")
+        if self.cpu_offload and self.gpus < 2:
+            problems.append("cpu_offload is an FSDP option: use gpus >= 2")
+        if self.norm not in ("detached", "exact"):
+            problems.append(f"norm={self.norm!r} is unknown; use 'detached' or 'exact'")
+        if problems:
+            raise ValueError("invalid plan setting:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def quantized(self) -> bool:
+        return self.method in ("qlora", "qdora")
+
+    @property
+    def use_dora(self) -> bool:
+        return self.method in ("dora", "qdora")
+
+    @property
+    def compute_bytes(self) -> int:
+        return 2 if self.device == "cuda" else 4
+
+    @property
+    def fsdp(self) -> bool:
+        return self.gpus > 1
+
+    def replace(self, **changes) -> "PlanConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# ---- the result ----------------------------------------------------------------------------
+
+TERMS = ("nf4_weights", "quant_state", "base_weights", "adapters", "gradients", "optimizer_states",
+         "activations", "logits_loss", "temporaries", "fsdp_buffers", "cuda_context", "allocator_slack")
+TERM_LABELS = {
+    "nf4_weights": "NF4 weights (packed)", "quant_state": "quantization state", "base_weights":
+    "base weights not in NF4", "adapters": "adapters (+ DoRA norm buffer)", "gradients": "gradients",
+    "optimizer_states": "optimizer states", "activations": "activations saved for backward",
+    "logits_loss": "logits / loss", "temporaries": "temporaries", "fsdp_buffers": "FSDP unsharded buffers",
+    "cuda_context": "CUDA context (constant)", "allocator_slack": "allocator slack",
+}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Predicted peak bytes per device, by term, at the step's peak phase."""
+
+    model: ModelShape
+    config: PlanConfig
+    terms: dict[str, int]
+    peak_phase: str
+    phases: dict[str, int]
+    """Tensor bytes at the peak of each phase (resident included)."""
+    details: dict[str, int] = field(default_factory=dict)
+    """Named parts of the terms (e.g. the FSDP buffers one by one)."""
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(v for k, v in self.terms.items() if k not in ("cuda_context", "allocator_slack"))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.terms.values())
+
+    def fits(self, card_gb: float) -> bool:
+        return self.total_bytes <= card_gb * GIB
+
+
+# ---- the model -----------------------------------------------------------------------------
+
+def _nf4_bytes(out_f: int, in_f: int, double_quant: bool) -> tuple[int, int]:
+    """(packed bytes, quantization-state bytes) of one NF4 weight."""
+    numel = out_f * in_f
+    blocks = -(-numel // 64)
+    if double_quant:
+        state = blocks + 4 * -(-blocks // 256) + 4 + 16 * 4 + 256 * 4
+    else:
+        state = 4 * blocks + 16 * 4
+    return (numel + 1) // 2, state
+
+
+def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
+    """Predict the peak memory per device of one training step (forward, backward, clip, optimizer)."""
+    shape = resolve_model(model) if isinstance(model, str) else model
+    cfg = cfg or PlanConfig()
+    e = cfg.compute_bytes
+    w = e                                   # storage dtype of unquantized tensors: bf16 on CUDA, fp32 on CPU
+    ab = _DTYPE_BYTES[cfg.adapter_dtype]
+    N = cfg.gpus
+    T, s, b = cfg.batch_size * cfg.seq_len, cfg.seq_len, cfg.batch_size
+    h, i, V, L = shape.hidden, shape.intermediate, shape.vocab, shape.layers
+    q, kv = shape.heads * shape.hd, shape.kv_heads * shape.hd
+    lin = shape.linear_shapes()
+    full = cfg.method == "full"
+    direction = set() if full else set(cfg.target_modules) - set(cfg.magnitude_only_modules)
+    mag_only = set() if full else set(cfg.magnitude_only_modules)
+    adapted = direction | mag_only
+
+    # -- resident: weights, quantization state, adapters (per layer, then whole model) --
+    nf4 = qstate = base = adapters = buffers = 0
+    trainable_layer = largest_trainable = 0
+    for name, (o, n) in lin.items():
+        if cfg.quantized:
+            packed, st = _nf4_bytes(o, n, cfg.double_quant)
+            nf4 += packed
+            qstate += st
+        else:
+            base += o * n * w
+        if name in adapted:
+            a_bytes = (cfg.r * n + o * cfg.r) * ab if name in direction else 0
+            m_bytes = o * ab if cfg.use_dora else 0
+            adapters += a_bytes + m_bytes
+            buffers += o * 4 if cfg.use_dora else 0
+            trainable_layer += a_bytes + m_bytes
+            largest_trainable = max(largest_trainable, max(cfg.r * n, o * cfg.r) * ab if name in direction else o * ab)
+    base += 2 * h * w                             # the layer's two RMSNorm weights
+    nf4_l, base_l, adapt_l = nf4, base, adapters  # one decoder layer (the FSDP unit)
+    nf4, qstate, base, adapters, buffers = (L * x for x in (nf4, qstate, base, adapters, buffers))
+    embed = V * h * w
+    head = 0 if shape.tied_embeddings else V * h * w
+    root = embed + head + h * w                   # embeddings, lm_head (full precision), final norm
+    base += root
+    rope = 2 * (shape.hd // 2) * 4                # inv_freq and its original copy (fp32 buffers)
+
+    if full:
+        trainable = base                          # every weight trains, in its storage dtype
+        trainable_layer = base_l
+        largest_trainable = max(embed, *(o * n * w for o, n in lin.values()))
+    else:
+        trainable = L * trainable_layer
+    # -- optimizer states --
+    if cfg.optimizer == "adamw":
+        opt_states = 2 * trainable
+    else:  # bitsandbytes 8-bit blockwise: uint8 per element and an fp32 absmax per 256, twice
+        n_el = trainable // (w if full else ab)
+        opt_states = 2 * (n_el + 4 * -(-n_el // 256))
+
+    # -- FSDP: parameters, gradients, optimizer states sharded; quant state and buffers whole --
+    details: dict[str, int] = {}
+    fsdp_buf = 0
+    grads_total = trainable
+    if cfg.fsdp:
+        nf4, base, adapters = -(-nf4 // N), -(-base // N), -(-adapters // N)
+        grads_total, opt_states = -(-trainable // N), -(-opt_states // N)
+        # CUDA mixed precision gathers parameters in bf16 (packed NF4 is stored as bf16 already)
+        g_ab = 2 if cfg.device == "cuda" else ab
+        layer_unsharded = nf4_l + base_l + adapt_l * g_ab // ab
+        details["fsdp: 2 decoder layers unsharded (computing + prefetched)"] = 2 * layer_unsharded
+        details["fsdp: root unsharded (embeddings, final norm, lm_head)"] = root
+        details["fsdp: one layer's gradients before reduce-scatter (fp32)"] = \
+            trainable_layer * 4 // (w if full else ab)
+        fsdp_buf = sum(details.values())
+        if cfg.cpu_offload:
+            details["cpu offload: sharded parameters, gradients, optimizer states in CPU memory"] = \
+                nf4 + base + adapters + grads_total + opt_states
+            nf4 = base = adapters = grads_total = opt_states = 0
+    adapters += buffers
+
+    resident = nf4 + qstate + base + adapters + opt_states + rope
+
+    # -- activations saved for backward, one decoder layer --
+    mask_b = 1 if cfg.device == "cuda" else e      # dropout mask: bool on CUDA, float noise on CPU
+    dp = cfg.dropout > 0
+
+    def keeps_input(names: tuple[str, ...], width: int) -> int:
+        """Bytes a group of linears sharing one input keeps of it."""
+        if full:
+            return T * width * e
+        with_a = [n for n in names if n in direction]
+        if not with_a:
+            return 0
+        return len(with_a) * T * width * (e + mask_b) if dp else T * width * e
+
+    def adapter_saved(name: str) -> int:
+        if name not in adapted:
+            return 0
+        o, _ = lin[name]
+        out = T * cfg.r * e if name in direction else 0                 # a = x·Aᵀ
+        if cfg.use_dora:
+            out += 3 * o * 4                                            # g, n, m (fp32 vectors)
+            if name in ("q_proj", "k_proj", "o_proj", "down_proj"):     # output kept for dm
+                out += T * o * e
+            if cfg.norm == "exact" and name in direction:
+                out += o * cfg.r * 4                                    # P = W0·Aᵀ
+        return out
+
+    norm_saved = T * h * 4 + T * 4 + (T * h * e if full else 0)
+    attn_saved = T * (2 * q + 2 * kv) * e + b * shape.heads * s * 4
+    mlp_saved = 3 * T * i * e
+    layer_saved = (2 * norm_saved + attn_saved + mlp_saved
+                   + keeps_input(("q_proj", "k_proj", "v_proj"), h) + keeps_input(("o_proj",), q)
+                   + keeps_input(("gate_proj", "up_proj"), h) + keeps_input(("down_proj",), i)
+                   + sum(adapter_saved(n) for n in lin))
+    shared = 2 * s * shape.hd * e                                       # rotary cos, sin
+    head_saved = T * h * 4 + T * 4 + (2 * T * h * e if full else 0)     # final norm (+ lm_head input)
+    lsm = T * V * 4
+    if cfg.gradient_checkpointing:
+        body = L * T * h * e + shared
+        recompute = layer_saved
+    else:
+        # the first layer's input RMSNorm saves nothing when the embeddings are frozen
+        body = L * layer_saved - (0 if full else T * h * 4 + T * 4) + shared
+        recompute = 0
+
+    # -- temporaries --
+    in_flight = 3 * T * i * e + 3 * T * h * e                           # gradients through the MLP + residual
+    frozen_nf4 = [n for n in lin if n not in adapted] if cfg.quantized else []
+    if frozen_nf4 and not cfg.fsdp:      # bitsandbytes' Linear4bit dequantizes the whole weight
+        deq = max(lin[n][0] * lin[n][1] for n in frozen_nf4) * e
+    elif cfg.quantized:                  # row blocks (adapted layers; frozen ones under FSDP)
+        deq = max(min(cfg.block_rows, o) * n for o, n in lin.values()) * e
+    else:
+        deq = 0
+    if cfg.device == "cpu":
+        opt_tmp = 2 * largest_trainable
+    else:
+        opt_tmp = grads_total                 # zero with CPU offload: the step runs on the CPU
+    grads_head = (root - (0 if shape.tied_embeddings else embed)) if full else 0
+    grads_head = -(-grads_head // N) if cfg.fsdp else grads_head
+    grad_layer = -(-trainable_layer // N) if cfg.fsdp else trainable_layer
+    if cfg.cpu_offload:
+        grads_head = grad_layer = 0
+    kept_grads = grads_total if cfg.grad_accum > 1 else 0   # accumulated over the earlier micro-batches
+
+    logits_fwd = T * V * e + (T * V * 4 if e != 4 else 0) + lsm
+    phase_parts = {
+        "forward end (loss)": {"activations": body + head_saved, "logits_loss": logits_fwd,
+                               "gradients": kept_grads},
+        "loss backward": {"activations": body + head_saved, "logits_loss": 3 * lsm, "gradients": kept_grads},
+        "layer backward": {"activations": body + recompute, "temporaries": in_flight + deq,
+                           "gradients": kept_grads or grads_head + grad_layer},
+        "optimizer step": {"gradients": grads_total, "temporaries": opt_tmp},
+    }
+    fsdp_in_phase = {"forward end (loss)": True, "loss backward": True, "layer backward": True,
+                     "optimizer step": False}
+    phases = {name: resident + sum(parts.values()) + (fsdp_buf if fsdp_in_phase[name] else 0)
+              for name, parts in phase_parts.items()}
+    peak_phase = max(phases, key=phases.get)
+    at_peak = phase_parts[peak_phase]
+    terms = {
+        "nf4_weights": nf4, "quant_state": qstate, "base_weights": base + rope,
+        "adapters": adapters, "gradients": at_peak.get("gradients", 0), "optimizer_states": opt_states,
+        "activations": at_peak.get("activations", 0), "logits_loss": at_peak.get("logits_loss", 0),
+        "temporaries": at_peak.get("temporaries", 0),
+        "fsdp_buffers": fsdp_buf if fsdp_in_phase[peak_phase] else 0,
+        "cuda_context": 0, "allocator_slack": 0,
+    }
+    if cfg.device == "cuda":
+        terms["cuda_context"] = CUDA_CONTEXT_BYTES
+        terms["allocator_slack"] = int(ALLOCATOR_SLACK * phases[peak_phase])
+    return MemoryPlan(shape, cfg, terms, peak_phase, phases, details)
+
+
+# ---- output --------------------------------------------------------------------------------
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:8.2f}"
+
+
+def format_plan(p: MemoryPlan, cards=CARDS_GB) -> str:
+    c, m = p.config, p.model
+    targets = "all weights" if c.method == "full" else ",".join(c.target_modules) + \
+        (f" (+ magnitude only: {','.join(c.magnitude_only_modules)})" if c.magnitude_only_modules else "")
+    lines = [
+        f"{m.name}: {m.params() / 1e9:.2f}B parameters (hidden {m.hidden}, intermediate {m.intermediate}, "
+        f"{m.layers} layers, {m.heads} heads / {m.kv_heads} kv, vocab {m.vocab}"
+        f"{', tied embeddings' if m.tied_embeddings else ''})",
+        f"{c.method}" + ("" if c.method == "full" else f" r={c.r} on {targets}, dropout {c.dropout}")
+        + f"; batch {c.batch_size} x {c.seq_len} tokens"
+        + (f", {c.grad_accum} micro-batches per step" if c.grad_accum > 1 else "") + "; gradient checkpointing "
+        f"{'on' if c.gradient_checkpointing else 'off'}; {c.optimizer}; "
+        f"{c.gpus} {'GPU' if c.device == 'cuda' else 'CPU process'}{('s (FSDP, CPU offload)' if c.cpu_offload else 's (FSDP)') if c.fsdp else ''}; "
+        f"{'bf16' if c.device == 'cuda' else 'fp32'} compute",
+        "",
+        f"predicted peak per {'GPU' if c.device == 'cuda' else 'process'}, at the {p.peak_phase} phase:",
+        "",
+        "| term | GiB |", "|---|---:|",
+    ]
+    for k in TERMS:
+        if c.device == "cpu" and k in ("cuda_context", "allocator_slack"):
+            continue
+        if k == "fsdp_buffers" and not c.fsdp:
+            continue
+        lines.append(f"| {TERM_LABELS[k]} | {_gib(p.terms[k]).strip()} |")
+    lines.append(f"| **total** | **{_gib(p.total_bytes).strip()}** |")
+    if p.details:
+        lines += [""] + [f"  {k}: {_gib(v).strip()} GiB" for k, v in p.details.items()]
+    lines += ["", "phases (tensor bytes): " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in p.phases.items()) + " GiB"]
+    if c.device == "cuda":
+        lines.append("fits: " + "  ".join(f"{gb} GB {'yes' if p.fits(gb) else 'no'}" for gb in cards))
+    return "\n".join(lines)
+
+
+def plan_to_dict(p: MemoryPlan) -> dict:
+    return {"model": dataclasses.asdict(p.model), "config": dataclasses.asdict(p.config), "terms": p.terms,
+            "total_bytes": p.total_bytes, "peak_phase": p.peak_phase, "phases": p.phases, "details": p.details,
+            "fits": {str(gb): p.fits(gb) for gb in CARDS_GB}}
+
+
+__all__ = ["ModelShape", "PRESETS", "PlanConfig", "MemoryPlan", "plan", "format_plan", "resolve_model",
+           "shape_from_config", "plan_to_dict", "CARDS_GB"]

@@ -1,0 +1,182 @@
+"""The memory planner: its resident terms against the model's real tensors (byte for byte), its
+peak against measured training steps (within 15%), presets against transformers' own parameter
+counts, FSDP sharding arithmetic, and every error path."""
+
+import json
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import qdora
+from qdora.cli import main
+from qdora.eval.validate_plan import Case, error, measure
+from qdora.layer import QDoRALinear
+from qdora.plan import PRESETS, PlanConfig, plan, resolve_model, shape_from_config
+from models import llama2_config, llama3_config
+
+# Published parameter counts of the presets' architectures, checked against transformers (meta device).
+PUBLISHED = {"llama-2-7b": dict(rope_theta=1e4), "llama-3-8b": dict(rope_theta=5e5),
+             "llama-3-70b": dict(rope_theta=5e5), "smollm2-135m": dict(rope_theta=1e5)}
+
+
+@pytest.mark.parametrize("key", sorted(PUBLISHED))
+def test_preset_parameter_count_matches_transformers(key):
+    s = PRESETS[key]
+    config = LlamaConfig(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
+                         num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                         tie_word_embeddings=s.tied_embeddings, **PUBLISHED[key])
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    assert s.params() == sum(p.numel() for p in model.parameters())
+
+
+def test_known_totals():
+    # Parameter counts as published: Llama-2-7B 6.74B, Llama-3-8B 8.03B, Llama-3-70B 70.6B.
+    assert PRESETS["llama-2-7b"].params() == 6_738_415_616
+    assert PRESETS["llama-3-8b"].params() == 8_030_261_248
+    assert PRESETS["llama-3-70b"].params() == 70_553_706_496
+
+
+def _own_count(model):
+    """Independent byte count of the resident tensors, by kind, read off the model's modules."""
+    nf4 = qstate = base = adapters = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            st = module.weight.quant_state
+            nf4 += module.weight.untyped_storage().nbytes()
+            qstate += st.absmax.nbytes + st.code.nbytes
+            if st.nested:
+                qstate += st.state2.absmax.nbytes + st.offset.nbytes + st.state2.code.nbytes
+        elif isinstance(module, QDoRALinear):
+            for t in (module.lora_A, module.lora_B, module.magnitude_delta, module.base_row_sq_norm):
+                adapters += t.nbytes if t is not None else 0
+    seen = set()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if ".base_layer.weight" in name and isinstance(t, bnb.nn.Params4bit) or "lora_" in name \
+                or "magnitude_delta" in name or "base_row_sq_norm" in name:
+            continue
+        if isinstance(t, bnb.nn.Params4bit) or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        base += t.nbytes
+    return {"nf4_weights": nf4, "quant_state": qstate, "base_weights": base, "adapters": adapters}
+
+
+@pytest.mark.parametrize("make,method,r,targets,mag_only,dq", [
+    (llama3_config, "qdora", 16, "q_proj,k_proj,v_proj,up_proj,down_proj", "", True),
+    (llama2_config, "qlora", 8, "all", "", True),
+    (llama3_config, "qdora", 4, "q_proj,v_proj", "o_proj", False),
+    (lambda: llama2_config(tie_word_embeddings=True, hidden_size=96, intermediate_size=200), "dora", 16, "all", "", True),
+    (llama3_config, "lora", 16, "down_proj", "", True),
+    (llama3_config, "full", 16, "q_proj", "", True),
+])
+def test_resident_terms_are_the_models_bytes(make, method, r, targets, mag_only, dq):
+    config = make()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    cfg = PlanConfig(method=method, r=r, target_modules=targets, magnitude_only_modules=mag_only, device="cpu",
+                     double_quant=dq)
+    qdora.add_adapters(model, qdora.AdapterConfig(
+        method=method, r=r, target_modules=cfg.target_modules, magnitude_only_modules=cfg.magnitude_only_modules,
+        adapter_dtype="float32", double_quant=dq), verbose=False)
+    predicted = plan(shape_from_config(config), cfg)
+    assert {k: predicted.terms[k] for k in _own_count(model)} == _own_count(model)
+    if method == "full":  # AdamW keeps two fp32 states per weight; gradients at the step are the weights
+        params = sum(p.nbytes for p in model.parameters())
+        assert predicted.terms["optimizer_states"] == 2 * params
+
+
+# Measured on CPU (fp32) with the profiler: the error stays within 15% (the issue's bound); the
+# validation script's table in the README shows the spread over more and larger cases.
+@pytest.mark.parametrize("case", [
+    Case("tiny-llama3", PlanConfig(method="qdora", r=16, batch_size=2, seq_len=64, device="cpu")),
+    Case("tiny-llama3", PlanConfig(method="qdora", r=16, batch_size=2, seq_len=64, device="cpu",
+                                   gradient_checkpointing=False)),
+    Case("tiny-llama3", PlanConfig(method="lora", r=8, batch_size=1, seq_len=96, device="cpu", dropout=0.0,
+                                   gradient_checkpointing=False)),
+    Case("tiny-llama2", PlanConfig(method="full", batch_size=1, seq_len=128, device="cpu",
+                                   gradient_checkpointing=False)),
+], ids=["qdora-ckpt", "qdora-nockpt", "lora-nodropout", "full"])
+def test_prediction_within_15_percent_of_measured_peak(case):
+    row = measure(case)
+    assert abs(error(row)) <= 0.15, row
+
+
+def test_published_allocated_figures():
+    """Answer.AI's fsdp_qlora benchmarks (benchmarks_03_2024.md, 2x3090, FSDP, Llama-2-7B LoRA r=64,
+    batch 1) report peak *allocated* memory, the quantity the planner's tensor bytes predict:
+    8.28 GiB at 512 tokens and 9.16 GiB at 2048. Their code (2024 transformers, FSDP1, PEFT) is not
+    ours, so the bound is loose: 10%."""
+    from qdora.eval.validate_plan import PUBLISHED, published_table
+    rows = [(cfg, model, figure) for _, _, model, cfg, figure, reads in PUBLISHED if reads == "peak allocated"]
+    assert len(rows) == 2
+    for cfg, model, figure in rows:
+        assert abs(plan(model, cfg).tensor_bytes / 2**30 / figure - 1) < 0.10
+    assert published_table().count("\n") == len(PUBLISHED) + 1
+
+
+def test_fsdp_shards_what_it_shards_and_names_its_buffers():
+    one = plan("Llama-3-70B", PlanConfig(method="qdora", r=64, gpus=1))
+    for n in (2, 4):
+        p = plan("Llama-3-70B", PlanConfig(method="qdora", r=64, gpus=n))
+        assert p.terms["nf4_weights"] == -(-one.terms["nf4_weights"] // n)
+        assert p.terms["optimizer_states"] == -(-one.terms["optimizer_states"] // n)
+        assert p.terms["quant_state"] == one.terms["quant_state"]      # replicated on every rank
+        assert p.terms["activations"] == one.terms["activations"]      # each rank runs its own batch
+        assert set(p.details) == {"fsdp: 2 decoder layers unsharded (computing + prefetched)",
+                                  "fsdp: root unsharded (embeddings, final norm, lm_head)",
+                                  "fsdp: one layer's gradients before reduce-scatter (fp32)"}
+        assert p.terms["fsdp_buffers"] == sum(p.details.values())
+    assert one.terms["fsdp_buffers"] == 0
+
+
+def test_more_tokens_more_memory_and_checkpointing_saves():
+    base = PlanConfig(method="qdora", r=16, seq_len=1024)
+    a = plan("Llama-3-8B", base)
+    assert plan("Llama-3-8B", base.replace(seq_len=2048)).total_bytes > a.total_bytes
+    assert plan("Llama-3-8B", base.replace(batch_size=4)).total_bytes > a.total_bytes
+    assert plan("Llama-3-8B", base.replace(gradient_checkpointing=False)).total_bytes > a.total_bytes
+    assert plan("Llama-3-8B", base.replace(method="full")).total_bytes > 4 * a.total_bytes
+    assert a.terms["cuda_context"] > 0 and a.fits(24) and not plan("Llama-3-70B", base).fits(24)
+
+
+def test_model_from_checkpoint_folder(tmp_path):
+    config = llama3_config(num_hidden_layers=3)
+    config.save_pretrained(tmp_path)
+    shape = resolve_model(str(tmp_path))
+    assert (shape.hidden, shape.intermediate, shape.layers, shape.heads, shape.kv_heads, shape.vocab) == \
+        (64, 224, 3, 8, 2, 1024)
+    assert resolve_model("meta-llama/Meta-Llama-3-8B") == PRESETS["llama-3-8b"]
+
+
+def test_errors_name_the_value(tmp_path):
+    with pytest.raises(ValueError, match="neither a preset"):
+        resolve_model("Llama-9-1B")
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    with pytest.raises(ValueError, match="lacks intermediate_size"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(ValueError, match="(?s)method=.qdoora.*batch_size=0.*unknown target"):
+        PlanConfig(method="qdoora", batch_size=0, target_modules="q_proj,lm_head")
+    with pytest.raises(ValueError, match="paged_adamw_8bit' needs device='cuda'"):
+        PlanConfig(optimizer="paged_adamw_8bit", device="cpu")
+    with pytest.raises(ValueError, match="magnitude_only_modules needs method dora or qdora"):
+        PlanConfig(method="qlora", magnitude_only_modules="o_proj")
+
+
+def test_cli_plan(capsys):
+    assert main(["plan", "--model", "Llama-3-8B", "--method", "qdora", "--r", "64", "--seq-len", "2048",
+                 "--batch-size", "1", "--gpus", "1"]) == 0
+    out = capsys.readouterr().out
+    for line in ("NF4 weights", "quantization state", "adapters", "gradients", "optimizer states",
+                 "activations", "logits / loss", "temporaries", "CUDA context", "fits: 16 GB", "24 GB yes"):
+        assert line in out
+    assert main(["plan", "--model", "Llama-3-70B", "--gpus", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["terms"]["fsdp_buffers"] > 0 and data["config"]["gpus"] == 2
+    assert main(["plan", "--model", "nope"]) == 2
+    assert "neither a preset" in capsys.readouterr().err
