@@ -8,8 +8,8 @@ answer label found in the output) and by option log-likelihood; the NLL of the r
 its perplexity) is reported too, as a measure that separates methods before accuracy does.
 
 Defaults (the CPU comparison): SmolLM2-135M, the bundled GSM8K slice (400 train / 100 test
-problems), methods full, lora, qlora, qdora, qdora-vera, 3 seeds, 30 steps of 4 examples; the
-measure is the NLL of the held-out worked solutions (about 120 tokens each). See the README for why.
+problems), methods full, qlora, qdora, qdora-vera, 3 seeds, 20 steps of 4 examples; the measure
+is the NLL of the held-out worked solutions (about 120 tokens each). See the README for why.
 """
 
 from __future__ import annotations
@@ -56,13 +56,13 @@ class HarnessConfig:
     model: str
     train_data: str
     out: str
-    methods: tuple[str, ...] = ("full", "lora", "qlora", "qdora", "qdora-vera")
+    methods: tuple[str, ...] = ("full", "qlora", "qdora", "qdora-vera")
     tasks: tuple[str, ...] = ("gsm8k",)
     data_dir: str | None = None
     """Folder with `<task>/test.json` (LLM-Adapters layout) and `gsm8k/test.jsonl`; default: the bundled
     ARC-Easy and GSM8K slices (100 test items each)."""
     seeds: int = 3
-    max_steps: int = 30
+    max_steps: int = 20
     batch_size: int = 4
     lr: float = 5e-4
     """Learning rate of the adapter methods (LoRA/DoRA families and PEFT's)."""
