@@ -8,8 +8,8 @@ answer label found in the output) and by option log-likelihood; the NLL of the r
 its perplexity) is reported too, as a measure that separates methods before accuracy does.
 
 Defaults (the CPU comparison): SmolLM2-135M, the bundled GSM8K slice (400 train / 100 test
-problems), methods full, qlora, qdora, qdora-vera, 3 seeds, 20 steps of 4 examples; the measure
-is the NLL of the held-out worked solutions (about 120 tokens each). See the README for why.
+problems), methods full, qlora, qdora, qdora-vera, 3 seeds, 20 steps of 2 examples; the measure
+is the NLL of 50 held-out worked solutions (about 120 tokens each). See the README for why.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class HarnessConfig:
     ARC-Easy and GSM8K slices (100 test items each)."""
     seeds: int = 3
     max_steps: int = 20
-    batch_size: int = 4
+    batch_size: int = 2
     lr: float = 5e-4
     """Learning rate of the adapter methods (LoRA/DoRA families and PEFT's)."""
     full_lr: float = 5e-5
@@ -81,7 +81,7 @@ class HarnessConfig:
     alpha: float = 32.0
     dropout: float = 0.05
     cutoff_len: int = 256
-    eval_items: int = 100
+    eval_items: int = 50
     warmup_steps: int | None = None
     """Default: a tenth of max_steps."""
     generate: bool = False
