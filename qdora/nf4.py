@@ -182,7 +182,9 @@ class RowBlocks:
 
     @property
     def state(self) -> bnbF.QuantState:
-        return self.module.weight.quant_state
+        # A sharded model (qdora.fsdp) keeps the state on the module: its weight is a plain tensor.
+        state = getattr(self.module.weight, "quant_state", None)
+        return state if state is not None else self.module.quant_state
 
     def step(self, block_rows: int | None = None) -> int:
         rows = block_rows or self.block_rows
