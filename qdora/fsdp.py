@@ -57,8 +57,8 @@ def init_process_group(timeout_s: float | None = None) -> torch.device:
     device. `timeout_s` (default `QDORA_DIST_TIMEOUT` or 600 s) bounds every collective."""
     if not launched_distributed():
         raise ValueError("--fsdp needs a multi-process launcher: run e.g. "
-                         "`torchrun --standalone --nproc-per-node 2 -m qdora.cli train --fsdp ...` "
-                         "(or `accelerate launch --num-processes 2 -m qdora.cli train --fsdp ...`)")
+                         "`torchrun --standalone --nproc-per-node 2 -m qdora.cli -- train --fsdp ...` "
+                         "(the `--` keeps torchrun from reading qdora's flags)")
     if timeout_s is None:
         timeout_s = float(os.environ.get("QDORA_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     if torch.cuda.is_available():
