@@ -15,10 +15,13 @@ What has to change for an NF4 model to be sharded:
   the packed data must then be stored as bf16 (`quant_storage='bfloat16'`) so the cast is a
   no-op. On CPU everything stays in its own dtype (fp32 compute, uint8 packed data).
 
-Low-memory start: rank 0 alone loads and quantizes the checkpoint. It sends the other ranks the
-model's structure with every parameter on the meta device (plus the small non-parameter state:
-quantization states, buffers), every rank shards it, then rank 0 broadcasts the parameters one
-tensor at a time and each rank keeps only its shard. No rank but 0 ever holds the whole model.
+Low-memory start: rank 0 alone loads and quantizes the checkpoint. It sends the other ranks a
+JSON description of the result (`describe`: config, NF4 layers and their quantization-state
+layout, adapter settings, every tensor's shape and dtype), from which they build the same module
+tree with every parameter on the meta device (`build_from_description`). Every rank shards its
+tree; rank 0 then broadcasts the buffers and quantization states (small, kept whole everywhere)
+and the parameters one tensor at a time, of which each rank keeps only its shard. No rank but 0
+ever holds the whole model, and nothing is unpickled.
 
 Gradients: the trainable adapters are sharded like everything else; FSDP reduce-scatters their
 gradients and divides by the world size. Each rank's loss is its share of the *global* token-mean
@@ -29,7 +32,6 @@ the single-process loss on the whole batch.
 from __future__ import annotations
 
 import datetime
-import io
 import os
 
 import torch
@@ -168,54 +170,182 @@ def shard(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def _skeleton(model: nn.Module) -> bytes:
-    """The model pickled with every parameter replaced by a meta tensor of the same shape (tied
-    parameters stay tied); buffers and quantization states travel as they are (small)."""
-    originals, meta = {}, {}
-    for module in model.modules():
-        for key, p in module._parameters.items():
-            if p is None:
-                continue
-            if id(p) not in meta:
-                meta[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-            originals[(module, key)] = p
-            module._parameters[key] = meta[id(p)]
-    try:
-        buffer = io.BytesIO()
-        torch.save(model, buffer)
-        return buffer.getvalue()
-    finally:
-        for (module, key), p in originals.items():
-            module._parameters[key] = p
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+def _spec(t: torch.Tensor | None) -> list | None:
+    return None if t is None else [list(t.shape), str(t.dtype)]
+
+
+def _state_tensors(state) -> dict[str, torch.Tensor]:
+    """The tensors of a bitsandbytes `QuantState`, by a fixed name."""
+    out = {"absmax": state.absmax, "code": state.code}
+    if state.offset is not None:
+        out["offset"] = state.offset
+    if state.state2 is not None:
+        out["state2.absmax"], out["state2.code"] = state.state2.absmax, state.state2.code
+    return out
+
+
+def describe(model: nn.Module, tokenizer_dir: str | None) -> dict:
+    """What the other ranks need to build the same module tree on the meta device (JSON-able):
+    the transformers config, the NF4 layers with their quantization-state layout, the adapter
+    layers with their settings, and every parameter's and buffer's shape and dtype."""
+    from qdora.layer import QDoRALinear
+
+    nf4, adapters = {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            st = m.quant_state
+            nf4[name] = {"in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
+                         "packed": _spec(m.weight), "compute_dtype": str(m.compute_dtype),
+                         "frozen": isinstance(m, ShardableLinear4bit),
+                         "block_rows": m._blocks.block_rows if isinstance(m, ShardableLinear4bit) else None,
+                         "shape": list(st.shape), "dtype": str(st.dtype), "blocksize": st.blocksize,
+                         "blocksize2": st.state2.blocksize if st.state2 is not None else None,
+                         "dtype2": str(st.state2.dtype) if st.state2 is not None else None,
+                         "tensors": {k: _spec(v) for k, v in _state_tensors(st).items()}}
+        elif isinstance(m, QDoRALinear):
+            trained = m.lora_A if m.lora_A is not None else m.magnitude_delta
+            adapters[name] = {"r": m.r, "alpha": m.alpha, "use_dora": m.use_dora, "norm": m.norm,
+                              "dropout": m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0,
+                              "use_rslora": m.use_rslora, "adapter_dtype": str(trained.dtype),
+                              "compute_dtype": str(m.compute_dtype), "block_rows": m._blocks.block_rows,
+                              "eps": m.eps}
+    cfg = getattr(model, "qdora_config", None)
+    return {"config": model.config.to_dict(), "tokenizer_dir": tokenizer_dir,
+            "qdora_config": cfg.to_dict() if cfg is not None else None, "nf4": nf4, "adapters": adapters,
+            "params": {n: _spec(p) + [p.requires_grad] for n, p in model.named_parameters(remove_duplicate=False)},
+            "buffers": {n: _spec(b) for n, b in model.named_buffers()}}
+
+
+def _meta_linear4bit(spec: dict, device: torch.device) -> bnb.nn.Linear4bit:
+    """A `Linear4bit` whose packed weight is a meta tensor and whose quantization state has the
+    layout `spec` describes, allocated on `device` (filled later by a broadcast)."""
+    import bitsandbytes.functional as bnbF
+
+    from qdora.nf4 import _keep_standard_layout
+
+    storage = _dtype(spec["packed"][1])
+    with torch.device("meta"):
+        layer = bnb.nn.Linear4bit(spec["in"], spec["out"], bias=spec["bias"], compute_dtype=_dtype(spec["compute_dtype"]),
+                                  compress_statistics=spec["blocksize2"] is not None, quant_type="nf4",
+                                  quant_storage=storage)
+    layer.weight = nn.Parameter(torch.empty(spec["packed"][0], dtype=storage, device="meta"), requires_grad=False)
+    t = {k: torch.empty(shape, dtype=_dtype(dtype), device=device) for k, (shape, dtype) in spec["tensors"].items()}
+    state2 = None
+    if spec["blocksize2"] is not None:
+        state2 = bnbF.QuantState(absmax=t["state2.absmax"], code=t["state2.code"], blocksize=spec["blocksize2"],
+                                 dtype=_dtype(spec["dtype2"]))
+    layer.quant_state = bnbF.QuantState(absmax=t["absmax"], shape=torch.Size(spec["shape"]), code=t["code"],
+                                        blocksize=spec["blocksize"], quant_type="nf4", dtype=_dtype(spec["dtype"]),
+                                        offset=t.get("offset"), state2=state2)
+    _keep_standard_layout(layer)
+    return layer
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def build_from_description(desc: dict, device: torch.device) -> nn.Module:
+    """The module tree `describe` wrote, every parameter on the meta device, quantization states
+    and buffers allocated (their values come from rank 0)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from qdora.config import AdapterConfig
+    from qdora.layer import QDoRALinear
+
+    config = CONFIG_MAPPING[desc["config"]["model_type"]].from_dict(desc["config"])
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    for name, spec in desc["adapters"].items():
+        base_spec = desc["nf4"].get(f"{name}.base_layer")
+        base = _meta_linear4bit(base_spec, device) if base_spec else model.get_submodule(name)
+        compute = spec["compute_dtype"]
+        layer = QDoRALinear(base, r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], use_dora=spec["use_dora"],
+                            norm=spec["norm"], use_rslora=spec["use_rslora"], adapter_dtype=_dtype(spec["adapter_dtype"]),
+                            compute_dtype=compute if compute == "auto" else _dtype(compute),
+                            block_rows=spec["block_rows"], eps=spec["eps"])
+        _set_module(model, name, layer)
+    for name, spec in desc["nf4"].items():
+        if spec["frozen"]:
+            layer = _meta_linear4bit(spec, device)
+            layer._blocks = RowBlocks(layer, spec["block_rows"])
+            layer.__class__ = ShardableLinear4bit
+            _set_module(model, name, layer)
+    # Parameters as rank 0 has them (dtype, shape, trainable), all on the meta device.
+    replaced: dict[int, nn.Parameter] = {}  # by the old parameter: tied parameters stay tied
+    for name, (shape, dtype, trainable) in desc["params"].items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        p = module._parameters[attr]
+        if tuple(p.shape) != tuple(shape) or p.dtype != _dtype(dtype) or p.requires_grad != trainable:
+            if id(p) not in replaced:
+                replaced[id(p)] = nn.Parameter(torch.empty(shape, dtype=_dtype(dtype), device="meta"),
+                                               requires_grad=trainable)
+            module._parameters[attr] = replaced[id(p)]
+    if desc["qdora_config"] is not None:
+        model.qdora_config = AdapterConfig.from_dict(desc["qdora_config"])
+    mine = {n: _spec(p) + [p.requires_grad] for n, p in model.named_parameters(remove_duplicate=False)}
+    buffers = {n: _spec(b) for n, b in model.named_buffers()}
+    if mine != desc["params"] or sorted(buffers) != sorted(desc["buffers"]):
+        diff = sorted(n for n in set(mine) | set(desc["params"]) if mine.get(n) != desc["params"].get(n))
+        raise RuntimeError(f"rank {rank()} rebuilt a different model than rank 0 loaded: parameters {diff[:5]}, "
+                           f"buffers {sorted(set(buffers) ^ set(desc['buffers']))[:5]}")
+    return model
+
+
+def _broadcast_json(obj) -> object:
+    """`obj` (JSON-able) from rank 0 to every rank, as bytes in a tensor."""
+    import json
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    data = json.dumps(obj).encode() if rank() == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if rank() == 0
+           else torch.empty(int(size.item()), dtype=torch.uint8, device=device))
+    dist.broadcast(buf, src=0)
+    return json.loads(bytes(buf.cpu().tolist())) if rank() != 0 else obj
+
+
+def _non_parameter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers and quantization-state tensors: replicated on every rank, not sharded."""
+    out = dict(model.named_buffers())
+    for name, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            out.update({f"{name}.quant_state.{k}": v for k, v in _state_tensors(m.quant_state).items()})
+    return out
 
 
 def build_sharded(load, device: torch.device):
     """`load() -> (model, tokenizer)` runs on rank 0 only; every rank returns its sharded model and
     the tokenizer. See the module docstring (low-memory start)."""
+    from transformers import AutoTokenizer
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     param_dtype = mixed_precision(device).param_dtype
     if rank() == 0:
         model, tokenizer = load()
         prepare_for_fsdp(model, param_dtype)
-        full = {k: v for k, v in model.state_dict().items()}
-        payload = [_skeleton(model), tokenizer]
+        full = model.state_dict()
+        desc = describe(model, getattr(model, "name_or_path", None) if tokenizer is not None else None)
     else:
-        payload, full = [None, None], {}
-    dist.broadcast_object_list(payload, src=0)
+        full, desc = {}, None
+    desc = _broadcast_json(desc)
     if rank() != 0:
-        # The bytes come from rank 0 of this same job (not from a file): unpickling them is safe.
-        model = torch.load(io.BytesIO(payload[0]), map_location=device, weights_only=False)
-    tokenizer = payload[1]
-    del payload
+        model = build_from_description(desc, device)
+        tokenizer = AutoTokenizer.from_pretrained(desc["tokenizer_dir"]) if desc["tokenizer_dir"] else None
     shard(model, device)
-    if rank() != 0:  # materialize the meta shards; keep the buffers that came with the structure
-        buffers = {name: b.clone() for name, b in model.named_buffers()}
-        model.to_empty(device=device, recurse=True)
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
-        del buffers
+    if rank() != 0:
+        model.to_empty(device=device, recurse=True)  # this rank's shards, and room for the buffers
+    with torch.no_grad():
+        for name, t in sorted(_non_parameter_tensors(model).items()):
+            dist.broadcast(t, src=0)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full
     return model, tokenizer

@@ -165,8 +165,9 @@ class RowBlocks:
         self.module = module
         self.quantized = isinstance(module, bnb.nn.Linear4bit)
         if self.quantized:
-            adopt_linear4bit(module)
-            shape = tuple(module.weight.quant_state.shape)
+            if module.weight.device.type != "meta":  # meta: a structure to be filled (qdora.fsdp)
+                adopt_linear4bit(module)
+            shape = tuple(self.state.shape)
         else:
             shape = tuple(module.weight.shape)
         if len(shape) != 2:
@@ -174,7 +175,7 @@ class RowBlocks:
         self.out_features, self.in_features = shape
         self.block_rows = block_rows
         if self.quantized:
-            bs = module.weight.quant_state.blocksize
+            bs = self.state.blocksize
             # Rows per step so that each row block starts on an NF4 block boundary.
             self.row_align = bs // math.gcd(self.in_features, bs)
         else:
@@ -235,6 +236,8 @@ class RowBlocks:
 
     def row_sq_norms(self) -> torch.Tensor:
         """`c = rowsum(W0 ⊙ W0)` in fp32, one pass over the weight block by block."""
+        if self.device.type == "meta":
+            return torch.empty(self.out_features, dtype=torch.float32, device="meta")
         c = torch.empty(self.out_features, dtype=torch.float32, device=self.device)
         for r0, r1, block in self.blocks(torch.float32):
             c[r0:r1] = block.pow(2).sum(dim=1) if block.dtype == torch.float32 else block.float().pow(2).sum(1)

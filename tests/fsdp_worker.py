@@ -35,7 +35,8 @@ def facts(model, load_calls: int) -> dict:
         "local_fraction": sum(p.to_local().numel() for p in params) / sum(p.numel() for p in params),
         "packed_dtypes": sorted({str(p.dtype) for p in packed}),
         "packed_count": len(packed),
-        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+        "gradient_checkpointing": bool(getattr(model, "is_activation_checkpointing", None)
+                                      or getattr(model, "is_gradient_checkpointing", False)),
         "fsdp_layers": sum(type(m).__name__.startswith("FSDP") for m in layers),
     }
 
