@@ -102,6 +102,8 @@ class TrainConfig:
             problems.append(f"optimizer={self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
         if self.fsdp and self.method == "full":
             problems.append("fsdp=True trains adapters; method='full' is not supported with --fsdp")
+        if self.fsdp and self.optimizer != "adamw":
+            problems.append(f"optimizer={self.optimizer!r} cannot step sharded parameters; use 'adamw' with --fsdp")
         if problems:
             raise ValueError("invalid TrainConfig:\n  - " + "\n  - ".join(problems))
         if self.method != "full":

@@ -174,8 +174,19 @@ def test_fsdp_needs_a_launcher(tmp_path, monkeypatch):
 
 
 def test_fsdp_config_errors():
-    with pytest.raises(ValueError, match="method='full' is not supported with --fsdp"):
-        TrainConfig(model="m", data="d", out="o", method="full", fsdp=True)
+    with pytest.raises(ValueError) as info:
+        TrainConfig(model="m", data="d", out="o", method="full", optimizer="paged_adamw_8bit", fsdp=True)
+    assert "method='full' is not supported with --fsdp" in str(info.value)
+    assert "optimizer='paged_adamw_8bit' cannot step sharded parameters" in str(info.value)
+
+
+def test_sharded_checkpoint_needs_fsdp_to_resume(tmp_path, monkeypatch):
+    from qdora.train import load_checkpoint
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "state.json").write_text(json.dumps({"step": 2, "sharded": True, "world_size": 2}))
+    with pytest.raises(ValueError, match="sharded checkpoint of a --fsdp run; resume it with --fsdp"):
+        load_checkpoint(tmp_path, None, None, {})
 
 
 def test_mixed_precision_needs_matching_quant_storage():
