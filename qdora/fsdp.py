@@ -214,7 +214,13 @@ def describe(model: nn.Module, tokenizer_dir: str | None) -> dict:
                               "compute_dtype": str(m.compute_dtype), "block_rows": m._blocks.block_rows,
                               "eps": m.eps}
     cfg = getattr(model, "qdora_config", None)
-    return {"config": model.config.to_dict(), "tokenizer_dir": tokenizer_dir,
+    first: dict[int, str] = {}
+    tied = {}  # parameter name -> the name it is tied to (e.g. lm_head.weight -> embed_tokens.weight)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied[name] = first[id(p)]
+        first.setdefault(id(p), name)
+    return {"config": model.config.to_dict(), "tokenizer_dir": tokenizer_dir, "tied": tied,
             "qdora_config": cfg.to_dict() if cfg is not None else None, "nf4": nf4, "adapters": adapters,
             "params": {n: _spec(p) + [p.requires_grad] for n, p in model.named_parameters(remove_duplicate=False)},
             "buffers": {n: _spec(b) for n, b in model.named_buffers()}}
@@ -289,6 +295,10 @@ def build_from_description(desc: dict, device: torch.device) -> nn.Module:
                 replaced[id(p)] = nn.Parameter(torch.empty(shape, dtype=_dtype(dtype), device="meta"),
                                                requires_grad=trainable)
             module._parameters[attr] = replaced[id(p)]
+    for name, target in desc["tied"].items():
+        module_name, _, attr = name.rpartition(".")
+        target_module, _, target_attr = target.rpartition(".")
+        model.get_submodule(module_name)._parameters[attr] = model.get_submodule(target_module)._parameters[target_attr]
     if desc["qdora_config"] is not None:
         model.qdora_config = AdapterConfig.from_dict(desc["qdora_config"])
     mine = {n: _spec(p) + [p.requires_grad] for n, p in model.named_parameters(remove_duplicate=False)}

@@ -234,3 +234,30 @@ def test_shardable_layers_compute_what_the_nf4_model_computes(storage):
     assert_close(logits2, logits, FP32_TOL, "logits")
     for n in grads:
         assert_close(grads2[n], grads[n], FP32_TOL, n)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("method", ["qdora", "dora"])
+def test_other_ranks_rebuild_the_same_tree_on_meta(tied, method):
+    """What rank 0 describes (as JSON) rebuilds, on another rank, the same parameters (names,
+    shapes, dtypes, trainable, tying), buffers and quantization-state layouts, with no data."""
+    from qdora import AdapterConfig, add_adapters
+    from qdora.fsdp import _non_parameter_tensors, build_from_description, describe, prepare_for_fsdp
+
+    model = build(llama3_config(tie_word_embeddings=tied))
+    add_adapters(model, AdapterConfig(method=method, r=4, magnitude_only_modules=("o_proj",),
+                                      adapter_dtype="float32"), verbose=False)
+    prepare_for_fsdp(model, None)
+    desc = json.loads(json.dumps(describe(model, None)))
+    other = build_from_description(desc, torch.device("cpu"))
+    assert type(other) is type(model)
+    ours = list(model.named_parameters(remove_duplicate=False))
+    theirs = list(other.named_parameters(remove_duplicate=False))
+    assert [(n, p.shape, p.dtype, p.requires_grad) for n, p in ours] == \
+        [(n, p.shape, p.dtype, p.requires_grad) for n, p in theirs]
+    assert all(p.device.type == "meta" for _, p in theirs)
+    assert (other.lm_head.weight is other.model.embed_tokens.weight) == tied
+    a, b = _non_parameter_tensors(model), _non_parameter_tensors(other)
+    assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
+    assert [type(m).__name__ for m in model.modules()] == [type(m).__name__ for m in other.modules()]
+    assert other.qdora_config == model.qdora_config
