@@ -3,13 +3,15 @@ with `fsdp=True`, described by a JSON file (argv[1]):
 
     {"runs": [{"config": {...TrainConfig fields...},
                "peft_adapter": "<folder>"           # also gather the adapter in PEFT's format
-               "crash_in_save_at": 4}]}             # rank 1 dies while writing checkpoint 4
+               "crash_in_save_at": 4,               # rank 1 dies while writing checkpoint 4
+               "sigterm_rank1_at": 2}]}             # rank 1 alone gets SIGTERM after step 2
 
 Each rank writes `<out>/facts-rank<r>.json`: what the tests check about sharding and loading.
 """
 
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -62,15 +64,20 @@ def main() -> None:
                 os._exit(3)
             return real_save(tensors, path, *args, **kwargs)
 
+        def on_step(step, _):
+            state.update(step=step)
+            if step == run.get("sigterm_rank1_at") and dist.get_rank() == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler stopping one process would
+
         state = {"step": 0}
         qdora.safetensors_io.save_file_atomic = save
-        summary = train(cfg, on_step=lambda step, _: state.update(step=step))
+        summary = train(cfg, on_step=on_step)
         qdora.safetensors_io.save_file_atomic = real_save
         model = summary["model"]
         if run.get("peft_adapter"):
             save_adapter_gathered(model, run["peft_adapter"], format="peft")
         with open(os.path.join(cfg.out, f"facts-rank{dist.get_rank()}.json"), "w") as f:
-            json.dump(facts(model, calls[0]), f)
+            json.dump({**facts(model, calls[0]), "steps": summary["steps"], "interrupted": summary["interrupted"]}, f)
         calls[0] = 0
     dist.destroy_process_group()
 

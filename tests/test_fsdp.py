@@ -73,6 +73,7 @@ def runs(tmp_path_factory):
 
     runs = [{"config": config(root, root / "fsdp-qdora", fsdp=True), "peft_adapter": str(root / "fsdp-qdora-peft")},
             {"config": config(root, root / "fsdp-qlora", method="qlora", fsdp=True)},
+            {"config": config(root, root / "stop", fsdp=True, save_every=4), "sigterm_rank1_at": 2},
             {"config": config(root, root / "crash", fsdp=True), "crash_in_save_at": 4}]
     crashed = torchrun({"runs": runs}, root)
     state_after_crash = json.loads((root / "crash" / "checkpoint" / "state.json").read_text())
@@ -86,10 +87,11 @@ def _ok(proc):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
-def _finished(runs, name):
+def _finished(runs, name, adapter=True):
     """The runs before the crashing one completed (the job itself ended with rank 1's crash)."""
     out = runs["root"] / name
-    assert (out / "adapter").is_dir() and (out / "facts-rank1.json").is_file(), runs["crashed"].stderr[-6000:]
+    assert (out / "adapter").is_dir() == adapter and (out / "facts-rank1.json").is_file(), \
+        runs["crashed"].stdout[-3000:] + runs["crashed"].stderr[-6000:]
 
 
 def _assert_same_losses(actual, expected):
@@ -143,6 +145,16 @@ def test_fsdp_shards_every_layer_and_loads_on_rank0_only(runs):
             assert 0.45 < f["local_fraction"] < 0.55, f
             # 7 linear layers per decoder layer, all NF4 (frozen ones too), packed as uint8 on CPU.
             assert f["packed_count"] == 14 and f["packed_dtypes"] == ["torch.uint8"]
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_all_after_the_same_step(runs):
+    _finished(runs, "stop", adapter=False)
+    out = runs["root"] / "stop"
+    facts = [json.loads((out / f"facts-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(f["steps"], f["interrupted"]) for f in facts] == [(2, 15), (2, 15)]  # SIGTERM = 15
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2  # save_every=4: the signal's
+    assert [m["step"] for m in read_metrics(out)] == [1, 2] and not (out / "adapter").exists()
 
 
 @pytest.mark.slow
