@@ -418,7 +418,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
         so the reduced gradient is that of the single-process loss."""
         if not cfg.fsdp:
             return model(**batch).loss
-        return model(**batch, num_items_in_batch=supervised).loss * world
+        return model(**batch, num_items_in_batch=max(1, supervised)).loss * world
 
     summary = {"steps": start, "interrupted": None, "out": str(out)}
     bar = tqdm(total=cfg.max_steps, initial=start, desc=f"train {cfg.method}", unit="step",
