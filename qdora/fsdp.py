@@ -50,7 +50,8 @@ DEFAULT_TIMEOUT_S = 600
 # ---- process group ----------------------------------------------------------------------------
 
 def launched_distributed() -> bool:
-    """True when started by `torchrun` or `accelerate launch` (they set RANK and WORLD_SIZE)."""
+    """True when started by `torchrun` (or `accelerate launch --multi_gpu`, which uses it): RANK and
+    WORLD_SIZE are set."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 

@@ -77,7 +77,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     fsdp: bool = False
-    """Shard the model over the processes of a `torchrun`/`accelerate launch` job (FSDP2, `qdora.fsdp`).
+    """Shard the model over the processes of a `torchrun` job (FSDP2, `qdora.fsdp`).
     `batch_size` stays the global micro-batch, split across the ranks: the run is the same run."""
 
     def __post_init__(self):
