@@ -67,8 +67,9 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or notes")
     p.add_argument("--fsdp", action="store_true",
-                   help="shard the model over the processes of a torchrun job (FSDP2; run as `torchrun ... -m qdora.cli -- train ...`); "
-                        "--batch-size stays the global batch, split across the processes")
+                   help="shard the model over the processes of a torchrun job (FSDP2; run as "
+                        "`torchrun ... -m qdora.cli -- train ...`); --batch-size stays the global batch, "
+                        "split across the processes")
     p.set_defaults(func=_train)
 
 

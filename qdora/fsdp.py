@@ -236,8 +236,8 @@ def _meta_linear4bit(spec: dict, device: torch.device) -> bnb.nn.Linear4bit:
 
     storage = _dtype(spec["packed"][1])
     with torch.device("meta"):
-        layer = bnb.nn.Linear4bit(spec["in"], spec["out"], bias=spec["bias"], compute_dtype=_dtype(spec["compute_dtype"]),
-                                  compress_statistics=spec["blocksize2"] is not None, quant_type="nf4",
+        layer = bnb.nn.Linear4bit(spec["in"], spec["out"], bias=spec["bias"],
+                                  compute_dtype=_dtype(spec["compute_dtype"]), compress_statistics=spec["blocksize2"] is not None, quant_type="nf4",
                                   quant_storage=storage)
     layer.weight = nn.Parameter(torch.empty(spec["packed"][0], dtype=storage, device="meta"), requires_grad=False)
     t = {k: torch.empty(shape, dtype=_dtype(dtype), device=device) for k, (shape, dtype) in spec["tensors"].items()}
@@ -275,7 +275,8 @@ def build_from_description(desc: dict, device: torch.device) -> nn.Module:
         base = _meta_linear4bit(base_spec, device) if base_spec else model.get_submodule(name)
         compute = spec["compute_dtype"]
         layer = QDoRALinear(base, r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], use_dora=spec["use_dora"],
-                            norm=spec["norm"], use_rslora=spec["use_rslora"], adapter_dtype=_dtype(spec["adapter_dtype"]),
+                            norm=spec["norm"], use_rslora=spec["use_rslora"],
+                            adapter_dtype=_dtype(spec["adapter_dtype"]),
                             compute_dtype=compute if compute == "auto" else _dtype(compute),
                             block_rows=spec["block_rows"], eps=spec["eps"])
         _set_module(model, name, layer)
