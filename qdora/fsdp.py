@@ -237,7 +237,8 @@ def _meta_linear4bit(spec: dict, device: torch.device) -> bnb.nn.Linear4bit:
     storage = _dtype(spec["packed"][1])
     with torch.device("meta"):
         layer = bnb.nn.Linear4bit(spec["in"], spec["out"], bias=spec["bias"],
-                                  compute_dtype=_dtype(spec["compute_dtype"]), compress_statistics=spec["blocksize2"] is not None, quant_type="nf4",
+                                  compute_dtype=_dtype(spec["compute_dtype"]),
+                                  compress_statistics=spec["blocksize2"] is not None, quant_type="nf4",
                                   quant_storage=storage)
     layer.weight = nn.Parameter(torch.empty(spec["packed"][0], dtype=storage, device="meta"), requires_grad=False)
     t = {k: torch.empty(shape, dtype=_dtype(dtype), device=device) for k, (shape, dtype) in spec["tensors"].items()}
