@@ -51,22 +51,30 @@ def _require_adapters(model: nn.Module) -> tuple[dict[str, QDoRALinear], Adapter
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "qdora",
-                 base_model_name_or_path: str | None = None) -> Path:
+                 base_model_name_or_path: str | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the model's adapters to folder `path` in `format` `"qdora"` or `"peft"`.
-    Each file is written to a temporary name and renamed; the config is written last."""
+    Each file is written to a temporary name and renamed; the config is written last.
+    `tensors` (`<module>.<attr>` -> tensor) overrides the layers' own parameters: a sharded model
+    passes its gathered whole parameters (`qdora.fsdp.save_adapter_gathered`)."""
     if format not in ("qdora", "peft"):
         raise ValueError(f"format={format!r} is unknown; use 'qdora' or 'peft'")
     layers, cfg = _require_adapters(model)
+    given = tensors or {}
+
+    def value(name: str, layer: QDoRALinear, attr: str) -> torch.Tensor:
+        t = given.get(f"{name}.{attr}")
+        return (t if t is not None else getattr(layer, attr)).detach().cpu().contiguous()
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
+    tensors = {}
     if format == "qdora":
         modules = {}
         for name, layer in layers.items():
             for attr in _TRAINED:
-                p = getattr(layer, attr, None)
-                if p is not None:
-                    tensors[f"{name}.{attr}"] = p.detach().cpu().contiguous()
+                if getattr(layer, attr, None) is not None:
+                    tensors[f"{name}.{attr}"] = value(name, layer, attr)
             if layer.vera is not None and "vera_A" not in tensors:
                 tensors["vera_A"] = layer.vera.A.detach().cpu().contiguous()
                 tensors["vera_B"] = layer.vera.B.detach().cpu().contiguous()
@@ -85,10 +93,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "qdora
         raise ValueError(f"PEFT cannot represent magnitude-only modules ({len(mag_only)}, e.g. {mag_only[0]}); "
                          "save with format='qdora'")
     for name, layer in layers.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
-        if layer.use_dora:
-            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.magnitude.detach().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = value(name, layer, "lora_A")
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = value(name, layer, "lora_B")
+        if layer.use_dora:  # PEFT stores the whole magnitude m = ||W0 row|| + delta
+            delta = value(name, layer, "magnitude_delta").float()
+            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.base_norm.detach().cpu() + delta
     save_file_atomic(tensors, path / PEFT_WEIGHTS, {"format": "pt"})
     peft_cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,

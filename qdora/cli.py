@@ -54,6 +54,10 @@ def _add_train(sub) -> None:
     p.add_argument("--train-on-prompt", action="store_true", help="also supervise the prompt tokens")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or notes")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard the model over the processes of a torchrun job (FSDP2; run as "
+                        "`torchrun ... -m qdora.cli -- train ...`); --batch-size stays the global batch, "
+                        "split across the processes")
     p.set_defaults(func=_train)
 
 
@@ -72,8 +76,19 @@ def _train(args) -> int:
                       schedule=args.schedule, max_grad_norm=args.max_grad_norm, seed=args.seed,
                       save_every=args.save_every, optimizer=args.optimizer,
                       gradient_checkpointing=not args.no_gradient_checkpointing,
-                      train_on_prompt=args.train_on_prompt, resume=args.resume, progress=not args.no_progress)
-    summary = train(cfg)
+                      train_on_prompt=args.train_on_prompt, resume=args.resume, progress=not args.no_progress,
+                      fsdp=args.fsdp)
+    main_rank = True
+    try:
+        summary = train(cfg)
+    finally:
+        if cfg.fsdp:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                main_rank = dist.get_rank() == 0
+                dist.destroy_process_group()
+    if not main_rank:  # rank 0 reports for the job
+        return 128 + summary["interrupted"] if summary["interrupted"] is not None else 0
     if summary["interrupted"] is not None:
         print(f"stopped at step {summary['steps']}; continue with the same command plus --resume", file=sys.stderr)
         return 128 + summary["interrupted"]

@@ -165,8 +165,9 @@ class RowBlocks:
         self.module = module
         self.quantized = isinstance(module, bnb.nn.Linear4bit)
         if self.quantized:
-            adopt_linear4bit(module)
-            shape = tuple(module.weight.quant_state.shape)
+            if module.weight.device.type != "meta":  # meta: a structure to be filled (qdora.fsdp)
+                adopt_linear4bit(module)
+            shape = tuple(self.state.shape)
         else:
             shape = tuple(module.weight.shape)
         if len(shape) != 2:
@@ -174,7 +175,7 @@ class RowBlocks:
         self.out_features, self.in_features = shape
         self.block_rows = block_rows
         if self.quantized:
-            bs = module.weight.quant_state.blocksize
+            bs = self.state.blocksize
             # Rows per step so that each row block starts on an NF4 block boundary.
             self.row_align = bs // math.gcd(self.in_features, bs)
         else:
@@ -182,7 +183,9 @@ class RowBlocks:
 
     @property
     def state(self) -> bnbF.QuantState:
-        return self.module.weight.quant_state
+        # A sharded model (qdora.fsdp) keeps the state on the module: its weight is a plain tensor.
+        state = getattr(self.module.weight, "quant_state", None)
+        return state if state is not None else self.module.quant_state
 
     def step(self, block_rows: int | None = None) -> int:
         rows = block_rows or self.block_rows
@@ -226,10 +229,14 @@ class RowBlocks:
 
     def norm_terms(self, A: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """`(P, c) = (W0·Aᵀ, rowsum(W0²))` in fp32. NF4: one pass over the packed data with no
-        dequantized weight in memory (`torch.ops.qdora.nf4_norm_terms`); plain: block by block."""
+        dequantized weight in memory (`torch.ops.qdora.nf4_norm_terms`); plain: block by block.
+        A meta weight (a structure to be filled, `qdora.fsdp`) gives meta results."""
+        r = 0 if A is None else A.shape[0]
+        if self.device.type == "meta":
+            return (torch.empty(self.out_features, r, dtype=torch.float32, device="meta"),
+                    torch.empty(self.out_features, dtype=torch.float32, device="meta"))
         if self.quantized:
             return self.nf4.norm_terms(A)
-        r = 0 if A is None else A.shape[0]
         P = torch.empty(self.out_features, r, dtype=torch.float32, device=self.device)
         c = torch.empty(self.out_features, dtype=torch.float32, device=self.device)
         A32 = None if A is None else A.float()

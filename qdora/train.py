@@ -9,6 +9,7 @@ the uninterrupted one. Ctrl-C or SIGTERM finishes the current step, writes a che
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -77,6 +78,9 @@ class TrainConfig:
     """Adapters in fp32 by default: an optimizer step then never rounds an update away."""
     resume: bool = False
     progress: bool = True
+    fsdp: bool = False
+    """Shard the model over the processes of a `torchrun` job (FSDP2, `qdora.fsdp`).
+    `batch_size` stays the global micro-batch, split across the ranks: the run is the same run."""
 
     def __post_init__(self):
         problems = []
@@ -98,6 +102,10 @@ class TrainConfig:
             problems.append(f"schedule={self.schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer={self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
+        if self.fsdp and self.method == "full":
+            problems.append("fsdp=True trains adapters; method='full' is not supported with --fsdp")
+        if self.fsdp and self.optimizer != "adamw":
+            problems.append(f"optimizer={self.optimizer!r} cannot step sharded parameters; use 'adamw' with --fsdp")
         if problems:
             raise ValueError("invalid TrainConfig:\n  - " + "\n  - ".join(problems))
         if self.method != "full":
@@ -169,21 +177,40 @@ def _load_optimizer(optimizer, names: dict[int, str], tensors: dict[str, torch.T
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def _rng_states() -> dict[str, torch.Tensor]:
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["torch_cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def _set_rng_states(rng: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["torch_cuda"])
+
+
+def _run_state(step: int, cfg: TrainConfig) -> dict:
+    return {"step": step, "python_random": _jsonable(random.getstate()),
+            "scheduler": {"schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps, "lr": cfg.lr,
+                          "max_steps": cfg.max_steps, "next_lr": lr_at(step, cfg)}}
+
+
 def save_checkpoint(out: Path, model, optimizer, names: dict[int, str], step: int, cfg: TrainConfig) -> Path:
-    """Write `out/checkpoint` atomically: a new folder is completed, then swapped in."""
+    """Write `out/checkpoint` atomically: a new folder is completed, then swapped in. A sharded
+    model (`cfg.fsdp`) writes a sharded checkpoint from every rank (`qdora.fsdp`)."""
     final = out / CHECKPOINT
+    if cfg.fsdp:
+        from qdora.fsdp import save_sharded_checkpoint
+        save_sharded_checkpoint(final, model, optimizer, _run_state(step, cfg), _rng_states())
+        return final
     with atomic_dir(final) as tmp:
         trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file_atomic(trainable, tmp / "trainable.safetensors")
         opt_tensors, opt_meta = _optimizer_tensors(optimizer, names)
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["torch_cuda"] = torch.cuda.get_rng_state()
         save_file_atomic(opt_tensors, tmp / "optimizer.safetensors")
-        save_file_atomic(rng, tmp / "rng.safetensors")
-        state = {"step": step, "optimizer": opt_meta, "python_random": _jsonable(random.getstate()),
-                 "scheduler": {"schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps, "lr": cfg.lr,
-                               "max_steps": cfg.max_steps, "next_lr": lr_at(step, cfg)}}
+        save_file_atomic(_rng_states(), tmp / "rng.safetensors")
+        state = {**_run_state(step, cfg), "optimizer": opt_meta}
         write_text_atomic(tmp / "state.json", json.dumps(state, indent=1) + "\n")
     return final
 
@@ -206,6 +233,15 @@ def find_checkpoint(out: Path) -> Path | None:
 def load_checkpoint(path: Path, model, optimizer, names: dict[int, str]) -> int:
     from safetensors.torch import load_file
     state = json.loads((path / "state.json").read_text())
+    if state.get("sharded"):
+        from qdora.fsdp import launched_distributed, load_sharded_checkpoint
+        if not launched_distributed():
+            raise ValueError(f"{path} is a sharded checkpoint of a --fsdp run; resume it with --fsdp under torchrun")
+        rng = load_sharded_checkpoint(path, model, optimizer)
+        if rng is not None:
+            _set_rng_states(rng)
+        random.setstate(_tupled(state["python_random"]))
+        return int(state["step"])
     trainable = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = sorted(n for n, p in params.items() if p.requires_grad and n not in trainable)
@@ -216,10 +252,7 @@ def load_checkpoint(path: Path, model, optimizer, names: dict[int, str]) -> int:
         for n, t in trainable.items():
             params[n].copy_(t)
     _load_optimizer(optimizer, names, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
-    rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch_cpu"])
-    if "torch_cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["torch_cuda"])
+    _set_rng_states(load_file(str(path / "rng.safetensors")))
     random.setstate(_tupled(state["python_random"]))
     return int(state["step"])
 
@@ -254,9 +287,13 @@ class _StopRequest:
 
 
 def _save_final(model, tokenizer, path: Path, cfg: TrainConfig, build) -> None:
-    """The trained result: the whole model for `full`, else the adapter (ours, or a PEFT peer's)."""
+    """The trained result: the whole model for `full`, else the adapter (ours, or a PEFT peer's).
+    A sharded model's adapter is gathered and written by rank 0 (every rank calls this)."""
     from qdora.adapter_io import save_adapter
-    if cfg.method == "full":
+    if cfg.fsdp:
+        from qdora.fsdp import save_adapter_gathered
+        save_adapter_gathered(model, path, base_model_name_or_path=str(cfg.model))
+    elif cfg.method == "full":
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
     elif build is not None and hasattr(model, "peft_config"):
@@ -273,7 +310,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
     same quantized base); by default `qdora.load_model` with the config's method and adapters."""
     from tqdm.auto import tqdm
 
-    from qdora.data import SFTDataset, batch_order, collate, count_supervised, load_records, pad_token_id
+    from qdora.data import (IGNORE_INDEX, SFTDataset, batch_order, collate, count_supervised, load_records,
+                            pad_token_id)
     from qdora.loading import load_model
 
     out = Path(cfg.out)
@@ -284,16 +322,35 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
     if cfg.resume and existing:
         saved = json.loads((out / "train_config.json").read_text())
         now = cfg.to_dict()
-        changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
+        defaults = TrainConfig(model="", data="", out="").to_dict()  # fields newer than the saved run
+        changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k])
         if changed:
             raise ValueError(f"--resume with different settings than the run in {out}: "
-                             + ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed))
+                             + ", ".join(f"{k}: {saved.get(k, defaults[k])!r} -> {now[k]!r}" for k in changed))
+    if cfg.fsdp and build is not None:
+        raise ValueError("fsdp=True builds the sharded model itself; a custom `build` is not supported with it")
     # Everything that can fail on bad input fails here, before anything is written.
     records = load_records(cfg.data)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = 0, 1
+    if cfg.fsdp:
+        from qdora import fsdp
+        device = fsdp.init_process_group()
+        rank, world = fsdp.rank(), fsdp.world_size()
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    main = rank == 0
     _seed_all(cfg.seed)
     adapter_cfg = cfg.adapter_config() if cfg.method != "full" else AdapterConfig(method="full")
-    if build is None:
+    if cfg.fsdp:
+        if adapter_cfg.quantized and fsdp.mixed_precision(device).param_dtype is not None:
+            # FSDP casts what it all-gathers to bf16: the packed NF4 bytes must already be bf16.
+            adapter_cfg = adapter_cfg.replace(quant_storage="bfloat16")
+        model, tokenizer = fsdp.build_sharded(
+            lambda: load_model(cfg.model, method=cfg.method, cfg=adapter_cfg, device=device,
+                               progress=cfg.progress), device)
+        if not main:  # dropout masks differ between ranks; rank 0's stream is the single-process one
+            torch.manual_seed(cfg.seed + rank)
+    elif build is None:
         model, tokenizer = load_model(cfg.model, method=cfg.method, cfg=adapter_cfg, device=device,
                                       progress=cfg.progress)
     else:
@@ -304,7 +361,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
     keep = [i for i, ex in enumerate(dataset.examples) if count_supervised(ex["labels"]) > 0]
     if not keep:
         raise ValueError(f"{cfg.data}: no example has a response token within cutoff_len={cfg.cutoff_len}")
-    if len(keep) < len(dataset.examples) and cfg.progress:
+    if len(keep) < len(dataset.examples) and cfg.progress and main:
         print(f"note: {len(dataset.examples) - len(keep)} example(s) have no response token within "
               f"cutoff_len={cfg.cutoff_len} and are skipped")
     examples = [dataset.examples[i] for i in keep]
@@ -321,76 +378,114 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
     names = {i: n for i, (n, _) in enumerate(params)}
     optimizer = _make_optimizer([p for _, p in params], cfg, device)
 
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     start = 0
     metrics_path = out / "metrics.jsonl"
     if cfg.resume and existing:
         start = load_checkpoint(existing, model, optimizer, names)
-        if metrics_path.exists():  # keep the curve up to the checkpoint, drop what came after it
+        if metrics_path.exists() and main:  # keep the curve up to the checkpoint, drop what came after it
             lines = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
             write_text_atomic(metrics_path, "".join(line + "\n" for line in lines))
-    else:
+    elif main:
         write_text_atomic(out / "train_config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
         if metrics_path.exists():
             metrics_path.unlink()
+    if cfg.fsdp:
+        torch.distributed.barrier()  # the folder and its files exist before any rank writes into it
 
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
     orders: dict[int, list[list[int]]] = {}
 
-    def micro_batch(index: int) -> dict[str, torch.Tensor]:
+    def micro_batch(index: int) -> tuple[dict[str, torch.Tensor], int, int]:
+        """This rank's part of global micro-batch `index` (all of it in a single process), the
+        number of supervised (shifted) labels in the whole micro-batch, and its token count."""
         epoch, pos = divmod(index, per_epoch)
         if epoch not in orders:
             orders.clear()
             orders[epoch] = batch_order(len(examples), cfg.batch_size, cfg.seed, epoch)
-        batch = collate([examples[i] for i in orders[epoch][pos]], pad)
-        return {k: v.to(device) for k, v in batch.items()}
+        ids = orders[epoch][pos]
+        supervised = sum(count_supervised(examples[i]["labels"][1:]) for i in ids)
+        tokens = sum(len(examples[i]["input_ids"]) for i in ids)
+        local = ids[rank * len(ids) // world:(rank + 1) * len(ids) // world]
+        if not local:  # a short last batch: run one example with no label, so collectives still match
+            batch = collate([examples[ids[0]]], pad)
+            batch["labels"].fill_(IGNORE_INDEX)
+        else:
+            batch = collate([examples[i] for i in local], pad)
+        return {k: v.to(device) for k, v in batch.items()}, supervised, tokens
+
+    def loss_of(batch: dict, supervised: int) -> torch.Tensor:
+        """Token-mean loss of the global micro-batch. Sharded: this rank's sum over its tokens
+        divided by the global count, times the world size (FSDP averages gradients over ranks),
+        so the reduced gradient is that of the single-process loss."""
+        if not cfg.fsdp:
+            return model(**batch).loss
+        return model(**batch, num_items_in_batch=max(1, supervised)).loss * world
 
     summary = {"steps": start, "interrupted": None, "out": str(out)}
     bar = tqdm(total=cfg.max_steps, initial=start, desc=f"train {cfg.method}", unit="step",
-               disable=None if cfg.progress else True)
+               disable=None if (cfg.progress and main) else True)
     t_start, tokens_total = time.perf_counter(), 0
     step = start
-    with _StopRequest() as stop, open(metrics_path, "a") as metrics_file:
-        while step < cfg.max_steps and stop.signal is None:
+    stopped: int | None = None
+    with _StopRequest() as stop, open(metrics_path, "a") if main else contextlib.nullcontext() as metrics_file:
+        while step < cfg.max_steps and stopped is None:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum, tokens = 0.0, 0
             for micro in range(cfg.grad_accum):
-                batch = micro_batch(step * cfg.grad_accum + micro)
-                loss = model(**batch).loss / cfg.grad_accum
+                batch, supervised, batch_tokens = micro_batch(step * cfg.grad_accum + micro)
+                loss = loss_of(batch, supervised) / cfg.grad_accum
                 loss.backward()
-                loss_sum += loss.item()
-                tokens += int(batch["attention_mask"].sum())
-            grad_norm = (torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm).item()
+                loss_sum += loss.item() / world
+                tokens += batch_tokens
+            grad_norm = (_clip_grad_norm([p for _, p in params], cfg.max_grad_norm)
                          if cfg.max_grad_norm > 0 else float("nan"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if cfg.fsdp:  # the loss of the whole global batch
+                loss_sum, = fsdp.all_reduce([loss_sum], device)
             step += 1
             elapsed = time.perf_counter() - t0
             tokens_total += tokens
             record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                       "tokens_per_s": tokens / elapsed, "step_s": elapsed}
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if main and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
             if on_step is not None:
                 on_step(step, record)
+            stopped = stop.signal
+            if cfg.fsdp:  # a signal may reach only some ranks: all stop after the same step
+                flag, = fsdp.all_reduce([float(stop.signal or 0)], device, op="max")
+                stopped = stop.signal or (int(flag) if flag else None)
             if cfg.keep_adapters_every and step % cfg.keep_adapters_every == 0 and step < cfg.max_steps:
                 _save_final(model, tokenizer, out / f"adapter-step{step}", cfg, build)
-            if step % cfg.save_every == 0 or step == cfg.max_steps or stop.signal is not None:
-                metrics_file.flush()
+            if step % cfg.save_every == 0 or step == cfg.max_steps or stopped is not None:
+                if main:
+                    metrics_file.flush()
                 save_checkpoint(out, model, optimizer, names, step, cfg)
         bar.close()
-        summary.update(steps=step, interrupted=stop.signal,
+        summary.update(steps=step, interrupted=stopped,
                        seconds=time.perf_counter() - t_start, tokens=tokens_total)
     if step == cfg.max_steps:
         _save_final(model, tokenizer, out / ("model" if cfg.method == "full" else "adapter"), cfg, build)
     summary["model"], summary["tokenizer"] = model, tokenizer
     return summary
+
+
+def _clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Clip the global gradient norm; returns the norm before clipping. For sharded parameters the
+    norm torch computes is a distributed tensor over the ranks' shards: its full value is taken."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm.item()
 
 
 def read_metrics(out: str | os.PathLike) -> list[dict]:

@@ -1,0 +1,86 @@
+"""Run under `torchrun --nproc-per-node 2` by tests/test_fsdp.py: one or more `qdora.train` runs
+with `fsdp=True`, described by a JSON file (argv[1]):
+
+    {"runs": [{"config": {...TrainConfig fields...},
+               "peft_adapter": "<folder>"           # also gather the adapter in PEFT's format
+               "crash_in_save_at": 4,               # rank 1 dies while writing checkpoint 4
+               "sigterm_rank1_at": 2}]}             # rank 1 alone gets SIGTERM after step 2
+
+Each rank writes `<out>/facts-rank<r>.json`: what the tests check about sharding and loading.
+"""
+
+import json
+import os
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+
+import qdora.loading
+import qdora.safetensors_io
+from qdora.fsdp import save_adapter_gathered
+from qdora.train import TrainConfig, train
+
+
+def facts(model, load_calls: int) -> dict:
+    """How this rank holds the model: which parameters are sharded and how much of each it keeps."""
+    from torch.distributed.tensor import DTensor
+
+    layers = model.model.layers
+    packed = [p for n, p in layers.named_parameters() if n.endswith("base_layer.weight") or
+              (n.endswith("weight") and not p.requires_grad and p.dtype == torch.uint8)]
+    params = list(model.parameters())
+    return {
+        "load_model_calls": load_calls,
+        "all_dtensor": all(isinstance(p, DTensor) for p in params),
+        "local_fraction": sum(p.to_local().numel() for p in params) / sum(p.numel() for p in params),
+        "packed_dtypes": sorted({str(p.dtype) for p in packed}),
+        "packed_count": len(packed),
+        "gradient_checkpointing": bool(getattr(model, "is_activation_checkpointing", None)
+                                      or getattr(model, "is_gradient_checkpointing", False)),
+        "fsdp_layers": sum(type(m).__name__.startswith("FSDP") for m in layers),
+    }
+
+
+def main() -> None:
+    spec = json.loads(open(sys.argv[1]).read())
+    calls = [0]
+    real_load = qdora.loading.load_model
+
+    def counting_load(*args, **kwargs):
+        calls[0] += 1
+        return real_load(*args, **kwargs)
+
+    qdora.loading.load_model = counting_load
+    for run in spec["runs"]:
+        cfg = TrainConfig(**run["config"])
+        crash_at = run.get("crash_in_save_at")
+        real_save = qdora.safetensors_io.save_file_atomic
+
+        def save(tensors, path, *args, **kwargs):
+            # Rank 1 dies after its shard of checkpoint `crash_at` is written, before the folder is swapped in.
+            if str(path).endswith("rng-rank1.safetensors") and state["step"] == crash_at:
+                os._exit(3)
+            return real_save(tensors, path, *args, **kwargs)
+
+        def on_step(step, _):
+            state.update(step=step)
+            if step == run.get("sigterm_rank1_at") and dist.get_rank() == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler stopping one process would
+
+        state = {"step": 0}
+        qdora.safetensors_io.save_file_atomic = save
+        summary = train(cfg, on_step=on_step)
+        qdora.safetensors_io.save_file_atomic = real_save
+        model = summary["model"]
+        if run.get("peft_adapter"):
+            save_adapter_gathered(model, run["peft_adapter"], format="peft")
+        with open(os.path.join(cfg.out, f"facts-rank{dist.get_rank()}.json"), "w") as f:
+            json.dump({**facts(model, calls[0]), "steps": summary["steps"], "interrupted": summary["interrupted"]}, f)
+        calls[0] = 0
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""FSDP2 training on CPU: 2 processes (gloo) launched with torchrun against one process.
+
+The oracle is a single-process run of the same config: the global batch of each step is split
+across the two ranks, and each rank's loss is its share of the global token-mean, so both runs
+compute the same sums in a different order and on different padding (each rank pads its half to
+its own longest example).
+
+Tolerances (measured on this suite, qdora and qlora, 4 steps, lr 5e-3): per-step losses differ
+by at most 4e-8 relative (fp32 roundoff of the reordered sums), gradient norms by 1e-7 relative,
+adapters by at most 2.4e-7 absolute after 4 AdamW steps. Bounds: LOSS_RTOL = 1e-6,
+GRAD_NORM_RTOL = 1e-5, ADAPTER_ATOL = 1e-5 (25-100x the measured values, and 500x below one AdamW
+step of lr = 5e-3). AdamW is blind to the scale of the gradient, so the gradient norm is what
+catches a reduction that sums instead of averaging.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models import build, llama3_config, save_bpe_tokenizer
+from qdora.data import DEMO_DATA
+from qdora.train import TrainConfig, read_metrics, train
+
+LOSS_RTOL = 1e-6
+GRAD_NORM_RTOL = 1e-5
+ADAPTER_ATOL = 1e-5
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+TIMEOUT_S = 300  # a launch takes ~20 s here; a hang fails the test instead of blocking CI
+
+
+def torchrun(spec: dict, where: Path, timeout: int = TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Launch tests/fsdp_worker.py on 2 CPU processes (gloo) with `spec`."""
+    path = where / f"spec-{len(list(where.glob('spec-*')))}.json"
+    path.write_text(json.dumps(spec))
+    env = dict(os.environ, OMP_NUM_THREADS="1", QDORA_DIST_TIMEOUT="60", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(WORKER), str(path)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def config(setup: Path, out: Path, **kw) -> dict:
+    base = dict(model=str(setup / "model"), data=str(setup / "data.json"), out=str(out), method="qdora", r=4,
+                alpha=8, dropout=0.0, lr=5e-3, max_steps=4, batch_size=5, cutoff_len=320, save_every=2,
+                warmup_steps=1, progress=False)
+    base.update(kw)
+    return base
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Single-process references; then one torchrun job with the same runs on 2 ranks and, last,
+    a run whose rank 1 dies while writing its checkpoint at step 4; then a job resuming that run."""
+    root = tmp_path_factory.mktemp("fsdp")
+    # 11 examples, batch 5: full batches split unevenly (2 + 3); the last batch of an epoch has one
+    # example, so rank 0 has none at step 3 and runs an unsupervised dummy to keep collectives in step.
+    records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:11]
+    (root / "data.json").write_text(json.dumps(records))
+    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(
+        root / "model")
+    save_bpe_tokenizer(root / "model", [r["instruction"] + " " + r["output"] for r in records])
+    single = {}
+    for method in ("qdora", "qlora"):
+        summary = train(TrainConfig(**config(root, root / f"single-{method}", method=method)))
+        single[method] = summary["model"]
+    from qdora.adapter_io import save_adapter
+    save_adapter(single["qdora"], root / "single-qdora-peft", format="peft")
+
+    runs = [{"config": config(root, root / "fsdp-qdora", fsdp=True), "peft_adapter": str(root / "fsdp-qdora-peft")},
+            {"config": config(root, root / "fsdp-qlora", method="qlora", fsdp=True)},
+            {"config": config(root, root / "stop", fsdp=True, save_every=4), "sigterm_rank1_at": 2},
+            {"config": config(root, root / "crash", fsdp=True), "crash_in_save_at": 4}]
+    crashed = torchrun({"runs": runs}, root)
+    state_after_crash = json.loads((root / "crash" / "checkpoint" / "state.json").read_text())
+    leftovers = sorted(p.name for p in (root / "crash").iterdir())
+    resumed = torchrun({"runs": [{"config": config(root, root / "crash", fsdp=True, resume=True)}]}, root)
+    return dict(root=root, crashed=crashed, resumed=resumed, state_after_crash=state_after_crash,
+                leftovers=leftovers)
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def _finished(runs, name, adapter=True):
+    """The runs before the crashing one completed (the job itself ended with rank 1's crash)."""
+    out = runs["root"] / name
+    assert (out / "adapter").is_dir() == adapter and (out / "facts-rank1.json").is_file(), \
+        runs["crashed"].stdout[-3000:] + runs["crashed"].stderr[-6000:]
+
+
+def _assert_same_losses(actual, expected):
+    assert [m["step"] for m in actual] == [m["step"] for m in expected]
+    for a, e in zip(actual, expected):
+        assert abs(a["loss"] - e["loss"]) <= LOSS_RTOL * abs(e["loss"]), (a["step"], a["loss"], e["loss"])
+        assert a["tokens"] == e["tokens"] and a["lr"] == e["lr"]
+        assert abs(a["grad_norm"] - e["grad_norm"]) <= GRAD_NORM_RTOL * e["grad_norm"], (a["grad_norm"], e["grad_norm"])
+
+
+def _assert_same_adapter(actual: Path, expected: Path, weights="adapter.safetensors"):
+    a, e = load_file(str(actual / weights)), load_file(str(expected / weights))
+    assert sorted(a) == sorted(e) and a
+    for key in e:
+        diff = (a[key].double() - e[key].double()).abs().max().item()
+        assert diff <= ADAPTER_ATOL, f"{key}: max abs difference {diff:.3e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["qdora", "qlora"])
+def test_fsdp_equals_single_process(runs, method):
+    _finished(runs, f"fsdp-{method}")
+    root = runs["root"]
+    single, sharded = read_metrics(root / f"single-{method}"), read_metrics(root / f"fsdp-{method}")
+    assert len(sharded) == 4
+    _assert_same_losses(sharded, single)
+    _assert_same_adapter(root / f"fsdp-{method}" / "adapter", root / f"single-{method}" / "adapter")
+    # The adapters moved (B starts at 0): equality is not two untouched initialisations.
+    b = load_file(str(root / f"fsdp-{method}" / "adapter" / "adapter.safetensors"))
+    assert max(v.abs().max().item() for k, v in b.items() if k.endswith("lora_B")) > 1e-3
+
+
+@pytest.mark.slow
+def test_fsdp_gathers_the_peft_adapter_on_rank0(runs):
+    _finished(runs, "fsdp-qdora")
+    root = runs["root"]
+    _assert_same_adapter(root / "fsdp-qdora-peft", root / "single-qdora-peft", "adapter_model.safetensors")
+    config = json.loads((root / "fsdp-qdora-peft" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["r"] == 4
+
+
+@pytest.mark.slow
+def test_fsdp_shards_every_layer_and_loads_on_rank0_only(runs):
+    for method in ("qdora", "qlora"):
+        _finished(runs, f"fsdp-{method}")
+        facts = [json.loads((runs["root"] / f"fsdp-{method}" / f"facts-rank{r}.json").read_text()) for r in (0, 1)]
+        assert [f["load_model_calls"] for f in facts] == [1, 0]  # rank 1 never loads the checkpoint
+        for f in facts:
+            assert f["all_dtensor"] and f["fsdp_layers"] == 2 and f["gradient_checkpointing"]
+            # Each rank keeps about half of every parameter (dim-0 shards, the last one padded).
+            assert 0.45 < f["local_fraction"] < 0.55, f
+            # 7 linear layers per decoder layer, all NF4 (frozen ones too), packed as uint8 on CPU.
+            assert f["packed_count"] == 14 and f["packed_dtypes"] == ["torch.uint8"]
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_all_after_the_same_step(runs):
+    _finished(runs, "stop", adapter=False)
+    out = runs["root"] / "stop"
+    facts = [json.loads((out / f"facts-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(f["steps"], f["interrupted"]) for f in facts] == [(2, 15), (2, 15)]  # SIGTERM = 15
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2  # save_every=4: the signal's
+    assert [m["step"] for m in read_metrics(out)] == [1, 2] and not (out / "adapter").exists()
+
+
+@pytest.mark.slow
+def test_crash_while_saving_keeps_the_last_checkpoint_and_resume_continues(runs):
+    root = runs["root"]
+    crashed = runs["crashed"]
+    assert crashed.returncode != 0  # rank 1 died; the job ended (no hang: TIMEOUT_S would have failed it)
+    assert "exitcode  : 3" in crashed.stdout + crashed.stderr  # torchrun's report of os._exit(3) on rank 1
+    assert runs["state_after_crash"]["step"] == 2 and runs["state_after_crash"]["sharded"]
+    # The step-4 checkpoint was being written when rank 1 died: its temporary folder was never swapped in.
+    assert "checkpoint" in runs["leftovers"] and "checkpoint.tmp-sharded" in runs["leftovers"]
+    _ok(runs["resumed"])
+    resumed, reference = read_metrics(root / "crash"), read_metrics(root / "fsdp-qdora")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    # Same world size, same operations: the resumed curve and adapter are the uninterrupted ones exactly.
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in reference]
+    a = load_file(str(root / "crash" / "adapter" / "adapter.safetensors"))
+    e = load_file(str(root / "fsdp-qdora" / "adapter" / "adapter.safetensors"))
+    assert all(torch.equal(a[k], e[k]) for k in e)
+    assert not (root / "crash" / "checkpoint.tmp-sharded").exists()
+
+
+def test_fsdp_needs_a_launcher(tmp_path, monkeypatch):
+    from qdora.fsdp import init_process_group
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match="torchrun --standalone --nproc-per-node 2 -m qdora.cli -- train --fsdp"):
+        init_process_group()
+
+
+def test_fsdp_config_errors():
+    with pytest.raises(ValueError) as info:
+        TrainConfig(model="m", data="d", out="o", method="full", optimizer="paged_adamw_8bit", fsdp=True)
+    assert "method='full' is not supported with --fsdp" in str(info.value)
+    assert "optimizer='paged_adamw_8bit' cannot step sharded parameters" in str(info.value)
+
+
+def test_sharded_checkpoint_needs_fsdp_to_resume(tmp_path, monkeypatch):
+    from qdora.train import load_checkpoint
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "state.json").write_text(json.dumps({"step": 2, "sharded": True, "world_size": 2}))
+    with pytest.raises(ValueError, match="sharded checkpoint of a --fsdp run; resume it with --fsdp"):
+        load_checkpoint(tmp_path, None, None, {})
+
+
+def test_mixed_precision_needs_matching_quant_storage():
+    from torch import nn
+    from qdora import AdapterConfig, add_adapters
+    from qdora.fsdp import prepare_for_fsdp
+
+    model = nn.Sequential(nn.Linear(64, 32))
+    add_adapters(model, AdapterConfig(method="qdora", r=2, target_modules=("0",)), verbose=False)
+    with pytest.raises(ValueError, match="stored as torch.uint8.*quant_storage='bfloat16'"):
+        prepare_for_fsdp(model, torch.bfloat16)
+
+
+@pytest.mark.parametrize("storage", ["uint8", "bfloat16", "float32"])
+def test_shardable_layers_compute_what_the_nf4_model_computes(storage):
+    """`prepare_for_fsdp` (plain packed parameters, quantization state on the module, frozen NF4
+    layers through our autograd function) changes no output and no gradient. Oracle: the same
+    model before the change (bitsandbytes' own forward for the frozen layers)."""
+    from qdora import AdapterConfig, add_adapters
+    from qdora.fsdp import ShardableLinear4bit, prepare_for_fsdp
+    from conftest import FP32_TOL, assert_close
+
+    torch.manual_seed(0)
+    model = build(llama3_config(num_hidden_layers=1, hidden_size=64, intermediate_size=192))
+    cfg = AdapterConfig(method="qdora", r=4, dropout=0.0, target_modules=("q_proj", "down_proj"),
+                        adapter_dtype="float32", quant_storage=storage)
+    add_adapters(model, cfg, verbose=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    ids = torch.randint(0, 1024, (2, 11))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    logits, grads = run()
+    prepare_for_fsdp(model, None)
+    frozen = [m for m in model.modules() if isinstance(m, ShardableLinear4bit)]
+    assert len(frozen) == 5 and all(type(m.weight) is torch.nn.Parameter for m in frozen)
+    logits2, grads2 = run()
+    assert_close(logits2, logits, FP32_TOL, "logits")
+    for n in grads:
+        assert_close(grads2[n], grads[n], FP32_TOL, n)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("method", ["qdora", "dora"])
+def test_other_ranks_rebuild_the_same_tree_on_meta(tied, method):
+    """What rank 0 describes (as JSON) rebuilds, on another rank, the same parameters (names,
+    shapes, dtypes, trainable, tying), buffers and quantization-state layouts, with no data."""
+    from qdora import AdapterConfig, add_adapters
+    from qdora.fsdp import _non_parameter_tensors, build_from_description, describe, prepare_for_fsdp
+
+    model = build(llama3_config(tie_word_embeddings=tied))
+    add_adapters(model, AdapterConfig(method=method, r=4, magnitude_only_modules=("o_proj",),
+                                      adapter_dtype="float32"), verbose=False)
+    prepare_for_fsdp(model, None)
+    desc = json.loads(json.dumps(describe(model, None)))
+    other = build_from_description(desc, torch.device("cpu"))
+    assert type(other) is type(model)
+    ours = list(model.named_parameters(remove_duplicate=False))
+    theirs = list(other.named_parameters(remove_duplicate=False))
+    assert [(n, p.shape, p.dtype, p.requires_grad) for n, p in ours] == \
+        [(n, p.shape, p.dtype, p.requires_grad) for n, p in theirs]
+    assert all(p.device.type == "meta" for _, p in theirs)
+    assert (other.lm_head.weight is other.model.embed_tokens.weight) == tied
+    a, b = _non_parameter_tensors(model), _non_parameter_tensors(other)
+    assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
+    assert [type(m).__name__ for m in model.modules()] == [type(m).__name__ for m in other.modules()]
+    assert other.qdora_config == model.qdora_config
