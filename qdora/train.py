@@ -104,6 +104,9 @@ class TrainConfig:
             problems.append(f"optimizer={self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
         if self.fsdp and self.method == "full":
             problems.append("fsdp=True trains adapters; method='full' is not supported with --fsdp")
+        if self.fsdp and self.direction != "lora":
+            problems.append(f"direction={self.direction!r} is not supported with --fsdp (VeRA's projections are "
+                            "shared across layers, which FSDP shards separately); use direction='lora'")
         if self.fsdp and self.optimizer != "adamw":
             problems.append(f"optimizer={self.optimizer!r} cannot step sharded parameters; use 'adamw' with --fsdp")
         if problems:

@@ -190,6 +190,8 @@ def test_fsdp_config_errors():
         TrainConfig(model="m", data="d", out="o", method="full", optimizer="paged_adamw_8bit", fsdp=True)
     assert "method='full' is not supported with --fsdp" in str(info.value)
     assert "optimizer='paged_adamw_8bit' cannot step sharded parameters" in str(info.value)
+    with pytest.raises(ValueError, match="direction='vera' is not supported with --fsdp"):
+        TrainConfig(model="m", data="d", out="o", method="qdora", direction="vera", fsdp=True)
 
 
 def test_sharded_checkpoint_needs_fsdp_to_resume(tmp_path, monkeypatch):
