@@ -15,6 +15,9 @@ def _bench(args) -> int:
     if args.what == "model":
         from qdora.eval.bench_model import main as bench_model
         return bench_model(args.rest)
+    if args.what == "step":
+        from qdora.eval.bench_step import main as bench_step
+        return bench_step(args.rest)
     from qdora.eval.bench_kernels import main as bench_kernels
     return bench_kernels(args.rest)
 
@@ -208,9 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdora", description="Quantized DoRA fine-tuning of LLMs.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    bench = sub.add_parser("bench", help="benchmarks: layer, load, model, kernels",
+    bench = sub.add_parser("bench", help="benchmarks: layer, load, model, step, kernels",
                            description="Run a benchmark. `qdora bench layer --help` lists its options.")
-    bench.add_argument("what", choices=("layer", "load", "model", "kernels"))
+    bench.add_argument("what", choices=("layer", "load", "model", "step", "kernels"))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=_bench)
     _add_train(sub)

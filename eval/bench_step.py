@@ -1,0 +1,266 @@
+"""`qdora bench step`: one full training step of a whole model against its matmul-only lower bound,
+and where the rest of the time goes.
+
+A step is what `qdora train` does per optimizer step: forward, backward, gradient clipping (1.0),
+AdamW (lr 2e-4), `zero_grad`, with gradient checkpointing on (transformers' non-reentrant
+checkpointing of each decoder layer: every linear runs forward twice, backward once). Variants,
+built once and stepped round-robin on the same batch so machine noise hits them alike (medians,
+first step dropped):
+
+- `ours qdora`, `ours qlora`: `qdora.load_model(..., method=...)`, NF4 base, fp32 adapters.
+- `peft qdora`: PEFT `LoraConfig(use_dora=True)` over the same NF4 base.
+- `bound`: the **matmul-only lower bound**. Every NF4 linear is dequantized once into a plain
+  frozen fp32 `nn.Linear` (same values the NF4 variants compute with); each target module gets a
+  LoRA update computed as `y = x·W0ᵀ + s·(x·Aᵀ)·Bᵀ` with one `addmm` (no dropout, no norm, no
+  magnitude, no casts). So the bound runs exactly the base and adapter matmuls every QDoRA
+  implementation must run (forward, checkpoint recompute, dx and dA/dB in backward) plus the
+  parts of the model that are not adapter layers (attention, RMSNorm, MLP activation, embedding,
+  loss), which are the same code in every variant. Its trainable tensors are `A`, `B` of the same
+  shapes; it has no magnitude vector (`out` values per layer, 2.7% of SmolLM2's adapter
+  parameters: a negligible share of AdamW's time). What a QDoRA step spends above the bound is
+  dequantization, dropout, the norm and the magnitude epilogue, casts, copies and Python.
+
+Dropout (`--dropout`, default 0.05 as `qdora train`) applies to ours and PEFT's adapter input; the
+bound has none (a mask is not a matmul). PEFT's DoRA with dropout > 0 runs one more base pass.
+
+`--profile` adds a torch.profiler breakdown of one step of `ours qdora` and `bound` (self CPU time
+of every op, grouped; the profiler's own overhead inflates all rows alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+VARIANTS = ("ours qdora", "ours qlora", "peft qdora", "bound")
+
+
+class DenseLoRA(nn.Module):
+    """Frozen fp32 `W0` plus a LoRA update, matmuls only: `addmm(x·W0ᵀ, x·Aᵀ, Bᵀ, alpha=s)`."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.base_layer = base
+        A = torch.empty(r, base.in_features)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        self.lora_A = nn.Parameter(A)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+        self.scaling = alpha / r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.addmm(torch.nn.functional.linear(x2, self.base_layer.weight, self.base_layer.bias),
+                        x2 @ self.lora_A.t(), self.lora_B.t(), alpha=self.scaling)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def bound_model(path: str, cfg):
+    """The lower-bound model: NF4 linears dequantized to frozen fp32 `nn.Linear`, LoRA on targets."""
+    import bitsandbytes as bnb
+
+    from qdora.loading import load_model
+    from qdora.nf4 import RowBlocks
+    from qdora.surgery import matches
+
+    model, tok = load_model(path, method="qlora", cfg=cfg.replace(method="qlora"), add=False, progress=False)
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, bnb.nn.Linear4bit):
+            continue
+        dense = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+        with torch.no_grad():
+            dense.weight.copy_(RowBlocks(mod, 1 << 30).dequantize(torch.float32))
+            if mod.bias is not None:
+                dense.bias.copy_(mod.bias.float())
+        dense.requires_grad_(False)
+        layer = DenseLoRA(dense, cfg.r, cfg.alpha) if any(matches(name, p) for p in cfg.target_modules) else dense
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    return model, tok
+
+
+def build(name: str, path: str, r: int, dropout: float):
+    import peft
+
+    from qdora.config import AdapterConfig
+    from qdora.loading import load_model
+
+    method = "qlora" if name == "bound" else name.split()[1]
+    cfg = AdapterConfig(method=method, r=r, alpha=2 * r, dropout=dropout, adapter_dtype="float32")
+    if name.startswith("ours"):
+        model, tok = load_model(path, method=method, cfg=cfg, progress=False)
+    elif name == "bound":
+        model, tok = bound_model(path, cfg)
+    else:
+        model, tok = load_model(path, method="qlora", cfg=cfg.replace(method="qlora"), add=False, progress=False)
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=r, lora_alpha=2 * r, lora_dropout=dropout, use_dora=True,
+            target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    return model, tok
+
+
+def make_step(model, batch):
+    """One `qdora train` optimizer step (forward, backward, clip 1.0, AdamW 2e-4, zero_grad)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4)
+
+    def step():
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+# ---- profile breakdown --------------------------------------------------------------------------
+
+GROUPS = ("matmuls", "NF4 dequantize", "norm terms & DoRA epilogue", "dropout", "casts/copies/fills",
+          "attention (sdpa)", "elementwise", "optimizer", "other ops", "Python & framework")
+_MATMUL = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::matmul",
+           "aten::linear"}
+_COPY = {"aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::cat",
+         "aten::stack", "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::zeros",
+         "aten::zeros_like", "aten::zero_", "aten::fill_", "aten::ones_like", "aten::new_empty",
+         "aten::new_zeros", "aten::resize_", "aten::as_strided_"}
+_DROPOUT = ("aten::bernoulli_", "aten::native_dropout", "aten::dropout", "aten::native_dropout_backward",
+            "NativeDropoutBackward", "): dropout")
+_OTHER = {"aten::embedding", "aten::embedding_backward", "aten::embedding_dense_backward",
+          "aten::log_softmax", "aten::_log_softmax", "aten::nll_loss_forward", "aten::nll_loss_backward",
+          "aten::_log_softmax_backward_data", "aten::index", "aten::index_put_", "aten::nonzero",
+          "aten::item", "aten::_local_scalar_dense", "aten::index_select", "aten::scatter_"}
+
+
+def classify(evt) -> str | None:
+    """The group of one profiler event from its name and its ancestors' names (with `with_stack`,
+    the ancestors include the Python frames, e.g. `qdora/function.py(150): backward`). None for
+    the profiler's own events."""
+    chain = []
+    e = evt
+    while e is not None:
+        chain.append(e.name)
+        e = e.cpu_parent
+    text = "\n".join(chain)
+    name = evt.name
+    if "torch/profiler/" in text or "torch/autograd/profiler" in text:
+        return None
+    if "Optimizer." in text or "torch/optim/" in text or "clip_grad" in text:
+        return "optimizer"
+    if not (name.startswith("aten::") or name.startswith("bitsandbytes::")):
+        return "Python & framework"   # Python frames, autograd engine nodes, custom op wrappers
+    if "bitsandbytes::dequantize" in text or "qdora/nf4.py" in text or "kernels/nf4.py" in text:
+        return "NF4 dequantize"
+    if any(k in text for k in _DROPOUT):
+        return "dropout"
+    if "scaled_dot_product" in text:
+        return "attention (sdpa)"
+    if name in _MATMUL:
+        return "matmuls"
+    if name in _COPY:
+        return "casts/copies/fills"
+    if "qdora/function.py" in text or "qdora/layer.py" in text:
+        return "norm terms & DoRA epilogue"
+    if name in _OTHER:
+        return "other ops"
+    return "elementwise"
+
+
+def breakdown(step) -> tuple[dict[str, float], float]:
+    """Self CPU ms per group for one call of `step`, and the step's wall time under the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        t0 = time.perf_counter()
+        step()
+        wall = time.perf_counter() - t0
+    groups: dict[str, float] = defaultdict(float)
+    for evt in prof.events():
+        group = classify(evt) if evt.self_cpu_time_total > 0 else None
+        if group is not None:
+            groups[group] += evt.self_cpu_time_total / 1e3
+    return groups, wall * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="qdora bench step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint folder or .gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--cutoff-len", type=int, default=256)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--reps", type=int, default=5, help="timed steps per variant (default: %(default)s)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--profile", action="store_true", help="also print the profiler breakdown")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (default: torch's choice); 1 is steadier on a shared machine")
+    args = p.parse_args(argv)
+    if args.threads < 0:
+        raise ValueError(f"--threads={args.threads} must be >= 0 (0: torch's default)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad:
+        raise ValueError(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}")
+
+    from qdora.data import DEMO_DATA, SFTDataset, collate, load_records, pad_token_id
+    from qdora.loading import convert_gguf, smollm2_gguf_path
+
+    path = args.model or str(convert_gguf(smollm2_gguf_path()))
+    steps, tok = {}, None
+    models = {}
+    for name in names:
+        models[name], tok = build(name, path, args.r, args.dropout)
+    records = load_records(DEMO_DATA / "arc_easy_train.json")[: args.batch_size]
+    batch = collate(SFTDataset(records, tok, args.cutoff_len).examples, pad_token_id(tok))
+    steps = {name: make_step(model, batch) for name, model in models.items()}
+    tokens = int(batch["attention_mask"].sum())
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(args.reps + 1):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    print(f"{tokens} tokens per step (batch {args.batch_size} x cutoff {args.cutoff_len}), r={args.r}, "
+          f"dropout {args.dropout}, gradient checkpointing, AdamW; {torch.get_num_threads()} threads, "
+          f"median of {args.reps}\n")
+    print("| variant | step (s) | / bound |\n|---|---|---|")
+    bound = med.get("bound")
+    for k, v in med.items():
+        print(f"| {k} | {v:.3f} | {v / bound:.3f} |" if bound else f"| {k} | {v:.3f} | - |")
+    print()
+    if "ours qdora" in med and "ours qlora" in med:
+        print(f"- ours qdora / ours qlora: {med['ours qdora'] / med['ours qlora']:.3f}")
+    if "ours qdora" in med and "peft qdora" in med:
+        print(f"- peft qdora / ours qdora: {med['peft qdora'] / med['ours qdora']:.3f}")
+
+    if args.profile:
+        cols = [n for n in ("ours qdora", "bound") if n in steps]
+        tables = {n: breakdown(steps[n]) for n in cols}
+        print("\nProfile of one step (self CPU ms per group; wall is the profiled step):\n")
+        print("| group | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
+        for g in GROUPS:
+            row = []
+            for n in cols:
+                groups, _ = tables[n]
+                total = sum(groups.values())
+                row.append(f"{groups.get(g, 0.0):.0f} ({100 * groups.get(g, 0.0) / total:.0f}%)")
+            print(f"| {g} | " + " | ".join(row) + " |")
+        print("| sum (wall) | " + " | ".join(f"{sum(t[0].values()):.0f} ({t[1]:.0f})" for t in tables.values()) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
