@@ -12,6 +12,7 @@ from torch import nn
 
 import bitsandbytes as bnb
 
+from qdora.dropout import Dropout
 from qdora.function import DoRAFunction, LayerSpec
 from qdora.nf4 import RowBlocks
 
@@ -99,7 +100,7 @@ class QDoRALinear(nn.Module):
         self.scaling = 1.0 if vera is not None else (alpha / math.sqrt(r) if use_rslora else alpha / r) if r else 0.0
         self.compute_dtype = compute_dtype
         self.eps = eps
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 and r > 0 else nn.Identity()
+        self.lora_dropout = Dropout(dropout) if dropout > 0 and r > 0 else nn.Identity()
         device = self._blocks.device
         self.vera = vera
         if vera is not None:
