@@ -200,6 +200,58 @@ def breakdown(step) -> tuple[dict[str, float], float]:
     return groups, wall
 
 
+def _timed(fns: dict, reps: int) -> dict[str, tuple[float, float]]:
+    """Round-robin calls of each function; (min, median) milliseconds."""
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            ts[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: (min(v), statistics.median(v)) for k, v in ts.items()}
+
+
+def components(tokens: int, r: int, reps: int = 50) -> None:
+    """The step's non-matmul pieces, old and new way side by side, at SmolLM2's shapes."""
+    from qdora.dropout import Dropout
+    from qdora.kernels.nf4 import dequantize_nf4_reference
+    from qdora.nf4 import RowBlocks, linear4bit_from_linear
+
+    rows = []
+    for width in (576, 1536):
+        x = torch.randn(tokens, width, requires_grad=True)
+        dy = torch.randn(tokens, width)
+        fns = {}
+        for label, mod in (("nn.Dropout", nn.Dropout(0.05)), ("qdora Dropout", Dropout(0.05))):
+            fns[f"dropout fwd ({tokens}x{width}), {label}"] = lambda m=mod: m(x)
+            fns[f"dropout fwd+bwd ({tokens}x{width}), {label}"] = lambda m=mod: m(x).backward(dy)
+        rows.append(_timed(fns, reps))
+    shapes = [(576, 576), (192, 576), (192, 576), (1536, 576), (576, 1536)] * 30  # SmolLM2 targets
+    params = [nn.Parameter(torch.randn(*s)) for o, i in shapes for s in ((r, i), (o, r), (o,))]
+    for q in params:
+        q.grad = torch.randn_like(q)
+    loop, fused = torch.optim.AdamW(params, lr=1e-12), torch.optim.AdamW(params, lr=1e-12, fused=True)
+    rows.append(_timed({f"AdamW, {len(params)} adapter tensors, per-tensor loop": loop.step,
+                        f"AdamW, {len(params)} adapter tensors, fused": fused.step,
+                        "clip_grad_norm_, loop": lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=False),
+                        "clip_grad_norm_, foreach": lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True)},
+                       max(5, reps // 5)))
+    blocks = RowBlocks(linear4bit_from_linear(nn.Linear(576, 1536, bias=False)), 1024)
+    packed = blocks.module.weight.data.reshape(-1).view(torch.uint8)[: 1024 * 576 // 2]
+    absmax = blocks.absmax(0, 1024 * 576 // 64)
+    rows.append(_timed({"NF4 row block 1024x576, bitsandbytes (RowBlocks.rows)": lambda: blocks.rows(0, 1024, torch.float32),
+                        "NF4 row block 1024x576, plain torch reference": lambda: dequantize_nf4_reference(
+                            packed, absmax, 64, 1024 * 576),
+                        "  of which: double-quantized absmax of the block": lambda: blocks.absmax(0, 1024 * 576 // 64)},
+                       reps))
+    print("\nComponents (ms, min / median of round-robin calls):\n\n| piece | min | median |\n|---|---|---|")
+    for table in rows:
+        for k, (lo, med) in table.items():
+            print(f"| {k} | {lo:.3f} | {med:.3f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qdora bench step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -211,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5, help="timed steps per variant (default: %(default)s)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     p.add_argument("--profile", action="store_true", help="also print the profiler breakdown")
+    p.add_argument("--components", action="store_true",
+                   help="only time the step's non-matmul pieces (dropout, AdamW, NF4 dequantize), old and new way")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads (default: torch's choice); 1 is steadier on a shared machine")
     args = p.parse_args(argv)
@@ -223,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise ValueError(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}")
 
+    if args.components:
+        components(args.batch_size * 108, args.r)   # 108: mean tokens per example of the default batch
+        return 0
     from qdora.data import DEMO_DATA, SFTDataset, collate, load_records, pad_token_id
     from qdora.loading import convert_gguf, smollm2_gguf_path
 
