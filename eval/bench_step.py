@@ -161,7 +161,9 @@ def classify(evt) -> str | None:
         return None
     if "Optimizer." in text or "torch/optim/" in text or "clip_grad" in text:
         return "optimizer"
-    if "bitsandbytes::dequantize" in text or "qdora/nf4.py" in text or "kernels/nf4.py" in text:
+    if "qdora::nf4_norm_terms" in text or "qdora::dora_epilogue" in text:
+        return "norm terms & DoRA epilogue"
+    if "dequantize" in text or "qdora/nf4.py" in text or "kernels/nf4.py" in text:
         return "NF4 dequantize"
     if any(k in text for k in _DROPOUT):
         return "dropout"
@@ -217,6 +219,7 @@ def components(tokens: int, r: int, reps: int = 50) -> None:
     """The step's non-matmul pieces, old and new way side by side, at SmolLM2's shapes."""
     from qdora.dropout import Dropout
     from qdora.kernels.nf4 import dequantize_nf4_reference
+    from qdora.kernels.reference import absmax_fp32
     from qdora.nf4 import RowBlocks, linear4bit_from_linear
 
     rows = []
@@ -239,12 +242,20 @@ def components(tokens: int, r: int, reps: int = 50) -> None:
                         "clip_grad_norm_, foreach": lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True)},
                        max(5, reps // 5)))
     blocks = RowBlocks(linear4bit_from_linear(nn.Linear(576, 1536, bias=False)), 1024)
-    packed = blocks.module.weight.data.reshape(-1).view(torch.uint8)[: 1024 * 576 // 2]
-    absmax = blocks.absmax(0, 1024 * 576 // 64)
-    rows.append(_timed({"NF4 row block 1024x576, bitsandbytes (RowBlocks.rows)": lambda: blocks.rows(0, 1024, torch.float32),
+    w = blocks.nf4
+    nb = 1024 * 576 // w.blocksize
+    absmax_args = (w.absmax, w.absmax_code, w.absmax_scale, w.absmax_offset, w.absmax_blocksize, 0, nb)
+    absmax = absmax_fp32(*absmax_args)
+
+    def absmax_by_index():  # the formula absmax_fp32 used before: one index per NF4 block
+        scale = w.absmax_scale.float()[torch.arange(0, nb) // w.absmax_blocksize]
+        return w.absmax_code.float()[w.absmax[:nb].long()] * scale + w.absmax_offset.float()
+
+    rows.append(_timed({"NF4 row block 1024x576, bitsandbytes kernel (RowBlocks.rows)": lambda: blocks.rows(0, 1024, torch.float32),
                         "NF4 row block 1024x576, plain torch reference": lambda: dequantize_nf4_reference(
-                            packed, absmax, 64, 1024 * 576),
-                        "  of which: double-quantized absmax of the block": lambda: blocks.absmax(0, 1024 * 576 // 64)},
+                            w.packed[: 1024 * 576 // 2], absmax, w.blocksize, 1024 * 576),
+                        "  its double-quantized absmax, indexed per block (before)": absmax_by_index,
+                        "  its double-quantized absmax, repeat_interleave (now)": lambda: absmax_fp32(*absmax_args)},
                        reps))
     print("\nComponents (ms, min / median of round-robin calls):\n\n| piece | min | median |\n|---|---|---|")
     for table in rows:

