@@ -23,8 +23,15 @@ first step dropped):
 Dropout (`--dropout`, default 0.05 as `qdora train`) applies to ours and PEFT's adapter input; the
 bound has none (a mask is not a matmul). PEFT's DoRA with dropout > 0 runs one more base pass.
 
-`--profile` adds a torch.profiler breakdown of one step of `ours qdora` and `bound` (self CPU time
-of every op, grouped; the profiler's own overhead inflates all rows alike).
+`--profile` adds a torch.profiler breakdown of one step of `ours qdora` and `bound` (self time of
+every op, grouped; the profiler's stack tracing inflates the Python row most). `--components`
+times the step's non-matmul pieces alone, the old and the new way side by side.
+
+Dequantizations per step (each NF4 linear, adapted or frozen): three passes over its row blocks —
+forward, the recompute under gradient checkpointing, and the `dx` pass of the backward. Each
+needs `W0` and nothing dequantized is kept between them (keeping one decoder layer's weights from
+the recompute to the backward would cost `layer params × 4` bytes, e.g. 0.9 GB on Llama-3-8B), so
+three is the minimum; the norm's `W0·Aᵀ` rides along the forward and recompute passes.
 """
 
 from __future__ import annotations
