@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     from qdora.loading import convert_gguf, smollm2_gguf_path
 
     path = args.model or str(convert_gguf(smollm2_gguf_path()))
-    steps, tok = {}, None
+    tok = None
     models = {}
     for name in names:
         models[name], tok = build(name, path, args.r, args.dropout)
