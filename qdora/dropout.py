@@ -50,14 +50,14 @@ class _MaskedScale(torch.autograd.Function):
         return dy.mul(ctx.scale).masked_fill_(drop, 0), None, None
 
 
-class Dropout(nn.Module):
-    """Drop-in for `nn.Dropout(p)` on the adapter input (see the module docstring)."""
+class Dropout(nn.Dropout):
+    """Drop-in for `nn.Dropout(p)` on the adapter input (see the module docstring); a subclass, so
+    code that reads `p` from an `nn.Dropout` keeps working."""
 
     def __init__(self, p: float):
-        super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout p={p!r} must be in [0, 1)")
-        self.p = p
+        super().__init__(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
@@ -66,6 +66,3 @@ class Dropout(nn.Module):
             return nn.functional.dropout(x, self.p, True)
         keep = 1.0 - round(self.p * _RES) / _RES
         return _MaskedScale.apply(x, drop_mask(x.shape, self.p, x.device), 1.0 / keep)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
