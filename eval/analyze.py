@@ -118,8 +118,8 @@ def _draw(ax, rows: list[dict], title: str, cmap, layers: list[int]) -> dict:
     for i, c in enumerate(checkpoints):
         ax.scatter([], [], color="black", marker=markers[i % len(markers)], label=c)
     ax.legend(fontsize=7, loc="best")
-    ax.set_xlabel("ΔD  (mean 1 − cos per output row)")
-    ax.set_ylabel("ΔM  (mean |Δ row norm|)")
+    ax.set_xlabel("ΔD: mean over rows of 1 − cos")
+    ax.set_ylabel("ΔM: mean over rows of |Δ‖row‖|")
     ax.set_title(f"{title}  slope {stats['slope']:.3g}, r = {stats['correlation']:.2f}".strip(), fontsize=9)
     return stats
 
@@ -142,7 +142,8 @@ def plot_panels(groups: dict[str, list[dict]], path: str | os.PathLike) -> bool:
     groups = {k: v for k, v in groups.items() if v}
     layers = sorted({r["layer"] for rows in groups.values() for r in rows if r["layer"] is not None})
     cmap = plt.get_cmap("viridis", max(2, len(layers)))
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups) + 1, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups) + 1, 4.5), squeeze=False,
+                             layout="constrained")  # room for every panel's labels and offsets
     for ax, (title, rows) in zip(axes[0], groups.items()):
         _draw(ax, rows, title, cmap, layers)
     fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(min(layers or [0]), max(layers or [1]))),

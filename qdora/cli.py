@@ -61,6 +61,9 @@ def _add_train(sub) -> None:
                    help="shard the model over the processes of a torchrun job (FSDP2; run as "
                         "`torchrun ... -m qdora.cli -- train ...`); --batch-size stays the global batch, "
                         "split across the processes")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="with --fsdp: keep the shards of parameters, gradients and optimizer states in CPU memory "
+                        "and step the optimizer there (less GPU memory, slower steps; see `qdora plan --cpu-offload`)")
     p.set_defaults(func=_train)
 
 
@@ -80,7 +83,7 @@ def _train(args) -> int:
                       save_every=args.save_every, optimizer=args.optimizer,
                       gradient_checkpointing=not args.no_gradient_checkpointing,
                       train_on_prompt=args.train_on_prompt, resume=args.resume, progress=not args.no_progress,
-                      fsdp=args.fsdp)
+                      fsdp=args.fsdp, cpu_offload=args.cpu_offload)
     main_rank = True
     try:
         summary = train(cfg)

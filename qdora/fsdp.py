@@ -18,10 +18,11 @@ What has to change for an NF4 model to be sharded:
 Low-memory start: rank 0 alone loads and quantizes the checkpoint. It sends the other ranks a
 JSON description of the result (`describe`: config, NF4 layers and their quantization-state
 layout, adapter settings, every tensor's shape and dtype), from which they build the same module
-tree with every parameter on the meta device (`build_from_description`). Every rank shards its
-tree; rank 0 then broadcasts the buffers and quantization states (small, kept whole everywhere)
-and the parameters one tensor at a time, of which each rank keeps only its shard. No rank but 0
-ever holds the whole model, and nothing is unpickled.
+tree with every parameter on the meta device (`build_from_description`), shard it and allocate
+their shards. Rank 0 broadcasts the buffers and quantization states (small, kept whole
+everywhere), then shards its model one decoder layer at a time, broadcasting each parameter of
+that layer whole and dropping it once sent; each other rank keeps only its shard. No rank but 0
+ever holds the whole model, rank 0 holds it once (plus one layer's shards), and nothing is unpickled.
 
 Gradients: the trainable adapters are sharded like everything else; FSDP reduce-scatters their
 gradients and divides by the world size. Each rank's loss is its share of the *global* token-mean
@@ -55,9 +56,11 @@ def launched_distributed() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_process_group(timeout_s: float | None = None) -> torch.device:
+def init_process_group(timeout_s: float | None = None, cpu_offload: bool = False) -> torch.device:
     """Join the process group the launcher describes (NCCL on CUDA, gloo on CPU); return this rank's
-    device. `timeout_s` (default `QDORA_DIST_TIMEOUT` or 600 s) bounds every collective."""
+    device. `timeout_s` (default `QDORA_DIST_TIMEOUT` or 600 s) bounds every collective.
+    `cpu_offload` on CUDA adds gloo for CPU tensors: with the shards in CPU memory, the gradient
+    norm and the gathered adapter are collectives on CPU tensors, which NCCL cannot run."""
     if not launched_distributed():
         raise ValueError("--fsdp needs a multi-process launcher: run e.g. "
                          "`torchrun --standalone --nproc-per-node 2 -m qdora.cli -- train --fsdp ...` "
@@ -67,7 +70,7 @@ def init_process_group(timeout_s: float | None = None) -> torch.device:
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
-        device, backend = torch.device("cuda", local), "nccl"
+        device, backend = torch.device("cuda", local), "cuda:nccl,cpu:gloo" if cpu_offload else "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
@@ -161,13 +164,23 @@ def mixed_precision(device: torch.device):
     return MixedPrecisionPolicy()
 
 
-def shard(model: nn.Module, device: torch.device) -> nn.Module:
+def offload_policy(device: torch.device, cpu_offload: bool):
+    """FSDP2's CPU offload: each rank's shards of the parameters, their gradients and the optimizer
+    states live in CPU memory; a layer's shards are copied to the device just before its all-gather,
+    gradients are copied back after the reduce-scatter, and the optimizer steps on the CPU. Pinned
+    host memory on CUDA (asynchronous copies). On a CPU device it changes where nothing lives, but the
+    same FSDP code path runs (what the CPU tests check)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+    return CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
+
+
+def shard(model: nn.Module, device: torch.device, cpu_offload: bool = False) -> nn.Module:
     """`fully_shard` each decoder layer, then the root (embeddings, final norm, head)."""
     from torch.distributed.fsdp import fully_shard
-    mp = mixed_precision(device)
+    mp, offload = mixed_precision(device), offload_policy(device, cpu_offload)
     for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, mp_policy=mp, offload_policy=offload)
+    fully_shard(model, mp_policy=mp, offload_policy=offload)
     return model
 
 
@@ -316,7 +329,7 @@ def build_from_description(desc: dict, device: torch.device) -> nn.Module:
 def _broadcast_json(obj) -> object:
     """`obj` (JSON-able) from rank 0 to every rank, as bytes in a tensor."""
     import json
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend()) else torch.device("cpu")
     data = json.dumps(obj).encode() if rank() == 0 else b""
     size = torch.tensor([len(data)], dtype=torch.int64, device=device)
     dist.broadcast(size, src=0)
@@ -335,32 +348,85 @@ def _non_parameter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_sharded(load, device: torch.device):
-    """`load() -> (model, tokenizer)` runs on rank 0 only; every rank returns its sharded model and
-    the tokenizer. See the module docstring (low-memory start)."""
-    from transformers import AutoTokenizer
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+def _parameter_groups(model: nn.Module) -> list[list[str]]:
+    """The model's parameter names in the order they are sharded and broadcast: each decoder
+    layer's, then the rest (embeddings, final norm, head). The same on every rank."""
+    layers = decoder_layers(model)
+    prefix = next(name for name, m in model.named_modules() if m is layers)
+    groups = [[f"{prefix}.{i}.{n}" for n, _ in layer.named_parameters()] for i, layer in enumerate(layers)]
+    in_layers = {n for g in groups for n in g}
+    return groups + [[n for n, _ in model.named_parameters() if n not in in_layers]]
 
-    param_dtype = mixed_precision(device).param_dtype
+
+def _broadcast_shards(model: nn.Module, names: list[str], whole: dict[str, torch.Tensor],
+                      device: torch.device) -> None:
+    """Rank 0 broadcasts the whole parameters `names`, one at a time, through `device`, and drops
+    each from `whole` (its pre-sharding tensors) once sent. Every other rank copies its dim-0 shard
+    (FSDP2 shards like `torch.chunk`) into its local tensor, wherever that lives (the device, or
+    CPU memory with offload); rank 0's shards were cut from the same tensors by `fully_shard`.
+    This is `set_model_state_dict(..., broadcast_from_rank0=True)` without its requirement that
+    every tensor sit on one device (CPU offload breaks it) and with rank 0 freeing as it goes."""
+    from torch.distributed.tensor import DTensor
+
+    world, me = world_size(), rank()
+    params = dict(model.named_parameters())
+    for name in names:
+        p = params[name]
+        buf = (whole.pop(name).detach().to(device) if me == 0
+               else torch.empty(p.shape, dtype=p.dtype, device=device))
+        dist.broadcast(buf, src=0)
+        if me != 0:
+            if isinstance(p, DTensor):
+                local, chunks = p.to_local(), buf.chunk(world, dim=0)
+                piece = chunks[me] if me < len(chunks) else buf[:0]  # a short dim leaves the last ranks empty
+            else:
+                local, piece = p, buf
+            if piece.shape != local.shape:
+                raise RuntimeError(f"{name}: rank {me} holds a shard of shape {tuple(local.shape)}, expected "
+                                   f"{tuple(piece.shape)} (dim-0 chunk {me} of {world} of {tuple(buf.shape)})")
+            local.copy_(piece)
+        del buf
+
+
+def build_sharded(load, device: torch.device, cpu_offload: bool = False):
+    """`load() -> (model, tokenizer)` runs on rank 0 only; every rank returns its sharded model and
+    the tokenizer. See the module docstring (low-memory start) and `offload_policy`."""
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoTokenizer
+
+    mp, offload = mixed_precision(device), offload_policy(device, cpu_offload)
     if rank() == 0:
         model, tokenizer = load()
-        prepare_for_fsdp(model, param_dtype)
-        full = model.state_dict()
+        prepare_for_fsdp(model, mp.param_dtype)
         desc = describe(model, getattr(model, "name_or_path", None) if tokenizer is not None else None)
     else:
-        full, desc = {}, None
+        desc = None
     desc = _broadcast_json(desc)
     if rank() != 0:
         model = build_from_description(desc, device)
         tokenizer = AutoTokenizer.from_pretrained(desc["tokenizer_dir"]) if desc["tokenizer_dir"] else None
-    shard(model, device)
-    if rank() != 0:
-        model.to_empty(device=device, recurse=True)  # this rank's shards, and room for the buffers
+    groups = _parameter_groups(model)
     with torch.no_grad():
-        for name, t in sorted(_non_parameter_tensors(model).items()):
-            dist.broadcast(t, src=0)
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del full
+        if rank() == 0:
+            # Layer by layer: shard it, send it, drop the whole tensors. Rank 0's peak is the loaded
+            # model plus one layer's shards, not the loaded model plus all of them.
+            whole = dict(model.named_parameters())
+            for _, tensor in sorted(_non_parameter_tensors(model).items()):
+                dist.broadcast(tensor, src=0)
+            for layer, names in zip(list(decoder_layers(model)) + [model], groups):
+                fully_shard(layer, mp_policy=mp, offload_policy=offload)
+                _broadcast_shards(model, names, whole, device)
+            del whole
+        else:
+            # The whole tree is sharded on meta, then this rank's shards (and the buffers) are
+            # allocated; with CPU offload FSDP moves each shard to (pinned) CPU memory as it is
+            # allocated (`reset_sharded_param`), the buffers stay on the device.
+            shard(model, device, cpu_offload)
+            model.to_empty(device=device, recurse=True)
+            for _, tensor in sorted(_non_parameter_tensors(model).items()):
+                dist.broadcast(tensor, src=0)
+            for names in groups:
+                _broadcast_shards(model, names, {}, device)
     return model, tokenizer
 
 

@@ -30,7 +30,8 @@ CHECKPOINT = "checkpoint"
 SCHEDULES = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 # Fields that may change between a run and its resumption.
-_RESUMABLE_CHANGES = {"max_steps", "resume", "save_every", "log_every", "progress", "keep_adapters_every"}
+_RESUMABLE_CHANGES = {"max_steps", "resume", "save_every", "log_every", "progress", "keep_adapters_every",
+                      "cpu_offload"}
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,9 @@ class TrainConfig:
     fsdp: bool = False
     """Shard the model over the processes of a `torchrun` job (FSDP2, `qdora.fsdp`).
     `batch_size` stays the global micro-batch, split across the ranks: the run is the same run."""
+    cpu_offload: bool = False
+    """With `fsdp`: keep each rank's shards of the parameters, gradients and optimizer states in CPU
+    memory and step the optimizer there (FSDP2 `CPUOffloadPolicy`; `qdora plan --cpu-offload`)."""
 
     def __post_init__(self):
         problems = []
@@ -107,6 +111,8 @@ class TrainConfig:
         if self.fsdp and self.direction != "lora":
             problems.append(f"direction={self.direction!r} is not supported with --fsdp (VeRA's projections are "
                             "shared across layers, which FSDP shards separately); use direction='lora'")
+        if self.cpu_offload and not self.fsdp:
+            problems.append("cpu_offload=True is an FSDP option: add --fsdp (and launch with torchrun)")
         if self.fsdp and self.optimizer != "adamw":
             problems.append(f"optimizer={self.optimizer!r} cannot step sharded parameters; use 'adamw' with --fsdp")
         if problems:
@@ -341,7 +347,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
     rank, world = 0, 1
     if cfg.fsdp:
         from qdora import fsdp
-        device = fsdp.init_process_group()
+        device = fsdp.init_process_group(cpu_offload=cfg.cpu_offload)
         rank, world = fsdp.rank(), fsdp.world_size()
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -354,7 +360,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
             adapter_cfg = adapter_cfg.replace(quant_storage="bfloat16")
         model, tokenizer = fsdp.build_sharded(
             lambda: load_model(cfg.model, method=cfg.method, cfg=adapter_cfg, device=device,
-                               progress=cfg.progress), device)
+                               progress=cfg.progress), device, cpu_offload=cfg.cpu_offload)
         if not main:  # dropout masks differ between ranks; rank 0's stream is the single-process one
             torch.manual_seed(cfg.seed + rank)
     elif build is None:

@@ -40,6 +40,10 @@ def facts(model, load_calls: int) -> dict:
         "gradient_checkpointing": bool(getattr(model, "is_activation_checkpointing", None)
                                       or getattr(model, "is_gradient_checkpointing", False)),
         "fsdp_layers": sum(type(m).__name__.startswith("FSDP") for m in layers),
+        # FSDP2's record of CPU offload per parameter, and where this rank's shards actually live.
+        "offload_to_cpu": sorted({fp.offload_to_cpu for g in model._get_fsdp_state()._fsdp_param_groups
+                                  for fp in g.fsdp_params}),
+        "shard_devices": sorted({str(p.to_local().device) for p in params}),
     }
 
 

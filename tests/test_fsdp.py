@@ -73,6 +73,7 @@ def runs(tmp_path_factory):
 
     runs = [{"config": config(root, root / "fsdp-qdora", fsdp=True), "peft_adapter": str(root / "fsdp-qdora-peft")},
             {"config": config(root, root / "fsdp-qlora", method="qlora", fsdp=True)},
+            {"config": config(root, root / "fsdp-qdora-offload", fsdp=True, cpu_offload=True)},
             {"config": config(root, root / "stop", fsdp=True, save_every=4), "sigterm_rank1_at": 2},
             {"config": config(root, root / "crash", fsdp=True), "crash_in_save_at": 4}]
     crashed = torchrun({"runs": runs}, root)
@@ -122,6 +123,23 @@ def test_fsdp_equals_single_process(runs, method):
     # The adapters moved (B starts at 0): equality is not two untouched initialisations.
     b = load_file(str(root / f"fsdp-{method}" / "adapter" / "adapter.safetensors"))
     assert max(v.abs().max().item() for k, v in b.items() if k.endswith("lora_B")) > 1e-3
+
+
+@pytest.mark.slow
+def test_cpu_offload_trains_the_same_run(runs):
+    """CPU offload (FSDP2 `CPUOffloadPolicy`) on a CPU device moves nothing, but runs FSDP's offload
+    path (host-side shards copied before each all-gather, gradients copied back, optimizer stepping
+    the host shards) and our loading of shards into it: same losses and adapter as one process."""
+    _finished(runs, "fsdp-qdora-offload")
+    root = runs["root"]
+    _assert_same_losses(read_metrics(root / "fsdp-qdora-offload"), read_metrics(root / "single-qdora"))
+    _assert_same_adapter(root / "fsdp-qdora-offload" / "adapter", root / "single-qdora" / "adapter")
+    for r in (0, 1):
+        offloaded = json.loads((root / "fsdp-qdora-offload" / f"facts-rank{r}.json").read_text())
+        plain = json.loads((root / "fsdp-qdora" / f"facts-rank{r}.json").read_text())
+        assert offloaded["offload_to_cpu"] == [True] and plain["offload_to_cpu"] == [False]
+        assert offloaded["shard_devices"] == ["cpu"] and offloaded["all_dtensor"]
+        assert 0.45 < offloaded["local_fraction"] < 0.55
 
 
 @pytest.mark.slow
@@ -190,6 +208,8 @@ def test_fsdp_config_errors():
         TrainConfig(model="m", data="d", out="o", method="full", optimizer="paged_adamw_8bit", fsdp=True)
     assert "method='full' is not supported with --fsdp" in str(info.value)
     assert "optimizer='paged_adamw_8bit' cannot step sharded parameters" in str(info.value)
+    with pytest.raises(ValueError, match="cpu_offload=True is an FSDP option: add --fsdp"):
+        TrainConfig(model="m", data="d", out="o", method="qdora", cpu_offload=True)
     with pytest.raises(ValueError, match="direction='vera' is not supported with --fsdp"):
         TrainConfig(model="m", data="d", out="o", method="qdora", direction="vera", fsdp=True)
 
