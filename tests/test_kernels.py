@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import assert_close
 from oracle import nf4_reference_dequantize
 from qdora.kernels import ops, reference
 from qdora.layer import QDoRALinear
@@ -313,8 +314,11 @@ def test_compiled_qdora_step_equals_eager(norm):
 
     eager = step(layer)
     compiled = step(torch.compile(layer, backend="inductor"))
-    for got, want in zip(compiled, eager):
-        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    # Inductor fuses and reorders fp32 arithmetic (the NF4 scale products among them), so the two
+    # differ by roundoff: measured at most 2e-7 of the largest entry (dA, whose small entries then
+    # differ by more than 1e-5 of themselves). Bound: 2e-6 of the largest entry, 10x that.
+    for name, got, want in zip(("y", "dx", "dA", "dB", "dm"), compiled, eager):
+        assert_close(got, want, 2e-6, name)
 
 
 # ---- qdora bench kernels -------------------------------------------------------------------------
