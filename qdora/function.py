@@ -23,7 +23,8 @@ that block's `dm`, by one fused op, `qdora::dora_epilogue_backward`):
                                                          rows with m = 0 recompute h)
     dB  = s·dhᵀ·a
     dA  = s·(dh·B)ᵀ·x_d
-    dx  = dh·W0 + s·(dh·B)·A    (second W0 pass, block by block; the adapter term goes to x_d)
+    dx  = dy·(g ⊙ W0) + s·(dh·B)·A    (a W0 pass, block by block, g folded into each freshly
+                                       dequantized block; the adapter term goes to x_d)
 
 `norm="exact"` adds the path through n. With `u = ∂L/∂(n²) = −g·dm / (2n)` (0 where n ≤ eps):
 
@@ -171,9 +172,8 @@ class DoRAFunction(torch.autograd.Function):
             dm_small = (dy2[:, small_g].float() * h.float()).sum(0) / n[small_g].clamp_min(spec.eps)
             del x2, h
 
-        # ---- one pass over column blocks of dy (row blocks of W0, dequantized only when needed):
-        # dh = dy ⊙ g and dm = Σ_t dy ⊙ (y − bias) / m (one fused op), then dh·B, dB = s·dhᵀ·a,
-        # dx += dh·W0, and in exact mode dA_w += 2s·(u ⊙ B)ᵀ·W0 with u from this block's dm.
+        # ---- pass 1, over column blocks of dy (no W0): dh = dy ⊙ g and dm = Σ_t dy ⊙ (y − bias) / m
+        # (one fused op), then dh·B and dB = s·dhᵀ·a. Each dh block dies before pass 2 allocates dx.
         dm = u = None
         if need_dm:
             dm = torch.empty(out_f, dtype=torch.float32, device=dy.device)
@@ -184,15 +184,9 @@ class DoRAFunction(torch.autograd.Function):
         Bc = B.to(cd) if ctx.has_lora else None
         dhB = torch.zeros(T, B.shape[1], dtype=cd, device=dy.device) if ctx.has_lora else None
         dB = torch.empty(out_f, B.shape[1], dtype=cd, device=dy.device) if ctx.has_lora and need_B else None
-        need_dA_w = exact and need_A
-        dx = torch.zeros(T, in_f, dtype=cd, device=dy.device) if need_x else None
-        dA_w = torch.zeros(A.shape[0], in_f, dtype=cd, device=dy.device) if need_dA_w else None
-        if need_x or need_dA_w:
-            column_blocks = blocks.blocks(cd)
-        else:  # no W0 product needed: same column blocks, no dequantization
-            step = blocks.step()
-            column_blocks = ((c0, min(out_f, c0 + step), None) for c0 in range(0, out_f, step))
-        for r0, r1, W in column_blocks:
+        step = blocks.step()
+        for r0 in range(0, out_f, step):
+            r1 = min(out_f, r0 + step)
             if ctx.use_dora:
                 bias = spec.bias[r0:r1] if spec.bias is not None else None
                 dh, total = dora_epilogue_backward(dy2[:, r0:r1], y2[:, r0:r1], g[r0:r1], bias)
@@ -211,11 +205,28 @@ class DoRAFunction(torch.autograd.Function):
                 dhB.addmm_(dh, Bc[r0:r1])
                 if dB is not None:
                     torch.mm(dh.t(), a, out=dB[r0:r1])
-            if dx is not None:
-                dx.addmm_(dh, W)
-            if dA_w is not None:
-                dA_w.addmm_((2 * s * u[r0:r1, None] * B[r0:r1].float()).to(cd).t(), W)
-            del dh, W
+            del dh
+
+        # ---- pass 2, over row blocks of W0 (dequantized): dx += dh·W0 = dy·(g ⊙ W0), g folded into a
+        # freshly dequantized block in place (no T × block temporary: QDoRA's peak stays QLoRA's),
+        # and in exact mode dA_w += 2s·(u ⊙ B)ᵀ·W0 (before the fold).
+        need_dA_w = exact and need_A
+        dx = torch.zeros(T, in_f, dtype=cd, device=dy.device) if need_x else None
+        dA_w = torch.zeros(A.shape[0], in_f, dtype=cd, device=dy.device) if need_dA_w else None
+        if need_x or need_dA_w:
+            gc = g.to(cd) if ctx.use_dora else None
+            owns = blocks.owns_blocks(cd)
+            for r0, r1, W in blocks.blocks(cd):
+                if dA_w is not None:
+                    dA_w.addmm_((2 * s * u[r0:r1, None] * B[r0:r1].float()).to(cd).t(), W)
+                if dx is not None:
+                    if gc is None:
+                        dx.addmm_(dy2[:, r0:r1], W)
+                    elif owns:
+                        dx.addmm_(dy2[:, r0:r1], W.mul_(gc[r0:r1, None]))
+                    else:  # W is the module's own weight: scale the gradient block instead
+                        dx.addmm_(dy2[:, r0:r1] * gc[r0:r1], W)
+                del W
 
         # ---- adapter path: s·(dh·B)·A to the input gradient, dA = s·(dh·B)ᵀ·x_d ----
         dA = dxl = None
