@@ -134,6 +134,14 @@ def test_cpu_offload_trains_the_same_run(runs):
     root = runs["root"]
     _assert_same_losses(read_metrics(root / "fsdp-qdora-offload"), read_metrics(root / "single-qdora"))
     _assert_same_adapter(root / "fsdp-qdora-offload" / "adapter", root / "single-qdora" / "adapter")
+    # On a CPU device offload changes where nothing lives, so nothing is computed differently either:
+    # the run is bit for bit the FSDP run without offload.
+    _finished(runs, "fsdp-qdora")
+    assert ([m["loss"] for m in read_metrics(root / "fsdp-qdora-offload")]
+            == [m["loss"] for m in read_metrics(root / "fsdp-qdora")])
+    a = load_file(str(root / "fsdp-qdora-offload" / "adapter" / "adapter.safetensors"))
+    e = load_file(str(root / "fsdp-qdora" / "adapter" / "adapter.safetensors"))
+    assert sorted(a) == sorted(e) and all(torch.equal(a[k], e[k]) for k in e)
     for r in (0, 1):
         offloaded = json.loads((root / "fsdp-qdora-offload" / f"facts-rank{r}.json").read_text())
         plain = json.loads((root / "fsdp-qdora" / f"facts-rank{r}.json").read_text())
