@@ -274,6 +274,10 @@ class MemoryPlan:
     """Tensor bytes at the peak of each phase (resident included)."""
     details: dict[str, int] = field(default_factory=dict)
     """Named parts of the terms (e.g. the FSDP buffers one by one)."""
+    start_bytes: int = 0
+    """FSDP only: rank 0's tensor bytes while it starts the run (`qdora.fsdp.build_sharded`: it loads
+    and quantizes the whole model onto its device, then shards it one decoder layer at a time).
+    The training step's terms do not include it; `fits` checks both."""
 
     @property
     def tensor_bytes(self) -> int:
@@ -283,8 +287,17 @@ class MemoryPlan:
     def total_bytes(self) -> int:
         return sum(self.terms.values())
 
+    @property
+    def start_total_bytes(self) -> int:
+        """`start_bytes` with the CUDA context and allocator slack the step's total counts too."""
+        if not self.start_bytes:
+            return 0
+        extra = CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * self.start_bytes) if self.config.device == "cuda" else 0
+        return self.start_bytes + extra
+
     def fits(self, card_gb: float) -> bool:
-        return self.total_bytes <= card_gb * GIB
+        """The training step and (with FSDP) rank 0's start both fit `card_gb`."""
+        return max(self.total_bytes, self.start_total_bytes) <= card_gb * GIB
 
 
 # ---- the model -----------------------------------------------------------------------------
@@ -360,7 +373,12 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
     details: dict[str, int] = {}
     fsdp_buf = 0
     grads_total = trainable
+    start = 0
     if cfg.fsdp:
+        # Rank 0's start: the whole loaded model (adapters and norm buffers included), the largest
+        # weight being quantized in the compute dtype, and the current layer's new shards.
+        start = (nf4 + qstate + base + adapters + buffers + rope + max(o * n for o, n in lin.values()) * e
+                 + -(-(nf4_l + base_l + adapt_l) // N))
         nf4, base, adapters = -(-nf4 // N), -(-base // N), -(-adapters // N)
         grads_total, opt_states = -(-trainable // N), -(-opt_states // N)
         # CUDA mixed precision gathers parameters in bf16 (packed NF4 is stored as bf16 already)
@@ -469,7 +487,7 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
     if cfg.device == "cuda":
         terms["cuda_context"] = CUDA_CONTEXT_BYTES
         terms["allocator_slack"] = int(ALLOCATOR_SLACK * phases[peak_phase])
-    return MemoryPlan(shape, cfg, terms, peak_phase, phases, details)
+    return MemoryPlan(shape, cfg, terms, peak_phase, phases, details, start)
 
 
 # ---- output --------------------------------------------------------------------------------
@@ -507,6 +525,11 @@ def format_plan(p: MemoryPlan, cards=CARDS_GB) -> str:
     if p.details:
         lines += [""] + [f"  {k}: {_gib(v).strip()} GiB" for k, v in p.details.items()]
     lines += ["", "phases (tensor bytes): " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in p.phases.items()) + " GiB"]
+    if p.start_bytes:
+        lines.append(f"start, rank 0 (loads and quantizes the whole model, then shards it layer by layer): "
+                     f"{p.start_bytes / GIB:.2f} GiB of tensors"
+                     + (f", {p.start_total_bytes / GIB:.2f} GiB with context and slack" if c.device == "cuda" else "")
+                     + (" -- more than the training step" if p.start_total_bytes > p.total_bytes else ""))
     if c.device == "cuda":
         lines.append("fits: " + "  ".join(f"{gb} GB {'yes' if p.fits(gb) else 'no'}" for gb in cards))
     return "\n".join(lines)
@@ -515,6 +538,7 @@ def format_plan(p: MemoryPlan, cards=CARDS_GB) -> str:
 def plan_to_dict(p: MemoryPlan) -> dict:
     return {"model": dataclasses.asdict(p.model), "config": dataclasses.asdict(p.config), "terms": p.terms,
             "total_bytes": p.total_bytes, "peak_phase": p.peak_phase, "phases": p.phases, "details": p.details,
+            "start_bytes": p.start_bytes, "start_total_bytes": p.start_total_bytes,
             "fits": {str(gb): p.fits(gb) for gb in CARDS_GB}}
 
 

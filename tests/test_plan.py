@@ -13,7 +13,8 @@ import qdora
 from qdora.cli import main
 from qdora.eval.validate_plan import Case, error, measure
 from qdora.layer import QDoRALinear
-from qdora.plan import PRESETS, PlanConfig, plan, resolve_model, shape_from_config
+from qdora.plan import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, PRESETS, PlanConfig, format_plan, plan, resolve_model,
+                        shape_from_config)
 from models import llama2_config, llama3_config
 
 # Published parameter counts of the presets' architectures, checked against transformers (meta device).
@@ -130,6 +131,25 @@ def test_fsdp_shards_what_it_shards_and_names_its_buffers():
                                   "fsdp: one layer's gradients before reduce-scatter (fp32)"}
         assert p.terms["fsdp_buffers"] == sum(p.details.values())
     assert one.terms["fsdp_buffers"] == 0
+
+
+def test_fsdp_start_holds_the_whole_model_on_rank0():
+    """`qdora.fsdp.build_sharded` loads the whole model onto rank 0's device before sharding it: the
+    plan counts that start beside the training step, and a card must hold both."""
+    one = plan("Llama-3-70B", PlanConfig(method="qdora", r=64, gpus=1))
+    assert one.start_bytes == 0 and one.start_total_bytes == 0
+    shape = resolve_model("Llama-3-70B")
+    largest = max(o * n for o, n in shape.linear_shapes().values()) * 2       # bf16 weight being quantized
+    whole = sum(one.terms[k] for k in ("nf4_weights", "quant_state", "base_weights", "adapters"))
+    for offload in (False, True):
+        p = plan("Llama-3-70B", PlanConfig(method="qdora", r=64, gpus=2, cpu_offload=offload))
+        layer_shard = p.start_bytes - whole - largest
+        assert 0 < layer_shard < one.terms["nf4_weights"] / shape.layers       # under half a layer's NF4 + adapters
+        assert p.start_total_bytes == p.start_bytes + CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * p.start_bytes)
+        assert p.fits(48) and not p.fits(24)
+    offloaded = plan("Llama-3-70B", PlanConfig(method="qdora", r=64, gpus=2, cpu_offload=True))
+    assert offloaded.total_bytes < 24 * 2**30 < offloaded.start_total_bytes  # the step fits 24 GB, the start does not
+    assert "start, rank 0" in format_plan(offloaded) and "24 GB no" in format_plan(offloaded)
 
 
 def test_more_tokens_more_memory_and_checkpointing_saves():
