@@ -398,7 +398,7 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
     resident = nf4 + qstate + base + adapters + opt_states + rope
 
     # -- activations saved for backward, one decoder layer --
-    mask_b = 1 if cfg.device == "cuda" else e      # dropout mask: bool on CUDA, float noise on CPU
+    mask_b = 1                                     # dropout mask: bool (`qdora.dropout` on CPU, torch on CUDA)
     dp = cfg.dropout > 0
 
     def keeps_input(names: tuple[str, ...], width: int) -> int:
