@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
@@ -29,6 +28,7 @@ import torch
 
 from qdora.kernels import ops, reference
 from qdora.nf4 import quantize_nf4
+from qdora.safetensors_io import write_text_atomic
 
 DEFAULT_SHAPES_CUDA = ((4096, 4096), (4096, 14336), (14336, 4096))  # (in, out): Llama-3-8B q/o, up, down
 DEFAULT_SHAPES_CPU = ((4096, 4096),)
@@ -203,10 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         all_results.append(res)
         print(format_markdown(res, peak), flush=True)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(all_results, f, indent=2)
-        os.replace(tmp, args.json)
+        write_text_atomic(args.json, json.dumps(all_results, indent=2))
     return 0
 
 

@@ -187,11 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         all_results.append(res)
         print(format_markdown([res]), flush=True)
     if args.json:
-        import os
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(all_results, f, indent=2)
-        os.replace(tmp, args.json)
+        from qdora.safetensors_io import write_text_atomic
+        write_text_atomic(args.json, json.dumps(all_results, indent=2))
     return 0
 
 

@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from qdora.config import AdapterConfig
     from qdora.data import DEMO_DATA, SFTDataset, collate, load_records, pad_token_id
     from qdora.loading import convert_gguf, load_model, smollm2_gguf_path
+    from qdora.train import prepare_for_training
 
     path = args.model or str(convert_gguf(smollm2_gguf_path()))
     models, tok = {}, None
@@ -42,11 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             model = peft.get_peft_model(model, peft.LoraConfig(
                 r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05, use_dora=method == "qdora",
                 target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
+        prepare_for_training(model)
         models[name] = model
     records = load_records(DEMO_DATA / "arc_easy_train.json")[: args.batch_size]
     batch = collate(SFTDataset(records, tok, args.cutoff_len).examples, pad_token_id(tok))

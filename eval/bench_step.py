@@ -108,12 +108,8 @@ def build(name: str, path: str, r: int, dropout: float):
         model = peft.get_peft_model(model, peft.LoraConfig(
             r=r, lora_alpha=2 * r, lora_dropout=dropout, use_dora=True,
             target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.train()
+    from qdora.train import prepare_for_training
+    prepare_for_training(model)
     return model, tok
 
 

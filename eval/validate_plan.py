@@ -137,13 +137,8 @@ def build_model(case: Case):
         model = LlamaForCausalLM(config)
         qdora.add_adapters(model, adapter_cfg, verbose=False)
         shape = shape_from_config(config, name=case.model)
-    if cfg.gradient_checkpointing:   # exactly as qdora.train does
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.train()
+    from qdora.train import prepare_for_training
+    prepare_for_training(model, cfg.gradient_checkpointing)   # exactly as qdora.train does
     return model, shape
 
 

@@ -9,6 +9,10 @@ from dataclasses import dataclass
 import torch
 
 METHODS = ("full", "lora", "dora", "qlora", "qdora")
+QUANTIZED_METHODS = ("qlora", "qdora")
+"""Methods whose frozen base is NF4."""
+DORA_METHODS = ("dora", "qdora")
+"""Methods with a trained magnitude."""
 """`full` trains every weight; `lora`/`dora` adapt an unquantized base; `qlora`/`qdora` an NF4 base."""
 
 NORM_MODES = ("detached", "exact")
@@ -100,7 +104,7 @@ class AdapterConfig:
         problems: list[str] = []
         if self.method not in METHODS:
             problems.append(f"method={self.method!r} is unknown; use one of {', '.join(METHODS)}")
-        is_dora = self.method in ("dora", "qdora")
+        is_dora = self.method in DORA_METHODS
         adapts = self.method != "full"
         if adapts:
             if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -164,11 +168,11 @@ class AdapterConfig:
     # ---- derived values -------------------------------------------------------------------
     @property
     def quantized(self) -> bool:
-        return self.method in ("qlora", "qdora")
+        return self.method in QUANTIZED_METHODS
 
     @property
     def use_dora(self) -> bool:
-        return self.method in ("dora", "qdora")
+        return self.method in DORA_METHODS
 
     @property
     def scaling(self) -> float:

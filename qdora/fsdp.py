@@ -454,10 +454,10 @@ def save_sharded_checkpoint(final, model: nn.Module, optimizer, state: dict, rng
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    from qdora.safetensors_io import save_file_atomic, write_text_atomic
+    from qdora.safetensors_io import save_file_atomic, swap_in_dir, write_text_atomic
 
     final = Path(final)
-    tmp, old = final.with_name(f"{final.name}.tmp-sharded"), final.with_name(f"{final.name}.old")
+    tmp = final.with_name(f"{final.name}.tmp-sharded")
     if rank() == 0:
         if tmp.exists():  # left by a run that died while saving
             shutil.rmtree(tmp)
@@ -470,13 +470,7 @@ def save_sharded_checkpoint(final, model: nn.Module, optimizer, state: dict, rng
     if rank() == 0:
         write_text_atomic(tmp / "state.json", json.dumps({**state, "sharded": True, "world_size": world_size()},
                                                          indent=1) + "\n")
-        if old.exists():
-            shutil.rmtree(old)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old.exists():
-            shutil.rmtree(old)
+        swap_in_dir(tmp, final)
     dist.barrier()
 
 

@@ -56,9 +56,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from qdora.config import DORA_METHODS, METHODS, QUANTIZED_METHODS
 
 GIB = 1 << 30
 CARDS_GB = (16, 24, 48, 80)
@@ -72,7 +73,6 @@ ALLOCATOR_SLACK = 0.10
 (Answer.AI's FSDP+QLoRA benchmarks report 9.16 GiB allocated vs 10.22 GiB reserved for Llama-2-7B LoRA)."""
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-METHODS = ("full", "lora", "dora", "qlora", "qdora")
 DEVICES = ("cuda", "cpu")
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 
@@ -210,7 +210,7 @@ class PlanConfig:
                 problems.append(f"unknown target module(s) {unknown}; use names from {', '.join(LINEARS)} or 'all'")
             if not self.target_modules and not self.magnitude_only_modules:
                 problems.append("target_modules is empty: name the linears to adapt, e.g. q_proj,k_proj,v_proj")
-        if self.magnitude_only_modules and self.method not in ("dora", "qdora"):
+        if self.magnitude_only_modules and self.method not in DORA_METHODS:
             problems.append(f"magnitude_only_modules needs method dora or qdora, not {self.method!r}")
         if not 0 <= self.dropout < 1:
             problems.append(f"dropout={self.dropout!r} must be in [0, 1)")
@@ -231,11 +231,11 @@ class PlanConfig:
 
     @property
     def quantized(self) -> bool:
-        return self.method in ("qlora", "qdora")
+        return self.method in QUANTIZED_METHODS
 
     @property
     def use_dora(self) -> bool:
-        return self.method in ("dora", "qdora")
+        return self.method in DORA_METHODS
 
     @property
     def compute_bytes(self) -> int:

@@ -95,27 +95,35 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
+def swap_in_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Replace folder `final` by the finished folder `tmp`: the previous `final` is moved to
+    `<name>.old` first and removed last, so a crash at any point leaves either the old folder
+    (possibly as `.old`) or the new one, never a mix."""
+    from pathlib import Path
+    final = Path(final)
+    old = final.with_name(f"{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike):
-    """Build a folder under a temporary name and swap it in only when the block completes.
-    The previous folder, if any, is moved to `<name>.old` first and removed last, so a crash at
-    any point leaves either the old folder (possibly as `.old`) or the new one, never a mix."""
+    """Build a folder under a temporary name and swap it in (`swap_in_dir`) only when the block
+    completes."""
     from pathlib import Path
     final = Path(final)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    old = final.with_name(f"{final.name}.old")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        if old.exists():
-            shutil.rmtree(old)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old.exists():
-            shutil.rmtree(old)
+        swap_in_dir(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

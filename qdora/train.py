@@ -380,13 +380,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
     examples = [dataset.examples[i] for i in keep]
     pad = pad_token_id(tokenizer)
 
-    if cfg.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.train()
+    prepare_for_training(model, cfg.gradient_checkpointing)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names = {i: n for i, (n, _) in enumerate(params)}
     optimizer = _make_optimizer([p for _, p in params], cfg, device)
@@ -490,6 +484,18 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
         _save_final(model, tokenizer, out / ("model" if cfg.method == "full" else "adapter"), cfg, build)
     summary["model"], summary["tokenizer"] = model, tokenizer
     return summary
+
+
+def prepare_for_training(model, gradient_checkpointing: bool = True) -> None:
+    """Train mode, no KV cache, and (non-reentrant) gradient checkpointing as `qdora train` runs a
+    transformers model; the benchmarks and the planner's validation use it to run the same step."""
+    if gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
 
 
 def _clip_grad_norm(params: list[torch.Tensor], max_norm: float, foreach: bool = False) -> float:
