@@ -15,14 +15,15 @@ What has to change for an NF4 model to be sharded:
   the packed data must then be stored as bf16 (`quant_storage='bfloat16'`) so the cast is a
   no-op. On CPU everything stays in its own dtype (fp32 compute, uint8 packed data).
 
-Low-memory start: rank 0 alone loads and quantizes the checkpoint. It sends the other ranks a
-JSON description of the result (`describe`: config, NF4 layers and their quantization-state
-layout, adapter settings, every tensor's shape and dtype), from which they build the same module
-tree with every parameter on the meta device (`build_from_description`), shard it and allocate
-their shards. Rank 0 broadcasts the buffers and quantization states (small, kept whole
-everywhere), then shards its model one decoder layer at a time, broadcasting each parameter of
-that layer whole and dropping it once sent; each other rank keeps only its shard. No rank but 0
-ever holds the whole model, rank 0 holds it once (plus one layer's shards), and nothing is unpickled.
+Low-memory start (`build_sharded`): every rank streams the checkpoint one decoder layer at a time
+(`qdora.loading.stream_model`). It reads the layer's tensors, quantizes them, adds the layer's
+adapters (drawn from the same seed in the same order on every rank, and as in a single process),
+makes the layer shardable and calls `fully_shard` on it, which keeps this rank's dim-0 chunk of
+each parameter (in CPU memory with offload) and drops the rest; then the next layer. The root
+(embeddings, final norm, head) is read and sharded last. A rank's device holds at most its shards
+so far, every layer's quantization state (small, kept whole), and one layer whole (or the root);
+no rank ever holds the whole model, and nothing is sent between ranks but a checksum per layer
+(the ranks must have built the same bytes: a mismatch stops the run with an error).
 
 Gradients: the trainable adapters are sharded like everything else; FSDP reduce-scatters their
 gradients and divides by the world size. Each rank's loss is its share of the *global* token-mean
@@ -131,8 +132,8 @@ def prepare_for_fsdp(model: nn.Module, param_dtype: torch.dtype | None, block_ro
 
     adapter_bases = {id(m.base_layer) for m in model.modules() if isinstance(m, QDoRALinear)}
     for name, module in model.named_modules():
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
+        if not isinstance(module, bnb.nn.Linear4bit) or isinstance(module, ShardableLinear4bit):
+            continue  # (a frozen layer already made shardable: `build_sharded` prepares layer by layer)
         storage = module.weight.dtype
         if param_dtype is not None and storage != param_dtype:
             raise ValueError(f"{name}: NF4 data stored as {storage}, but FSDP mixed precision all-gathers "
@@ -184,249 +185,64 @@ def shard(model: nn.Module, device: torch.device, cpu_offload: bool = False) -> 
     return model
 
 
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name.removeprefix("torch."))
+def _digest(tensors) -> tuple[float, float]:
+    """Sum and sum of squares (fp64) of `tensors`: equal on two ranks that built the same weights."""
+    total = squares = 0.0
+    for t in tensors:
+        t = t.detach().double()
+        total += t.sum().item()
+        squares += t.square().sum().item()
+    return total, squares
 
 
-def _spec(t: torch.Tensor | None) -> list | None:
-    return None if t is None else [list(t.shape), str(t.dtype)]
-
-
-def _state_tensors(state) -> dict[str, torch.Tensor]:
-    """The tensors of a bitsandbytes `QuantState`, by a fixed name."""
-    out = {"absmax": state.absmax, "code": state.code}
-    if state.offset is not None:
-        out["offset"] = state.offset
-    if state.state2 is not None:
-        out["state2.absmax"], out["state2.code"] = state.state2.absmax, state.state2.code
+def _whole_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """`module`'s parameters and buffers and its NF4 layers' quantization-state tensors, before sharding."""
+    out = [p for p in module.parameters()] + [b for b in module.buffers()]
+    for m in module.modules():
+        state = getattr(m, "quant_state", None) if isinstance(m, bnb.nn.Linear4bit) else None
+        if state is not None:
+            out += [state.absmax, state.code] + ([state.state2.absmax, state.state2.code] if state.state2 else [])
     return out
 
 
-def describe(model: nn.Module, tokenizer_dir: str | None) -> dict:
-    """What the other ranks need to build the same module tree on the meta device (JSON-able):
-    the transformers config, the NF4 layers with their quantization-state layout, the adapter
-    layers with their settings, and every parameter's and buffer's shape and dtype."""
-    from qdora.layer import QDoRALinear
-
-    nf4, adapters = {}, {}
-    for name, m in model.named_modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            st = m.quant_state
-            nf4[name] = {"in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
-                         "packed": _spec(m.weight), "compute_dtype": str(m.compute_dtype),
-                         "frozen": isinstance(m, ShardableLinear4bit),
-                         "block_rows": m._blocks.block_rows if isinstance(m, ShardableLinear4bit) else None,
-                         "shape": list(st.shape), "dtype": str(st.dtype), "blocksize": st.blocksize,
-                         "blocksize2": st.state2.blocksize if st.state2 is not None else None,
-                         "dtype2": str(st.state2.dtype) if st.state2 is not None else None,
-                         "tensors": {k: _spec(v) for k, v in _state_tensors(st).items()}}
-        elif isinstance(m, QDoRALinear):
-            trained = m.lora_A if m.lora_A is not None else m.magnitude_delta
-            adapters[name] = {"r": m.r, "alpha": m.alpha, "use_dora": m.use_dora, "norm": m.norm,
-                              "dropout": m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0,
-                              "use_rslora": m.use_rslora, "adapter_dtype": str(trained.dtype),
-                              "compute_dtype": str(m.compute_dtype), "block_rows": m._blocks.block_rows,
-                              "eps": m.eps}
-    cfg = getattr(model, "qdora_config", None)
-    first: dict[int, str] = {}
-    tied = {}  # parameter name -> the name it is tied to (e.g. lm_head.weight -> embed_tokens.weight)
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            tied[name] = first[id(p)]
-        first.setdefault(id(p), name)
-    return {"config": model.config.to_dict(), "tokenizer_dir": tokenizer_dir, "tied": tied,
-            "qdora_config": cfg.to_dict() if cfg is not None else None, "nf4": nf4, "adapters": adapters,
-            "params": {n: _spec(p) + [p.requires_grad] for n, p in model.named_parameters(remove_duplicate=False)},
-            "buffers": {n: _spec(b) for n, b in model.named_buffers()}}
-
-
-def _meta_linear4bit(spec: dict, device: torch.device) -> bnb.nn.Linear4bit:
-    """A `Linear4bit` whose packed weight is a meta tensor and whose quantization state has the
-    layout `spec` describes, allocated on `device` (filled later by a broadcast)."""
-    import bitsandbytes.functional as bnbF
-
-    from qdora.nf4 import _keep_standard_layout
-
-    storage = _dtype(spec["packed"][1])
-    with torch.device("meta"):
-        layer = bnb.nn.Linear4bit(spec["in"], spec["out"], bias=spec["bias"],
-                                  compute_dtype=_dtype(spec["compute_dtype"]),
-                                  compress_statistics=spec["blocksize2"] is not None, quant_type="nf4",
-                                  quant_storage=storage)
-    layer.weight = nn.Parameter(torch.empty(spec["packed"][0], dtype=storage, device="meta"), requires_grad=False)
-    t = {k: torch.empty(shape, dtype=_dtype(dtype), device=device) for k, (shape, dtype) in spec["tensors"].items()}
-    state2 = None
-    if spec["blocksize2"] is not None:
-        state2 = bnbF.QuantState(absmax=t["state2.absmax"], code=t["state2.code"], blocksize=spec["blocksize2"],
-                                 dtype=_dtype(spec["dtype2"]))
-    layer.quant_state = bnbF.QuantState(absmax=t["absmax"], shape=torch.Size(spec["shape"]), code=t["code"],
-                                        blocksize=spec["blocksize"], quant_type="nf4", dtype=_dtype(spec["dtype"]),
-                                        offset=t.get("offset"), state2=state2)
-    _keep_standard_layout(layer)
-    return layer
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def build_from_description(desc: dict, device: torch.device) -> nn.Module:
-    """The module tree `describe` wrote, every parameter on the meta device, quantization states
-    and buffers allocated (their values come from rank 0)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    from qdora.config import AdapterConfig
-    from qdora.layer import QDoRALinear
-
-    config = CONFIG_MAPPING[desc["config"]["model_type"]].from_dict(desc["config"])
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
-    for name, spec in desc["adapters"].items():
-        base_spec = desc["nf4"].get(f"{name}.base_layer")
-        base = _meta_linear4bit(base_spec, device) if base_spec else model.get_submodule(name)
-        compute = spec["compute_dtype"]
-        layer = QDoRALinear(base, r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], use_dora=spec["use_dora"],
-                            norm=spec["norm"], use_rslora=spec["use_rslora"],
-                            adapter_dtype=_dtype(spec["adapter_dtype"]),
-                            compute_dtype=compute if compute == "auto" else _dtype(compute),
-                            block_rows=spec["block_rows"], eps=spec["eps"])
-        _set_module(model, name, layer)
-    for name, spec in desc["nf4"].items():
-        if spec["frozen"]:
-            layer = _meta_linear4bit(spec, device)
-            layer._blocks = RowBlocks(layer, spec["block_rows"])
-            layer.__class__ = ShardableLinear4bit
-            _set_module(model, name, layer)
-    # Parameters as rank 0 has them (dtype, shape, trainable), all on the meta device.
-    replaced: dict[int, nn.Parameter] = {}  # by the old parameter: tied parameters stay tied
-    for name, (shape, dtype, trainable) in desc["params"].items():
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        p = module._parameters[attr]
-        if tuple(p.shape) != tuple(shape) or p.dtype != _dtype(dtype) or p.requires_grad != trainable:
-            if id(p) not in replaced:
-                replaced[id(p)] = nn.Parameter(torch.empty(shape, dtype=_dtype(dtype), device="meta"),
-                                               requires_grad=trainable)
-            module._parameters[attr] = replaced[id(p)]
-    for name, target in desc["tied"].items():
-        module_name, _, attr = name.rpartition(".")
-        target_module, _, target_attr = target.rpartition(".")
-        model.get_submodule(module_name)._parameters[attr] = model.get_submodule(target_module)._parameters[target_attr]
-    if desc["qdora_config"] is not None:
-        model.qdora_config = AdapterConfig.from_dict(desc["qdora_config"])
-    mine = {n: _spec(p) + [p.requires_grad] for n, p in model.named_parameters(remove_duplicate=False)}
-    buffers = {n: _spec(b) for n, b in model.named_buffers()}
-    if mine != desc["params"] or sorted(buffers) != sorted(desc["buffers"]):
-        diff = sorted(n for n in set(mine) | set(desc["params"]) if mine.get(n) != desc["params"].get(n))
-        raise RuntimeError(f"rank {rank()} rebuilt a different model than rank 0 loaded: parameters {diff[:5]}, "
-                           f"buffers {sorted(set(buffers) ^ set(desc['buffers']))[:5]}")
-    return model
-
-
-def _broadcast_json(obj) -> object:
-    """`obj` (JSON-able) from rank 0 to every rank, as bytes in a tensor."""
-    import json
-    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend()) else torch.device("cpu")
-    data = json.dumps(obj).encode() if rank() == 0 else b""
-    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
-    dist.broadcast(size, src=0)
-    buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if rank() == 0
-           else torch.empty(int(size.item()), dtype=torch.uint8, device=device))
-    dist.broadcast(buf, src=0)
-    return json.loads(bytes(buf.cpu().tolist())) if rank() != 0 else obj
-
-
-def _non_parameter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Buffers and quantization-state tensors: replicated on every rank, not sharded."""
-    out = dict(model.named_buffers())
-    for name, m in model.named_modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            out.update({f"{name}.quant_state.{k}": v for k, v in _state_tensors(m.quant_state).items()})
-    return out
-
-
-def _parameter_groups(model: nn.Module) -> list[list[str]]:
-    """The model's parameter names in the order they are sharded and broadcast: each decoder
-    layer's, then the rest (embeddings, final norm, head). The same on every rank."""
-    layers = decoder_layers(model)
-    prefix = next(name for name, m in model.named_modules() if m is layers)
-    groups = [[f"{prefix}.{i}.{n}" for n, _ in layer.named_parameters()] for i, layer in enumerate(layers)]
-    in_layers = {n for g in groups for n in g}
-    return groups + [[n for n, _ in model.named_parameters() if n not in in_layers]]
-
-
-def _broadcast_shards(model: nn.Module, names: list[str], whole: dict[str, torch.Tensor],
-                      device: torch.device) -> None:
-    """Rank 0 broadcasts the whole parameters `names`, one at a time, through `device`, and drops
-    each from `whole` (its pre-sharding tensors) once sent. Every other rank copies its dim-0 shard
-    (FSDP2 shards like `torch.chunk`) into its local tensor, wherever that lives (the device, or
-    CPU memory with offload); rank 0's shards were cut from the same tensors by `fully_shard`.
-    This is `set_model_state_dict(..., broadcast_from_rank0=True)` without its requirement that
-    every tensor sit on one device (CPU offload breaks it) and with rank 0 freeing as it goes."""
-    from torch.distributed.tensor import DTensor
-
-    world, me = world_size(), rank()
-    params = dict(model.named_parameters())
-    for name in names:
-        p = params[name]
-        buf = (whole.pop(name).detach().to(device) if me == 0
-               else torch.empty(p.shape, dtype=p.dtype, device=device))
-        dist.broadcast(buf, src=0)
-        if me != 0:
-            if isinstance(p, DTensor):
-                local, chunks = p.to_local(), buf.chunk(world, dim=0)
-                piece = chunks[me] if me < len(chunks) else buf[:0]  # a short dim leaves the last ranks empty
-            else:
-                local, piece = p, buf
-            if piece.shape != local.shape:
-                raise RuntimeError(f"{name}: rank {me} holds a shard of shape {tuple(local.shape)}, expected "
-                                   f"{tuple(piece.shape)} (dim-0 chunk {me} of {world} of {tuple(buf.shape)})")
-            local.copy_(piece)
-        del buf
-
-
-def build_sharded(load, device: torch.device, cpu_offload: bool = False):
-    """`load() -> (model, tokenizer)` runs on rank 0 only; every rank returns its sharded model and
-    the tokenizer. See the module docstring (low-memory start) and `offload_policy`."""
+def build_sharded(path, cfg, device: torch.device, cpu_offload: bool = False, dtype=None, progress: bool = True):
+    """Every rank streams checkpoint `path` (a folder or a `.gguf` file) one decoder layer at a
+    time (`qdora.loading.stream_model`): it quantizes the layer, adds its adapters `cfg`, makes it
+    shardable and `fully_shard`s it, keeping only its own part; the root (embeddings, final norm,
+    head) is sharded last. Returns `(model, tokenizer)`; see the module docstring (low-memory start)."""
     from torch.distributed.fsdp import fully_shard
-    from transformers import AutoTokenizer
+
+    from qdora.loading import resolve_checkpoint, stream_model
 
     mp, offload = mixed_precision(device), offload_policy(device, cpu_offload)
-    if rank() == 0:
-        model, tokenizer = load()
-        prepare_for_fsdp(model, mp.param_dtype)
-        desc = describe(model, getattr(model, "name_or_path", None) if tokenizer is not None else None)
-    else:
-        desc = None
-    desc = _broadcast_json(desc)
-    if rank() != 0:
-        model = build_from_description(desc, device)
-        tokenizer = AutoTokenizer.from_pretrained(desc["tokenizer_dir"]) if desc["tokenizer_dir"] else None
-    groups = _parameter_groups(model)
-    with torch.no_grad():
-        if rank() == 0:
-            # Layer by layer: shard it, send it, drop the whole tensors. Rank 0's peak is the loaded
-            # model plus one layer's shards, not the loaded model plus all of them.
-            whole = dict(model.named_parameters())
-            for _, tensor in sorted(_non_parameter_tensors(model).items()):
-                dist.broadcast(tensor, src=0)
-            for layer, names in zip(list(decoder_layers(model)) + [model], groups):
-                fully_shard(layer, mp_policy=mp, offload_policy=offload)
-                _broadcast_shards(model, names, whole, device)
-            del whole
-        else:
-            # The whole tree is sharded on meta, then this rank's shards (and the buffers) are
-            # allocated; with CPU offload FSDP moves each shard to (pinned) CPU memory as it is
-            # allocated (`reset_sharded_param`), the buffers stay on the device.
-            shard(model, device, cpu_offload)
-            model.to_empty(device=device, recurse=True)
-            for _, tensor in sorted(_non_parameter_tensors(model).items()):
-                dist.broadcast(tensor, src=0)
-            for names in groups:
-                _broadcast_shards(model, names, {}, device)
+    if rank() == 0:  # a .gguf file is converted once, by rank 0, before anyone reads it
+        resolve_checkpoint(path, progress)
+    dist.barrier()
+    folder = resolve_checkpoint(path, progress=False)
+    digests: list[tuple[float, float]] = []
+
+    def on_layer(layer: nn.Module) -> None:
+        prepare_for_fsdp(layer, mp.param_dtype)
+        digests.append(_digest(_whole_tensors(layer)))
+        fully_shard(layer, mp_policy=mp, offload_policy=offload)
+
+    model, tokenizer = stream_model(folder, cfg, dtype, device, progress and rank() == 0, on_layer)
+    prepare_for_fsdp(model, mp.param_dtype)  # the layers outside the decoder stack (e.g. a quantized head)
+    from torch.distributed.tensor import DTensor
+    digests.append(_digest([t for t in _whole_tensors(model) if not isinstance(t, DTensor)]))
+    fully_shard(model, mp_policy=mp, offload_policy=offload)
+    # Each rank keeps its shard of what it built itself: the ranks must have built the same bytes
+    # (quantization and adapter initialisation are deterministic on one device type; check it).
+    mine = torch.tensor(digests, dtype=torch.float64, device=device).flatten().nan_to_num(nan=1e300)
+    both = torch.cat([mine, -mine])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    hi, lo = both[:len(mine)], -both[len(mine):]
+    differ = (hi != lo).view(-1, 2).any(dim=1).nonzero().flatten().tolist()
+    if differ:
+        where = ", ".join("the root" if i == len(digests) - 1 else f"decoder layer {i}" for i in differ[:5])
+        raise RuntimeError(f"the ranks built different weights for {where} (fp64 checksums differ): quantization "
+                           "or adapter initialisation is not deterministic here, or the ranks read different "
+                           f"checkpoints ({path}); every rank must see the same files and the same seed")
     return model, tokenizer
 
 

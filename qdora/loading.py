@@ -150,42 +150,49 @@ def _set_config_dtype(config, dtype: torch.dtype) -> None:
         config.torch_dtype = dtype
 
 
-def load_checkpoint_dir(path: str | os.PathLike, method: str = "qdora", cfg: AdapterConfig | None = None,
-                        dtype=None, device: str | torch.device = "cpu", progress: bool = True):
-    """Build the model of checkpoint folder `path`, quantizing linear weights to NF4 shard by shard
-    for `qlora`/`qdora`. Returns (model, tokenizer or None); adapters are not added here."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+class CheckpointModel:
+    """The model of checkpoint folder `path`, built on the meta device and filled tensor by tensor
+    (`fill`): a linear weight that will be NF4 (`cfg.quantized`, not `keep_full_precision`) is
+    quantized as it arrives and only its packed form is kept; every other tensor is materialized in
+    the storage dtype `dtype` (`auto`: fp32 on CPU, the checkpoint's dtype on CUDA). Loaded
+    parameters are frozen. `finish` ties the embeddings, checks that nothing is left on meta and
+    returns `(model, tokenizer or None)`."""
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json; expected a transformers checkpoint folder or a .gguf file")
-    reader = CheckpointReader(path)
-    config = AutoConfig.from_pretrained(path)
-    device = torch.device(device)
-    cfg = cfg or AdapterConfig(method=method)
-    storage = _storage_dtype(dtype, config, device)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
-    quantize = cfg.quantized
-    from qdora.surgery import matches
-    linears = {name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name}
-    to_nf4 = {n for n in linears if quantize and not any(matches(n, p) for p in cfg.keep_full_precision)}
-    expected = set(model.state_dict().keys())
-    unexpected: list[str] = []
+    def __init__(self, path: str | os.PathLike, cfg: AdapterConfig, dtype=None,
+                 device: str | torch.device = "cpu", progress: bool = True):
+        from accelerate import init_empty_weights
+        from tqdm.auto import tqdm
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tqdm.auto import tqdm
-    bar = tqdm(total=len(reader.file_of), desc=f"loading {path.name}", unit="tensor",
-               disable=None if progress else True)
-    since_trim = [0]
+        from qdora.surgery import linear_module_names, matches
 
-    def place(key: str, tensor: torch.Tensor) -> None:
+        self.path = Path(path)
+        if not (self.path / "config.json").is_file():
+            raise FileNotFoundError(f"{self.path}: no config.json; expected a transformers checkpoint folder "
+                                    "or a .gguf file")
+        self.reader = CheckpointReader(self.path)
+        self.config = AutoConfig.from_pretrained(self.path)
+        self.device = torch.device(device)
+        self.storage = _storage_dtype(dtype, self.config, self.device)
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModelForCausalLM.from_config(self.config)
+        self.to_nf4 = {n for n in linear_module_names(self.model)
+                       if cfg.quantized and not any(matches(n, p) for p in cfg.keep_full_precision)}
+        self.cfg = cfg
+        self.expected = set(self.model.state_dict().keys())
+        self.unexpected: list[str] = []
+        self.bar = tqdm(total=len(self.reader.file_of), desc=f"loading {self.path.name}", unit="tensor",
+                        disable=None if progress else True)
+        self._since_trim = 0
+
+    def place(self, key: str, tensor: torch.Tensor) -> None:
         """Put one checkpoint tensor into the meta model: NF4 for linear weights to quantize."""
+        model, device, cfg = self.model, self.device, self.cfg
         module_name, _, attr = key.rpartition(".")
-        if module_name not in to_nf4:
+        if module_name not in self.to_nf4:
             # copy=True: a tensor read from a shard may share the shard's memory map; a kept view
             # would keep the whole mapped shard resident after we move on.
-            dtype = storage if tensor.is_floating_point() else tensor.dtype
+            dtype = self.storage if tensor.is_floating_point() else tensor.dtype
             _set_tensor(model, key, tensor.to(device=device, dtype=dtype, copy=True))
             return
         parent, _, child = module_name.rpartition(".")
@@ -199,53 +206,83 @@ def load_checkpoint_dir(path: str | os.PathLike, method: str = "qdora", cfg: Ada
             setattr(owner, child, layer)
             # Quantizing leaves ~14 bytes per element of freed temporaries: hand them back every
             # TRIM_EVERY elements, not after every small tensor (trimming costs time).
-            since_trim[0] += tensor.numel()
-            if since_trim[0] >= TRIM_EVERY:
-                since_trim[0] = 0
+            self._since_trim += tensor.numel()
+            if self._since_trim >= TRIM_EVERY:
+                self._since_trim = 0
                 del tensor
                 _release_freed_memory()
         else:  # the bias, onto whichever module (nn.Linear on meta, or Linear4bit) is there now
-            current.bias = nn.Parameter(tensor.to(device=device, dtype=storage, copy=True), requires_grad=False)
+            current.bias = nn.Parameter(tensor.to(device=device, dtype=self.storage, copy=True), requires_grad=False)
 
-    for file in reader.files:  # one shard mapped at a time
-        with reader.open(file) as shard:
-            for key in reader.keys_by_file[file]:
-                bar.update(1)
-                if key in expected:
-                    place(key, shard.get(key))
-                else:
-                    unexpected.append(key)
-        _release_freed_memory()
-    bar.close()
-    if unexpected:
-        warnings.warn(f"{path}: {len(unexpected)} checkpoint tensor(s) are not used by "
-                      f"{type(model).__name__}, e.g. {unexpected[:3]}")
-    if device.type != "cpu":  # buffers the model built itself (e.g. rotary inv_freq) start on the CPU
-        for module in model.modules():
-            for name, buf in list(module._buffers.items()):
-                if buf is not None and buf.device != device:
-                    module._buffers[name] = buf.to(device)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    _set_config_dtype(model.config, storage)  # the dtype the unquantized tensors now have
-    still_meta = sorted(n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-                        if t.device.type == "meta")
-    if still_meta:
-        raise ValueError(f"{path}: the checkpoint lacks {len(still_meta)} tensor(s) the model needs, "
-                         f"e.g. {still_meta[:5]}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        model.generation_config = GenerationConfig.from_pretrained(path)
-    except OSError:
-        pass
-    tokenizer = None
-    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    def fill(self, keys=None) -> None:
+        """Read checkpoint tensors `keys` (default: all) into the model, one shard file mapped at a
+        time, in the checkpoint's order within each file."""
+        wanted = None if keys is None else set(keys)
+        for file in self.reader.files:
+            todo = [k for k in self.reader.keys_by_file[file] if wanted is None or k in wanted]
+            if not todo:
+                continue
+            with self.reader.open(file) as shard:
+                for key in todo:
+                    self.bar.update(1)
+                    if key in self.expected:
+                        self.place(key, shard.get(key))
+                    else:
+                        self.unexpected.append(key)
+            _release_freed_memory()
+
+    def move_buffers(self, module: nn.Module) -> None:
+        """Buffers the model built itself (e.g. rotary inv_freq) start on the CPU: move them to the device."""
+        if self.device.type == "cpu":
+            return
+        for sub in module.modules():
+            for name, buf in list(sub._buffers.items()):
+                if buf is not None and buf.device != self.device:
+                    sub._buffers[name] = buf.to(self.device)
+
+    def check_filled(self, module: nn.Module, prefix: str = "") -> None:
+        """Raise, naming them, if tensors of `module` were not in the checkpoint (still on meta)."""
+        missing = sorted(prefix + n for n, t in list(module.named_parameters()) + list(module.named_buffers())
+                         if t.device.type == "meta")
+        if missing:
+            raise ValueError(f"{self.path}: the checkpoint lacks {len(missing)} tensor(s) the model needs, "
+                             f"e.g. {missing[:5]}")
+
+    def finish(self):
+        """Tie the embeddings, check the model is complete, and return `(model, tokenizer or None)`."""
+        from transformers import AutoTokenizer, GenerationConfig
+
+        model, path = self.model, self.path
+        self.bar.close()
+        if self.unexpected:
+            warnings.warn(f"{path}: {len(self.unexpected)} checkpoint tensor(s) are not used by "
+                          f"{type(model).__name__}, e.g. {self.unexpected[:3]}")
+        self.move_buffers(model)
+        if getattr(self.config, "tie_word_embeddings", False):
+            model.tie_weights()
+        _set_config_dtype(model.config, self.storage)  # the dtype the unquantized tensors now have
+        self.check_filled(model)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as err:
-            warnings.warn(f"{path}: the tokenizer files could not be loaded ({err})")
-    return model, tokenizer
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:
+            pass
+        model.name_or_path = str(path)
+        tokenizer = None
+        if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError) as err:
+                warnings.warn(f"{path}: the tokenizer files could not be loaded ({err})")
+        return model, tokenizer
+
+
+def load_checkpoint_dir(path: str | os.PathLike, method: str = "qdora", cfg: AdapterConfig | None = None,
+                        dtype=None, device: str | torch.device = "cpu", progress: bool = True):
+    """Build the model of checkpoint folder `path`, quantizing linear weights to NF4 shard by shard
+    for `qlora`/`qdora`. Returns (model, tokenizer or None); adapters are not added here."""
+    loader = CheckpointModel(path, cfg or AdapterConfig(method=method), dtype, device, progress)
+    loader.fill()
+    return loader.finish()
 
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -311,6 +348,18 @@ def convert_gguf(gguf_path: str | os.PathLike, progress: bool = True) -> Path:
     return out
 
 
+def resolve_checkpoint(path: str | os.PathLike, progress: bool = True) -> Path:
+    """The checkpoint folder of `path`: the folder itself, or a `.gguf` file's converted copy."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path}: expected a checkpoint folder or a .gguf file")
+        return convert_gguf(path, progress)
+    return path
+
+
 def load_model(path: str | os.PathLike, method: str = "qdora", cfg: AdapterConfig | None = None,
                dtype=None, device: str | torch.device = "cpu", add: bool = True, progress: bool = True):
     """Load a model for fine-tuning with `method` and return `(model, tokenizer)`.
@@ -321,19 +370,55 @@ def load_model(path: str | os.PathLike, method: str = "qdora", cfg: AdapterConfi
     unless `add=False`. `dtype`: storage dtype of the unquantized tensors (`auto`: fp32 on CPU,
     the checkpoint's dtype on CUDA).
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model not found: {path}")
     if cfg is not None and cfg.method != method and method != "qdora":
         raise ValueError(f"method={method!r} and cfg.method={cfg.method!r} disagree")
     cfg = cfg or AdapterConfig(method=method)
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise ValueError(f"{path}: expected a checkpoint folder or a .gguf file")
-        path = convert_gguf(path, progress)
+    path = resolve_checkpoint(path, progress)
     model, tokenizer = load_checkpoint_dir(path, cfg.method, cfg, dtype, device, progress)
-    model.name_or_path = str(path)
     if add:
         from qdora.surgery import add_adapters
         add_adapters(model, cfg, verbose=progress)
+    return model, tokenizer
+
+
+def stream_model(path: str | os.PathLike, cfg: AdapterConfig, dtype=None, device: str | torch.device = "cpu",
+                 progress: bool = True, on_layer=None):
+    """`load_model(path, cfg=cfg)` one decoder layer at a time, for a start that never needs the
+    whole model at once: read a layer's tensors (quantizing them), add its adapters, hand it to
+    `on_layer(layer)` (`qdora.fsdp.build_sharded` shards it there and keeps only its part), then
+    the next layer; the tensors outside the layers (embeddings, final norm, head) come last.
+
+    Adapters are drawn in the same order as `add_adapters` draws them on the whole model, so with
+    `on_layer=None` the result is `load_model`'s bit for bit. `path`: a checkpoint folder (see
+    `resolve_checkpoint` for a `.gguf` file). VeRA's projections are shared by all layers and need
+    the whole model: they are not streamed."""
+    from qdora.fsdp import decoder_layers
+    from qdora.surgery import apply_adapters, param_report, plan_adapters
+
+    if cfg.method == "full" or cfg.direction != "lora":
+        raise ValueError(f"stream_model adds adapters layer by layer: method={cfg.method!r}, "
+                         f"direction={cfg.direction!r} cannot be streamed (use load_model)")
+    loader = CheckpointModel(path, cfg, dtype, device, progress)
+    model = loader.model
+    plan = plan_adapters(model, cfg)  # every check on the meta model, before anything is read
+    layers = decoder_layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is layers) + "."
+    keys: list[list[str]] = [[] for _ in layers]
+    rest: list[str] = []
+    for key in loader.reader.keys():
+        index = key[len(prefix):].split(".", 1)[0] if key.startswith(prefix) else ""
+        (keys[int(index)] if index.isdigit() and int(index) < len(layers) else rest).append(key)
+    for i, layer in enumerate(layers):
+        loader.fill(keys[i])
+        loader.check_filled(layer, f"{prefix}{i}.")
+        loader.move_buffers(layer)
+        apply_adapters(model, plan, within=lambda name, p=f"{prefix}{i}.": name.startswith(p))
+        if on_layer is not None:
+            on_layer(layer)
+    loader.fill(rest)
+    model, tokenizer = loader.finish()
+    apply_adapters(model, plan, within=lambda name: not name.startswith(prefix))
+    model.qdora_config = cfg
+    if progress:
+        print(param_report(model))
     return model, tokenizer

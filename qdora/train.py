@@ -358,9 +358,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
         if adapter_cfg.quantized and fsdp.mixed_precision(device).param_dtype is not None:
             # FSDP casts what it all-gathers to bf16: the packed NF4 bytes must already be bf16.
             adapter_cfg = adapter_cfg.replace(quant_storage="bfloat16")
-        model, tokenizer = fsdp.build_sharded(
-            lambda: load_model(cfg.model, method=cfg.method, cfg=adapter_cfg, device=device,
-                               progress=cfg.progress), device, cpu_offload=cfg.cpu_offload)
+        model, tokenizer = fsdp.build_sharded(cfg.model, adapter_cfg, device, cpu_offload=cfg.cpu_offload,
+                                              progress=cfg.progress)
         if not main:  # dropout masks differ between ranks; rank 0's stream is the single-process one
             torch.manual_seed(cfg.seed + rank)
     elif build is None:

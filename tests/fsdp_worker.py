@@ -16,6 +16,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+import torch.distributed.fsdp
 
 import qdora.loading
 import qdora.safetensors_io
@@ -23,8 +24,9 @@ from qdora.fsdp import save_adapter_gathered
 from qdora.train import TrainConfig, train
 
 
-def facts(model, load_calls: int) -> dict:
-    """How this rank holds the model: which parameters are sharded and how much of each it keeps."""
+def facts(model, load_calls: int, stream_calls: int, start: list[str]) -> dict:
+    """How this rank holds the model: which parameters are sharded and how much of each it keeps,
+    and how it got there (`start`: what it read and sharded, in order)."""
     from torch.distributed.tensor import DTensor
 
     layers = model.model.layers
@@ -33,6 +35,8 @@ def facts(model, load_calls: int) -> dict:
     params = list(model.parameters())
     return {
         "load_model_calls": load_calls,
+        "stream_model_calls": stream_calls,
+        "start": start,
         "all_dtensor": all(isinstance(p, DTensor) for p in params),
         "local_fraction": sum(p.to_local().numel() for p in params) / sum(p.numel() for p in params),
         "packed_dtypes": sorted({str(p.dtype) for p in packed}),
@@ -49,14 +53,34 @@ def facts(model, load_calls: int) -> dict:
 
 def main() -> None:
     spec = json.loads(open(sys.argv[1]).read())
-    calls = [0]
-    real_load = qdora.loading.load_model
+    calls = {"load": 0, "stream": 0}
+    start: list[str] = []  # "read layer <i>" / "read root" / "shard <class>", consecutive repeats merged
 
-    def counting_load(*args, **kwargs):
-        calls[0] += 1
-        return real_load(*args, **kwargs)
+    def event(what: str) -> None:
+        if not start or start[-1] != what:
+            start.append(what)
 
-    qdora.loading.load_model = counting_load
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    qdora.loading.load_model = counting("load", qdora.loading.load_model)
+    qdora.loading.stream_model = counting("stream", qdora.loading.stream_model)
+    real_place, real_shard = qdora.loading.CheckpointModel.place, torch.distributed.fsdp.fully_shard
+
+    def place(self, key, tensor):
+        parts = key.split(".")
+        event(f"read layer {parts[2]}" if key.startswith("model.layers.") else "read root")
+        return real_place(self, key, tensor)
+
+    def fully_shard(module, *args, **kwargs):
+        event(f"shard {type(module).__name__}")
+        return real_shard(module, *args, **kwargs)
+
+    qdora.loading.CheckpointModel.place = place
+    torch.distributed.fsdp.fully_shard = fully_shard
     for run in spec["runs"]:
         cfg = TrainConfig(**run["config"])
         crash_at = run.get("crash_in_save_at")
@@ -81,8 +105,9 @@ def main() -> None:
         if run.get("peft_adapter"):
             save_adapter_gathered(model, run["peft_adapter"], format="peft")
         with open(os.path.join(cfg.out, f"facts-rank{dist.get_rank()}.json"), "w") as f:
-            json.dump({**facts(model, calls[0]), "steps": summary["steps"], "interrupted": summary["interrupted"]}, f)
-        calls[0] = 0
+            json.dump({**facts(model, calls["load"], calls["stream"], start), "steps": summary["steps"], "interrupted": summary["interrupted"]}, f)
+        calls.update(load=0, stream=0)
+        start.clear()
     dist.destroy_process_group()
 
 

@@ -160,12 +160,16 @@ def test_fsdp_gathers_the_peft_adapter_on_rank0(runs):
 
 
 @pytest.mark.slow
-def test_fsdp_shards_every_layer_and_loads_on_rank0_only(runs):
+def test_fsdp_streams_the_checkpoint_and_shards_every_layer(runs):
     for method in ("qdora", "qlora"):
         _finished(runs, f"fsdp-{method}")
         facts = [json.loads((runs["root"] / f"fsdp-{method}" / f"facts-rank{r}.json").read_text()) for r in (0, 1)]
-        assert [f["load_model_calls"] for f in facts] == [1, 0]  # rank 1 never loads the checkpoint
         for f in facts:
+            # Every rank streams the checkpoint (nobody loads it whole, nothing is broadcast): it
+            # reads one decoder layer, shards it, reads the next; the root comes last.
+            assert (f["load_model_calls"], f["stream_model_calls"]) == (0, 1)
+            assert f["start"] == ["read layer 0", "shard LlamaDecoderLayer", "read layer 1", "shard LlamaDecoderLayer",
+                                  "read root", "shard LlamaForCausalLM"], f["start"]
             assert f["all_dtensor"] and f["fsdp_layers"] == 2 and f["gradient_checkpointing"]
             # Each rank keeps about half of every parameter (dim-0 shards, the last one padded).
             assert 0.45 < f["local_fraction"] < 0.55, f
@@ -279,27 +283,66 @@ def test_shardable_layers_compute_what_the_nf4_model_computes(storage):
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-@pytest.mark.parametrize("method", ["qdora", "dora"])
-def test_other_ranks_rebuild_the_same_tree_on_meta(tied, method):
-    """What rank 0 describes (as JSON) rebuilds, on another rank, the same parameters (names,
-    shapes, dtypes, trainable, tying), buffers and quantization-state layouts, with no data."""
-    from qdora import AdapterConfig, add_adapters
-    from qdora.fsdp import _non_parameter_tensors, build_from_description, describe, prepare_for_fsdp
+@pytest.mark.parametrize("method", ["qdora", "qlora", "dora"])
+def test_streaming_builds_what_load_model_builds(tmp_path, tied, method):
+    """`stream_model` (every rank's FSDP start) reads, quantizes and adapts one decoder layer at a
+    time and hands it on before the next layer is read; the model it returns is `load_model`'s bit
+    for bit (same tensors, same trainable set, same initial A from the same seed), tied embeddings
+    and magnitude-only layers included. Oracle: `load_model` then `add_adapters` on the whole model."""
+    from qdora import AdapterConfig
+    from qdora.loading import CheckpointModel, load_model, stream_model
 
-    model = build(llama3_config(tie_word_embeddings=tied))
-    add_adapters(model, AdapterConfig(method=method, r=4, magnitude_only_modules=("o_proj",),
-                                      adapter_dtype="float32"), verbose=False)
-    prepare_for_fsdp(model, None)
-    desc = json.loads(json.dumps(describe(model, None)))
-    other = build_from_description(desc, torch.device("cpu"))
-    assert type(other) is type(model)
-    ours = list(model.named_parameters(remove_duplicate=False))
-    theirs = list(other.named_parameters(remove_duplicate=False))
-    assert [(n, p.shape, p.dtype, p.requires_grad) for n, p in ours] == \
-        [(n, p.shape, p.dtype, p.requires_grad) for n, p in theirs]
-    assert all(p.device.type == "meta" for _, p in theirs)
-    assert (other.lm_head.weight is other.model.embed_tokens.weight) == tied
-    a, b = _non_parameter_tensors(model), _non_parameter_tensors(other)
-    assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
-    assert [type(m).__name__ for m in model.modules()] == [type(m).__name__ for m in other.modules()]
-    assert other.qdora_config == model.qdora_config
+    build(llama3_config(tie_word_embeddings=tied, num_hidden_layers=3)).save_pretrained(tmp_path / "model")
+    cfg = AdapterConfig(method=method, r=4, magnitude_only_modules=("o_proj",) if method != "qlora" else (),
+                        adapter_dtype="float32")
+    torch.manual_seed(7)
+    expected, _ = load_model(tmp_path / "model", method=method, cfg=cfg, progress=False)
+    read: list[str] = []
+    real_place = CheckpointModel.place
+
+    def place(self, key, tensor):
+        read.append(key)
+        return real_place(self, key, tensor)
+
+    handed = []
+
+    def on_layer(layer):
+        # This layer is complete and adapted; nothing of the later layers has been read.
+        assert all(p.device.type != "meta" for p in layer.parameters())
+        assert not any(k.startswith(f"model.layers.{len(handed) + 1}.") for k in read)
+        handed.append((len(read), sum(type(m).__name__ == "QDoRALinear" for m in layer.modules())))
+
+    CheckpointModel.place = place
+    try:
+        torch.manual_seed(7)
+        got, _ = stream_model(tmp_path / "model", cfg, progress=False, on_layer=on_layer)
+    finally:
+        CheckpointModel.place = real_place
+    layer_keys = len([k for k in read if k.startswith("model.layers.0.")])
+    assert [n for n, _ in handed] == [layer_keys, 2 * layer_keys, 3 * layer_keys]  # then the root's tensors
+    adapted = [sum(type(m).__name__ == "QDoRALinear" for m in layer.modules()) for layer in expected.model.layers]
+    assert [n for _, n in handed] == adapted and adapted[0] > 0  # each layer was adapted before it was handed on
+    ours = list(got.named_parameters(remove_duplicate=False))
+    theirs = list(expected.named_parameters(remove_duplicate=False))
+    assert [(n, p.dtype, p.requires_grad) for n, p in ours] == [(n, p.dtype, p.requires_grad) for n, p in theirs]
+    for (n, p), (_, q) in zip(ours, theirs):
+        assert torch.equal(p, q), n
+    for (n, b), (_, c) in zip(got.named_buffers(), expected.named_buffers()):
+        assert torch.equal(b, c), n
+    assert any(p.requires_grad for _, p in ours)
+    assert (got.lm_head.weight is got.model.embed_tokens.weight) == tied
+    assert [type(m).__name__ for m in got.modules()] == [type(m).__name__ for m in expected.modules()]
+    assert got.qdora_config == expected.qdora_config
+
+
+def test_streaming_names_what_the_checkpoint_lacks(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from qdora import AdapterConfig
+    from qdora.loading import stream_model
+
+    build(llama3_config()).save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 1 tensor\(s\).*model\.layers\.1\.mlp\.up_proj\.weight"):
+        stream_model(tmp_path, AdapterConfig(method="qdora", r=4), progress=False)
