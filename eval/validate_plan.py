@@ -11,6 +11,14 @@ The prediction is `qdora.plan.plan(..., device="cpu")`'s tensor total.
     python -m qdora.eval.validate_plan            # tiny and small Llama shapes, then SmolLM2-135M
     python -m qdora.eval.validate_plan --quick    # the tiny shapes only (seconds)
     python -m qdora.eval.validate_plan --published  # the planner beside published figures
+    python -m qdora.eval.validate_plan --start    # the FSDP start, 2 processes (gloo) per case
+
+`--start` checks the plan's FSDP start term (`MemoryPlan.start_bytes`): for each case a checkpoint
+is written, `torchrun` starts 2 CPU processes that run `qdora.fsdp.build_sharded` on it (stream,
+quantize, adapt, shard, layer by layer) under the profiler, and rank 0's peak of live tensor bytes
+is set beside the prediction (`device="cpu", gpus=2`). The memory-mapped checkpoint file is not
+counted (its pages are the file's). Shapes are chosen so that the peak falls once in the root
+phase (large vocabulary) and once in the layer phase (a matrix larger than one quantizer chunk).
 """
 
 from __future__ import annotations
@@ -33,6 +41,76 @@ SHAPES = {
     "small-llama3": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
 }
+
+
+START_SHAPES = {
+    "wide-vocab": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                       num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False),
+    "tied-llama2": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+    "wide-mlp": dict(vocab_size=1024, hidden_size=1024, intermediate_size=4096, num_hidden_layers=3,
+                     num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False),
+}
+START_CASES = [("wide-vocab", "qdora", 16), ("wide-vocab", "qlora", 16), ("tied-llama2", "qdora", 16),
+               ("wide-mlp", "qdora", 16), ("wide-mlp", "qlora", 64)]
+START_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+
+
+def _start_config(method: str, r: int):
+    from qdora.config import AdapterConfig
+    return AdapterConfig(method=method, r=r, dropout=0.0, target_modules=START_TARGETS, adapter_dtype="float32")
+
+
+def start_worker(folder: str, method: str, r: int, out: str) -> None:
+    """Under torchrun: the FSDP start on `folder`, measured; rank 0 writes the peak to `out`."""
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from qdora.eval.memory import peak_bytes
+    from qdora.fsdp import build_sharded, init_process_group
+
+    device = init_process_group()
+    torch.manual_seed(0)
+    mapped = frozenset(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+    peak = peak_bytes(lambda: build_sharded(folder, _start_config(method, r), device, progress=False),
+                      mapped_sizes=mapped)
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps({"peak": peak}))
+    dist.destroy_process_group()
+
+
+def measure_start(name: str, method: str, r: int, workdir) -> dict:
+    """Write case `name`'s checkpoint under `workdir`, run the 2-process start, return the row."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = Path(workdir) / name
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**START_SHAPES[name], max_position_embeddings=512)).save_pretrained(folder)
+    out = Path(workdir) / f"{name}-{method}-{r}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "qdora.eval.validate_plan", "--start-worker", str(folder), method, str(r), str(out)]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""),
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"start measurement of {name} ({method}) failed:\n{proc.stderr[-3000:]}")
+    predicted = plan(str(folder), PlanConfig(method=method, r=r, dropout=0.0, device="cpu", gpus=2,
+                                             target_modules=START_TARGETS))
+    return {"model": name, "method": method, "r": r, "measured_bytes": json.loads(out.read_text())["peak"],
+            "predicted_bytes": predicted.start_bytes}
+
+
+def start_table(rows: list[dict]) -> str:
+    out = ["| model | method | r | predicted MiB | measured MiB | error |", "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['method']} | {r['r']} | {r['predicted_bytes'] / 2**20:.2f} | "
+                   f"{r['measured_bytes'] / 2**20:.2f} | {100 * error(r):+.1f}% |")
+    return "\n".join(out)
 
 
 @dataclass(frozen=True)
@@ -199,7 +277,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--published", action="store_true",
                    help="print the planner beside published figures (no measurement) and stop")
+    p.add_argument("--start", action="store_true", help="validate the FSDP start term (2 processes per case)")
+    p.add_argument("--start-worker", nargs=4, metavar=("FOLDER", "METHOD", "R", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.start_worker:
+        folder, method, r, out = args.start_worker
+        start_worker(folder, method, int(r), out)
+        return 0
+    if args.start:
+        import tempfile
+        rows = []
+        with tempfile.TemporaryDirectory() as workdir:
+            for name, method, r in START_CASES:
+                rows.append(measure_start(name, method, r, workdir))
+                print(start_table(rows[-1:]).splitlines()[-1], flush=True)
+        print(start_table(rows))
+        print(f"\nworst |error|: {100 * max(abs(error(r)) for r in rows):.1f}% over {len(rows)} cases")
+        return 0
     if args.published:
         print(published_table())
         return 0

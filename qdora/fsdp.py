@@ -185,14 +185,24 @@ def shard(model: nn.Module, device: torch.device, cpu_offload: bool = False) -> 
     return model
 
 
-def _digest(tensors) -> tuple[float, float]:
-    """Sum and sum of squares (fp64) of `tensors`: equal on two ranks that built the same weights."""
-    total = squares = 0.0
+CHECKSUM_CHUNK = 1 << 18
+"""Words summed at once by `_checksum`: its temporary is 8 bytes per word of a chunk (2 MiB at most)."""
+
+
+def _checksum(tensors) -> int:
+    """Sum of the raw bytes of `tensors` read as int32 words (uint8 where a tensor's size is not a
+    multiple of 4): equal on two ranks holding the same bytes. Chunked, so a large tensor (the
+    embeddings) costs no full-size temporary on the device."""
+    total = 0
     for t in tensors:
-        t = t.detach().double()
-        total += t.sum().item()
-        squares += t.square().sum().item()
-    return total, squares
+        data = t.detach().contiguous().view(-1).view(torch.uint8)
+        if data.numel() % 4 == 0:
+            data = data.view(torch.int32)
+        acc = torch.zeros((), dtype=torch.int64, device=data.device)
+        for chunk in data.split(CHECKSUM_CHUNK):
+            acc += chunk.sum(dtype=torch.int64)
+        total += int(acc)
+    return total
 
 
 def _whole_tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -201,7 +211,7 @@ def _whole_tensors(module: nn.Module) -> list[torch.Tensor]:
     for m in module.modules():
         state = getattr(m, "quant_state", None) if isinstance(m, bnb.nn.Linear4bit) else None
         if state is not None:
-            out += [state.absmax, state.code] + ([state.state2.absmax, state.state2.code] if state.state2 else [])
+            out += [state.absmax, state.code] + ([state.state2.absmax, state.state2.code] if state.state2 is not None else [])
     return out
 
 
@@ -211,6 +221,7 @@ def build_sharded(path, cfg, device: torch.device, cpu_offload: bool = False, dt
     shardable and `fully_shard`s it, keeping only its own part; the root (embeddings, final norm,
     head) is sharded last. Returns `(model, tokenizer)`; see the module docstring (low-memory start)."""
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
 
     from qdora.loading import resolve_checkpoint, stream_model
 
@@ -219,30 +230,29 @@ def build_sharded(path, cfg, device: torch.device, cpu_offload: bool = False, dt
         resolve_checkpoint(path, progress)
     dist.barrier()
     folder = resolve_checkpoint(path, progress=False)
-    digests: list[tuple[float, float]] = []
+    digests: list[int] = []
 
     def on_layer(layer: nn.Module) -> None:
         prepare_for_fsdp(layer, mp.param_dtype)
-        digests.append(_digest(_whole_tensors(layer)))
+        digests.append(_checksum(_whole_tensors(layer)))
         fully_shard(layer, mp_policy=mp, offload_policy=offload)
 
     model, tokenizer = stream_model(folder, cfg, dtype, device, progress and rank() == 0, on_layer)
     prepare_for_fsdp(model, mp.param_dtype)  # the layers outside the decoder stack (e.g. a quantized head)
-    from torch.distributed.tensor import DTensor
-    digests.append(_digest([t for t in _whole_tensors(model) if not isinstance(t, DTensor)]))
+    digests.append(_checksum([t for t in _whole_tensors(model) if not isinstance(t, DTensor)]))
     fully_shard(model, mp_policy=mp, offload_policy=offload)
     # Each rank keeps its shard of what it built itself: the ranks must have built the same bytes
     # (quantization and adapter initialisation are deterministic on one device type; check it).
-    mine = torch.tensor(digests, dtype=torch.float64, device=device).flatten().nan_to_num(nan=1e300)
+    mine = torch.tensor(digests, dtype=torch.int64, device=device)
     both = torch.cat([mine, -mine])
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
     hi, lo = both[:len(mine)], -both[len(mine):]
-    differ = (hi != lo).view(-1, 2).any(dim=1).nonzero().flatten().tolist()
+    differ = (hi != lo).nonzero().flatten().tolist()
     if differ:
         where = ", ".join("the root" if i == len(digests) - 1 else f"decoder layer {i}" for i in differ[:5])
-        raise RuntimeError(f"the ranks built different weights for {where} (fp64 checksums differ): quantization "
-                           "or adapter initialisation is not deterministic here, or the ranks read different "
-                           f"checkpoints ({path}); every rank must see the same files and the same seed")
+        raise RuntimeError(f"the ranks built different weights for {where} (checksums of their bytes differ): "
+                           "quantization or adapter initialisation is not deterministic here, or the ranks read "
+                           f"different checkpoints ({path}); every rank must see the same files and the same seed")
     return model, tokenizer
 
 

@@ -54,15 +54,19 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         raise ValueError(
             f"a {tuple(weight.shape)} weight packs into {bytes_needed} bytes, not a whole number of "
             f"{storage} elements; use quant_storage='uint8' for this layer")
-    if not torch.isfinite(weight).all():
-        bad = (~torch.isfinite(weight)).nonzero()[0].tolist()
-        raise ValueError(f"weight has non-finite values (first at index {bad}); cannot quantize")
     weight = weight.contiguous()
     chunk = max(2 * blocksize, chunk // (2 * blocksize) * (2 * blocksize))  # whole blocks, whole bytes
+    flat = weight.view(-1)
+    for start in range(0, numel, chunk):  # `isfinite` makes ~7 bytes of temporaries per element
+        finite = torch.isfinite(flat[start:start + chunk])
+        if not finite.all():
+            first = start + int((~finite).nonzero()[0])
+            raise ValueError(f"weight has non-finite values (first at index {list(divmod(first, weight.shape[1]))}); "
+                             "cannot quantize")
+    del finite
     if numel <= chunk:
         return bnbF.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double_quant,
                                   quant_type="nf4", quant_storage=storage)
-    flat = weight.view(-1)
     packed_parts, absmax_parts = [], []
     for start in range(0, numel, chunk):
         packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default(flat[start:start + chunk], blocksize,

@@ -74,6 +74,10 @@ ALLOCATOR_SLACK = 0.10
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEVICES = ("cuda", "cpu")
+QUANT_CHUNK = 1 << 20
+"""`qdora.nf4.QUANT_CHUNK`: elements the quantizer converts at once."""
+CHECKSUM_CHUNK = 1 << 18
+"""`qdora.fsdp.CHECKSUM_CHUNK`: int32 words the start's checksum sums at once."""
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 
 
@@ -275,9 +279,9 @@ class MemoryPlan:
     details: dict[str, int] = field(default_factory=dict)
     """Named parts of the terms (e.g. the FSDP buffers one by one)."""
     start_bytes: int = 0
-    """FSDP only: rank 0's tensor bytes while it starts the run (`qdora.fsdp.build_sharded`: it loads
-    and quantizes the whole model onto its device, then shards it one decoder layer at a time).
-    The training step's terms do not include it; `fits` checks both."""
+    """FSDP only: a rank's tensor bytes on its device while the run starts (`qdora.fsdp.build_sharded`:
+    every rank reads, quantizes and shards the checkpoint one decoder layer at a time, the root
+    last). The training step's terms do not include it; `fits` checks both."""
 
     @property
     def tensor_bytes(self) -> int:
@@ -296,11 +300,17 @@ class MemoryPlan:
         return self.start_bytes + extra
 
     def fits(self, card_gb: float) -> bool:
-        """The training step and (with FSDP) rank 0's start both fit `card_gb`."""
+        """The training step and (with FSDP) the start both fit `card_gb`."""
         return max(self.total_bytes, self.start_total_bytes) <= card_gb * GIB
 
 
 # ---- the model -----------------------------------------------------------------------------
+
+def _checksum_bytes(largest: int) -> int:
+    """The start's checksum temporary (`qdora.fsdp._checksum`): one chunk of int32 words summed as
+    int64, for a group whose largest tensor has `largest` bytes."""
+    return 8 * min(CHECKSUM_CHUNK, largest // 4)
+
 
 def _nf4_bytes(out_f: int, in_f: int, double_quant: bool) -> tuple[int, int]:
     """(packed bytes, quantization-state bytes) of one NF4 weight."""
@@ -375,10 +385,24 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
     grads_total = trainable
     start = 0
     if cfg.fsdp:
-        # Rank 0's start: the whole loaded model (adapters and norm buffers included), the largest
-        # weight being quantized in the compute dtype, and the current layer's new shards.
-        start = (nf4 + qstate + base + adapters + buffers + rope + max(o * n for o, n in lin.values()) * e
-                 + -(-(nf4_l + base_l + adapt_l) // N))
+        # The start (`qdora.fsdp.build_sharded`), on every rank: the quantization states and norm
+        # buffers (kept whole) of the layers read so far, plus this rank's shards of them (none on
+        # the device with CPU offload), plus the group being read, whole, and what reading it costs:
+        # - a decoder layer: while its largest weight is quantized, the weight copied to the GPU
+        #   (on a CPU device it stays a view of the memory-mapped file) and the quantizer's tensors (measured: ~10 bytes per element up to one chunk; beyond, the
+        #   packed chunks and their concatenation, 9/8 byte per element, plus ~7.25 bytes per
+        #   element of one chunk); or, once complete, its checksum's temporary or its new shards;
+        # - last, the root (embeddings, final norm, head): its checksum's temporary or new shards.
+        n_max = max(o * n for o, n in lin.values())
+        quantizer = 10 * n_max + n_max // 16 if n_max <= QUANT_CHUNK else 9 * n_max // 8 + 29 * QUANT_CHUNK // 4
+        layer_largest = (n_max + 1) // 2 if cfg.quantized else n_max * w
+        read = n_max * w if cfg.device == "cuda" else 0
+        layer_whole = nf4_l + base_l + adapt_l
+        layer_shard = 0 if cfg.cpu_offload else -(-layer_whole // N)
+        start = qstate + buffers + rope + max(
+            (L - 1) * layer_shard + max(layer_whole - (n_max + 1) // 2 + read + quantizer,
+                                        layer_whole + max(_checksum_bytes(layer_largest), -(-layer_whole // N))),
+            L * layer_shard + root + max(_checksum_bytes(max(embed, head)), -(-root // N)))
         nf4, base, adapters = -(-nf4 // N), -(-base // N), -(-adapters // N)
         grads_total, opt_states = -(-trainable // N), -(-opt_states // N)
         # CUDA mixed precision gathers parameters in bf16 (packed NF4 is stored as bf16 already)
@@ -526,7 +550,7 @@ def format_plan(p: MemoryPlan, cards=CARDS_GB) -> str:
         lines += [""] + [f"  {k}: {_gib(v).strip()} GiB" for k, v in p.details.items()]
     lines += ["", "phases (tensor bytes): " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in p.phases.items()) + " GiB"]
     if p.start_bytes:
-        lines.append(f"start, rank 0 (loads and quantizes the whole model, then shards it layer by layer): "
+        lines.append(f"start, per GPU (reads, quantizes and shards the checkpoint one layer at a time): "
                      f"{p.start_bytes / GIB:.2f} GiB of tensors"
                      + (f", {p.start_total_bytes / GIB:.2f} GiB with context and slack" if c.device == "cuda" else "")
                      + (" -- more than the training step" if p.start_total_bytes > p.total_bytes else ""))

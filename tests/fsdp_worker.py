@@ -4,7 +4,9 @@ with `fsdp=True`, described by a JSON file (argv[1]):
     {"runs": [{"config": {...TrainConfig fields...},
                "peft_adapter": "<folder>"           # also gather the adapter in PEFT's format
                "crash_in_save_at": 4,               # rank 1 dies while writing checkpoint 4
-               "sigterm_rank1_at": 2}]}             # rank 1 alone gets SIGTERM after step 2
+               "sigterm_rank1_at": 2,               # rank 1 alone gets SIGTERM after step 2
+               "measure_start": true,               # peak live tensor bytes of the start (profiler)
+               "seed_rank1": 1}]}                   # rank 1 draws other adapters: the start must refuse
 
 Each rank writes `<out>/facts-rank<r>.json`: what the tests check about sharding and loading.
 """
@@ -13,13 +15,16 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.fsdp
 
+import qdora.fsdp
 import qdora.loading
 import qdora.safetensors_io
+from qdora.eval.memory import peak_bytes
 from qdora.fsdp import save_adapter_gathered
 from qdora.train import TrainConfig, train
 
@@ -81,8 +86,15 @@ def main() -> None:
 
     qdora.loading.CheckpointModel.place = place
     torch.distributed.fsdp.fully_shard = fully_shard
+    real_build = qdora.fsdp.build_sharded
+    start_peak = [None]
     for run in spec["runs"]:
+        calls.update(load=0, stream=0)
+        start_peak[0] = None
+        start.clear()
         cfg = TrainConfig(**run["config"])
+        if run.get("seed_rank1") is not None and dist.get_rank() == 1:
+            cfg = TrainConfig(**{**run["config"], "seed": run["seed_rank1"]})
         crash_at = run.get("crash_in_save_at")
         real_save = qdora.safetensors_io.save_file_atomic
 
@@ -98,16 +110,34 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler stopping one process would
 
         state = {"step": 0}
+        if run.get("measure_start"):
+            def measured_build(*args, **kwargs):
+                out = []
+                mapped = frozenset(f.stat().st_size for f in Path(cfg.model).glob("*.safetensors"))
+                start_peak[0] = peak_bytes(lambda: out.append(real_build(*args, **kwargs)), mapped_sizes=mapped)
+                return out[0]
+            qdora.fsdp.build_sharded = measured_build
         qdora.safetensors_io.save_file_atomic = save
-        summary = train(cfg, on_step=on_step)
-        qdora.safetensors_io.save_file_atomic = real_save
+        try:
+            summary = train(cfg, on_step=on_step)
+        except RuntimeError as err:
+            if run.get("seed_rank1") is None:
+                raise
+            summary = {"start_error": str(err)}
+        finally:
+            qdora.safetensors_io.save_file_atomic = real_save
+            qdora.fsdp.build_sharded = real_build
+        if "start_error" in summary:
+            os.makedirs(cfg.out, exist_ok=True)
+            with open(os.path.join(cfg.out, f"facts-rank{dist.get_rank()}.json"), "w") as f:
+                json.dump(summary, f)
+            continue
         model = summary["model"]
         if run.get("peft_adapter"):
             save_adapter_gathered(model, run["peft_adapter"], format="peft")
         with open(os.path.join(cfg.out, f"facts-rank{dist.get_rank()}.json"), "w") as f:
-            json.dump({**facts(model, calls["load"], calls["stream"], start), "steps": summary["steps"], "interrupted": summary["interrupted"]}, f)
-        calls.update(load=0, stream=0)
-        start.clear()
+            json.dump({**facts(model, calls["load"], calls["stream"], start), "start_peak_bytes": start_peak[0],
+                       "steps": summary["steps"], "interrupted": summary["interrupted"]}, f)
     dist.destroy_process_group()
 
 

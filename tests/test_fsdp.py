@@ -72,9 +72,10 @@ def runs(tmp_path_factory):
     save_adapter(single["qdora"], root / "single-qdora-peft", format="peft")
 
     runs = [{"config": config(root, root / "fsdp-qdora", fsdp=True), "peft_adapter": str(root / "fsdp-qdora-peft")},
-            {"config": config(root, root / "fsdp-qlora", method="qlora", fsdp=True)},
+            {"config": config(root, root / "fsdp-qlora", method="qlora", fsdp=True), "measure_start": True},
             {"config": config(root, root / "fsdp-qdora-offload", fsdp=True, cpu_offload=True)},
             {"config": config(root, root / "stop", fsdp=True, save_every=4), "sigterm_rank1_at": 2},
+            {"config": config(root, root / "other-seed", fsdp=True), "seed_rank1": 1},
             {"config": config(root, root / "crash", fsdp=True), "crash_in_save_at": 4}]
     crashed = torchrun({"runs": runs}, root)
     state_after_crash = json.loads((root / "crash" / "checkpoint" / "state.json").read_text())
@@ -175,6 +176,35 @@ def test_fsdp_streams_the_checkpoint_and_shards_every_layer(runs):
             assert 0.45 < f["local_fraction"] < 0.55, f
             # 7 linear layers per decoder layer, all NF4 (frozen ones too), packed as uint8 on CPU.
             assert f["packed_count"] == 14 and f["packed_dtypes"] == ["torch.uint8"]
+
+
+@pytest.mark.slow
+def test_plan_predicts_the_measured_start(runs):
+    """`qdora plan`'s FSDP start term against the start measured on each rank (the profiler's peak
+    of live tensor bytes over `build_sharded`, the mapped checkpoint file left out). This tiny
+    model peaks while its root is sharded; `python -m qdora.eval.validate_plan --start` also covers
+    starts that peak in a layer (within +11% there)."""
+    from qdora.plan import PlanConfig, plan
+    _finished(runs, "fsdp-qlora")
+    cfg = TrainConfig(**config(runs["root"], runs["root"] / "x", method="qlora", fsdp=True))
+    predicted = plan(str(runs["root"] / "model"), PlanConfig(
+        method="qlora", r=cfg.r, dropout=cfg.dropout, target_modules=tuple(cfg.target_modules), device="cpu",
+        gpus=2, adapter_dtype=cfg.adapter_dtype)).start_bytes
+    for r in (0, 1):
+        measured = json.loads((runs["root"] / "fsdp-qlora" / f"facts-rank{r}.json").read_text())["start_peak_bytes"]
+        assert abs(predicted / measured - 1) <= 0.15, (r, predicted, measured)
+
+
+@pytest.mark.slow
+def test_ranks_that_built_different_weights_refuse_to_train(runs):
+    """Each rank keeps its shard of the layers it built itself, so the ranks must build the same
+    bytes; rank 1 seeded differently draws other initial adapters, and every rank stops at the start."""
+    out = runs["root"] / "other-seed"
+    assert (out / "facts-rank1.json").is_file(), runs["crashed"].stdout[-3000:] + runs["crashed"].stderr[-6000:]
+    for r in (0, 1):
+        error = json.loads((out / f"facts-rank{r}.json").read_text())["start_error"]
+        assert error.startswith("the ranks built different weights for decoder layer 0, decoder layer 1 "), error
+    assert not (out / "checkpoint").exists() and not (out / "metrics.jsonl").exists()
 
 
 @pytest.mark.slow

@@ -133,23 +133,31 @@ def test_fsdp_shards_what_it_shards_and_names_its_buffers():
     assert one.terms["fsdp_buffers"] == 0
 
 
-def test_fsdp_start_holds_the_whole_model_on_rank0():
-    """`qdora.fsdp.build_sharded` loads the whole model onto rank 0's device before sharding it: the
-    plan counts that start beside the training step, and a card must hold both."""
+def test_fsdp_start_streams_so_70b_fits_two_24gb_cards_with_offload():
+    """`qdora.fsdp.build_sharded` streams the checkpoint layer by layer on every rank: the start
+    holds this rank's shards, every quantization state, and one layer or the root whole. For
+    Llama-3-70B with CPU offload both the start and the step fit a 24 GB card; without offload the
+    shards (35 GB of NF4 over 2 GPUs) do not."""
+    from qdora import fsdp, nf4
+    from qdora.plan import CHECKSUM_CHUNK, QUANT_CHUNK
+    assert (QUANT_CHUNK, CHECKSUM_CHUNK) == (nf4.QUANT_CHUNK, fsdp.CHECKSUM_CHUNK)
     one = plan("Llama-3-70B", PlanConfig(method="qdora", r=64, gpus=1))
     assert one.start_bytes == 0 and one.start_total_bytes == 0
     shape = resolve_model("Llama-3-70B")
-    largest = max(o * n for o, n in shape.linear_shapes().values()) * 2       # bf16 weight being quantized
-    whole = sum(one.terms[k] for k in ("nf4_weights", "quant_state", "base_weights", "adapters"))
-    for offload in (False, True):
-        p = plan("Llama-3-70B", PlanConfig(method="qdora", r=64, gpus=2, cpu_offload=offload))
-        layer_shard = p.start_bytes - whole - largest
-        assert 0 < layer_shard < one.terms["nf4_weights"] / shape.layers       # under half a layer's NF4 + adapters
-        assert p.start_total_bytes == p.start_bytes + CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * p.start_bytes)
-        assert p.fits(48) and not p.fits(24)
+    root = 2 * shape.vocab * shape.hidden * 2 + shape.hidden * 2               # bf16 embeddings, head, norm
     offloaded = plan("Llama-3-70B", PlanConfig(method="qdora", r=64, gpus=2, cpu_offload=True))
-    assert offloaded.total_bytes < 24 * 2**30 < offloaded.start_total_bytes  # the step fits 24 GB, the start does not
-    assert "start, rank 0" in format_plan(offloaded) and "24 GB no" in format_plan(offloaded)
+    # Nothing sharded stays on the GPU: the quantization states, the root whole and its half being cut.
+    assert offloaded.start_bytes > one.terms["quant_state"] + root + root // 2
+    assert offloaded.start_bytes < one.terms["quant_state"] + root + root // 2 + 2**30
+    assert offloaded.start_total_bytes == (offloaded.start_bytes + CUDA_CONTEXT_BYTES
+                                           + int(ALLOCATOR_SLACK * offloaded.start_bytes))
+    assert offloaded.fits(24) and "24 GB yes" in format_plan(offloaded)
+    assert "start, per GPU" in format_plan(offloaded)
+    for n in (2, 4, 8):  # without offload the start holds this rank's shards: less with more GPUs
+        p = plan("Llama-3-70B", PlanConfig(method="qdora", r=64, gpus=n))
+        assert p.start_bytes < p.tensor_bytes                     # the step holds all of that and more
+        assert p.start_bytes > one.terms["nf4_weights"] // n
+    assert not plan("Llama-3-70B", PlanConfig(method="qdora", r=64, gpus=2)).fits(24)
 
 
 def test_more_tokens_more_memory_and_checkpointing_saves():
