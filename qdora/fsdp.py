@@ -201,7 +201,7 @@ def _checksum(tensors) -> int:
         acc = torch.zeros((), dtype=torch.int64, device=data.device)
         for chunk in data.split(CHECKSUM_CHUNK):
             acc += chunk.sum(dtype=torch.int64)
-        total += int(acc)
+        total = (total + int(acc)) % (1 << 62)  # stays an int64 whatever the model's size
     return total
 
 
@@ -211,7 +211,9 @@ def _whole_tensors(module: nn.Module) -> list[torch.Tensor]:
     for m in module.modules():
         state = getattr(m, "quant_state", None) if isinstance(m, bnb.nn.Linear4bit) else None
         if state is not None:
-            out += [state.absmax, state.code] + ([state.state2.absmax, state.state2.code] if state.state2 is not None else [])
+            out += [state.absmax, state.code]
+            if state.state2 is not None:
+                out += [state.state2.absmax, state.state2.code]
     return out
 
 
@@ -226,9 +228,17 @@ def build_sharded(path, cfg, device: torch.device, cpu_offload: bool = False, dt
     from qdora.loading import resolve_checkpoint, stream_model
 
     mp, offload = mixed_precision(device), offload_policy(device, cpu_offload)
+    failure = None
     if rank() == 0:  # a .gguf file is converted once, by rank 0, before anyone reads it
-        resolve_checkpoint(path, progress)
-    dist.barrier()
+        try:
+            resolve_checkpoint(path, progress)
+        except Exception as err:  # every rank must hear of it, not wait for a timeout
+            failure = err
+    failed, = all_reduce([float(failure is not None)], device, op="max")
+    if failure is not None:
+        raise failure
+    if failed:
+        raise RuntimeError(f"rank 0 could not open {path}; its error says why")
     folder = resolve_checkpoint(path, progress=False)
     digests: list[int] = []
 

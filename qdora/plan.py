@@ -389,20 +389,25 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
         # buffers (kept whole) of the layers read so far, plus this rank's shards of them (none on
         # the device with CPU offload), plus the group being read, whole, and what reading it costs:
         # - a decoder layer: while its largest weight is quantized, the weight copied to the GPU
-        #   (on a CPU device it stays a view of the memory-mapped file) and the quantizer's tensors (measured: ~10 bytes per element up to one chunk; beyond, the
-        #   packed chunks and their concatenation, 9/8 byte per element, plus ~7.25 bytes per
-        #   element of one chunk); or, once complete, its checksum's temporary or its new shards;
+        #   (on a CPU device it stays a view of the memory-mapped file) and the quantizer's tensors
+        #   (measured: ~10 bytes per element up to one chunk; beyond, the packed chunks and their
+        #   concatenation, 9/8 byte per element, plus ~7.25 bytes per element of one chunk); or,
+        #   once complete, its checksum's temporary or its new shards;
         # - last, the root (embeddings, final norm, head): its checksum's temporary or new shards.
         n_max = max(o * n for o, n in lin.values())
-        quantizer = 10 * n_max + n_max // 16 if n_max <= QUANT_CHUNK else 9 * n_max // 8 + 29 * QUANT_CHUNK // 4
-        layer_largest = (n_max + 1) // 2 if cfg.quantized else n_max * w
-        read = n_max * w if cfg.device == "cuda" else 0
         layer_whole = nf4_l + base_l + adapt_l
         layer_shard = 0 if cfg.cpu_offload else -(-layer_whole // N)
-        start = qstate + buffers + rope + max(
-            (L - 1) * layer_shard + max(layer_whole - (n_max + 1) // 2 + read + quantizer,
-                                        layer_whole + max(_checksum_bytes(layer_largest), -(-layer_whole // N))),
-            L * layer_shard + root + max(_checksum_bytes(max(embed, head)), -(-root // N)))
+        quantizing = 0
+        if cfg.quantized:
+            quantizer = (10 * n_max + n_max // 16 if n_max <= QUANT_CHUNK
+                         else 9 * n_max // 8 + 29 * QUANT_CHUNK // 4)
+            read = n_max * w if cfg.device == "cuda" else 0
+            quantizing = layer_whole - (n_max + 1) // 2 + read + quantizer
+        layer_largest = (n_max + 1) // 2 if cfg.quantized else n_max * w
+        layer_done = layer_whole + max(_checksum_bytes(layer_largest), -(-layer_whole // N))
+        root_done = root + max(_checksum_bytes(max(embed, head)), -(-root // N))
+        start = qstate + buffers + rope + max((L - 1) * layer_shard + max(quantizing, layer_done),
+                                              L * layer_shard + root_done)
         nf4, base, adapters = -(-nf4 // N), -(-base // N), -(-adapters // N)
         grads_total, opt_states = -(-trainable // N), -(-opt_states // N)
         # CUDA mixed precision gathers parameters in bf16 (packed NF4 is stored as bf16 already)

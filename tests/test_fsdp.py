@@ -75,7 +75,8 @@ def runs(tmp_path_factory):
             {"config": config(root, root / "fsdp-qlora", method="qlora", fsdp=True), "measure_start": True},
             {"config": config(root, root / "fsdp-qdora-offload", fsdp=True, cpu_offload=True)},
             {"config": config(root, root / "stop", fsdp=True, save_every=4), "sigterm_rank1_at": 2},
-            {"config": config(root, root / "other-seed", fsdp=True), "seed_rank1": 1},
+            {"config": config(root, root / "other-seed", fsdp=True), "seed_rank1": 1, "expect_error": True},
+            {"config": config(root, root / "no-model", fsdp=True, model=str(root / "missing")), "expect_error": True},
             {"config": config(root, root / "crash", fsdp=True), "crash_in_save_at": 4}]
     crashed = torchrun({"runs": runs}, root)
     state_after_crash = json.loads((root / "crash" / "checkpoint" / "state.json").read_text())
@@ -203,8 +204,19 @@ def test_ranks_that_built_different_weights_refuse_to_train(runs):
     assert (out / "facts-rank1.json").is_file(), runs["crashed"].stdout[-3000:] + runs["crashed"].stderr[-6000:]
     for r in (0, 1):
         error = json.loads((out / f"facts-rank{r}.json").read_text())["start_error"]
-        assert error.startswith("the ranks built different weights for decoder layer 0, decoder layer 1 "), error
+        assert error.startswith("RuntimeError: the ranks built different weights for decoder layer 0, "
+                                "decoder layer 1 "), error
     assert not (out / "checkpoint").exists() and not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_missing_model_fails_every_rank_at_once(runs):
+    """Rank 0 resolves the model first (it converts a .gguf file); its failure reaches every rank
+    at once, not after the collective timeout."""
+    out = runs["root"] / "no-model"
+    errors = [json.loads((out / f"facts-rank{r}.json").read_text())["start_error"] for r in (0, 1)]
+    assert errors[0] == f"FileNotFoundError: model not found: {runs['root'] / 'missing'}"
+    assert errors[1] == f"RuntimeError: rank 0 could not open {runs['root'] / 'missing'}; its error says why"
 
 
 @pytest.mark.slow
