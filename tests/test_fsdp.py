@@ -180,6 +180,26 @@ def test_fsdp_streams_the_checkpoint_and_shards_every_layer(runs):
 
 
 @pytest.mark.slow
+def test_accelerate_launch_runs_the_same_job(runs, tmp_path):
+    """`accelerate launch --multi_gpu` starts the processes through torchrun's launcher too (here on
+    CPU, gloo): the same FSDP run, bit for bit, as the torchrun job's."""
+    _finished(runs, "fsdp-qdora")
+    root, out = runs["root"], tmp_path / "accelerate"
+    cfg = config(root, out)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items() if k not in ("progress",)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "qdora.cli", "train", "--fsdp", "--no-progress", *flags]
+    env = dict(os.environ, OMP_NUM_THREADS="1", QDORA_DIST_TIMEOUT="60", CUDA_VISIBLE_DEVICES="")
+    _ok(subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S))
+    ours, theirs = read_metrics(out), read_metrics(root / "fsdp-qdora")
+    assert [(m["loss"], m["grad_norm"]) for m in ours] == [(m["loss"], m["grad_norm"]) for m in theirs]
+    a = load_file(str(out / "adapter" / "adapter.safetensors"))
+    e = load_file(str(root / "fsdp-qdora" / "adapter" / "adapter.safetensors"))
+    assert sorted(a) == sorted(e) and all(torch.equal(a[k], e[k]) for k in e)
+
+
+@pytest.mark.slow
 def test_plan_predicts_the_measured_start(runs):
     """`qdora plan`'s FSDP start term against the start measured on each rank (the profiler's peak
     of live tensor bytes over `build_sharded`, the mapped checkpoint file left out). This tiny
