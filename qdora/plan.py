@@ -46,7 +46,11 @@ parameters, gradients and optimizer states are divided by N; the quantization st
 stay whole on every rank; named extra terms are the unsharded parameters of two decoder layers
 (the one computing and the one prefetched), the root's unsharded embeddings/norm/`lm_head` (the
 root is not resharded between forward and backward), and one layer's unsharded gradients awaiting
-reduce-scatter (fp32). With CUDA mixed precision the gathered copies are bf16.
+reduce-scatter (fp32). With CUDA mixed precision the gathered copies are bf16. With CPU offload
+the sharded parameters, gradients and optimizer states leave the device (a named line says how
+much CPU memory they take). The start (`MemoryPlan.start_bytes`) is predicted beside the step:
+every rank streams the checkpoint layer by layer (see `plan` for its terms; validated by
+`python -m qdora.eval.validate_plan --start`).
 
 CUDA only: a CUDA context (a constant, `CUDA_CONTEXT_BYTES`) and allocator slack (a stated
 fraction of the tensor peak, `ALLOCATOR_SLACK`) are reported as their own lines.
