@@ -151,3 +151,22 @@ def test_chunked_quantization_is_bitsandbytes_bit_for_bit(shape, double_quant, s
     if double_quant:
         assert torch.equal(state.offset, ref_state.offset)
         assert torch.equal(state.state2.absmax, ref_state.state2.absmax)
+
+
+def test_quantizing_a_large_weight_costs_about_a_byte_per_element():
+    """The quantizer's tensors, beyond one chunk: the packed chunks and their concatenation (9/8
+    byte per element with the absmax) plus one chunk's temporaries; nothing of the weight's size
+    in float or bool (a whole-weight finiteness check used to cost 7 bytes per element). The bound
+    is what `qdora plan` counts for the FSDP start."""
+    from qdora.eval.memory import peak_bytes
+    from qdora.nf4 import QUANT_CHUNK
+
+    weight = torch.randn(4096, 1024)
+    n = weight.numel()
+    assert n == 4 * QUANT_CHUNK
+    peak = peak_bytes(lambda: quantize_nf4(weight))
+    # (+ 4 KiB: the code books and the double quantization's small tensors)
+    assert 9 * n // 8 <= peak <= 9 * n // 8 + 29 * QUANT_CHUNK // 4 + 4096, peak / n
+    weight[4095, 1023] = float("inf")  # the last chunk is checked too
+    with pytest.raises(ValueError, match=r"non-finite values \(first at index \[4095, 1023\]\)"):
+        quantize_nf4(weight)
