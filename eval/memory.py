@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from qdora.nf4 import quant_state_tensors
+
 
 def peak_bytes(work: Callable[[], object], device: torch.device | str = "cpu",
                mapped_sizes: frozenset[int] = frozenset()) -> int:
@@ -67,9 +69,6 @@ def tensor_bytes(module: torch.nn.Module) -> int:
         add(t)
         state = getattr(t, "quant_state", None)
         if state is not None:
-            add(state.absmax)
-            add(state.code)
-            if state.state2 is not None:
-                add(state.state2.absmax)
-                add(state.state2.code)
+            for s in quant_state_tensors(state):
+                add(s)
     return total

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import torch
 
 METHODS = ("full", "lora", "dora", "qlora", "qdora")
+"""`full` trains every weight; `lora`/`dora` adapt an unquantized base; `qlora`/`qdora` an NF4 base."""
 QUANTIZED_METHODS = ("qlora", "qdora")
 """Methods whose frozen base is NF4."""
 DORA_METHODS = ("dora", "qdora")
 """Methods with a trained magnitude."""
-"""`full` trains every weight; `lora`/`dora` adapt an unquantized base; `qlora`/`qdora` an NF4 base."""
 
 NORM_MODES = ("detached", "exact")
 DIRECTIONS = ("lora", "vera")

@@ -43,7 +43,7 @@ from torch import nn
 import bitsandbytes as bnb
 
 from qdora.function import DoRAFunction, LayerSpec
-from qdora.nf4 import RowBlocks
+from qdora.nf4 import RowBlocks, quant_state_tensors
 
 DEFAULT_TIMEOUT_S = 600
 """Seconds a collective may wait for a peer before it fails (so a crashed rank never hangs the rest)."""
@@ -211,9 +211,7 @@ def _whole_tensors(module: nn.Module) -> list[torch.Tensor]:
     for m in module.modules():
         state = getattr(m, "quant_state", None) if isinstance(m, bnb.nn.Linear4bit) else None
         if state is not None:
-            out += [state.absmax, state.code]
-            if state.state2 is not None:
-                out += [state.state2.absmax, state.state2.code]
+            out += quant_state_tensors(state)
     return out
 
 
@@ -241,15 +239,19 @@ def build_sharded(path, cfg, device: torch.device, cpu_offload: bool = False, dt
         raise RuntimeError(f"rank 0 could not open {path}; its error says why")
     folder = resolve_checkpoint(path, progress=False)
     digests: list[int] = []
+    summed: set[int] = set()  # the layers' buffers and quantization states (they stay whole and alive)
 
     def on_layer(layer: nn.Module) -> None:
         prepare_for_fsdp(layer, mp.param_dtype)
-        digests.append(_checksum(_whole_tensors(layer)))
+        tensors = _whole_tensors(layer)
+        summed.update(id(t) for t in tensors if not isinstance(t, nn.Parameter))
+        digests.append(_checksum(tensors))
         fully_shard(layer, mp_policy=mp, offload_policy=offload)
 
     model, tokenizer = stream_model(folder, cfg, dtype, device, progress and rank() == 0, on_layer)
     prepare_for_fsdp(model, mp.param_dtype)  # the layers outside the decoder stack (e.g. a quantized head)
-    digests.append(_checksum([t for t in _whole_tensors(model) if not isinstance(t, DTensor)]))
+    root = [t for t in _whole_tensors(model) if not isinstance(t, DTensor) and id(t) not in summed]
+    digests.append(_checksum(root))
     fully_shard(model, mp_policy=mp, offload_policy=offload)
     # Each rank keeps its shard of what it built itself: the ranks must have built the same bytes
     # (quantization and adapter initialisation are deterministic on one device type; check it).

@@ -35,6 +35,16 @@ def _storage_dtype(quant_storage) -> torch.dtype:
 QUANT_CHUNK = 1 << 20
 
 
+def _check_finite(flat: torch.Tensor, chunk: int, row_length: int) -> None:
+    """Raise, naming the first (row, column), if `flat` has a non-finite value; `chunk` elements at a
+    time (`isfinite` makes ~7 bytes of temporaries per element, all freed on return)."""
+    for start in range(0, flat.numel(), chunk):
+        finite = torch.isfinite(flat[start:start + chunk])
+        if not finite.all():
+            first = divmod(start + int((~finite).nonzero()[0]), row_length)
+            raise ValueError(f"weight has non-finite values (first at index {list(first)}); cannot quantize")
+
+
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
                  quant_storage="uint8", chunk: int = QUANT_CHUNK) -> tuple[torch.Tensor, bnbF.QuantState]:
     """Quantize a float `(out, in)` weight to NF4. Returns the packed data and its `QuantState`,
@@ -57,13 +67,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     weight = weight.contiguous()
     chunk = max(2 * blocksize, chunk // (2 * blocksize) * (2 * blocksize))  # whole blocks, whole bytes
     flat = weight.view(-1)
-    for start in range(0, numel, chunk):  # `isfinite` makes ~7 bytes of temporaries per element
-        finite = torch.isfinite(flat[start:start + chunk])
-        if not finite.all():
-            first = start + int((~finite).nonzero()[0])
-            raise ValueError(f"weight has non-finite values (first at index {list(divmod(first, weight.shape[1]))}); "
-                             "cannot quantize")
-    del finite
+    _check_finite(flat, chunk, weight.shape[1])
     if numel <= chunk:
         return bnbF.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double_quant,
                                   quant_type="nf4", quant_storage=storage)
@@ -122,6 +126,17 @@ def linear4bit_from_weight(weight: torch.Tensor, bias: torch.Tensor | None = Non
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
     return layer
+
+
+def quant_state_tensors(state: bnbF.QuantState) -> list[torch.Tensor]:
+    """The tensors a bitsandbytes `QuantState` holds: absmax, code book, and with double
+    quantization the absmax offset and the second level's absmax and code book."""
+    out = [state.absmax, state.code]
+    if state.offset is not None:
+        out.append(state.offset)
+    if state.state2 is not None:
+        out += [state.state2.absmax, state.state2.code]
+    return out
 
 
 def _keep_standard_layout(layer: bnb.nn.Linear4bit) -> None:
