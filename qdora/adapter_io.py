@@ -25,7 +25,7 @@ from torch import nn
 
 from qdora.config import AdapterConfig
 from qdora.layer import QDoRALinear
-from qdora.safetensors_io import save_file_atomic, write_text_atomic
+from qdora.safetensors_io import NonFiniteTensorError, check_finite, save_file_atomic, write_text_atomic
 
 QDORA_CONFIG, QDORA_WEIGHTS = "qdora_adapter.json", "adapter.safetensors"
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -112,13 +112,21 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "qdora
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an adapter file; refused, naming the tensor, if one is not finite."""
     if not file.is_file():
         raise FileNotFoundError(f"adapter weights not found: {file}")
     try:
         with safe_open(str(file), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
+    for key, t in tensors.items():
+        try:
+            check_finite(key, t)
+        except NonFiniteTensorError as err:
+            raise NonFiniteTensorError(f"{file}: {err}; the run that wrote it diverged, so this adapter is "
+                                       "refused (train again with a lower learning rate)") from None
+    return tensors
 
 
 def _read_json(file: Path) -> dict:

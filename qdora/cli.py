@@ -1,9 +1,18 @@
-"""The `qdora` command line."""
+"""The `qdora` command line.
+
+A mistake the user can fix (a bad value, a missing or unwritable path, bad data, a run that
+diverged) ends with one line, `qdora <command>: error: ...`, and exit status 2 (1 for a run that
+diverged); `--debug` anywhere on the command line (or QDORA_DEBUG=1) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
 def _bench(args) -> int:
     if args.what == "layer":
@@ -55,6 +64,8 @@ def _add_train(sub) -> None:
     p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--train-on-prompt", action="store_true", help="also supervise the prompt tokens")
+    p.add_argument("--adapter-format", default=d.adapter_format, choices=("qdora", "peft"),
+                   help="format of the saved adapter: qdora (ours) or peft (PeftModel.from_pretrained reads it)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or notes")
     p.add_argument("--fsdp", action="store_true",
@@ -82,7 +93,8 @@ def _train(args) -> int:
                       schedule=args.schedule, max_grad_norm=args.max_grad_norm, seed=args.seed,
                       save_every=args.save_every, optimizer=args.optimizer,
                       gradient_checkpointing=not args.no_gradient_checkpointing,
-                      train_on_prompt=args.train_on_prompt, resume=args.resume, progress=not args.no_progress,
+                      train_on_prompt=args.train_on_prompt, adapter_format=args.adapter_format,
+                      resume=args.resume, progress=not args.no_progress,
                       fsdp=args.fsdp, cpu_offload=args.cpu_offload)
     main_rank = True
     try:
@@ -99,8 +111,8 @@ def _train(args) -> int:
         print(f"stopped at step {summary['steps']}; continue with the same command plus --resume", file=sys.stderr)
         return 128 + summary["interrupted"]
     if not args.no_progress:
-        print(f"done: {summary['steps']} steps, {summary['tokens']} tokens in {summary['seconds']:.1f} s; "
-              f"results in {args.out}")
+        print(f"done: {summary['steps']} steps, {summary['tokens']} tokens in {summary['seconds']:.1f} s of "
+              f"training; results in {args.out}")
     return 0
 
 
@@ -142,17 +154,13 @@ def _plan(args) -> int:
     import json
 
     from qdora.plan import PlanConfig, format_plan, plan, plan_to_dict, resolve_model
-    try:
-        shape = resolve_model(args.model)
-        cfg = PlanConfig(method=args.method, r=args.r, target_modules=args.target_modules,
-                         magnitude_only_modules=args.magnitude_only_modules, dropout=args.dropout,
-                         batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
-                         gradient_checkpointing=not args.no_gradient_checkpointing, gpus=args.gpus,
-                         cpu_offload=args.cpu_offload, device=args.device, adapter_dtype=args.adapter_dtype, optimizer=args.optimizer,
-                         norm=args.norm)
-    except ValueError as err:
-        print(f"qdora plan: {err}", file=sys.stderr)
-        return 2
+    shape = resolve_model(args.model)
+    cfg = PlanConfig(method=args.method, r=args.r, target_modules=args.target_modules,
+                     magnitude_only_modules=args.magnitude_only_modules, dropout=args.dropout,
+                     batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
+                     gradient_checkpointing=not args.no_gradient_checkpointing, gpus=args.gpus,
+                     cpu_offload=args.cpu_offload, device=args.device, adapter_dtype=args.adapter_dtype,
+                     optimizer=args.optimizer, norm=args.norm)
     result = plan(shape, cfg)
     print(json.dumps(plan_to_dict(result), indent=1) if args.json else format_plan(result))
     return 0
@@ -177,18 +185,24 @@ def _add_merge(sub) -> None:
 
 
 def _merge(args) -> int:
-    from pathlib import Path
-
     import torch
 
     from qdora.adapter_io import adapter_config, load_adapter, read_adapter
-    from qdora.loading import convert_gguf, load_model
+    from qdora.loading import check_model_path, load_model, resolve_checkpoint
     from qdora.merge import merge_and_save
+    from qdora.safetensors_io import check_output_dir, parse_size
 
+    # Every check that needs no model first: the output, the shard size, the adapter, the model path.
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a folder; choose a folder")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it or choose another folder")
+    check_output_dir(out.resolve().parent, "the folder of --out")  # the result is built beside it, then renamed
+    parse_size(args.max_shard_size)
     fmt, meta, modules = read_adapter(args.adapter)
-    base_path = Path(args.model)
-    if base_path.suffix == ".gguf":
-        base_path = convert_gguf(base_path)
+    check_model_path(args.model)
+    base_path = resolve_checkpoint(args.model)
     # Rebuild the base exactly as training quantized it: the method comes from the adapter file
     # (PEFT files do not record it; QDoRA/QLoRA on an NF4 base is assumed).
     cfg = adapter_config(fmt, meta, modules, quantized=True)
@@ -211,8 +225,13 @@ def _merge(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qdora", description="Quantized DoRA fine-tuning of LLMs.")
+    parser = argparse.ArgumentParser(prog="qdora", description="Quantized DoRA fine-tuning of LLMs.",
+                                     epilog="A mistake that can be fixed ends with one line `qdora <command>: error: "
+                                            "...` (exit status 2); add --debug to any command (or set "
+                                            "QDORA_DEBUG=1) for the traceback.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (accepted anywhere on the command line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     bench = sub.add_parser("bench", help="benchmarks: layer, load, model, step, kernels",
                            description="Run a benchmark. `qdora bench layer --help` lists its options.")
@@ -236,8 +255,7 @@ def _version() -> str:
     return __version__
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["demo"]:  # these parsers own every flag after the word
         from qdora.demo import main as demo_main
         return demo_main(argv[1:])
@@ -253,6 +271,58 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     return args.func(args)
+
+
+def _raised_here(err: BaseException) -> bool:
+    """True if `err` was raised by qdora's own code, whose messages are written for the user (an
+    error raised deep inside torch or transformers keeps its traceback: it is more likely a bug)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line: the listed problems of a multi-line message joined by '; '."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    head, rest = lines[0], [ln.removeprefix("- ") for ln in lines[1:]]
+    return head + (" " if head.endswith(":") else ": ") + "; ".join(rest) if rest else head
+
+
+def user_error_status(err: BaseException) -> int | None:
+    """The exit status for an error the user can fix (2; 1 for a run that diverged), None for others.
+    Any OSError (a path, a full disk, a read-only file system) is the user's to fix, as is a
+    ValueError or ImportError that qdora raised itself."""
+    from qdora.train import NonFiniteError
+    if isinstance(err, NonFiniteError):
+        return 1
+    if isinstance(err, OSError):
+        return 2
+    if isinstance(err, (ValueError, ImportError)) and _raised_here(err):
+        return 2
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("QDORA_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    command = next((a for a in argv if not a.startswith("-")), "")
+    try:
+        return _dispatch(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\nqdora {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        status = user_error_status(err)
+        if debug or status is None:
+            raise
+        print(f"qdora {command}: error: {one_line(err)}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

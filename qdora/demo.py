@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+MARKER = ".qdora-demo"
+"""A file the demo writes first into its folder: a folder holding it may be replaced by a new demo run."""
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qdora demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="qdora-demo", help="output folder (default: %(default)s)")
+    p.add_argument("--out", default="runs/demo",
+                   help="output folder (default: %(default)s, which git ignores); a previous demo's output there is "
+                        "replaced")
     p.add_argument("--steps", type=int, default=24, help="training steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -34,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from qdora.eval.scoring import score_multiple_choice
     from qdora.loading import convert_gguf, smollm2_gguf_path
     from qdora.merge import merge_and_save
+    from qdora.safetensors_io import check_output_dir, write_text_atomic
     from qdora.train import TrainConfig, read_metrics, train
 
     try:
@@ -42,9 +49,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qdora demo: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        print(f"qdora demo: {out} is not empty; remove it or pass --out to another folder", file=sys.stderr)
+    try:
+        check_output_dir(out, "--out")
+    except ValueError as err:
+        print(f"qdora demo: error: {err}", file=sys.stderr)
         return 2
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            print(f"qdora demo: error: {out} is not empty and is not the output of an earlier demo; remove it or "
+                  "pass --out to another folder", file=sys.stderr)
+            return 2
+        print(f"replacing the previous demo's output in {out}", flush=True)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by `qdora demo`; a new demo run replaces this folder\n")
     t_all = time.perf_counter()
     progress = not args.no_progress
     base = convert_gguf(gguf, progress)
@@ -99,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "merged_vs_adapted_max_rel_logit_diff": rel, "question": test[0].prompt, "reference": test[0].response,
         "generated": answer, "seconds": time.perf_counter() - t_all,
     }
-    (out / "demo.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_text_atomic(out / "demo.json", json.dumps(report, indent=1) + "\n")
     print()
     print(f"held-out ARC-Easy ({len(test)} items)      before    after")
     print(f"  accuracy (option log-likelihood)   {before.accuracy:6.3f}   {after.accuracy:6.3f}")
@@ -108,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"merged checkpoint: {merged_dir} (logits vs the adapted model: max rel. diff {rel:.1e}, bf16 weights)")
     question = test[0].prompt.split("### Instruction:\n")[-1].split("\n\n### Response:")[0]
     print(f"\nQ: {question}\nreference: {test[0].response}\nmerged model (plain transformers): {answer}")
-    print(f"\ndone in {report['seconds']:.0f} s; report in {out / 'demo.json'}")
+    print(f"\ndone in {report['seconds']:.0f} s; everything is in {out}/ (report: {out / 'demo.json'}; "
+          f"run again to replace it)")
     return 0
 
 

@@ -331,7 +331,10 @@ def convert_gguf(gguf_path: str | os.PathLike, progress: bool = True) -> Path:
         raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from err
     if progress:
         print(f"converting {gguf_path.name} to safetensors (once; cached in {out})", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16)
+    # Loaded in fp32 (what transformers' GGUF loader dequantizes to; asked for bf16 it notes that
+    # fp32 is its fast path) and written in bf16, the checkpoint's dtype: each tensor is rounded
+    # to bf16 once, as it is written.
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     with atomic_dir(out) as tmp:
         state, seen = {}, set()
@@ -340,12 +343,29 @@ def convert_gguf(gguf_path: str | os.PathLike, progress: bool = True) -> Path:
                 continue
             seen.add(t.untyped_storage().data_ptr())
             state[key] = t
-        write_streaming(tmp / SINGLE, [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in state.items()],
-                        lambda s: state[s.name], {"format": "pt"})
+        stored = {k: torch.bfloat16 if v.is_floating_point() else v.dtype for k, v in state.items()}
+        write_streaming(tmp / SINGLE, [TensorSpec(k, tuple(v.shape), stored[k]) for k, v in state.items()],
+                        lambda s: state[s.name].to(s.dtype), {"format": "pt"})
+        _set_config_dtype(model.config, torch.bfloat16)
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out
+
+
+def check_model_path(path: str | os.PathLike) -> None:
+    """The checks of a model path that need no loading (run before slow work): it exists, and is a
+    `.gguf` file or a folder with a config.json and readable safetensors headers."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path}: expected a checkpoint folder or a .gguf file")
+        return
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json; expected a transformers checkpoint folder or a .gguf file")
+    CheckpointReader(path)
 
 
 def resolve_checkpoint(path: str | os.PathLike, progress: bool = True) -> Path:

@@ -183,6 +183,9 @@ def logit_difference(model: nn.Module, merged_dir: str | os.PathLike, tokenizer,
     model.train(was_training)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     other = merged(ids).logits.float()
+    for what, logits in (("the adapted model", adapted), (f"the merged checkpoint {merged_dir}", other)):
+        if not torch.isfinite(logits).all():
+            raise ValueError(f"the logits of {what} are not finite; the comparison is meaningless")
     diff = (other - adapted).abs()
     return {"tokens": int(ids.shape[1]), "max_abs": diff.max().item(), "mean_abs": diff.mean().item(),
             "max_rel": (diff.max() / adapted.abs().max()).item()}

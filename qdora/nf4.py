@@ -147,10 +147,41 @@ def _keep_standard_layout(layer: bnb.nn.Linear4bit) -> None:
     layer.support_avx512bf16_for_cpu = False
 
 
-def adopt_linear4bit(layer: bnb.nn.Linear4bit) -> bnb.nn.Linear4bit:
+def is_repacked(layer: bnb.nn.Linear4bit) -> bool:
+    """True if bitsandbytes repacked this layer's weight for its AVX512-BF16 CPU kernel."""
+    state = getattr(layer.weight, "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def repacked_message(names: list[str]) -> str:
+    """Why a repacked layer is refused, and the way out (one text for every place that refuses)."""
+    return (f"{len(names)} bnb.nn.Linear4bit layer(s) (e.g. {names[0]}) were repacked by bitsandbytes "
+            f"{bnb.__version__} for its AVX512-BF16 CPU kernel at an eval-mode forward, which rounds their NF4 "
+            "scales to bf16: their original weights cannot be recovered exactly. Load the model again and call "
+            "qdora.keep_standard_layout(model) right after loading it (or add the adapters before any "
+            "eval-mode forward)")
+
+
+def keep_standard_layout(model: nn.Module) -> int:
+    """Keep every `bnb.nn.Linear4bit` of `model` in the standard NF4 layout: bitsandbytes would
+    otherwise repack the weights in place at the first eval-mode forward on a CPU with AVX512-BF16,
+    rounding their scales to bf16 (lossy, and PEFT's DoRA then misreads them). Call it right after
+    `from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`. Returns the number of
+    layers; raises if some were already repacked."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    repacked = [name for name, m in layers.items() if is_repacked(m)]
+    if repacked:
+        raise ValueError(repacked_message(repacked))
+    for m in layers.values():
+        _keep_standard_layout(m)
+    return len(layers)
+
+
+def adopt_linear4bit(layer: bnb.nn.Linear4bit, name: str = "Linear4bit") -> bnb.nn.Linear4bit:
     """Check that a `bnb.nn.Linear4bit` holds an NF4 weight this library can read, and return it
     unchanged (no re-quantization). A layer whose weight was never quantized (bitsandbytes
-    quantizes on `.to(device)`) is quantized here, explicitly, with its own settings."""
+    quantizes on `.to(device)`) is quantized here, explicitly, with its own settings. A layer that
+    bitsandbytes repacked for its CPU kernel is refused: its scales were rounded to bf16."""
     weight = layer.weight
     if not isinstance(weight, bnb.nn.Params4bit):
         raise TypeError(f"{type(layer).__name__}.weight is a {type(weight).__name__}, not a Params4bit")
@@ -162,11 +193,8 @@ def adopt_linear4bit(layer: bnb.nn.Linear4bit) -> bnb.nn.Linear4bit:
     if not weight.bnb_quantized:
         weight._quantize(weight.device)
         layer.quant_state = weight.quant_state
-    state = weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        # bitsandbytes repacks weights for its AVX512-BF16 inference kernel; undo it.
-        weight.data, weight.quant_state = bnbF._convert_weight_packed_for_cpu_inverse(weight.data, state)
-        layer.quant_state = weight.quant_state
+    if is_repacked(layer):
+        raise ValueError(repacked_message([name]))
     _keep_standard_layout(layer)
     return layer
 

@@ -5,7 +5,8 @@ tensor's dtype, shape and byte range, then the raw bytes. Shapes and dtypes are 
 value is computed, so the header can be written first and each tensor produced, written and freed
 in turn: writing a merged 8B checkpoint never holds more than one tensor. Files are written to a
 temporary name in the same folder and renamed into place, so a crash never leaves a half file
-under the final name.
+under the final name. A floating-point tensor with a NaN or an infinity is never written: the
+file is refused, naming the tensor.
 """
 
 from __future__ import annotations
@@ -38,10 +39,30 @@ class TensorSpec:
         return int(torch.Size(self.shape).numel()) * torch.empty((), dtype=self.dtype).element_size()
 
 
+class NonFiniteTensorError(ValueError):
+    """A tensor about to be written holds a NaN or an infinity."""
+
+
+def check_finite(name: str, t: torch.Tensor, chunk: int = 1 << 24) -> None:
+    """Raise `NonFiniteTensorError` naming `name` if float tensor `t` has a non-finite value
+    (checked `chunk` elements at a time: one bool temporary of that size at most)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    flat = t.detach().reshape(-1)
+    bad = 0
+    for start in range(0, flat.numel(), chunk):
+        bad += int((~torch.isfinite(flat[start:start + chunk])).sum())
+    if bad:
+        raise NonFiniteTensorError(f"tensor {name!r} {tuple(t.shape)} has {bad:,} non-finite value(s) "
+                                   "(NaN or infinity)")
+
+
 def write_streaming(path: str | os.PathLike, specs: Iterable[TensorSpec],
                     produce: Callable[[TensorSpec], torch.Tensor],
                     metadata: dict[str, str] | None = None) -> int:
-    """Write tensors `specs` to `path`, calling `produce(spec)` for each in order. Returns bytes written."""
+    """Write tensors `specs` to `path`, calling `produce(spec)` for each in order. Returns bytes written.
+    A produced float tensor with a non-finite value stops the write (`NonFiniteTensorError`, which
+    names the file and the tensor); nothing is left under `path`."""
     specs = list(specs)
     header: dict[str, object] = {}
     if metadata:
@@ -66,6 +87,10 @@ def write_streaming(path: str | os.PathLike, specs: Iterable[TensorSpec],
                 if tuple(t.shape) != tuple(spec.shape) or t.dtype != spec.dtype:
                     raise ValueError(f"{spec.name}: produced {tuple(t.shape)} {t.dtype}, "
                                      f"planned {tuple(spec.shape)} {spec.dtype}")
+                try:
+                    check_finite(spec.name, t)
+                except NonFiniteTensorError as err:
+                    raise NonFiniteTensorError(f"{path}: not written: {err}") from None
                 data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
                 f.write(memoryview(data.numpy()))
                 del t, data
@@ -127,6 +152,56 @@ def atomic_dir(final: str | os.PathLike):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Raise `ValueError` naming `flag` unless `path` is, or can be made, a folder this process can
+    write to. Nothing is created: an existing folder is probed with a file that is removed at
+    once, a missing one by its nearest existing parent."""
+    from pathlib import Path
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is an existing file, not a folder; choose a folder")
+    if path.is_dir():
+        probe = path / f".qdora-write-test-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise ValueError(f"{flag} {path} is not writable ({err.strerror or err}); choose a folder you can "
+                             "write to") from None
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, so the folder cannot be made; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only_fs(parent) else "permission denied"
+        raise ValueError(f"{flag} {path} cannot be created in {parent} ({reason}); choose a folder you can "
+                         "write to")
+
+
+def _read_only_fs(path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def check_safetensors_file(path: str | os.PathLike, way_out: str = "") -> None:
+    """Raise `ValueError` naming `path` if it is missing or not a readable safetensors file (its
+    header is parsed and its length checked against it; the tensors are not read)."""
+    from safetensors import safe_open
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: missing" + (f"; {way_out}" if way_out else ""))
+    try:
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"{path}: corrupt or truncated safetensors file ({err})"
+                         + (f"; {way_out}" if way_out else "")) from None
 
 
 def parse_size(size: int | str) -> int:

@@ -12,7 +12,7 @@ import bitsandbytes as bnb
 
 from qdora.config import AdapterConfig, resolve_dtype
 from qdora.layer import QDoRALinear, VeRAProjections
-from qdora.nf4 import adopt_linear4bit, linear4bit_from_linear
+from qdora.nf4 import adopt_linear4bit, is_repacked, linear4bit_from_linear, repacked_message
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -102,6 +102,9 @@ def plan_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterPlan:
         return AdapterPlan(cfg, (), (), (), tuple(linears))
 
     problems: list[str] = []
+    repacked = [n for n in quantized if is_repacked(model.get_submodule(n))]
+    if repacked:
+        problems.append(repacked_message(repacked))
     if quantized and not cfg.quantized:
         problems.append(f"the model has NF4 layers (e.g. {quantized[0]}) but method={cfg.method!r} "
                         f"expects an unquantized base; use method='q{cfg.method}'")
@@ -140,7 +143,7 @@ def apply_adapters(model: nn.Module, plan: AdapterPlan, within=None, vera: VeRAP
     for name in plan.linears:
         if keep(name) and isinstance(model.get_submodule(name), bnb.nn.Linear4bit):
             # loaded NF4 layers (ours, or bitsandbytes'): standard layout, no bf16 repacking (see nf4.py)
-            adopt_linear4bit(model.get_submodule(name))
+            adopt_linear4bit(model.get_submodule(name), name)
     adapter_dtype = resolve_dtype(cfg.adapter_dtype)
     compute = cfg.compute_dtype if cfg.compute_dtype == "auto" else resolve_dtype(cfg.compute_dtype)
     for name in plan.direction + plan.magnitude_only:

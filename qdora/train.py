@@ -5,6 +5,12 @@ the optimizer state, the step and the RNG states, all as safetensors/JSON (no pi
 written to a temporary folder and renamed into place. The data order is a pure function of the
 seed and the step, and the learning rate a pure function of the step, so a resumed run replays
 the uninterrupted one. Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and stops.
+
+A run that goes wrong stops before it can spoil anything: every check of the input (the output
+folder, the data, the checkpoint to resume) runs before the model is loaded; a non-finite loss or
+gradient stops training before the optimizer steps (`NonFiniteError`), and no checkpoint or adapter
+with a non-finite value is ever written, so the last good checkpoint stays in place. A gradient
+norm of exactly 0, or a loss stuck at ln(vocabulary size) (a uniform guess), warns once.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +31,25 @@ from typing import Callable
 import torch
 
 from qdora.config import METHODS, AdapterConfig
-from qdora.safetensors_io import atomic_dir, save_file_atomic, write_text_atomic
+from qdora.safetensors_io import (atomic_dir, check_output_dir, check_safetensors_file, save_file_atomic,
+                                  write_text_atomic)
 
 CHECKPOINT = "checkpoint"
 SCHEDULES = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
-# Fields that may change between a run and its resumption.
-_RESUMABLE_CHANGES = {"max_steps", "resume", "save_every", "log_every", "progress", "keep_adapters_every",
-                      "cpu_offload"}
+ADAPTER_FORMATS = ("qdora", "peft")
+# Fields that may change between a run and its resumption. `out` is not compared: a run folder may
+# be moved or copied and resumed where it now is. `model` and `data` may move too if their content
+# is the same (`_fingerprints`).
+_RESUMABLE_CHANGES = {"out", "max_steps", "resume", "save_every", "log_every", "progress", "keep_adapters_every",
+                      "cpu_offload", "adapter_format"}
+UNIFORM_STEPS = 3
+"""Consecutive steps with the loss within `UNIFORM_TOL` nats of ln(vocabulary size) before a warning."""
+UNIFORM_TOL = 2e-3
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss, gradient or parameter; nothing of it was saved."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +93,8 @@ class TrainConfig:
     optimizer: str = "adamw"
     """`adamw` (torch) or `paged_adamw_8bit` (bitsandbytes, CUDA only)."""
     train_on_prompt: bool = False
+    adapter_format: str = "qdora"
+    """Format of the saved adapters: `qdora` (ours) or `peft` (PEFT's `adapter_model.safetensors`)."""
     adapter_dtype: str = "float32"
     """Adapters in fp32 by default: an optimizer step then never rounds an update away."""
     resume: bool = False
@@ -98,10 +118,12 @@ class TrainConfig:
             problems.append(f"warmup_steps={self.warmup_steps!r} must be >= 0")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             problems.append(f"lr={self.lr!r} must be a positive number (typical: 1e-4 to 2e-4 for adapters)")
-        if self.weight_decay < 0:
-            problems.append(f"weight_decay={self.weight_decay!r} must be >= 0")
-        if self.max_grad_norm < 0:
-            problems.append(f"max_grad_norm={self.max_grad_norm!r} must be >= 0 (0 disables clipping)")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            problems.append(f"weight_decay={self.weight_decay!r} must be a number >= 0")
+        if not (isinstance(self.max_grad_norm, (int, float)) and math.isfinite(self.max_grad_norm)
+                and self.max_grad_norm >= 0):
+            problems.append(f"max_grad_norm={self.max_grad_norm!r} must be a number >= 0 (0 disables clipping)")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule={self.schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
@@ -115,6 +137,16 @@ class TrainConfig:
             problems.append("cpu_offload=True is an FSDP option: add --fsdp (and launch with torchrun)")
         if self.fsdp and self.optimizer != "adamw":
             problems.append(f"optimizer={self.optimizer!r} cannot step sharded parameters; use 'adamw' with --fsdp")
+        if self.adapter_format not in ADAPTER_FORMATS:
+            problems.append(f"adapter_format={self.adapter_format!r} is unknown; use one of {', '.join(ADAPTER_FORMATS)}")
+        elif self.adapter_format == "peft":
+            if self.method == "full":
+                problems.append("adapter_format='peft' needs an adapter method; method='full' saves the whole model")
+            if self.direction != "lora":
+                problems.append(f"adapter_format='peft' cannot hold direction={self.direction!r} (PEFT has no DoRA "
+                                "with a VeRA direction); use adapter_format='qdora'")
+            if self.magnitude_only_modules:
+                problems.append("adapter_format='peft' cannot hold magnitude-only modules; use adapter_format='qdora'")
         if problems:
             raise ValueError("invalid TrainConfig:\n  - " + "\n  - ".join(problems))
         if self.method != "full":
@@ -203,19 +235,23 @@ def _set_rng_states(rng: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(rng["torch_cuda"])
 
 
-def _run_state(step: int, cfg: TrainConfig) -> dict:
+def _run_state(step: int, cfg: TrainConfig, totals: dict | None = None) -> dict:
+    """The run's position: step, Python RNG, schedule, and the totals so far (`tokens`, `seconds`
+    of training), so that a resumed run's summary counts the whole run."""
     return {"step": step, "python_random": _jsonable(random.getstate()),
             "scheduler": {"schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps, "lr": cfg.lr,
-                          "max_steps": cfg.max_steps, "next_lr": lr_at(step, cfg)}}
+                          "max_steps": cfg.max_steps, "next_lr": lr_at(step, cfg)},
+            "totals": dict(totals or {"tokens": 0, "seconds": 0.0})}
 
 
-def save_checkpoint(out: Path, model, optimizer, names: dict[int, str], step: int, cfg: TrainConfig) -> Path:
+def save_checkpoint(out: Path, model, optimizer, names: dict[int, str], step: int, cfg: TrainConfig,
+                    totals: dict | None = None) -> Path:
     """Write `out/checkpoint` atomically: a new folder is completed, then swapped in. A sharded
     model (`cfg.fsdp`) writes a sharded checkpoint from every rank (`qdora.fsdp`)."""
     final = out / CHECKPOINT
     if cfg.fsdp:
         from qdora.fsdp import save_sharded_checkpoint
-        save_sharded_checkpoint(final, model, optimizer, _run_state(step, cfg), _rng_states())
+        save_sharded_checkpoint(final, model, optimizer, _run_state(step, cfg, totals), _rng_states())
         return final
     with atomic_dir(final) as tmp:
         trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -223,7 +259,7 @@ def save_checkpoint(out: Path, model, optimizer, names: dict[int, str], step: in
         opt_tensors, opt_meta = _optimizer_tensors(optimizer, names)
         save_file_atomic(opt_tensors, tmp / "optimizer.safetensors")
         save_file_atomic(_rng_states(), tmp / "rng.safetensors")
-        state = {**_run_state(step, cfg), "optimizer": opt_meta}
+        state = {**_run_state(step, cfg, totals), "optimizer": opt_meta}
         write_text_atomic(tmp / "state.json", json.dumps(state, indent=1) + "\n")
     return final
 
@@ -241,6 +277,32 @@ def find_checkpoint(out: Path) -> Path | None:
         if (out / name / "state.json").is_file():
             return out / name
     return None
+
+
+def _way_out(path: Path) -> str:
+    return (f"this checkpoint cannot be resumed: restore it from a copy, or delete {path} and start the "
+            "run again without --resume")
+
+
+def check_checkpoint(path: Path) -> dict:
+    """Check that checkpoint folder `path` can be read (its `state.json` and the headers of its
+    files), before any model is loaded; returns its state. Every problem names the file and the
+    way out."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path / 'state.json'}: unreadable ({err}); {_way_out(path)}") from err
+    if state.get("sharded"):
+        from qdora.fsdp import SHARDS
+        if not (path / SHARDS / ".metadata").is_file():
+            raise ValueError(f"{path / SHARDS}: no .metadata file; {_way_out(path)}")
+        files = sorted(path.glob("rng-rank*.safetensors"))
+    else:
+        files = [path / f"{name}.safetensors" for name in ("trainable", "optimizer", "rng")]
+    for file in files:
+        check_safetensors_file(file, _way_out(path))
+    return state
 
 
 def load_checkpoint(path: Path, model, optimizer, names: dict[int, str]) -> int:
@@ -300,19 +362,159 @@ class _StopRequest:
 
 
 def _save_final(model, tokenizer, path: Path, cfg: TrainConfig, build) -> None:
-    """The trained result: the whole model for `full`, else the adapter (ours, or a PEFT peer's).
-    A sharded model's adapter is gathered and written by rank 0 (every rank calls this)."""
+    """The trained result: the whole model for `full`, else the adapter (ours or PEFT's, as
+    `cfg.adapter_format` says; a PEFT peer's own). A sharded model's adapter is gathered and
+    written by rank 0 (every rank calls this)."""
     from qdora.adapter_io import save_adapter
     if cfg.fsdp:
         from qdora.fsdp import save_adapter_gathered
-        save_adapter_gathered(model, path, base_model_name_or_path=str(cfg.model))
+        save_adapter_gathered(model, path, format=cfg.adapter_format, base_model_name_or_path=str(cfg.model))
     elif cfg.method == "full":
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
     elif build is not None and hasattr(model, "peft_config"):
         model.save_pretrained(path)
     else:
-        save_adapter(model, path, base_model_name_or_path=str(cfg.model))
+        save_adapter(model, path, format=cfg.adapter_format, base_model_name_or_path=str(cfg.model))
+
+
+# ---- checks before the model is loaded ------------------------------------------------------
+
+def _fingerprint(path: str) -> str | None:
+    """What identifies a model or data file wherever it lies: the data file's bytes; a model
+    folder's config.json and the names and sizes of its weight files; a model file's size and
+    first and last MiB. None if `path` is not there."""
+    import hashlib
+    p = Path(path)
+    digest = hashlib.sha256()
+    if p.is_dir():
+        config = p / "config.json"
+        digest.update(config.read_bytes() if config.is_file() else b"")
+        for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.index.json")):
+            digest.update(f"{f.name}:{f.stat().st_size};".encode())
+    elif p.is_file():
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            if size <= 8 << 20:
+                digest.update(f.read())
+            else:
+                digest.update(f"{size};".encode() + f.read(1 << 20))
+                f.seek(size - (1 << 20))
+                digest.update(f.read())
+    else:
+        return None
+    return digest.hexdigest()
+
+
+def _fingerprints(cfg: TrainConfig) -> dict[str, str | None]:
+    return {"model": _fingerprint(cfg.model), "data": _fingerprint(cfg.data)}
+
+
+def _check_same_run(out: Path, cfg: TrainConfig) -> None:
+    """Raise unless `cfg` continues the run in `out`: every setting that shapes the run must be
+    as saved; `out` may differ (a moved folder), `model`/`data` too if their content is the same."""
+    path = out / "train_config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable ({err}); the run's settings are unknown, so it cannot be "
+                         "resumed") from err
+    now = cfg.to_dict()
+    defaults = TrainConfig(model="", data="", out="").to_dict()  # fields newer than the saved run
+    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k])
+    moved = [k for k in ("model", "data") if k in changed]
+    if moved:
+        before, after = saved.get("fingerprints", {}), _fingerprints(cfg)
+        changed = [k for k in changed if not (k in moved and before.get(k) and before.get(k) == after[k])]
+    if changed:
+        raise ValueError(f"--resume with different settings than the run in {out}: "
+                         + ", ".join(f"{k}: {saved.get(k, defaults[k])!r} -> {now[k]!r}" for k in changed)
+                         + "; resume with the run's settings, or start a new run in another --out")
+
+
+def check_run(cfg: TrainConfig) -> Path | None:
+    """Every check of `cfg` that needs no model, made before anything slow or anything written:
+    `out` is a writable folder (or can be made one), it holds no checkpoint unless `resume` (and one
+    that can be read and belongs to this run if `resume`), the model path exists. Returns the
+    checkpoint to resume, or None."""
+    from qdora.loading import check_model_path
+
+    out = Path(cfg.out)
+    check_output_dir(out, "--out")
+    existing = find_checkpoint(out) if out.is_dir() else None
+    if existing and not cfg.resume:
+        raise FileExistsError(f"{out} already holds a checkpoint ({existing}); pass --resume to continue it "
+                              "or choose another --out")
+    if cfg.resume:
+        if existing is None:
+            started = (out / "train_config.json").is_file()
+            raise ValueError(f"--resume: {out} holds no checkpoint to continue"
+                             + (" (the run there stopped before its first checkpoint)" if started else "")
+                             + "; run the same command without --resume to start it")
+        _check_same_run(out, cfg)
+        check_checkpoint(existing)
+    check_model_path(cfg.model)
+    return existing
+
+
+# ---- the loop ------------------------------------------------------------------------------
+
+def _finite_or_none(value):
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+def _metrics_line(record: dict) -> str:
+    """One line of `metrics.jsonl`: valid JSON always (a non-finite number is written as null)."""
+    return json.dumps({k: _finite_or_none(v) for k, v in record.items()}, allow_nan=False) + "\n"
+
+
+def _count_nonfinite(tensors: list[torch.Tensor]) -> list[int]:
+    """Non-finite entries of each tensor (this rank's shard of a sharded one)."""
+    counts = []
+    for t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        counts.append(int((~torch.isfinite(local.detach())).sum()) if local.is_floating_point() else 0)
+    return counts
+
+
+class _Health:
+    """Watches each step for the two ways a run goes wrong without stopping: a gradient norm of
+    exactly 0 (nothing learns) and a loss stuck at ln(vocabulary size) (a uniform guess, what a
+    destroyed model predicts). Each warns once."""
+
+    def __init__(self, vocab_size: int | None):
+        self.uniform = math.log(vocab_size) if vocab_size else None
+        self.streak = 0
+        self.warned: set[str] = set()
+
+    def check(self, step: int, loss: float, grad_norm: float, lr: float) -> str | None:
+        self.streak = self.streak + 1 if self.uniform and abs(loss - self.uniform) < UNIFORM_TOL else 0
+        kind = message = None
+        if grad_norm == 0.0:
+            kind, message = "zero_grad", (
+                f"step {step}: the gradient norm is exactly 0 (loss {loss:.4f}): nothing is learning. With "
+                f"--lr {lr:.3g} the model's outputs may have saturated; try a lower --lr, and check that the "
+                "data has response tokens")
+        elif self.streak >= UNIFORM_STEPS:
+            kind, message = "uniform", (
+                f"step {step}: the loss has been {loss:.4f} ≈ ln(vocabulary size) = {self.uniform:.4f} for "
+                f"{self.streak} steps: the model guesses uniformly. A learning rate too high (--lr {lr:.3g}) "
+                "destroys the model this way; try a lower --lr")
+        if kind is None or kind in self.warned:
+            return None
+        self.warned.add(kind)
+        return message
+
+
+def _diverged(step: int, loss: float, grad_norm: float, lr: float, cfg: TrainConfig, saved: str) -> str:
+    tips = [f"a lower --lr (now {lr:.3g}; typical for adapters: 1e-4 to 3e-4)"]
+    if cfg.max_grad_norm == 0:
+        tips.append("gradient clipping (--max-grad-norm 1.0)")
+    if cfg.warmup_steps == 0:
+        tips.append("a warmup (--warmup-steps 10)")
+    return (f"step {step}: the loss is {loss:.4g} and the gradient norm {grad_norm:.4g} at learning rate "
+            f"{lr:.3g}: training diverged and was stopped before the optimizer step. {saved} Try "
+            + ", ".join(tips) + ".")
 
 
 def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
@@ -320,29 +522,20 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
     """Run (or resume) a fine-tuning run. Returns a summary dict; `summary['interrupted']` is the
     signal number if a signal stopped it. `on_step(step, metrics)` is called after each step.
     `build(cfg, device) -> (model, tokenizer)` replaces the model setup (e.g. a PEFT peer on the
-    same quantized base); by default `qdora.load_model` with the config's method and adapters."""
+    same quantized base); by default `qdora.load_model` with the config's method and adapters.
+    Raises `NonFiniteError` if the loss, the gradient or a trained tensor becomes non-finite
+    (nothing of it is saved; the last checkpoint stays as it was)."""
     from tqdm.auto import tqdm
 
     from qdora.data import (IGNORE_INDEX, SFTDataset, batch_order, collate, count_supervised, load_records,
                             pad_token_id)
     from qdora.loading import load_model
 
-    out = Path(cfg.out)
-    existing = find_checkpoint(out) if out.exists() else None
-    if existing and not cfg.resume:
-        raise FileExistsError(f"{out} already holds a checkpoint ({existing}); pass --resume to continue it "
-                              "or choose another --out")
-    if cfg.resume and existing:
-        saved = json.loads((out / "train_config.json").read_text())
-        now = cfg.to_dict()
-        defaults = TrainConfig(model="", data="", out="").to_dict()  # fields newer than the saved run
-        changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k])
-        if changed:
-            raise ValueError(f"--resume with different settings than the run in {out}: "
-                             + ", ".join(f"{k}: {saved.get(k, defaults[k])!r} -> {now[k]!r}" for k in changed))
     if cfg.fsdp and build is not None:
         raise ValueError("fsdp=True builds the sharded model itself; a custom `build` is not supported with it")
-    # Everything that can fail on bad input fails here, before anything is written.
+    out = Path(cfg.out)
+    # Everything that can fail on bad input fails here, before the model is loaded or anything is written.
+    existing = check_run(cfg)
     records = load_records(cfg.data)
     rank, world = 0, 1
     if cfg.fsdp:
@@ -387,14 +580,17 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
     if main:
         out.mkdir(parents=True, exist_ok=True)
     start = 0
+    totals = {"tokens": 0, "seconds": 0.0}
     metrics_path = out / "metrics.jsonl"
     if cfg.resume and existing:
         start = load_checkpoint(existing, model, optimizer, names)
+        totals.update(json.loads((existing / "state.json").read_text()).get("totals", {}))
         if metrics_path.exists() and main:  # keep the curve up to the checkpoint, drop what came after it
             lines = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
             write_text_atomic(metrics_path, "".join(line + "\n" for line in lines))
     elif main:
-        write_text_atomic(out / "train_config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
+        write_text_atomic(out / "train_config.json",
+                          json.dumps({**cfg.to_dict(), "fingerprints": _fingerprints(cfg)}, indent=1) + "\n")
         if metrics_path.exists():
             metrics_path.unlink()
     if cfg.fsdp:
@@ -429,11 +625,30 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
             return model(**batch).loss
         return model(**batch, num_items_in_batch=max(1, supervised)).loss * world
 
+    def saved_note() -> str:
+        if saved_step is None:
+            return "No checkpoint was written before it."
+        return f"The checkpoint of step {saved_step} in {out / CHECKPOINT} is kept as it was."
+
+    def check_trained(step: int, lr: float) -> None:
+        """Refuse to save trained tensors with a non-finite value (all ranks agree)."""
+        counts = _count_nonfinite([p for _, p in params])
+        if cfg.fsdp:
+            counts = [int(c) for c in fsdp.all_reduce([float(c) for c in counts], device)]
+        bad = [(names[i], c) for i, c in enumerate(counts) if c]
+        if bad:
+            raise NonFiniteError(f"step {step}: after the optimizer step {len(bad)} trained tensor(s) hold "
+                                 f"non-finite values (e.g. {bad[0][0]}: {bad[0][1]:,}) at learning rate {lr:.3g}; "
+                                 f"they were not saved. {saved_note()} Try a lower --lr.")
+
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    health = _Health(vocab if isinstance(vocab, int) and vocab > 1 else None)
     summary = {"steps": start, "interrupted": None, "out": str(out)}
     bar = tqdm(total=cfg.max_steps, initial=start, desc=f"train {cfg.method}", unit="step",
                disable=None if (cfg.progress and main) else True)
-    t_start, tokens_total = time.perf_counter(), 0
+    t_start = time.perf_counter()
     step = start
+    saved_step = start if existing else None
     stopped: int | None = None
     with _StopRequest() as stop, open(metrics_path, "a") if main else contextlib.nullcontext() as metrics_file:
         while step < cfg.max_steps and stopped is None:
@@ -448,19 +663,31 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
                 loss.backward()
                 loss_sum += loss.item() / world
                 tokens += batch_tokens
-            grad_norm = (_clip_grad_norm([p for _, p in params], cfg.max_grad_norm, foreach=not cfg.fsdp)
-                         if cfg.max_grad_norm > 0 else float("nan"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            # The norm is always taken (max_norm=inf clips nothing): it is reported, and checked.
+            grad_norm = _clip_grad_norm([p for _, p in params], cfg.max_grad_norm or math.inf, foreach=not cfg.fsdp)
             if cfg.fsdp:  # the loss of the whole global batch
                 loss_sum, = fsdp.all_reduce([loss_sum], device)
             step += 1
             elapsed = time.perf_counter() - t0
-            tokens_total += tokens
             record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                       "tokens_per_s": tokens / elapsed, "step_s": elapsed}
-            if main and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                metrics_file.write(json.dumps(record) + "\n")
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                bar.close()
+                if main:
+                    metrics_file.write(_metrics_line({**record, "error": "non-finite loss or gradient"}))
+                raise NonFiniteError(_diverged(step, loss_sum, grad_norm, lr, cfg, saved_note()))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            totals["tokens"] += tokens
+            totals["seconds"] += elapsed
+            warning = health.check(step, loss_sum, grad_norm, lr)
+            if warning:
+                record["warning"] = warning
+                if main:
+                    bar.write(f"qdora train: warning: {warning}", file=sys.stderr)
+            if main and (step % cfg.log_every == 0 or step == cfg.max_steps or warning):
+                metrics_file.write(_metrics_line(record))
                 metrics_file.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
@@ -470,15 +697,20 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
             if cfg.fsdp:  # a signal may reach only some ranks: all stop after the same step
                 flag, = fsdp.all_reduce([float(stop.signal or 0)], device, op="max")
                 stopped = stop.signal or (int(flag) if flag else None)
-            if cfg.keep_adapters_every and step % cfg.keep_adapters_every == 0 and step < cfg.max_steps:
+            keep_adapter = cfg.keep_adapters_every and step % cfg.keep_adapters_every == 0 and step < cfg.max_steps
+            checkpoint = step % cfg.save_every == 0 or step == cfg.max_steps or stopped is not None
+            if keep_adapter or checkpoint:
+                check_trained(step, lr)
+            if keep_adapter:
                 _save_final(model, tokenizer, out / f"adapter-step{step}", cfg, build)
-            if step % cfg.save_every == 0 or step == cfg.max_steps or stopped is not None:
+            if checkpoint:
                 if main:
                     metrics_file.flush()
-                save_checkpoint(out, model, optimizer, names, step, cfg)
+                save_checkpoint(out, model, optimizer, names, step, cfg, totals)
+                saved_step = step
         bar.close()
-        summary.update(steps=step, interrupted=stopped,
-                       seconds=time.perf_counter() - t_start, tokens=tokens_total)
+        summary.update(steps=step, interrupted=stopped, seconds=totals["seconds"], tokens=totals["tokens"],
+                       session_seconds=time.perf_counter() - t_start)
     if step == cfg.max_steps:
         _save_final(model, tokenizer, out / ("model" if cfg.method == "full" else "adapter"), cfg, build)
     summary["model"], summary["tokenizer"] = model, tokenizer
@@ -512,4 +744,5 @@ def read_metrics(out: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-__all__ = ["TrainConfig", "train", "lr_at", "read_metrics", "save_checkpoint", "load_checkpoint"]
+__all__ = ["TrainConfig", "NonFiniteError", "train", "check_run", "lr_at", "read_metrics", "save_checkpoint",
+           "load_checkpoint", "check_checkpoint"]
