@@ -392,11 +392,16 @@ def load_model(path: str | os.PathLike, method: str = "qdora", cfg: AdapterConfi
     """
     if cfg is not None and cfg.method != method and method != "qdora":
         raise ValueError(f"method={method!r} and cfg.method={cfg.method!r} disagree")
+    from qdora.surgery import add_adapters, plan_adapters
+
     cfg = cfg or AdapterConfig(method=method)
     path = resolve_checkpoint(path, progress)
-    model, tokenizer = load_checkpoint_dir(path, cfg.method, cfg, dtype, device, progress)
+    loader = CheckpointModel(path, cfg, dtype, device, progress)
     if add:
-        from qdora.surgery import add_adapters
+        plan_adapters(loader.model, cfg)  # every check of cfg against the model, before a weight is read
+    loader.fill()
+    model, tokenizer = loader.finish()
+    if add:
         add_adapters(model, cfg, verbose=progress)
     return model, tokenizer
 

@@ -487,34 +487,34 @@ class _Health:
         self.streak = 0
         self.warned: set[str] = set()
 
-    def check(self, step: int, loss: float, grad_norm: float, lr: float) -> str | None:
+    def check(self, step: int, loss: float, grad_norm: float, lr: float) -> list[str]:
+        """The warnings of this step, each kind at most once per run."""
         self.streak = self.streak + 1 if self.uniform and abs(loss - self.uniform) < UNIFORM_TOL else 0
-        kind = message = None
+        found = {}
         if grad_norm == 0.0:
-            kind, message = "zero_grad", (
-                f"step {step}: the gradient norm is exactly 0 (loss {loss:.4f}): nothing is learning. With "
-                f"--lr {lr:.3g} the model's outputs may have saturated; try a lower --lr, and check that the "
-                "data has response tokens")
-        elif self.streak >= UNIFORM_STEPS:
-            kind, message = "uniform", (
+            found["zero_grad"] = (
+                f"step {step}: the gradient norm is exactly 0 (loss {loss:.4f}): nothing is learning. At learning "
+                f"rate {lr:.3g} the model's outputs may have saturated; try a lower --lr, and check that the data "
+                "has response tokens")
+        if self.streak >= UNIFORM_STEPS:
+            found["uniform"] = (
                 f"step {step}: the loss has been {loss:.4f} ≈ ln(vocabulary size) = {self.uniform:.4f} for "
-                f"{self.streak} steps: the model guesses uniformly. A learning rate too high (--lr {lr:.3g}) "
-                "destroys the model this way; try a lower --lr")
-        if kind is None or kind in self.warned:
-            return None
-        self.warned.add(kind)
-        return message
+                f"{self.streak} steps: the model guesses uniformly. A learning rate too high (now {lr:.3g}) "
+                "destroys a model this way; try a lower --lr")
+        new = [kind for kind in found if kind not in self.warned]
+        self.warned.update(new)
+        return [found[kind] for kind in new]
 
 
 def _diverged(step: int, loss: float, grad_norm: float, lr: float, cfg: TrainConfig, saved: str) -> str:
-    tips = [f"a lower --lr (now {lr:.3g}; typical for adapters: 1e-4 to 3e-4)"]
+    tips = [f"a lower --lr (this run: {cfg.lr:g}; typical for adapters: 1e-4 to 3e-4)"]
     if cfg.max_grad_norm == 0:
         tips.append("gradient clipping (--max-grad-norm 1.0)")
     if cfg.warmup_steps == 0:
         tips.append("a warmup (--warmup-steps 10)")
     return (f"step {step}: the loss is {loss:.4g} and the gradient norm {grad_norm:.4g} at learning rate "
             f"{lr:.3g}: training diverged and was stopped before the optimizer step. {saved} Try "
-            + ", ".join(tips) + ".")
+            + ", or ".join(tips) + ".")
 
 
 def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
@@ -681,12 +681,12 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
             optimizer.zero_grad(set_to_none=True)
             totals["tokens"] += tokens
             totals["seconds"] += elapsed
-            warning = health.check(step, loss_sum, grad_norm, lr)
-            if warning:
-                record["warning"] = warning
-                if main:
+            warnings = health.check(step, loss_sum, grad_norm, lr)
+            if warnings:
+                record["warnings"] = warnings
+                for warning in warnings if main else ():
                     bar.write(f"qdora train: warning: {warning}", file=sys.stderr)
-            if main and (step % cfg.log_every == 0 or step == cfg.max_steps or warning):
+            if main and (step % cfg.log_every == 0 or step == cfg.max_steps or warnings):
                 metrics_file.write(_metrics_line(record))
                 metrics_file.flush()
             bar.update(1)

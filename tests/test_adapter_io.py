@@ -129,3 +129,30 @@ def test_no_pickle_loading_anywhere_in_the_library():
             text = source.read_text()
             for call in ("torch.load(", "pickle.load", "import pickle", "weights_only=False"):
                 assert call not in text, f"{source} uses {call}"
+
+
+def test_peft_reads_our_adapter_on_a_transformers_4bit_base_kept_in_standard_layout(tmp_path):
+    # A base loaded by transformers in 4-bit: on CPUs with AVX512-BF16 bitsandbytes repacks its
+    # weights at the first eval-mode forward, which PEFT's DoRA then misreads (its own forward runs
+    # the base layer first). qdora.keep_standard_layout right after loading prevents that.
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from qdora import keep_standard_layout
+    build(llama3_config(hidden_size=64, intermediate_size=256, num_attention_heads=8,
+                        num_key_value_heads=4)).save_pretrained(tmp_path / "ckpt")
+    bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", quantization_config=bnb_cfg,
+                                                    device_map="cpu", dtype=torch.float32)
+    ours = add_adapters(base(), CFG, verbose=False)
+    with torch.no_grad():
+        for layer in ours.modules():
+            if isinstance(layer, QDoRALinear):
+                layer.lora_B.normal_(0, 0.1)
+                layer.magnitude_delta.normal_(0, 0.1)
+    save_adapter(ours.eval(), tmp_path / "ad", format="peft")
+    theirs_base = base()
+    keep_standard_layout(theirs_base)
+    theirs = peft.PeftModel.from_pretrained(theirs_base, tmp_path / "ad").eval()
+    logits(theirs)  # a first eval-mode forward (where bitsandbytes would repack)
+    assert_close(logits(theirs), logits(ours), FP32_TOL, "PEFT logits after an eval-mode forward")

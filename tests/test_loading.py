@@ -164,3 +164,81 @@ def test_a_model_without_the_target_modules_lists_its_linears(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError, match=r"(?s)target 'q_proj' matches no linear module.*leaf names: lm_head"):
         load_model(tmp_path / "gpt2", method="qdora", progress=False)
+
+
+# ---- adopting a model that transformers loaded in 4-bit and that has already run ------------------
+# On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit weight in place at its first eval-mode
+# forward and rounds the NF4 scales to bf16 (lossy). All output widths below are multiples of 32, the
+# block bitsandbytes' repacking needs.
+
+REPACKABLE = llama3_config(hidden_size=64, intermediate_size=256, num_attention_heads=8, num_key_value_heads=4)
+EVAL_IDS = torch.randint(0, 1024, (2, 9), generator=torch.Generator().manual_seed(11))
+
+
+def _transformers_4bit(path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu", dtype=torch.float32)
+
+
+def _eval_forward(model):
+    model.eval()
+    with torch.no_grad():
+        return model(EVAL_IDS).logits
+
+
+def _repack(model):
+    """What bitsandbytes' eval-mode CPU forward does to each layer on an AVX512-BF16 CPU (done by
+    the forward itself where the CPU has it, by bitsandbytes' own function elsewhere)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu, has_avx512bf16
+    if has_avx512bf16():
+        _eval_forward(model)
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit) and not getattr(m.weight.quant_state, "packing_format_for_cpu", False):
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
+
+
+def test_a_4bit_model_that_ran_in_eval_mode_is_adopted_bit_for_bit(tmp_path):
+    from qdora import keep_standard_layout, load_adapter, save_adapter
+    build(REPACKABLE).save_pretrained(tmp_path / "ckpt")
+    cfg = AdapterConfig(r=4, alpha=8, dropout=0.0)
+    unrun = add_adapters_quietly(_transformers_4bit(tmp_path / "ckpt"), cfg)
+    with torch.no_grad():  # make the adapter matter
+        for layer in unrun.modules():
+            if isinstance(layer, QDoRALinear):
+                layer.lora_B.normal_(0, 0.1)
+                layer.magnitude_delta.normal_(0, 0.1)
+    save_adapter(unrun, tmp_path / "adapter")
+    reference = _eval_forward(unrun)
+
+    ran = _transformers_4bit(tmp_path / "ckpt")
+    assert keep_standard_layout(ran) == 14  # 2 layers x 7 linears; lm_head stays unquantized
+    base_logits = _eval_forward(ran)  # an eval-mode forward before the adapters
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                   for m in ran.modules() if isinstance(m, bnb.nn.Linear4bit))
+    load_adapter(ran, tmp_path / "adapter", verbose=False)
+    assert torch.equal(_eval_forward(ran), reference)
+    assert not torch.allclose(base_logits, reference, atol=1e-3)  # the adapter matters
+
+
+def add_adapters_quietly(model, cfg):
+    from qdora import add_adapters
+    return add_adapters(model, cfg, verbose=False)
+
+
+def test_a_repacked_4bit_model_is_refused_with_the_fix(tmp_path):
+    from qdora import keep_standard_layout, load_adapter, save_adapter
+    build(REPACKABLE).save_pretrained(tmp_path / "ckpt")
+    cfg = AdapterConfig(r=4, alpha=8, dropout=0.0)
+    save_adapter(add_adapters_quietly(_transformers_4bit(tmp_path / "ckpt"), cfg), tmp_path / "adapter")
+    model = _transformers_4bit(tmp_path / "ckpt")
+    _repack(model)
+    fix = (r"14 bnb.nn.Linear4bit layer\(s\) \(e.g. model.layers.0.self_attn.q_proj\) were repacked by bitsandbytes "
+           r".* rounds their NF4 scales to bf16.* qdora.keep_standard_layout\(model\) right after loading it")
+    with pytest.raises(ValueError, match=fix):
+        add_adapters_quietly(model, cfg)
+    with pytest.raises(ValueError, match=fix):
+        load_adapter(model, tmp_path / "adapter", verbose=False)
+    with pytest.raises(ValueError, match=fix):
+        keep_standard_layout(model)
+    assert not any(isinstance(m, QDoRALinear) for m in model.modules())  # refused before any change

@@ -30,11 +30,15 @@ def gguf(tmp_path_factory):
         os.environ["QDORA_CACHE"] = old
 
 
-def test_gguf_loads_to_nf4_and_matches_an_independent_quantization(gguf):
+def test_gguf_loads_to_nf4_and_matches_an_independent_quantization(gguf, capfd):
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
     from qdora import AdapterConfig, load_model
     from qdora.loading import convert_gguf
     cached = convert_gguf(gguf, progress=False)
+    assert "dtype" not in capfd.readouterr().err  # transformers' note on a GGUF asked for in bf16
+    with safe_open(cached / "model.safetensors", framework="pt") as f:  # stored in bf16, the checkpoint's dtype
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     assert convert_gguf(gguf, progress=False) == cached  # converted once
     model, tok = load_model(gguf, method="qdora", cfg=AdapterConfig(r=8, alpha=16, dropout=0.0), progress=False)
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
@@ -61,9 +65,14 @@ def test_missing_model_package_says_how_to_install(monkeypatch, capsys):
 
 
 def test_demo_end_to_end(gguf, tmp_path):
-    from qdora.demo import main
+    from qdora.demo import MARKER, main
+    previous = tmp_path / "demo"  # an earlier demo's output (its marker file says so): replaced
+    (previous / "run").mkdir(parents=True)
+    (previous / MARKER).write_text("")
+    (previous / "run" / "stale.txt").write_text("from the previous run")
     assert main(["--out", str(tmp_path / "demo"), "--steps", "2", "--batch-size", "2", "--eval-items", "4",
                  "--no-progress"]) == 0
+    assert not (previous / "run" / "stale.txt").exists() and (previous / MARKER).is_file()
     report = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert report["steps"] == 2 and report["eval_items"] == 4
     assert report["answer_nll_after"] < report["answer_nll_before"]  # even 2 steps teach the answer format
