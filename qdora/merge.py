@@ -10,7 +10,6 @@ name and renamed into place when complete.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -134,7 +133,7 @@ def merge_and_save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
         size += item[0].nbytes
     from tqdm.auto import tqdm
 
-    from qdora.loading import _set_config_dtype
+    from qdora.loading import plain_config
     with atomic_dir(out_dir) as tmp:
         weight_map = {}
         names = (["model.safetensors"] if len(shards) == 1 else
@@ -152,12 +151,7 @@ def merge_and_save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(s.nbytes for s, _ in plan)}, "weight_map": weight_map}
             write_text_atomic(tmp / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
-        config = copy.deepcopy(model.config)
-        for attr in ("quantization_config", "_pre_quantization_dtype"):
-            if hasattr(config, attr):
-                delattr(config, attr)
-        _set_config_dtype(config, dtype)
-        config.save_pretrained(tmp)
+        plain_config(model.config, dtype).save_pretrained(tmp)
         generation = getattr(model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(tmp)

@@ -326,7 +326,6 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
 
 
 def test_the_demo_writes_where_git_ignores():
-    from qdora.demo import main as demo_main  # noqa: F401  (the default is in its parser)
     import qdora.demo
     assert 'default="runs/demo"' in Path(qdora.demo.__file__).read_text()
     if shutil.which("git") and (REPO / ".git").exists():

@@ -64,6 +64,7 @@ def runs(tmp_path_factory):
     build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(
         root / "model")
     save_bpe_tokenizer(root / "model", [r["instruction"] + " " + r["output"] for r in records])
+    (root / "broken.gguf").write_bytes(b"GGUF" + bytes(60))  # exists, but no GGUF reader can open it
     single = {}
     for method in ("qdora", "qlora"):
         summary = train(TrainConfig(**config(root, root / f"single-{method}", method=method)))
@@ -77,6 +78,7 @@ def runs(tmp_path_factory):
             {"config": config(root, root / "stop", fsdp=True, save_every=4), "sigterm_rank1_at": 2},
             {"config": config(root, root / "other-seed", fsdp=True), "seed_rank1": 1, "expect_error": True},
             {"config": config(root, root / "no-model", fsdp=True, model=str(root / "missing")), "expect_error": True},
+            {"config": config(root, root / "bad-gguf", fsdp=True, model=str(root / "broken.gguf")), "expect_error": True},
             {"config": config(root, root / "crash", fsdp=True), "crash_in_save_at": 4}]
     crashed = torchrun({"runs": runs}, root)
     state_after_crash = json.loads((root / "crash" / "checkpoint" / "state.json").read_text())
@@ -231,12 +233,21 @@ def test_ranks_that_built_different_weights_refuse_to_train(runs):
 
 @pytest.mark.slow
 def test_a_missing_model_fails_every_rank_at_once(runs):
-    """Rank 0 resolves the model first (it converts a .gguf file); its failure reaches every rank
-    at once, not after the collective timeout."""
+    """Every rank checks the model path before the process group starts (`qdora.train.check_run`),
+    so each fails at once with the same error, not after the collective timeout. (A model that
+    exists but that rank 0 cannot open fails on rank 0 and reaches the others by a collective:
+    `qdora.fsdp.build_sharded`.)"""
     out = runs["root"] / "no-model"
     errors = [json.loads((out / f"facts-rank{r}.json").read_text())["start_error"] for r in (0, 1)]
-    assert errors[0] == f"FileNotFoundError: model not found: {runs['root'] / 'missing'}"
-    assert errors[1] == f"RuntimeError: rank 0 could not open {runs['root'] / 'missing'}; its error says why"
+    assert errors == [f"FileNotFoundError: model not found: {runs['root'] / 'missing'}"] * 2
+
+
+def test_a_model_rank_0_cannot_open_fails_every_rank_at_once(runs):
+    """A .gguf file is converted by rank 0 alone; its failure reaches rank 1 at once."""
+    out = runs["root"] / "bad-gguf"
+    errors = [json.loads((out / f"facts-rank{r}.json").read_text())["start_error"] for r in (0, 1)]
+    assert errors[0] and not errors[0].startswith("RuntimeError: rank 0")
+    assert errors[1] == f"RuntimeError: rank 0 could not open {runs['root'] / 'broken.gguf'}; its error says why"
 
 
 @pytest.mark.slow
