@@ -505,6 +505,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--run-one"]:  # internal: one run in this process (see run_isolated)
         return _run_one_from_spec(argv[1])
     args = p.parse_args(argv)
+    # The checks that need no model, before any run starts: the output folder, the model path, the data.
+    from qdora.loading import check_model_path
+    from qdora.safetensors_io import check_output_dir
+    check_output_dir(args.out, "--out")
+    if args.model is not None:
+        check_model_path(args.model)
+    for path in args.train_data.split(","):
+        if path.strip():
+            load_records(path.strip())
     model = args.model
     if model is None:
         from qdora.loading import convert_gguf, smollm2_gguf_path

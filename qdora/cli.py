@@ -12,7 +12,6 @@ import os
 import sys
 from pathlib import Path
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
 
 def _bench(args) -> int:
     if args.what == "layer":
@@ -279,7 +278,12 @@ def _raised_here(err: BaseException) -> bool:
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
+    if tb is None:
+        return False
+    source = Path(tb.tb_frame.f_code.co_filename).resolve()
+    # qdora, and qdora.eval / qdora.kernels, which live in folders of their own (see pyproject.toml)
+    packages = [sys.modules[name] for name in ("qdora", "qdora.eval", "qdora.kernels") if name in sys.modules]
+    return any(source.is_relative_to(Path(package.__file__).resolve().parent) for package in packages)
 
 
 def one_line(err: BaseException) -> str:

@@ -332,52 +332,6 @@ def load_checkpoint(path: Path, model, optimizer, names: dict[int, str]) -> int:
     return int(state["step"])
 
 
-# ---- the loop ------------------------------------------------------------------------------
-
-class _StopRequest:
-    """Turns SIGINT/SIGTERM into a flag checked between steps (the step in flight completes)."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay as they are
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-        print(f"\nqdora train: got {signal.Signals(signum).name}; finishing this step and writing a checkpoint",
-              flush=True)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _save_final(model, tokenizer, path: Path, cfg: TrainConfig, build) -> None:
-    """The trained result: the whole model for `full`, else the adapter (ours or PEFT's, as
-    `cfg.adapter_format` says; a PEFT peer's own). A sharded model's adapter is gathered and
-    written by rank 0 (every rank calls this)."""
-    from qdora.adapter_io import save_adapter
-    if cfg.fsdp:
-        from qdora.fsdp import save_adapter_gathered
-        save_adapter_gathered(model, path, format=cfg.adapter_format, base_model_name_or_path=str(cfg.model))
-    elif cfg.method == "full":
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    elif build is not None and hasattr(model, "peft_config"):
-        model.save_pretrained(path)
-    else:
-        save_adapter(model, path, format=cfg.adapter_format, base_model_name_or_path=str(cfg.model))
-
-
 # ---- checks before the model is loaded ------------------------------------------------------
 
 def _fingerprint(path: str) -> str | None:
@@ -458,6 +412,50 @@ def check_run(cfg: TrainConfig) -> Path | None:
 
 
 # ---- the loop ------------------------------------------------------------------------------
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (the step in flight completes)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\nqdora train: got {signal.Signals(signum).name}; finishing this step and writing a checkpoint",
+              flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _save_final(model, tokenizer, path: Path, cfg: TrainConfig, build) -> None:
+    """The trained result: the whole model for `full`, else the adapter (ours or PEFT's, as
+    `cfg.adapter_format` says; a PEFT peer's own). A sharded model's adapter is gathered and
+    written by rank 0 (every rank calls this)."""
+    from qdora.adapter_io import save_adapter
+    if cfg.fsdp:
+        from qdora.fsdp import save_adapter_gathered
+        save_adapter_gathered(model, path, format=cfg.adapter_format, base_model_name_or_path=str(cfg.model))
+    elif cfg.method == "full":
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    elif build is not None and hasattr(model, "peft_config"):
+        model.save_pretrained(path)
+    else:
+        save_adapter(model, path, format=cfg.adapter_format, base_model_name_or_path=str(cfg.model))
+
 
 def _finite_or_none(value):
     return value if not isinstance(value, float) or math.isfinite(value) else None

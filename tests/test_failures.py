@@ -331,3 +331,15 @@ def test_the_demo_writes_where_git_ignores():
     if shutil.which("git") and (REPO / ".git").exists():
         ignored = subprocess.run(["git", "check-ignore", "-q", "runs/demo/merged/model.safetensors"], cwd=REPO)
         assert ignored.returncode == 0
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["eval", "--model", "NOWHERE", "--out", "OUT"], "qdora eval: error: model not found: "),
+    (["eval", "--train-data", "NOWHERE.json", "--out", "OUT"], "qdora eval: error: .*nowhere.json: file not found"),
+    (["analyze", "--base", "MODEL", "--tuned", "NOWHERE", "--out", "OUT"], "qdora analyze: error: .*nowhere"),
+])
+def test_eval_and_analyze_errors_are_one_line(setup, tmp_path, capsys, no_model_loading, args, expected):
+    args = [a.replace("NOWHERE", str(tmp_path / "nowhere")).replace("OUT", str(tmp_path / "out"))
+             .replace("MODEL", str(setup / "model")) for a in args]
+    rc, err = run_cli(capsys, args)
+    assert rc == 2 and err.count("\n") == 1 and re.match(expected, err), err
