@@ -38,6 +38,8 @@ extra dequantization either. Saved for backward: the output (which the caller ho
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +83,20 @@ def _rows_of(blocks: RowBlocks, index: torch.Tensor, dtype: torch.dtype) -> torc
     return torch.stack(out)
 
 
+def _without_autocast(fn):
+    """Run `fn` with autocast off: the function computes in `LayerSpec.compute_dtype` and keeps norm
+    terms in fp32 itself; autocast (a Trainer's `bf16=True`) would recast its matmuls behind it and
+    mix dtypes between the forward's saved tensors and the backward's."""
+    @functools.wraps(fn)
+    def wrapper(ctx, *args):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.autocast("cpu", enabled=False))
+            if torch.cuda.is_available():
+                stack.enter_context(torch.autocast("cuda", enabled=False))
+            return fn(ctx, *args)
+    return wrapper
+
+
 class DoRAFunction(torch.autograd.Function):
     """`y = g ⊙ (x·W0ᵀ + s·(x_d·Aᵀ)·Bᵀ) + bias`; see the module docstring for the derivation.
 
@@ -89,6 +105,7 @@ class DoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, x, x_lora, A, B, m, spec: LayerSpec):
         cd = spec.compute_dtype
         blocks = spec.blocks
@@ -149,6 +166,7 @@ class DoRAFunction(torch.autograd.Function):
         return y_out
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, dy):
         x, xl, A, B, a, g, n, m32, P, saved_y, small_g = ctx.saved_tensors
         spec: LayerSpec = ctx.spec

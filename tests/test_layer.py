@@ -272,3 +272,20 @@ def test_errors_name_the_problem():
     layer = QDoRALinear(nn.Linear(48, 32), r=4, alpha=8)
     with pytest.raises(ValueError, match="input has 47 features, layer expects 48"):
         layer(torch.randn(2, 47))
+
+
+def test_autocast_does_not_change_the_layer():
+    # A Trainer with bf16=True runs the model under autocast; the layer keeps its own compute dtype
+    # (fp32 on CPU here), so its output and gradients are those without autocast.
+    layer = make_layer(96, 64, quantized=True, bias=True)
+    x = torch.randn(5, 96)
+    y = layer(x)
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.magnitude_delta)]
+    layer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_auto = layer(x)
+    y_auto.float().square().sum().backward()
+    assert y_auto.dtype == torch.float32 and torch.equal(y_auto, y)
+    for p, g in zip((layer.lora_A, layer.lora_B, layer.magnitude_delta), grads):
+        assert p.grad.dtype == p.dtype and torch.equal(p.grad, g)
