@@ -162,6 +162,35 @@ def plain_config(config, dtype: torch.dtype):
     return config
 
 
+def model_keys(model: nn.Module, keys: list[str], expected: set[str], path: Path) -> dict[str, str]:
+    """Each checkpoint tensor name -> the name `model` gives it, as transformers renames keys on
+    load: its renamings for this architecture and the legacy spellings (e.g. `LayerNorm.gamma`), and
+    the base-model prefix added or dropped (a `LlamaModel` checkpoint read into `LlamaForCausalLM`).
+    A key that transformers would merge with others (a `WeightConverter`, e.g. fusing experts) is
+    refused by name: the streaming loader reads one tensor at a time."""
+    if all(k in expected for k in keys):
+        return {k: k for k in keys}
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers < 5: keys are read as they are
+        return {k: k for k in keys}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = dict.fromkeys(expected, True)
+    prefix = getattr(model, "base_model_prefix", None) or None
+    names = {}
+    for key in keys:
+        name, converter = rename_source_key(key, renamings, converters, base_model_prefix=prefix, meta_state_dict=meta)
+        if converter is not None:
+            raise ValueError(f"{path}: tensor {key!r} is one that transformers combines with others on load "
+                             f"({converter!r}); the streaming loader reads one tensor at a time. Load the model with "
+                             "transformers' from_pretrained and call qdora.add_adapters on it")
+        names[key] = name
+    return names
+
+
 class CheckpointModel:
     """The model of checkpoint folder `path`, built on the meta device and filled tensor by tensor
     (`fill`): a linear weight that will be NF4 (`cfg.quantized`, not `keep_full_precision`) is
@@ -192,6 +221,8 @@ class CheckpointModel:
                        if cfg.quantized and not any(matches(n, p) for p in cfg.keep_full_precision)}
         self.cfg = cfg
         self.expected = set(self.model.state_dict().keys())
+        self.name_of = model_keys(self.model, self.reader.keys(), self.expected, self.path)
+        """Checkpoint tensor name -> the model's name for it (transformers' renamings on load)."""
         self.unexpected: list[str] = []
         self.bar = tqdm(total=len(self.reader.file_of), desc=f"loading {self.path.name}", unit="tensor",
                         disable=None if progress else True)
@@ -237,8 +268,8 @@ class CheckpointModel:
             with self.reader.open(file) as shard:
                 for key in todo:
                     self.bar.update(1)
-                    if key in self.expected:
-                        self.place(key, shard.get(key))
+                    if self.name_of[key] in self.expected:
+                        self.place(self.name_of[key], shard.get(key))
                     else:
                         self.unexpected.append(key)
             _release_freed_memory()
@@ -449,7 +480,8 @@ def stream_model(path: str | os.PathLike, cfg: AdapterConfig, dtype=None, device
     keys: list[list[str]] = [[] for _ in layers]
     rest: list[str] = []
     for key in loader.reader.keys():
-        index = key[len(prefix):].split(".", 1)[0] if key.startswith(prefix) else ""
+        name = loader.name_of[key]
+        index = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
         (keys[int(index)] if index.isdigit() and int(index) < len(layers) else rest).append(key)
     for i, layer in enumerate(layers):
         loader.fill(keys[i])

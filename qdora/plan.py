@@ -77,6 +77,10 @@ ALLOCATOR_SLACK = 0.10
 (Answer.AI's FSDP+QLoRA benchmarks report 9.16 GiB allocated vs 10.22 GiB reserved for Llama-2-7B LoRA)."""
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+"""Fused projections (Phi-3) and the linears they stand for. A fused target is planned as its parts:
+the same weights, activations and B rows; the parts' separate A (r × hidden each, and their T × r
+products) are counted where the fused layer has one, an over-estimate of O(r · (hidden + T))."""
 DEVICES = ("cuda", "cpu")
 QUANT_CHUNK = 1 << 20
 """`qdora.nf4.QUANT_CHUNK`: elements the quantizer converts at once."""
@@ -203,6 +207,9 @@ class PlanConfig:
         if isinstance(self.magnitude_only_modules, str):
             object.__setattr__(self, "magnitude_only_modules",
                                tuple(t for t in self.magnitude_only_modules.split(",") if t))
+        for field in ("target_modules", "magnitude_only_modules"):  # fused projections: their parts
+            names = tuple(part for t in getattr(self, field) for part in FUSED.get(t, (t,)))
+            object.__setattr__(self, field, names)
         problems = []
         if self.method not in METHODS:
             problems.append(f"method={self.method!r} is unknown; use one of {', '.join(METHODS)}")
@@ -215,7 +222,8 @@ class PlanConfig:
                 problems.append(f"r={self.r!r} must be a positive integer (typical: 8, 16, 32, 64)")
             unknown = [t for t in (*self.target_modules, *self.magnitude_only_modules) if t not in LINEARS]
             if unknown:
-                problems.append(f"unknown target module(s) {unknown}; use names from {', '.join(LINEARS)} or 'all'")
+                problems.append(f"unknown target module(s) {unknown}; use names from {', '.join(LINEARS + tuple(FUSED))} "
+                                "or 'all'")
             if not self.target_modules and not self.magnitude_only_modules:
                 problems.append("target_modules is empty: name the linears to adapt, e.g. q_proj,k_proj,v_proj")
         if self.magnitude_only_modules and self.method not in DORA_METHODS:

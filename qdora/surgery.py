@@ -112,7 +112,10 @@ def plan_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterPlan:
     direction = [n for n in linears if n not in mag_only and any(matches(n, p) for p in cfg.target_modules)]
     for pattern in (*cfg.target_modules, *cfg.magnitude_only_modules):
         if not any(matches(n, pattern) for n in linears):
-            problems.append(f"target {pattern!r} matches no linear module")
+            other = next(((n, m) for n, m in model.named_modules() if n and matches(n, pattern)), None)
+            problems.append(f"target {pattern!r} matches no linear module"
+                            + (f" ({type(model).__name__}: {other[0]} is a {type(other[1]).__name__}, not an "
+                               "nn.Linear; qdora adapts nn.Linear layers)" if other else ""))
     if not direction and not mag_only and not problems:
         problems.append("no linear module matched")
     for name in direction if cfg.direction == "lora" else ():  # VeRA's shared rank may exceed a layer's
