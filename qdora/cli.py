@@ -26,6 +26,9 @@ def _bench(args) -> int:
     if args.what == "step":
         from qdora.eval.bench_step import main as bench_step
         return bench_step(args.rest)
+    if args.what == "peft":
+        from qdora.eval.bench_peft import main as bench_peft
+        return bench_peft(args.rest)
     from qdora.eval.bench_kernels import main as bench_kernels
     return bench_kernels(args.rest)
 
@@ -232,9 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (accepted anywhere on the command line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    bench = sub.add_parser("bench", help="benchmarks: layer, load, model, step, kernels",
+    bench = sub.add_parser("bench", help="benchmarks: layer, load, model, step, peft, kernels",
                            description="Run a benchmark. `qdora bench layer --help` lists its options.")
-    bench.add_argument("what", choices=("layer", "load", "model", "step", "kernels"))
+    bench.add_argument("what", choices=("layer", "load", "model", "step", "peft", "kernels"))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=_bench)
     _add_train(sub)
