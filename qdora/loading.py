@@ -419,14 +419,9 @@ def check_model_path(path: str | os.PathLike) -> None:
 
 def resolve_checkpoint(path: str | os.PathLike, progress: bool = True) -> Path:
     """The checkpoint folder of `path`: the folder itself, or a `.gguf` file's converted copy."""
+    check_model_path(path)
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model not found: {path}")
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise ValueError(f"{path}: expected a checkpoint folder or a .gguf file")
-        return convert_gguf(path, progress)
-    return path
+    return convert_gguf(path, progress) if path.is_file() else path
 
 
 def load_model(path: str | os.PathLike, method: str = "qdora", cfg: AdapterConfig | None = None,
