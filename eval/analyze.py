@@ -92,8 +92,9 @@ def fit(rows: list[dict]) -> dict:
 
 
 def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
-    from qdora.safetensors_io import write_text_atomic
     import io
+
+    from qdora.safetensors_io import write_text_atomic
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["checkpoint", "module", "layer", "name", "delta_m", "delta_d"])
     writer.writeheader()

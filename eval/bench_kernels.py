@@ -131,7 +131,8 @@ def bench_shape(in_f: int, out_f: int, tokens: int, r: int, dtype: torch.dtype, 
         if "triton" in outs:
             got, want = outs["triton"], outs["torch"]
             got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
-            row["max_rel_diff"] = max(((x.double() - y.double()).abs().max() / y.double().abs().max().clamp_min(1e-30)).item()
+            row["max_rel_diff"] = max(((x.double() - y.double()).abs().max()
+                                       / y.double().abs().max().clamp_min(1e-30)).item()
                                       for x, y in zip(got, want))
         del outs
         saved = base.clone() if name == "epilogue" else None
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="qdora bench kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default=",".join(f"{i}x{o}" for i, o in (DEFAULT_SHAPES_CUDA if cuda else DEFAULT_SHAPES_CPU)),
+    shapes = DEFAULT_SHAPES_CUDA if cuda else DEFAULT_SHAPES_CPU
+    p.add_argument("--shapes", default=",".join(f"{i}x{o}" for i, o in shapes),
                    help="comma-separated IN x OUT shapes (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=2048, help="tokens (default: %(default)s)")
     p.add_argument("--r", type=int, default=16, help="rank (default: %(default)s)")

@@ -130,7 +130,8 @@ def ratios(res: dict) -> dict[str, float]:
         out["peft qlora / ours qlora (time)"] = r["peft qlora"]["median_s"] / r["ours qlora"]["median_s"]
         out["peft qdora / peft qlora (time)"] = r["peft qdora"]["median_s"] / r["peft qlora"]["median_s"]
         if "peak_step_bytes" in r["peft qdora"]:
-            out["peft qdora / ours qdora (peak)"] = r["peft qdora"]["peak_step_bytes"] / r["ours qdora"]["peak_step_bytes"]
+            out["peft qdora / ours qdora (peak)"] = (r["peft qdora"]["peak_step_bytes"]
+                                                     / r["ours qdora"]["peak_step_bytes"])
     return out
 
 

@@ -2,7 +2,8 @@
 
 Each load runs in a fresh process; the figure is the growth of the process's peak resident set
 (Linux `VmHWM`, reset through `/proc/self/clear_refs` after the imports) over the resident set
-before the load, so the interpreter and libraries do not count. Memory-mapped checkpoint pages a loader touches and keeps mapped count, as they should.
+before the load, so the interpreter and libraries do not count. Memory-mapped checkpoint pages a
+loader touches and keeps mapped count, as they should.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def synthetic_checkpoint(path: str | os.PathLike, hidden: int, layers: int, shar
     if (path / "config.json").is_file():
         return path
     config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 128,
+                         num_key_value_heads=hidden // 128,
                          tie_word_embeddings=False)
     with torch.device("cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         disk = checkpoint_bytes(target) if Path(target).is_dir() else Path(target).stat().st_size
         for mode in args.modes.split(","):
             r = measure(target, mode)
-            print(f"| {Path(target).name} | {disk / 2**20:.0f} MiB | {mode} | {r['peak_growth_bytes'] / 2**20:.0f} MiB "
+            print(f"| {Path(target).name} | {disk / 2**20:.0f} MiB | {mode} | "
+                  f"{r['peak_growth_bytes'] / 2**20:.0f} MiB "
                   f"| {r['model_bytes'] / 2**20:.0f} MiB | {r['seconds']:.1f} s |", flush=True)
     return 0
 

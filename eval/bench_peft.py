@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dropouts", default="0,0.05", help="comma-separated (default: %(default)s)")
     p.add_argument("--sft-steps", type=int, default=20, help="SFTTrainer steps per run; 0 skips part 2")
     p.add_argument("--sft-adapter-dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="LoRA A/B dtype in the SFTTrainer runs: TRL casts a 4-bit model's to bf16, and PEFT's DoRA then "
-                        "computes its branch and row norm in bf16; float32 (default) undoes that cast")
+                   help="LoRA A/B dtype in the SFTTrainer runs: TRL casts a 4-bit model's to bf16, and PEFT's "
+                        "DoRA then computes its branch and row norm in bf16; float32 (default) undoes that cast")
     p.add_argument("--sft-dropouts", default="0,0.05", help="dropouts of the SFTTrainer pairs (default: %(default)s)")
     p.add_argument("--sft-dropout", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")

@@ -254,7 +254,8 @@ def components(tokens: int, r: int, reps: int = 50) -> None:
         scale = w.absmax_scale.float()[torch.arange(0, nb) // w.absmax_blocksize]
         return w.absmax_code.float()[w.absmax[:nb].long()] * scale + w.absmax_offset.float()
 
-    rows.append(_timed({"NF4 row block 1024x576, bitsandbytes kernel (RowBlocks.rows)": lambda: blocks.rows(0, 1024, torch.float32),
+    rows.append(_timed({"NF4 row block 1024x576, bitsandbytes kernel (RowBlocks.rows)":
+                        lambda: blocks.rows(0, 1024, torch.float32),
                         "NF4 row block 1024x576, plain torch reference": lambda: dequantize_nf4_reference(
                             w.packed[: 1024 * 576 // 2], absmax, w.blocksize, 1024 * 576),
                         "  its double-quantized absmax, indexed per block (before)": absmax_by_index,

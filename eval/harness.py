@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import subprocess
-import sys
 import json
 import math
+import os
 import re
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -288,7 +288,8 @@ def run_checkpoints(hc: HarnessConfig, method: str, seed: int = 0) -> list[tuple
     steps = sorted((int(p.name.removeprefix("adapter-step")), p) for p in folder.glob("adapter-step*")
                    if p.name.removeprefix("adapter-step").isdigit())
     final = folder / ("model" if METHODS[method][0] == "full" else "adapter")
-    return [(f"step {k}", str(p)) for k, p in steps] + ([(f"step {hc.max_steps}", str(final))] if final.is_dir() else [])
+    last = [(f"step {hc.max_steps}", str(final))] if final.is_dir() else []
+    return [(f"step {k}", str(p)) for k, p in steps] + last
 
 
 def analyze_runs(hc: HarnessConfig, methods: list[str]) -> dict:

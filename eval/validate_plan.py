@@ -264,7 +264,8 @@ def table(rows: list[dict]) -> str:
         out.append(f"| {r['model']} | {r['method']} | {r['r'] if r['method'] != 'full' else '-'} | "
                    f"{targets if r['method'] != 'full' else '-'} | {r['dropout'] if r['method'] != 'full' else '-'} | "
                    f"{r['batch_size']} × {r['seq_len']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
-                   f"{r['predicted_bytes'] / 2**20:.2f} | {r['measured_bytes'] / 2**20:.2f} | {100 * error(r):+.1f}% |")
+                   f"{r['predicted_bytes'] / 2**20:.2f} | {r['measured_bytes'] / 2**20:.2f} | "
+                   f"{100 * error(r):+.1f}% |")
     return "\n".join(out)
 
 

@@ -31,7 +31,6 @@ import triton.language as tl
 
 from qdora.kernels.nf4 import NF4_CODE
 
-
 # Read when this module is imported, as `triton.jit` reads it to choose the interpreter.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -201,8 +201,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, verbose: bool = True
     """
     fmt, meta, modules = read_adapter(path)
     if not adapter_layers(model):
-        from qdora.surgery import add_adapters
         import bitsandbytes as bnb
+
+        from qdora.surgery import add_adapters
         quantized = any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
         add_adapters(model, adapter_config(fmt, meta, modules, quantized), verbose=verbose)
     layers = adapter_layers(model)

@@ -37,7 +37,8 @@ def _add_train(sub) -> None:
     from qdora.train import OPTIMIZERS, SCHEDULES, TrainConfig
     d = TrainConfig(model="", data="", out="")
     p = sub.add_parser("train", help="fine-tune a model (full, lora, dora, qlora, qdora)",
-                       description="Fine-tune a model. Writes metrics.jsonl, checkpoint/ and adapter/ (model/ for full) "
+                       description="Fine-tune a model. Writes metrics.jsonl, checkpoint/ and adapter/ (model/ for "
+                                   "full) "
                                    "to --out. Ctrl-C or SIGTERM writes a checkpoint; --resume continues it.")
     p.add_argument("--model", required=True, help="transformers checkpoint folder or .gguf file")
     p.add_argument("--data", required=True, help="JSON/JSONL training data (Alpaca/LLM-Adapters or GSM8K fields)")
@@ -46,7 +47,8 @@ def _add_train(sub) -> None:
     p.add_argument("--r", type=int, default=d.r)
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--target-modules", default=",".join(d.target_modules), help="comma-separated (default: %(default)s)")
+    p.add_argument("--target-modules", default=",".join(d.target_modules),
+                   help="comma-separated (default: %(default)s)")
     p.add_argument("--magnitude-only-modules", default="", help="comma-separated modules that train only m")
     p.add_argument("--norm", default=d.norm, choices=("detached", "exact"))
     p.add_argument("--direction", default=d.direction, choices=("lora", "vera"),

@@ -147,7 +147,8 @@ class AdapterConfig:
             object.__setattr__(self, "adapter_dtype", _dtype_name(self.adapter_dtype))
         if self.compute_dtype != "auto":
             if _dtype_name(self.compute_dtype) is None:
-                problems.append(f"compute_dtype={self.compute_dtype!r} is unknown; use 'auto', 'float32' or 'bfloat16'")
+                problems.append(f"compute_dtype={self.compute_dtype!r} is unknown; use 'auto', 'float32' or "
+                                "'bfloat16'")
             else:
                 object.__setattr__(self, "compute_dtype", _dtype_name(self.compute_dtype))
         if isinstance(self.block_rows, bool) or not isinstance(self.block_rows, int) or self.block_rows <= 0:

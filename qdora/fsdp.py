@@ -36,11 +36,10 @@ from __future__ import annotations
 import datetime
 import os
 
+import bitsandbytes as bnb
 import torch
 import torch.distributed as dist
 from torch import nn
-
-import bitsandbytes as bnb
 
 from qdora.function import DoRAFunction, LayerSpec
 from qdora.nf4 import RowBlocks, quant_state_tensors
@@ -320,8 +319,12 @@ def load_sharded_checkpoint(path, model: nn.Module, optimizer) -> dict[str, torc
 
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     path = Path(path)
     if not (path / SHARDS).is_dir():

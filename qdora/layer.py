@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import math
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
-
-import bitsandbytes as bnb
 
 from qdora.dropout import Dropout
 from qdora.function import DoRAFunction, LayerSpec

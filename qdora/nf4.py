@@ -9,11 +9,10 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
-import torch
-from torch import nn
-
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
+import torch
+from torch import nn
 
 from qdora.kernels.ops import NF4Weight
 

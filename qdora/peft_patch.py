@@ -30,10 +30,9 @@ from __future__ import annotations
 import types
 import warnings
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
-
-import bitsandbytes as bnb
 
 from qdora.function import DoRAFunction, LayerSpec
 from qdora.nf4 import RowBlocks, is_repacked, repacked_message
@@ -107,9 +106,8 @@ def _peft_lora_classes() -> tuple[type, ...]:
 
 
 def _check_peft_version() -> None:
-    from packaging.version import Version
-
     import peft
+    from packaging.version import Version
     first, last = PEFT_VERSIONS
     if not Version(first) <= Version(Version(peft.__version__).base_version) < Version(last):
         raise ValueError(f"qdora.patch_peft supports peft >= {first}, < {last} (the LoRA layer layout it reads); "

@@ -207,9 +207,9 @@ class PlanConfig:
         if isinstance(self.magnitude_only_modules, str):
             object.__setattr__(self, "magnitude_only_modules",
                                tuple(t for t in self.magnitude_only_modules.split(",") if t))
-        for field in ("target_modules", "magnitude_only_modules"):  # fused projections: their parts
-            names = tuple(part for t in getattr(self, field) for part in FUSED.get(t, (t,)))
-            object.__setattr__(self, field, names)
+        for attr in ("target_modules", "magnitude_only_modules"):  # fused projections: their parts
+            names = tuple(part for t in getattr(self, attr) for part in FUSED.get(t, (t,)))
+            object.__setattr__(self, attr, names)
         problems = []
         if self.method not in METHODS:
             problems.append(f"method={self.method!r} is unknown; use one of {', '.join(METHODS)}")
@@ -222,8 +222,8 @@ class PlanConfig:
                 problems.append(f"r={self.r!r} must be a positive integer (typical: 8, 16, 32, 64)")
             unknown = [t for t in (*self.target_modules, *self.magnitude_only_modules) if t not in LINEARS]
             if unknown:
-                problems.append(f"unknown target module(s) {unknown}; use names from {', '.join(LINEARS + tuple(FUSED))} "
-                                "or 'all'")
+                names = ", ".join(LINEARS + tuple(FUSED))
+                problems.append(f"unknown target module(s) {unknown}; use names from {names} or 'all'")
             if not self.target_modules and not self.magnitude_only_modules:
                 problems.append("target_modules is empty: name the linears to adapt, e.g. q_proj,k_proj,v_proj")
         if self.magnitude_only_modules and self.method not in DORA_METHODS:
@@ -541,6 +541,7 @@ def format_plan(p: MemoryPlan, cards=CARDS_GB) -> str:
     c, m = p.config, p.model
     targets = "all weights" if c.method == "full" else ",".join(c.target_modules) + \
         (f" (+ magnitude only: {','.join(c.magnitude_only_modules)})" if c.magnitude_only_modules else "")
+    sharding = ("s (FSDP, CPU offload)" if c.cpu_offload else "s (FSDP)") if c.fsdp else ""
     lines = [
         f"{m.name}: {m.params() / 1e9:.2f}B parameters (hidden {m.hidden}, intermediate {m.intermediate}, "
         f"{m.layers} layers, {m.heads} heads / {m.kv_heads} kv, vocab {m.vocab}"
@@ -549,7 +550,7 @@ def format_plan(p: MemoryPlan, cards=CARDS_GB) -> str:
         + f"; batch {c.batch_size} x {c.seq_len} tokens"
         + (f", {c.grad_accum} micro-batches per step" if c.grad_accum > 1 else "") + "; gradient checkpointing "
         f"{'on' if c.gradient_checkpointing else 'off'}; {c.optimizer}; "
-        f"{c.gpus} {'GPU' if c.device == 'cuda' else 'CPU process'}{('s (FSDP, CPU offload)' if c.cpu_offload else 's (FSDP)') if c.fsdp else ''}; "
+        f"{c.gpus} {'GPU' if c.device == 'cuda' else 'CPU process'}{sharding}; "
         f"{'bf16' if c.device == 'cuda' else 'fp32'} compute",
         "",
         f"predicted peak per {'GPU' if c.device == 'cuda' else 'process'}, at the {p.peak_phase} phase:",

@@ -5,10 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
-
-import bitsandbytes as bnb
 
 from qdora.config import AdapterConfig, resolve_dtype
 from qdora.layer import QDoRALinear, VeRAProjections

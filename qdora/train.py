@@ -31,8 +31,13 @@ from typing import Callable
 import torch
 
 from qdora.config import METHODS, AdapterConfig
-from qdora.safetensors_io import (atomic_dir, check_output_dir, check_safetensors_file, save_file_atomic,
-                                  write_text_atomic)
+from qdora.safetensors_io import (
+    atomic_dir,
+    check_output_dir,
+    check_safetensors_file,
+    save_file_atomic,
+    write_text_atomic,
+)
 
 CHECKPOINT = "checkpoint"
 SCHEDULES = ("linear", "cosine", "constant")
@@ -138,7 +143,8 @@ class TrainConfig:
         if self.fsdp and self.optimizer != "adamw":
             problems.append(f"optimizer={self.optimizer!r} cannot step sharded parameters; use 'adamw' with --fsdp")
         if self.adapter_format not in ADAPTER_FORMATS:
-            problems.append(f"adapter_format={self.adapter_format!r} is unknown; use one of {', '.join(ADAPTER_FORMATS)}")
+            problems.append(f"adapter_format={self.adapter_format!r} is unknown; use one of "
+                            f"{', '.join(ADAPTER_FORMATS)}")
         elif self.adapter_format == "peft":
             if self.method == "full":
                 problems.append("adapter_format='peft' needs an adapter method; method='full' saves the whole model")
@@ -525,8 +531,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
     (nothing of it is saved; the last checkpoint stays as it was)."""
     from tqdm.auto import tqdm
 
-    from qdora.data import (IGNORE_INDEX, SFTDataset, batch_order, collate, count_supervised, load_records,
-                            pad_token_id)
+    from qdora.data import IGNORE_INDEX, SFTDataset, batch_order, collate, count_supervised, load_records, pad_token_id
     from qdora.loading import load_model
 
     if cfg.fsdp and build is not None:

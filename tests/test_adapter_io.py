@@ -2,10 +2,10 @@ import pathlib
 
 import pytest
 import torch
-from torch import nn
-
 from conftest import FP32_TOL, assert_close
 from models import build, llama3_config
+from torch import nn
+
 from qdora import AdapterConfig, QDoRALinear, add_adapters, linear4bit_from_linear, load_adapter, save_adapter
 
 peft = pytest.importorskip("peft")
@@ -136,6 +136,7 @@ def test_peft_reads_our_adapter_on_a_transformers_4bit_base_kept_in_standard_lay
     # weights at the first eval-mode forward, which PEFT's DoRA then misreads (its own forward runs
     # the base layer first). qdora.keep_standard_layout right after loading prevents that.
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
     from qdora import keep_standard_layout
     build(llama3_config(hidden_size=64, intermediate_size=256, num_attention_heads=8,
                         num_key_value_heads=4)).save_pretrained(tmp_path / "ckpt")

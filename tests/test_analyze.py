@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-
 from models import build, llama2_config
+
 from qdora import AdapterConfig, load_model, save_adapter
 from qdora.eval.analyze import analyze, delta_m_d, fit, main
 

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-
 from conftest import assert_close
 from models import save_bpe_tokenizer
+
 from qdora import AdapterConfig, QDoRALinear, load_adapter, load_model, merge_and_save, save_adapter
 from qdora.data import DEMO_DATA
 

@@ -12,8 +12,17 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from qdora.data import (
-    DEMO_DATA, DataError, Record, SFTDataset, batch_order, collate, count_supervised,
-    load_records, pad_token_id, parse_record, tokenize_record,
+    DEMO_DATA,
+    DataError,
+    Record,
+    SFTDataset,
+    batch_order,
+    collate,
+    count_supervised,
+    load_records,
+    pad_token_id,
+    parse_record,
+    tokenize_record,
 )
 
 NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
@@ -132,8 +141,8 @@ def test_masking_boundary(tokenizer):
     assert ids[0] == bos and ids.count(bos) == 1
     assert ids[-1] == eos and labels[-1] == eos
     # The boundary: a run of -100 then a run of supervised labels equal to the ids.
-    n_masked = labels.index(next(l for l in labels if l != -100))
-    assert all(l == -100 for l in labels[:n_masked])
+    n_masked = labels.index(next(label for label in labels if label != -100))
+    assert all(label == -100 for label in labels[:n_masked])
     assert labels[n_masked:] == ids[n_masked:]
     assert count_supervised(labels) == len(ids) - n_masked
     # The masked part decodes to BOS + prompt, the supervised part to response + EOS.
@@ -185,7 +194,7 @@ def test_sft_dataset(tokenizer):
     assert len(ds) == 2 and ds.records == records
     for rec, item in zip(records, [ds[0], ds[1]]):
         assert len(item["input_ids"]) <= 64
-        assert tokenizer.decode([i for i, l in zip(item["input_ids"], item["labels"]) if l != -100]) \
+        assert tokenizer.decode([i for i, label in zip(item["input_ids"], item["labels"]) if label != -100]) \
             == rec.response + "</s>"
 
 

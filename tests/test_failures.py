@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import build, llama3_config, save_bpe_tokenizer
 from safetensors.torch import load_file, save_file
 
-from models import build, llama3_config, save_bpe_tokenizer
 from qdora.cli import main
 from qdora.data import DEMO_DATA
 from qdora.safetensors_io import NonFiniteTensorError, save_file_atomic
@@ -29,7 +29,8 @@ def setup(tmp_path_factory):
     records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:16]
     (root / "data.json").write_text(json.dumps(records))
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(root / "model")
+    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(
+        root / "model")
     save_bpe_tokenizer(root / "model", [r["instruction"] + " " + r["output"] for r in records])
     return root
 
@@ -130,8 +131,8 @@ def test_merge_refuses_a_non_finite_adapter_by_name(setup, tmp_path, capsys):
     name = sorted(k for k in tensors if k.endswith("lora_B"))[3]
     tensors[name][0, 0] = float("nan")
     save_file(tensors, weights, metadata={"format": "qdora"})  # safetensors' own writer: ours refuses NaN
-    rc, err = run_cli(capsys, ["merge", "--model", str(setup / "model"), "--adapter", str(tmp_path / "run" / "adapter"),
-                               "--out", str(tmp_path / "merged"), "--check"])
+    rc, err = run_cli(capsys, ["merge", "--model", str(setup / "model"), "--adapter",
+                               str(tmp_path / "run" / "adapter"), "--out", str(tmp_path / "merged"), "--check"])
     assert rc == 2 and err.count("\n") == 1
     assert f"tensor '{name}'" in err and "1 non-finite value" in err and "diverged" in err
     assert not (tmp_path / "merged").exists()
@@ -205,7 +206,8 @@ def test_an_unwritable_out_fails_before_loading(setup, tmp_path, capsys, no_mode
                          str(read_only / "merged")]):
             rc, err = run_cli(capsys, command)
             assert rc == 2 and err.count("\n") == 1, err
-            assert "--out" in err and ("read-only file system" in err.lower() or "permission denied" in err.lower()), err
+            assert "--out" in err, err
+            assert "read-only file system" in err.lower() or "permission denied" in err.lower(), err
     finally:
         if mounted:
             subprocess.run(["umount", str(read_only)], check=True)

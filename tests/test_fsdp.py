@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import build, llama3_config, save_bpe_tokenizer
 from safetensors.torch import load_file
 
-from models import build, llama3_config, save_bpe_tokenizer
 from qdora.data import DEMO_DATA
 from qdora.train import TrainConfig, read_metrics, train
 
@@ -78,7 +78,8 @@ def runs(tmp_path_factory):
             {"config": config(root, root / "stop", fsdp=True, save_every=4), "sigterm_rank1_at": 2},
             {"config": config(root, root / "other-seed", fsdp=True), "seed_rank1": 1, "expect_error": True},
             {"config": config(root, root / "no-model", fsdp=True, model=str(root / "missing")), "expect_error": True},
-            {"config": config(root, root / "bad-gguf", fsdp=True, model=str(root / "broken.gguf")), "expect_error": True},
+            {"config": config(root, root / "bad-gguf", fsdp=True, model=str(root / "broken.gguf")),
+             "expect_error": True},
             {"config": config(root, root / "crash", fsdp=True), "crash_in_save_at": 4}]
     crashed = torchrun({"runs": runs}, root)
     state_after_crash = json.loads((root / "crash" / "checkpoint" / "state.json").read_text())
@@ -104,7 +105,8 @@ def _assert_same_losses(actual, expected):
     for a, e in zip(actual, expected):
         assert abs(a["loss"] - e["loss"]) <= LOSS_RTOL * abs(e["loss"]), (a["step"], a["loss"], e["loss"])
         assert a["tokens"] == e["tokens"] and a["lr"] == e["lr"]
-        assert abs(a["grad_norm"] - e["grad_norm"]) <= GRAD_NORM_RTOL * e["grad_norm"], (a["grad_norm"], e["grad_norm"])
+        assert abs(a["grad_norm"] - e["grad_norm"]) <= GRAD_NORM_RTOL * e["grad_norm"], \
+            (a["grad_norm"], e["grad_norm"])
 
 
 def _assert_same_adapter(actual: Path, expected: Path, weights="adapter.safetensors"):
@@ -310,6 +312,7 @@ def test_sharded_checkpoint_needs_fsdp_to_resume(tmp_path, monkeypatch):
 
 def test_mixed_precision_needs_matching_quant_storage():
     from torch import nn
+
     from qdora import AdapterConfig, add_adapters
     from qdora.fsdp import prepare_for_fsdp
 
@@ -324,9 +327,10 @@ def test_shardable_layers_compute_what_the_nf4_model_computes(storage):
     """`prepare_for_fsdp` (plain packed parameters, quantization state on the module, frozen NF4
     layers through our autograd function) changes no output and no gradient. Oracle: the same
     model before the change (bitsandbytes' own forward for the frozen layers)."""
+    from conftest import FP32_TOL, assert_close
+
     from qdora import AdapterConfig, add_adapters
     from qdora.fsdp import ShardableLinear4bit, prepare_for_fsdp
-    from conftest import FP32_TOL, assert_close
 
     torch.manual_seed(0)
     model = build(llama3_config(num_hidden_layers=1, hidden_size=64, intermediate_size=192))
@@ -415,6 +419,7 @@ def test_streaming_builds_what_load_model_builds(tmp_path, tied, method):
 
 def test_streaming_names_what_the_checkpoint_lacks(tmp_path):
     from safetensors.torch import load_file, save_file
+
     from qdora import AdapterConfig
     from qdora.loading import stream_model
 

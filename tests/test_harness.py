@@ -2,8 +2,8 @@ import json
 import math
 
 import pytest
-
 from models import build, llama3_config, save_bpe_tokenizer
+
 from qdora.data import DEMO_DATA
 from qdora.eval.harness import METHODS, HarnessConfig, extract_answer, markdown, run, summarize
 
@@ -27,11 +27,13 @@ def test_math_answer_extraction():
 
 @pytest.mark.slow
 def test_gsm8k_task_is_scored_by_final_number(tmp_path):
-    rows = [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(1, 9)]
+    rows = [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"}
+            for i in range(1, 9)]
     (tmp_path / "gsm8k").mkdir()
     (tmp_path / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(tmp_path / "m")
+    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(
+        tmp_path / "m")
     save_bpe_tokenizer(tmp_path / "m", [r["question"] + r["answer"] for r in rows])
     hc = HarnessConfig(model=str(tmp_path / "m"), train_data=str(tmp_path / "train.jsonl"), out=str(tmp_path / "o"),
                        methods=("qdora",), tasks=("gsm8k",), data_dir=str(tmp_path), max_steps=2, batch_size=2,
@@ -56,7 +58,8 @@ def test_summary_mean_and_spread():
 def test_every_method_runs_with_the_same_data_order(tmp_path, monkeypatch):
     records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:8]
     (tmp_path / "train.json").write_text(json.dumps(records))
-    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(tmp_path / "m")
+    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(
+        tmp_path / "m")
     save_bpe_tokenizer(tmp_path / "m", [r["instruction"] + r["output"] for r in records])
     import qdora.data
     calls = []
@@ -128,7 +131,8 @@ def test_isolated_runs_equal_in_process_runs(tmp_path):
     """A run in its own subprocess gives the same training and scores as in-process, plus its own peak."""
     records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:6]
     (tmp_path / "train.json").write_text(json.dumps(records))
-    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(tmp_path / "m")
+    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(
+        tmp_path / "m")
     save_bpe_tokenizer(tmp_path / "m", [r["instruction"] + r["output"] for r in records])
     common = dict(model=str(tmp_path / "m"), train_data=str(tmp_path / "train.json"), methods=("qdora-vera",),
                   tasks=("ARC-Easy",), seeds=1, max_steps=2, batch_size=2, cutoff_len=320, eval_items=3, r=4,

@@ -6,9 +6,9 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import FP32_TOL, assert_close
 from models import build, llama3_config, save_bpe_tokenizer
+
 from qdora import AdapterConfig, QDoRALinear, load_adapter, load_model
 from qdora.data import DEMO_DATA
 
@@ -186,7 +186,8 @@ def test_sft_loss_curves_of_patched_and_unpatched_peft_agree(setup, tmp_path):
                              args=trl.SFTConfig(output_dir=str(tmp_path / f"p{patched}"), max_steps=20,
                                                 per_device_train_batch_size=2, learning_rate=5e-3, logging_steps=1,
                                                 save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0,
-                                                max_length=96, dataset_text_field="text", disable_tqdm=True, bf16=False,
+                                                max_length=96, dataset_text_field="text", disable_tqdm=True,
+                                                bf16=False,
                                                 gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False}))
         with warnings.catch_warnings():

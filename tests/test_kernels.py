@@ -16,10 +16,10 @@ from __future__ import annotations
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
-from torch import nn
-
 from conftest import assert_close
 from oracle import nf4_reference_dequantize
+from torch import nn
+
 from qdora.kernels import ops, reference
 from qdora.layer import QDoRALinear
 from qdora.nf4 import linear4bit_from_linear, quantize_nf4
@@ -205,7 +205,8 @@ def test_epilogue_backward_matches_fp64_autograd(impl, with_bias, dtype, tokens)
     # Σ_t dy ⊙ (y − bias) / m: y is the dtype-rounded output (|err| ≤ u·|y|), summed in fp32.
     dm = total.double() / m.detach()
     y_err = (dy.double().abs() * y64.detach().abs()).sum(0) * U[dtype] * 1.01
-    sum_err = gamma(tokens + 1) * (dy.double().abs() * (y.double() - (bias.double() if bias is not None else 0)).abs()).sum(0)
+    unbiased = y.double() - (bias.double() if bias is not None else 0)
+    sum_err = gamma(tokens + 1) * (dy.double().abs() * unbiased.abs()).sum(0)
     assert ((dm - m.grad).abs() <= (y_err + sum_err) / m.detach()).all()
 
 

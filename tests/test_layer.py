@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from conftest import BF16_TOL, FP32_TOL, assert_close
 from oracle import dora_reference
+from torch import nn
+
 from qdora import QDoRALinear, linear4bit_from_linear
 from qdora.dropout import Dropout
 from qdora.nf4 import RowBlocks

@@ -7,16 +7,17 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
+from conftest import assert_close
+from models import build, llama2_config, llama3_config, save_tokenizer
+from oracle import nf4_roundtrip
 from torch import nn
 
-from conftest import assert_close
-from oracle import nf4_roundtrip
-from models import build, llama2_config, llama3_config, save_tokenizer
 from qdora import AdapterConfig, QDoRALinear, load_model
 from qdora.loading import TRIM_EVERY, CheckpointReader
 from qdora.nf4 import QUANT_CHUNK
 
-CONFIGS = {"llama2": llama2_config(), "llama3": llama3_config(), "llama3-tied": llama3_config(tie_word_embeddings=True)}
+CONFIGS = {"llama2": llama2_config(), "llama3": llama3_config(),
+           "llama3-tied": llama3_config(tie_word_embeddings=True)}
 
 
 @pytest.fixture(params=sorted(CONFIGS))
@@ -148,7 +149,8 @@ def test_error_messages_name_the_file(tmp_path):
         load_model(ckpt, progress=False)
     # a shard missing from the index
     os.remove(shards[1])
-    with pytest.raises(FileNotFoundError, match=f"shard\\(s\\) listed in model.safetensors.index.json are missing: {shards[1].name}"):
+    missing = f"shard\\(s\\) listed in model.safetensors.index.json are missing: {shards[1].name}"
+    with pytest.raises(FileNotFoundError, match=missing):
         load_model(ckpt, progress=False)
     # pickle checkpoints are refused, not loaded
     pickled = tmp_path / "pickled"
@@ -161,7 +163,8 @@ def test_error_messages_name_the_file(tmp_path):
 
 def test_a_model_without_the_target_modules_lists_its_linears(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(tmp_path / "gpt2")
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
+        tmp_path / "gpt2")
     with pytest.raises(ValueError, match=r"(?s)target 'q_proj' matches no linear module.*leaf names: lm_head"):
         load_model(tmp_path / "gpt2", method="qdora", progress=False)
 

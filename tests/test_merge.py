@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
-
 from conftest import assert_close
 from models import build, llama2_config, llama3_config, save_tokenizer
+
 from qdora import AdapterConfig, QDoRALinear, load_model, merge_and_save, merged_weight
 from qdora.eval.memory import peak_bytes
 
@@ -40,7 +40,8 @@ def load_plain(path, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
-@pytest.mark.parametrize("config", [llama2_config(), llama3_config(tie_word_embeddings=True)], ids=["llama2", "llama3-tied"])
+@pytest.mark.parametrize("config", [llama2_config(), llama3_config(tie_word_embeddings=True)],
+                         ids=["llama2", "llama3-tied"])
 @pytest.mark.parametrize("method", ["qdora", "qlora", "dora"])
 def test_merged_checkpoint_reproduces_the_adapted_model(tmp_path, config, method):
     model, tok = adapted_model(tmp_path, config, method)
@@ -118,6 +119,7 @@ def test_merge_onto_the_original_weights(tmp_path):
 
 def test_merged_weight_matches_the_fp64_formula():
     from torch import nn
+
     from qdora import linear4bit_from_linear
     layer = QDoRALinear(linear4bit_from_linear(nn.Linear(1151, 70)), r=8, alpha=16, adapter_dtype=torch.float32,
                         block_rows=64)

@@ -2,9 +2,9 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
+from oracle import nf4_reference_dequantize
 from torch import nn
 
-from oracle import nf4_reference_dequantize
 from qdora.kernels import NF4_CODE, dequantize_nf4
 from qdora.nf4 import RowBlocks, adopt_linear4bit, linear4bit_from_linear, quantize_nf4
 

@@ -6,9 +6,9 @@ they agree to fp32 rounding: FP32_TOL relative to the largest entry (see conftes
 
 import pytest
 import torch
+from conftest import FP32_TOL, assert_close
 from torch import nn
 
-from conftest import FP32_TOL, assert_close
 from qdora import QDoRALinear, linear4bit_from_linear
 
 peft = pytest.importorskip("peft")

@@ -5,10 +5,10 @@ import warnings
 import bitsandbytes as bnb
 import pytest
 import torch
-from torch import nn
-
 from conftest import FP32_TOL, assert_close
 from models import build, llama3_config
+from torch import nn
+
 from qdora import linear4bit_from_linear
 
 peft = pytest.importorskip("peft")
@@ -175,7 +175,8 @@ def test_a_repacked_base_is_refused():
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
     model = dora_model()
     base = model.base_model.model.model.layers[1].mlp.up_proj.base_layer
-    base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu(base.weight.data, base.weight.quant_state)
+    weight = base.weight
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu(weight.data, weight.quant_state)
     with pytest.raises(ValueError, match="repacked by bitsandbytes"):
         patch_peft(model)
 

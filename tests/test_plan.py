@@ -7,15 +7,23 @@ import json
 import bitsandbytes as bnb
 import pytest
 import torch
+from models import llama2_config, llama3_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import qdora
 from qdora.cli import main
 from qdora.eval.validate_plan import Case, error, measure
 from qdora.layer import QDoRALinear
-from qdora.plan import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, PRESETS, PlanConfig, format_plan, plan, resolve_model,
-                        shape_from_config)
-from models import llama2_config, llama3_config
+from qdora.plan import (
+    ALLOCATOR_SLACK,
+    CUDA_CONTEXT_BYTES,
+    PRESETS,
+    PlanConfig,
+    format_plan,
+    plan,
+    resolve_model,
+    shape_from_config,
+)
 
 # Published parameter counts of the presets' architectures, checked against transformers (meta device).
 PUBLISHED = {"llama-2-7b": dict(rope_theta=1e4), "llama-3-8b": dict(rope_theta=5e5),
@@ -69,7 +77,8 @@ def _own_count(model):
     (llama3_config, "qdora", 16, "q_proj,k_proj,v_proj,up_proj,down_proj", "", True),
     (llama2_config, "qlora", 8, "all", "", True),
     (llama3_config, "qdora", 4, "q_proj,v_proj", "o_proj", False),
-    (lambda: llama2_config(tie_word_embeddings=True, hidden_size=96, intermediate_size=200), "dora", 16, "all", "", True),
+    (lambda: llama2_config(tie_word_embeddings=True, hidden_size=96, intermediate_size=200), "dora", 16, "all", "",
+     True),
     (llama3_config, "lora", 16, "down_proj", "", True),
     (llama3_config, "full", 16, "q_proj", "", True),
 ])

@@ -1,8 +1,8 @@
 import pytest
 import torch
-
 from models import build, llama3_config, save_bpe_tokenizer
-from qdora.data import Record, load_records, DEMO_DATA, tokenize_record
+
+from qdora.data import DEMO_DATA, Record, load_records, tokenize_record
 from qdora.eval.scoring import answer_options, continuation_logprobs, score_multiple_choice
 
 

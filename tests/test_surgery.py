@@ -1,10 +1,10 @@
 import bitsandbytes as bnb
 import pytest
 import torch
+from conftest import assert_close
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import assert_close
 from qdora import AdapterConfig, QDoRALinear, add_adapters, linear4bit_from_linear, param_report
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")

@@ -5,8 +5,8 @@ import signal
 
 import pytest
 import torch
-
 from models import build, llama3_config, save_bpe_tokenizer
+
 from qdora.data import DEMO_DATA, DataError
 from qdora.train import TrainConfig, lr_at, read_metrics, train
 
@@ -16,7 +16,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:16]
     (root / "data.json").write_text(json.dumps(records))
-    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(root / "model")
+    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(
+        root / "model")
     corpus = [r["instruction"] + " " + r["output"] for r in records] + ["Below is an instruction ### Response:"]
     save_bpe_tokenizer(root / "model", corpus)
     return root

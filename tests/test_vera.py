@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from torch import nn
-
 from conftest import FP32_TOL, assert_close
 from models import build, llama2_config
 from oracle import dora_reference
+from torch import nn
+
 from qdora import AdapterConfig, QDoRALinear, add_adapters, linear4bit_from_linear, load_adapter, save_adapter
 from qdora.layer import VeRAProjections
 from qdora.merge import merged_weight
