@@ -157,7 +157,7 @@ def greedy_answers(model, tokenizer, records: list[Record], max_new_tokens: int)
 
 
 def generation_accuracy(model, tokenizer, records: list[Record], max_new_tokens: int = 12) -> float:
-    from qdora.eval.scoring import answer_options
+    from qdora.scoring import answer_options
     texts = greedy_answers(model, tokenizer, records, max_new_tokens)
     return sum(extract_answer(t, answer_options(r) or []) == r.label for t, r in zip(texts, records)) / len(records)
 
@@ -196,7 +196,7 @@ def _status(field: str) -> int | None:
 
 
 def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Record]]) -> dict:
-    from qdora.eval.scoring import score_multiple_choice
+    from qdora.scoring import score_multiple_choice
     from qdora.train import TrainConfig, read_metrics, train
 
     base_method, extra, peer = METHODS[method]
@@ -233,7 +233,7 @@ def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Rec
            "loss_curve": [m["loss"] for m in metrics], "tasks": {}}
     for task, records in tests.items():
         if task == "gsm8k":  # not multiple choice: exact match of the final number, and answer NLL
-            from qdora.eval.scoring import continuation_logprobs
+            from qdora.scoring import continuation_logprobs
             nll = continuation_logprobs(model, tok, [(r.prompt, r.response) for r in records], add_eos=True)
             answer_nll = -sum(lp for lp, _ in nll) / sum(n for _, n in nll)
             entry = {"items": len(records), "answer_nll": answer_nll, "answer_ppl": math.exp(answer_nll)}

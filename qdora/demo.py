@@ -37,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from qdora.data import DEMO_DATA, load_records
-    from qdora.eval.scoring import score_multiple_choice
     from qdora.loading import convert_gguf, smollm2_gguf_path
     from qdora.merge import merge_and_save
     from qdora.safetensors_io import check_output_dir, write_text_atomic
+    from qdora.scoring import score_multiple_choice
     from qdora.train import TrainConfig, read_metrics, train
 
     try:

@@ -41,7 +41,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qdora import loading
 from qdora.function import DoRAFunction, LayerSpec
+from qdora.loading import decoder_layers
 from qdora.nf4 import RowBlocks, quant_state_tensors
 
 DEFAULT_TIMEOUT_S = 600
@@ -147,15 +149,6 @@ def prepare_for_fsdp(model: nn.Module, param_dtype: torch.dtype | None, block_ro
     return model
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of transformer blocks (`model.model.layers` for Llama)."""
-    inner = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not len(layers):
-        raise ValueError(f"{type(model).__name__}: no decoder layer list found (expected model.model.layers)")
-    return layers
-
-
 def mixed_precision(device: torch.device):
     """bf16 parameters and compute, fp32 gradient reduction on CUDA; nothing cast on CPU."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -222,13 +215,11 @@ def build_sharded(path, cfg, device: torch.device, cpu_offload: bool = False, dt
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from qdora.loading import resolve_checkpoint, stream_model
-
     mp, offload = mixed_precision(device), offload_policy(device, cpu_offload)
     failure = None
     if rank() == 0:  # a .gguf file is converted once, by rank 0, before anyone reads it
         try:
-            resolve_checkpoint(path, progress)
+            loading.resolve_checkpoint(path, progress)
         except Exception as err:  # every rank must hear of it, not wait for a timeout
             failure = err
     failed, = all_reduce([float(failure is not None)], device, op="max")
@@ -236,7 +227,7 @@ def build_sharded(path, cfg, device: torch.device, cpu_offload: bool = False, dt
         raise failure
     if failed:
         raise RuntimeError(f"rank 0 could not open {path}; its error says why")
-    folder = resolve_checkpoint(path, progress=False)
+    folder = loading.resolve_checkpoint(path, progress=False)
     digests: list[int] = []
     summed: set[int] = set()  # the layers' buffers and quantization states (they stay whole and alive)
 
@@ -247,7 +238,7 @@ def build_sharded(path, cfg, device: torch.device, cpu_offload: bool = False, dt
         digests.append(_checksum(tensors))
         fully_shard(layer, mp_policy=mp, offload_policy=offload)
 
-    model, tokenizer = stream_model(folder, cfg, dtype, device, progress and rank() == 0, on_layer)
+    model, tokenizer = loading.stream_model(folder, cfg, dtype, device, progress and rank() == 0, on_layer)
     prepare_for_fsdp(model, mp.param_dtype)  # the layers outside the decoder stack (e.g. a quantized head)
     root = [t for t in _whole_tensors(model) if not isinstance(t, DTensor) and id(t) not in summed]
     digests.append(_checksum(root))

@@ -328,6 +328,15 @@ def load_checkpoint_dir(path: str | os.PathLike, method: str = "qdora", cfg: Ada
     return loader.finish()
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of transformer blocks (`model.model.layers` for Llama)."""
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise ValueError(f"{type(model).__name__}: no decoder layer list found (expected model.model.layers)")
+    return layers
+
+
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -461,7 +470,6 @@ def stream_model(path: str | os.PathLike, cfg: AdapterConfig, dtype=None, device
     `on_layer=None` the result is `load_model`'s bit for bit. `path`: a checkpoint folder (see
     `resolve_checkpoint` for a `.gguf` file). VeRA's projections are shared by all layers and need
     the whole model: they are not streamed."""
-    from qdora.fsdp import decoder_layers
     from qdora.surgery import apply_adapters, param_report, plan_adapters
 
     if cfg.method == "full" or cfg.direction != "lora":

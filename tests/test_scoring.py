@@ -3,7 +3,7 @@ import torch
 from models import build, llama3_config, save_bpe_tokenizer
 
 from qdora.data import DEMO_DATA, Record, load_records, tokenize_record
-from qdora.eval.scoring import answer_options, continuation_logprobs, score_multiple_choice
+from qdora.scoring import answer_options, continuation_logprobs, score_multiple_choice
 
 
 @pytest.fixture(scope="module")
