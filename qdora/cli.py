@@ -34,72 +34,21 @@ def _bench(args) -> int:
 
 
 def _add_train(sub) -> None:
-    from qdora.train import OPTIMIZERS, SCHEDULES, TrainConfig
-    d = TrainConfig(model="", data="", out="")
+    from qdora.options import add_options
+    from qdora.train import TrainConfig
     p = sub.add_parser("train", help="fine-tune a model (full, lora, dora, qlora, qdora)",
                        description="Fine-tune a model. Writes metrics.jsonl, checkpoint/ and adapter/ (model/ for "
-                                   "full) "
-                                   "to --out. Ctrl-C or SIGTERM writes a checkpoint; --resume continues it.")
-    p.add_argument("--model", required=True, help="transformers checkpoint folder or .gguf file")
-    p.add_argument("--data", required=True, help="JSON/JSONL training data (Alpaca/LLM-Adapters or GSM8K fields)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--method", default=d.method, choices=("full", "lora", "dora", "qlora", "qdora"))
-    p.add_argument("--r", type=int, default=d.r)
-    p.add_argument("--alpha", type=float, default=d.alpha)
-    p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--target-modules", default=",".join(d.target_modules),
-                   help="comma-separated (default: %(default)s)")
-    p.add_argument("--magnitude-only-modules", default="", help="comma-separated modules that train only m")
-    p.add_argument("--norm", default=d.norm, choices=("detached", "exact"))
-    p.add_argument("--direction", default=d.direction, choices=("lora", "vera"),
-                   help="direction update: trained B·A (lora) or VeRA's shared random projections with trained "
-                        "scaling vectors (vera: alpha unused; use a large --r, e.g. 256, and a higher --lr)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--max-steps", type=int, default=d.max_steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    p.add_argument("--cutoff-len", type=int, default=d.cutoff_len, help="tokens per example, truncated")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES)
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
-    p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
-    p.add_argument("--no-gradient-checkpointing", action="store_true")
-    p.add_argument("--train-on-prompt", action="store_true", help="also supervise the prompt tokens")
-    p.add_argument("--adapter-format", default=d.adapter_format, choices=("qdora", "peft"),
-                   help="format of the saved adapter: qdora (ours) or peft (PeftModel.from_pretrained reads it)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or notes")
-    p.add_argument("--fsdp", action="store_true",
-                   help="shard the model over the processes of a torchrun job (FSDP2; run as "
-                        "`torchrun ... -m qdora.cli -- train ...`); --batch-size stays the global batch, "
-                        "split across the processes")
-    p.add_argument("--cpu-offload", action="store_true",
-                   help="with --fsdp: keep the shards of parameters, gradients and optimizer states in CPU memory "
-                        "and step the optimizer there (less GPU memory, slower steps; see `qdora plan --cpu-offload`)")
+                                   "full) to --out. Ctrl-C or SIGTERM writes a checkpoint; --resume continues it. "
+                                   "Every option is a field of qdora.train.TrainConfig, and can be given in a "
+                                   "--config file too.")
+    add_options(p, TrainConfig)
     p.set_defaults(func=_train)
 
 
-def _split(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
 def _train(args) -> int:
+    from qdora.options import resolve
     from qdora.train import TrainConfig, train
-    cfg = TrainConfig(model=args.model, data=args.data, out=args.out, method=args.method, r=args.r, alpha=args.alpha,
-                      dropout=args.dropout, target_modules=_split(args.target_modules),
-                      magnitude_only_modules=_split(args.magnitude_only_modules), norm=args.norm,
-                      direction=args.direction, lr=args.lr,
-                      weight_decay=args.weight_decay, max_steps=args.max_steps, batch_size=args.batch_size,
-                      grad_accum=args.grad_accum, cutoff_len=args.cutoff_len, warmup_steps=args.warmup_steps,
-                      schedule=args.schedule, max_grad_norm=args.max_grad_norm, seed=args.seed,
-                      save_every=args.save_every, optimizer=args.optimizer,
-                      gradient_checkpointing=not args.no_gradient_checkpointing,
-                      train_on_prompt=args.train_on_prompt, adapter_format=args.adapter_format,
-                      resume=args.resume, progress=not args.no_progress,
-                      fsdp=args.fsdp, cpu_offload=args.cpu_offload)
+    cfg = resolve(TrainConfig, vars(args))
     main_rank = True
     try:
         summary = train(cfg)
@@ -114,9 +63,9 @@ def _train(args) -> int:
     if summary["interrupted"] is not None:
         print(f"stopped at step {summary['steps']}; continue with the same command plus --resume", file=sys.stderr)
         return 128 + summary["interrupted"]
-    if not args.no_progress:
+    if cfg.progress:
         print(f"done: {summary['steps']} steps, {summary['tokens']} tokens in {summary['seconds']:.1f} s of "
-              f"training; results in {args.out}")
+              f"training; results in {cfg.out}")
     return 0
 
 

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -68,48 +68,74 @@ class TrainConfig:
     out: str
     """Output folder: metrics.jsonl, checkpoint/, adapter/ (or model/ for `full`)."""
     method: str = "qdora"
+    """What is trained: full, lora, dora, qlora or qdora."""
     r: int = 16
+    """Rank of the direction update B·A."""
     alpha: float = 32.0
+    """Scale numerator: the update is (alpha / r)·B·A."""
     dropout: float = 0.05
+    """Dropout on the adapter's input (0 disables it)."""
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+    """Linear modules that get an adapter (comma-separated: exact name, dotted suffix or re:<regex>)."""
     magnitude_only_modules: tuple[str, ...] = ()
+    """Linear modules that train only the magnitude m (comma-separated)."""
     norm: str = "detached"
+    """Row norm in the backward: detached (the DoRA paper's §4.3) or exact."""
     direction: str = "lora"
-    """`lora`, or `vera`: VeRA's shared frozen projections with trained scaling vectors (see AdapterConfig)."""
+    """Direction update: trained B·A (lora), or VeRA's shared random projections with trained scaling
+    vectors (vera: alpha unused; use a large r, e.g. 256, and a higher lr)."""
     lr: float = 2e-4
+    """Peak learning rate."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     max_steps: int = 100
-    """Optimizer steps (each of `batch_size × grad_accum` examples)."""
+    """Optimizer steps (each of batch_size × grad_accum examples)."""
     batch_size: int = 8
+    """Examples per micro-batch (with fsdp: the global micro-batch, split across the processes)."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step."""
     cutoff_len: int = 256
+    """Tokens per example; longer ones are truncated."""
     warmup_steps: int = 0
+    """Steps of linear learning-rate warmup."""
     schedule: str = "linear"
-    """Learning-rate decay after warmup: `linear` or `cosine` to 0 at `max_steps`, or `constant`."""
+    """Learning-rate decay after warmup: linear or cosine to 0 at max_steps, or constant."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 disables clipping)."""
     seed: int = 0
+    """Seed of the adapters' initialization, the data order and dropout."""
     save_every: int = 50
     """Write a checkpoint every this many steps (and always at the end)."""
     keep_adapters_every: int = 0
-    """Also keep the adapter of every this many steps as `adapter-step<N>/` (for `qdora analyze`); 0: never."""
+    """Also keep the adapter of every this many steps as adapter-step<N>/ (for qdora analyze); 0: never."""
     log_every: int = 1
+    """Write a line to metrics.jsonl every this many steps."""
     gradient_checkpointing: bool = True
+    """Recompute activations in the backward (non-reentrant): less memory, more compute."""
     optimizer: str = "adamw"
-    """`adamw` (torch) or `paged_adamw_8bit` (bitsandbytes, CUDA only)."""
+    """adamw (torch) or paged_adamw_8bit (bitsandbytes, CUDA only)."""
     train_on_prompt: bool = False
+    """Also supervise the prompt tokens."""
     adapter_format: str = "qdora"
-    """Format of the saved adapters: `qdora` (ours) or `peft` (PEFT's `adapter_model.safetensors`)."""
+    """Format of the saved adapters: qdora (ours) or peft (PeftModel.from_pretrained reads it)."""
     adapter_dtype: str = "float32"
-    """Adapters in fp32 by default: an optimizer step then never rounds an update away."""
+    """Dtype the adapters are stored and trained in; fp32 never rounds an optimizer update away."""
     resume: bool = False
+    """Continue the run in out from its checkpoint."""
     progress: bool = True
+    """A progress bar and notes."""
     fsdp: bool = False
-    """Shard the model over the processes of a `torchrun` job (FSDP2, `qdora.fsdp`).
-    `batch_size` stays the global micro-batch, split across the ranks: the run is the same run."""
+    """Shard the model over the processes of a torchrun job (FSDP2, qdora.fsdp; run as
+    `torchrun ... -m qdora.cli -- train ...`). batch_size stays the global micro-batch, split across
+    the ranks: the run is the same run."""
     cpu_offload: bool = False
-    """With `fsdp`: keep each rank's shards of the parameters, gradients and optimizer states in CPU
-    memory and step the optimizer there (FSDP2 `CPUOffloadPolicy`; `qdora plan --cpu-offload`)."""
+    """With fsdp: keep each rank's shards of the parameters, gradients and optimizer states in CPU
+    memory and step the optimizer there (FSDP2 CPUOffloadPolicy; see qdora plan --cpu-offload)."""
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "method": METHODS, "norm": ("detached", "exact"), "direction": ("lora", "vera"), "schedule": SCHEDULES,
+        "optimizer": OPTIMIZERS, "adapter_format": ADAPTER_FORMATS, "adapter_dtype": ("float32", "bfloat16")}
+    """The values a string field may take (the command line offers them as choices)."""
 
     def __post_init__(self):
         problems = []
@@ -153,10 +179,14 @@ class TrainConfig:
                                 "with a VeRA direction); use adapter_format='qdora'")
             if self.magnitude_only_modules:
                 problems.append("adapter_format='peft' cannot hold magnitude-only modules; use adapter_format='qdora'")
+        if self.method != "full" and self.method in METHODS:
+            try:  # the adapter fields, with AdapterConfig's own messages, in the same list
+                self.adapter_config()
+            except (ValueError, TypeError) as err:
+                lines = [ln.strip().removeprefix("- ") for ln in str(err).splitlines()[1:] if ln.strip()]
+                problems += lines or [str(err)]
         if problems:
             raise ValueError("invalid TrainConfig:\n  - " + "\n  - ".join(problems))
-        if self.method != "full":
-            self.adapter_config()  # validates the adapter fields, with their own messages
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(method=self.method, r=self.r, alpha=self.alpha, dropout=self.dropout,

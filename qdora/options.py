@@ -1,0 +1,143 @@
+"""Command-line options and config files generated from a config dataclass, so that a setting is
+written once: as a field with its default and its docstring (see `qdora.train.TrainConfig`).
+
+Each field `name` becomes `--name-with-dashes` (a bool that defaults to True becomes
+`--no-name-with-dashes`, one that defaults to False `--name-with-dashes`), with the field's
+docstring as its help, its type from the annotation, and `CHOICES[name]` as choices. A tuple field
+is given comma-separated. `--config FILE` (JSON, or YAML) gives any field by its option name
+(dashes or underscores); a flag given on the command line overrides the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import os
+import textwrap
+from pathlib import Path
+from typing import Any
+
+IGNORED_KEYS = frozenset({"fingerprints"})
+"""Keys a run's own `train_config.json` holds beside the settings (so it can be given as --config)."""
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Each field's docstring (the string literal right after it in the class body), one line."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = next(node for node in ast.walk(tree) if isinstance(node, ast.ClassDef)).body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
+                and isinstance(after.value.value, str):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return {name: doc for name, doc in docs.items() if name in fields}
+
+
+def _kind(field: dataclasses.Field) -> str:
+    annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    if annotation.startswith("tuple"):
+        return "tuple"
+    return annotation
+
+
+def _required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+
+
+def option_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def add_options(parser: argparse.ArgumentParser, cls) -> None:
+    """Add one option per field of dataclass `cls`, and `--config`. Options default to "not given"
+    (argparse.SUPPRESS): `resolve` tells what the command line set from what the file or the
+    dataclass did."""
+    docs = field_docs(cls)
+    choices = getattr(cls, "CHOICES", {})
+    parser.add_argument("--config", default=argparse.SUPPRESS,
+                        help="a JSON or YAML file of settings, keys = option names (a run's train_config.json "
+                             "works); flags given here override it")
+    for field in dataclasses.fields(cls):
+        kind, help_text = _kind(field), docs.get(field.name, "")
+        if kind == "bool":
+            if field.default:
+                parser.add_argument("--no-" + field.name.replace("_", "-"), dest=field.name, action="store_false",
+                                    default=argparse.SUPPRESS, help=f"turn off: {help_text}")
+            else:
+                parser.add_argument(option_name(field.name), dest=field.name, action="store_true",
+                                    default=argparse.SUPPRESS, help=help_text)
+            continue
+        if _required(field):
+            help_text += " (required, here or in --config)"
+        elif kind == "tuple":
+            help_text += f" (default: {','.join(field.default) or 'none'})"
+        else:
+            help_text += f" (default: {field.default})"
+        convert = {"int": int, "float": float}.get(kind, str)
+        parser.add_argument(option_name(field.name), dest=field.name, type=convert, default=argparse.SUPPRESS,
+                            choices=choices.get(field.name), help=help_text.replace("%", "%%"))
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings in a JSON or YAML file, keyed as written."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: file not found")
+    text = path.read_text()
+    is_yaml = path.suffix.lower() in (".yaml", ".yml")
+    try:
+        if is_yaml:
+            import yaml  # a dependency of transformers
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:  # json's and yaml's own error types
+        raise ValueError(f"--config {path}: not valid {'YAML' if is_yaml else 'JSON'} ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}")
+    return data
+
+
+def resolve(cls, given: dict[str, Any]):
+    """The dataclass instance for settings `given` by the command line (`vars(args)`, only the flags
+    that were given, plus `config`): the dataclass's defaults, then the file's values, then the
+    flags. Unknown keys, and missing required fields, are one error listing every problem; the
+    values themselves are checked by the dataclass."""
+    given = dict(given)
+    given.pop("func", None)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    problems = []
+    source = given.pop("config", None)
+    if source is not None:
+        for key, value in read_config_file(source).items():
+            name = str(key).lstrip("-").replace("-", "_")
+            if name in IGNORED_KEYS:
+                continue
+            if name not in fields:
+                problems.append(f"--config {source}: unknown setting {key!r}")
+                continue
+            values[name] = value
+    values.update({k: v for k, v in given.items() if k in fields})
+    for name, value in values.items():
+        if _kind(fields[name]) == "tuple":
+            if isinstance(value, str):  # comma-separated, on the command line or in the file
+                value = value.split(",")
+            if not isinstance(value, (list, tuple)):
+                problems.append(f"{option_name(name)}: expected a list or a comma-separated string, got {value!r}")
+                continue
+            values[name] = tuple(str(v).strip() for v in value if str(v).strip())
+    missing = [option_name(n) for n, f in fields.items() if _required(f) and n not in values]
+    if missing:
+        problems.append(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (on the command line "
+                        "or in --config)")
+    if problems:
+        known = ", ".join(option_name(n)[2:] for n in fields)
+        raise ValueError("invalid settings:\n  - " + "\n  - ".join(problems)
+                         + (f"\nknown settings: {known}" if any("unknown setting" in p for p in problems) else ""))
+    return cls(**values)

@@ -1,0 +1,87 @@
+"""Settings written once: `qdora train`'s options and config files come from `TrainConfig`'s fields."""
+
+import dataclasses
+import json
+
+import pytest
+from models import build, llama3_config, save_bpe_tokenizer
+
+from qdora.cli import build_parser, main
+from qdora.data import DEMO_DATA
+from qdora.options import field_docs, resolve
+from qdora.train import TrainConfig, read_metrics
+
+
+def parsed(argv):
+    return resolve(TrainConfig, vars(build_parser().parse_args(["train", *argv])))
+
+
+def test_every_field_is_an_option_with_its_docstring_as_help():
+    docs = field_docs(TrainConfig)
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert sorted(docs) == sorted(fields)  # every field documented
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    dests = {a.dest for a in train._actions}
+    assert set(fields) <= dests
+    flags = {s for a in train._actions for s in a.option_strings}
+    for name in ("--keep-adapters-every", "--log-every", "--adapter-dtype", "--no-gradient-checkpointing",
+                 "--no-progress", "--resume", "--target-modules"):
+        assert name in flags
+    help_text = train.format_help()
+    assert "Write a line to metrics.jsonl every this many steps." in help_text.replace("\n", " ").replace("  ", " ")
+
+
+def test_defaults_flags_and_tuples():
+    cfg = parsed(["--model", "m", "--data", "d", "--out", "o"])
+    assert cfg == TrainConfig(model="m", data="d", out="o")
+    cfg = parsed(["--model", "m", "--data", "d", "--out", "o", "--target-modules", "q_proj, v_proj",
+                  "--no-gradient-checkpointing", "--r", "8", "--lr", "1e-3"])
+    assert cfg.target_modules == ("q_proj", "v_proj") and not cfg.gradient_checkpointing
+    assert (cfg.r, cfg.lr) == (8, 1e-3)
+
+
+def test_a_config_file_and_flags_that_override_it(tmp_path):
+    (tmp_path / "run.yaml").write_text("model: m\ndata: d\nout: o\nr: 8\nlr: 0.001\n"
+                                       "target-modules: [q_proj, v_proj]\ngradient_checkpointing: false\n")
+    cfg = parsed(["--config", str(tmp_path / "run.yaml"), "--lr", "2e-3"])
+    assert (cfg.r, cfg.lr, cfg.target_modules, cfg.gradient_checkpointing) == (8, 2e-3, ("q_proj", "v_proj"), False)
+    (tmp_path / "run.json").write_text(json.dumps({"model": "m", "data": "d", "out": "o", "method": "qlora"}))
+    assert parsed(["--config", str(tmp_path / "run.json")]).method == "qlora"
+
+
+def test_every_problem_of_a_config_file_in_one_error(tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps({"model": "m", "rank": 8, "lrr": 1e-3, "target_modules": 5}))
+    with pytest.raises(ValueError) as info:
+        parsed(["--config", str(tmp_path / "bad.json")])
+    text = str(info.value)
+    for fragment in ("unknown setting 'rank'", "unknown setting 'lrr'", "--target-modules: expected a list",
+                     "--data, --out are required", "known settings: model, data, out"):
+        assert fragment in text, text
+    (tmp_path / "types.json").write_text(json.dumps({"model": "m", "data": "d", "out": "o", "r": "eight",
+                                                     "alpha": "nan", "fsdp": False, "cpu_offload": True}))
+    with pytest.raises(ValueError) as info:  # values are checked by TrainConfig, all at once
+        parsed(["--config", str(tmp_path / "types.json")])
+    for fragment in ("r='eight' must be a positive integer", "cpu_offload=True is an FSDP option"):
+        assert fragment in str(info.value), str(info.value)
+    (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ValueError, match="broken.yaml: not valid YAML"):
+        parsed(["--config", str(tmp_path / "broken.yaml")])
+
+
+def test_a_run_relaunched_from_its_saved_config_is_the_same_run(tmp_path, capsys):
+    records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:8]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(
+        tmp_path / "model")
+    save_bpe_tokenizer(tmp_path / "model", [r["instruction"] + " " + r["output"] for r in records])
+    (tmp_path / "run.yaml").write_text(f"model: {tmp_path / 'model'}\ndata: {tmp_path / 'data.json'}\n"
+                                       "r: 4\nalpha: 8\nmax-steps: 3\nbatch-size: 2\ncutoff-len: 320\n"
+                                       "log-every: 1\nprogress: false\n")
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "first")]) == 0
+    saved = json.loads((tmp_path / "first" / "train_config.json").read_text())
+    assert saved["r"] == 4 and saved["out"] == str(tmp_path / "first")
+    assert main(["train", "--config", str(tmp_path / "first" / "train_config.json"),
+                 "--out", str(tmp_path / "again")]) == 0
+    assert [m["loss"] for m in read_metrics(tmp_path / "again")] == [m["loss"] for m in read_metrics(tmp_path / "first")]
+    rc = main(["train", "--config", str(tmp_path / "nowhere.yaml")])
+    assert rc == 2 and "nowhere.yaml: file not found" in capsys.readouterr().err
