@@ -82,6 +82,7 @@ def test_a_run_relaunched_from_its_saved_config_is_the_same_run(tmp_path, capsys
     assert saved["r"] == 4 and saved["out"] == str(tmp_path / "first")
     assert main(["train", "--config", str(tmp_path / "first" / "train_config.json"),
                  "--out", str(tmp_path / "again")]) == 0
-    assert [m["loss"] for m in read_metrics(tmp_path / "again")] == [m["loss"] for m in read_metrics(tmp_path / "first")]
+    first, again = read_metrics(tmp_path / "first"), read_metrics(tmp_path / "again")
+    assert [m["loss"] for m in again] == [m["loss"] for m in first]
     rc = main(["train", "--config", str(tmp_path / "nowhere.yaml")])
     assert rc == 2 and "nowhere.yaml: file not found" in capsys.readouterr().err
