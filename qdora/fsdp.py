@@ -258,76 +258,10 @@ def build_sharded(path, cfg, device: torch.device, cpu_offload: bool = False, dt
     return model, tokenizer
 
 
-# ---- checkpoints -------------------------------------------------------------------------------
-
-SHARDS = "shards"
-
+# ---- whole tensors from shards ----------------------------------------------------------------
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_sharded_checkpoint(final, model: nn.Module, optimizer, state: dict, rng: dict[str, torch.Tensor]) -> None:
-    """Write checkpoint folder `final` from every rank, atomically.
-
-    Every rank writes its shard of the trainable parameters and optimizer state
-    (`torch.distributed.checkpoint`, into `shards/`) and its RNG states (`rng-rank<r>.safetensors`)
-    into one temporary folder; after a barrier rank 0 writes `state.json` and swaps the folder in as
-    `qdora.safetensors_io.atomic_dir` does. A rank dying at any point leaves the previous
-    checkpoint (as `final` or `final.old`) intact."""
-    import json
-    import shutil
-    from pathlib import Path
-
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    from qdora.safetensors_io import save_file_atomic, swap_in_dir, write_text_atomic
-
-    final = Path(final)
-    tmp = final.with_name(f"{final.name}.tmp-sharded")
-    if rank() == 0:
-        if tmp.exists():  # left by a run that died while saving
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    dcp.save({"model": _trainable_state(model), "optim": get_optimizer_state_dict(model, optimizer)},
-             checkpoint_id=str(tmp / SHARDS))
-    save_file_atomic(rng, tmp / f"rng-rank{rank()}.safetensors")
-    dist.barrier()
-    if rank() == 0:
-        write_text_atomic(tmp / "state.json", json.dumps({**state, "sharded": True, "world_size": world_size()},
-                                                         indent=1) + "\n")
-        swap_in_dir(tmp, final)
-    dist.barrier()
-
-
-def load_sharded_checkpoint(path, model: nn.Module, optimizer) -> dict[str, torch.Tensor] | None:
-    """Load a checkpoint written by `save_sharded_checkpoint` into the sharded `model` and its
-    `optimizer` (any world size: shards are re-split as needed). Returns this rank's RNG states,
-    or None if the checkpoint was written by a different number of ranks."""
-    from pathlib import Path
-
-    import torch.distributed.checkpoint as dcp
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    path = Path(path)
-    if not (path / SHARDS).is_dir():
-        raise ValueError(f"{path} is not a sharded checkpoint (no {SHARDS}/); it was written by a "
-                         "single-process run: resume it without --fsdp")
-    state = {"model": {n: p.detach() for n, p in _trainable_state(model).items()},
-             "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=str(path / SHARDS))
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
-    set_optimizer_state_dict(model, optimizer, state["optim"])
-    rng_file = path / f"rng-rank{rank()}.safetensors"
-    return load_file(str(rng_file)) if rng_file.is_file() else None
 
 
 def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -30,16 +30,10 @@ from typing import Callable, ClassVar
 
 import torch
 
+from qdora.checkpoint import CHECKPOINT, check_checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
 from qdora.config import METHODS, AdapterConfig
-from qdora.safetensors_io import (
-    atomic_dir,
-    check_output_dir,
-    check_safetensors_file,
-    save_file_atomic,
-    write_text_atomic,
-)
+from qdora.safetensors_io import check_output_dir, write_text_atomic
 
-CHECKPOINT = "checkpoint"
 SCHEDULES = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 ADAPTER_FORMATS = ("qdora", "peft")
@@ -47,7 +41,7 @@ ADAPTER_FORMATS = ("qdora", "peft")
 # be moved or copied and resumed where it now is. `model` and `data` may move too if their content
 # is the same (`_fingerprints`).
 _RESUMABLE_CHANGES = {"out", "max_steps", "resume", "save_every", "log_every", "progress", "keep_adapters_every",
-                      "cpu_offload", "adapter_format"}
+                      "fsdp", "cpu_offload", "adapter_format"}
 UNIFORM_STEPS = 3
 """Consecutive steps with the loss within `UNIFORM_TOL` nats of ln(vocabulary size) before a warning."""
 UNIFORM_TOL = 2e-3
@@ -230,142 +224,15 @@ def _make_optimizer(params, cfg: TrainConfig, device: torch.device):
                              fused=True if device.type in ("cpu", "cuda") and not cfg.fsdp else None)
 
 
-# ---- checkpoints -----------------------------------------------------------------------------
-
-def _optimizer_tensors(optimizer, names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Flatten an optimizer state dict into named tensors (by parameter name) plus JSON."""
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for idx, per_param in state["state"].items():
-        for key, value in per_param.items():
-            if torch.is_tensor(value):
-                tensors[f"{names[idx]}::{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{names[idx]}::{key}"] = value
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
-    return tensors, {"scalars": scalars, "param_groups": groups}
-
-
-def _load_optimizer(optimizer, names: dict[int, str], tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    by_name = {name: idx for idx, name in names.items()}
-    state: dict[int, dict] = {}
-    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        name, _, field_name = key.rpartition("::")
-        state.setdefault(by_name[name], {})[field_name] = value
-    groups = optimizer.state_dict()["param_groups"]
-    for g, saved in zip(groups, meta["param_groups"]):
-        g.update({k: v for k, v in saved.items() if k != "params"})
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def _rng_states() -> dict[str, torch.Tensor]:
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["torch_cuda"] = torch.cuda.get_rng_state()
-    return rng
-
-
-def _set_rng_states(rng: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(rng["torch_cpu"])
-    if "torch_cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["torch_cuda"])
-
+# ---- checkpoints (the format: qdora.checkpoint) -------------------------------------------
 
 def _run_state(step: int, cfg: TrainConfig, totals: dict | None = None) -> dict:
-    """The run's position: step, Python RNG, schedule, and the totals so far (`tokens`, `seconds`
-    of training), so that a resumed run's summary counts the whole run."""
-    return {"step": step, "python_random": _jsonable(random.getstate()),
+    """The run's position: step, schedule, and the totals so far (`tokens`, `seconds` of training),
+    so that a resumed run's summary counts the whole run."""
+    return {"step": step,
             "scheduler": {"schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps, "lr": cfg.lr,
                           "max_steps": cfg.max_steps, "next_lr": lr_at(step, cfg)},
             "totals": dict(totals or {"tokens": 0, "seconds": 0.0})}
-
-
-def save_checkpoint(out: Path, model, optimizer, names: dict[int, str], step: int, cfg: TrainConfig,
-                    totals: dict | None = None) -> Path:
-    """Write `out/checkpoint` atomically: a new folder is completed, then swapped in. A sharded
-    model (`cfg.fsdp`) writes a sharded checkpoint from every rank (`qdora.fsdp`)."""
-    final = out / CHECKPOINT
-    if cfg.fsdp:
-        from qdora.fsdp import save_sharded_checkpoint
-        save_sharded_checkpoint(final, model, optimizer, _run_state(step, cfg, totals), _rng_states())
-        return final
-    with atomic_dir(final) as tmp:
-        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file_atomic(trainable, tmp / "trainable.safetensors")
-        opt_tensors, opt_meta = _optimizer_tensors(optimizer, names)
-        save_file_atomic(opt_tensors, tmp / "optimizer.safetensors")
-        save_file_atomic(_rng_states(), tmp / "rng.safetensors")
-        state = {**_run_state(step, cfg, totals), "optimizer": opt_meta}
-        write_text_atomic(tmp / "state.json", json.dumps(state, indent=1) + "\n")
-    return final
-
-
-def _jsonable(value):
-    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
-
-
-def _tupled(value):
-    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
-
-
-def find_checkpoint(out: Path) -> Path | None:
-    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):  # .old: a crash between the two renames
-        if (out / name / "state.json").is_file():
-            return out / name
-    return None
-
-
-def _way_out(path: Path) -> str:
-    return (f"this checkpoint cannot be resumed: restore it from a copy, or delete {path} and start the "
-            "run again without --resume")
-
-
-def check_checkpoint(path: Path) -> dict:
-    """Check that checkpoint folder `path` can be read (its `state.json` and the headers of its
-    files), before any model is loaded; returns its state. Every problem names the file and the
-    way out."""
-    try:
-        state = json.loads((path / "state.json").read_text())
-        int(state["step"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path / 'state.json'}: unreadable ({err}); {_way_out(path)}") from err
-    if state.get("sharded"):
-        from qdora.fsdp import SHARDS
-        if not (path / SHARDS / ".metadata").is_file():
-            raise ValueError(f"{path / SHARDS}: no .metadata file; {_way_out(path)}")
-        files = sorted(path.glob("rng-rank*.safetensors"))
-    else:
-        files = [path / f"{name}.safetensors" for name in ("trainable", "optimizer", "rng")]
-    for file in files:
-        check_safetensors_file(file, _way_out(path))
-    return state
-
-
-def load_checkpoint(path: Path, model, optimizer, names: dict[int, str]) -> int:
-    from safetensors.torch import load_file
-    state = json.loads((path / "state.json").read_text())
-    if state.get("sharded"):
-        from qdora.fsdp import launched_distributed, load_sharded_checkpoint
-        if not launched_distributed():
-            raise ValueError(f"{path} is a sharded checkpoint of a --fsdp run; resume it with --fsdp under torchrun")
-        rng = load_sharded_checkpoint(path, model, optimizer)
-        if rng is not None:
-            _set_rng_states(rng)
-        random.setstate(_tupled(state["python_random"]))
-        return int(state["step"])
-    trainable = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in trainable)
-    unknown = sorted(n for n in trainable if n not in params)
-    if missing or unknown:
-        raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unknown {unknown[:3]})")
-    with torch.no_grad():
-        for n, t in trainable.items():
-            params[n].copy_(t)
-    _load_optimizer(optimizer, names, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
-    _set_rng_states(load_file(str(path / "rng.safetensors")))
-    random.setstate(_tupled(state["python_random"]))
-    return int(state["step"])
 
 
 # ---- checks before the model is loaded ------------------------------------------------------
@@ -616,8 +483,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
     totals = {"tokens": 0, "seconds": 0.0}
     metrics_path = out / "metrics.jsonl"
     if cfg.resume and existing:
-        start = load_checkpoint(existing, model, optimizer, names)
-        totals.update(json.loads((existing / "state.json").read_text()).get("totals", {}))
+        saved = load_checkpoint(existing, model, optimizer, names, sharded=cfg.fsdp)
+        start = int(saved["step"])
+        totals.update(saved.get("totals", {}))
         if metrics_path.exists() and main:  # keep the curve up to the checkpoint, drop what came after it
             lines = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
             write_text_atomic(metrics_path, "".join(line + "\n" for line in lines))
@@ -739,7 +607,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
             if checkpoint:
                 if main:
                     metrics_file.flush()
-                save_checkpoint(out, model, optimizer, names, step, cfg, totals)
+                save_checkpoint(out / CHECKPOINT, model, optimizer, names, _run_state(step, cfg, totals),
+                                sharded=cfg.fsdp)
                 saved_step = step
         bar.close()
         summary.update(steps=step, interrupted=stopped, seconds=totals["seconds"], tokens=totals["tokens"],

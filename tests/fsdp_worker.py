@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.fsdp
 
+import qdora.checkpoint
 import qdora.fsdp
 import qdora.loading
-import qdora.safetensors_io
 from qdora.eval.memory import peak_bytes
 from qdora.fsdp import save_adapter_gathered
 from qdora.train import TrainConfig, train
@@ -97,7 +97,7 @@ def main() -> None:
         if run.get("seed_rank1") is not None and dist.get_rank() == 1:
             cfg = TrainConfig(**{**run["config"], "seed": run["seed_rank1"]})
         crash_at = run.get("crash_in_save_at")
-        real_save = qdora.safetensors_io.save_file_atomic
+        real_save = qdora.checkpoint.save_file_atomic
 
         def save(tensors, path, *args, **kwargs):
             # Rank 1 dies after its shard of checkpoint `crash_at` is written, before the folder is swapped in.
@@ -118,7 +118,7 @@ def main() -> None:
                 start_peak[0] = peak_bytes(lambda: out.append(real_build(*args, **kwargs)), mapped_sizes=mapped)
                 return out[0]
             qdora.fsdp.build_sharded = measured_build
-        qdora.safetensors_io.save_file_atomic = save
+        qdora.checkpoint.save_file_atomic = save
         try:
             summary = train(cfg, on_step=on_step)
         except (RuntimeError, OSError, ValueError) as err:
@@ -126,7 +126,7 @@ def main() -> None:
                 raise
             summary = {"start_error": f"{type(err).__name__}: {err}"}
         finally:
-            qdora.safetensors_io.save_file_atomic = real_save
+            qdora.checkpoint.save_file_atomic = real_save
             qdora.fsdp.build_sharded = real_build
         if "start_error" in summary:
             os.makedirs(cfg.out, exist_ok=True)

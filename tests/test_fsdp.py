@@ -15,6 +15,7 @@ catches a reduction that sums instead of averaging.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,9 @@ def runs(tmp_path_factory):
         single[method] = summary["model"]
     from qdora.adapter_io import save_adapter
     save_adapter(single["qdora"], root / "single-qdora-peft", format="peft")
+    # One process stopped after step 2 (as SIGTERM stops it); the torchrun job below resumes it on 2.
+    stop_at_2 = lambda step, _: step == 2 and os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
+    train(TrainConfig(**config(root, root / "one-then-two")), on_step=stop_at_2)
 
     runs = [{"config": config(root, root / "fsdp-qdora", fsdp=True), "peft_adapter": str(root / "fsdp-qdora-peft")},
             {"config": config(root, root / "fsdp-qlora", method="qlora", fsdp=True), "measure_start": True},
@@ -80,8 +84,12 @@ def runs(tmp_path_factory):
             {"config": config(root, root / "no-model", fsdp=True, model=str(root / "missing")), "expect_error": True},
             {"config": config(root, root / "bad-gguf", fsdp=True, model=str(root / "broken.gguf")),
              "expect_error": True},
+            {"config": config(root, root / "one-then-two", fsdp=True, resume=True)},
+            {"config": config(root, root / "two-then-one", fsdp=True, save_every=4), "sigterm_rank1_at": 2},
             {"config": config(root, root / "crash", fsdp=True), "crash_in_save_at": 4}]
     crashed = torchrun({"runs": runs}, root)
+    # The 2-process run stopped after step 2, resumed by one process.
+    train(TrainConfig(**config(root, root / "two-then-one", save_every=4, resume=True)))
     state_after_crash = json.loads((root / "crash" / "checkpoint" / "state.json").read_text())
     leftovers = sorted(p.name for p in (root / "crash").iterdir())
     resumed = torchrun({"runs": [{"config": config(root, root / "crash", fsdp=True, resume=True)}]}, root)
@@ -268,7 +276,7 @@ def test_crash_while_saving_keeps_the_last_checkpoint_and_resume_continues(runs)
     crashed = runs["crashed"]
     assert crashed.returncode != 0  # rank 1 died; the job ended (no hang: TIMEOUT_S would have failed it)
     assert "exitcode  : 3" in crashed.stdout + crashed.stderr  # torchrun's report of os._exit(3) on rank 1
-    assert runs["state_after_crash"]["step"] == 2 and runs["state_after_crash"]["sharded"]
+    assert runs["state_after_crash"]["step"] == 2 and runs["state_after_crash"]["world_size"] == 2
     # The step-4 checkpoint was being written when rank 1 died: its temporary folder was never swapped in.
     assert "checkpoint" in runs["leftovers"] and "checkpoint.tmp-sharded" in runs["leftovers"]
     _ok(runs["resumed"])
@@ -301,13 +309,46 @@ def test_fsdp_config_errors():
         TrainConfig(model="m", data="d", out="o", method="qdora", direction="vera", fsdp=True)
 
 
-def test_sharded_checkpoint_needs_fsdp_to_resume(tmp_path, monkeypatch):
-    from qdora.train import load_checkpoint
-    for var in ("RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["one-then-two", "two-then-one"])
+def test_a_checkpoint_resumes_with_another_number_of_processes(runs, name):
+    """One checkpoint format for one process and FSDP: stopped after step 2 by one process and
+    resumed by two, or the other way round, the run is the single-process run (within the
+    tolerances above: the two halves of a batch sum in another order)."""
+    root = runs["root"]
+    _finished(runs, "fsdp-qdora")
+    state = json.loads((root / name / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4 and state["world_size"] == (2 if name == "one-then-two" else 1)
+    _assert_same_losses(read_metrics(root / name), read_metrics(root / "single-qdora"))
+    a = load_file(str(root / name / "adapter" / "adapter.safetensors"))
+    e = load_file(str(root / "single-qdora" / "adapter" / "adapter.safetensors"))
+    assert sorted(a) == sorted(e) and all(torch.allclose(a[k], e[k], rtol=0, atol=ADAPTER_ATOL) for k in e)
+
+
+@pytest.mark.slow
+def test_no_checkpoint_file_is_a_pickle(runs):
+    """Every file of every checkpoint is safetensors or JSON (a pickle starts with 0x80)."""
+    from safetensors import safe_open
+    folders = [p for p in runs["root"].glob("*/checkpoint") if p.is_dir()]
+    assert len(folders) >= 6
+    for folder in folders:
+        for file in folder.rglob("*"):
+            if file.is_dir():
+                continue
+            assert file.read_bytes()[:1] != b"\x80", file
+            if file.suffix == ".json":
+                json.loads(file.read_text())
+            else:
+                assert file.suffix == ".safetensors", file
+                with safe_open(str(file), framework="pt") as f:
+                    f.keys()
+
+
+def test_an_earlier_sharded_checkpoint_is_refused_with_the_way_out(tmp_path):
+    from qdora.checkpoint import check_checkpoint
     (tmp_path / "state.json").write_text(json.dumps({"step": 2, "sharded": True, "world_size": 2}))
-    with pytest.raises(ValueError, match="sharded checkpoint of a --fsdp run; resume it with --fsdp"):
-        load_checkpoint(tmp_path, None, None, {})
+    with pytest.raises(ValueError, match="earlier qdora's FSDP format.*start the run again without --resume"):
+        check_checkpoint(tmp_path)
 
 
 def test_mixed_precision_needs_matching_quant_storage():
