@@ -70,50 +70,30 @@ def _train(args) -> int:
 
 
 def _add_plan(sub) -> None:
-    from qdora.plan import CARDS_GB, LINEARS, PlanConfig
-    d = PlanConfig()
+    from qdora.options import add_options
+    from qdora.plan import CARDS_GB, PlanConfig
     p = sub.add_parser("plan", help="predict peak GPU memory per device for a model, method and setting",
                        description="Predict the peak memory per device of one training step, term by term "
                                    "(NF4 weights, quantization state, adapters, gradients, optimizer states, "
                                    "activations, logits/loss, temporaries, FSDP buffers, CUDA context), and "
-                                   f"whether it fits a {'/'.join(map(str, CARDS_GB))} GB card. "
-                                   "See qdora/plan.py for the model of each term.")
+                                   f"whether it fits a {'/'.join(map(str, CARDS_GB))} GB card. Every option but "
+                                   "--model and --json is a field of qdora.plan.PlanConfig. See qdora/plan.py "
+                                   "for the model of each term.")
     p.add_argument("--model", required=True,
                    help="a preset (Llama-2-7B, Llama-2-13B, Llama-2-70B, LLaMA-65B, Llama-3-8B, Llama-3-70B, "
                         "SmolLM2-135M) or a checkpoint folder with a config.json")
-    p.add_argument("--method", default=d.method, choices=("full", "lora", "dora", "qlora", "qdora"))
-    p.add_argument("--r", type=int, default=d.r)
-    p.add_argument("--target-modules", default=",".join(d.target_modules),
-                   help=f"comma-separated from {','.join(LINEARS)}, or 'all' (default: %(default)s)")
-    p.add_argument("--magnitude-only-modules", default="", help="comma-separated modules that train only m")
-    p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per example (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch per device")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    p.add_argument("--gpus", type=int, default=d.gpus, help="devices; above 1 the model is sharded with FSDP")
-    p.add_argument("--cpu-offload", action="store_true",
-                   help="FSDP CPU offload: sharded parameters, gradients and optimizer states in CPU memory")
-    p.add_argument("--no-gradient-checkpointing", action="store_true")
-    p.add_argument("--optimizer", default=d.optimizer, choices=("adamw", "paged_adamw_8bit"))
-    p.add_argument("--adapter-dtype", default=d.adapter_dtype, choices=("float32", "bfloat16"))
-    p.add_argument("--norm", default=d.norm, choices=("detached", "exact"))
-    p.add_argument("--device", default=d.device, choices=("cuda", "cpu"),
-                   help="cuda: bf16 compute (default); cpu: fp32 compute, as on this library's CPU path")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_options(p, PlanConfig)
     p.set_defaults(func=_plan)
 
 
 def _plan(args) -> int:
     import json
 
+    from qdora.options import resolve
     from qdora.plan import PlanConfig, format_plan, plan, plan_to_dict, resolve_model
     shape = resolve_model(args.model)
-    cfg = PlanConfig(method=args.method, r=args.r, target_modules=args.target_modules,
-                     magnitude_only_modules=args.magnitude_only_modules, dropout=args.dropout,
-                     batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
-                     gradient_checkpointing=not args.no_gradient_checkpointing, gpus=args.gpus,
-                     cpu_offload=args.cpu_offload, device=args.device, adapter_dtype=args.adapter_dtype,
-                     optimizer=args.optimizer, norm=args.norm)
+    cfg = resolve(PlanConfig, vars(args))
     result = plan(shape, cfg)
     print(json.dumps(plan_to_dict(result), indent=1) if args.json else format_plan(result))
     return 0

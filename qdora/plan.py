@@ -62,6 +62,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from qdora.config import DORA_METHODS, METHODS, QUANTIZED_METHODS
 
@@ -174,30 +175,46 @@ class PlanConfig:
     """One training setting to plan for. Defaults are `qdora train`'s."""
 
     method: str = "qdora"
+    """What is trained: full, lora, dora, qlora or qdora."""
     r: int = 16
+    """Rank of the direction update B·A."""
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
-    """Decoder-layer linears with a direction adapter (`all` = every one of them)."""
+    """Decoder-layer linears with a direction adapter, comma-separated from q_proj, k_proj, v_proj,
+    o_proj, gate_proj, up_proj, down_proj (fused: qkv_proj, gate_up_proj), or all."""
     magnitude_only_modules: tuple[str, ...] = ()
+    """Linears that train only the magnitude m (comma-separated)."""
     dropout: float = 0.05
+    """Dropout on the adapter's input (its mask is kept for the backward)."""
     batch_size: int = 1
     """Examples per micro-batch per device."""
     seq_len: int = 2048
+    """Tokens per example."""
     grad_accum: int = 1
     """Micro-batches per optimizer step: above 1, gradients stay allocated through every phase."""
     gradient_checkpointing: bool = True
+    """Recompute activations in the backward."""
     gpus: int = 1
     """Devices; above 1 the model is sharded with FSDP."""
     cpu_offload: bool = False
-    """FSDP CPU offload (FSDP2 `CPUOffloadPolicy`): sharded parameters, gradients and optimizer
+    """FSDP CPU offload (FSDP2 CPUOffloadPolicy): sharded parameters, gradients and optimizer
     states live in CPU memory; the GPU holds the gathered layers, activations and the rest."""
     device: str = "cuda"
-    """`cuda` (bf16 compute and storage) or `cpu` (fp32 compute and storage)."""
+    """cuda (bf16 compute and storage) or cpu (fp32 compute and storage, as this library's CPU path)."""
     adapter_dtype: str = "float32"
+    """Dtype the adapters are stored and trained in."""
     optimizer: str = "adamw"
-    """`adamw` (torch) or `paged_adamw_8bit` (bitsandbytes; counted as resident)."""
+    """adamw (torch) or paged_adamw_8bit (bitsandbytes; counted as resident)."""
     norm: str = "detached"
+    """Row norm in the backward: detached or exact (keeps P = W0·Aᵀ per layer)."""
     double_quant: bool = True
+    """NF4 with double quantization of the block scales."""
     block_rows: int = 1024
+    """Rows of a base weight dequantized at once."""
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "method": METHODS, "device": DEVICES, "adapter_dtype": ("float32", "bfloat16"),
+        "optimizer": ("adamw", "paged_adamw_8bit"), "norm": ("detached", "exact")}
+    """The values a string field may take (the command line offers them as choices)."""
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):
