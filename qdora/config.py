@@ -19,11 +19,23 @@ NORM_MODES = ("detached", "exact")
 DIRECTIONS = ("lora", "vera")
 QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-_DTYPES = {
+FLOAT_DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
+"""The one table of dtype names: adapters, compute, and (with `uint8`) NF4 storage; the planner
+takes its byte sizes from here."""
+_DTYPES = FLOAT_DTYPES
+
+
+def storage_dtype(quant_storage) -> torch.dtype:
+    """The dtype packed NF4 data is stored in: one of `QUANT_STORAGE` (or a torch dtype)."""
+    if isinstance(quant_storage, torch.dtype):
+        return quant_storage
+    if quant_storage not in QUANT_STORAGE:
+        raise ValueError(f"quant_storage={quant_storage!r} is unknown; use one of {list(QUANT_STORAGE)}")
+    return torch.uint8 if quant_storage == "uint8" else FLOAT_DTYPES[quant_storage]
 
 
 def _dtype_name(value) -> str | None:

@@ -14,19 +14,8 @@ import bitsandbytes.functional as bnbF
 import torch
 from torch import nn
 
+from qdora.config import storage_dtype
 from qdora.kernels.ops import NF4Weight
-
-_STORAGE = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16,
-            "float32": torch.float32}
-
-
-def _storage_dtype(quant_storage) -> torch.dtype:
-    if isinstance(quant_storage, torch.dtype):
-        return quant_storage
-    if quant_storage not in _STORAGE:
-        raise ValueError(f"quant_storage={quant_storage!r} is unknown; use one of {list(_STORAGE)}")
-    return _STORAGE[quant_storage]
-
 
 # Elements quantized per call: bitsandbytes' CPU quantizer makes ~14 bytes of temporaries per
 # element, so an 8B model's largest matrix (58.7M elements) would need ~0.8 GB at once; in chunks
@@ -56,7 +45,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         raise TypeError(f"expected a float weight, got dtype {weight.dtype}")
     if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         weight = weight.float()
-    storage = _storage_dtype(quant_storage)
+    storage = storage_dtype(quant_storage)
     numel = weight.numel()
     bytes_needed = (numel + 1) // 2
     if bytes_needed % storage.itemsize:
@@ -111,7 +100,7 @@ def linear4bit_from_weight(weight: torch.Tensor, bias: torch.Tensor | None = Non
     # bitsandbytes dequantizes to state.dtype in its own forward: make that the compute dtype, so a
     # bf16 checkpoint's frozen layers are not rounded to bf16 again on a CPU computing in fp32.
     state.dtype = compute_dtype
-    storage = _storage_dtype(quant_storage)
+    storage = storage_dtype(quant_storage)
     out_f, in_f = weight.shape
     has_bias = bias is not None if has_bias is None else has_bias
     with torch.device("meta"):

@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from qdora.config import DORA_METHODS, METHODS, QUANTIZED_METHODS
+from qdora.config import DORA_METHODS, FLOAT_DTYPES, METHODS, QUANTIZED_METHODS
 
 GIB = 1 << 30
 CARDS_GB = (16, 24, 48, 80)
@@ -87,7 +87,7 @@ QUANT_CHUNK = 1 << 20
 """`qdora.nf4.QUANT_CHUNK`: elements the quantizer converts at once."""
 CHECKSUM_CHUNK = 1 << 18
 """`qdora.fsdp.CHECKSUM_CHUNK`: int32 words the start's checksum sums at once."""
-_DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+_DTYPE_BYTES = {name: dtype.itemsize for name, dtype in FLOAT_DTYPES.items()}
 
 
 # ---- model shapes --------------------------------------------------------------------------
