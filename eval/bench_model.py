@@ -23,11 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5, help="timed steps per variant (default: %(default)s)")
     args = p.parse_args(argv)
 
-    import peft
     import torch
 
     from qdora.config import AdapterConfig
     from qdora.data import DEMO_DATA, SFTDataset, collate, load_records, pad_token_id
+    from qdora.eval.common import peft_on_qdora_nf4
     from qdora.loading import convert_gguf, load_model, smollm2_gguf_path
     from qdora.train import prepare_for_training
 
@@ -39,10 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         if name.startswith("ours"):
             model, tok = load_model(path, method=method, cfg=cfg, progress=False)
         else:
-            model, tok = load_model(path, method="qlora", cfg=cfg.replace(method="qlora"), add=False, progress=False)
-            model = peft.get_peft_model(model, peft.LoraConfig(
-                r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05, use_dora=method == "qdora",
-                target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
+            model, tok = peft_on_qdora_nf4(path, args.r, 2 * args.r, 0.05, method == "qdora", cfg.target_modules)
         prepare_for_training(model)
         models[name] = model
     records = load_records(DEMO_DATA / "arc_easy_train.json")[: args.batch_size]

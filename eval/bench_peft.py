@@ -25,26 +25,13 @@ import sys
 import tempfile
 import time
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+from qdora.eval.common import TARGETS, peft_on_bnb_4bit
+
 VARIANTS = ("peft qlora", "peft qdora", "peft qdora patched", "qdora qdora")
 
 
 def _peft_model(path: str, r: int, dropout: float, use_dora: bool):
-    import peft
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    import qdora
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    compute = torch.bfloat16 if device == "cuda" else torch.float32
-    base = AutoModelForCausalLM.from_pretrained(
-        path, dtype=compute, device_map=device,
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute))
-    qdora.keep_standard_layout(base)  # PEFT's DoRA misreads repacked weights (AVX512-BF16 CPUs)
-    torch.manual_seed(0)
-    return peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, use_dora=use_dora,
-                                                     target_modules=list(TARGETS), task_type="CAUSAL_LM"))
+    return peft_on_bnb_4bit(path, r, 2 * r, dropout, use_dora, TARGETS)
 
 
 def build(name: str, path: str, r: int, dropout: float):

@@ -92,9 +92,8 @@ def bound_model(path: str, cfg):
 
 
 def build(name: str, path: str, r: int, dropout: float):
-    import peft
-
     from qdora.config import AdapterConfig
+    from qdora.eval.common import peft_on_qdora_nf4
     from qdora.loading import load_model
 
     method = "qlora" if name == "bound" else name.split()[1]
@@ -104,10 +103,7 @@ def build(name: str, path: str, r: int, dropout: float):
     elif name == "bound":
         model, tok = bound_model(path, cfg)
     else:
-        model, tok = load_model(path, method="qlora", cfg=cfg.replace(method="qlora"), add=False, progress=False)
-        model = peft.get_peft_model(model, peft.LoraConfig(
-            r=r, lora_alpha=2 * r, lora_dropout=dropout, use_dora=True,
-            target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
+        model, tok = peft_on_qdora_nf4(path, r, 2 * r, dropout, True, cfg.target_modules)
     from qdora.train import prepare_for_training
     prepare_for_training(model)
     return model, tok

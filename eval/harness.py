@@ -27,9 +27,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import scipy.stats
 import torch
 
 from qdora.data import DEMO_DATA, Record, load_records
+from qdora.eval.common import peft_on_qdora_nf4, proc_status, reset_peak_rss
 
 METHODS = {
     # name: (qdora method, extra TrainConfig fields, PEFT peer?); "half_rank" and "vera" are resolved
@@ -164,35 +166,8 @@ def generation_accuracy(model, tokenizer, records: list[Record], max_new_tokens:
 
 def _peft_builder(use_dora: bool):
     def build(cfg, device):
-        import peft
-
-        from qdora.config import AdapterConfig
-        from qdora.loading import load_model
-        model, tok = load_model(cfg.model, method="qlora", cfg=AdapterConfig(method="qlora"), add=False,
-                                device=device, progress=False)
-        lcfg = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_dora=use_dora,
-                               target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
-        return peft.get_peft_model(model, lcfg), tok
+        return peft_on_qdora_nf4(cfg.model, cfg.r, cfg.alpha, cfg.dropout, use_dora, cfg.target_modules, device)
     return build
-
-
-def _peak_rss_reset() -> int | None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status("VmRSS")
-    except OSError:
-        return None
-
-
-def _status(field: str) -> int | None:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Record]]) -> dict:
@@ -217,10 +192,10 @@ def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Rec
                       keep_adapters_every=max(1, hc.max_steps // 3) if seed == 0 and hc.analyze else 0,
                       **extra)
     gc.collect()
-    base_rss = _peak_rss_reset()
+    base_rss = reset_peak_rss()
     cpu0 = time.process_time()
     summary = train(cfg, build=_peft_builder(peer) if peer is not None else None)
-    peak = _status("VmHWM")
+    peak = proc_status("VmHWM")
     model, tok = summary["model"], summary["tokenizer"]
     metrics = read_metrics(out)
     row = {"method": method, "seed": seed, "lr": lr, "r": r,
@@ -339,10 +314,6 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-# Two-sided 95% quantiles of Student's t with k degrees of freedom (k = seeds − 1).
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
 def separation(rows: list[dict], task: str, metric: str = "answer_nll") -> list[dict]:
     """Every pair of methods compared on `task`/`metric`, paired by seed (same seed: same data order).
 
@@ -368,7 +339,7 @@ def separation(rows: list[dict], task: str, metric: str = "answer_nll") -> list[
                 entry["std"] = sd
                 entry["t"] = math.inf if sd == 0 and entry["mean_diff"] != 0 else (
                     0.0 if sd == 0 else entry["mean_diff"] / (sd / math.sqrt(len(d))))
-                entry["separated"] = abs(entry["t"]) > _T95.get(len(d) - 1, 1.96)
+                entry["separated"] = bool(abs(entry["t"]) > scipy.stats.t.ppf(0.975, len(d) - 1))
             out.append(entry)
     return out
 

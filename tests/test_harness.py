@@ -1,5 +1,6 @@
 import json
 import math
+import statistics
 
 import pytest
 from models import build, llama3_config, save_bpe_tokenizer
@@ -145,3 +146,18 @@ def test_isolated_runs_equal_in_process_runs(tmp_path):
     assert isolated["peak_rss_mib"] > 0 and isolated["trainable_params"] == inproc["trainable_params"]
     with pytest.raises(ValueError, match="learning rates must be positive"):
         HarnessConfig(out="x", vera_lr=0, **common)
+
+
+def test_separation_uses_the_student_t_quantile_of_any_number_of_seeds():
+    from scipy import stats
+
+    from qdora.eval.harness import separation
+    # 12 seeds, differences with t = 2.1: beyond the normal 1.96, inside t(11 dof, 97.5%) = 2.201.
+    base = [0.3, -0.1, 0.2, 0.0, 0.1, -0.2, 0.25, 0.05, -0.05, 0.15, -0.15, 0.1]
+    mean, sd = statistics.fmean(base), statistics.stdev(base)
+    shift = 2.1 * sd / math.sqrt(12) - mean
+    rows = [{"method": "a", "seed": k, "tasks": {"t": {"answer_nll": 1.0 + d + shift}}} for k, d in enumerate(base)]
+    rows += [{"method": "b", "seed": k, "tasks": {"t": {"answer_nll": 1.0}}} for k in range(12)]
+    (pair,) = separation(rows, "t")
+    assert pair["n"] == 12 and pair["t"] == pytest.approx(2.1) and 1.96 < 2.1 < stats.t.ppf(0.975, 11)
+    assert pair["separated"] is False

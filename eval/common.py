@@ -1,0 +1,69 @@
+"""What the harness and the benchmarks share: PEFT's baselines, built the same way everywhere, and
+the process's peak resident memory."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+
+
+def peft_on_qdora_nf4(path, r: int, alpha: float, dropout: float, use_dora: bool,
+                      target_modules: Sequence[str] = TARGETS, device: str | torch.device = "cpu"):
+    """PEFT's LoRA/DoRA (`LoraConfig`) over the NF4 base qdora's loader builds from `path`: the same
+    quantized weights qdora's own methods train on, so the two are compared like with like.
+    Returns `(peft_model, tokenizer)`."""
+    import peft
+
+    from qdora.config import AdapterConfig
+    from qdora.loading import load_model
+    model, tok = load_model(path, method="qlora", cfg=AdapterConfig(method="qlora"), add=False, device=device,
+                            progress=False)
+    return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                      use_dora=use_dora, target_modules=list(target_modules),
+                                                      task_type="CAUSAL_LM")), tok
+
+
+def peft_on_bnb_4bit(path, r: int, alpha: float, dropout: float, use_dora: bool,
+                     target_modules: Sequence[str] = TARGETS):
+    """PEFT's LoRA/DoRA over the 4-bit base transformers itself loads with `BitsAndBytesConfig`
+    (NF4, double quantization), as a PEFT user loads it; kept in bitsandbytes' standard layout
+    (`qdora.keep_standard_layout`: PEFT's DoRA misreads repacked weights). Returns the PEFT model."""
+    import peft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import qdora
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(
+        path, dtype=compute, device_map=device,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute))
+    qdora.keep_standard_layout(base)
+    torch.manual_seed(0)
+    return peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_dora=use_dora,
+                                                     target_modules=list(target_modules), task_type="CAUSAL_LM"))
+
+
+def proc_status(field: str) -> int | None:
+    """A byte count from /proc/self/status (`VmRSS`, `VmHWM`), or None where there is none."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> int | None:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS and return it, or None where
+    /proc does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return proc_status("VmRSS")
+    except OSError:
+        return None
