@@ -418,23 +418,86 @@ def _diverged(step: int, loss: float, grad_norm: float, lr: float, cfg: TrainCon
             + ", or ".join(tips) + ".")
 
 
-def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
-          build: Callable[[TrainConfig, torch.device], tuple] | None = None) -> dict:
-    """Run (or resume) a fine-tuning run. Returns a summary dict; `summary['interrupted']` is the
-    signal number if a signal stopped it. `on_step(step, metrics)` is called after each step.
-    `build(cfg, device) -> (model, tokenizer)` replaces the model setup (e.g. a PEFT peer on the
-    same quantized base); by default `qdora.load_model` with the config's method and adapters.
-    Raises `NonFiniteError` if the loss, the gradient or a trained tensor becomes non-finite
-    (nothing of it is saved; the last checkpoint stays as it was)."""
-    from tqdm.auto import tqdm
+@dataclass
+class _Run:
+    """What a run's steps need, set up once by `_setup`: the model and its optimizer, the examples,
+    this process's place in the job, and where the run stands (the step to start from, totals, the
+    last checkpoint)."""
+    cfg: TrainConfig
+    model: object
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    params: list[tuple[str, torch.Tensor]]
+    examples: list[dict]
+    pad: int
+    device: torch.device
+    rank: int
+    world: int
+    build: Callable | None
+    start: int = 0
+    totals: dict = dataclasses.field(default_factory=lambda: {"tokens": 0, "seconds": 0.0})
+    saved_step: int | None = None
 
-    from qdora.data import IGNORE_INDEX, SFTDataset, batch_order, collate, count_supervised, load_records, pad_token_id
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def names(self) -> dict[int, str]:
+        return {i: n for i, (n, _) in enumerate(self.params)}
+
+    def saved_note(self) -> str:
+        if self.saved_step is None:
+            return "No checkpoint was written before it."
+        return f"The checkpoint of step {self.saved_step} in {self.out / CHECKPOINT} is kept as it was."
+
+
+def _load(cfg: TrainConfig, build, device: torch.device, rank: int):
+    """The model and tokenizer: sharded over the job (`fsdp`), built by `build`, or `load_model`."""
     from qdora.loading import load_model
+    adapter_cfg = cfg.adapter_config() if cfg.method != "full" else AdapterConfig(method="full")
+    if cfg.fsdp:
+        from qdora import fsdp
+        if adapter_cfg.quantized and fsdp.mixed_precision(device).param_dtype is not None:
+            # FSDP casts what it all-gathers to bf16: the packed NF4 bytes must already be bf16.
+            adapter_cfg = adapter_cfg.replace(quant_storage="bfloat16")
+        model, tokenizer = fsdp.build_sharded(cfg.model, adapter_cfg, device, cpu_offload=cfg.cpu_offload,
+                                              progress=cfg.progress)
+        if rank != 0:  # dropout masks differ between ranks; rank 0's stream is the single-process one
+            torch.manual_seed(cfg.seed + rank)
+    elif build is None:
+        model, tokenizer = load_model(cfg.model, method=cfg.method, cfg=adapter_cfg, device=device,
+                                      progress=cfg.progress)
+    else:
+        model, tokenizer = build(cfg, device)
+    if tokenizer is None:
+        raise ValueError(f"{cfg.model}: no tokenizer found next to the model; training needs one")
+    return model, tokenizer
 
+
+def _examples(records, tokenizer, cfg: TrainConfig, main: bool) -> list[dict]:
+    """The tokenized examples that have a response token within `cutoff_len`."""
+    from qdora.data import SFTDataset, count_supervised
+    dataset = SFTDataset(records, tokenizer, cfg.cutoff_len, cfg.train_on_prompt)
+    keep = [ex for ex in dataset.examples if count_supervised(ex["labels"]) > 0]
+    if not keep:
+        raise ValueError(f"{cfg.data}: no example has a response token within cutoff_len={cfg.cutoff_len}")
+    if len(keep) < len(dataset.examples) and cfg.progress and main:
+        print(f"note: {len(dataset.examples) - len(keep)} example(s) have no response token within "
+              f"cutoff_len={cfg.cutoff_len} and are skipped")
+    return keep
+
+
+def _setup(cfg: TrainConfig, build) -> _Run:
+    """Check, load, adapt, distribute: everything before the first step, each stage once. Every
+    check of the input runs before the model is loaded; the run folder is written last."""
+    from qdora.data import load_records, pad_token_id
     if cfg.fsdp and build is not None:
         raise ValueError("fsdp=True builds the sharded model itself; a custom `build` is not supported with it")
-    out = Path(cfg.out)
-    # Everything that can fail on bad input fails here, before the model is loaded or anything is written.
     existing = check_run(cfg)
     records = load_records(cfg.data)
     rank, world = 0, 1
@@ -444,52 +507,31 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
         rank, world = fsdp.rank(), fsdp.world_size()
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    main = rank == 0
     _seed_all(cfg.seed)
-    adapter_cfg = cfg.adapter_config() if cfg.method != "full" else AdapterConfig(method="full")
-    if cfg.fsdp:
-        if adapter_cfg.quantized and fsdp.mixed_precision(device).param_dtype is not None:
-            # FSDP casts what it all-gathers to bf16: the packed NF4 bytes must already be bf16.
-            adapter_cfg = adapter_cfg.replace(quant_storage="bfloat16")
-        model, tokenizer = fsdp.build_sharded(cfg.model, adapter_cfg, device, cpu_offload=cfg.cpu_offload,
-                                              progress=cfg.progress)
-        if not main:  # dropout masks differ between ranks; rank 0's stream is the single-process one
-            torch.manual_seed(cfg.seed + rank)
-    elif build is None:
-        model, tokenizer = load_model(cfg.model, method=cfg.method, cfg=adapter_cfg, device=device,
-                                      progress=cfg.progress)
-    else:
-        model, tokenizer = build(cfg, device)
-    if tokenizer is None:
-        raise ValueError(f"{cfg.model}: no tokenizer found next to the model; training needs one")
-    dataset = SFTDataset(records, tokenizer, cfg.cutoff_len, cfg.train_on_prompt)
-    keep = [i for i, ex in enumerate(dataset.examples) if count_supervised(ex["labels"]) > 0]
-    if not keep:
-        raise ValueError(f"{cfg.data}: no example has a response token within cutoff_len={cfg.cutoff_len}")
-    if len(keep) < len(dataset.examples) and cfg.progress and main:
-        print(f"note: {len(dataset.examples) - len(keep)} example(s) have no response token within "
-              f"cutoff_len={cfg.cutoff_len} and are skipped")
-    examples = [dataset.examples[i] for i in keep]
-    pad = pad_token_id(tokenizer)
-
+    model, tokenizer = _load(cfg, build, device, rank)
+    examples = _examples(records, tokenizer, cfg, rank == 0)
     prepare_for_training(model, cfg.gradient_checkpointing)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    names = {i: n for i, (n, _) in enumerate(params)}
     optimizer = _make_optimizer([p for _, p in params], cfg, device)
+    run = _Run(cfg, model, tokenizer, optimizer, params, examples, pad_token_id(tokenizer), device, rank, world, build)
+    _start_or_resume(run, existing)
+    return run
 
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    start = 0
-    totals = {"tokens": 0, "seconds": 0.0}
+
+def _start_or_resume(run: _Run, existing: Path | None) -> None:
+    """A new run writes its settings; a resumed one loads its checkpoint and keeps its metrics up to it."""
+    cfg, out = run.cfg, run.out
     metrics_path = out / "metrics.jsonl"
+    if run.main:
+        out.mkdir(parents=True, exist_ok=True)
     if cfg.resume and existing:
-        saved = load_checkpoint(existing, model, optimizer, names, sharded=cfg.fsdp)
-        start = int(saved["step"])
-        totals.update(saved.get("totals", {}))
-        if metrics_path.exists() and main:  # keep the curve up to the checkpoint, drop what came after it
-            lines = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
+        saved = load_checkpoint(existing, run.model, run.optimizer, run.names, sharded=cfg.fsdp)
+        run.start = run.saved_step = int(saved["step"])
+        run.totals.update(saved.get("totals", {}))
+        if metrics_path.exists() and run.main:  # keep the curve up to the checkpoint, drop what came after it
+            lines = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= run.start]
             write_text_atomic(metrics_path, "".join(line + "\n" for line in lines))
-    elif main:
+    elif run.main:
         write_text_atomic(out / "train_config.json",
                           json.dumps({**cfg.to_dict(), "fingerprints": _fingerprints(cfg)}, indent=1) + "\n")
         if metrics_path.exists():
@@ -497,125 +539,164 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
     if cfg.fsdp:
         torch.distributed.barrier()  # the folder and its files exist before any rank writes into it
 
-    per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    orders: dict[int, list[list[int]]] = {}
 
-    def micro_batch(index: int) -> tuple[dict[str, torch.Tensor], int, int]:
+class _Batches:
+    """The run's micro-batches: the data order is a pure function of the seed and the epoch, so a
+    resumed run replays the uninterrupted one."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.per_epoch = math.ceil(len(run.examples) / run.cfg.batch_size)
+        self.orders: dict[int, list[list[int]]] = {}
+
+    def __call__(self, index: int) -> tuple[dict[str, torch.Tensor], int, int]:
         """This rank's part of global micro-batch `index` (all of it in a single process), the
         number of supervised (shifted) labels in the whole micro-batch, and its token count."""
-        epoch, pos = divmod(index, per_epoch)
-        if epoch not in orders:
-            orders.clear()
-            orders[epoch] = batch_order(len(examples), cfg.batch_size, cfg.seed, epoch)
-        ids = orders[epoch][pos]
+        from qdora.data import IGNORE_INDEX, batch_order, collate, count_supervised
+        run, examples = self.run, self.run.examples
+        epoch, pos = divmod(index, self.per_epoch)
+        if epoch not in self.orders:
+            self.orders.clear()
+            self.orders[epoch] = batch_order(len(examples), run.cfg.batch_size, run.cfg.seed, epoch)
+        ids = self.orders[epoch][pos]
         supervised = sum(count_supervised(examples[i]["labels"][1:]) for i in ids)
         tokens = sum(len(examples[i]["input_ids"]) for i in ids)
-        local = ids[rank * len(ids) // world:(rank + 1) * len(ids) // world]
+        local = ids[run.rank * len(ids) // run.world:(run.rank + 1) * len(ids) // run.world]
         if not local:  # a short last batch: run one example with no label, so collectives still match
-            batch = collate([examples[ids[0]]], pad)
+            batch = collate([examples[ids[0]]], run.pad)
             batch["labels"].fill_(IGNORE_INDEX)
         else:
-            batch = collate([examples[i] for i in local], pad)
-        return {k: v.to(device) for k, v in batch.items()}, supervised, tokens
+            batch = collate([examples[i] for i in local], run.pad)
+        return {k: v.to(run.device) for k, v in batch.items()}, supervised, tokens
 
-    def loss_of(batch: dict, supervised: int) -> torch.Tensor:
-        """Token-mean loss of the global micro-batch. Sharded: this rank's sum over its tokens
-        divided by the global count, times the world size (FSDP averages gradients over ranks),
-        so the reduced gradient is that of the single-process loss."""
-        if not cfg.fsdp:
-            return model(**batch).loss
-        return model(**batch, num_items_in_batch=max(1, supervised)).loss * world
 
-    def saved_note() -> str:
-        if saved_step is None:
-            return "No checkpoint was written before it."
-        return f"The checkpoint of step {saved_step} in {out / CHECKPOINT} is kept as it was."
+def _all_reduce(run: _Run, values: list[float], op: str = "sum") -> list[float]:
+    if not run.cfg.fsdp:
+        return values
+    from qdora import fsdp
+    return fsdp.all_reduce(values, run.device, op=op)
 
-    def check_trained(step: int, lr: float) -> None:
-        """Refuse to save trained tensors with a non-finite value (all ranks agree)."""
-        counts = _count_nonfinite([p for _, p in params])
-        if cfg.fsdp:
-            counts = [int(c) for c in fsdp.all_reduce([float(c) for c in counts], device)]
-        bad = [(names[i], c) for i, c in enumerate(counts) if c]
-        if bad:
-            raise NonFiniteError(f"step {step}: after the optimizer step {len(bad)} trained tensor(s) hold "
-                                 f"non-finite values (e.g. {bad[0][0]}: {bad[0][1]:,}) at learning rate {lr:.3g}; "
-                                 f"they were not saved. {saved_note()} Try a lower --lr.")
 
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+def _loss(run: _Run, batch: dict, supervised: int) -> torch.Tensor:
+    """Token-mean loss of the global micro-batch. Sharded: this rank's sum over its tokens divided
+    by the global count, times the world size (FSDP averages gradients over ranks), so the reduced
+    gradient is that of the single-process loss."""
+    if not run.cfg.fsdp:
+        return run.model(**batch).loss
+    return run.model(**batch, num_items_in_batch=max(1, supervised)).loss * run.world
+
+
+def _forward_backward(run: _Run, batches: _Batches, step: int) -> tuple[float, float, int]:
+    """Step `step`'s micro-batches forward and backward; returns the global loss, the gradient norm
+    (taken always, with max_norm=inf when clipping is off: it is reported and checked) and tokens."""
+    cfg = run.cfg
+    loss_sum, tokens = 0.0, 0
+    for micro in range(cfg.grad_accum):
+        batch, supervised, batch_tokens = batches(step * cfg.grad_accum + micro)
+        loss = _loss(run, batch, supervised) / cfg.grad_accum
+        loss.backward()
+        loss_sum += loss.item() / run.world
+        tokens += batch_tokens
+    grad_norm = _clip_grad_norm([p for _, p in run.params], cfg.max_grad_norm or math.inf, foreach=not cfg.fsdp)
+    loss_sum, = _all_reduce(run, [loss_sum])  # the loss of the whole global batch
+    return loss_sum, grad_norm, tokens
+
+
+def _check_trained(run: _Run, step: int, lr: float) -> None:
+    """Refuse to save trained tensors with a non-finite value (all ranks agree)."""
+    counts = [int(c) for c in _all_reduce(run, [float(c) for c in _count_nonfinite([p for _, p in run.params])])]
+    bad = [(run.names[i], c) for i, c in enumerate(counts) if c]
+    if bad:
+        raise NonFiniteError(f"step {step}: after the optimizer step {len(bad)} trained tensor(s) hold "
+                             f"non-finite values (e.g. {bad[0][0]}: {bad[0][1]:,}) at learning rate {lr:.3g}; "
+                             f"they were not saved. {run.saved_note()} Try a lower --lr.")
+
+
+def _fit(run: _Run, on_step: Callable[[int, dict], None] | None) -> dict:
+    """The loop: step, log, checkpoint, until `max_steps` or a signal."""
+    from tqdm.auto import tqdm
+    cfg, out, optimizer = run.cfg, run.out, run.optimizer
+    batches = _Batches(run)
+    vocab = getattr(getattr(run.model, "config", None), "vocab_size", None)
     health = _Health(vocab if isinstance(vocab, int) and vocab > 1 else None)
-    summary = {"steps": start, "interrupted": None, "out": str(out)}
-    bar = tqdm(total=cfg.max_steps, initial=start, desc=f"train {cfg.method}", unit="step",
-               disable=None if (cfg.progress and main) else True)
-    t_start = time.perf_counter()
-    step = start
-    saved_step = start if existing else None
-    stopped: int | None = None
-    with _StopRequest() as stop, open(metrics_path, "a") if main else contextlib.nullcontext() as metrics_file:
+    bar = tqdm(total=cfg.max_steps, initial=run.start, desc=f"train {cfg.method}", unit="step",
+               disable=None if (cfg.progress and run.main) else True)
+    t_start, step, stopped = time.perf_counter(), run.start, None
+    metrics = open(out / "metrics.jsonl", "a") if run.main else contextlib.nullcontext()
+    with _StopRequest() as stop, metrics as metrics_file:
         while step < cfg.max_steps and stopped is None:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, tokens = 0.0, 0
-            for micro in range(cfg.grad_accum):
-                batch, supervised, batch_tokens = micro_batch(step * cfg.grad_accum + micro)
-                loss = loss_of(batch, supervised) / cfg.grad_accum
-                loss.backward()
-                loss_sum += loss.item() / world
-                tokens += batch_tokens
-            # The norm is always taken (max_norm=inf clips nothing): it is reported, and checked.
-            grad_norm = _clip_grad_norm([p for _, p in params], cfg.max_grad_norm or math.inf, foreach=not cfg.fsdp)
-            if cfg.fsdp:  # the loss of the whole global batch
-                loss_sum, = fsdp.all_reduce([loss_sum], device)
+            loss, grad_norm, tokens = _forward_backward(run, batches, step)
             step += 1
             elapsed = time.perf_counter() - t0
-            record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                       "tokens_per_s": tokens / elapsed, "step_s": elapsed}
-            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 bar.close()
-                if main:
+                if run.main:
                     metrics_file.write(_metrics_line({**record, "error": "non-finite loss or gradient"}))
-                raise NonFiniteError(_diverged(step, loss_sum, grad_norm, lr, cfg, saved_note()))
+                raise NonFiniteError(_diverged(step, loss, grad_norm, lr, cfg, run.saved_note()))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            totals["tokens"] += tokens
-            totals["seconds"] += elapsed
-            warnings = health.check(step, loss_sum, grad_norm, lr)
+            run.totals["tokens"] += tokens
+            run.totals["seconds"] += elapsed
+            warnings = health.check(step, loss, grad_norm, lr)
             if warnings:
                 record["warnings"] = warnings
-                for warning in warnings if main else ():
+                for warning in warnings if run.main else ():
                     bar.write(f"qdora train: warning: {warning}", file=sys.stderr)
-            if main and (step % cfg.log_every == 0 or step == cfg.max_steps or warnings):
+            if run.main and (step % cfg.log_every == 0 or step == cfg.max_steps or warnings):
                 metrics_file.write(_metrics_line(record))
                 metrics_file.flush()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
             if on_step is not None:
                 on_step(step, record)
-            stopped = stop.signal
-            if cfg.fsdp:  # a signal may reach only some ranks: all stop after the same step
-                flag, = fsdp.all_reduce([float(stop.signal or 0)], device, op="max")
-                stopped = stop.signal or (int(flag) if flag else None)
-            keep_adapter = cfg.keep_adapters_every and step % cfg.keep_adapters_every == 0 and step < cfg.max_steps
-            checkpoint = step % cfg.save_every == 0 or step == cfg.max_steps or stopped is not None
-            if keep_adapter or checkpoint:
-                check_trained(step, lr)
-            if keep_adapter:
-                _save_final(model, tokenizer, out / f"adapter-step{step}", cfg, build)
-            if checkpoint:
-                if main:
-                    metrics_file.flush()
-                save_checkpoint(out / CHECKPOINT, model, optimizer, names, _run_state(step, cfg, totals),
-                                sharded=cfg.fsdp)
-                saved_step = step
+            # a signal may reach only some ranks: all stop after the same step
+            flag, = _all_reduce(run, [float(stop.signal or 0)], op="max")
+            stopped = stop.signal or (int(flag) if flag else None)
+            _save(run, step, lr, stopped is not None, metrics_file)
         bar.close()
-        summary.update(steps=step, interrupted=stopped, seconds=totals["seconds"], tokens=totals["tokens"],
-                       session_seconds=time.perf_counter() - t_start)
-    if step == cfg.max_steps:
-        _save_final(model, tokenizer, out / ("model" if cfg.method == "full" else "adapter"), cfg, build)
-    summary["model"], summary["tokenizer"] = model, tokenizer
+    return {"steps": step, "interrupted": stopped, "out": str(out), "seconds": run.totals["seconds"],
+            "tokens": run.totals["tokens"], "session_seconds": time.perf_counter() - t_start}
+
+
+def _save(run: _Run, step: int, lr: float, stopping: bool, metrics_file) -> None:
+    """After step `step`: the intermediate adapter and the checkpoint, when they are due."""
+    cfg = run.cfg
+    keep_adapter = cfg.keep_adapters_every and step % cfg.keep_adapters_every == 0 and step < cfg.max_steps
+    checkpoint = step % cfg.save_every == 0 or step == cfg.max_steps or stopping
+    if keep_adapter or checkpoint:
+        _check_trained(run, step, lr)
+    if keep_adapter:
+        _save_final(run.model, run.tokenizer, run.out / f"adapter-step{step}", cfg, run.build)
+    if checkpoint:
+        if run.main:
+            metrics_file.flush()
+        save_checkpoint(run.out / CHECKPOINT, run.model, run.optimizer, run.names, _run_state(step, cfg, run.totals),
+                        sharded=cfg.fsdp)
+        run.saved_step = step
+
+
+def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
+          build: Callable[[TrainConfig, torch.device], tuple] | None = None) -> dict:
+    """Run (or resume) a fine-tuning run: set up (`_setup`: check, load, adapt, distribute), fit
+    (`_fit`), save the result. Returns a summary dict; `summary['interrupted']` is the signal number
+    if a signal stopped it. `on_step(step, metrics)` is called after each step.
+    `build(cfg, device) -> (model, tokenizer)` replaces the model setup (e.g. a PEFT peer on the
+    same quantized base); by default `qdora.load_model` with the config's method and adapters.
+    Raises `NonFiniteError` if the loss, the gradient or a trained tensor becomes non-finite
+    (nothing of it is saved; the last checkpoint stays as it was)."""
+    run = _setup(cfg, build)
+    summary = _fit(run, on_step)
+    if summary["steps"] == cfg.max_steps:
+        _save_final(run.model, run.tokenizer, run.out / ("model" if cfg.method == "full" else "adapter"), cfg,
+                    run.build)
+    summary["model"], summary["tokenizer"] = run.model, run.tokenizer
     return summary
 
 
