@@ -352,174 +352,234 @@ def _nf4_bytes(out_f: int, in_f: int, double_quant: bool) -> tuple[int, int]:
     return (numel + 1) // 2, state
 
 
-def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
-    """Predict the peak memory per device of one training step (forward, backward, clip, optimizer)."""
-    shape = resolve_model(model) if isinstance(model, str) else model
-    cfg = cfg or PlanConfig()
-    e = cfg.compute_bytes
-    w = e                                   # storage dtype of unquantized tensors: bf16 on CUDA, fp32 on CPU
-    ab = _DTYPE_BYTES[cfg.adapter_dtype]
-    N = cfg.gpus
-    T, s, b = cfg.batch_size * cfg.seq_len, cfg.seq_len, cfg.batch_size
-    h, i, V, L = shape.hidden, shape.intermediate, shape.vocab, shape.layers
-    q, kv = shape.heads * shape.hd, shape.kv_heads * shape.hd
-    lin = shape.linear_shapes()
-    full = cfg.method == "full"
-    direction = set() if full else set(cfg.target_modules) - set(cfg.magnitude_only_modules)
-    mag_only = set() if full else set(cfg.magnitude_only_modules)
-    adapted = direction | mag_only
+@dataclass(frozen=True)
+class _Dims:
+    """The sizes every term is written in (one place, the math's own symbols)."""
+    e: int              # compute dtype bytes
+    w: int              # storage bytes of unquantized tensors: bf16 on CUDA, fp32 on CPU
+    ab: int             # adapter dtype bytes
+    N: int              # devices
+    T: int              # tokens per micro-batch
+    s: int              # sequence length
+    b: int              # batch size
+    h: int
+    i: int
+    V: int
+    L: int
+    q: int              # query width (heads × head_dim)
+    kv: int             # key/value width
+    lin: dict           # (out, in) of each linear of one layer
+    full: bool
+    direction: frozenset
+    mag_only: frozenset
 
-    # -- resident: weights, quantization state, adapters (per layer, then whole model) --
+    @property
+    def adapted(self) -> frozenset:
+        return self.direction | self.mag_only
+
+
+def _dims(shape: ModelShape, cfg: PlanConfig) -> _Dims:
+    full = cfg.method == "full"
+    direction = frozenset() if full else frozenset(cfg.target_modules) - frozenset(cfg.magnitude_only_modules)
+    return _Dims(e=cfg.compute_bytes, w=cfg.compute_bytes, ab=_DTYPE_BYTES[cfg.adapter_dtype], N=cfg.gpus,
+                 T=cfg.batch_size * cfg.seq_len, s=cfg.seq_len, b=cfg.batch_size, h=shape.hidden,
+                 i=shape.intermediate, V=shape.vocab, L=shape.layers, q=shape.heads * shape.hd,
+                 kv=shape.kv_heads * shape.hd, lin=shape.linear_shapes(), full=full, direction=direction,
+                 mag_only=frozenset() if full else frozenset(cfg.magnitude_only_modules))
+
+
+@dataclass
+class _Weights:
+    """Resident weights, whole model (and one decoder layer, the FSDP unit): NF4 data, quantization
+    state, unquantized weights, adapters, the DoRA norm buffers, and what trains."""
+    nf4: int
+    qstate: int
+    base: int
+    adapters: int
+    buffers: int
+    nf4_layer: int
+    base_layer: int
+    adapters_layer: int
+    trainable: int
+    trainable_layer: int
+    largest_trainable: int
+    embed: int
+    head: int
+    root: int
+    rope: int
+
+
+def _weights(d: _Dims, shape: ModelShape, cfg: PlanConfig) -> _Weights:
     nf4 = qstate = base = adapters = buffers = 0
     trainable_layer = largest_trainable = 0
-    for name, (o, n) in lin.items():
+    for name, (o, n) in d.lin.items():
         if cfg.quantized:
             packed, st = _nf4_bytes(o, n, cfg.double_quant)
             nf4 += packed
             qstate += st
         else:
-            base += o * n * w
-        if name in adapted:
-            a_bytes = (cfg.r * n + o * cfg.r) * ab if name in direction else 0
-            m_bytes = o * ab if cfg.use_dora else 0
+            base += o * n * d.w
+        if name in d.adapted:
+            a_bytes = (cfg.r * n + o * cfg.r) * d.ab if name in d.direction else 0
+            m_bytes = o * d.ab if cfg.use_dora else 0
             adapters += a_bytes + m_bytes
             buffers += o * 4 if cfg.use_dora else 0
             trainable_layer += a_bytes + m_bytes
-            largest_trainable = max(largest_trainable, max(cfg.r * n, o * cfg.r) * ab if name in direction else o * ab)
-    base += 2 * h * w                             # the layer's two RMSNorm weights
-    nf4_l, base_l, adapt_l = nf4, base, adapters  # one decoder layer (the FSDP unit)
-    nf4, qstate, base, adapters, buffers = (L * x for x in (nf4, qstate, base, adapters, buffers))
-    embed = V * h * w
-    head = 0 if shape.tied_embeddings else V * h * w
-    root = embed + head + h * w                   # embeddings, lm_head (full precision), final norm
-    base += root
-    rope = 2 * (shape.hd // 2) * 4                # inv_freq and its original copy (fp32 buffers)
-
-    if full:
+            largest_trainable = max(largest_trainable,
+                                    max(cfg.r * n, o * cfg.r) * d.ab if name in d.direction else o * d.ab)
+    base += 2 * d.h * d.w                         # the layer's two RMSNorm weights
+    nf4_l, base_l, adapt_l = nf4, base, adapters
+    embed = d.V * d.h * d.w
+    head = 0 if shape.tied_embeddings else d.V * d.h * d.w
+    root = embed + head + d.h * d.w               # embeddings, lm_head (full precision), final norm
+    base = d.L * base + root
+    if d.full:
         trainable = base                          # every weight trains, in its storage dtype
         trainable_layer = base_l
-        largest_trainable = max(embed, *(o * n * w for o, n in lin.values()))
+        largest_trainable = max(embed, *(o * n * d.w for o, n in d.lin.values()))
     else:
-        trainable = L * trainable_layer
-    # -- optimizer states --
+        trainable = d.L * trainable_layer
+    return _Weights(nf4=d.L * nf4, qstate=d.L * qstate, base=base, adapters=d.L * adapters, buffers=d.L * buffers,
+                    nf4_layer=nf4_l, base_layer=base_l, adapters_layer=adapt_l, trainable=trainable,
+                    trainable_layer=trainable_layer, largest_trainable=largest_trainable, embed=embed, head=head,
+                    root=root, rope=2 * (shape.hd // 2) * 4)  # rope: inv_freq and its original copy (fp32)
+
+
+def _optimizer_states(d: _Dims, wt: _Weights, cfg: PlanConfig) -> int:
     if cfg.optimizer == "adamw":
-        opt_states = 2 * trainable
-    else:  # bitsandbytes 8-bit blockwise: uint8 per element and an fp32 absmax per 256, twice
-        n_el = trainable // (w if full else ab)
-        opt_states = 2 * (n_el + 4 * -(-n_el // 256))
+        return 2 * wt.trainable
+    # bitsandbytes 8-bit blockwise: uint8 per element and an fp32 absmax per 256, twice
+    n_el = wt.trainable // (d.w if d.full else d.ab)
+    return 2 * (n_el + 4 * -(-n_el // 256))
 
-    # -- FSDP: parameters, gradients, optimizer states sharded; quant state and buffers whole --
-    details: dict[str, int] = {}
-    fsdp_buf = 0
-    grads_total = trainable
-    start = 0
-    if cfg.fsdp:
-        # The start (`qdora.fsdp.build_sharded`), on every rank: the quantization states and norm
-        # buffers (kept whole) of the layers read so far, plus this rank's shards of them (none on
-        # the device with CPU offload), plus the group being read, whole, and what reading it costs:
-        # - a decoder layer: while its largest weight is quantized, the weight copied to the GPU
-        #   (on a CPU device it stays a view of the memory-mapped file) and the quantizer's tensors
-        #   (measured: ~10 bytes per element up to one chunk; beyond, the packed chunks and their
-        #   concatenation, 9/8 byte per element, plus ~7.25 bytes per element of one chunk); or,
-        #   once complete, its checksum's temporary or its new shards;
-        # - last, the root (embeddings, final norm, head): its checksum's temporary or new shards.
-        n_max = max(o * n for o, n in lin.values())
-        layer_whole = nf4_l + base_l + adapt_l
-        layer_shard = 0 if cfg.cpu_offload else -(-layer_whole // N)
-        quantizing = 0
-        if cfg.quantized:
-            quantizer = (10 * n_max + n_max // 16 if n_max <= QUANT_CHUNK
-                         else 9 * n_max // 8 + 29 * QUANT_CHUNK // 4)
-            read = n_max * w if cfg.device == "cuda" else 0
-            quantizing = layer_whole - (n_max + 1) // 2 + read + quantizer
-        layer_largest = (n_max + 1) // 2 if cfg.quantized else n_max * w
-        layer_done = layer_whole + max(_checksum_bytes(layer_largest), -(-layer_whole // N))
-        root_done = root + max(_checksum_bytes(max(embed, head)), -(-root // N))
-        start = qstate + buffers + rope + max((L - 1) * layer_shard + max(quantizing, layer_done),
-                                              L * layer_shard + root_done)
-        nf4, base, adapters = -(-nf4 // N), -(-base // N), -(-adapters // N)
-        grads_total, opt_states = -(-trainable // N), -(-opt_states // N)
-        # CUDA mixed precision gathers parameters in bf16 (packed NF4 is stored as bf16 already)
-        g_ab = 2 if cfg.device == "cuda" else ab
-        layer_unsharded = nf4_l + base_l + adapt_l * g_ab // ab
-        details["fsdp: 2 decoder layers unsharded (computing + prefetched)"] = 2 * layer_unsharded
-        details["fsdp: root unsharded (embeddings, final norm, lm_head)"] = root
-        details["fsdp: one layer's gradients before reduce-scatter (fp32)"] = \
-            trainable_layer * 4 // (w if full else ab)
-        fsdp_buf = sum(details.values())
-        if cfg.cpu_offload:
-            details["cpu offload: sharded parameters, gradients, optimizer states in CPU memory"] = \
-                nf4 + base + adapters + grads_total + opt_states
-            nf4 = base = adapters = grads_total = opt_states = 0
-    adapters += buffers
 
-    resident = nf4 + qstate + base + adapters + opt_states + rope
+def _fsdp_start(d: _Dims, wt: _Weights, cfg: PlanConfig) -> int:
+    """The start (`qdora.fsdp.build_sharded`), on every rank: the quantization states and norm
+    buffers (kept whole) of the layers read so far, plus this rank's shards of them (none on the
+    device with CPU offload), plus the group being read, whole, and what reading it costs:
+    - a decoder layer: while its largest weight is quantized, the weight copied to the GPU (on a
+      CPU device it stays a view of the memory-mapped file) and the quantizer's tensors (measured:
+      ~10 bytes per element up to one chunk; beyond, the packed chunks and their concatenation,
+      9/8 byte per element, plus ~7.25 bytes per element of one chunk); or, once complete, its
+      checksum's temporary or its new shards;
+    - last, the root (embeddings, final norm, head): its checksum's temporary or new shards."""
+    n_max = max(o * n for o, n in d.lin.values())
+    layer_whole = wt.nf4_layer + wt.base_layer + wt.adapters_layer
+    layer_shard = 0 if cfg.cpu_offload else -(-layer_whole // d.N)
+    quantizing = 0
+    if cfg.quantized:
+        quantizer = 10 * n_max + n_max // 16 if n_max <= QUANT_CHUNK else 9 * n_max // 8 + 29 * QUANT_CHUNK // 4
+        read = n_max * d.w if cfg.device == "cuda" else 0
+        quantizing = layer_whole - (n_max + 1) // 2 + read + quantizer
+    layer_largest = (n_max + 1) // 2 if cfg.quantized else n_max * d.w
+    layer_done = layer_whole + max(_checksum_bytes(layer_largest), -(-layer_whole // d.N))
+    root_done = wt.root + max(_checksum_bytes(max(wt.embed, wt.head)), -(-wt.root // d.N))
+    return wt.qstate + wt.buffers + wt.rope + max((d.L - 1) * layer_shard + max(quantizing, layer_done),
+                                                  d.L * layer_shard + root_done)
 
-    # -- activations saved for backward, one decoder layer --
+
+def _fsdp_buffers(d: _Dims, wt: _Weights, cfg: PlanConfig) -> dict[str, int]:
+    """What FSDP holds beside the shards while a step computes."""
+    g_ab = 2 if cfg.device == "cuda" else d.ab    # CUDA mixed precision gathers in bf16 (packed NF4 is bf16)
+    layer_unsharded = wt.nf4_layer + wt.base_layer + wt.adapters_layer * g_ab // d.ab
+    return {"fsdp: 2 decoder layers unsharded (computing + prefetched)": 2 * layer_unsharded,
+            "fsdp: root unsharded (embeddings, final norm, lm_head)": wt.root,
+            "fsdp: one layer's gradients before reduce-scatter (fp32)":
+                wt.trainable_layer * 4 // (d.w if d.full else d.ab)}
+
+
+def _activations(d: _Dims, shape: ModelShape, cfg: PlanConfig) -> tuple[int, int, int, int]:
+    """Activations saved for the backward: `(body, head_saved, recompute, lsm)` — the decoder stack's,
+    the final norm's, one layer's recomputed under gradient checkpointing, the log-softmax."""
+    e, T, h, i, q, kv = d.e, d.T, d.h, d.i, d.q, d.kv
     mask_b = 1                                     # dropout mask: bool (`qdora.dropout` on CPU, torch on CUDA)
     dp = cfg.dropout > 0
 
     def keeps_input(names: tuple[str, ...], width: int) -> int:
         """Bytes a group of linears sharing one input keeps of it."""
-        if full:
+        if d.full:
             return T * width * e
-        with_a = [n for n in names if n in direction]
+        with_a = [n for n in names if n in d.direction]
         if not with_a:
             return 0
         return len(with_a) * T * width * (e + mask_b) if dp else T * width * e
 
     def adapter_saved(name: str) -> int:
-        if name not in adapted:
+        if name not in d.adapted:
             return 0
-        o, _ = lin[name]
-        out = T * cfg.r * e if name in direction else 0                 # a = x·Aᵀ
+        o, _ = d.lin[name]
+        out = T * cfg.r * e if name in d.direction else 0               # a = x·Aᵀ
         if cfg.use_dora:
             out += 3 * o * 4                                            # g, n, m (fp32 vectors)
             if name in ("q_proj", "k_proj", "o_proj", "down_proj"):     # output kept for dm
                 out += T * o * e
-            if cfg.norm == "exact" and name in direction:
+            if cfg.norm == "exact" and name in d.direction:
                 out += o * cfg.r * 4                                    # P = W0·Aᵀ
         return out
 
-    norm_saved = T * h * 4 + T * 4 + (T * h * e if full else 0)
-    attn_saved = T * (2 * q + 2 * kv) * e + b * shape.heads * s * 4
+    norm_saved = T * h * 4 + T * 4 + (T * h * e if d.full else 0)
+    attn_saved = T * (2 * q + 2 * kv) * e + d.b * shape.heads * d.s * 4
     mlp_saved = 3 * T * i * e
     layer_saved = (2 * norm_saved + attn_saved + mlp_saved
                    + keeps_input(("q_proj", "k_proj", "v_proj"), h) + keeps_input(("o_proj",), q)
                    + keeps_input(("gate_proj", "up_proj"), h) + keeps_input(("down_proj",), i)
-                   + sum(adapter_saved(n) for n in lin))
-    shared = 2 * s * shape.hd * e                                       # rotary cos, sin
-    head_saved = T * h * 4 + T * 4 + (2 * T * h * e if full else 0)     # final norm (+ lm_head input)
-    lsm = T * V * 4
+                   + sum(adapter_saved(n) for n in d.lin))
+    shared = 2 * d.s * shape.hd * e                                     # rotary cos, sin
+    head_saved = T * h * 4 + T * 4 + (2 * T * h * e if d.full else 0)   # final norm (+ lm_head input)
+    lsm = T * d.V * 4
     if cfg.gradient_checkpointing:
-        body = L * T * h * e + shared
-        recompute = layer_saved
-    else:
-        # the first layer's input RMSNorm saves nothing when the embeddings are frozen
-        body = L * layer_saved - (0 if full else T * h * 4 + T * 4) + shared
-        recompute = 0
+        return d.L * T * h * e + shared, head_saved, layer_saved, lsm
+    # the first layer's input RMSNorm saves nothing when the embeddings are frozen
+    return d.L * layer_saved - (0 if d.full else T * h * 4 + T * 4) + shared, head_saved, 0, lsm
 
-    # -- temporaries --
-    in_flight = 3 * T * i * e + 3 * T * h * e                           # gradients through the MLP + residual
-    frozen_nf4 = [n for n in lin if n not in adapted] if cfg.quantized else []
+
+def _dequantized_block(d: _Dims, cfg: PlanConfig) -> int:
+    """The largest dequantized weight alive at once in the backward."""
+    frozen_nf4 = [n for n in d.lin if n not in d.adapted] if cfg.quantized else []
     if frozen_nf4 and not cfg.fsdp:      # bitsandbytes' Linear4bit dequantizes the whole weight
-        deq = max(lin[n][0] * lin[n][1] for n in frozen_nf4) * e
-    elif cfg.quantized:                  # row blocks (adapted layers; frozen ones under FSDP)
-        deq = max(min(cfg.block_rows, o) * n for o, n in lin.values()) * e
-    else:
-        deq = 0
-    if cfg.device == "cpu":
-        opt_tmp = 2 * largest_trainable
-    else:
-        opt_tmp = grads_total                 # zero with CPU offload: the step runs on the CPU
-    grads_head = (root - (0 if shape.tied_embeddings else embed)) if full else 0
-    grads_head = -(-grads_head // N) if cfg.fsdp else grads_head
-    grad_layer = -(-trainable_layer // N) if cfg.fsdp else trainable_layer
+        return max(d.lin[n][0] * d.lin[n][1] for n in frozen_nf4) * d.e
+    if cfg.quantized:                    # row blocks (adapted layers; frozen ones under FSDP)
+        return max(min(cfg.block_rows, o) * n for o, n in d.lin.values()) * d.e
+    return 0
+
+
+def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
+    """Predict the peak memory per device of one training step (forward, backward, clip, optimizer):
+    each term by its own function, then the four phases of a step, the peak the largest."""
+    shape = resolve_model(model) if isinstance(model, str) else model
+    cfg = cfg or PlanConfig()
+    d = _dims(shape, cfg)
+    wt = _weights(d, shape, cfg)
+    nf4, base, adapters = wt.nf4, wt.base, wt.adapters
+    opt_states = _optimizer_states(d, wt, cfg)
+    grads_total = wt.trainable
+    details: dict[str, int] = {}
+    fsdp_buf = start = 0
+    if cfg.fsdp:  # parameters, gradients, optimizer states sharded; quant state and buffers whole
+        start = _fsdp_start(d, wt, cfg)
+        nf4, base, adapters = -(-nf4 // d.N), -(-base // d.N), -(-adapters // d.N)
+        grads_total, opt_states = -(-wt.trainable // d.N), -(-opt_states // d.N)
+        details = _fsdp_buffers(d, wt, cfg)
+        fsdp_buf = sum(details.values())
+        if cfg.cpu_offload:
+            details["cpu offload: sharded parameters, gradients, optimizer states in CPU memory"] = \
+                nf4 + base + adapters + grads_total + opt_states
+            nf4 = base = adapters = grads_total = opt_states = 0
+    adapters += wt.buffers
+    resident = nf4 + wt.qstate + base + adapters + opt_states + wt.rope
+
+    body, head_saved, recompute, lsm = _activations(d, shape, cfg)
+    in_flight = 3 * d.T * d.i * d.e + 3 * d.T * d.h * d.e              # gradients through the MLP + residual
+    deq = _dequantized_block(d, cfg)
+    opt_tmp = 2 * wt.largest_trainable if cfg.device == "cpu" else grads_total  # 0 with offload: CPU steps
+    grads_head = (wt.root - (0 if shape.tied_embeddings else wt.embed)) if d.full else 0
+    grads_head = -(-grads_head // d.N) if cfg.fsdp else grads_head
+    grad_layer = -(-wt.trainable_layer // d.N) if cfg.fsdp else wt.trainable_layer
     if cfg.cpu_offload:
         grads_head = grad_layer = 0
     kept_grads = grads_total if cfg.grad_accum > 1 else 0   # accumulated over the earlier micro-batches
 
-    logits_fwd = T * V * e + (T * V * 4 if e != 4 else 0) + lsm
+    logits_fwd = d.T * d.V * d.e + (d.T * d.V * 4 if d.e != 4 else 0) + lsm
     phase_parts = {
         "forward end (loss)": {"activations": body + head_saved, "logits_loss": logits_fwd,
                                "gradients": kept_grads},
@@ -535,7 +595,7 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
     peak_phase = max(phases, key=phases.get)
     at_peak = phase_parts[peak_phase]
     terms = {
-        "nf4_weights": nf4, "quant_state": qstate, "base_weights": base + rope,
+        "nf4_weights": nf4, "quant_state": wt.qstate, "base_weights": base + wt.rope,
         "adapters": adapters, "gradients": at_peak.get("gradients", 0), "optimizer_states": opt_states,
         "activations": at_peak.get("activations", 0), "logits_loss": at_peak.get("logits_loss", 0),
         "temporaries": at_peak.get("temporaries", 0),
