@@ -39,7 +39,7 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a model (full, lora, dora, qlora, qdora)",
                        description="Fine-tune a model. Writes metrics.jsonl, checkpoint/ and adapter/ (model/ for "
                                    "full) to --out. Ctrl-C or SIGTERM writes a checkpoint; --resume continues it. "
-                                   "Every option is a field of qdora.train.TrainConfig, and can be given in a "
+                                   "Every option is a field of qdora.train_config.TrainConfig, and can be given in a "
                                    "--config file too.")
     add_options(p, TrainConfig)
     p.set_defaults(func=_train)

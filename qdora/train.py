@@ -26,184 +26,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable
 
 import torch
 
-from qdora.checkpoint import CHECKPOINT, check_checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
-from qdora.config import METHODS, AdapterConfig
-from qdora.safetensors_io import check_output_dir, write_text_atomic
-
-SCHEDULES = ("linear", "cosine", "constant")
-OPTIMIZERS = ("adamw", "paged_adamw_8bit")
-ADAPTER_FORMATS = ("qdora", "peft")
-# Fields that may change between a run and its resumption. `out` is not compared: a run folder may
-# be moved or copied and resumed where it now is. `model` and `data` may move too if their content
-# is the same (`_fingerprints`).
-_RESUMABLE_CHANGES = {"out", "max_steps", "resume", "save_every", "log_every", "progress", "keep_adapters_every",
-                      "fsdp", "cpu_offload", "adapter_format"}
-UNIFORM_STEPS = 3
-"""Consecutive steps with the loss within `UNIFORM_TOL` nats of ln(vocabulary size) before a warning."""
-UNIFORM_TOL = 2e-3
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced a non-finite loss, gradient or parameter; nothing of it was saved."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One fine-tuning run. Every field is checked in `__post_init__`."""
-
-    model: str
-    """A transformers checkpoint folder or a .gguf file."""
-    data: str
-    """Training data: JSON/JSONL in the Alpaca/LLM-Adapters or GSM8K format."""
-    out: str
-    """Output folder: metrics.jsonl, checkpoint/, adapter/ (or model/ for `full`)."""
-    method: str = "qdora"
-    """What is trained: full, lora, dora, qlora or qdora."""
-    r: int = 16
-    """Rank of the direction update B·A."""
-    alpha: float = 32.0
-    """Scale numerator: the update is (alpha / r)·B·A."""
-    dropout: float = 0.05
-    """Dropout on the adapter's input (0 disables it)."""
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
-    """Linear modules that get an adapter (comma-separated: exact name, dotted suffix or re:<regex>)."""
-    magnitude_only_modules: tuple[str, ...] = ()
-    """Linear modules that train only the magnitude m (comma-separated)."""
-    norm: str = "detached"
-    """Row norm in the backward: detached (the DoRA paper's §4.3) or exact."""
-    direction: str = "lora"
-    """Direction update: trained B·A (lora), or VeRA's shared random projections with trained scaling
-    vectors (vera: alpha unused; use a large r, e.g. 256, and a higher lr)."""
-    lr: float = 2e-4
-    """Peak learning rate."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_steps: int = 100
-    """Optimizer steps (each of batch_size × grad_accum examples)."""
-    batch_size: int = 8
-    """Examples per micro-batch (with fsdp: the global micro-batch, split across the processes)."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
-    cutoff_len: int = 256
-    """Tokens per example; longer ones are truncated."""
-    warmup_steps: int = 0
-    """Steps of linear learning-rate warmup."""
-    schedule: str = "linear"
-    """Learning-rate decay after warmup: linear or cosine to 0 at max_steps, or constant."""
-    max_grad_norm: float = 1.0
-    """Clip the global gradient norm to this (0 disables clipping)."""
-    seed: int = 0
-    """Seed of the adapters' initialization, the data order and dropout."""
-    save_every: int = 50
-    """Write a checkpoint every this many steps (and always at the end)."""
-    keep_adapters_every: int = 0
-    """Also keep the adapter of every this many steps as adapter-step<N>/ (for qdora analyze); 0: never."""
-    log_every: int = 1
-    """Write a line to metrics.jsonl every this many steps."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in the backward (non-reentrant): less memory, more compute."""
-    optimizer: str = "adamw"
-    """adamw (torch) or paged_adamw_8bit (bitsandbytes, CUDA only)."""
-    train_on_prompt: bool = False
-    """Also supervise the prompt tokens."""
-    adapter_format: str = "qdora"
-    """Format of the saved adapters: qdora (ours) or peft (PeftModel.from_pretrained reads it)."""
-    adapter_dtype: str = "float32"
-    """Dtype the adapters are stored and trained in; fp32 never rounds an optimizer update away."""
-    resume: bool = False
-    """Continue the run in out from its checkpoint."""
-    progress: bool = True
-    """A progress bar and notes."""
-    fsdp: bool = False
-    """Shard the model over the processes of a torchrun job (FSDP2, qdora.fsdp; run as
-    `torchrun ... -m qdora.cli -- train ...`). batch_size stays the global micro-batch, split across
-    the ranks: the run is the same run."""
-    cpu_offload: bool = False
-    """With fsdp: keep each rank's shards of the parameters, gradients and optimizer states in CPU
-    memory and step the optimizer there (FSDP2 CPUOffloadPolicy; see qdora plan --cpu-offload)."""
-
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "method": METHODS, "norm": ("detached", "exact"), "direction": ("lora", "vera"), "schedule": SCHEDULES,
-        "optimizer": OPTIMIZERS, "adapter_format": ADAPTER_FORMATS, "adapter_dtype": ("float32", "bfloat16")}
-    """The values a string field may take (the command line offers them as choices)."""
-
-    def __post_init__(self):
-        problems = []
-        if self.method not in METHODS:
-            problems.append(f"method={self.method!r} is unknown; use one of {', '.join(METHODS)}")
-        for name in ("max_steps", "batch_size", "grad_accum", "cutoff_len", "save_every", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                problems.append(f"{name}={value!r} must be a positive integer")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            problems.append(f"warmup_steps={self.warmup_steps!r} must be >= 0")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            problems.append(f"lr={self.lr!r} must be a positive number (typical: 1e-4 to 2e-4 for adapters)")
-        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
-                and self.weight_decay >= 0):
-            problems.append(f"weight_decay={self.weight_decay!r} must be a number >= 0")
-        if not (isinstance(self.max_grad_norm, (int, float)) and math.isfinite(self.max_grad_norm)
-                and self.max_grad_norm >= 0):
-            problems.append(f"max_grad_norm={self.max_grad_norm!r} must be a number >= 0 (0 disables clipping)")
-        if self.schedule not in SCHEDULES:
-            problems.append(f"schedule={self.schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
-        if self.optimizer not in OPTIMIZERS:
-            problems.append(f"optimizer={self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
-        if self.fsdp and self.method == "full":
-            problems.append("fsdp=True trains adapters; method='full' is not supported with --fsdp")
-        if self.fsdp and self.direction != "lora":
-            problems.append(f"direction={self.direction!r} is not supported with --fsdp (VeRA's projections are "
-                            "shared across layers, which FSDP shards separately); use direction='lora'")
-        if self.cpu_offload and not self.fsdp:
-            problems.append("cpu_offload=True is an FSDP option: add --fsdp (and launch with torchrun)")
-        if self.fsdp and self.optimizer != "adamw":
-            problems.append(f"optimizer={self.optimizer!r} cannot step sharded parameters; use 'adamw' with --fsdp")
-        if self.adapter_format not in ADAPTER_FORMATS:
-            problems.append(f"adapter_format={self.adapter_format!r} is unknown; use one of "
-                            f"{', '.join(ADAPTER_FORMATS)}")
-        elif self.adapter_format == "peft":
-            if self.method == "full":
-                problems.append("adapter_format='peft' needs an adapter method; method='full' saves the whole model")
-            if self.direction != "lora":
-                problems.append(f"adapter_format='peft' cannot hold direction={self.direction!r} (PEFT has no DoRA "
-                                "with a VeRA direction); use adapter_format='qdora'")
-            if self.magnitude_only_modules:
-                problems.append("adapter_format='peft' cannot hold magnitude-only modules; use adapter_format='qdora'")
-        if self.method != "full" and self.method in METHODS:
-            try:  # the adapter fields, with AdapterConfig's own messages, in the same list
-                self.adapter_config()
-            except (ValueError, TypeError) as err:
-                lines = [ln.strip().removeprefix("- ") for ln in str(err).splitlines()[1:] if ln.strip()]
-                problems += lines or [str(err)]
-        if problems:
-            raise ValueError("invalid TrainConfig:\n  - " + "\n  - ".join(problems))
-
-    def adapter_config(self) -> AdapterConfig:
-        return AdapterConfig(method=self.method, r=self.r, alpha=self.alpha, dropout=self.dropout,
-                             target_modules=tuple(self.target_modules),
-                             magnitude_only_modules=tuple(self.magnitude_only_modules), norm=self.norm,
-                             adapter_dtype=self.adapter_dtype, direction=self.direction,
-                             projection_seed=self.seed)
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then the schedule."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    if cfg.schedule == "linear":
-        return cfg.lr * (1.0 - progress)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+from qdora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from qdora.config import AdapterConfig
+from qdora.health import NonFiniteError, _count_nonfinite, _diverged, _Health, _metrics_line
+from qdora.preflight import _fingerprints, check_run
+from qdora.safetensors_io import write_text_atomic
+from qdora.train_config import TrainConfig, lr_at
 
 
 def _seed_all(seed: int) -> None:
@@ -233,85 +65,6 @@ def _run_state(step: int, cfg: TrainConfig, totals: dict | None = None) -> dict:
             "scheduler": {"schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps, "lr": cfg.lr,
                           "max_steps": cfg.max_steps, "next_lr": lr_at(step, cfg)},
             "totals": dict(totals or {"tokens": 0, "seconds": 0.0})}
-
-
-# ---- checks before the model is loaded ------------------------------------------------------
-
-def _fingerprint(path: str) -> str | None:
-    """What identifies a model or data file wherever it lies: the data file's bytes; a model
-    folder's config.json and the names and sizes of its weight files; a model file's size and
-    first and last MiB. None if `path` is not there."""
-    import hashlib
-    p = Path(path)
-    digest = hashlib.sha256()
-    if p.is_dir():
-        config = p / "config.json"
-        digest.update(config.read_bytes() if config.is_file() else b"")
-        for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.index.json")):
-            digest.update(f"{f.name}:{f.stat().st_size};".encode())
-    elif p.is_file():
-        size = p.stat().st_size
-        with open(p, "rb") as f:
-            if size <= 8 << 20:
-                digest.update(f.read())
-            else:
-                digest.update(f"{size};".encode() + f.read(1 << 20))
-                f.seek(size - (1 << 20))
-                digest.update(f.read())
-    else:
-        return None
-    return digest.hexdigest()
-
-
-def _fingerprints(cfg: TrainConfig) -> dict[str, str | None]:
-    return {"model": _fingerprint(cfg.model), "data": _fingerprint(cfg.data)}
-
-
-def _check_same_run(out: Path, cfg: TrainConfig) -> None:
-    """Raise unless `cfg` continues the run in `out`: every setting that shapes the run must be
-    as saved; `out` may differ (a moved folder), `model`/`data` too if their content is the same."""
-    path = out / "train_config.json"
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: unreadable ({err}); the run's settings are unknown, so it cannot be "
-                         "resumed") from err
-    now = cfg.to_dict()
-    defaults = TrainConfig(model="", data="", out="").to_dict()  # fields newer than the saved run
-    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k])
-    moved = [k for k in ("model", "data") if k in changed]
-    if moved:
-        before, after = saved.get("fingerprints", {}), _fingerprints(cfg)
-        changed = [k for k in changed if not (k in moved and before.get(k) and before.get(k) == after[k])]
-    if changed:
-        raise ValueError(f"--resume with different settings than the run in {out}: "
-                         + ", ".join(f"{k}: {saved.get(k, defaults[k])!r} -> {now[k]!r}" for k in changed)
-                         + "; resume with the run's settings, or start a new run in another --out")
-
-
-def check_run(cfg: TrainConfig) -> Path | None:
-    """Every check of `cfg` that needs no model, made before anything slow or anything written:
-    `out` is a writable folder (or can be made one), it holds no checkpoint unless `resume` (and one
-    that can be read and belongs to this run if `resume`), the model path exists. Returns the
-    checkpoint to resume, or None."""
-    from qdora.loading import check_model_path
-
-    out = Path(cfg.out)
-    check_output_dir(out, "--out")
-    existing = find_checkpoint(out) if out.is_dir() else None
-    if existing and not cfg.resume:
-        raise FileExistsError(f"{out} already holds a checkpoint ({existing}); pass --resume to continue it "
-                              "or choose another --out")
-    if cfg.resume:
-        if existing is None:
-            started = (out / "train_config.json").is_file()
-            raise ValueError(f"--resume: {out} holds no checkpoint to continue"
-                             + (" (the run there stopped before its first checkpoint)" if started else "")
-                             + "; run the same command without --resume to start it")
-        _check_same_run(out, cfg)
-        check_checkpoint(existing)
-    check_model_path(cfg.model)
-    return existing
 
 
 # ---- the loop ------------------------------------------------------------------------------
@@ -358,64 +111,6 @@ def _save_final(model, tokenizer, path: Path, cfg: TrainConfig, build) -> None:
         model.save_pretrained(path)
     else:
         save_adapter(model, path, format=cfg.adapter_format, base_model_name_or_path=str(cfg.model))
-
-
-def _finite_or_none(value):
-    return value if not isinstance(value, float) or math.isfinite(value) else None
-
-
-def _metrics_line(record: dict) -> str:
-    """One line of `metrics.jsonl`: valid JSON always (a non-finite number is written as null)."""
-    return json.dumps({k: _finite_or_none(v) for k, v in record.items()}, allow_nan=False) + "\n"
-
-
-def _count_nonfinite(tensors: list[torch.Tensor]) -> list[int]:
-    """Non-finite entries of each tensor (this rank's shard of a sharded one)."""
-    counts = []
-    for t in tensors:
-        local = t.to_local() if hasattr(t, "to_local") else t
-        counts.append(int((~torch.isfinite(local.detach())).sum()) if local.is_floating_point() else 0)
-    return counts
-
-
-class _Health:
-    """Watches each step for the two ways a run goes wrong without stopping: a gradient norm of
-    exactly 0 (nothing learns) and a loss stuck at ln(vocabulary size) (a uniform guess, what a
-    destroyed model predicts). Each warns once."""
-
-    def __init__(self, vocab_size: int | None):
-        self.uniform = math.log(vocab_size) if vocab_size else None
-        self.streak = 0
-        self.warned: set[str] = set()
-
-    def check(self, step: int, loss: float, grad_norm: float, lr: float) -> list[str]:
-        """The warnings of this step, each kind at most once per run."""
-        self.streak = self.streak + 1 if self.uniform and abs(loss - self.uniform) < UNIFORM_TOL else 0
-        found = {}
-        if grad_norm == 0.0:
-            found["zero_grad"] = (
-                f"step {step}: the gradient norm is exactly 0 (loss {loss:.4f}): nothing is learning. At learning "
-                f"rate {lr:.3g} the model's outputs may have saturated; try a lower --lr, and check that the data "
-                "has response tokens")
-        if self.streak >= UNIFORM_STEPS:
-            found["uniform"] = (
-                f"step {step}: the loss has been {loss:.4f} ≈ ln(vocabulary size) = {self.uniform:.4f} for "
-                f"{self.streak} steps: the model guesses uniformly. A learning rate too high (now {lr:.3g}) "
-                "destroys a model this way; try a lower --lr")
-        new = [kind for kind in found if kind not in self.warned]
-        self.warned.update(new)
-        return [found[kind] for kind in new]
-
-
-def _diverged(step: int, loss: float, grad_norm: float, lr: float, cfg: TrainConfig, saved: str) -> str:
-    tips = [f"a lower --lr (this run: {cfg.lr:g}; typical for adapters: 1e-4 to 3e-4)"]
-    if cfg.max_grad_norm == 0:
-        tips.append("gradient clipping (--max-grad-norm 1.0)")
-    if cfg.warmup_steps == 0:
-        tips.append("a warmup (--warmup-steps 10)")
-    return (f"step {step}: the loss is {loss:.4g} and the gradient norm {grad_norm:.4g} at learning rate "
-            f"{lr:.3g}: training diverged and was stopped before the optimizer step. {saved} Try "
-            + ", or ".join(tips) + ".")
 
 
 @dataclass
@@ -727,5 +422,6 @@ def read_metrics(out: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-__all__ = ["TrainConfig", "NonFiniteError", "train", "check_run", "lr_at", "read_metrics", "save_checkpoint",
-           "load_checkpoint", "check_checkpoint"]
+# Also importable from here: the run's settings, its checks and what stops it.
+__all__ = ["TrainConfig", "NonFiniteError", "train", "check_run", "lr_at", "read_metrics", "prepare_for_training",
+           "save_checkpoint", "load_checkpoint"]

@@ -113,7 +113,7 @@ def test_a_run_without_clipping_reports_its_gradient_norm(setup, tmp_path, capsy
 
 
 def test_a_zero_gradient_and_a_uniform_guess_warn_once(setup, tmp_path):
-    from qdora.train import UNIFORM_STEPS, _Health
+    from qdora.health import UNIFORM_STEPS, _Health
     health = _Health(vocab_size=512)
     uniform = float(torch.tensor(512.0).log())
     warned = [health.check(step, uniform, 0.0 if step > 1 else 1.0, 1e9) for step in range(1, 8)]
