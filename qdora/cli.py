@@ -91,7 +91,8 @@ def _plan(args) -> int:
     import json
 
     from qdora.options import resolve
-    from qdora.plan import PlanConfig, format_plan, plan, plan_to_dict, resolve_model
+    from qdora.plan import PlanConfig, plan, resolve_model
+    from qdora.plan_report import format_plan, plan_to_dict
     shape = resolve_model(args.model)
     cfg = resolve(PlanConfig, vars(args))
     result = plan(shape, cfg)

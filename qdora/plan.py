@@ -59,12 +59,11 @@ fraction of the tensor peak, `ALLOCATOR_SLACK`) are reported as their own lines.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 from qdora.config import DORA_METHODS, FLOAT_DTYPES, METHODS, QUANTIZED_METHODS
+from qdora.model_shapes import PRESETS, ModelShape, resolve_model, shape_from_config
 
 GIB = 1 << 30
 CARDS_GB = (16, 24, 48, 80)
@@ -88,84 +87,6 @@ QUANT_CHUNK = 1 << 20
 CHECKSUM_CHUNK = 1 << 18
 """`qdora.fsdp.CHECKSUM_CHUNK`: int32 words the start's checksum sums at once."""
 _DTYPE_BYTES = {name: dtype.itemsize for name, dtype in FLOAT_DTYPES.items()}
-
-
-# ---- model shapes --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The dimensions of a Llama-architecture model that memory depends on."""
-
-    name: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    tied_embeddings: bool
-    head_dim: int = 0
-    """0: hidden // heads."""
-
-    @property
-    def hd(self) -> int:
-        return self.head_dim or self.hidden // self.heads
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """`(out, in)` of each linear of one decoder layer."""
-        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.hd, self.kv_heads * self.hd
-        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
-
-    def params(self) -> int:
-        per_layer = sum(o * i for o, i in self.linear_shapes().values()) + 2 * self.hidden
-        head = 0 if self.tied_embeddings else self.vocab * self.hidden
-        return self.layers * per_layer + self.vocab * self.hidden + head + self.hidden
-
-
-# Published configurations (the models' own config.json files on the Hugging Face Hub).
-PRESETS = {
-    "llama-2-7b": ModelShape("Llama-2-7B", 4096, 11008, 32, 32, 32, 32000, False),
-    "llama-2-13b": ModelShape("Llama-2-13B", 5120, 13824, 40, 40, 40, 32000, False),
-    "llama-2-70b": ModelShape("Llama-2-70B", 8192, 28672, 80, 64, 8, 32000, False),
-    "llama-65b": ModelShape("LLaMA-65B", 8192, 22016, 80, 64, 64, 32000, False),
-    "llama-3-8b": ModelShape("Llama-3-8B", 4096, 14336, 32, 32, 8, 128256, False),
-    "llama-3-70b": ModelShape("Llama-3-70B", 8192, 28672, 80, 64, 8, 128256, False),
-    "smollm2-135m": ModelShape("SmolLM2-135M", 576, 1536, 30, 9, 3, 49152, True),
-}
-
-
-def shape_from_config(config, name: str = "model") -> ModelShape:
-    """A `ModelShape` from a transformers config object or a config.json dict."""
-    get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else \
-        (lambda k, d=None: getattr(config, k, d))
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                           "vocab_size") if get(k) is None]
-    if missing:
-        raise ValueError(f"{name}: config lacks {', '.join(missing)}; a Llama-architecture config is expected")
-    heads = int(get("num_attention_heads"))
-    return ModelShape(name=name, hidden=int(get("hidden_size")), intermediate=int(get("intermediate_size")),
-                      layers=int(get("num_hidden_layers")), heads=heads,
-                      kv_heads=int(get("num_key_value_heads") or heads), vocab=int(get("vocab_size")),
-                      tied_embeddings=bool(get("tie_word_embeddings", False)),
-                      head_dim=int(get("head_dim") or 0))
-
-
-def resolve_model(spec: str) -> ModelShape:
-    """A preset name (case-insensitive, e.g. `Llama-3-8B`) or a checkpoint folder / config.json."""
-    key = spec.strip().lower().rsplit("/", 1)[-1].removeprefix("meta-")
-    if key in PRESETS:
-        return PRESETS[key]
-    path = Path(spec)
-    config_file = path / "config.json" if path.is_dir() else path
-    if path.exists() and config_file.name.endswith(".json") and config_file.is_file():
-        try:
-            data = json.loads(config_file.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_file}: not valid JSON ({err})") from err
-        return shape_from_config(data, name=path.name or str(path))
-    raise ValueError(f"--model {spec!r} is neither a preset ({', '.join(p.name for p in PRESETS.values())}) "
-                     "nor a checkpoint folder with a config.json")
 
 
 # ---- the setting ---------------------------------------------------------------------------
@@ -608,58 +529,5 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
     return MemoryPlan(shape, cfg, terms, peak_phase, phases, details, start)
 
 
-# ---- output --------------------------------------------------------------------------------
-
-def _gib(n: int) -> str:
-    return f"{n / GIB:8.2f}"
-
-
-def format_plan(p: MemoryPlan, cards=CARDS_GB) -> str:
-    c, m = p.config, p.model
-    targets = "all weights" if c.method == "full" else ",".join(c.target_modules) + \
-        (f" (+ magnitude only: {','.join(c.magnitude_only_modules)})" if c.magnitude_only_modules else "")
-    sharding = ("s (FSDP, CPU offload)" if c.cpu_offload else "s (FSDP)") if c.fsdp else ""
-    lines = [
-        f"{m.name}: {m.params() / 1e9:.2f}B parameters (hidden {m.hidden}, intermediate {m.intermediate}, "
-        f"{m.layers} layers, {m.heads} heads / {m.kv_heads} kv, vocab {m.vocab}"
-        f"{', tied embeddings' if m.tied_embeddings else ''})",
-        f"{c.method}" + ("" if c.method == "full" else f" r={c.r} on {targets}, dropout {c.dropout}")
-        + f"; batch {c.batch_size} x {c.seq_len} tokens"
-        + (f", {c.grad_accum} micro-batches per step" if c.grad_accum > 1 else "") + "; gradient checkpointing "
-        f"{'on' if c.gradient_checkpointing else 'off'}; {c.optimizer}; "
-        f"{c.gpus} {'GPU' if c.device == 'cuda' else 'CPU process'}{sharding}; "
-        f"{'bf16' if c.device == 'cuda' else 'fp32'} compute",
-        "",
-        f"predicted peak per {'GPU' if c.device == 'cuda' else 'process'}, at the {p.peak_phase} phase:",
-        "",
-        "| term | GiB |", "|---|---:|",
-    ]
-    for k in TERMS:
-        if c.device == "cpu" and k in ("cuda_context", "allocator_slack"):
-            continue
-        if k == "fsdp_buffers" and not c.fsdp:
-            continue
-        lines.append(f"| {TERM_LABELS[k]} | {_gib(p.terms[k]).strip()} |")
-    lines.append(f"| **total** | **{_gib(p.total_bytes).strip()}** |")
-    if p.details:
-        lines += [""] + [f"  {k}: {_gib(v).strip()} GiB" for k, v in p.details.items()]
-    lines += ["", "phases (tensor bytes): " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in p.phases.items()) + " GiB"]
-    if p.start_bytes:
-        lines.append(f"start, per GPU (reads, quantizes and shards the checkpoint one layer at a time): "
-                     f"{p.start_bytes / GIB:.2f} GiB of tensors"
-                     + (f", {p.start_total_bytes / GIB:.2f} GiB with context and slack" if c.device == "cuda" else "")
-                     + (" -- more than the training step" if p.start_total_bytes > p.total_bytes else ""))
-    if c.device == "cuda":
-        lines.append("fits: " + "  ".join(f"{gb} GB {'yes' if p.fits(gb) else 'no'}" for gb in cards))
-    return "\n".join(lines)
-
-
-def plan_to_dict(p: MemoryPlan) -> dict:
-    return {"model": dataclasses.asdict(p.model), "config": dataclasses.asdict(p.config), "terms": p.terms,
-            "total_bytes": p.total_bytes, "peak_phase": p.peak_phase, "phases": p.phases, "details": p.details,
-            "start_bytes": p.start_bytes, "start_total_bytes": p.start_total_bytes,
-            "fits": {str(gb): p.fits(gb) for gb in CARDS_GB}}
-
-
-__all__ = ["ModelShape", "PRESETS", "PlanConfig", "MemoryPlan", "plan", "format_plan", "resolve_model",
-           "shape_from_config", "plan_to_dict", "CARDS_GB"]
+__all__ = ["ModelShape", "PRESETS", "PlanConfig", "MemoryPlan", "plan", "resolve_model", "shape_from_config",
+           "CARDS_GB"]

@@ -19,11 +19,11 @@ from qdora.plan import (
     CUDA_CONTEXT_BYTES,
     PRESETS,
     PlanConfig,
-    format_plan,
     plan,
     resolve_model,
     shape_from_config,
 )
+from qdora.plan_report import format_plan
 
 # Published parameter counts of the presets' architectures, checked against transformers (meta device).
 PUBLISHED = {"llama-2-7b": dict(rope_theta=1e4), "llama-3-8b": dict(rope_theta=5e5),
