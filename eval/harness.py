@@ -9,7 +9,7 @@ its perplexity) is reported too, as a measure that separates methods before accu
 
 Defaults (the CPU comparison): SmolLM2-135M, the bundled GSM8K slice (400 train / 100 test
 problems), methods full, qlora, qdora, qdora-vera, 3 seeds, 20 steps of 2 examples; the measure
-is the NLL of 50 held-out worked solutions (about 120 tokens each). See the README for why.
+is the NLL of 50 held-out worked solutions (about 120 tokens each). See docs/eval.md for why.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import gc
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -27,11 +26,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import scipy.stats
-import torch
-
 from qdora.data import DEMO_DATA, Record, load_records
+from qdora.eval.answers import (  # noqa: F401  (extract_number, same_number: also from here)
+    extract_answer,
+    extract_number,
+    generation_accuracy,
+    math_accuracy,
+    same_number,
+)
 from qdora.eval.common import peft_on_qdora_nf4, proc_status, reset_peak_rss
+from qdora.eval.comparison import markdown, separation, separation_markdown, summarize
 
 METHODS = {
     # name: (qdora method, extra TrainConfig fields, PEFT peer?); "half_rank" and "vera" are resolved
@@ -112,56 +116,6 @@ def test_records(task: str, data_dir: str | None, items: int) -> list[Record]:
     else:
         path = Path(data_dir) / task / ("test.jsonl" if task == "gsm8k" else "test.json")
     return load_records(path)[:items]
-
-
-_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
-
-
-def extract_number(text: str) -> str | None:
-    """The final number in generated text (commas removed), as LLM-Adapters scores math answers."""
-    found = _NUMBER.findall(text)
-    return found[-1].replace(",", "").rstrip(".") if found else None
-
-
-def same_number(a: str | None, b: str | None) -> bool:
-    try:
-        return a is not None and b is not None and abs(float(a) - float(b)) < 1e-4
-    except ValueError:
-        return False
-
-
-def math_accuracy(model, tokenizer, records: list[Record], max_new_tokens: int = 256) -> float:
-    """GSM8K: greedy generation, exact match of the final number with the reference answer."""
-    texts = greedy_answers(model, tokenizer, records, max_new_tokens)
-    return sum(same_number(extract_number(t), r.label) for t, r in zip(texts, records)) / len(records)
-
-
-def extract_answer(text: str, options: list[str]) -> str:
-    """LLM-Adapters' extraction: the first answer label that appears in the generated text."""
-    found = re.findall("|".join(re.escape(o) for o in sorted(options, key=len, reverse=True)), text)
-    return found[0] if found else ""
-
-
-@torch.no_grad()
-def greedy_answers(model, tokenizer, records: list[Record], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of each record's prompt (eval mode; the mode is restored after)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    texts = []
-    for rec in records:
-        ids = tokenizer(rec.prompt, return_tensors="pt").input_ids.to(device)
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    model.train(was_training)
-    return texts
-
-
-def generation_accuracy(model, tokenizer, records: list[Record], max_new_tokens: int = 12) -> float:
-    from qdora.scoring import answer_options
-    texts = greedy_answers(model, tokenizer, records, max_new_tokens)
-    return sum(extract_answer(t, answer_options(r) or []) == r.label for t, r in zip(texts, records)) / len(records)
 
 
 def _peft_builder(use_dora: bool):
@@ -290,88 +244,6 @@ def analyze_runs(hc: HarnessConfig, methods: list[str]) -> dict:
     if groups:
         plot_panels({f"{m}:": rows for m, rows in groups.items()}, out / "delta_md.png")
     return fits
-
-
-def _mean_std(values: list[float]) -> dict:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
-def summarize(rows: list[dict]) -> dict:
-    out = {}
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
-        s = {k: _mean_std([r[k] for r in mine]) for k in
-             ("trainable_params", "peak_rss_growth_mib", "median_step_s", "tokens_per_s", "final_train_loss")}
-        for task in mine[0]["tasks"]:
-            for k in ("acc_loglik", "acc_generate", "answer_nll", "answer_ppl"):
-                if k in mine[0]["tasks"][task]:
-                    s[f"{task}/{k}"] = _mean_std([r["tasks"][task][k] for r in mine])
-        out[method] = s
-    return out
-
-
-def separation(rows: list[dict], task: str, metric: str = "answer_nll") -> list[dict]:
-    """Every pair of methods compared on `task`/`metric`, paired by seed (same seed: same data order).
-
-    For the per-seed differences `d = a − b`: mean, sample std, and the paired t statistic
-    `mean / (std / sqrt(n))`; `separated` is `|t|` above the two-sided 95% Student-t quantile with
-    `n − 1` degrees of freedom, i.e. the difference is larger than seed noise explains. Pairs with
-    fewer than 2 common seeds get `separated = None`."""
-    values: dict[str, dict[int, float]] = {}
-    for r in rows:
-        v = r["tasks"].get(task, {}).get(metric)
-        if v is not None:
-            values.setdefault(r["method"], {})[r["seed"]] = v
-    out = []
-    names = list(values)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            seeds = sorted(set(values[a]) & set(values[b]))
-            d = [values[a][k] - values[b][k] for k in seeds]
-            entry = {"a": a, "b": b, "task": task, "metric": metric, "n": len(d),
-                     "mean_diff": statistics.fmean(d) if d else None, "std": None, "t": None, "separated": None}
-            if len(d) >= 2:
-                sd = statistics.stdev(d)
-                entry["std"] = sd
-                entry["t"] = math.inf if sd == 0 and entry["mean_diff"] != 0 else (
-                    0.0 if sd == 0 else entry["mean_diff"] / (sd / math.sqrt(len(d))))
-                entry["separated"] = bool(abs(entry["t"]) > scipy.stats.t.ppf(0.975, len(d) - 1))
-            out.append(entry)
-    return out
-
-
-def separation_markdown(pairs: list[dict]) -> str:
-    lines = ["| a | b | mean(a − b) | std over seeds | paired t | seeds | beyond seed noise (95%) |",
-             "|---|---|---|---|---|---|---|"]
-    for p in pairs:
-        fmt = lambda v, d=4: "-" if v is None else f"{v:+.{d}f}"  # noqa: E731
-        sep = "-" if p["separated"] is None else ("yes" if p["separated"] else "no")
-        lines.append(f"| {p['a']} | {p['b']} | {fmt(p['mean_diff'])} | {fmt(p['std'])} | {fmt(p['t'], 1)} | "
-                     f"{p['n']} | {sep} |")
-    return "\n".join(lines) + "\n"
-
-
-def markdown(summary: dict, tasks: list[str]) -> str:
-    def fmt(stat, digits=3):
-        if stat["mean"] is None:
-            return "-"
-        return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["n"] > 1 else "")
-    head = ["method", "trainable", "peak RSS growth (MiB)", "step (s)", "tok/s", "final loss"]
-    for t in tasks:
-        head += [f"{t} acc (LL)", f"{t} acc (gen)", f"{t} answer NLL"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, s in summary.items():
-        cells = [method, f"{s['trainable_params']['mean']:,.0f}", fmt(s["peak_rss_growth_mib"], 0),
-                 fmt(s["median_step_s"], 2), fmt(s["tokens_per_s"], 0), fmt(s["final_train_loss"])]
-        for t in tasks:
-            cells += [fmt(s.get(f"{t}/acc_loglik", {"mean": None})), fmt(s.get(f"{t}/acc_generate", {"mean": None})),
-                      fmt(s.get(f"{t}/answer_nll", {"mean": None}))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def plot_losses(rows: list[dict], path: Path) -> bool:

@@ -1,0 +1,91 @@
+"""Methods compared across seeds: means and spreads, every pair of methods by a paired t-test over
+seeds (same seed: same data order), and the Markdown tables of the report."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import scipy.stats
+
+
+def _mean_std(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def summarize(rows: list[dict]) -> dict:
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        s = {k: _mean_std([r[k] for r in mine]) for k in
+             ("trainable_params", "peak_rss_growth_mib", "median_step_s", "tokens_per_s", "final_train_loss")}
+        for task in mine[0]["tasks"]:
+            for k in ("acc_loglik", "acc_generate", "answer_nll", "answer_ppl"):
+                if k in mine[0]["tasks"][task]:
+                    s[f"{task}/{k}"] = _mean_std([r["tasks"][task][k] for r in mine])
+        out[method] = s
+    return out
+
+
+def separation(rows: list[dict], task: str, metric: str = "answer_nll") -> list[dict]:
+    """Every pair of methods compared on `task`/`metric`, paired by seed (same seed: same data order).
+
+    For the per-seed differences `d = a − b`: mean, sample std, and the paired t statistic
+    `mean / (std / sqrt(n))`; `separated` is `|t|` above the two-sided 95% Student-t quantile with
+    `n − 1` degrees of freedom, i.e. the difference is larger than seed noise explains. Pairs with
+    fewer than 2 common seeds get `separated = None`."""
+    values: dict[str, dict[int, float]] = {}
+    for r in rows:
+        v = r["tasks"].get(task, {}).get(metric)
+        if v is not None:
+            values.setdefault(r["method"], {})[r["seed"]] = v
+    out = []
+    names = list(values)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            seeds = sorted(set(values[a]) & set(values[b]))
+            d = [values[a][k] - values[b][k] for k in seeds]
+            entry = {"a": a, "b": b, "task": task, "metric": metric, "n": len(d),
+                     "mean_diff": statistics.fmean(d) if d else None, "std": None, "t": None, "separated": None}
+            if len(d) >= 2:
+                sd = statistics.stdev(d)
+                entry["std"] = sd
+                entry["t"] = math.inf if sd == 0 and entry["mean_diff"] != 0 else (
+                    0.0 if sd == 0 else entry["mean_diff"] / (sd / math.sqrt(len(d))))
+                entry["separated"] = bool(abs(entry["t"]) > scipy.stats.t.ppf(0.975, len(d) - 1))
+            out.append(entry)
+    return out
+
+
+def separation_markdown(pairs: list[dict]) -> str:
+    lines = ["| a | b | mean(a − b) | std over seeds | paired t | seeds | beyond seed noise (95%) |",
+             "|---|---|---|---|---|---|---|"]
+    for p in pairs:
+        fmt = lambda v, d=4: "-" if v is None else f"{v:+.{d}f}"  # noqa: E731
+        sep = "-" if p["separated"] is None else ("yes" if p["separated"] else "no")
+        lines.append(f"| {p['a']} | {p['b']} | {fmt(p['mean_diff'])} | {fmt(p['std'])} | {fmt(p['t'], 1)} | "
+                     f"{p['n']} | {sep} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(summary: dict, tasks: list[str]) -> str:
+    def fmt(stat, digits=3):
+        if stat["mean"] is None:
+            return "-"
+        return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["n"] > 1 else "")
+    head = ["method", "trainable", "peak RSS growth (MiB)", "step (s)", "tok/s", "final loss"]
+    for t in tasks:
+        head += [f"{t} acc (LL)", f"{t} acc (gen)", f"{t} answer NLL"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, s in summary.items():
+        cells = [method, f"{s['trainable_params']['mean']:,.0f}", fmt(s["peak_rss_growth_mib"], 0),
+                 fmt(s["median_step_s"], 2), fmt(s["tokens_per_s"], 0), fmt(s["final_train_loss"])]
+        for t in tasks:
+            cells += [fmt(s.get(f"{t}/acc_loglik", {"mean": None})), fmt(s.get(f"{t}/acc_generate", {"mean": None})),
+                      fmt(s.get(f"{t}/answer_nll", {"mean": None}))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
