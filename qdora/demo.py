@@ -21,7 +21,7 @@ MARKER = ".qdora-demo"
 """A file the demo writes first into its folder: a folder holding it may be replaced by a new demo run."""
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qdora demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo",
@@ -34,12 +34,67 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-items", type=int, default=40, help="held-out ARC-Easy items scored (max 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    return p
 
+
+def _claim_folder(out: Path) -> str | None:
+    """Make `out` this demo's folder (an earlier demo's output there is replaced); the error, if not."""
+    from qdora.safetensors_io import check_output_dir
+    try:
+        check_output_dir(out, "--out")
+    except ValueError as err:
+        return str(err)
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            return (f"{out} is not empty and is not the output of an earlier demo; remove it or pass --out to "
+                    "another folder")
+        print(f"replacing the previous demo's output in {out}", flush=True)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by `qdora demo`; a new demo run replaces this folder\n")
+    return None
+
+
+def _reload_and_ask(model, tok, merged_dir: Path, prompt: str) -> tuple[float, str]:
+    """Reload the merged checkpoint with plain transformers: its logits' largest difference from the
+    adapted model's (relative to their largest), and its greedy answer to `prompt`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    probe = tok(prompt, return_tensors="pt").input_ids
+    model.eval()
+    with torch.no_grad():
+        adapted_logits = model(probe).logits.float()
+    plain = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    plain_tok = AutoTokenizer.from_pretrained(merged_dir)
+    with torch.no_grad():
+        merged_logits = plain(probe).logits.float()
+        generated = plain.generate(probe, max_new_tokens=12, do_sample=False,
+                                   pad_token_id=plain_tok.pad_token_id or plain_tok.eos_token_id)
+    answer = plain_tok.decode(generated[0, probe.shape[1]:], skip_special_tokens=True).strip()
+    return ((merged_logits - adapted_logits).abs().max() / adapted_logits.abs().max()).item(), answer
+
+
+def _print_report(report: dict, out: Path, merged_dir: Path, prompt: str) -> None:
+    r = report
+    print()
+    print(f"held-out ARC-Easy ({r['eval_items']} items)      before    after")
+    print(f"  accuracy (option log-likelihood)   {r['accuracy_before']:6.3f}   {r['accuracy_after']:6.3f}")
+    print(f"  answer NLL per token               {r['answer_nll_before']:6.3f}   {r['answer_nll_after']:6.3f}")
+    print(f"train loss, first/last 5 steps: {r['train_loss_first5']:.3f} / {r['train_loss_last5']:.3f}; "
+          f"median step {r['median_step_s']:.2f} s")
+    print(f"merged checkpoint: {merged_dir} (logits vs the adapted model: max rel. diff "
+          f"{r['merged_vs_adapted_max_rel_logit_diff']:.1e}, bf16 weights)")
+    question = prompt.split("### Instruction:\n")[-1].split("\n\n### Response:")[0]
+    print(f"\nQ: {question}\nreference: {r['reference']}\nmerged model (plain transformers): {r['generated']}")
+    print(f"\ndone in {r['seconds']:.0f} s; everything is in {out}/ (report: {out / 'demo.json'}; "
+          f"run again to replace it)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     from qdora.data import DEMO_DATA, load_records
-    from qdora.loading import convert_gguf, smollm2_gguf_path
+    from qdora.loading import convert_gguf, load_model, smollm2_gguf_path
     from qdora.merge import merge_and_save
-    from qdora.safetensors_io import check_output_dir, write_text_atomic
+    from qdora.safetensors_io import write_text_atomic
     from qdora.scoring import score_multiple_choice
     from qdora.train import TrainConfig, read_metrics, train
 
@@ -49,36 +104,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qdora demo: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    try:
-        check_output_dir(out, "--out")
-    except ValueError as err:
-        print(f"qdora demo: error: {err}", file=sys.stderr)
+    problem = _claim_folder(out)
+    if problem:
+        print(f"qdora demo: error: {problem}", file=sys.stderr)
         return 2
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
-            print(f"qdora demo: error: {out} is not empty and is not the output of an earlier demo; remove it or "
-                  "pass --out to another folder", file=sys.stderr)
-            return 2
-        print(f"replacing the previous demo's output in {out}", flush=True)
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by `qdora demo`; a new demo run replaces this folder\n")
     t_all = time.perf_counter()
     progress = not args.no_progress
     base = convert_gguf(gguf, progress)
     test = load_records(DEMO_DATA / "arc_easy_test.json")[: args.eval_items]
-
     cfg = TrainConfig(model=str(base), data=str(DEMO_DATA / "arc_easy_train.json"), out=str(out / "run"),
                       method="qdora", r=args.r, alpha=2 * args.r, dropout=0.05, lr=args.lr,
                       max_steps=args.steps, batch_size=args.batch_size, cutoff_len=256,
                       warmup_steps=max(1, args.steps // 10), save_every=args.steps, seed=args.seed,
                       progress=progress)
+
     print(f"1/4 scoring {len(test)} held-out ARC-Easy items with the NF4 base (before fine-tuning)", flush=True)
-    from qdora.loading import load_model
     model, tok = load_model(base, method="qdora", cfg=cfg.adapter_config(), progress=False)
     before = score_multiple_choice(model, tok, test)
     del model
-
     print(f"2/4 fine-tuning with QDoRA: {args.steps} steps × {args.batch_size} examples", flush=True)
     summary = train(cfg)
     if summary["interrupted"] is not None:
@@ -87,30 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = summary["model"], summary["tokenizer"]
     after = score_multiple_choice(model, tok, test)
     metrics = read_metrics(out / "run")
-
     print("3/4 merging into a plain bf16 checkpoint", flush=True)
     merged_dir = merge_and_save(model, out / "merged", tokenizer=tok)
-    probe = tok(test[0].prompt, return_tensors="pt").input_ids
-    model.eval()
-    with torch.no_grad():
-        adapted_logits = model(probe).logits.float()
-
     print("4/4 reloading the merged checkpoint with plain transformers and generating", flush=True)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    plain = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    plain_tok = AutoTokenizer.from_pretrained(merged_dir)
-    with torch.no_grad():
-        merged_logits = plain(probe).logits.float()
-        generated = plain.generate(probe, max_new_tokens=12, do_sample=False,
-                                   pad_token_id=plain_tok.pad_token_id or plain_tok.eos_token_id)
-    answer = plain_tok.decode(generated[0, probe.shape[1]:], skip_special_tokens=True).strip()
-    rel = ((merged_logits - adapted_logits).abs().max() / adapted_logits.abs().max()).item()
+    rel, answer = _reload_and_ask(model, tok, merged_dir, test[0].prompt)
 
-    first = sum(m["loss"] for m in metrics[:5]) / min(5, len(metrics))
-    last = sum(m["loss"] for m in metrics[-5:]) / min(5, len(metrics))
     report = {
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized, then NF4)", "steps": args.steps,
-        "train_loss_first5": first, "train_loss_last5": last, "eval_items": len(test),
+        "train_loss_first5": sum(m["loss"] for m in metrics[:5]) / min(5, len(metrics)),
+        "train_loss_last5": sum(m["loss"] for m in metrics[-5:]) / min(5, len(metrics)), "eval_items": len(test),
         "accuracy_before": before.accuracy, "accuracy_after": after.accuracy,
         "answer_nll_before": before.answer_nll, "answer_nll_after": after.answer_nll,
         "median_step_s": sorted(m["step_s"] for m in metrics)[len(metrics) // 2],
@@ -118,16 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "generated": answer, "seconds": time.perf_counter() - t_all,
     }
     write_text_atomic(out / "demo.json", json.dumps(report, indent=1) + "\n")
-    print()
-    print(f"held-out ARC-Easy ({len(test)} items)      before    after")
-    print(f"  accuracy (option log-likelihood)   {before.accuracy:6.3f}   {after.accuracy:6.3f}")
-    print(f"  answer NLL per token               {before.answer_nll:6.3f}   {after.answer_nll:6.3f}")
-    print(f"train loss, first/last 5 steps: {first:.3f} / {last:.3f}; median step {report['median_step_s']:.2f} s")
-    print(f"merged checkpoint: {merged_dir} (logits vs the adapted model: max rel. diff {rel:.1e}, bf16 weights)")
-    question = test[0].prompt.split("### Instruction:\n")[-1].split("\n\n### Response:")[0]
-    print(f"\nQ: {question}\nreference: {test[0].response}\nmerged model (plain transformers): {answer}")
-    print(f"\ndone in {report['seconds']:.0f} s; everything is in {out}/ (report: {out / 'demo.json'}; "
-          f"run again to replace it)")
+    _print_report(report, out, merged_dir, test[0].prompt)
     return 0
 
 
