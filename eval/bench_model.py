@@ -26,12 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from qdora.config import AdapterConfig
-    from qdora.data import DEMO_DATA, SFTDataset, collate, load_records, pad_token_id
-    from qdora.eval.common import peft_on_qdora_nf4
-    from qdora.loading import convert_gguf, load_model, smollm2_gguf_path
+    from qdora.eval.common import benchmark_model, demo_batch, peft_on_qdora_nf4
+    from qdora.loading import load_model
     from qdora.train import prepare_for_training
 
-    path = args.model or str(convert_gguf(smollm2_gguf_path()))
+    path = benchmark_model(args.model)
     models, tok = {}, None
     for name in ("ours qdora", "ours qlora", "peft qdora", "peft qlora"):
         method = name.split()[1]
@@ -42,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             model, tok = peft_on_qdora_nf4(path, args.r, 2 * args.r, 0.05, method == "qdora", cfg.target_modules)
         prepare_for_training(model)
         models[name] = model
-    records = load_records(DEMO_DATA / "arc_easy_train.json")[: args.batch_size]
-    batch = collate(SFTDataset(records, tok, args.cutoff_len).examples, pad_token_id(tok))
+    batch = demo_batch(tok, args.batch_size, args.cutoff_len)
     tokens = int(batch["attention_mask"].sum())
     times: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(args.reps + 1):

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from qdora.eval.common import TARGETS, peft_on_bnb_4bit
+from qdora.eval.common import TARGETS, benchmark_model, demo_batch, peft_on_bnb_4bit
 
 VARIANTS = ("peft qlora", "peft qdora", "peft qdora patched", "qdora qdora")
 
@@ -162,22 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    from qdora.loading import check_model_path, convert_gguf, smollm2_gguf_path
-    if args.model:
-        check_model_path(args.model)
-    path = str(convert_gguf(args.model)) if args.model and args.model.endswith(".gguf") else \
-        args.model or str(convert_gguf(smollm2_gguf_path(), progress=False))
+    path = benchmark_model(args.model)
     if args.sft_child:
         return _sft_child(args.sft_child, path, args.r, args.sft_steps, args.batch_size, args.cutoff_len,
                           args.sft_adapter_dtype, args.sft_dropout, args.result)
     import torch
     from transformers import AutoTokenizer
 
-    from qdora.data import DEMO_DATA, SFTDataset, collate, load_records, pad_token_id
-
-    tok = AutoTokenizer.from_pretrained(path)
-    records = load_records(DEMO_DATA / "arc_easy_train.json")[: args.batch_size]
-    batch = collate(SFTDataset(records, tok, args.cutoff_len).examples, pad_token_id(tok))
+    batch = demo_batch(AutoTokenizer.from_pretrained(path), args.batch_size, args.cutoff_len)
     tokens = int(batch["attention_mask"].sum())
     report = {"model": path, "tokens_per_step": tokens, "threads": torch.get_num_threads(), "reps": args.reps,
               "steps": {}}

@@ -291,16 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.components:
         components(args.batch_size * 108, args.r)   # 108: mean tokens per example of the default batch
         return 0
-    from qdora.data import DEMO_DATA, SFTDataset, collate, load_records, pad_token_id
-    from qdora.loading import convert_gguf, smollm2_gguf_path
+    from qdora.eval.common import benchmark_model, demo_batch
 
-    path = args.model or str(convert_gguf(smollm2_gguf_path()))
+    path = benchmark_model(args.model)
     tok = None
     models = {}
     for name in names:
         models[name], tok = build(name, path, args.r, args.dropout)
-    records = load_records(DEMO_DATA / "arc_easy_train.json")[: args.batch_size]
-    batch = collate(SFTDataset(records, tok, args.cutoff_len).examples, pad_token_id(tok))
+    batch = demo_batch(tok, args.batch_size, args.cutoff_len)
     steps = {name: make_step(model, batch) for name, model in models.items()}
     tokens = int(batch["attention_mask"].sum())
     wall: dict[str, list[float]] = {k: [] for k in steps}

@@ -67,3 +67,20 @@ def reset_peak_rss() -> int | None:
         return proc_status("VmRSS")
     except OSError:
         return None
+
+
+def benchmark_model(path: str | None) -> str:
+    """The checkpoint folder a benchmark runs on: `path` (a `.gguf` file converted once), or
+    SmolLM2-135M-Instruct when none is given."""
+    from qdora.loading import check_model_path, resolve_checkpoint, smollm2_gguf_path
+    if path is None:
+        return str(resolve_checkpoint(smollm2_gguf_path(), progress=False))
+    check_model_path(path)
+    return str(resolve_checkpoint(path, progress=False))
+
+
+def demo_batch(tokenizer, batch_size: int, cutoff_len: int) -> dict[str, torch.Tensor]:
+    """The benchmarks' batch: the first `batch_size` examples of the bundled ARC-Easy slice."""
+    from qdora.data import DEMO_DATA, SFTDataset, collate, load_records, pad_token_id
+    records = load_records(DEMO_DATA / "arc_easy_train.json")[:batch_size]
+    return collate(SFTDataset(records, tokenizer, cutoff_len).examples, pad_token_id(tokenizer))
