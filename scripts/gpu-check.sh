@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# One command that checks every GPU path of qdora (docs/gpu.md): the GPU tests, `qdora bench kernels`,
+# `qdora bench layer`, and `qdora plan` against a measured training step of a synthetic
+# Llama-3-8B-shaped model; every figure goes to OUT/report.json and OUT/report.md.
+#
+#   scripts/gpu-check.sh [--quick] [--device cpu] [--out DIR] [--keep-going] [--only PARTS]
+#                        [--budget-scale X] [--no-setup]
+#
+#   --quick          ~3 minutes instead of ~8 (fewer shapes and layers, no slow tests)
+#   --device cpu     dry run: the same parts at tiny shapes on the CPU (no GPU needed)
+#   --out DIR        where the report, parts and logs go (default: gpu-report)
+#   --keep-going     run every part even after one fails (default: stop at the first failure)
+#   --only PARTS     comma-separated subset of: env, tests, bench-kernels, bench-layer, step
+#   --budget-scale X multiply every part's time budget by X (default 1)
+#   --no-setup       never run ./setup.sh (use .venv as it is)
+#
+# Without an NVIDIA GPU (and without --device cpu) it says so in one line and exits 0. With one,
+# it uses .venv if its torch sees the GPU, else creates it with ./setup.sh (TORCH_SPEC, default
+# torch==2.13.0 from PyPI, a CUDA build on Linux; the setup is outside the parts' budgets). Each part
+# runs in its own process group under `timeout` with its budget; on exit (normal, error, Ctrl-C or
+# SIGTERM) every process a part started is ended, found by a tag in its environment.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+
+MODE=full DEVICE=cuda OUT=gpu-report KEEP=0 ONLY="" SCALE=1 SETUP=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) MODE=quick ;;
+    --device) DEVICE=${2:-}; shift ;;
+    --device=*) DEVICE=${1#*=} ;;
+    --out) OUT=${2:-}; shift ;;
+    --out=*) OUT=${1#*=} ;;
+    --keep-going) KEEP=1 ;;
+    --only) ONLY=${2:-}; shift ;;
+    --only=*) ONLY=${1#*=} ;;
+    --budget-scale) SCALE=${2:-}; shift ;;
+    --budget-scale=*) SCALE=${1#*=} ;;
+    --no-setup) SETUP=0 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu-check: error: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+case "$DEVICE" in cuda|cpu) ;; *) echo "gpu-check: error: --device must be cuda or cpu, got '$DEVICE'" >&2; exit 2 ;; esac
+if [ -z "$OUT" ]; then echo "gpu-check: error: --out needs a folder" >&2; exit 2; fi
+
+if [ "$DEVICE" = cuda ] && ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; }; then
+  echo "gpu-check: no NVIDIA GPU here (nvidia-smi lists none): nothing run; use --device cpu for a dry run"
+  exit 0
+fi
+
+PY=.venv/bin/python
+torch_ok() {  # the venv's torch imports (and, for cuda, sees the GPU)
+  [ -x "$PY" ] && "$PY" -c "import sys, torch; sys.exit(0 if '$DEVICE' == 'cpu' or torch.cuda.is_available() else 1)" \
+    >/dev/null 2>&1
+}
+if ! torch_ok; then
+  if [ -x "$PY" ] && "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "gpu-check: error: .venv's torch $("$PY" -c 'import torch; print(torch.__version__)') cannot use the GPU;" \
+         "move .venv aside and run again (setup.sh then installs TORCH_SPEC, default torch==2.13.0)" >&2
+    exit 1
+  fi
+  if [ "$SETUP" = 0 ]; then echo "gpu-check: error: no usable .venv and --no-setup given" >&2; exit 1; fi
+  echo "gpu-check: setting up .venv (./setup.sh, TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}); not counted in the budgets"
+  if ! TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0} timeout 1800 ./setup.sh; then
+    echo "gpu-check: error: ./setup.sh failed" >&2; exit 1
+  fi
+  torch_ok || { echo "gpu-check: error: after setup, torch still cannot use the $DEVICE device" >&2; exit 1; }
+fi
+
+mkdir -p "$OUT/logs" "$OUT/parts" || exit 1
+rm -f "$OUT"/parts/* "$OUT"/logs/* "$OUT/status.jsonl" "$OUT/report.json" "$OUT/report.md"
+TAG="gpu-check-$$-$(date +%s%N)"
+PLAN=$("$PY" -m qdora.eval.gpu_check parts --mode "$MODE" --device "$DEVICE" --out "$OUT" --only "$ONLY" \
+       --budget-scale "$SCALE") || { echo "gpu-check: error: could not list the parts" >&2; exit 2; }
+NAMES=$(printf '%s\n' "$PLAN" | cut -f1 | paste -sd, -)
+printf '{"mode": "%s", "device": "%s", "started": "%s", "parts": ["%s"]}\n' "$MODE" "$DEVICE" \
+  "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${NAMES//,/\", \"}" > "$OUT/meta.json"
+
+tagged() {  # pids of every live process started by a part (they carry the tag in their environment)
+  local d
+  for d in /proc/[0-9]*; do
+    [ -O "$d" ] || continue  # this user's processes only
+    if { tr '\0' '\n' < "$d/environ"; } 2>/dev/null | grep -qx "QDORA_GPU_CHECK_TAG=$TAG"; then echo "${d#/proc/}"; fi
+  done
+}
+end_tagged() {  # TERM, then KILL, whatever a part left running
+  local pids
+  pids=$(tagged)
+  [ -z "$pids" ] && return 0
+  kill -TERM $pids 2>/dev/null
+  sleep 2
+  pids=$(tagged)
+  [ -n "$pids" ] && kill -KILL $pids 2>/dev/null
+  echo "gpu-check: ended $(echo $pids | wc -w) leftover process(es) of a part" >&2
+}
+CURRENT=""
+cleanup() {
+  if [ -n "$CURRENT" ]; then kill -TERM -- "-$CURRENT" 2>/dev/null; fi
+  end_tagged
+}
+trap 'cleanup' EXIT
+trap 'echo "gpu-check: interrupted" >&2; exit 130' INT TERM
+
+STOPPED=""
+while IFS=$'\t' read -r name budget cmd; do
+  log="$OUT/logs/$name.log"
+  echo "gpu-check: $name (budget ${budget} s) ..."
+  start=$(date +%s%N)
+  QDORA_GPU_CHECK_TAG=$TAG setsid --wait timeout --kill-after=10 "$budget" bash -c "$cmd" > "$log" 2>&1 &
+  CURRENT=$!
+  wait "$CURRENT"
+  rc=$?
+  CURRENT=""
+  end_tagged
+  ms=$(( ($(date +%s%N) - start) / 1000000 ))
+  secs="$((ms / 1000)).$(( (ms % 1000) / 100 ))"
+  printf '{"part": "%s", "rc": %d, "seconds": %s, "budget_s": %s, "log": "%s"}\n' \
+    "$name" "$rc" "$secs" "$budget" "$log" >> "$OUT/status.jsonl"
+  if [ "$rc" = 0 ]; then
+    printf 'gpu-check: %s: ok (%s s)\n' "$name" "$secs"
+  else
+    what="failed (exit status $rc)"
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] && what="ran past its ${budget} s budget"
+    printf 'gpu-check: %s: %s; log: %s\n' "$name" "$what" "$log"
+    tail -n 5 "$log" | sed 's/^/    /'
+    if [ "$KEEP" = 0 ]; then STOPPED=$name; break; fi
+  fi
+done <<< "$PLAN"
+[ -n "$STOPPED" ] && echo "gpu-check: stopped at $STOPPED (--keep-going runs the remaining parts anyway)"
+
+"$PY" -m qdora.eval.gpu_check report --out "$OUT"
