@@ -101,21 +101,65 @@ def _plan(args) -> int:
 
 
 def _add_merge(sub) -> None:
-    p = sub.add_parser("merge", help="dequantize-merge an adapter into a plain transformers checkpoint",
-                       description="Merge an adapter (qdora or PEFT format) into its base model and write a plain "
-                                   "transformers checkpoint (sharded safetensors, config, tokenizer).")
+    p = sub.add_parser("merge", help="merge an adapter into a model people can serve: plain, NF4 or GGUF",
+                       description="Merge an adapter (qdora or PEFT format) into its base model and write it as a "
+                                   "plain transformers checkpoint (sharded safetensors, config, tokenizer; the "
+                                   "default), re-quantized to NF4 (a bitsandbytes 4-bit checkpoint that transformers "
+                                   "loads as one), or as one GGUF file (Llama family).")
     p.add_argument("--model", required=True, help="the base model: checkpoint folder or .gguf")
     p.add_argument("--adapter", required=True, help="adapter folder (qdora or PEFT format)")
-    p.add_argument("--out", required=True, help="output folder for the merged checkpoint")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--out", required=True, help="output folder (with --format gguf it holds model-<quant>.gguf)")
+    p.add_argument("--format", default="safetensors", choices=("safetensors", "nf4", "gguf"),
+                   help="safetensors: plain checkpoint of --dtype tensors; nf4: merged weights re-quantized to "
+                        "bitsandbytes NF4 (blocksize 64); gguf: one GGUF file of type --quant (default: safetensors)")
+    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                   help="the merged tensors' dtype (nf4: of the unquantized tensors and the compute dtype; "
+                        "default bfloat16); not for --format gguf, whose type is --quant")
+    p.add_argument("--quant", default=None,
+                   help="GGUF type (--format gguf only; default q8_0): f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0")
+    p.add_argument("--double-quant", action="store_true",
+                   help="--format nf4: double-quantize the NF4 scales (bitsandbytes' compress_statistics)")
+    p.add_argument("--max-shard-size", default=None, help="safetensors shard size (default 2GB; not for gguf)")
     p.add_argument("--original", action="store_true",
                    help="merge onto the original weights of --model instead of their dequantized NF4 form")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--check", action="store_true",
-                   help="reload the merged checkpoint and report its logit difference from the adapted model "
-                        "(with --original: the difference the original weights make)")
+                   help="reload the export as a user would and report its drift from the adapted NF4 model on a "
+                        "probe text and held-out texts, beside the same figures for the unadapted base exported "
+                        "the same way (the floor the format alone costs)")
+    p.add_argument("--check-json", default=None, metavar="PATH", help="also write the --check figures as JSON "
+                                                                     "(implies --check)")
+    p.add_argument("--check-texts", type=int, default=8, metavar="N",
+                   help="held-out texts for --check (ARC-Easy and GSM8K test records; default 8)")
     p.set_defaults(func=_merge)
+
+
+def _merge_options(args) -> None:
+    """The format's options, checked before anything is read (ValueError with the way out)."""
+    if args.format == "gguf":
+        for flag, value in (("--dtype", args.dtype), ("--max-shard-size", args.max_shard_size)):
+            if value is not None:
+                raise ValueError(f"{flag} does not apply to --format gguf; choose the GGUF type with --quant")
+        if args.double_quant:
+            raise ValueError("--double-quant applies to --format nf4 only")
+        args.quant = args.quant or "q8_0"
+    else:
+        if args.quant is not None:
+            raise ValueError(f"--quant {args.quant} applies to --format gguf only (for 4-bit bitsandbytes weights "
+                             "use --format nf4)")
+        if args.double_quant and args.format != "nf4":
+            raise ValueError("--double-quant applies to --format nf4 only")
+        args.dtype = args.dtype or "bfloat16"
+        args.max_shard_size = args.max_shard_size or "2GB"
+    if args.check_texts < 1:
+        raise ValueError(f"--check-texts {args.check_texts} must be at least 1")
+    if args.check_json is not None:
+        args.check = True
+        path = Path(args.check_json)
+        if path.is_dir():
+            raise ValueError(f"--check-json {path} is a folder; give a file path")
+        from qdora.safetensors_io import check_output_dir
+        check_output_dir(path.resolve().parent, "the folder of --check-json")
 
 
 def _merge(args) -> int:
@@ -123,38 +167,68 @@ def _merge(args) -> int:
 
     from qdora.adapter_io import adapter_config, load_adapter, read_adapter
     from qdora.loading import check_model_path, load_model, resolve_checkpoint
-    from qdora.merge import merge_and_save
     from qdora.safetensors_io import check_output_dir, parse_size
 
-    # Every check that needs no model first: the output, the shard size, the adapter, the model path.
+    # Every check that needs no model first: the options, the output, the adapter, the model path,
+    # and for GGUF the type, the architecture and the tokenizer.
+    _merge_options(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file, not a folder; choose a folder")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it or choose another folder")
     check_output_dir(out.resolve().parent, "the folder of --out")  # the result is built beside it, then renamed
-    parse_size(args.max_shard_size)
+    if args.max_shard_size is not None:
+        parse_size(args.max_shard_size)
     fmt, meta, modules = read_adapter(args.adapter)
     check_model_path(args.model)
     base_path = resolve_checkpoint(args.model)
+    if args.format == "gguf":
+        from qdora.export_gguf import check_export
+        check_export(base_path, args.quant)
     # Rebuild the base exactly as training quantized it: the method comes from the adapter file
     # (PEFT files do not record it; QDoRA/QLoRA on an NF4 base is assumed).
     cfg = adapter_config(fmt, meta, modules, quantized=True)
     model, tokenizer = load_model(base_path, method=cfg.method, cfg=cfg, add=False)
     load_adapter(model, args.adapter, verbose=False)
-    out = merge_and_save(model, args.out, tokenizer=tokenizer, dtype=getattr(torch, args.dtype),
-                         max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                         original_checkpoint=base_path if args.original else None)
-    print(f"merged checkpoint written to {out}")
+    original = base_path if args.original else None
+
+    def export(path, adapted=True):
+        """Write the model (adapted=False: without its adapters) as asked into `path`; the folder to load."""
+        if args.format == "gguf":
+            from qdora.export_gguf import save_gguf
+            return save_gguf(model, path, tokenizer, quant=args.quant, original_checkpoint=original,
+                             overwrite=args.overwrite, adapted=adapted).parent
+        if args.format == "nf4":
+            from qdora.export_nf4 import save_nf4
+            return save_nf4(model, path, tokenizer, dtype=getattr(torch, args.dtype), double_quant=args.double_quant,
+                            max_shard_size=args.max_shard_size, original_checkpoint=original,
+                            overwrite=args.overwrite, adapted=adapted)
+        from qdora.merge import merge_and_save
+        return merge_and_save(model, path, tokenizer=tokenizer, dtype=getattr(torch, args.dtype),
+                              max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                              original_checkpoint=original, adapted=adapted)
+
+    out = export(args.out)
+    label = {"safetensors": args.dtype, "nf4": "nf4" + (" double-quant" if args.double_quant else ""),
+             "gguf": f"gguf {args.quant}"}[args.format]
+    print(f"merged model ({label}) written to {out}")
     if args.check:
-        from qdora.merge import logit_difference
+        from qdora.drift import drift_report, format_table, held_out_texts, write_json
         if tokenizer is None:
             print("--check needs a tokenizer next to the base model; skipped", file=sys.stderr)
             return 0
-        d = logit_difference(model, out, tokenizer)
+        report = drift_report(model, tokenizer, out, args.format, export_base=lambda p: export(p, adapted=False),
+                              texts=held_out_texts(args.check_texts))
+        report["label"] = label
+        d = report["adapted"]["probe"]
         base = "original weights" if args.original else "dequantized NF4 weights"
         print(f"logits, merged on the {base} vs the adapted NF4 model, over {d['tokens']} tokens: "
               f"max abs {d['max_abs']:.3e} (relative {d['max_rel']:.2e}), mean abs {d['mean_abs']:.3e}")
+        print(format_table(report, label))
+        if args.check_json:
+            write_json(report, args.check_json)
+            print(f"drift figures written to {args.check_json}")
     return 0
 
 

@@ -18,9 +18,11 @@ from typing import Callable
 import bitsandbytes as bnb
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from qdora.hf_config import plain_config
 from qdora.layer import QDoRALinear
+from qdora.loading import CheckpointReader
 from qdora.nf4 import RowBlocks
 from qdora.safetensors_io import TensorSpec, atomic_dir, parse_size, write_streaming, write_text_atomic
 
@@ -61,8 +63,10 @@ def merged_weight(layer: QDoRALinear, dtype: torch.dtype = torch.bfloat16,
     return out.to(dtype)
 
 
-def _plan(model: nn.Module, dtype: torch.dtype, original: Callable[[str], torch.Tensor] | None):
-    """(spec, producer) for every tensor of the merged checkpoint, in module order, tied tensors once."""
+def _plan(model: nn.Module, dtype: torch.dtype, original: Callable[[str], torch.Tensor] | None,
+          adapted: bool = True):
+    """(spec, producer) for every tensor of the merged checkpoint, in module order, tied tensors once.
+    `adapted=False`: the adapted layers' base weights instead (the unadapted model, exported the same way)."""
     plan: list[tuple[TensorSpec, Callable[[], torch.Tensor]]] = []
     seen: set[int] = set()
     skip_prefixes: list[str] = []
@@ -77,8 +81,12 @@ def _plan(model: nn.Module, dtype: torch.dtype, original: Callable[[str], torch.
         if isinstance(mod, QDoRALinear):
             skip_prefixes.append(prefix)
             base = (lambda k=f"{prefix}weight": original(k)) if original else (lambda: None)
-            add(f"{prefix}weight", (mod.out_features, mod.in_features),
-                lambda m=mod, base=base: merged_weight(m, dtype, base()))
+            if adapted:
+                add(f"{prefix}weight", (mod.out_features, mod.in_features),
+                    lambda m=mod, base=base: merged_weight(m, dtype, base()))
+            else:
+                add(f"{prefix}weight", (mod.out_features, mod.in_features),
+                    lambda m=mod, base=base: (base() if original else m.dequantized_base(torch.float32)).to(dtype))
             if mod.base_layer.bias is not None:
                 add(f"{prefix}bias", mod.base_layer.bias.shape, lambda b=mod.base_layer.bias: b.detach().to(dtype))
             continue
@@ -107,22 +115,45 @@ def _plan(model: nn.Module, dtype: torch.dtype, original: Callable[[str], torch.
     return plan
 
 
+def linear_weight_keys(model: nn.Module) -> set[str]:
+    """The checkpoint keys of the weights of the linear layers qdora holds in NF4 or adapts
+    (`QDoRALinear`, `bnb.nn.Linear4bit`): the ones an NF4 export quantizes."""
+    keys, skip = set(), []
+    for name, mod in model.named_modules():
+        if any(name.startswith(p) for p in skip):
+            continue
+        if isinstance(mod, (QDoRALinear, bnb.nn.Linear4bit)):
+            prefix = f"{name}." if name else ""
+            skip.append(prefix)
+            keys.add(f"{prefix}weight")
+    return keys
+
+
+def merged_tensors(model: nn.Module, dtype: torch.dtype = torch.float32, original_checkpoint=None,
+                   adapted: bool = True) -> list[tuple[TensorSpec, Callable[[], torch.Tensor]]]:
+    """Every tensor of the merged model as `(spec, producer)`, in module order, tied tensors once:
+    a producer builds its tensor (a merged layer: row block by row block) only when called, so an
+    exporter holds one at a time. `original_checkpoint`: merge onto that folder's original weights;
+    `adapted=False`: the base weights, without the adapters."""
+    original = None
+    if original_checkpoint is not None:
+        reader = CheckpointReader(original_checkpoint)
+        original = lambda key: reader.get(key).float()  # noqa: E731
+    return _plan(model, dtype, original, adapted)
+
+
 def merge_and_save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, dtype: torch.dtype = torch.bfloat16,
                    max_shard_size: int | str = "2GB", original_checkpoint: str | os.PathLike | None = None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, adapted: bool = True) -> Path:
     """Write `model` with its adapters merged as a plain transformers checkpoint in `out_dir`:
     config (no quantization settings), generation config, tokenizer (if given), and sharded
     safetensors with an index. `original_checkpoint`: merge onto the original weights of that
-    checkpoint folder instead of the dequantized NF4 ones."""
+    checkpoint folder instead of the dequantized NF4 ones. `adapted=False`: the base model without
+    its adapters (the floor a drift check compares with)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) or choose another folder")
-    original = None
-    if original_checkpoint is not None:
-        from qdora.loading import CheckpointReader
-        reader = CheckpointReader(original_checkpoint)
-        original = lambda key: reader.get(key).float()  # noqa: E731
-    plan = _plan(model, dtype, original)
+    plan = merged_tensors(model, dtype, original_checkpoint, adapted)
     limit = parse_size(max_shard_size)
     shards: list[list[tuple[TensorSpec, Callable]]] = [[]]
     size = 0
@@ -132,7 +163,6 @@ def merge_and_save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
             size = 0
         shards[-1].append(item)
         size += item[0].nbytes
-    from tqdm.auto import tqdm
 
     with atomic_dir(out_dir) as tmp:
         weight_map = {}
@@ -167,7 +197,7 @@ PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Fine-tuning changes w
 def logit_difference(model: nn.Module, merged_dir: str | os.PathLike, tokenizer, text: str = PROBE_TEXT) -> dict:
     """Reload `merged_dir` with plain transformers (fp32) and compare its logits on `text` with the
     in-memory adapted `model`'s. Returns max/mean absolute and max relative differences."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy, used here only
 
     ids = tokenizer(text, return_tensors="pt").input_ids
     device = next(model.parameters()).device
