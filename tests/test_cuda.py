@@ -644,3 +644,91 @@ def test_checkpoint_holds_the_8bit_optimizer_state(tmp_path, device):
     opt.step()
     opt2.step()
     assert torch.equal(other.weight, model.weight)
+
+
+# ---- scripts/gpu-check.sh itself, on the CPU ------------------------------------------------------
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu-check.sh"
+
+
+def _run_script(*args, env=None, timeout=300):
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env or dict(os.environ))
+
+
+def test_gpu_check_budgets_fit_its_time_limits():
+    from qdora.eval.gpu_check import BUDGETS, LIMIT_S, PARTS, part_commands
+    root = SCRIPT.parent.parent
+    for mode in ("full", "quick"):
+        parts = part_commands(mode, "cuda", "out")
+        assert [p[0] for p in parts] == list(PARTS)
+        assert sum(p[1] for p in parts) <= LIMIT_S[mode] - 10, (mode, [p[1] for p in parts])
+        tests = parts[1][2]
+        assert "tests/test_cuda.py" in tests
+        assert all((root / t).is_file() for t in tests.split() if t.startswith("tests/"))
+    assert "tests/test_kernels.py" in part_commands("full", "cuda", "out")[1][2]  # compiled Triton on a GPU
+    assert [p[1] for p in part_commands("quick", "cpu", "out")] == [BUDGETS["cpu"][n] for n in PARTS]
+    with pytest.raises(ValueError, match="mode='slow'"):
+        part_commands("slow", "cuda", "out")
+
+
+def test_gpu_check_without_a_gpu_says_so_and_runs_nothing(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\nexit 9\n")   # a driver tool that finds no GPU
+    (fake / "nvidia-smi").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}")
+    proc = _run_script("--out", str(tmp_path / "report"), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines() == [
+        "gpu-check: no NVIDIA GPU here (nvidia-smi lists none): nothing run; use --device cpu for a dry run"]
+    assert not (tmp_path / "report").exists()
+
+
+def test_gpu_check_rejects_unknown_options():
+    proc = _run_script("--fast")
+    assert proc.returncode == 2 and proc.stderr.strip() == "gpu-check: error: unknown option --fast (see --help)"
+
+
+@pytest.mark.slow
+def test_gpu_check_stops_at_the_first_failing_part_with_its_log(tmp_path):
+    """A part past its budget is ended (with everything it started) and the run stops there; the
+    report names the part and its log, and lists what did not run."""
+    out = tmp_path / "report"
+    proc = _run_script("--device", "cpu", "--no-setup", "--only", "env,bench-kernels", "--budget-scale", "0.001",
+                       "--out", str(out))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    log = out / "logs" / "env.log"
+    assert f"gpu-check: env: ran past its 0.1 s budget; log: {log}" in proc.stdout
+    status = [json.loads(line) for line in (out / "status.jsonl").read_text().splitlines()]
+    assert [(s["part"], s["rc"]) for s in status] == [("env", 124)]
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"] == f"failed: env (log: {log})" and report["not_run"] == ["bench-kernels"]
+    assert "| bench-kernels | not run |" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """`scripts/gpu-check.sh --device cpu`: every part at tiny shapes, every figure in the report,
+    `qdora plan` within the tolerance of the measured CPU step."""
+    out = tmp_path / "report"
+    proc = _run_script("--device", "cpu", "--no-setup", "--out", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"] == "passed" and report["not_run"] == []
+    parts = {p["part"]: p for p in report["parts"]}
+    assert list(parts) == ["env", "tests", "bench-kernels", "bench-layer", "step"]
+    assert all(p["ok"] and p["seconds"] <= p["budget_s"] for p in parts.values())
+    assert parts["env"]["figures"]["cuda_available"] is False
+    tests = parts["tests"]["figures"]
+    assert tests["failed"] == 0 and tests["skipped"] > 10          # the GPU tests, skipped on CPU
+    assert set(parts["bench-kernels"]["figures"][0]["results"]) == {"dequantize", "norm terms", "epilogue",
+                                                                     "epilogue bwd"}
+    assert "ours qdora" in parts["bench-layer"]["figures"][0]["results"]
+    step = parts["step"]["figures"]
+    assert [r["method"] for r in step["rows"]] == ["qdora", "qlora"] and step["ok"]
+    for row in step["rows"]:
+        assert abs(row["error"]) <= step["tolerance"] and row["measured_bytes"] > 0 and row["step_s"] > 0
+    assert not (out / "work" / "synthetic-checkpoint").exists()   # the synthetic checkpoint is removed
+    md = (out / "report.md").read_text()
+    assert md.startswith("# GPU check\n\n**passed**") and "| step | ok |" in md
