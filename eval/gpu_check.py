@@ -33,12 +33,26 @@ import gc
 import json
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import bitsandbytes
 import torch
+import transformers
+
+import qdora
+from qdora.config import AdapterConfig
+from qdora.eval import bench_kernels, bench_layer
+from qdora.eval.memory import peak_bytes, tensor_bytes
+from qdora.loading import load_model
+from qdora.model_shapes import PRESETS, ModelShape
+from qdora.plan import PlanConfig, plan
+from qdora.safetensors_io import write_text_atomic
+from qdora.train import prepare_for_training
 
 PARTS = ("env", "tests", "bench-kernels", "bench-layer", "step")
 # Seconds per part. Full: 470 s in all, under the 8 minutes the whole check may take on one H200;
@@ -92,21 +106,17 @@ def part_commands(mode: str, device: str, out: str, python: str = sys.executable
 
 def environment() -> dict:
     """Versions and the device, as this run sees them."""
-    import bitsandbytes
-    import transformers
-
-    import qdora
     info = {"python": platform.python_version(), "qdora": qdora.__version__, "torch": torch.__version__,
             "torch_cuda": torch.version.cuda, "bitsandbytes": bitsandbytes.__version__,
             "transformers": transformers.__version__, "cuda_available": torch.cuda.is_available(),
             "host": platform.node(), "cpu_threads": torch.get_num_threads()}
     try:
-        import triton
+        import triton  # optional: not installed everywhere
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
     try:
-        import peft
+        import peft  # optional: the dev extra
         info["peft"] = peft.__version__
     except ImportError:
         info["peft"] = None
@@ -122,7 +132,6 @@ def environment() -> dict:
 
 def step_shape(device: str, layers: int):
     """Llama-3-8B's dimensions with `layers` decoder layers (CUDA), or a tiny Llama-3 shape (CPU)."""
-    from qdora.model_shapes import PRESETS, ModelShape
     base = PRESETS["llama-3-8b"] if device == "cuda" else ModelShape("tiny-llama3", 64, 224, 2, 8, 2, 1024, False)
     return dataclasses.replace(base, name=f"{base.name} ({layers} layers)", layers=layers)
 
@@ -130,8 +139,8 @@ def step_shape(device: str, layers: int):
 def write_checkpoint(shape, folder: Path, device: str, seed: int = 0) -> Path:
     """A safetensors checkpoint of `shape` with random bf16 weights (std 0.02, norms 1), one shard per
     decoder layer plus one for the rest; drawn on `device`, written from host memory a shard at a time."""
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from safetensors.torch import save_file  # only the step part writes a checkpoint
+    from transformers import LlamaConfig, LlamaForCausalLM  # only the step part builds a model
 
     config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                          num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
@@ -167,11 +176,6 @@ def write_checkpoint(shape, folder: Path, device: str, seed: int = 0) -> Path:
 
 def measure_step(folder: Path, method: str, shape, args, device: torch.device) -> dict:
     """Load `folder` for `method` as `qdora train` does and measure its training step."""
-    from qdora.config import AdapterConfig
-    from qdora.eval.memory import peak_bytes, tensor_bytes
-    from qdora.loading import load_model
-    from qdora.plan import PlanConfig, plan
-    from qdora.train import prepare_for_training
 
     cfg = AdapterConfig(method=method, r=args.r, alpha=2.0 * args.r, dropout=args.dropout, adapter_dtype="float32")
     torch.manual_seed(0)
@@ -241,7 +245,6 @@ def _free(device: torch.device) -> None:
 
 
 def run_step(args) -> int:
-    import shutil
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check step: --device cuda, but torch sees no CUDA device")
@@ -300,7 +303,6 @@ def format_step(res: dict) -> str:
 # ---- report ---------------------------------------------------------------------------------------
 
 def _junit(path: Path) -> dict | None:
-    import xml.etree.ElementTree as ET
     if not path.is_file():
         return None
     root = ET.parse(path).getroot()
@@ -350,7 +352,6 @@ def build_report(out: Path) -> dict:
 
 
 def format_report(rep: dict) -> str:
-    from qdora.eval import bench_kernels, bench_layer
     lines = ["# GPU check", "",
              f"**{rep['verdict']}** — mode {rep.get('mode', '?')}, device {rep.get('device', '?')}, "
              f"{rep['seconds']:.0f} s of parts, started {rep.get('started', '?')}", "",
@@ -380,7 +381,6 @@ def format_report(rep: dict) -> str:
 
 
 def write_report(out: Path) -> dict:
-    from qdora.safetensors_io import write_text_atomic
     rep = build_report(out)
     write_text_atomic(out / "report.json", json.dumps(rep, indent=1) + "\n")
     write_text_atomic(out / "report.md", format_report(rep))

@@ -8,7 +8,7 @@
 #
 #   --quick          ~3 minutes instead of ~8 (fewer shapes and layers, no slow tests)
 #   --device cpu     dry run: the same parts at tiny shapes on the CPU (no GPU needed)
-#   --out DIR        where the report, parts and logs go (default: gpu-report)
+#   --out DIR        where the report, parts and logs go (default: runs/gpu-check, git-ignored)
 #   --keep-going     run every part even after one fails (default: stop at the first failure)
 #   --only PARTS     comma-separated subset of: env, tests, bench-kernels, bench-layer, step
 #   --budget-scale X multiply every part's time budget by X (default 1)
@@ -22,7 +22,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
-MODE=full DEVICE=cuda OUT=gpu-report KEEP=0 ONLY="" SCALE=1 SETUP=1
+MODE=full DEVICE=cuda OUT=runs/gpu-check KEEP=0 ONLY="" SCALE=1 SETUP=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) MODE=quick ;;
