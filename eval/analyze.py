@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import os
 import re
 from pathlib import Path
 
 import torch
+
+from qdora.adapter_io import adapter_config, load_adapter, read_adapter
+from qdora.layer import QDoRALinear
+from qdora.loading import CheckpointReader, load_model
+from qdora.merge import merged_weight
+from qdora.safetensors_io import write_text_atomic
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -42,8 +49,6 @@ def _module_of(name: str) -> tuple[str, int | None]:
 
 def weight_pairs(base: str | os.PathLike, tuned: str | os.PathLike, modules: tuple[str, ...]):
     """Yield (module name, W0, Wt) for the linear weights of `modules` (leaf names)."""
-    from qdora.adapter_io import read_adapter
-    from qdora.loading import CheckpointReader
 
     tuned = Path(tuned)
     if (tuned / "config.json").is_file():  # a full checkpoint: compare with the original base weights
@@ -53,10 +58,6 @@ def weight_pairs(base: str | os.PathLike, tuned: str | os.PathLike, modules: tup
             if key.endswith(".weight") and _module_of(name)[0] in modules and key in a.file_of:
                 yield name, a.get(key).float(), b.get(key).float()
         return
-    from qdora.adapter_io import adapter_config, load_adapter
-    from qdora.layer import QDoRALinear
-    from qdora.loading import load_model
-    from qdora.merge import merged_weight
 
     fmt, meta, found = read_adapter(tuned)
     cfg = adapter_config(fmt, meta, found, quantized=True)
@@ -92,9 +93,7 @@ def fit(rows: list[dict]) -> dict:
 
 
 def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
-    import io
 
-    from qdora.safetensors_io import write_text_atomic
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["checkpoint", "module", "layer", "name", "delta_m", "delta_d"])
     writer.writeheader()
@@ -135,9 +134,9 @@ def plot_panels(groups: dict[str, list[dict]], path: str | os.PathLike) -> bool:
     """One `plot` panel per group (e.g. per method, as the paper's Fig. 2), side by side, sharing the
     layer colour scale. Returns False (and writes nothing) when matplotlib is not installed."""
     try:
-        import matplotlib
+        import matplotlib  # optional: plots only
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional: plots only
     except ImportError:
         return False
     groups = {k: v for k, v in groups.items() if v}

@@ -8,6 +8,7 @@ import re
 import torch
 
 from qdora.data import Record
+from qdora.scoring import answer_options
 
 _NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
 
@@ -54,6 +55,5 @@ def greedy_answers(model, tokenizer, records: list[Record], max_new_tokens: int)
 
 
 def generation_accuracy(model, tokenizer, records: list[Record], max_new_tokens: int = 12) -> float:
-    from qdora.scoring import answer_options
     texts = greedy_answers(model, tokenizer, records, max_new_tokens)
     return sum(extract_answer(t, answer_options(r) or []) == r.label for t, r in zip(texts, records)) / len(records)

@@ -42,7 +42,7 @@ def _sync(device: torch.device) -> None:
 def time_ms(fn, device: torch.device, reps: int) -> float:
     """Median milliseconds of `fn()`."""
     if device.type == "cuda":
-        from triton.testing import do_bench
+        from triton.testing import do_bench  # optional: the kernels extra
         return float(do_bench(fn, warmup=25, rep=max(100, 10 * reps), return_mode="median"))
     fn()
     times = []

@@ -22,6 +22,7 @@ from torch import nn
 from qdora.eval.memory import peak_bytes, tensor_bytes
 from qdora.layer import QDoRALinear
 from qdora.nf4 import linear4bit_from_linear
+from qdora.safetensors_io import write_text_atomic
 
 DEFAULT_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (in, out): q/o, up/gate, down of Llama-3-8B
 
@@ -55,7 +56,7 @@ def build_variants(in_f: int, out_f: int, r: int, alpha: float, device: str, pef
     variants["ours qdora"] = ours_dora
     variants["ours qlora"] = ours_lora
     if peft:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # optional: only this path uses PEFT
 
         for use_dora in (True, False):
             holder = get_peft_model(_Holder(base), LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
@@ -188,7 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         all_results.append(res)
         print(format_markdown([res]), flush=True)
     if args.json:
-        from qdora.safetensors_io import write_text_atomic
         write_text_atomic(args.json, json.dumps(all_results, indent=2))
     return 0
 

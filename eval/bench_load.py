@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+import torch
+
+from qdora.eval.common import run_child
+from qdora.loading import convert_gguf, smollm2_gguf_path
 
 _CHILD = r"""
 import gc, json, sys, time
@@ -80,11 +83,9 @@ MODES = ("transformers-fp32", "transformers-bf16", "qlora")
 def measure(path: str | os.PathLike, mode: str) -> dict:
     """Load `path` with `mode` (`transformers-fp32`, `transformers-bf16`, or a qdora method) in a
     fresh process and return its peak RSS growth, wall time and resident model bytes."""
-    proc = subprocess.run([sys.executable, "-c", _CHILD, mode, str(path)], capture_output=True, text=True,
-                          cwd=tempfile.gettempdir())
-    if proc.returncode != 0:
-        raise RuntimeError(f"loading {path} with {mode} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    child = run_child(["-c", _CHILD, mode, str(path)], f"loading {path} with {mode}", capture=True,
+                      cwd=tempfile.gettempdir())
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def checkpoint_bytes(path: str | os.PathLike) -> int:
@@ -93,8 +94,7 @@ def checkpoint_bytes(path: str | os.PathLike) -> int:
 
 def synthetic_checkpoint(path: str | os.PathLike, hidden: int, layers: int, shard_size: str = "500MB") -> Path:
     """A random Llama checkpoint (bf16, sharded) of roughly 2·(12·hidden²·layers) bytes."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # heavy, used here only
 
     path = Path(path)
     if (path / "config.json").is_file():
@@ -121,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     targets = list(args.model)
     if not targets:
-        from qdora.loading import convert_gguf, smollm2_gguf_path
         targets = [str(convert_gguf(smollm2_gguf_path())),
                    str(synthetic_checkpoint(args.synthetic_dir, hidden=2048, layers=24))]
     print("| checkpoint | on disk | loader | peak RSS growth | resident model | time |")

@@ -20,12 +20,20 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+import warnings
 
-from qdora.eval.common import TARGETS, benchmark_model, demo_batch, peft_on_bnb_4bit
+import torch
+
+from qdora.config import AdapterConfig
+from qdora.data import DEMO_DATA, load_records
+from qdora.eval.common import TARGETS, benchmark_model, demo_batch, peft_on_bnb_4bit, run_child
+from qdora.eval.memory import peak_bytes
+from qdora.loading import load_model
+from qdora.peft_patch import patch_peft
+from qdora.safetensors_io import write_text_atomic
+from qdora.train import prepare_for_training
 
 VARIANTS = ("peft qlora", "peft qdora", "peft qdora patched", "qdora qdora")
 
@@ -35,11 +43,6 @@ def _peft_model(path: str, r: int, dropout: float, use_dora: bool):
 
 
 def build(name: str, path: str, r: int, dropout: float):
-    from qdora.config import AdapterConfig
-    from qdora.loading import load_model
-    from qdora.peft_patch import patch_peft
-    from qdora.train import prepare_for_training
-
     if name == "qdora qdora":
         cfg = AdapterConfig(method="qdora", r=r, alpha=2 * r, dropout=dropout, target_modules=TARGETS,
                             adapter_dtype="float32")
@@ -53,9 +56,6 @@ def build(name: str, path: str, r: int, dropout: float):
 
 
 def steps(path: str, r: int, dropout: float, batch: dict, reps: int, memory: bool) -> dict[str, dict]:
-    import torch
-
-    from qdora.eval.memory import peak_bytes
 
     models = {name: build(name, path, r, dropout) for name in VARIANTS}
     device = next(models["qdora qdora"].parameters()).device
@@ -88,20 +88,15 @@ def steps(path: str, r: int, dropout: float, batch: dict, reps: int, memory: boo
 def _sft_child(mode: str, path: str, r: int, steps_: int, batch_size: int, cutoff: int, adapter_dtype: str,
                dropout: float, result: str) -> int:
     """One SFTTrainer run (`mode`: patched or unpatched) in this process; writes its figures to `result`."""
-    import warnings
 
-    import datasets
-    import trl
-
-    from qdora.data import DEMO_DATA, load_records
-    from qdora.peft_patch import patch_peft
-    from qdora.safetensors_io import write_text_atomic
+    import datasets  # optional: dev extra
+    import trl  # optional: dev extra
 
     warnings.filterwarnings("ignore")
     model = _peft_model(path, r, dropout, use_dora=True)
     if mode == "patched":
         patch_peft(model)
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy, used here only
     tok = AutoTokenizer.from_pretrained(path)
     records = load_records(DEMO_DATA / "arc_easy_train.json")
     data = datasets.Dataset.from_list([{"prompt": rec.prompt, "completion": rec.response} for rec in records])
@@ -129,15 +124,12 @@ def sft_runs(path: str, r: int, steps_: int, batch_size: int, cutoff: int, adapt
     for mode in ("unpatched", "patched"):
         with tempfile.TemporaryDirectory() as tmp:
             result = os.path.join(tmp, "result.json")
-            proc = subprocess.Popen([sys.executable, "-m", "qdora.eval.bench_peft", "--sft-child", mode, "--model",
-                                     path, "--r", str(r), "--sft-steps", str(steps_), "--batch-size", str(batch_size),
-                                     "--cutoff-len", str(cutoff), "--sft-adapter-dtype", adapter_dtype,
-                                     "--sft-dropout", str(dropout), "--result", result])
-            _, status, usage = os.wait4(proc.pid, 0)
-            if os.waitstatus_to_exitcode(status) != 0:
-                raise RuntimeError(f"the {mode} SFTTrainer run failed (its output is above)")
+            args = ["-m", "qdora.eval.bench_peft", "--sft-child", mode, "--model", path, "--r", str(r),
+                    "--sft-steps", str(steps_), "--batch-size", str(batch_size), "--cutoff-len", str(cutoff),
+                    "--sft-adapter-dtype", adapter_dtype, "--sft-dropout", str(dropout), "--result", result]
+            child = run_child(args, f"the {mode} SFTTrainer run")
             with open(result) as f:
-                results[mode] = {**json.load(f), "peak_rss_mib": usage.ru_maxrss / 1024}
+                results[mode] = {**json.load(f), "peak_rss_mib": child.peak_rss_bytes / 2**20}
     return results
 
 
@@ -166,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sft_child:
         return _sft_child(args.sft_child, path, args.r, args.sft_steps, args.batch_size, args.cutoff_len,
                           args.sft_adapter_dtype, args.sft_dropout, args.result)
-    import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy, used here only
 
     batch = demo_batch(AutoTokenizer.from_pretrained(path), args.batch_size, args.cutoff_len)
     tokens = int(batch["attention_mask"].sum())
@@ -205,7 +196,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n- unpatched / patched (wall): {u['wall_s'] / pt['wall_s']:.3f}")
         print(f"- loss curves: largest relative difference {rel:.2e} over {len(pt['losses'])} steps\n")
     if args.json:
-        from qdora.safetensors_io import write_text_atomic
         write_text_atomic(args.json, json.dumps(report, indent=2))
     return 0
 

@@ -42,10 +42,25 @@ import statistics
 import time
 from collections import defaultdict
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
-VARIANTS = ("ours qdora", "ours qlora", "peft qdora", "bound")
+from qdora.config import AdapterConfig
+from qdora.dropout import Dropout
+from qdora.eval.common import benchmark_model, demo_batch, peft_on_qdora_nf4
+from qdora.kernels.nf4 import dequantize_nf4_reference
+from qdora.kernels.reference import absmax_fp32
+from qdora.loading import load_model
+from qdora.nf4 import RowBlocks, linear4bit_from_linear
+from qdora.surgery import matches
+from qdora.train import prepare_for_training
+
+VARIANTS = ("ours qdora", "ours qlora", "peft qdora", "peft qlora", "bound")
+DEFAULT = ("ours qdora", "ours qlora", "peft qdora", "bound")
+MODEL = ("ours qdora", "ours qlora", "peft qdora", "peft qlora")
+"""`qdora bench model`: ours against PEFT's, both methods, no bound."""
 
 
 class DenseLoRA(nn.Module):
@@ -69,11 +84,6 @@ class DenseLoRA(nn.Module):
 
 def bound_model(path: str, cfg):
     """The lower-bound model: NF4 linears dequantized to frozen fp32 `nn.Linear`, LoRA on targets."""
-    import bitsandbytes as bnb
-
-    from qdora.loading import load_model
-    from qdora.nf4 import RowBlocks
-    from qdora.surgery import matches
 
     model, tok = load_model(path, method="qlora", cfg=cfg.replace(method="qlora"), add=False, progress=False)
     for name, mod in list(model.named_modules()):
@@ -92,10 +102,6 @@ def bound_model(path: str, cfg):
 
 
 def build(name: str, path: str, r: int, dropout: float):
-    from qdora.config import AdapterConfig
-    from qdora.eval.common import peft_on_qdora_nf4
-    from qdora.loading import load_model
-
     method = "qlora" if name == "bound" else name.split()[1]
     cfg = AdapterConfig(method=method, r=r, alpha=2 * r, dropout=dropout, adapter_dtype="float32")
     if name.startswith("ours"):
@@ -103,8 +109,7 @@ def build(name: str, path: str, r: int, dropout: float):
     elif name == "bound":
         model, tok = bound_model(path, cfg)
     else:
-        model, tok = peft_on_qdora_nf4(path, r, 2 * r, dropout, True, cfg.target_modules)
-    from qdora.train import prepare_for_training
+        model, tok = peft_on_qdora_nf4(path, r, 2 * r, dropout, method == "qdora", cfg.target_modules)
     prepare_for_training(model)
     return model, tok
 
@@ -185,7 +190,6 @@ def breakdown(step) -> tuple[dict[str, float], float]:
     An op's self time counts in its group; a bitsandbytes op counts whole (its CPU kernel is a
     Python function calling C, which the profiler sees as Python, not as an op). The rest of the
     wall time is Python and framework overhead (inflated by the profiler's stack tracing)."""
-    from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
         t0 = time.perf_counter()
@@ -216,10 +220,6 @@ def _timed(fns: dict, reps: int) -> dict[str, tuple[float, float]]:
 
 def components(tokens: int, r: int, reps: int = 50) -> None:
     """The step's non-matmul pieces, old and new way side by side, at SmolLM2's shapes."""
-    from qdora.dropout import Dropout
-    from qdora.kernels.nf4 import dequantize_nf4_reference
-    from qdora.kernels.reference import absmax_fp32
-    from qdora.nf4 import RowBlocks, linear4bit_from_linear
 
     rows = []
     for width in (576, 1536):
@@ -263,8 +263,8 @@ def components(tokens: int, r: int, reps: int = 50) -> None:
             print(f"| {k} | {lo:.3f} | {med:.3f} |")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="qdora bench step", description=__doc__,
+def main(argv: list[str] | None = None, prog: str = "qdora bench step", variants=DEFAULT) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint folder or .gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--reps", type=int, default=5, help="timed steps per variant (default: %(default)s)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(variants),
+                   help="comma-separated, from: " + ", ".join(VARIANTS) + " (default: %(default)s)")
     p.add_argument("--profile", action="store_true", help="also print the profiler breakdown")
     p.add_argument("--components", action="store_true",
                    help="only time the step's non-matmul pieces (dropout, AdamW, NF4 dequantize), old and new way")
@@ -291,7 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.components:
         components(args.batch_size * 108, args.r)   # 108: mean tokens per example of the default batch
         return 0
-    from qdora.eval.common import benchmark_model, demo_batch
 
     path = benchmark_model(args.model)
     tok = None
@@ -317,19 +317,21 @@ def main(argv: list[str] | None = None) -> int:
     # programs held the cores (wall time on a shared machine counts both).
     columns = {"wall": {k: statistics.median(v[1:]) for k, v in wall.items()},
                "CPU": {k: statistics.median(v[1:]) for k, v in cpu.items()}}
-    print("| variant | wall (s) | wall / bound | CPU (s) | CPU / bound |\n|---|---|---|---|---|")
+    print("| variant | wall (s) | tokens/s | wall / bound | CPU (s) | CPU / bound |\n|---|---|---|---|---|---|")
     for k in steps:
         cells = []
-        for med in columns.values():
+        for label, med in columns.items():
             b = med.get("bound")
-            cells += [f"{med[k]:.3f}", f"{med[k] / b:.3f}" if b else "-"]
+            cells += [f"{med[k]:.3f}"] + ([f"{tokens / med[k]:.0f}"] if label == "wall" else [])
+            cells += [f"{med[k] / b:.3f}" if b else "-"]
         print(f"| {k} | " + " | ".join(cells) + " |")
     print()
+    ratios = (("ours qdora", "ours qlora"), ("peft qdora", "ours qdora"), ("peft qlora", "ours qlora"),
+              ("peft qdora", "peft qlora"))
     for label, med in columns.items():
-        if "ours qdora" in med and "ours qlora" in med:
-            print(f"- {label}: ours qdora / ours qlora: {med['ours qdora'] / med['ours qlora']:.3f}")
-        if "ours qdora" in med and "peft qdora" in med:
-            print(f"- {label}: peft qdora / ours qdora: {med['peft qdora'] / med['ours qdora']:.3f}")
+        for a, b in ratios:
+            if a in med and b in med:
+                print(f"- {label}: {a} / {b}: {med[a] / med[b]:.3f}")
 
     if args.profile:
         cols = [n for n in ("ours qdora", "bound") if n in steps]

@@ -1,11 +1,22 @@
-"""What the harness and the benchmarks share: PEFT's baselines, built the same way everywhere, and
-the process's peak resident memory."""
+"""What the harness and the benchmarks share: PEFT's baselines, built the same way everywhere, the
+peak resident memory of this process or of a child, and the one way to run work in a fresh process."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+import qdora
+from qdora.config import AdapterConfig
+from qdora.data import DEMO_DATA, SFTDataset, collate, load_records, pad_token_id
+from qdora.loading import check_model_path, load_model, resolve_checkpoint, smollm2_gguf_path
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
@@ -15,10 +26,8 @@ def peft_on_qdora_nf4(path, r: int, alpha: float, dropout: float, use_dora: bool
     """PEFT's LoRA/DoRA (`LoraConfig`) over the NF4 base qdora's loader builds from `path`: the same
     quantized weights qdora's own methods train on, so the two are compared like with like.
     Returns `(peft_model, tokenizer)`."""
-    import peft
+    import peft  # optional: only this path uses PEFT
 
-    from qdora.config import AdapterConfig
-    from qdora.loading import load_model
     model, tok = load_model(path, method="qlora", cfg=AdapterConfig(method="qlora"), add=False, device=device,
                             progress=False)
     return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
@@ -31,10 +40,9 @@ def peft_on_bnb_4bit(path, r: int, alpha: float, dropout: float, use_dora: bool,
     """PEFT's LoRA/DoRA over the 4-bit base transformers itself loads with `BitsAndBytesConfig`
     (NF4, double quantization), as a PEFT user loads it; kept in bitsandbytes' standard layout
     (`qdora.keep_standard_layout`: PEFT's DoRA misreads repacked weights). Returns the PEFT model."""
-    import peft
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    import peft  # optional: only this path uses PEFT
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # heavy, used here only
 
-    import qdora
     device = "cuda" if torch.cuda.is_available() else "cpu"
     compute = torch.bfloat16 if device == "cuda" else torch.float32
     base = AutoModelForCausalLM.from_pretrained(
@@ -72,7 +80,6 @@ def reset_peak_rss() -> int | None:
 def benchmark_model(path: str | None) -> str:
     """The checkpoint folder a benchmark runs on: `path` (a `.gguf` file converted once), or
     SmolLM2-135M-Instruct when none is given."""
-    from qdora.loading import check_model_path, resolve_checkpoint, smollm2_gguf_path
     if path is None:
         return str(resolve_checkpoint(smollm2_gguf_path(), progress=False))
     check_model_path(path)
@@ -81,6 +88,47 @@ def benchmark_model(path: str | None) -> str:
 
 def demo_batch(tokenizer, batch_size: int, cutoff_len: int) -> dict[str, torch.Tensor]:
     """The benchmarks' batch: the first `batch_size` examples of the bundled ARC-Easy slice."""
-    from qdora.data import DEMO_DATA, SFTDataset, collate, load_records, pad_token_id
     records = load_records(DEMO_DATA / "arc_easy_train.json")[:batch_size]
     return collate(SFTDataset(records, tokenizer, cutoff_len).examples, pad_token_id(tokenizer))
+
+
+@dataclass
+class Child:
+    """What a finished child process left: its output (when captured) and its peak resident memory."""
+
+    stdout: str
+    stderr: str
+    peak_rss_bytes: int
+
+
+def run_child(args: Sequence[str], what: str, capture: bool = False, env: dict | None = None,
+              timeout: float | None = None, cwd: str | None = None, hint: str = "") -> Child:
+    """Run `python *args` in a fresh process (so its peak memory is its own and no state crosses
+    over) and wait for it. Its peak RSS comes from the kernel's accounting of that one child
+    (`wait4`'s `ru_maxrss`). Output goes to this terminal, or with `capture` into `Child`. A failure,
+    a timeout or Ctrl-C here stops the child and raises `RuntimeError` naming `what` (and `hint`)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, *args], stdout=out if capture else None,
+                                stderr=err if capture else None, env=env, cwd=cwd)
+        timer = threading.Timer(timeout, proc.kill) if timeout else None
+        try:
+            if timer:
+                timer.start()
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            if timer:
+                timer.cancel()
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        child = Child(out.read(), err.read(), usage.ru_maxrss * 1024)  # ru_maxrss: KiB on Linux
+    if code != 0:
+        why = f"stopped after {timeout:g} s" if timer and code < 0 else f"exit code {code}"
+        where = f"\n{child.stderr[-3000:]}" if capture else " (its output is above)"
+        raise RuntimeError(f"{what} failed ({why}){'; ' + hint if hint else ''}{where}")
+    return child

@@ -18,15 +18,15 @@ import argparse
 import gc
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from qdora.config import Problems
 from qdora.data import DEMO_DATA, Record, load_records
+from qdora.eval.analyze import analyze, fit, plot_panels
 from qdora.eval.answers import (  # noqa: F401  (extract_number, same_number: also from here)
     extract_answer,
     extract_number,
@@ -34,8 +34,12 @@ from qdora.eval.answers import (  # noqa: F401  (extract_number, same_number: al
     math_accuracy,
     same_number,
 )
-from qdora.eval.common import peft_on_qdora_nf4, proc_status, reset_peak_rss
+from qdora.eval.common import peft_on_qdora_nf4, proc_status, reset_peak_rss, run_child
 from qdora.eval.comparison import markdown, separation, separation_markdown, summarize
+from qdora.loading import check_model_path, convert_gguf, smollm2_gguf_path
+from qdora.safetensors_io import check_output_dir, write_text_atomic
+from qdora.scoring import continuation_logprobs, score_multiple_choice
+from qdora.train import TrainConfig, read_metrics, train
 
 METHODS = {
     # name: (qdora method, extra TrainConfig fields, PEFT peer?); "half_rank" and "vera" are resolved
@@ -96,14 +100,15 @@ class HarnessConfig:
     """Generation length for GSM8K solutions."""
 
     def __post_init__(self):
+        p = Problems("eval setting")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
-        if self.seeds < 1 or self.max_steps < 1 or self.eval_items < 1:
-            raise ValueError("seeds, max_steps and eval_items must be positive")
-        if min(self.lr, self.full_lr, self.vera_lr) <= 0:
-            raise ValueError(f"learning rates must be positive, got lr={self.lr}, full_lr={self.full_lr}, "
-                             f"vera_lr={self.vera_lr}")
+            p.add(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
+        for name in ("seeds", "max_steps", "batch_size", "eval_items", "r", "cutoff_len"):
+            p.positive_int(name, getattr(self, name))
+        for name in ("lr", "full_lr", "vera_lr"):
+            p.number(name, getattr(self, name), hint="learning rates must be positive")
+        p.raise_if_any()
 
 
 def test_records(task: str, data_dir: str | None, items: int) -> list[Record]:
@@ -125,8 +130,6 @@ def _peft_builder(use_dora: bool):
 
 
 def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Record]]) -> dict:
-    from qdora.scoring import score_multiple_choice
-    from qdora.train import TrainConfig, read_metrics, train
 
     base_method, extra, peer = METHODS[method]
     extra = dict(extra)
@@ -162,7 +165,6 @@ def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Rec
            "loss_curve": [m["loss"] for m in metrics], "tasks": {}}
     for task, records in tests.items():
         if task == "gsm8k":  # not multiple choice: exact match of the final number, and answer NLL
-            from qdora.scoring import continuation_logprobs
             nll = continuation_logprobs(model, tok, [(r.prompt, r.response) for r in records], add_eos=True)
             answer_nll = -sum(lp for lp, _ in nll) / sum(n for _, n in nll)
             entry = {"items": len(records), "answer_nll": answer_nll, "answer_ppl": math.exp(answer_nll)}
@@ -185,23 +187,20 @@ def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Rec
 def run_isolated(hc: HarnessConfig, method: str, seed: int) -> dict:
     """`run_one` in a fresh Python process (`python -m qdora.eval.harness --run-one SPEC`): the peak
     RSS it reports is that run's alone, and no state (allocator, caches, RNG) crosses between runs."""
-    from qdora.safetensors_io import write_text_atomic
     folder = Path(hc.out) / "runs"
     folder.mkdir(parents=True, exist_ok=True)
     spec, result = folder / f"{method}-seed{seed}.spec.json", folder / f"{method}-seed{seed}.row.json"
     result.unlink(missing_ok=True)
     write_text_atomic(spec, json.dumps({"config": asdict(hc), "method": method, "seed": seed,
                                         "result": str(result)}) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "qdora.eval.harness", "--run-one", str(spec)],
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if proc.returncode != 0 or not result.is_file():
-        raise RuntimeError(f"{method}, seed {seed}: its subprocess failed (exit code {proc.returncode}; its "
-                           f"output is above). Rerun it alone with --methods {method} --no-isolate to debug.")
+    run_child(["-m", "qdora.eval.harness", "--run-one", str(spec)], f"{method}, seed {seed}",
+              hint=f"rerun it alone with --methods {method} --no-isolate to debug")
+    if not result.is_file():
+        raise RuntimeError(f"{method}, seed {seed}: its process wrote no result to {result}")
     return json.loads(result.read_text())
 
 
 def _run_one_from_spec(spec_path: str) -> int:
-    from qdora.safetensors_io import write_text_atomic
     spec = json.loads(Path(spec_path).read_text())
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()}
     hc = HarnessConfig(**{**fields, "isolate": False})
@@ -225,8 +224,6 @@ def analyze_runs(hc: HarnessConfig, methods: list[str]) -> dict:
     """ΔM/ΔD (DoRA paper, Fig. 2) of seed 0's checkpoints for every method: writes `delta_md.csv`
     (one row per checkpoint, module and layer) and `delta_md.png` (one panel per method); returns
     the least-squares slope and correlation per method."""
-    from qdora.eval.analyze import analyze, fit, plot_panels
-    from qdora.safetensors_io import write_text_atomic
     groups, fits = {}, {}
     for method in methods:
         checkpoints = run_checkpoints(hc, method)
@@ -248,9 +245,9 @@ def analyze_runs(hc: HarnessConfig, methods: list[str]) -> dict:
 
 def plot_losses(rows: list[dict], path: Path) -> bool:
     try:
-        import matplotlib
+        import matplotlib  # optional: plots only
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional: plots only
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -266,7 +263,6 @@ def plot_losses(rows: list[dict], path: Path) -> bool:
 
 
 def run(hc: HarnessConfig) -> dict:
-    from qdora.safetensors_io import write_text_atomic
     out = Path(hc.out)
     out.mkdir(parents=True, exist_ok=True)
     tests = {t: test_records(t, hc.data_dir, hc.eval_items) for t in hc.tasks}  # fail early on bad data
@@ -302,7 +298,6 @@ def run(hc: HarnessConfig) -> dict:
 
 def union_file(files: list[str], path: Path) -> Path:
     """Concatenate training files (each validated first) into one JSONL file, records unchanged."""
-    from qdora.safetensors_io import write_text_atomic
     objects = []
     for f in files:
         load_records(f)  # bad records are reported with their file and line here
@@ -350,8 +345,6 @@ def main(argv: list[str] | None = None) -> int:
         return _run_one_from_spec(argv[1])
     args = p.parse_args(argv)
     # The checks that need no model, before any run starts: the output folder, the model path, the data.
-    from qdora.loading import check_model_path
-    from qdora.safetensors_io import check_output_dir
     check_output_dir(args.out, "--out")
     if args.model is not None:
         check_model_path(args.model)
@@ -360,7 +353,6 @@ def main(argv: list[str] | None = None) -> int:
             load_records(path.strip())
     model = args.model
     if model is None:
-        from qdora.loading import convert_gguf, smollm2_gguf_path
         model = str(convert_gguf(smollm2_gguf_path()))
     train_data = args.train_data
     if "," in train_data:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.profiler._memory_profiler import Action
 
 from qdora.nf4 import quant_state_tensors
 
@@ -30,8 +32,6 @@ def peak_bytes(work: Callable[[], object], device: torch.device | str = "cpu",
         work()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
                  with_stack=True) as prof:

@@ -26,11 +26,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
-from qdora.plan import PlanConfig, plan, shape_from_config
+import qdora
+from qdora.config import AdapterConfig
+from qdora.eval.common import run_child
+from qdora.eval.memory import peak_bytes, tensor_bytes
+from qdora.fsdp import build_sharded, init_process_group
+from qdora.loading import load_model, smollm2_gguf_path
+from qdora.plan import GIB, PlanConfig, plan, shape_from_config
+from qdora.safetensors_io import write_text_atomic
+from qdora.train import prepare_for_training
 
 # Tiny Llama-2/Llama-3 shapes (as in tests/models.py) and a small one with realistic ratios.
 SHAPES = {
@@ -57,18 +69,11 @@ START_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
 
 def _start_config(method: str, r: int):
-    from qdora.config import AdapterConfig
     return AdapterConfig(method=method, r=r, dropout=0.0, target_modules=START_TARGETS, adapter_dtype="float32")
 
 
 def start_worker(folder: str, method: str, r: int, out: str) -> None:
     """Under torchrun: the FSDP start on `folder`, measured; rank 0 writes the peak to `out`."""
-    from pathlib import Path
-
-    import torch.distributed as dist
-
-    from qdora.eval.memory import peak_bytes
-    from qdora.fsdp import build_sharded, init_process_group
 
     device = init_process_group()
     torch.manual_seed(0)
@@ -82,23 +87,18 @@ def start_worker(folder: str, method: str, r: int, out: str) -> None:
 
 def measure_start(name: str, method: str, r: int, workdir) -> dict:
     """Write case `name`'s checkpoint under `workdir`, run the 2-process start, return the row."""
-    import os
-    import subprocess
-    from pathlib import Path
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # heavy, used here only
 
     folder = Path(workdir) / name
     if not (folder / "config.json").is_file():
         torch.manual_seed(0)
         LlamaForCausalLM(LlamaConfig(**START_SHAPES[name], max_position_embeddings=512)).save_pretrained(folder)
     out = Path(workdir) / f"{name}-{method}-{r}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "qdora.eval.validate_plan", "--start-worker", str(folder), method, str(r), str(out)]
-    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""),
-                          capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"start measurement of {name} ({method}) failed:\n{proc.stderr[-3000:]}")
+    run_child(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "qdora.eval.validate_plan", "--start-worker", str(folder), method, str(r), str(out)],
+              f"start measurement of {name} ({method})", capture=True,
+              env={"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}, timeout=900)
     predicted = plan(str(folder), PlanConfig(method=method, r=r, dropout=0.0, device="cpu", gpus=2,
                                              target_modules=START_TARGETS))
     return {"model": name, "method": method, "r": r, "measured_bytes": json.loads(out.read_text())["peak"],
@@ -181,7 +181,6 @@ PUBLISHED = [
 def published_table() -> str:
     """The planner's prediction beside each published figure (allocated = tensors; reserved =
     tensors + allocator slack; the CUDA context is outside both)."""
-    from qdora.plan import GIB
     out = ["| source | setting | published | planner: tensors | + allocator slack | + CUDA context |",
            "|---|---|---|---:|---:|---:|"]
     for source, setting, model, cfg, figure, reads in PUBLISHED:
@@ -194,7 +193,6 @@ def published_table() -> str:
 
 def build_model(case: Case):
     """The model `qdora train` would train for this case, on CPU. Returns (model, shape)."""
-    from qdora.config import AdapterConfig
     cfg = case.cfg
     adapter_cfg = AdapterConfig(method=cfg.method, r=cfg.r if cfg.method != "full" else 16,
                                 alpha=2.0 * cfg.r, dropout=cfg.dropout,
@@ -203,26 +201,22 @@ def build_model(case: Case):
                                 adapter_dtype=cfg.adapter_dtype, double_quant=cfg.double_quant,
                                 block_rows=cfg.block_rows)
     if case.model == "smollm2":
-        from qdora.loading import load_model, smollm2_gguf_path
         model, _ = load_model(smollm2_gguf_path(), method=cfg.method, cfg=adapter_cfg, progress=False)
         shape = shape_from_config(model.config, name="SmolLM2-135M")
     else:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaConfig, LlamaForCausalLM  # heavy, used here only
 
-        import qdora
         config = LlamaConfig(**SHAPES[case.model], max_position_embeddings=4096)
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
         qdora.add_adapters(model, adapter_cfg, verbose=False)
         shape = shape_from_config(config, name=case.model)
-    from qdora.train import prepare_for_training
     prepare_for_training(model, cfg.gradient_checkpointing)   # exactly as qdora.train does
     return model, shape
 
 
 def measure(case: Case, seed: int = 0) -> dict:
     """Measured peak bytes of a steady-state training step, and its parts."""
-    from qdora.eval.memory import peak_bytes, tensor_bytes
     model, shape = build_model(case)
     cfg = case.cfg
     g = torch.Generator().manual_seed(seed)
@@ -286,7 +280,6 @@ def main(argv: list[str] | None = None) -> int:
         start_worker(folder, method, int(r), out)
         return 0
     if args.start:
-        import tempfile
         rows = []
         with tempfile.TemporaryDirectory() as workdir:
             for name, method, r in START_CASES:
@@ -298,7 +291,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.published:
         print(published_table())
         return 0
-    from tqdm.auto import tqdm
 
     cases = QUICK + ([] if args.quick else SMALL + ([] if args.no_smollm2 else SMOLLM2))
     if args.only:
@@ -311,7 +303,6 @@ def main(argv: list[str] | None = None) -> int:
     worst = max(abs(error(r)) for r in rows)
     print(f"\nworst |error|: {100 * worst:.1f}% over {len(rows)} cases")
     if args.json:
-        from qdora.safetensors_io import write_text_atomic
         write_text_atomic(args.json, json.dumps(rows, indent=1) + "\n")
     return 0
 

@@ -34,7 +34,7 @@ from qdora.kernels import reference
 def triton_kernels():
     """The Triton module, or None when Triton is not importable."""
     try:
-        from qdora.kernels import triton_kernels as module
+        from qdora.kernels import triton_kernels as module  # optional: needs Triton
     except ImportError:
         return None
     return module

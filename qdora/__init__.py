@@ -28,6 +28,6 @@ __all__ = ["AdapterConfig", "METHODS", "QDoRALinear", "add_adapters", "param_rep
 
 def __getattr__(name: str):
     if name == "QDoRATrainer":  # transformers.Trainer with AdapterCheckpoints, imported on first use
-        from qdora import hf_trainer
+        from qdora import hf_trainer  # optional: needs Triton
         return hf_trainer.QDoRATrainer
     raise AttributeError(f"module 'qdora' has no attribute {name!r}")

@@ -19,6 +19,7 @@ import json
 import os
 from pathlib import Path
 
+import bitsandbytes as bnb
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -26,6 +27,7 @@ from torch import nn
 from qdora.config import AdapterConfig
 from qdora.layer import QDoRALinear
 from qdora.safetensors_io import NonFiniteTensorError, check_finite, save_file_atomic, write_text_atomic
+from qdora.surgery import add_adapters
 
 QDORA_CONFIG, QDORA_WEIGHTS = "qdora_adapter.json", "adapter.safetensors"
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -201,9 +203,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, verbose: bool = True
     """
     fmt, meta, modules = read_adapter(path)
     if not adapter_layers(model):
-        import bitsandbytes as bnb
 
-        from qdora.surgery import add_adapters
         quantized = any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
         add_adapters(model, adapter_config(fmt, meta, modules, quantized), verbose=verbose)
     layers = adapter_layers(model)

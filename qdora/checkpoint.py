@@ -23,8 +23,17 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
+from qdora.fsdp import gather_trainable, world_size
+from qdora.fsdp import rank as fsdp_rank
 from qdora.safetensors_io import atomic_dir, check_safetensors_file, save_file_atomic, swap_in_dir, write_text_atomic
 
 CHECKPOINT = "checkpoint"
@@ -65,22 +74,22 @@ def _whole_state(model, optimizer, names: dict[int, str], sharded: bool):
         per_name = {names[idx]: values for idx, values in state["state"].items()}
         groups = state["param_groups"]
     else:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        from qdora.fsdp import gather_trainable, rank
         trainable = gather_trainable(model)
         state = get_optimizer_state_dict(model, optimizer,
                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank() != 0:
+        if fsdp_rank() != 0:
             return {}, {}, {}
         per_name, groups = state["state"], state["param_groups"]
     tensors, scalars = {}, {}
     for name, values in per_name.items():
         for key, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"{name}::{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{name}::{key}"] = value
+            # bitsandbytes' 8-bit optimizers nest their quantization state in a dict: one level, `key/sub`
+            items = {f"{key}/{sub}": v for sub, v in value.items()} if isinstance(value, dict) else {key: value}
+            for field, item in items.items():
+                if torch.is_tensor(item):
+                    tensors[f"{name}::{field}"] = item.detach().cpu().contiguous()
+                else:
+                    scalars[f"{name}::{field}"] = item
     meta = {"scalars": scalars, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in groups]}
     return trainable, tensors, meta
 
@@ -97,18 +106,16 @@ def save_checkpoint(folder: str | Path, model, optimizer, names: dict[int, str],
             _write(tmp, trainable, tensors, meta, run_state, world_size=1)
             save_file_atomic(rng_states(), tmp / "rng-rank0.safetensors")
         return folder
-    import torch.distributed as dist
 
-    from qdora.fsdp import rank, world_size
     tmp = folder.with_name(f"{folder.name}.tmp-sharded")
-    if rank() == 0:
+    if fsdp_rank() == 0:
         if tmp.exists():  # left by a run that died while saving
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
-    save_file_atomic(rng_states(), tmp / f"rng-rank{rank()}.safetensors")
+    save_file_atomic(rng_states(), tmp / f"rng-rank{fsdp_rank()}.safetensors")
     dist.barrier()
-    if rank() == 0:
+    if fsdp_rank() == 0:
         _write(tmp, trainable, tensors, meta, run_state, world_size=world_size())
         swap_in_dir(tmp, folder)
     dist.barrier()
@@ -166,7 +173,11 @@ def load_checkpoint(path: Path, model, optimizer, names: dict[int, str], sharded
     for key, value in list(load_file(str(path / "optimizer.safetensors")).items()) \
             + list(state["optimizer"]["scalars"].items()):
         name, _, field = key.rpartition("::")
-        per_name.setdefault(name, {})[field] = value
+        outer, _, inner = field.partition("/")
+        if inner:  # a nested state (see _whole_state)
+            per_name.setdefault(name, {}).setdefault(outer, {})[inner] = value
+        else:
+            per_name.setdefault(name, {})[field] = value
     saved_groups = state["optimizer"]["param_groups"]
     rank = 0
     if not sharded:
@@ -179,13 +190,6 @@ def load_checkpoint(path: Path, model, optimizer, names: dict[int, str], sharded
             group.update({k: v for k, v in saved.items() if k != "params"})
         optimizer.load_state_dict({"state": {by_name[n]: v for n, v in per_name.items()}, "param_groups": groups})
     else:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        from qdora.fsdp import rank as fsdp_rank
         rank = fsdp_rank()
         whole = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(model, trainable, options=whole)

@@ -3,6 +3,9 @@
 A mistake the user can fix (a bad value, a missing or unwritable path, bad data, a run that
 diverged) ends with one line, `qdora <command>: error: ...`, and exit status 2 (1 for a run that
 diverged); `--debug` anywhere on the command line (or QDORA_DEBUG=1) shows the traceback instead.
+
+Each command imports its modules inside its own function, so that `qdora --help` and a mistyped
+command answer at once instead of after importing torch and transformers.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ def _bench(args) -> int:
     if args.what == "load":
         from qdora.eval.bench_load import main as bench_load
         return bench_load(args.rest)
-    if args.what == "model":
-        from qdora.eval.bench_model import main as bench_model
-        return bench_model(args.rest)
+    if args.what == "model":  # `bench step` with ours and PEFT's qdora and qlora, no bound
+        from qdora.eval.bench_step import MODEL
+        from qdora.eval.bench_step import main as bench_step
+        return bench_step(args.rest, prog="qdora bench model", variants=MODEL)
     if args.what == "step":
         from qdora.eval.bench_step import main as bench_step
         return bench_step(args.rest)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,47 @@ FLOAT_DTYPES = {
 """The one table of dtype names: adapters, compute, and (with `uint8`) NF4 storage; the planner
 takes its byte sizes from here."""
 _DTYPES = FLOAT_DTYPES
+
+
+class Problems:
+    """The problems of one settings object, collected so that a single error lists every one of them
+    (`AdapterConfig`, `TrainConfig`, `PlanConfig` and the harness's config all check this way)."""
+
+    def __init__(self, owner: str):
+        self.owner = owner
+        self.items: list[str] = []
+
+    def add(self, text: str) -> None:
+        self.items.append(text)
+
+    def positive_int(self, name: str, value, hint: str = "") -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            self.add(f"{name}={value!r} must be a positive integer" + (f" ({hint})" if hint else ""))
+
+    def number(self, name: str, value, minimum: float = 0.0, inclusive: bool = False, hint: str = "") -> None:
+        """A finite real number above `minimum` (or at least it, with `inclusive`)."""
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+            and (value >= minimum if inclusive else value > minimum)
+        if not ok:
+            bound = "a positive number" if (minimum, inclusive) == (0.0, False) else \
+                f"a number {'>=' if inclusive else '>'} {minimum:g}"
+            self.add(f"{name}={value!r} must be {bound}" + (f" ({hint})" if hint else ""))
+
+    def choice(self, name: str, value, choices, use: str = "") -> bool:
+        """`value` is one of `choices`; the message says `use` (default: every choice)."""
+        if value in choices:
+            return True
+        self.add(f"{name}={value!r} is unknown; use {use or 'one of ' + ', '.join(map(str, choices))}")
+        return False
+
+    def include(self, err: Exception) -> None:
+        """The listed problems of another config's error (e.g. `AdapterConfig`'s inside `TrainConfig`)."""
+        lines = [ln.strip().removeprefix("- ") for ln in str(err).splitlines()[1:] if ln.strip()]
+        self.items += [line for line in lines or [str(err)] if line not in self.items]
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise ValueError(f"invalid {self.owner}:\n  - " + "\n  - ".join(self.items))
 
 
 def storage_dtype(quant_storage) -> torch.dtype:
@@ -113,70 +155,60 @@ class AdapterConfig:
             if isinstance(value, (list, set, frozenset)):
                 value = tuple(sorted(value) if isinstance(value, (set, frozenset)) else value)
             object.__setattr__(self, name, value)
-        problems: list[str] = []
-        if self.method not in METHODS:
-            problems.append(f"method={self.method!r} is unknown; use one of {', '.join(METHODS)}")
+        p = Problems("AdapterConfig")
+        p.choice("method", self.method, METHODS)
         is_dora = self.method in DORA_METHODS
         adapts = self.method != "full"
         if adapts:
-            if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-                problems.append(f"r={self.r!r} must be a positive integer (typical: 8, 16, 32, 64)")
-            if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) \
-                    or not math.isfinite(self.alpha) or self.alpha <= 0:
-                problems.append(f"alpha={self.alpha!r} must be a positive number (typical: 2*r)")
+            p.positive_int("r", self.r, "typical: 8, 16, 32, 64")
+            p.number("alpha", self.alpha, hint="typical: 2*r")
             if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-                problems.append(f"dropout={self.dropout!r} must be in [0, 1) (typical: 0.05; 0 disables it)")
+                p.add(f"dropout={self.dropout!r} must be in [0, 1) (typical: 0.05; 0 disables it)")
             if not isinstance(self.target_modules, tuple) or not all(
                     isinstance(t, str) and t for t in self.target_modules):
-                problems.append(f"target_modules={self.target_modules!r} must be a tuple of non-empty strings")
+                p.add(f"target_modules={self.target_modules!r} must be a tuple of non-empty strings")
             elif not self.target_modules and not self.magnitude_only_modules:
-                problems.append("target_modules is empty: name the linear modules to adapt, "
-                                "e.g. ('q_proj', 'k_proj', 'v_proj', 'up_proj', 'down_proj')")
+                p.add("target_modules is empty: name the linear modules to adapt, "
+                      "e.g. ('q_proj', 'k_proj', 'v_proj', 'up_proj', 'down_proj')")
             for pattern in (*self.target_modules, *self.magnitude_only_modules):
                 if isinstance(pattern, str) and pattern.startswith("re:"):
-                    import re
                     try:
                         re.compile(pattern[3:])
                     except re.error as err:
-                        problems.append(f"target pattern {pattern!r} is not a valid regex: {err}")
-        if self.direction not in DIRECTIONS:
-            problems.append(f"direction={self.direction!r} is unknown; use 'lora' (default) or 'vera'")
-        elif self.direction == "vera" and not adapts:
-            problems.append("direction='vera' needs an adapter method (lora, dora, qlora, qdora), not 'full'")
+                        p.add(f"target pattern {pattern!r} is not a valid regex: {err}")
+        if p.choice("direction", self.direction, DIRECTIONS, use="'lora' (default) or 'vera'") \
+                and self.direction == "vera" and not adapts:
+            p.add("direction='vera' needs an adapter method (lora, dora, qlora, qdora), not 'full'")
         if not isinstance(self.vera_d_init, (int, float)) or not math.isfinite(self.vera_d_init) \
                 or self.vera_d_init == 0:
-            problems.append(f"vera_d_init={self.vera_d_init!r} must be a finite non-zero number (VeRA uses 0.1)")
+            p.add(f"vera_d_init={self.vera_d_init!r} must be a finite non-zero number (VeRA uses 0.1)")
         if isinstance(self.projection_seed, bool) or not isinstance(self.projection_seed, int):
-            problems.append(f"projection_seed={self.projection_seed!r} must be an integer")
+            p.add(f"projection_seed={self.projection_seed!r} must be an integer")
         if self.magnitude_only_modules and not is_dora:
-            problems.append(f"magnitude_only_modules={self.magnitude_only_modules!r} needs a DoRA method "
-                            f"(dora or qdora), not method={self.method!r}")
-        if self.norm not in NORM_MODES:
-            problems.append(f"norm={self.norm!r} is unknown; use 'detached' (default) or 'exact'")
+            p.add(f"magnitude_only_modules={self.magnitude_only_modules!r} needs a DoRA method "
+                  f"(dora or qdora), not method={self.method!r}")
+        p.choice("norm", self.norm, NORM_MODES, use="'detached' (default) or 'exact'")
         if _dtype_name(self.adapter_dtype) is None:
-            problems.append(f"adapter_dtype={self.adapter_dtype!r} is unknown; use 'bfloat16' or 'float32'")
+            p.add(f"adapter_dtype={self.adapter_dtype!r} is unknown; use 'bfloat16' or 'float32'")
         else:
             object.__setattr__(self, "adapter_dtype", _dtype_name(self.adapter_dtype))
         if self.compute_dtype != "auto":
             if _dtype_name(self.compute_dtype) is None:
-                problems.append(f"compute_dtype={self.compute_dtype!r} is unknown; use 'auto', 'float32' or "
-                                "'bfloat16'")
+                p.add(f"compute_dtype={self.compute_dtype!r} is unknown; use 'auto', 'float32' or 'bfloat16'")
             else:
                 object.__setattr__(self, "compute_dtype", _dtype_name(self.compute_dtype))
-        if isinstance(self.block_rows, bool) or not isinstance(self.block_rows, int) or self.block_rows <= 0:
-            problems.append(f"block_rows={self.block_rows!r} must be a positive integer (e.g. 1024)")
+        p.positive_int("block_rows", self.block_rows, "e.g. 1024")
         if self.nf4_blocksize not in NF4_BLOCKSIZES:
-            problems.append(f"nf4_blocksize={self.nf4_blocksize!r} is not supported by bitsandbytes; "
-                            f"use one of {NF4_BLOCKSIZES} (64 is the QLoRA default)")
+            p.add(f"nf4_blocksize={self.nf4_blocksize!r} is not supported by bitsandbytes; "
+                  f"use one of {NF4_BLOCKSIZES} (64 is the QLoRA default)")
         storage = _dtype_name(self.quant_storage) if self.quant_storage != "uint8" else "uint8"
-        if storage not in QUANT_STORAGE:
-            problems.append(f"quant_storage={self.quant_storage!r} is unknown; use one of {QUANT_STORAGE}")
-        else:
+        if storage in QUANT_STORAGE:
             object.__setattr__(self, "quant_storage", storage)
+        else:
+            p.choice("quant_storage", self.quant_storage, QUANT_STORAGE, use=f"one of {QUANT_STORAGE}")
         if not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1e-2:
-            problems.append(f"eps={self.eps!r} must be a small positive number (default 1e-6)")
-        if problems:
-            raise ValueError("invalid AdapterConfig:\n  - " + "\n  - ".join(problems))
+            p.add(f"eps={self.eps!r} must be a small positive number (default 1e-6)")
+        p.raise_if_any()
 
     # ---- derived values -------------------------------------------------------------------
     @property

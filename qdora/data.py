@@ -1,182 +1,43 @@
-"""Supervised fine-tuning data for causal LMs: load records, build prompts, tokenize, batch.
+"""Supervised fine-tuning data for causal LMs: tokenize records, batch them.
 
-Two record formats are recognised, per record:
-
-* Alpaca / LLM-Adapters: `instruction`, optional `input`, `output` (an extra `answer` field, the
-  LLM-Adapters label, is kept as `Record.label`);
-* GSM8K: `question`, `answer` (the full worked solution, ending in `#### <number>`).
-
-Files are `.json` (a JSON array of objects) or `.jsonl` (one object per line, blank lines skipped).
-Every problem with a file is raised as `DataError`, naming the file and the line or item.
+Records (their formats, files and checks) are `qdora.records`, re-exported here; a chat record is
+tokenized by `qdora.chat` (the tokenizer's own template, loss on the assistant turns); packing
+several examples per row is `qdora.packing`.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-IGNORE_INDEX = -100
-"""Label value that `torch.nn.functional.cross_entropy` ignores (prompt tokens and padding)."""
-
-SUPPORTED_EXTENSIONS = (".json", ".jsonl")
+from qdora.chat import tokenize_chat
+from qdora.records import (  # noqa: F401  (the record API, also from here)
+    ALPACA_FIELDS,
+    FORMATS,
+    GSM8K_FIELDS,
+    IGNORE_INDEX,
+    SUPPORTED_EXTENSIONS,
+    DataError,
+    Record,
+    alpaca_prompt,
+    detect_format,
+    gsm8k_label,
+    holdout,
+    load_records,
+    parse_record,
+)
 
 DEMO_DATA = Path(__file__).parent / "demo_data"
-"""Vendored ARC-Easy slices (`arc_easy_train.json`, `arc_easy_test.json`); see its README.md."""
-
-ALPACA_FIELDS = ("instruction", "input", "output")
-GSM8K_FIELDS = ("question", "answer")
-_EXPECTED = (f"expected Alpaca/LLM-Adapters fields ({', '.join(ALPACA_FIELDS)}) "
-             f"or GSM8K fields ({', '.join(GSM8K_FIELDS)})")
-
-# LLM-Adapters' `generate_prompt` (the Alpaca template), verbatim.
-_PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
-
-_GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
-
-
-class DataError(ValueError):
-    """A data file or record that cannot be used; the message says where and why."""
-
-
-@dataclass(frozen=True)
-class Record:
-    """One training/evaluation example, already in prompt/response form."""
-
-    prompt: str
-    """The full prompt text (template applied), ending in `### Response:\\n`."""
-    response: str
-    """The text the model is trained to produce after the prompt."""
-    label: str | None = None
-    """The reference answer, for evaluation: LLM-Adapters' `answer` field, or GSM8K's final
-    number (after `####`, thousands separators removed). None when the record has none."""
-    source: str = ""
-    """Where the record came from, e.g. `data.jsonl line 17` or `data.json item 3`."""
-
-
-def alpaca_prompt(instruction: str, input: str | None = None) -> str:
-    """LLM-Adapters' / Alpaca's prompt; the no-input variant when `input` is None or empty."""
-    if input:
-        return _PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return _PROMPT_NO_INPUT.format(instruction=instruction)
-
-
-def gsm8k_label(answer: str) -> str | None:
-    """The final answer of a GSM8K solution: the text after `####`, commas removed
-    (`"... #### 1,000"` -> `"1000"`); None if there is no `####`."""
-    match = _GSM8K_ANSWER.search(answer)
-    return match.group(1).replace(",", "") if match else None
-
-
-def _json_type(value: Any) -> str:
-    """The JSON name of a decoded value's type, as users see it in their file."""
-    names = {dict: "object", list: "array", type(None): "null", bool: "bool", str: "string"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _field(obj: Mapping[str, Any], name: str, where: str, *, required: bool = True,
-           types: tuple[type, ...] = (str,)) -> Any:
-    """`obj[name]`, checked for presence and type; errors name `where` and the field."""
-    if name not in obj or (not required and obj[name] is None):
-        if not required:
-            return None
-        has = ", ".join(obj) or "no fields"
-        raise DataError(f"{where}: field {name!r} is missing (the record has: {has}); {_EXPECTED}")
-    value = obj[name]
-    if not isinstance(value, types) or isinstance(value, bool):
-        wanted = "a string" if types == (str,) else "a string or a number"
-        raise DataError(f"{where}: field {name!r} must be {wanted}, got {_json_type(value)}")
-    return value
-
-
-def parse_record(obj: Any, source: str = "<record>") -> Record:
-    """Turn one decoded JSON object into a `Record`, detecting its format.
-
-    Alpaca/LLM-Adapters when it has `instruction` or `output`; GSM8K when it has `question`.
-    `source` names the record in errors and is stored in `Record.source`.
-    """
-    if not isinstance(obj, dict):
-        raise DataError(f"{source}: expected a JSON object, got {_json_type(obj)}; {_EXPECTED}")
-    if "instruction" in obj or "output" in obj:
-        instruction = _field(obj, "instruction", source)
-        input_text = _field(obj, "input", source, required=False)
-        output = _field(obj, "output", source)
-        answer = _field(obj, "answer", source, required=False, types=(str, int, float))
-        return Record(prompt=alpaca_prompt(instruction, input_text), response=output,
-                      label=None if answer is None else str(answer), source=source)
-    if "question" in obj:
-        question = _field(obj, "question", source)
-        answer = _field(obj, "answer", source)
-        return Record(prompt=alpaca_prompt(question), response=answer,
-                      label=gsm8k_label(answer), source=source)
-    has = ", ".join(obj) or "no fields"
-    raise DataError(f"{source}: unrecognised record (it has: {has}); {_EXPECTED}")
-
-
-def load_records(path: str | Path) -> list[Record]:
-    """Read every record of a `.json` or `.jsonl` file; raise `DataError` on any problem."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    if not path.is_file():
-        raise DataError(f"{path}: not a file")
-    suffix = path.suffix.lower()
-    if suffix not in SUPPORTED_EXTENSIONS:
-        raise DataError(f"{path}: unsupported file type {path.suffix or '(no extension)'!r}; "
-                        f"supported: {', '.join(SUPPORTED_EXTENSIONS)}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    if not text.strip():
-        raise DataError(f"{path}: file is empty")
-    records = _load_jsonl(path, text) if suffix == ".jsonl" else _load_json(path, text)
-    if not records:
-        raise DataError(f"{path}: contains no records")
-    return records
-
-
-def _load_json(path: Path, text: str) -> list[Record]:
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}") from e
-    if not isinstance(items, list):
-        raise DataError(f"{path}: top-level JSON must be an array of records, "
-                        f"got {_json_type(items)} (use .jsonl for one record per line)")
-    return [parse_record(obj, f"{path} item {i}") for i, obj in enumerate(items)]
-
-
-def _load_jsonl(path: Path, text: str) -> list[Record]:
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {lineno}, column {e.colno}: invalid JSON: {e.msg}") from e
-        records.append(parse_record(obj, f"{path} line {lineno}"))
-    return records
+"""Vendored ARC-Easy and GSM8K slices; see its README.md."""
 
 
 def tokenize_record(tokenizer, record: Record, cutoff_len: int,
                     train_on_prompt: bool = False) -> dict[str, list[int]]:
-    """Token ids and labels for one record.
+    """Token ids and labels for one record (a chat record: `qdora.chat.tokenize_chat`).
 
     The prompt is tokenized with the tokenizer's special tokens (so BOS is added when the tokenizer
     adds one), the response without, then `eos_token_id` is appended (when the tokenizer has one).
@@ -191,6 +52,8 @@ def tokenize_record(tokenizer, record: Record, cutoff_len: int,
     """
     if cutoff_len < 1:
         raise ValueError(f"cutoff_len must be >= 1, got {cutoff_len}")
+    if record.format == "chat":
+        return tokenize_chat(tokenizer, record, cutoff_len, train_on_prompt)
     prompt_ids = list(tokenizer(record.prompt, add_special_tokens=True)["input_ids"])
     response_ids = list(tokenizer(record.response, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:

@@ -17,6 +17,13 @@ from pathlib import Path
 
 import torch
 
+from qdora.data import DEMO_DATA, load_records
+from qdora.loading import convert_gguf, load_model, smollm2_gguf_path
+from qdora.merge import merge_and_save
+from qdora.safetensors_io import check_output_dir, write_text_atomic
+from qdora.scoring import score_multiple_choice
+from qdora.train import TrainConfig, read_metrics, train
+
 MARKER = ".qdora-demo"
 """A file the demo writes first into its folder: a folder holding it may be replaced by a new demo run."""
 
@@ -39,7 +46,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _claim_folder(out: Path) -> str | None:
     """Make `out` this demo's folder (an earlier demo's output there is replaced); the error, if not."""
-    from qdora.safetensors_io import check_output_dir
     try:
         check_output_dir(out, "--out")
     except ValueError as err:
@@ -58,7 +64,7 @@ def _claim_folder(out: Path) -> str | None:
 def _reload_and_ask(model, tok, merged_dir: Path, prompt: str) -> tuple[float, str]:
     """Reload the merged checkpoint with plain transformers: its logits' largest difference from the
     adapted model's (relative to their largest), and its greedy answer to `prompt`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy, used here only
     probe = tok(prompt, return_tensors="pt").input_ids
     model.eval()
     with torch.no_grad():
@@ -91,12 +97,6 @@ def _print_report(report: dict, out: Path, merged_dir: Path, prompt: str) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from qdora.data import DEMO_DATA, load_records
-    from qdora.loading import convert_gguf, load_model, smollm2_gguf_path
-    from qdora.merge import merge_and_save
-    from qdora.safetensors_io import write_text_atomic
-    from qdora.scoring import score_multiple_choice
-    from qdora.train import TrainConfig, read_metrics, train
 
     try:
         gguf = smollm2_gguf_path()

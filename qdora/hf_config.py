@@ -9,7 +9,7 @@ import torch
 
 
 def set_config_dtype(config, dtype: torch.dtype) -> None:
-    import transformers
+    import transformers  # heavy, used here only
     if int(transformers.__version__.split(".")[0]) >= 5:
         config.dtype = dtype
     else:

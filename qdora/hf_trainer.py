@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from qdora.adapter_io import adapter_layers, load_adapter, save_adapter
 
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -49,7 +51,6 @@ class AdapterCheckpoints:
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """The adapter (never the packed base), the tokenizer or processor, and the training arguments."""
-        import torch
 
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
@@ -70,7 +71,7 @@ class AdapterCheckpoints:
 
 def __getattr__(name: str):
     if name == "QDoRATrainer":  # built on first use: transformers' Trainer is a heavy import
-        from transformers import Trainer
+        from transformers import Trainer  # heavy, used here only
 
         class QDoRATrainer(AdapterCheckpoints, Trainer):
             """`transformers.Trainer` that saves and resumes a qdora model by its adapter."""

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from qdora.dropout import Dropout
-from qdora.function import DoRAFunction, LayerSpec
+from qdora.function import DoRAFunction, LayerSpec, factored_norm_sq
 from qdora.nf4 import RowBlocks
 
 
@@ -199,7 +199,6 @@ class QDoRALinear(nn.Module):
     def row_norm(self) -> torch.Tensor:
         """`||W0 + s·B·A||` per output row (fp32), by the factored formula: `P = W0·Aᵀ` in one pass
         over the packed weight (`RowBlocks.norm_terms`), `c` cached."""
-        from qdora.function import factored_norm_sq
         if not self.has_direction:
             return self.base_norm
         A, B = (t.float() for t in self.direction_factors())

@@ -15,12 +15,15 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
+from tqdm.auto import tqdm
 
 from qdora.config import AdapterConfig
 from qdora.gguf import CACHE_VERSION, SMOLLM2_FILE, convert_gguf, gguf_cache_dir, smollm2_gguf_path  # noqa: F401
 from qdora.hf_config import plain_config, set_config_dtype  # noqa: F401  (plain_config: also from here)
 from qdora.nf4 import linear4bit_from_weight
+from qdora.surgery import add_adapters, apply_adapters, linear_module_names, matches, param_report, plan_adapters
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -65,7 +68,6 @@ class CheckpointReader:
     @contextlib.contextmanager
     def open(self, file: str):
         """One shard, memory-mapped while the context lasts (its pages leave the process after)."""
-        from safetensors import safe_open
 
         try:
             handle = safe_open(str(self.path / file), framework="pt")
@@ -108,7 +110,7 @@ def _release_freed_memory() -> None:
     global _malloc_trim
     if _malloc_trim is None:
         try:
-            import ctypes
+            import ctypes  # optional: glibc only
             _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
         except (OSError, AttributeError):
             _malloc_trim = False
@@ -152,8 +154,12 @@ def model_keys(model: nn.Module, keys: list[str], expected: set[str], path: Path
     if all(k in expected for k in keys):
         return {k: k for k in keys}
     try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        from transformers.conversion_mapping import get_model_conversion_mapping  # heavy, used here only
+        from transformers.core_model_loading import (  # heavy, used here only
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
     except ImportError:  # transformers < 5: keys are read as they are
         return {k: k for k in keys}
     transforms = get_model_conversion_mapping(model)
@@ -182,11 +188,8 @@ class CheckpointModel:
 
     def __init__(self, path: str | os.PathLike, cfg: AdapterConfig, dtype=None,
                  device: str | torch.device = "cpu", progress: bool = True):
-        from accelerate import init_empty_weights
-        from tqdm.auto import tqdm
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from qdora.surgery import linear_module_names, matches
+        from accelerate import init_empty_weights  # heavy: imports transformers' stack
+        from transformers import AutoConfig, AutoModelForCausalLM  # heavy, used here only
 
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
@@ -274,7 +277,7 @@ class CheckpointModel:
 
     def finish(self):
         """Tie the embeddings, check the model is complete, and return `(model, tokenizer or None)`."""
-        from transformers import AutoTokenizer, GenerationConfig
+        from transformers import GenerationConfig  # heavy, used here only
 
         model, path = self.model, self.path
         self.bar.close()
@@ -291,13 +294,22 @@ class CheckpointModel:
         except OSError:
             pass
         model.name_or_path = str(path)
-        tokenizer = None
-        if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(path)
-            except (OSError, ValueError) as err:
-                warnings.warn(f"{path}: the tokenizer files could not be loaded ({err})")
-        return model, tokenizer
+        return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: str | os.PathLike, progress: bool = False):
+    """The tokenizer next to checkpoint `path` (a folder, or a `.gguf` file's converted copy), or
+    None when there is none (a warning says so if its files cannot be loaded)."""
+    from transformers import AutoTokenizer  # heavy, used here only
+
+    path = resolve_checkpoint(path, progress) if Path(path).is_file() else Path(path)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        warnings.warn(f"{path}: the tokenizer files could not be loaded ({err})")
+        return None
 
 
 def load_checkpoint_dir(path: str | os.PathLike, method: str = "qdora", cfg: AdapterConfig | None = None,
@@ -352,8 +364,6 @@ def load_model(path: str | os.PathLike, method: str = "qdora", cfg: AdapterConfi
     """
     if cfg is not None and cfg.method != method and method != "qdora":
         raise ValueError(f"method={method!r} and cfg.method={cfg.method!r} disagree")
-    from qdora.surgery import add_adapters, plan_adapters
-
     cfg = cfg or AdapterConfig(method=method)
     path = resolve_checkpoint(path, progress)
     loader = CheckpointModel(path, cfg, dtype, device, progress)
@@ -377,8 +387,6 @@ def stream_model(path: str | os.PathLike, cfg: AdapterConfig, dtype=None, device
     `on_layer=None` the result is `load_model`'s bit for bit. `path`: a checkpoint folder (see
     `resolve_checkpoint` for a `.gguf` file). VeRA's projections are shared by all layers and need
     the whole model: they are not streamed."""
-    from qdora.surgery import apply_adapters, param_report, plan_adapters
-
     if cfg.method == "full" or cfg.direction != "lora":
         raise ValueError(f"stream_model adds adapters layer by layer: method={cfg.method!r}, "
                          f"direction={cfg.direction!r} cannot be streamed (use load_model)")

@@ -32,6 +32,7 @@ import warnings
 
 import bitsandbytes as bnb
 import torch
+from packaging.version import Version
 from torch import nn
 
 from qdora.function import DoRAFunction, LayerSpec
@@ -94,10 +95,10 @@ class _LayerState:
 
 
 def _peft_lora_classes() -> tuple[type, ...]:
-    from peft.tuners.lora import layer as lora_layer
+    from peft.tuners.lora import layer as lora_layer  # optional: only this path uses PEFT
     classes = [lora_layer.Linear]
     try:
-        from peft.tuners.lora import bnb as lora_bnb
+        from peft.tuners.lora import bnb as lora_bnb  # optional: only this path uses PEFT
         if hasattr(lora_bnb, "Linear4bit"):
             classes.append(lora_bnb.Linear4bit)
     except ImportError:  # PEFT without bitsandbytes support
@@ -106,8 +107,7 @@ def _peft_lora_classes() -> tuple[type, ...]:
 
 
 def _check_peft_version() -> None:
-    import peft
-    from packaging.version import Version
+    import peft  # optional: only this path uses PEFT
     first, last = PEFT_VERSIONS
     if not Version(first) <= Version(Version(peft.__version__).base_version) < Version(last):
         raise ValueError(f"qdora.patch_peft supports peft >= {first}, < {last} (the LoRA layer layout it reads); "
@@ -180,7 +180,7 @@ def patch_peft(model: nn.Module, block_rows: int = 1024, eps: float = 1e-6) -> P
             `PEFT_VERSIONS`, or a base was repacked by bitsandbytes (see `qdora.keep_standard_layout`).
     """
     _check_peft_version()
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # optional: only this path uses PEFT
 
     if getattr(model, "_qdora_peft_patch", None) is not None:
         raise ValueError("this model is already patched by qdora.patch_peft; call .unpatch() on the returned "

@@ -58,200 +58,29 @@ fraction of the tensor peak, `ALLOCATOR_SLACK`) are reported as their own lines.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
 
-from qdora.config import DORA_METHODS, FLOAT_DTYPES, METHODS, QUANTIZED_METHODS
-from qdora.model_shapes import PRESETS, ModelShape, resolve_model, shape_from_config
+from qdora.config import FLOAT_DTYPES
+from qdora.model_shapes import PRESETS, ModelShape, resolve_model, shape_from_config  # noqa: F401  (also from here)
+from qdora.plan_config import (  # noqa: F401  (the setting and result, also from here)
+    ALLOCATOR_SLACK,
+    CARDS_GB,
+    CUDA_CONTEXT_BYTES,
+    DEVICES,
+    FUSED,
+    GIB,
+    LINEARS,
+    TERM_LABELS,
+    TERMS,
+    MemoryPlan,
+    PlanConfig,
+)
 
-GIB = 1 << 30
-CARDS_GB = (16, 24, 48, 80)
-"""Card sizes checked by `fits` (GB as sold: 24 GB cards hold 24 GiB)."""
-
-CUDA_CONTEXT_BYTES = GIB // 2
-"""CUDA context and kernel images outside PyTorch's allocator: ~0.3-0.6 GiB on recent drivers."""
-
-ALLOCATOR_SLACK = 0.10
-"""Reserved-but-unallocated memory of PyTorch's caching allocator, as a fraction of the tensor peak
-(Answer.AI's FSDP+QLoRA benchmarks report 9.16 GiB allocated vs 10.22 GiB reserved for Llama-2-7B LoRA)."""
-
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-"""Fused projections (Phi-3) and the linears they stand for. A fused target is planned as its parts:
-the same weights, activations and B rows; the parts' separate A (r × hidden each, and their T × r
-products) are counted where the fused layer has one, an over-estimate of O(r · (hidden + T))."""
-DEVICES = ("cuda", "cpu")
 QUANT_CHUNK = 1 << 20
 """`qdora.nf4.QUANT_CHUNK`: elements the quantizer converts at once."""
 CHECKSUM_CHUNK = 1 << 18
 """`qdora.fsdp.CHECKSUM_CHUNK`: int32 words the start's checksum sums at once."""
 _DTYPE_BYTES = {name: dtype.itemsize for name, dtype in FLOAT_DTYPES.items()}
-
-
-# ---- the setting ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PlanConfig:
-    """One training setting to plan for. Defaults are `qdora train`'s."""
-
-    method: str = "qdora"
-    """What is trained: full, lora, dora, qlora or qdora."""
-    r: int = 16
-    """Rank of the direction update B·A."""
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
-    """Decoder-layer linears with a direction adapter, comma-separated from q_proj, k_proj, v_proj,
-    o_proj, gate_proj, up_proj, down_proj (fused: qkv_proj, gate_up_proj), or all."""
-    magnitude_only_modules: tuple[str, ...] = ()
-    """Linears that train only the magnitude m (comma-separated)."""
-    dropout: float = 0.05
-    """Dropout on the adapter's input (its mask is kept for the backward)."""
-    batch_size: int = 1
-    """Examples per micro-batch per device."""
-    seq_len: int = 2048
-    """Tokens per example."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step: above 1, gradients stay allocated through every phase."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in the backward."""
-    gpus: int = 1
-    """Devices; above 1 the model is sharded with FSDP."""
-    cpu_offload: bool = False
-    """FSDP CPU offload (FSDP2 CPUOffloadPolicy): sharded parameters, gradients and optimizer
-    states live in CPU memory; the GPU holds the gathered layers, activations and the rest."""
-    device: str = "cuda"
-    """cuda (bf16 compute and storage) or cpu (fp32 compute and storage, as this library's CPU path)."""
-    adapter_dtype: str = "float32"
-    """Dtype the adapters are stored and trained in."""
-    optimizer: str = "adamw"
-    """adamw (torch) or paged_adamw_8bit (bitsandbytes; counted as resident)."""
-    norm: str = "detached"
-    """Row norm in the backward: detached or exact (keeps P = W0·Aᵀ per layer)."""
-    double_quant: bool = True
-    """NF4 with double quantization of the block scales."""
-    block_rows: int = 1024
-    """Rows of a base weight dequantized at once."""
-
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "method": METHODS, "device": DEVICES, "adapter_dtype": ("float32", "bfloat16"),
-        "optimizer": ("adamw", "paged_adamw_8bit"), "norm": ("detached", "exact")}
-    """The values a string field may take (the command line offers them as choices)."""
-
-    def __post_init__(self):
-        if isinstance(self.target_modules, str):
-            object.__setattr__(self, "target_modules", tuple(t for t in self.target_modules.split(",") if t))
-        if tuple(self.target_modules) in (("all",), ("all-linear",)):
-            object.__setattr__(self, "target_modules", LINEARS)
-        if isinstance(self.magnitude_only_modules, str):
-            object.__setattr__(self, "magnitude_only_modules",
-                               tuple(t for t in self.magnitude_only_modules.split(",") if t))
-        for attr in ("target_modules", "magnitude_only_modules"):  # fused projections: their parts
-            names = tuple(part for t in getattr(self, attr) for part in FUSED.get(t, (t,)))
-            object.__setattr__(self, attr, names)
-        problems = []
-        if self.method not in METHODS:
-            problems.append(f"method={self.method!r} is unknown; use one of {', '.join(METHODS)}")
-        for name in ("batch_size", "seq_len", "grad_accum", "gpus", "block_rows"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                problems.append(f"{name}={v!r} must be a positive integer")
-        if self.method != "full":
-            if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-                problems.append(f"r={self.r!r} must be a positive integer (typical: 8, 16, 32, 64)")
-            unknown = [t for t in (*self.target_modules, *self.magnitude_only_modules) if t not in LINEARS]
-            if unknown:
-                names = ", ".join(LINEARS + tuple(FUSED))
-                problems.append(f"unknown target module(s) {unknown}; use names from {names} or 'all'")
-            if not self.target_modules and not self.magnitude_only_modules:
-                problems.append("target_modules is empty: name the linears to adapt, e.g. q_proj,k_proj,v_proj")
-        if self.magnitude_only_modules and self.method not in DORA_METHODS:
-            problems.append(f"magnitude_only_modules needs method dora or qdora, not {self.method!r}")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"dropout={self.dropout!r} must be in [0, 1)")
-        if self.device not in DEVICES:
-            problems.append(f"device={self.device!r} is unknown; use 'cuda' or 'cpu'")
-        if self.adapter_dtype not in _DTYPE_BYTES:
-            problems.append(f"adapter_dtype={self.adapter_dtype!r} is unknown; use float32 or bfloat16")
-        if self.optimizer not in ("adamw", "paged_adamw_8bit"):
-            problems.append(f"optimizer={self.optimizer!r} is unknown; use adamw or paged_adamw_8bit")
-        elif self.optimizer == "paged_adamw_8bit" and self.device != "cuda":
-            problems.append("optimizer='paged_adamw_8bit' needs device='cuda'")
-        if self.cpu_offload and self.gpus < 2:
-            problems.append("cpu_offload is an FSDP option: use gpus >= 2")
-        if self.norm not in ("detached", "exact"):
-            problems.append(f"norm={self.norm!r} is unknown; use 'detached' or 'exact'")
-        if problems:
-            raise ValueError("invalid plan setting:\n  - " + "\n  - ".join(problems))
-
-    @property
-    def quantized(self) -> bool:
-        return self.method in QUANTIZED_METHODS
-
-    @property
-    def use_dora(self) -> bool:
-        return self.method in DORA_METHODS
-
-    @property
-    def compute_bytes(self) -> int:
-        return 2 if self.device == "cuda" else 4
-
-    @property
-    def fsdp(self) -> bool:
-        return self.gpus > 1
-
-    def replace(self, **changes) -> "PlanConfig":
-        return dataclasses.replace(self, **changes)
-
-
-# ---- the result ----------------------------------------------------------------------------
-
-TERMS = ("nf4_weights", "quant_state", "base_weights", "adapters", "gradients", "optimizer_states",
-         "activations", "logits_loss", "temporaries", "fsdp_buffers", "cuda_context", "allocator_slack")
-TERM_LABELS = {
-    "nf4_weights": "NF4 weights (packed)", "quant_state": "quantization state", "base_weights":
-    "base weights not in NF4", "adapters": "adapters (+ DoRA norm buffer)", "gradients": "gradients",
-    "optimizer_states": "optimizer states", "activations": "activations saved for backward",
-    "logits_loss": "logits / loss", "temporaries": "temporaries", "fsdp_buffers": "FSDP unsharded buffers",
-    "cuda_context": "CUDA context (constant)", "allocator_slack": "allocator slack",
-}
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    """Predicted peak bytes per device, by term, at the step's peak phase."""
-
-    model: ModelShape
-    config: PlanConfig
-    terms: dict[str, int]
-    peak_phase: str
-    phases: dict[str, int]
-    """Tensor bytes at the peak of each phase (resident included)."""
-    details: dict[str, int] = field(default_factory=dict)
-    """Named parts of the terms (e.g. the FSDP buffers one by one)."""
-    start_bytes: int = 0
-    """FSDP only: a rank's tensor bytes on its device while the run starts (`qdora.fsdp.build_sharded`:
-    every rank reads, quantizes and shards the checkpoint one decoder layer at a time, the root
-    last). The training step's terms do not include it; `fits` checks both."""
-
-    @property
-    def tensor_bytes(self) -> int:
-        return sum(v for k, v in self.terms.items() if k not in ("cuda_context", "allocator_slack"))
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.terms.values())
-
-    @property
-    def start_total_bytes(self) -> int:
-        """`start_bytes` with the CUDA context and allocator slack the step's total counts too."""
-        if not self.start_bytes:
-            return 0
-        extra = CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * self.start_bytes) if self.config.device == "cuda" else 0
-        return self.start_bytes + extra
-
-    def fits(self, card_gb: float) -> bool:
-        """The training step and (with FSDP) the start both fit `card_gb`."""
-        return max(self.total_bytes, self.start_total_bytes) <= card_gb * GIB
 
 
 # ---- the model -----------------------------------------------------------------------------

@@ -5,10 +5,12 @@ may move too if their content is the same."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from qdora.checkpoint import check_checkpoint, find_checkpoint
+from qdora.loading import check_model_path
 from qdora.safetensors_io import check_output_dir
 from qdora.train_config import TrainConfig
 
@@ -16,13 +18,13 @@ from qdora.train_config import TrainConfig
 # be moved or copied and resumed where it now is. `model` and `data` may move too if their content
 # is the same (`_fingerprints`).
 _RESUMABLE_CHANGES = {"out", "max_steps", "resume", "save_every", "log_every", "progress", "keep_adapters_every",
-                      "fsdp", "cpu_offload", "adapter_format"}
+                      "fsdp", "cpu_offload", "adapter_format", "eval_every", "keep_best", "report_to",
+                      "progress_seconds"}
 
 def _fingerprint(path: str) -> str | None:
     """What identifies a model or data file wherever it lies: the data file's bytes; a model
     folder's config.json and the names and sizes of its weight files; a model file's size and
     first and last MiB. None if `path` is not there."""
-    import hashlib
     p = Path(path)
     digest = hashlib.sha256()
     if p.is_dir():
@@ -45,7 +47,8 @@ def _fingerprint(path: str) -> str | None:
 
 
 def _fingerprints(cfg: TrainConfig) -> dict[str, str | None]:
-    return {"model": _fingerprint(cfg.model), "data": _fingerprint(cfg.data)}
+    paths = {"model": cfg.model, "data": cfg.data, "val_data": cfg.val_data, "chat_template": cfg.chat_template}
+    return {name: _fingerprint(path) for name, path in paths.items() if path}
 
 
 def _check_same_run(out: Path, cfg: TrainConfig) -> None:
@@ -60,7 +63,7 @@ def _check_same_run(out: Path, cfg: TrainConfig) -> None:
     now = cfg.to_dict()
     defaults = TrainConfig(model="", data="", out="").to_dict()  # fields newer than the saved run
     changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k])
-    moved = [k for k in ("model", "data") if k in changed]
+    moved = [k for k in ("model", "data", "val_data", "chat_template") if k in changed]
     if moved:
         before, after = saved.get("fingerprints", {}), _fingerprints(cfg)
         changed = [k for k in changed if not (k in moved and before.get(k) and before.get(k) == after[k])]
@@ -75,7 +78,6 @@ def check_run(cfg: TrainConfig) -> Path | None:
     `out` is a writable folder (or can be made one), it holds no checkpoint unless `resume` (and one
     that can be read and belongs to this run if `resume`), the model path exists. Returns the
     checkpoint to resume, or None."""
-    from qdora.loading import check_model_path
 
     out = Path(cfg.out)
     check_output_dir(out, "--out")

@@ -17,9 +17,11 @@ import os
 import shutil
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from safetensors import safe_open
 
 _DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -124,7 +126,6 @@ def swap_in_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     """Replace folder `final` by the finished folder `tmp`: the previous `final` is moved to
     `<name>.old` first and removed last, so a crash at any point leaves either the old folder
     (possibly as `.old`) or the new one, never a mix."""
-    from pathlib import Path
     final = Path(final)
     old = final.with_name(f"{final.name}.old")
     if old.exists():
@@ -140,7 +141,6 @@ def swap_in_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
 def atomic_dir(final: str | os.PathLike):
     """Build a folder under a temporary name and swap it in (`swap_in_dir`) only when the block
     completes."""
-    from pathlib import Path
     final = Path(final)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -158,7 +158,6 @@ def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> None:
     """Raise `ValueError` naming `flag` unless `path` is, or can be made, a folder this process can
     write to. Nothing is created: an existing folder is probed with a file that is removed at
     once, a missing one by its nearest existing parent."""
-    from pathlib import Path
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is an existing file, not a folder; choose a folder")
@@ -192,7 +191,6 @@ def _read_only_fs(path) -> bool:
 def check_safetensors_file(path: str | os.PathLike, way_out: str = "") -> None:
     """Raise `ValueError` naming `path` if it is missing or not a readable safetensors file (its
     header is parsed and its length checked against it; the tensors are not read)."""
-    from safetensors import safe_open
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: missing" + (f"; {way_out}" if way_out else ""))

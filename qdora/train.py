@@ -22,20 +22,28 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import bitsandbytes as bnb
 import torch
 
+from qdora import fsdp
+from qdora.adapter_io import save_adapter
 from qdora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from qdora.config import AdapterConfig
-from qdora.health import NonFiniteError, _count_nonfinite, _diverged, _Health, _metrics_line
+from qdora.data import IGNORE_INDEX, batch_order, collate, count_supervised, pad_token_id
+from qdora.fsdp import save_adapter_gathered
+from qdora.health import NonFiniteError, _count_nonfinite, _diverged, _Health
+from qdora.loading import load_model, load_tokenizer
+from qdora.packing import collate_packed
 from qdora.preflight import _fingerprints, check_run
+from qdora.run_log import RunLog, check_reporters, trim_csv
 from qdora.safetensors_io import write_text_atomic
 from qdora.train_config import TrainConfig, lr_at
+from qdora.train_data import examples, read_records
 
 
 def _seed_all(seed: int) -> None:
@@ -47,7 +55,6 @@ def _make_optimizer(params, cfg: TrainConfig, device: torch.device):
     if cfg.optimizer == "paged_adamw_8bit":
         if device.type != "cuda":
             raise ValueError("optimizer='paged_adamw_8bit' needs a CUDA device; use 'adamw' on CPU")
-        import bitsandbytes as bnb
         return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # fused: one kernel over all tensors (on CPU 3.5x faster than the per-tensor loop for SmolLM2's
     # 450 adapter tensors; results differ from the loop only by fp32 rounding order). Sharded
@@ -100,9 +107,7 @@ def _save_final(model, tokenizer, path: Path, cfg: TrainConfig, build) -> None:
     """The trained result: the whole model for `full`, else the adapter (ours or PEFT's, as
     `cfg.adapter_format` says; a PEFT peer's own). A sharded model's adapter is gathered and
     written by rank 0 (every rank calls this)."""
-    from qdora.adapter_io import save_adapter
     if cfg.fsdp:
-        from qdora.fsdp import save_adapter_gathered
         save_adapter_gathered(model, path, format=cfg.adapter_format, base_model_name_or_path=str(cfg.model))
     elif cfg.method == "full":
         model.save_pretrained(path)
@@ -129,6 +134,8 @@ class _Run:
     rank: int
     world: int
     build: Callable | None
+    val: list[dict] = dataclasses.field(default_factory=list)
+    """Validation examples (never packed)."""
     start: int = 0
     totals: dict = dataclasses.field(default_factory=lambda: {"tokens": 0, "seconds": 0.0})
     saved_step: int | None = None
@@ -153,10 +160,8 @@ class _Run:
 
 def _load(cfg: TrainConfig, build, device: torch.device, rank: int):
     """The model and tokenizer: sharded over the job (`fsdp`), built by `build`, or `load_model`."""
-    from qdora.loading import load_model
     adapter_cfg = cfg.adapter_config() if cfg.method != "full" else AdapterConfig(method="full")
     if cfg.fsdp:
-        from qdora import fsdp
         if adapter_cfg.quantized and fsdp.mixed_precision(device).param_dtype is not None:
             # FSDP casts what it all-gathers to bf16: the packed NF4 bytes must already be bf16.
             adapter_cfg = adapter_cfg.replace(quant_storage="bfloat16")
@@ -169,46 +174,40 @@ def _load(cfg: TrainConfig, build, device: torch.device, rank: int):
                                       progress=cfg.progress)
     else:
         model, tokenizer = build(cfg, device)
-    if tokenizer is None:
-        raise ValueError(f"{cfg.model}: no tokenizer found next to the model; training needs one")
     return model, tokenizer
-
-
-def _examples(records, tokenizer, cfg: TrainConfig, main: bool) -> list[dict]:
-    """The tokenized examples that have a response token within `cutoff_len`."""
-    from qdora.data import SFTDataset, count_supervised
-    dataset = SFTDataset(records, tokenizer, cfg.cutoff_len, cfg.train_on_prompt)
-    keep = [ex for ex in dataset.examples if count_supervised(ex["labels"]) > 0]
-    if not keep:
-        raise ValueError(f"{cfg.data}: no example has a response token within cutoff_len={cfg.cutoff_len}")
-    if len(keep) < len(dataset.examples) and cfg.progress and main:
-        print(f"note: {len(dataset.examples) - len(keep)} example(s) have no response token within "
-              f"cutoff_len={cfg.cutoff_len} and are skipped")
-    return keep
 
 
 def _setup(cfg: TrainConfig, build) -> _Run:
     """Check, load, adapt, distribute: everything before the first step, each stage once. Every
-    check of the input runs before the model is loaded; the run folder is written last."""
-    from qdora.data import load_records, pad_token_id
+    check of the input runs before the model is loaded (the data's tokenizing too); the run folder
+    is written last."""
     if cfg.fsdp and build is not None:
         raise ValueError("fsdp=True builds the sharded model itself; a custom `build` is not supported with it")
     existing = check_run(cfg)
-    records = load_records(cfg.data)
+    check_reporters(cfg)
+    records = read_records(cfg)
     rank, world = 0, 1
     if cfg.fsdp:
-        from qdora import fsdp
         device = fsdp.init_process_group(cpu_offload=cfg.cpu_offload)
         rank, world = fsdp.rank(), fsdp.world_size()
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(cfg.model, progress=cfg.progress and rank == 0)
+    if tokenizer is None:
+        raise ValueError(f"{cfg.model}: no tokenizer found next to the model; training needs one")
+    data = examples(cfg, records, tokenizer, progress=cfg.progress and rank == 0)
+    if data.skipped and cfg.progress and rank == 0:
+        print(f"note: {data.skipped} example(s) have no target token within cutoff_len={cfg.cutoff_len} and are "
+              "skipped")
+    if cfg.packing and cfg.progress and rank == 0:
+        print(f"packing: {data.examples} examples in {len(data.rows)} rows of up to {cfg.cutoff_len} tokens")
     _seed_all(cfg.seed)
-    model, tokenizer = _load(cfg, build, device, rank)
-    examples = _examples(records, tokenizer, cfg, rank == 0)
+    model, model_tokenizer = _load(cfg, build, device, rank)
     prepare_for_training(model, cfg.gradient_checkpointing)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = _make_optimizer([p for _, p in params], cfg, device)
-    run = _Run(cfg, model, tokenizer, optimizer, params, examples, pad_token_id(tokenizer), device, rank, world, build)
+    run = _Run(cfg, model, model_tokenizer or tokenizer, optimizer, params, data.rows, pad_token_id(tokenizer),
+               device, rank, world, build, val=data.val)
     _start_or_resume(run, existing)
     return run
 
@@ -226,13 +225,26 @@ def _start_or_resume(run: _Run, existing: Path | None) -> None:
         if metrics_path.exists() and run.main:  # keep the curve up to the checkpoint, drop what came after it
             lines = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= run.start]
             write_text_atomic(metrics_path, "".join(line + "\n" for line in lines))
+            trim_csv(out / "metrics.csv", run.start)
     elif run.main:
         write_text_atomic(out / "train_config.json",
                           json.dumps({**cfg.to_dict(), "fingerprints": _fingerprints(cfg)}, indent=1) + "\n")
-        if metrics_path.exists():
-            metrics_path.unlink()
+        for stale in (metrics_path, out / "metrics.csv"):
+            stale.unlink(missing_ok=True)
     if cfg.fsdp:
         torch.distributed.barrier()  # the folder and its files exist before any rank writes into it
+
+
+def _local_batch(run: _Run, examples: list[dict], ids: list[int], packed: bool) -> dict[str, torch.Tensor]:
+    """This rank's part of the global micro-batch `ids` of `examples` (all of it in a single process)."""
+    local = ids[run.rank * len(ids) // run.world:(run.rank + 1) * len(ids) // run.world]
+    join = collate_packed if packed else collate
+    if not local:  # a short last batch: run one example with no label, so collectives still match
+        batch = join([examples[ids[0]]], run.pad)
+        batch["labels"].fill_(IGNORE_INDEX)
+    else:
+        batch = join([examples[i] for i in local], run.pad)
+    return {k: v.to(run.device) for k, v in batch.items()}
 
 
 class _Batches:
@@ -245,9 +257,8 @@ class _Batches:
         self.orders: dict[int, list[list[int]]] = {}
 
     def __call__(self, index: int) -> tuple[dict[str, torch.Tensor], int, int]:
-        """This rank's part of global micro-batch `index` (all of it in a single process), the
-        number of supervised (shifted) labels in the whole micro-batch, and its token count."""
-        from qdora.data import IGNORE_INDEX, batch_order, collate, count_supervised
+        """This rank's part of global micro-batch `index`, the number of supervised (shifted) labels
+        in the whole micro-batch, and its token count."""
         run, examples = self.run, self.run.examples
         epoch, pos = divmod(index, self.per_epoch)
         if epoch not in self.orders:
@@ -256,19 +267,29 @@ class _Batches:
         ids = self.orders[epoch][pos]
         supervised = sum(count_supervised(examples[i]["labels"][1:]) for i in ids)
         tokens = sum(len(examples[i]["input_ids"]) for i in ids)
-        local = ids[run.rank * len(ids) // run.world:(run.rank + 1) * len(ids) // run.world]
-        if not local:  # a short last batch: run one example with no label, so collectives still match
-            batch = collate([examples[ids[0]]], run.pad)
-            batch["labels"].fill_(IGNORE_INDEX)
-        else:
-            batch = collate([examples[i] for i in local], run.pad)
-        return {k: v.to(run.device) for k, v in batch.items()}, supervised, tokens
+        return _local_batch(run, examples, ids, run.cfg.packing), supervised, tokens
+
+
+@torch.no_grad()
+def _validate(run: _Run) -> float:
+    """The token-mean loss over every validation example (no dropout), in batches of `batch_size`."""
+    model, val, size = run.model, run.val, run.cfg.batch_size
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(val), size):
+        ids = list(range(start, min(start + size, len(val))))
+        count += sum(count_supervised(val[i]["labels"][1:]) for i in ids)
+        # num_items_in_batch=1: the loss is this rank's sum over its tokens
+        total += model(**_local_batch(run, val, ids, packed=False), num_items_in_batch=1).loss.item()
+    total, = _all_reduce(run, [total])
+    model.train(was_training)
+    return total / max(1, count)
 
 
 def _all_reduce(run: _Run, values: list[float], op: str = "sum") -> list[float]:
     if not run.cfg.fsdp:
         return values
-    from qdora import fsdp
     return fsdp.all_reduce(values, run.device, op=op)
 
 
@@ -308,17 +329,14 @@ def _check_trained(run: _Run, step: int, lr: float) -> None:
 
 
 def _fit(run: _Run, on_step: Callable[[int, dict], None] | None) -> dict:
-    """The loop: step, log, checkpoint, until `max_steps` or a signal."""
-    from tqdm.auto import tqdm
-    cfg, out, optimizer = run.cfg, run.out, run.optimizer
+    """The loop: step, validate, log, checkpoint, until `max_steps` or a signal."""
+    cfg, optimizer = run.cfg, run.optimizer
     batches = _Batches(run)
     vocab = getattr(getattr(run.model, "config", None), "vocab_size", None)
     health = _Health(vocab if isinstance(vocab, int) and vocab > 1 else None)
-    bar = tqdm(total=cfg.max_steps, initial=run.start, desc=f"train {cfg.method}", unit="step",
-               disable=None if (cfg.progress and run.main) else True)
+    log = RunLog(cfg, run.out, run.main, run.start)
     t_start, step, stopped = time.perf_counter(), run.start, None
-    metrics = open(out / "metrics.jsonl", "a") if run.main else contextlib.nullcontext()
-    with _StopRequest() as stop, metrics as metrics_file:
+    with _StopRequest() as stop, contextlib.closing(log):
         while step < cfg.max_steps and stopped is None:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
@@ -331,9 +349,7 @@ def _fit(run: _Run, on_step: Callable[[int, dict], None] | None) -> dict:
                       "tokens_per_s": tokens / elapsed, "step_s": elapsed}
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
-                bar.close()
-                if run.main:
-                    metrics_file.write(_metrics_line({**record, "error": "non-finite loss or gradient"}))
+                log.write_error({**record, "error": "non-finite loss or gradient"})
                 raise NonFiniteError(_diverged(step, loss, grad_norm, lr, cfg, run.saved_note()))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -342,25 +358,43 @@ def _fit(run: _Run, on_step: Callable[[int, dict], None] | None) -> dict:
             warnings = health.check(step, loss, grad_norm, lr)
             if warnings:
                 record["warnings"] = warnings
-                for warning in warnings if run.main else ():
-                    bar.write(f"qdora train: warning: {warning}", file=sys.stderr)
-            if run.main and (step % cfg.log_every == 0 or step == cfg.max_steps or warnings):
-                metrics_file.write(_metrics_line(record))
-                metrics_file.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
+                for warning in warnings:
+                    log.warn(warning)
+            validated = _maybe_validate(run, step, lr, record)
+            log.step(record, write=step % cfg.log_every == 0 or step == cfg.max_steps or bool(warnings) or validated)
             if on_step is not None:
                 on_step(step, record)
             # a signal may reach only some ranks: all stop after the same step
             flag, = _all_reduce(run, [float(stop.signal or 0)], op="max")
             stopped = stop.signal or (int(flag) if flag else None)
-            _save(run, step, lr, stopped is not None, metrics_file)
-        bar.close()
-    return {"steps": step, "interrupted": stopped, "out": str(out), "seconds": run.totals["seconds"],
-            "tokens": run.totals["tokens"], "session_seconds": time.perf_counter() - t_start}
+            _save(run, step, lr, stopped is not None, log)
+    return {"steps": step, "interrupted": stopped, "out": str(run.out), "seconds": run.totals["seconds"],
+            "tokens": run.totals["tokens"], "session_seconds": time.perf_counter() - t_start,
+            **({"val_loss": run.totals["val_loss"]} if "val_loss" in run.totals else {})}
 
 
-def _save(run: _Run, step: int, lr: float, stopping: bool, metrics_file) -> None:
+def _maybe_validate(run: _Run, step: int, lr: float, record: dict) -> bool:
+    """The validation loss after `step` when it is due (into `record`); with `keep_best`, the
+    adapter of the best step so far is kept as adapter-best/."""
+    cfg = run.cfg
+    if not run.val or not ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+        return False
+    val_loss = _validate(run)
+    if not math.isfinite(val_loss):
+        raise NonFiniteError(f"step {step}: the validation loss is {val_loss} at learning rate {lr:.3g}. "
+                             f"{run.saved_note()} Try a lower --lr.")
+    record["val_loss"] = run.totals["val_loss"] = val_loss
+    if cfg.keep_best and val_loss < run.totals.get("best_val_loss", math.inf):
+        _check_trained(run, step, lr)
+        _save_final(run.model, run.tokenizer, run.out / "adapter-best", cfg, run.build)
+        run.totals["best_val_loss"], run.totals["best_step"] = val_loss, step
+        if run.main:
+            write_text_atomic(run.out / "adapter-best" / "best.json",
+                              json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+    return True
+
+
+def _save(run: _Run, step: int, lr: float, stopping: bool, log: RunLog) -> None:
     """After step `step`: the intermediate adapter and the checkpoint, when they are due."""
     cfg = run.cfg
     keep_adapter = cfg.keep_adapters_every and step % cfg.keep_adapters_every == 0 and step < cfg.max_steps
@@ -370,8 +404,7 @@ def _save(run: _Run, step: int, lr: float, stopping: bool, metrics_file) -> None
     if keep_adapter:
         _save_final(run.model, run.tokenizer, run.out / f"adapter-step{step}", cfg, run.build)
     if checkpoint:
-        if run.main:
-            metrics_file.flush()
+        log.flush()
         save_checkpoint(run.out / CHECKPOINT, run.model, run.optimizer, run.names, _run_state(step, cfg, run.totals),
                         sharded=cfg.fsdp)
         run.saved_step = step

@@ -9,9 +9,11 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from qdora.config import METHODS, AdapterConfig
+from qdora.config import METHODS, AdapterConfig, Problems
+from qdora.records import FORMATS
 
 SCHEDULES = ("linear", "cosine", "constant")
+REPORTERS = ("tensorboard", "csv")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 ADAPTER_FORMATS = ("qdora", "peft")
 
@@ -23,9 +25,30 @@ class TrainConfig:
     model: str
     """A transformers checkpoint folder or a .gguf file."""
     data: str
-    """Training data: JSON/JSONL in the Alpaca/LLM-Adapters or GSM8K format."""
+    """Training data: a .json, .jsonl, .parquet or .arrow file, or a datasets save_to_disk folder, of chat
+    (messages), prompt/completion, text, Alpaca/LLM-Adapters or GSM8K records (see --format)."""
     out: str
     """Output folder: metrics.jsonl, checkpoint/, adapter/ (or model/ for `full`)."""
+    format: str = "auto"
+    """Record format: auto (detected from each record's fields), chat, prompt-completion, text, alpaca or gsm8k."""
+    chat_template: str = ""
+    """A Jinja chat template file for chat records (default: the tokenizer's own)."""
+    packing: bool = False
+    """Pack several examples into each row of up to cutoff_len tokens (no attention across them)."""
+    val_data: str = ""
+    """Validation data (same formats as data)."""
+    val_split: float = 0.0
+    """Hold out this fraction of data for validation instead (e.g. 0.05; seeded by seed)."""
+    eval_every: int = 0
+    """Validation loss every this many steps (0: at the end only); needs val_data or val_split."""
+    keep_best: bool = False
+    """Keep the adapter of the step with the lowest validation loss as adapter-best/."""
+    report_to: tuple[str, ...] = ()
+    """Also log to (comma-separated): tensorboard (out/tensorboard; needs the tensorboard package), csv
+    (out/metrics.csv)."""
+    progress_seconds: float = 30.0
+    """Without a terminal (a log file, CI): a plain progress line at most this often (seconds), and at
+    the first and last step."""
     method: str = "qdora"
     """What is trained: full, lora, dora, qlora or qdora."""
     r: int = 16
@@ -92,60 +115,59 @@ class TrainConfig:
     memory and step the optimizer there (FSDP2 CPUOffloadPolicy; see qdora plan --cpu-offload)."""
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "format": ("auto", *FORMATS),
         "method": METHODS, "norm": ("detached", "exact"), "direction": ("lora", "vera"), "schedule": SCHEDULES,
         "optimizer": OPTIMIZERS, "adapter_format": ADAPTER_FORMATS, "adapter_dtype": ("float32", "bfloat16")}
     """The values a string field may take (the command line offers them as choices)."""
 
     def __post_init__(self):
-        problems = []
-        if self.method not in METHODS:
-            problems.append(f"method={self.method!r} is unknown; use one of {', '.join(METHODS)}")
+        p = Problems("TrainConfig")
+        p.choice("method", self.method, METHODS)
         for name in ("max_steps", "batch_size", "grad_accum", "cutoff_len", "save_every", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                problems.append(f"{name}={value!r} must be a positive integer")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            problems.append(f"warmup_steps={self.warmup_steps!r} must be >= 0")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            problems.append(f"lr={self.lr!r} must be a positive number (typical: 1e-4 to 2e-4 for adapters)")
-        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
-                and self.weight_decay >= 0):
-            problems.append(f"weight_decay={self.weight_decay!r} must be a number >= 0")
-        if not (isinstance(self.max_grad_norm, (int, float)) and math.isfinite(self.max_grad_norm)
-                and self.max_grad_norm >= 0):
-            problems.append(f"max_grad_norm={self.max_grad_norm!r} must be a number >= 0 (0 disables clipping)")
-        if self.schedule not in SCHEDULES:
-            problems.append(f"schedule={self.schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
-        if self.optimizer not in OPTIMIZERS:
-            problems.append(f"optimizer={self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
+            p.positive_int(name, getattr(self, name))
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            p.add(f"warmup_steps={self.warmup_steps!r} must be >= 0")
+        p.number("lr", self.lr, hint="typical: 1e-4 to 2e-4 for adapters")
+        p.number("weight_decay", self.weight_decay, inclusive=True)
+        p.number("max_grad_norm", self.max_grad_norm, inclusive=True, hint="0 disables clipping")
+        p.choice("schedule", self.schedule, SCHEDULES)
+        p.choice("format", self.format, ("auto", *FORMATS))
+        if self.val_data and self.val_split:
+            p.add("val_data and val_split both given; hold out a split or pass a file, not both")
+        if not (isinstance(self.val_split, (int, float)) and 0 <= self.val_split < 1):
+            p.add(f"val_split={self.val_split!r} must be in [0, 1) (e.g. 0.05; 0: none)")
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
+            p.add(f"eval_every={self.eval_every!r} must be an integer >= 0 (0: at the end only)")
+        if (self.eval_every or self.keep_best) and not (self.val_data or self.val_split):
+            p.add("eval_every and keep_best need validation data: pass --val-data FILE or --val-split 0.05")
+        unknown = [r for r in self.report_to if r not in REPORTERS]
+        if unknown:
+            p.add(f"report_to={unknown} unknown; use {', '.join(REPORTERS)} (comma-separated)")
+        p.number("progress_seconds", self.progress_seconds, inclusive=True, hint="0: a line every step")
+        p.choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.fsdp and self.method == "full":
-            problems.append("fsdp=True trains adapters; method='full' is not supported with --fsdp")
+            p.add("fsdp=True trains adapters; method='full' is not supported with --fsdp")
         if self.fsdp and self.direction != "lora":
-            problems.append(f"direction={self.direction!r} is not supported with --fsdp (VeRA's projections are "
-                            "shared across layers, which FSDP shards separately); use direction='lora'")
+            p.add(f"direction={self.direction!r} is not supported with --fsdp (VeRA's projections are "
+                  "shared across layers, which FSDP shards separately); use direction='lora'")
         if self.cpu_offload and not self.fsdp:
-            problems.append("cpu_offload=True is an FSDP option: add --fsdp (and launch with torchrun)")
+            p.add("cpu_offload=True is an FSDP option: add --fsdp (and launch with torchrun)")
         if self.fsdp and self.optimizer != "adamw":
-            problems.append(f"optimizer={self.optimizer!r} cannot step sharded parameters; use 'adamw' with --fsdp")
-        if self.adapter_format not in ADAPTER_FORMATS:
-            problems.append(f"adapter_format={self.adapter_format!r} is unknown; use one of "
-                            f"{', '.join(ADAPTER_FORMATS)}")
-        elif self.adapter_format == "peft":
+            p.add(f"optimizer={self.optimizer!r} cannot step sharded parameters; use 'adamw' with --fsdp")
+        if p.choice("adapter_format", self.adapter_format, ADAPTER_FORMATS) and self.adapter_format == "peft":
             if self.method == "full":
-                problems.append("adapter_format='peft' needs an adapter method; method='full' saves the whole model")
+                p.add("adapter_format='peft' needs an adapter method; method='full' saves the whole model")
             if self.direction != "lora":
-                problems.append(f"adapter_format='peft' cannot hold direction={self.direction!r} (PEFT has no DoRA "
-                                "with a VeRA direction); use adapter_format='qdora'")
+                p.add(f"adapter_format='peft' cannot hold direction={self.direction!r} (PEFT has no DoRA "
+                      "with a VeRA direction); use adapter_format='qdora'")
             if self.magnitude_only_modules:
-                problems.append("adapter_format='peft' cannot hold magnitude-only modules; use adapter_format='qdora'")
+                p.add("adapter_format='peft' cannot hold magnitude-only modules; use adapter_format='qdora'")
         if self.method != "full" and self.method in METHODS:
             try:  # the adapter fields, with AdapterConfig's own messages, in the same list
                 self.adapter_config()
             except (ValueError, TypeError) as err:
-                lines = [ln.strip().removeprefix("- ") for ln in str(err).splitlines()[1:] if ln.strip()]
-                problems += lines or [str(err)]
-        if problems:
-            raise ValueError("invalid TrainConfig:\n  - " + "\n  - ".join(problems))
+                p.include(err)
+        p.raise_if_any()
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(method=self.method, r=self.r, alpha=self.alpha, dropout=self.dropout,

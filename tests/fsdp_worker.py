@@ -86,7 +86,7 @@ def main() -> None:
         return real_shard(module, *args, **kwargs)
 
     qdora.loading.CheckpointModel.place = place
-    torch.distributed.fsdp.fully_shard = fully_shard
+    qdora.fsdp.fully_shard = fully_shard  # the name qdora.fsdp calls
     real_build = qdora.fsdp.build_sharded
     start_peak = [None]
     for run in spec["runs"]:

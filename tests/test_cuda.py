@@ -613,17 +613,13 @@ def test_paged_adamw_8bit_optimizer_uses_paged_8bit_states():
     assert ((upd8 - upd32).norm() / upd32.norm()).item() < 0.02
 
 
-CHECKPOINT_BUG = ("qdora/checkpoint.py writes bitsandbytes' optimizer state_dict, which nests its 8-bit states "
-                  "in a dict, as a JSON scalar: TypeError: Object of type Tensor is not JSON serializable")
-
-
 @pytest.mark.parametrize("device", [
-    pytest.param("cpu", marks=pytest.mark.xfail(strict=True, raises=TypeError, reason=CHECKPOINT_BUG)),
+    "cpu",
     pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason=NO_CUDA)])])
 def test_checkpoint_holds_the_8bit_optimizer_state(tmp_path, device):
     """`qdora.checkpoint` writes and reads back bitsandbytes' 8-bit optimizer state (paged on CUDA;
     on CPU bitsandbytes falls back to unpaged states, the same state_dict): the reloaded optimizer
-    steps exactly as the original. Strict xfail on CPU while the bug stands: the fix makes it pass."""
+    steps exactly as the original (bitsandbytes nests its 8-bit states in a dict)."""
     import warnings
 
     from qdora.checkpoint import load_checkpoint, save_checkpoint

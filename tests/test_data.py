@@ -244,13 +244,14 @@ GOOD = {"instruction": "i", "input": "", "output": "o"}
 
 @pytest.mark.parametrize("rows, where, pattern", [
     ([GOOD, {"instruction": "i", "input": ""}], "line 2",
-     r"field 'output' is missing \(the record has: instruction, input\); expected Alpaca"),
+     r"field 'output' is missing \(the record has: instruction, input\); the alpaca format has instruction"),
     ([GOOD, GOOD, {"instruction": "i", "output": 3}], "line 3", r"field 'output' must be a string, got int"),
     ([{"instruction": ["i"], "output": "o"}], "line 1", r"field 'instruction' must be a string, got array"),
     ([{"instruction": "i", "input": 5, "output": "o"}], "line 1", r"field 'input' must be a string, got int"),
     ([{"question": "q"}], "line 1", r"field 'answer' is missing \(the record has: question\)"),
     ([{"question": "q", "answer": None}], "line 1", r"field 'answer' must be a string, got null"),
-    ([{"prompt": "p", "completion": "c"}], "line 1", r"unrecognised record .*prompt, completion.*GSM8K"),
+    ([{"prompt": "p"}], "line 1", r"field 'completion' is missing \(the record has: prompt\); the prompt-completion"),
+    ([{"label": "p"}], "line 1", r"unrecognised record \(it has: label\); expected one of: chat \(messages"),
     ([GOOD, ["not", "an", "object"]], "line 2", r"expected a JSON object, got array"),
 ])
 def test_bad_record_jsonl(tmp_path, rows, where, pattern):
@@ -283,7 +284,7 @@ def test_invalid_json_array(tmp_path):
     ("empty.json", "", "file is empty"),
     ("none.json", "[]", "contains no records"),
     ("object.json", json.dumps(GOOD), "top-level JSON must be an array of records, got object"),
-    ("data.csv", "instruction,output\n", r"unsupported file type '\.csv'; supported: \.json, \.jsonl"),
+    ("data.csv", "instruction,output\n", r"unsupported file type '\.csv'; supported: \.json, \.jsonl, \.parquet"),
 ])
 def test_bad_file(tmp_path, name, text, pattern):
     path = _write(tmp_path, name, text)
@@ -294,7 +295,7 @@ def test_bad_file(tmp_path, name, text, pattern):
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(DataError, match=re.escape(str(tmp_path / "nope.jsonl")) + ": file not found"):
         load_records(tmp_path / "nope.jsonl")
-    with pytest.raises(DataError, match="not a file"):
+    with pytest.raises(DataError, match="not one written by datasets' save_to_disk"):
         load_records(tmp_path)
 
 

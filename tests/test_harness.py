@@ -161,3 +161,17 @@ def test_separation_uses_the_student_t_quantile_of_any_number_of_seeds():
     (pair,) = separation(rows, "t")
     assert pair["n"] == 12 and pair["t"] == pytest.approx(2.1) and 1.96 < 2.1 < stats.t.ppf(0.975, 11)
     assert pair["separated"] is False
+
+
+def test_run_child_reports_output_peak_memory_and_failure():
+    """The one subprocess runner: captured output, the child's own peak RSS (a 200 MB buffer shows),
+    a failure naming what failed with its stderr, and a timeout that stops the child."""
+    from qdora.eval.common import run_child
+    child = run_child(["-c", "import sys; b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096]); "
+                             "print('hello'); print('note', file=sys.stderr)"], "a test child", capture=True)
+    assert child.stdout == "hello\n" and child.stderr == "note\n"
+    assert 200 << 20 <= child.peak_rss_bytes < 2 << 30
+    with pytest.raises(RuntimeError, match=r"(?s)a failing child failed \(exit code 3\).*boom"):
+        run_child(["-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"], "a failing child", capture=True)
+    with pytest.raises(RuntimeError, match=r"a slow child failed \(stopped after 0.5 s\)"):
+        run_child(["-c", "import time; time.sleep(30)"], "a slow child", timeout=0.5)

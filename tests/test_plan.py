@@ -201,7 +201,7 @@ def test_errors_name_the_value(tmp_path):
         PlanConfig(method="qdoora", batch_size=0, target_modules="q_proj,lm_head")
     with pytest.raises(ValueError, match="paged_adamw_8bit' needs device='cuda'"):
         PlanConfig(optimizer="paged_adamw_8bit", device="cpu")
-    with pytest.raises(ValueError, match="magnitude_only_modules needs method dora or qdora"):
+    with pytest.raises(ValueError, match="magnitude_only_modules=.* needs a DoRA method"):
         PlanConfig(method="qlora", magnitude_only_modules="o_proj")
 
 
@@ -217,3 +217,19 @@ def test_cli_plan(capsys):
     assert data["terms"]["fsdp_buffers"] > 0 and data["config"]["gpus"] == 2
     assert main(["plan", "--model", "nope"]) == 2
     assert "neither a preset" in capsys.readouterr().err
+
+
+def test_plan_config_from_an_adapter_config():
+    """A plan built from an AdapterConfig plans that adapter: the same terms as the setting given
+    field by field, and AdapterConfig's own checks reject a bad adapter field."""
+    from qdora.config import AdapterConfig
+    adapter = AdapterConfig(method="qdora", r=8, target_modules=("q_proj", "v_proj"), adapter_dtype="float32",
+                            double_quant=False, norm="exact")
+    got = plan("Llama-3-8B", PlanConfig.from_adapter(adapter, seq_len=1024, device="cpu"))
+    want = plan("Llama-3-8B", PlanConfig(method="qdora", r=8, target_modules="q_proj,v_proj", adapter_dtype="float32",
+                                         double_quant=False, norm="exact", seq_len=1024, device="cpu"))
+    assert got.terms == want.terms and got.terms["adapters"] > 0
+    with pytest.raises(ValueError, match="unknown plan setting"):
+        PlanConfig.from_adapter(adapter, seq_length=1024)
+    with pytest.raises(ValueError, match="(?s)invalid plan setting.*r=0 must be a positive integer"):
+        PlanConfig(r=0)

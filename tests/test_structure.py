@@ -74,3 +74,20 @@ def test_the_library_does_not_import_the_harness_or_the_cli():
     library = [m for m in graph if not m.startswith("qdora.eval") and m != "qdora.cli"]
     wrong = {m: sorted(t for t in graph[m] if t.startswith("qdora.eval") or t == "qdora.cli") for m in library}
     assert {m: t for m, t in wrong.items() if t} == {}
+
+
+def test_imports_inside_functions_say_why():
+    """An import inside a function is for an optional or heavy dependency, and says so in a comment
+    on its line (qdora/cli.py imports each command's modules lazily; its docstring says why)."""
+    silent = []
+    for folder, _ in PACKAGES:
+        for source in sorted((ROOT / folder).glob("*.py")):
+            if source.name == "cli.py":
+                continue
+            lines = source.read_text().splitlines()
+            tree = ast.parse("\n".join(lines))
+            functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+            for node in {n for f in functions for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}:
+                if "#" not in lines[node.lineno - 1]:
+                    silent.append(f"{folder}/{source.name}:{node.lineno}")
+    assert silent == []

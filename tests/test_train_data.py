@@ -1,0 +1,127 @@
+"""`qdora train` on chat data with its own template file, packing, validation (a split or a file,
+every N steps, the best adapter kept), CSV and TensorBoard logs, plain progress lines without a
+terminal, and bad data stopped before anything is written."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from models import build, llama3_config, save_bpe_tokenizer
+
+from qdora.cli import main as cli_main
+from qdora.data import DEMO_DATA, DataError
+from qdora.train import TrainConfig, read_metrics, train
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    arc = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:24]
+    # short conversations (the question's first words): rows of 40-70 tokens, several fit one packed row
+    chats = [{"messages": [{"role": "user", "content": r["instruction"][48:96]},
+                           {"role": "assistant", "content": r["output"]}]} for r in arc]
+    (root / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    (root / "val.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats[:4]))
+    (root / "chatml.jinja").write_text(CHATML)
+    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(
+        root / "model")
+    save_bpe_tokenizer(root / "model", [r["instruction"] + " " + r["output"] for r in arc] + [CHATML])
+    return root
+
+
+def config(setup, out, **kw):
+    base = dict(model=str(setup / "model"), data=str(setup / "chat.jsonl"), out=str(out), method="qdora", r=4,
+                alpha=8, dropout=0.0, lr=1e-2, max_steps=4, batch_size=4, cutoff_len=256, save_every=2,
+                chat_template=str(setup / "chatml.jinja"), progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_chat_training_validates_and_keeps_the_best(setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("QDORA_CACHE", str(tmp_path / "cache"))
+    summary = train(config(setup, tmp_path / "run", val_split=0.25, eval_every=2, keep_best=True,
+                           report_to=("csv", "tensorboard")))
+    metrics = read_metrics(tmp_path / "run")
+    vals = [m for m in metrics if "val_loss" in m]
+    assert [m["step"] for m in vals] == [2, 4] and all(math.isfinite(m["val_loss"]) for m in vals)
+    assert summary["val_loss"] == vals[-1]["val_loss"]
+    best = json.loads((tmp_path / "run" / "adapter-best" / "best.json").read_text())
+    assert best["val_loss"] == min(m["val_loss"] for m in vals)
+    assert (tmp_path / "run" / "adapter-best" / "qdora_adapter.json").is_file()
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").read_text().splitlines()))
+    assert [int(r["step"]) for r in rows] == [m["step"] for m in metrics]
+    assert float(rows[1]["val_loss"]) == pytest.approx(vals[0]["val_loss"])
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    # the tokenized data was cached: a second run does not tokenize again
+    from qdora import token_cache
+    monkeypatch.setattr(token_cache, "tokenize_all", lambda *a, **k: pytest.fail("tokenized again"))
+    train(config(setup, tmp_path / "again", max_steps=1))
+
+
+def test_validation_loss_is_the_token_mean_over_the_file(setup, tmp_path):
+    """The validation loss after the last step, recomputed independently from the saved adapter."""
+    import qdora
+    from qdora.chat import set_chat_template
+    from qdora.data import collate, load_records, tokenize_record
+    summary = train(config(setup, tmp_path / "run", val_data=str(setup / "val.jsonl"), max_steps=2))
+    model, tok = qdora.load_model(setup / "model", method="qdora", cfg=qdora.AdapterConfig(r=4, alpha=8),
+                                  progress=False)
+    qdora.load_adapter(model, tmp_path / "run" / "adapter", verbose=False)
+    set_chat_template(tok, setup / "chatml.jinja")
+    examples = [tokenize_record(tok, r, 256) for r in load_records(setup / "val.jsonl")]
+    batch = collate(examples, tok.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    labels = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                            ignore_index=-100, reduction="sum")
+    assert summary["val_loss"] == pytest.approx(nll.item() / int((labels != -100).sum()), rel=1e-4)
+
+
+def test_packing_trains_on_the_same_examples_in_fewer_rows(setup, tmp_path, capsys):
+    train(config(setup, tmp_path / "packed", packing=True, max_steps=2, progress=True))
+    out = capsys.readouterr()
+    assert "packing: 24 examples in" in out.out
+    packed = read_metrics(tmp_path / "packed")
+    assert all(math.isfinite(m["loss"]) for m in packed)
+    # without a terminal: plain progress lines (first and last step), not a bar
+    lines = [ln for ln in out.err.splitlines() if ln.startswith("qdora train: step")]
+    assert [ln.split(",")[0] for ln in lines] == ["qdora train: step 1/2", "qdora train: step 2/2"]
+    assert "\r" not in out.err
+
+
+@pytest.mark.parametrize("rows, pattern", [
+    ([{"messages": [{"role": "user", "content": "hi"}]}], "the chat has no assistant turn"),
+    ([{"messages": [{"role": "user", "content": "a " * 400}, {"role": "assistant", "content": "b"}]}],
+     r"no example has a target token within cutoff_len=64 \(every token left is prompt\)"),
+    ([{"text": "x"}, {"prompt": "p", "completion": "c"}], "mixes record formats"),
+])
+def test_bad_data_stops_before_anything_is_written(setup, tmp_path, rows, pattern):
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=pattern):
+        train(config(setup, out, data=str(data), cutoff_len=64))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_chat_without_a_template_names_the_option(setup, tmp_path, capsys):
+    code = cli_main(["train", "--model", str(setup / "model"), "--data", str(setup / "chat.jsonl"), "--out",
+                     str(tmp_path / "run"), "--max-steps", "1", "--no-progress"])
+    assert code == 2 and not (tmp_path / "run").exists()
+    assert "has none; pass --chat-template FILE" in capsys.readouterr().err
+
+
+def test_option_errors_are_listed_together():
+    with pytest.raises(ValueError, match=r"(?s)val_data and val_split both given.*report_to=\['wandb'\] unknown"):
+        TrainConfig(model="m", data="d", out="o", val_data="v", val_split=0.1, report_to=("wandb",))
+    with pytest.raises(ValueError, match="eval_every and keep_best need validation data"):
+        TrainConfig(model="m", data="d", out="o", keep_best=True)
