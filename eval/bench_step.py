@@ -82,14 +82,15 @@ class DenseLoRA(nn.Module):
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def bound_model(path: str, cfg):
+def bound_model(path: str, cfg, device: str = "cpu"):
     """The lower-bound model: NF4 linears dequantized to frozen fp32 `nn.Linear`, LoRA on targets."""
 
-    model, tok = load_model(path, method="qlora", cfg=cfg.replace(method="qlora"), add=False, progress=False)
+    model, tok = load_model(path, method="qlora", cfg=cfg.replace(method="qlora"), add=False, progress=False,
+                            device=device)
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, bnb.nn.Linear4bit):
             continue
-        dense = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+        dense = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device=device)
         with torch.no_grad():
             dense.weight.copy_(RowBlocks(mod, 1 << 30).dequantize(torch.float32))
             if mod.bias is not None:
@@ -101,15 +102,15 @@ def bound_model(path: str, cfg):
     return model, tok
 
 
-def build(name: str, path: str, r: int, dropout: float):
+def build(name: str, path: str, r: int, dropout: float, device: str = "cpu"):
     method = "qlora" if name == "bound" else name.split()[1]
     cfg = AdapterConfig(method=method, r=r, alpha=2 * r, dropout=dropout, adapter_dtype="float32")
     if name.startswith("ours"):
-        model, tok = load_model(path, method=method, cfg=cfg, progress=False)
+        model, tok = load_model(path, method=method, cfg=cfg, progress=False, device=device)
     elif name == "bound":
-        model, tok = bound_model(path, cfg)
+        model, tok = bound_model(path, cfg, device)
     else:
-        model, tok = peft_on_qdora_nf4(path, r, 2 * r, dropout, method == "qdora", cfg.target_modules)
+        model, tok = peft_on_qdora_nf4(path, r, 2 * r, dropout, method == "qdora", cfg.target_modules, device)
     prepare_for_training(model)
     return model, tok
 
@@ -125,6 +126,8 @@ def make_step(model, batch, fused: bool = True):
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=fused)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if params[0].is_cuda:  # the step's kernels finish before it is timed
+            torch.cuda.synchronize()
     return step
 
 
@@ -263,6 +266,34 @@ def components(tokens: int, r: int, reps: int = 50) -> None:
             print(f"| {k} | {lo:.3f} | {med:.3f} |")
 
 
+def _print_times(wall: dict[str, list[float]], cpu: dict[str, list[float]], tokens: int, args) -> None:
+    """The table of median wall and CPU seconds per variant (first step dropped), and the ratios."""
+    threads = torch.get_num_threads()
+    print(f"{tokens} tokens per step (batch {args.batch_size} x cutoff {args.cutoff_len}), r={args.r}, "
+          f"dropout {args.dropout}, gradient checkpointing, fused AdamW; {threads} thread(s), "
+          f"median of {args.reps}\n")
+    # CPU time of the process: with one thread it is the step's own work, not the time other
+    # programs held the cores (wall time on a shared machine counts both).
+    columns = {"wall": {k: statistics.median(v[1:]) for k, v in wall.items()},
+               "CPU": {k: statistics.median(v[1:]) for k, v in cpu.items()}}
+    print("| variant | wall (s) | tokens/s | wall / bound | CPU (s) | CPU / bound |\n|---|---|---|---|---|---|")
+    for k in wall:
+        cells = []
+        for label, med in columns.items():
+            b = med.get("bound")
+            cells += [f"{med[k]:.3f}"] + ([f"{tokens / med[k]:.0f}"] if label == "wall" else [])
+            cells += [f"{med[k] / b:.3f}" if b else "-"]
+        print(f"| {k} | " + " | ".join(cells) + " |")
+    print()
+    ratios = (("ours qdora", "ours qlora"), ("peft qdora", "ours qdora"), ("peft qlora", "ours qlora"),
+              ("peft qdora", "peft qlora"))
+    for label, med in columns.items():
+        for a, b in ratios:
+            if a in med and b in med:
+                print(f"- {label}: {a} / {b}: {med[a] / med[b]:.3f}")
+
+
+
 def main(argv: list[str] | None = None, prog: str = "qdora bench step", variants=DEFAULT) -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -274,6 +305,8 @@ def main(argv: list[str] | None = None, prog: str = "qdora bench step", variants
     p.add_argument("--reps", type=int, default=5, help="timed steps per variant (default: %(default)s)")
     p.add_argument("--variants", default=",".join(variants),
                    help="comma-separated, from: " + ", ".join(VARIANTS) + " (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: %(default)s)")
     p.add_argument("--profile", action="store_true", help="also print the profiler breakdown")
     p.add_argument("--components", action="store_true",
                    help="only time the step's non-matmul pieces (dropout, AdamW, NF4 dequantize), old and new way")
@@ -297,8 +330,8 @@ def main(argv: list[str] | None = None, prog: str = "qdora bench step", variants
     tok = None
     models = {}
     for name in names:
-        models[name], tok = build(name, path, args.r, args.dropout)
-    batch = demo_batch(tok, args.batch_size, args.cutoff_len)
+        models[name], tok = build(name, path, args.r, args.dropout, args.device)
+    batch = {k: v.to(args.device) for k, v in demo_batch(tok, args.batch_size, args.cutoff_len).items()}
     steps = {name: make_step(model, batch) for name, model in models.items()}
     tokens = int(batch["attention_mask"].sum())
     wall: dict[str, list[float]] = {k: [] for k in steps}
@@ -309,30 +342,7 @@ def main(argv: list[str] | None = None, prog: str = "qdora bench step", variants
             step()
             cpu[name].append(time.process_time() - c0)
             wall[name].append(time.perf_counter() - t0)
-    threads = torch.get_num_threads()
-    print(f"{tokens} tokens per step (batch {args.batch_size} x cutoff {args.cutoff_len}), r={args.r}, "
-          f"dropout {args.dropout}, gradient checkpointing, fused AdamW; {threads} thread(s), "
-          f"median of {args.reps}\n")
-    # CPU time of the process: with one thread it is the step's own work, not the time other
-    # programs held the cores (wall time on a shared machine counts both).
-    columns = {"wall": {k: statistics.median(v[1:]) for k, v in wall.items()},
-               "CPU": {k: statistics.median(v[1:]) for k, v in cpu.items()}}
-    print("| variant | wall (s) | tokens/s | wall / bound | CPU (s) | CPU / bound |\n|---|---|---|---|---|---|")
-    for k in steps:
-        cells = []
-        for label, med in columns.items():
-            b = med.get("bound")
-            cells += [f"{med[k]:.3f}"] + ([f"{tokens / med[k]:.0f}"] if label == "wall" else [])
-            cells += [f"{med[k] / b:.3f}" if b else "-"]
-        print(f"| {k} | " + " | ".join(cells) + " |")
-    print()
-    ratios = (("ours qdora", "ours qlora"), ("peft qdora", "ours qdora"), ("peft qlora", "ours qlora"),
-              ("peft qdora", "peft qlora"))
-    for label, med in columns.items():
-        for a, b in ratios:
-            if a in med and b in med:
-                print(f"- {label}: {a} / {b}: {med[a] / med[b]:.3f}")
-
+    _print_times(wall, cpu, tokens, args)
     if args.profile:
         cols = [n for n in ("ours qdora", "bound") if n in steps]
         tables = {n: breakdown(steps[n]) for n in cols}

@@ -63,9 +63,10 @@ def test_every_method_runs_with_the_same_data_order(tmp_path, monkeypatch):
         tmp_path / "m")
     save_bpe_tokenizer(tmp_path / "m", [r["instruction"] + r["output"] for r in records])
     import qdora.data
+    import qdora.train
     calls = []
     real = qdora.data.batch_order
-    monkeypatch.setattr(qdora.data, "batch_order", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(qdora.train, "batch_order", lambda *a: calls.append(a) or real(*a))
     hc = HarnessConfig(model=str(tmp_path / "m"), train_data=str(tmp_path / "train.json"), out=str(tmp_path / "out"),
                        methods=tuple(METHODS), max_steps=2, batch_size=2, cutoff_len=320, eval_items=3,
                        r=4, alpha=8, generate=True, isolate=False, tasks=("ARC-Easy",), vera_r=8, seeds=1)
