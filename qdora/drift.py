@@ -34,6 +34,8 @@ from torch import nn
 
 from qdora.data import DEMO_DATA, load_records
 from qdora.layer import QDoRALinear
+from qdora.nf4 import keep_standard_layout
+from qdora.safetensors_io import write_text_atomic
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Fine-tuning changes what a model says next."
 MAX_TOKENS = 256
@@ -148,7 +150,7 @@ def token_groups(tokenizer, texts: list[str] | None = None, max_tokens: int = MA
 
 def load_export(path: str | os.PathLike, fmt: str) -> nn.Module:
     """Reload an export as a user would, in eval mode, computing in fp32 (see the module docstring)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy, used here only
     path = Path(path)
     if fmt == "gguf":
         files = sorted(path.glob("*.gguf"))
@@ -157,7 +159,6 @@ def load_export(path: str | os.PathLike, fmt: str) -> nn.Module:
         return AutoModelForCausalLM.from_pretrained(path, gguf_file=files[0].name, dtype=torch.float32).eval()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if fmt == "nf4":
-        from qdora.nf4 import keep_standard_layout
         keep_standard_layout(model)
         for mod in model.modules():
             if isinstance(mod, bnb.nn.Linear4bit):
@@ -206,5 +207,4 @@ def format_table(report: dict, label: str) -> str:
 
 
 def write_json(report: dict, path: str | os.PathLike) -> None:
-    from qdora.safetensors_io import write_text_atomic
     write_text_atomic(path, json.dumps(report, indent=2) + "\n")

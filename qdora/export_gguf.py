@@ -23,6 +23,7 @@ import functools
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,7 @@ def tokenizer_kind(tokenizer_json: dict) -> tuple[str, str]:
 def check_export(checkpoint: str | os.PathLike, quant: str) -> None:
     """Every check that needs no model: the GGUF type, the gguf package, the architecture and the
     tokenizer of the base checkpoint folder. Raises `ValueError` (or `ImportError`) with the way out."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy, used here only
     _qtype(quant)
     checkpoint = Path(checkpoint)
     check_config(AutoConfig.from_pretrained(checkpoint))
@@ -152,7 +153,6 @@ def _vocab(tokenizer, n_vocab: int):
 
 
 def _metadata(writer, config, tokenizer, ftype, name: str) -> None:
-    import tempfile
     gguf = _gguf()
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

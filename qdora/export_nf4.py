@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from qdora.hf_config import plain_config
 from qdora.merge import linear_weight_keys, merged_tensors
@@ -140,7 +141,7 @@ def _write_shard(path: Path, specs: list[TensorSpec], produce: Callable[[TensorS
 
 def nf4_quantization_config(dtype: torch.dtype, double_quant: bool, skip_modules: list[str] | None) -> dict:
     """The `quantization_config` transformers records for such a model (its own class, to_dict)."""
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # heavy, used here only
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
                               bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8,
                               llm_int8_skip_modules=skip_modules).to_dict()
@@ -191,8 +192,6 @@ def save_nf4(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, dtype
             size = 0
         shards[-1].append(unit)
         size += nbytes
-    from tqdm.auto import tqdm
-
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     with atomic_dir(out_dir) as tmp:
