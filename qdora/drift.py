@@ -7,6 +7,10 @@ probe text and a small held-out set (the first records of the vendored ARC-Easy 
 slices, which training never sees). The same figures for the unadapted base, exported the same way
 and compared with the unadapted NF4 model, are the floor: what the format alone costs.
 
+A third line says how far the adapters move the NF4 model (the unadapted model against the adapted
+one): an export whose drift approaches it has lost the adapter (re-quantizing a merged model
+snaps a small update back onto the base's quantization grid).
+
 Figures per group of texts: max and mean |Δlogit| over every position and vocabulary entry; the
 total-variation distance between the next-token distributions (mean and max over positions);
 the share of positions whose argmax agrees; the perplexity of the texts under the reference and
@@ -139,6 +143,23 @@ def compare(reference: nn.Module, other: nn.Module, groups: dict[str, list[torch
     return out
 
 
+@torch.no_grad()
+def adapter_effect(model: nn.Module, groups: dict[str, list[torch.Tensor]]) -> dict[str, dict]:
+    """How far the adapters move the NF4 model: the same figures for the unadapted model against the
+    adapted one (an export whose drift is of this size has lost the adapter)."""
+    out = {}
+    device = next(model.parameters()).device
+    for name, seqs in groups.items():
+        stats = _Stats(len(seqs))
+        for ids in seqs:
+            a = model(ids[None].to(device)).logits[0].float().cpu()
+            with adapters_disabled(model):
+                b = model(ids[None].to(device)).logits[0].float().cpu()
+            stats.add(a, b, ids)
+        out[name] = stats.result()
+    return out
+
+
 def token_groups(tokenizer, texts: list[str] | None = None, max_tokens: int = MAX_TOKENS) -> dict:
     """{'probe': [ids], 'held-out': [ids, ...]}: each text tokenized, cut at `max_tokens`."""
     texts = held_out_texts() if texts is None else texts
@@ -178,7 +199,8 @@ def drift_report(model: nn.Module, tokenizer, exported: str | os.PathLike, fmt: 
     was_training = model.training
     model.eval()
     try:
-        report = {"format": fmt, "adapted": compare(model, load(exported, fmt), groups)}
+        report = {"format": fmt, "adapted": compare(model, load(exported, fmt), groups),
+                  "adapter": adapter_effect(model, groups)}
         if export_base is not None:
             with tempfile.TemporaryDirectory(dir=exported.resolve().parent, prefix=f".{exported.name}.base-") as d:
                 path = export_base(Path(d) / "base")
@@ -197,7 +219,8 @@ COLUMNS = ("max |Δlogit|", "mean |Δlogit|", "TV mean", "TV max", "argmax agree
 def format_table(report: dict, label: str) -> str:
     """The report as a text table: one line per (model, group of texts)."""
     rows = [("model", "texts (tokens)") + COLUMNS]
-    for who, what in (("adapted", f"adapted → {label}"), ("base", f"base → {label} (floor)")):
+    for who, what in (("adapted", f"adapted → {label}"), ("base", f"base → {label} (floor)"),
+                      ("adapter", "adapted → base (the adapter's effect)")):
         for group, s in report.get(who, {}).items():
             rows.append((what, f"{group} {s['texts']} ({s['tokens']})", f"{s['max_abs']:.3e}", f"{s['mean_abs']:.3e}",
                          f"{s['tv_mean']:.2e}", f"{s['tv_max']:.2e}", f"{100 * s['argmax_agree']:.1f}%",

@@ -224,8 +224,10 @@ def test_cli_check_reports_drift_beside_the_floor(llama3, tmp_path, capsys, fmt)
     text = capsys.readouterr().out
     assert "merged on the dequantized NF4 weights vs the adapted NF4 model" in text and "(floor)" in text
     report = json.loads((tmp_path / "drift.json").read_text())
-    assert set(report["adapted"]) == set(report["base"]) == {"probe", "held-out"}
+    assert set(report["adapted"]) == set(report["base"]) == set(report["adapter"]) == {"probe", "held-out"}
     a, floor = report["adapted"]["held-out"], report["base"]["held-out"]
+    effect = report["adapter"]["held-out"]  # adapted vs unadapted NF4 model: what the export must keep
+    assert effect["tv_mean"] > 3 * a["tv_mean"] and effect["ppl"] != a["ppl_ref"]
     assert a["texts"] == 2 and a["tokens"] > 50
     if fmt[-1] in ("f32", "float32"):  # lossless formats: drift at fp32 rounding, floor exactly 0 or close
         assert a["max_rel"] < 1e-5 and a["argmax_agree"] == 1.0 and abs(a["ppl"] - a["ppl_ref"]) < 1e-3
