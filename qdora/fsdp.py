@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
@@ -207,6 +208,23 @@ def _whole_tensors(module: nn.Module) -> list[torch.Tensor]:
     return out
 
 
+def resolve_shared(path, device: torch.device, progress: bool = True) -> Path:
+    """The checkpoint folder of `path` for every rank: a `.gguf` file is converted once, by rank 0,
+    before anyone reads it, and a failure there reaches every rank at once (not after a timeout)."""
+    failure = None
+    if rank() == 0:
+        try:
+            loading.resolve_checkpoint(path, progress)
+        except Exception as err:  # every rank must hear of it
+            failure = err
+    failed, = all_reduce([float(failure is not None)], device, op="max")
+    if failure is not None:
+        raise failure
+    if failed:
+        raise RuntimeError(f"rank 0 could not open {path}; its error says why")
+    return loading.resolve_checkpoint(path, progress=False)
+
+
 def build_sharded(path, cfg, device: torch.device, cpu_offload: bool = False, dtype=None, progress: bool = True):
     """Every rank streams checkpoint `path` (a folder or a `.gguf` file) one decoder layer at a
     time (`qdora.loading.stream_model`): it quantizes the layer, adds its adapters `cfg`, makes it
@@ -214,18 +232,7 @@ def build_sharded(path, cfg, device: torch.device, cpu_offload: bool = False, dt
     head) is sharded last. Returns `(model, tokenizer)`; see the module docstring (low-memory start)."""
 
     mp, offload = mixed_precision(device), offload_policy(device, cpu_offload)
-    failure = None
-    if rank() == 0:  # a .gguf file is converted once, by rank 0, before anyone reads it
-        try:
-            loading.resolve_checkpoint(path, progress)
-        except Exception as err:  # every rank must hear of it, not wait for a timeout
-            failure = err
-    failed, = all_reduce([float(failure is not None)], device, op="max")
-    if failure is not None:
-        raise failure
-    if failed:
-        raise RuntimeError(f"rank 0 could not open {path}; its error says why")
-    folder = loading.resolve_checkpoint(path, progress=False)
+    folder = resolve_shared(path, device, progress)
     digests: list[int] = []
     summed: set[int] = set()  # the layers' buffers and quantization states (they stay whole and alive)
 

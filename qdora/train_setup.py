@@ -135,7 +135,9 @@ def _setup(cfg: TrainConfig, build) -> _Run:
         rank, world = fsdp.rank(), fsdp.world_size()
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(cfg.model, progress=cfg.progress and rank == 0)
+    # the tokenizer first: the data is tokenized (and checked) before the model is loaded
+    folder = fsdp.resolve_shared(cfg.model, device, cfg.progress and rank == 0) if cfg.fsdp else cfg.model
+    tokenizer = load_tokenizer(folder, progress=cfg.progress and rank == 0)
     if tokenizer is None:
         raise ValueError(f"{cfg.model}: no tokenizer found next to the model; training needs one")
     data = examples(cfg, records, tokenizer, progress=cfg.progress and rank == 0)
