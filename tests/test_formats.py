@@ -18,7 +18,8 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['cont
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 # A template that drops earlier assistant turns' reasoning, so a prefix of the conversation does not
 # render as a prefix of the whole (as Qwen3's does with <think> blocks).
-DROPS_REASONING = ("{% for m in messages %}{% set c = m['content'] %}{% if m['role'] == 'assistant' and not loop.last %}"
+DROPS_REASONING = ("{% for m in messages %}{% set c = m['content'] %}"
+                   "{% if m['role'] == 'assistant' and not loop.last %}"
                    "{% set c = c.split('</think>')[-1] %}{% endif %}"
                    "{{ '<|im_start|>' + m['role'] + '\n' + c + '<|im_end|>\n' }}{% endfor %}"
                    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")

@@ -78,6 +78,9 @@ def test_demo_end_to_end(gguf, tmp_path):
     report = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert report["steps"] == 2 and report["eval_items"] == 4
     assert report["answer_nll_after"] < report["answer_nll_before"]  # even 2 steps teach the answer format
+    low, high = report["difference_ci95"]
+    assert low <= report["difference"] <= high and report["improved"] + report["worsened"] <= 4
+    assert (tmp_path / "demo" / "train.jsonl").read_text().startswith('{"messages": [{"role": "user"')
     assert report["merged_vs_adapted_max_rel_logit_diff"] < 3e-2  # bf16 merged weights
     config = json.loads((tmp_path / "demo" / "merged" / "config.json").read_text())
     assert "quantization_config" not in config
