@@ -32,25 +32,27 @@ def _fp32_row_blocks(layer: QDoRALinear, base_weight: torch.Tensor | None):
     if base_weight is None:
         owned = layer._blocks.owns_blocks(torch.float32)
         for r0, r1, W in layer._blocks.blocks(torch.float32):
-            yield r0, r1, W if owned else W.clone()
+            # on the CPU, where the merged tensor is built (a GPU model's blocks are copied over)
+            yield r0, r1, W.cpu() if W.is_cuda else (W if owned else W.clone())
         return
     step = layer._blocks.block_rows
     for r0 in range(0, layer.out_features, step):
         r1 = min(layer.out_features, r0 + step)
-        yield r0, r1, base_weight[r0:r1].to(torch.float32, copy=True)
+        yield r0, r1, base_weight[r0:r1].to("cpu", torch.float32, copy=True)
 
 
 @torch.no_grad()
 def merged_weight(layer: QDoRALinear, dtype: torch.dtype = torch.bfloat16,
                   base_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The layer's effective weight `(m/n) ⊙ (W0 + s·B·A)` (LoRA: `W0 + s·B·A`) as one `(out, in)`
-    tensor in `dtype`, built row block by row block in fp32. `base_weight` replaces the NF4 W0
-    (the norm is then that of the replaced weight)."""
+    tensor in `dtype` on the CPU, built row block by row block in fp32 (a GPU model's blocks are
+    dequantized there and copied over). `base_weight` replaces the NF4 W0 (the norm is then that of
+    the replaced weight)."""
     if base_weight is not None and tuple(base_weight.shape) != (layer.out_features, layer.in_features):
         raise ValueError(f"base weight shape {tuple(base_weight.shape)} != layer "
                          f"({layer.out_features}, {layer.in_features})")
     s = layer.scaling
-    A, B = (t.float() if t is not None else None for t in layer.direction_factors())
+    A, B = (t.float().cpu() if t is not None else None for t in layer.direction_factors())
     out = torch.empty(layer.out_features, layer.in_features, dtype=torch.float32)
     for r0, r1, W in _fp32_row_blocks(layer, base_weight):
         if A is not None:
@@ -58,7 +60,7 @@ def merged_weight(layer: QDoRALinear, dtype: torch.dtype = torch.bfloat16,
         out[r0:r1] = W
     if layer.use_dora:
         # The row norm of the very rows written: n = ||W0 + s·B·A||, then W' = (m/n)·rows.
-        g = layer.magnitude.float() / out.norm(dim=1).clamp_min(layer.eps)
+        g = layer.magnitude.float().cpu() / out.norm(dim=1).clamp_min(layer.eps)
         out.mul_(g[:, None])
     return out.to(dtype)
 
