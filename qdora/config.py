@@ -245,6 +245,20 @@ class AdapterConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def shared_fields(cls, other) -> tuple[str, ...]:
+        """The fields of `other` (a settings dataclass such as `TrainConfig`) that are adapter fields:
+        same name, same meaning. A setting that configures the adapter is declared here once and
+        reaches `qdora train` or `qdora plan` by a field of the same name there."""
+        return tuple(f.name for f in dataclasses.fields(other) if f.name in {g.name for g in dataclasses.fields(cls)})
+
+    @classmethod
+    def of(cls, settings, **overrides) -> "AdapterConfig":
+        """The adapter described by `settings`' adapter fields (`shared_fields`), with `overrides`."""
+        values = {name: getattr(settings, name) for name in cls.shared_fields(settings)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**{**values, **overrides})
+
+    @classmethod
     def from_dict(cls, data: dict) -> "AdapterConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)

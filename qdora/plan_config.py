@@ -111,22 +111,16 @@ class PlanConfig:
 
     def adapter_config(self) -> AdapterConfig:
         """The adapter this setting trains (its fields checked by `AdapterConfig`)."""
-        return AdapterConfig(method=self.method, r=self.r, dropout=self.dropout,
-                             target_modules=tuple(self.target_modules),
-                             magnitude_only_modules=tuple(self.magnitude_only_modules), norm=self.norm,
-                             adapter_dtype=self.adapter_dtype, block_rows=self.block_rows,
-                             double_quant=self.double_quant)
+        return AdapterConfig.of(self)
 
     @classmethod
     def from_adapter(cls, adapter: AdapterConfig, **setting) -> "PlanConfig":
         """The plan setting for `adapter` (its method, rank, targets, norm, dtype, NF4 and block
         settings), with the rest (batch, sequence, devices, ...) from `setting`."""
-        shared = {"method", "r", "dropout", "target_modules", "magnitude_only_modules", "norm", "adapter_dtype",
-                  "block_rows", "double_quant"}
         unknown = sorted(set(setting) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown plan setting(s) {unknown}")
-        return cls(**{name: getattr(adapter, name) for name in shared}, **setting)
+        return cls(**{name: getattr(adapter, name) for name in AdapterConfig.shared_fields(cls)}, **setting)
 
     @property
     def quantized(self) -> bool:

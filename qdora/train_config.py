@@ -170,11 +170,10 @@ class TrainConfig:
         p.raise_if_any()
 
     def adapter_config(self) -> AdapterConfig:
-        return AdapterConfig(method=self.method, r=self.r, alpha=self.alpha, dropout=self.dropout,
-                             target_modules=tuple(self.target_modules),
-                             magnitude_only_modules=tuple(self.magnitude_only_modules), norm=self.norm,
-                             adapter_dtype=self.adapter_dtype, direction=self.direction,
-                             projection_seed=self.seed)
+        """The adapter this run trains: every field named as an `AdapterConfig` field is one (an
+        adapter setting reaches `qdora train` by adding it here under its name), the seed seeds
+        VeRA's projections."""
+        return AdapterConfig.of(self, projection_seed=self.seed)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -86,3 +86,22 @@ def test_a_run_relaunched_from_its_saved_config_is_the_same_run(tmp_path, capsys
     assert [m["loss"] for m in again] == [m["loss"] for m in first]
     rc = main(["train", "--config", str(tmp_path / "nowhere.yaml")])
     assert rc == 2 and "nowhere.yaml: file not found" in capsys.readouterr().err
+
+
+def test_adapter_settings_reach_train_and_plan_by_name():
+    """An adapter setting is an AdapterConfig field; TrainConfig and PlanConfig pass on every field
+    of the same name (no hand-written copy to forget), with their own defaults."""
+    from qdora.config import AdapterConfig
+    from qdora.plan import PlanConfig
+    cfg = TrainConfig(model="m", data="d", out="o", method="dora", r=8, alpha=4.0, dropout=0.1, norm="exact",
+                      target_modules=("q_proj",), magnitude_only_modules=("o_proj",), adapter_dtype="bfloat16",
+                      seed=7)
+    adapter = cfg.adapter_config()
+    for name in AdapterConfig.shared_fields(TrainConfig):
+        assert getattr(adapter, name) == getattr(cfg, name), name
+    assert adapter.projection_seed == 7 and adapter.adapter_dtype == "bfloat16"
+    plan_cfg = PlanConfig(method="qlora", r=4, block_rows=128, double_quant=False, target_modules="q_proj,v_proj")
+    assert plan_cfg.adapter_config() == AdapterConfig(method="qlora", r=4, block_rows=128, double_quant=False,
+                                                      target_modules=("q_proj", "v_proj"),
+                                                      dropout=plan_cfg.dropout, adapter_dtype="float32")
+    assert {"method", "r", "alpha", "dropout", "norm", "direction"} <= set(AdapterConfig.shared_fields(TrainConfig))
