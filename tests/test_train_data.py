@@ -125,3 +125,41 @@ def test_option_errors_are_listed_together():
         TrainConfig(model="m", data="d", out="o", val_data="v", val_split=0.1, report_to=("wandb",))
     with pytest.raises(ValueError, match="eval_every and keep_best need validation data"):
         TrainConfig(model="m", data="d", out="o", keep_best=True)
+
+
+def test_packed_validated_run_resumes_bitwise(setup, tmp_path):
+    """A run with packing, a validation split, CSV logs and the best adapter, stopped by SIGTERM and
+    resumed, ends with the uninterrupted run's losses, validation losses and best step."""
+    import os
+    import signal
+    kw = dict(packing=True, val_split=0.25, eval_every=2, keep_best=True, report_to=("csv",), max_steps=4,
+              save_every=2, dropout=0.1)
+    train(config(setup, tmp_path / "full", **kw))
+
+    def interrupt(step, _):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    assert train(config(setup, tmp_path / "resumed", **kw), on_step=interrupt)["interrupted"] == signal.SIGTERM
+    train(config(setup, tmp_path / "resumed", resume=True, **kw))
+    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
+    assert [(m["step"], m["loss"], m.get("val_loss")) for m in resumed] == \
+           [(m["step"], m["loss"], m.get("val_loss")) for m in full]
+    best = [json.loads((tmp_path / run / "adapter-best" / "best.json").read_text()) for run in ("full", "resumed")]
+    assert best[0] == best[1]
+    rows = [list(csv.DictReader((tmp_path / run / "metrics.csv").read_text().splitlines())) for run in ("full",
+                                                                                                         "resumed")]
+    assert [r["step"] for r in rows[1]] == [r["step"] for r in rows[0]] == ["1", "2", "3", "4"]
+
+
+def test_cli_config_file_with_the_new_settings(setup, tmp_path, capsys):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(f"model: {setup / 'model'}\ndata: {setup / 'chat.jsonl'}\nout: {tmp_path / 'run'}\n"
+                           f"chat-template: {setup / 'chatml.jinja'}\nformat: chat\npacking: true\n"
+                           "val-split: 0.2\nreport-to: [csv]\nmax-steps: 2\nr: 4\nalpha: 8\nprogress-seconds: 0\n")
+    assert cli_main(["train", "--config", str(config_file), "--batch-size", "2"]) == 0
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["packing"] is True and saved["report_to"] == ["csv"] and saved["batch_size"] == 2
+    assert (tmp_path / "run" / "metrics.csv").is_file()
+    err = capsys.readouterr().err
+    assert "qdora train: step 1/2" in err and "qdora train: step 2/2" in err
