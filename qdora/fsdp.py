@@ -41,7 +41,7 @@ import bitsandbytes as bnb
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from qdora import loading
@@ -206,6 +206,14 @@ def _whole_tensors(module: nn.Module) -> list[torch.Tensor]:
         if state is not None:
             out += quant_state_tensors(state)
     return out
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered parameters a forward without a backward leaves behind (FSDP2 keeps the
+    root's gathered until the backward that normally follows) and register the shards again."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def resolve_shared(path, device: torch.device, progress: bool = True) -> Path:

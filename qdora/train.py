@@ -130,6 +130,8 @@ def _validate(run: _Run) -> float:
         # num_items_in_batch=1: the loss is this rank's sum over its tokens
         total += model(**_local_batch(run, val, ids, packed=False), num_items_in_batch=1).loss.item()
     total, = _all_reduce(run, [total])
+    if run.cfg.fsdp:
+        fsdp.reshard(model)  # no backward follows these forwards
     model.train(was_training)
     return total / max(1, count)
 

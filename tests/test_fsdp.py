@@ -72,6 +72,8 @@ def runs(tmp_path_factory):
         single[method] = summary["model"]
     from qdora.adapter_io import save_adapter
     save_adapter(single["qdora"], root / "single-qdora-peft", format="peft")
+    packed = dict(packing=True, cutoff_len=640, val_split=0.2, eval_every=2)  # rows of two examples, validated
+    train(TrainConfig(**config(root, root / "single-packed", **packed)))
     # One process stopped after step 2 (as SIGTERM stops it); the torchrun job below resumes it on 2.
     stop_at_2 = lambda step, _: step == 2 and os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
     train(TrainConfig(**config(root, root / "one-then-two")), on_step=stop_at_2)
@@ -79,6 +81,7 @@ def runs(tmp_path_factory):
     runs = [{"config": config(root, root / "fsdp-qdora", fsdp=True), "peft_adapter": str(root / "fsdp-qdora-peft")},
             {"config": config(root, root / "fsdp-qlora", method="qlora", fsdp=True), "measure_start": True},
             {"config": config(root, root / "fsdp-qdora-offload", fsdp=True, cpu_offload=True)},
+            {"config": config(root, root / "fsdp-packed", fsdp=True, **packed)},
             {"config": config(root, root / "stop", fsdp=True, save_every=4), "sigterm_rank1_at": 2},
             {"config": config(root, root / "other-seed", fsdp=True), "seed_rank1": 1, "expect_error": True},
             {"config": config(root, root / "no-model", fsdp=True, model=str(root / "missing")), "expect_error": True},
@@ -137,6 +140,20 @@ def test_fsdp_equals_single_process(runs, method):
     # The adapters moved (B starts at 0): equality is not two untouched initialisations.
     b = load_file(str(root / f"fsdp-{method}" / "adapter" / "adapter.safetensors"))
     assert max(v.abs().max().item() for k, v in b.items() if k.endswith("lora_B")) > 1e-3
+
+
+@pytest.mark.slow
+def test_packing_and_validation_under_fsdp(runs):
+    """Packed rows (position ids through the sharded model) and the validation loss (each rank's
+    part of each batch, summed over the ranks): the single-process run's figures."""
+    _finished(runs, "fsdp-packed")
+    root = runs["root"]
+    sharded, single = read_metrics(root / "fsdp-packed"), read_metrics(root / "single-packed")
+    _assert_same_losses(sharded, single)
+    vals = [(m["step"], m["val_loss"]) for m in single if "val_loss" in m]
+    assert [s for s, _ in vals] == [2, 4]
+    assert [(m["step"], pytest.approx(m["val_loss"], rel=LOSS_RTOL)) for m in sharded if "val_loss" in m] == vals
+    assert max(len(m) for m in single) and single[0]["tokens"] > 320  # a row held more than one example
 
 
 @pytest.mark.slow
