@@ -96,7 +96,7 @@ def tokenizer_kind(tokenizer_json: dict) -> tuple[str, str]:
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt2", "gpt2"
+        return "gpt2", "gpt-2"  # llama.cpp's name for the GPT-2 pre-tokenizer
     if (kinds == ["Split", "ByteLevel"] and parts[0].get("pattern", {}).get("Regex") == _LLAMA3_SPLIT
             and not parts[1].get("use_regex", True)):
         return "gpt2", "llama-bpe"
