@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
+import shutil
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qdora.config import Problems
+from qdora.config import AdapterConfig, Problems
 from qdora.data import DEMO_DATA, Record, load_records
 from qdora.eval.analyze import analyze, fit, plot_panels
 from qdora.eval.answers import (  # noqa: F401  (extract_number, same_number: also from here)
@@ -36,9 +36,9 @@ from qdora.eval.answers import (  # noqa: F401  (extract_number, same_number: al
 )
 from qdora.eval.common import peft_on_qdora_nf4, proc_status, reset_peak_rss, run_child
 from qdora.eval.comparison import markdown, separation, separation_markdown, summarize
-from qdora.loading import check_model_path, convert_gguf, smollm2_gguf_path
+from qdora.eval.tasks import TASKS, score_tasks, test_records  # noqa: F401  (also from here)
+from qdora.loading import check_model_path, convert_gguf, load_model, smollm2_gguf_path
 from qdora.safetensors_io import check_output_dir, write_text_atomic
-from qdora.scoring import continuation_logprobs, score_multiple_choice
 from qdora.train import TrainConfig, read_metrics, train
 
 METHODS = {
@@ -57,8 +57,6 @@ METHODS = {
     "peft-qdora": ("qdora", {}, True),
     "peft-qlora": ("qlora", {}, False),
 }
-TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa",
-         "gsm8k")
 
 
 @dataclass(frozen=True)
@@ -98,6 +96,11 @@ class HarnessConfig:
     """Also score by generation + answer extraction (LLM-Adapters' way; slow on CPU, `--generate`)."""
     math_max_new_tokens: int = 256
     """Generation length for GSM8K solutions."""
+    eval_every: int = 0
+    """Also score the held-out tasks every this many steps during training (a learning curve per run,
+    `curve` in results.json; 0: at the end only)."""
+    resume: bool = False
+    """Keep the runs a previous invocation with the same --out finished (their rows in runs/), run the rest."""
 
     def __post_init__(self):
         p = Problems("eval setting")
@@ -106,21 +109,11 @@ class HarnessConfig:
             p.add(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
         for name in ("seeds", "max_steps", "batch_size", "eval_items", "r", "cutoff_len"):
             p.positive_int(name, getattr(self, name))
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
+            p.add(f"eval_every={self.eval_every!r} must be an integer >= 0 (0: at the end only)")
         for name in ("lr", "full_lr", "vera_lr"):
             p.number(name, getattr(self, name), hint="learning rates must be positive")
         p.raise_if_any()
-
-
-def test_records(task: str, data_dir: str | None, items: int) -> list[Record]:
-    if data_dir is None:
-        bundled = {"ARC-Easy": "arc_easy_test.json", "gsm8k": "gsm8k_test.jsonl"}
-        if task not in bundled:
-            raise ValueError(f"task {task!r} needs --data-dir (a folder with <task>/test.json); only "
-                             f"{' and '.join(bundled)} are bundled")
-        path = DEMO_DATA / bundled[task]
-    else:
-        path = Path(data_dir) / task / ("test.jsonl" if task == "gsm8k" else "test.json")
-    return load_records(path)[:items]
 
 
 def _peft_builder(use_dora: bool):
@@ -129,8 +122,28 @@ def _peft_builder(use_dora: bool):
     return build
 
 
-def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Record]]) -> dict:
+def _curve_hooks(hc: HarnessConfig, peer, tests: dict[str, list[Record]], curve: list[dict]):
+    """(build, on_step) for `qdora.train.train` that score the held-out tasks every `eval_every` steps
+    on the model being trained (the build keeps a handle on it)."""
+    held = {}
 
+    def build(cfg, device):
+        if peer is not None:
+            held["model"], held["tok"] = _peft_builder(peer)(cfg, device)
+        else:
+            adapter = cfg.adapter_config() if cfg.method != "full" else AdapterConfig(method="full")
+            held["model"], held["tok"] = load_model(cfg.model, method=cfg.method, cfg=adapter, device=device,
+                                                    progress=False)
+        return held["model"], held["tok"]
+
+    def on_step(step, _):
+        if hc.eval_every and step % hc.eval_every == 0:
+            curve.append({"step": step, **score_tasks(held["model"], held["tok"], tests, hc.generate,
+                                                     hc.math_max_new_tokens)})
+    return build, on_step
+
+
+def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Record]]) -> dict:
     base_method, extra, peer = METHODS[method]
     extra = dict(extra)
     r, alpha = hc.r, hc.alpha
@@ -151,7 +164,12 @@ def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Rec
     gc.collect()
     base_rss = reset_peak_rss()
     cpu0 = time.process_time()
-    summary = train(cfg, build=_peft_builder(peer) if peer is not None else None)
+    curve: list[dict] = []
+    if hc.eval_every:
+        build, on_step = _curve_hooks(hc, peer, tests, curve)
+        summary = train(cfg, build=build, on_step=on_step)
+    else:
+        summary = train(cfg, build=_peft_builder(peer) if peer is not None else None)
     peak = proc_status("VmHWM")
     model, tok = summary["model"], summary["tokenizer"]
     metrics = read_metrics(out)
@@ -163,21 +181,9 @@ def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Rec
            "tokens_per_s": statistics.median(m["tokens_per_s"] for m in metrics),
            "final_train_loss": statistics.fmean(m["loss"] for m in metrics[-5:]),
            "loss_curve": [m["loss"] for m in metrics], "tasks": {}}
-    for task, records in tests.items():
-        if task == "gsm8k":  # not multiple choice: exact match of the final number, and answer NLL
-            nll = continuation_logprobs(model, tok, [(r.prompt, r.response) for r in records], add_eos=True)
-            answer_nll = -sum(lp for lp, _ in nll) / sum(n for _, n in nll)
-            entry = {"items": len(records), "answer_nll": answer_nll, "answer_ppl": math.exp(answer_nll)}
-            if hc.generate:
-                entry["acc_generate"] = math_accuracy(model, tok, records, hc.math_max_new_tokens)
-            row["tasks"][task] = entry
-            continue
-        scores = score_multiple_choice(model, tok, records)
-        entry = {"items": len(records), "acc_loglik": scores.accuracy, "answer_nll": scores.answer_nll,
-                 "answer_ppl": math.exp(scores.answer_nll), "predictions": scores.predictions}
-        if hc.generate:
-            entry["acc_generate"] = generation_accuracy(model, tok, records)
-        row["tasks"][task] = entry
+    row["tasks"] = score_tasks(model, tok, tests, hc.generate, hc.math_max_new_tokens)
+    if curve:
+        row["curve"] = curve + ([] if curve[-1]["step"] == hc.max_steps else [{"step": hc.max_steps, **row["tasks"]}])
     row["cpu_s"] = time.process_time() - cpu0  # training + evaluation, all threads: a load-independent cost
     del model, summary
     gc.collect()
@@ -270,10 +276,21 @@ def run(hc: HarnessConfig) -> dict:
     rows, t0 = [], time.perf_counter()
     for seed in range(hc.seeds):
         for method in hc.methods:
+            done = out / "runs" / f"{method}-seed{seed}.row.json"
+            if hc.resume and done.is_file():
+                print(f"[{time.perf_counter() - t0:6.0f} s] {method}, seed {seed}: kept from {done}", flush=True)
+                rows.append(json.loads(done.read_text()))
+                continue
             print(f"[{time.perf_counter() - t0:6.0f} s] {method}, seed {seed}", flush=True)
+            if (out / "runs" / f"{method}-seed{seed}").exists():  # an earlier invocation's run: run it again
+                shutil.rmtree(out / "runs" / f"{method}-seed{seed}")
             t_run = time.perf_counter()
-            rows.append(run_isolated(hc, method, seed) if hc.isolate else run_one(hc, method, seed, tests))
+            if hc.isolate:
+                rows.append(run_isolated(hc, method, seed))
+            else:
+                rows.append(run_one(hc, method, seed, tests))
             rows[-1]["wall_s"] = time.perf_counter() - t_run
+            write_text_atomic(done, json.dumps(rows[-1]) + "\n")
             write_text_atomic(out / "results.json", json.dumps(
                 {"config": asdict(hc), "runs": rows, "summary": summarize(rows)}, indent=1) + "\n")
     summary = summarize(rows)
@@ -339,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="one subprocess per run, so peak memory is per run (default: on)")
     p.add_argument("--analyze", action=argparse.BooleanOptionalAction, default=d.analyze,
                    help="ΔM/ΔD of seed 0's checkpoints per method (delta_md.csv/.png; default: on)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="also score the tasks every this many steps (a learning curve per run; default: end only)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs an earlier invocation with this --out finished; run the rest")
     p.add_argument("--out", required=True)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--run-one"]:  # internal: one run in this process (see run_isolated)
@@ -365,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
                        full_lr=args.full_lr, vera_lr=args.vera_lr, vera_r=args.vera_r, isolate=args.isolate,
                        analyze=args.analyze,
                        alpha=args.alpha, eval_items=args.eval_items, generate=args.generate,
-                       warmup_steps=args.warmup_steps, cutoff_len=args.cutoff_len, dropout=args.dropout)
+                       warmup_steps=args.warmup_steps, cutoff_len=args.cutoff_len, dropout=args.dropout,
+                       eval_every=args.eval_every, resume=args.resume)
     run(hc)
     return 0
 

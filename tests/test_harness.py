@@ -176,3 +176,31 @@ def test_run_child_reports_output_peak_memory_and_failure():
         run_child(["-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"], "a failing child", capture=True)
     with pytest.raises(RuntimeError, match=r"a slow child failed \(stopped after 0.5 s\)"):
         run_child(["-c", "import time; time.sleep(30)"], "a slow child", timeout=0.5)
+
+
+@pytest.mark.slow
+def test_learning_curve_and_resume(tmp_path, capsys):
+    """--eval-every scores the tasks on the model being trained (its last point is the final score,
+    and the curve does not change the run); --resume keeps finished runs and runs the rest."""
+    records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:6]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(
+        tmp_path / "m")
+    save_bpe_tokenizer(tmp_path / "m", [r["instruction"] + r["output"] for r in records])
+    common = dict(model=str(tmp_path / "m"), train_data=str(tmp_path / "train.json"), tasks=("ARC-Easy",),
+                  seeds=1, max_steps=4, batch_size=2, cutoff_len=320, eval_items=3, r=4, alpha=8, analyze=False,
+                  isolate=False)
+    plain = run(HarnessConfig(out=str(tmp_path / "plain"), methods=("qdora",), **common))["runs"][0]
+    curved = run(HarnessConfig(out=str(tmp_path / "curve"), methods=("qdora",), eval_every=2, **common))["runs"][0]
+    assert [c["step"] for c in curved["curve"]] == [2, 4]
+    assert curved["loss_curve"] == plain["loss_curve"]  # scoring in between changes nothing
+    end = curved["curve"][-1]["ARC-Easy"]["answer_nll"]
+    assert end == pytest.approx(curved["tasks"]["ARC-Easy"]["answer_nll"], rel=1e-6)
+    assert end == pytest.approx(plain["tasks"]["ARC-Easy"]["answer_nll"], rel=1e-5)
+    assert curved["curve"][0]["ARC-Easy"]["answer_nll"] != end
+    capsys.readouterr()
+    again = run(HarnessConfig(out=str(tmp_path / "curve"), methods=("qdora", "qlora"), eval_every=2, resume=True,
+                              **common))
+    out = capsys.readouterr().out
+    assert "qdora, seed 0: kept from" in out and "qlora, seed 0\n" in out
+    assert again["runs"][0]["loss_curve"] == curved["loss_curve"] and again["runs"][1]["method"] == "qlora"

@@ -1,0 +1,48 @@
+"""The held-out tasks of `qdora eval`: their test files (bundled, or an LLM-Adapters data folder)
+and every figure the harness reports for a model on them."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from qdora.data import DEMO_DATA, Record, load_records
+from qdora.eval.answers import generation_accuracy, math_accuracy
+from qdora.scoring import continuation_logprobs, score_multiple_choice
+
+TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa",
+         "gsm8k")
+
+
+def test_records(task: str, data_dir: str | None, items: int) -> list[Record]:
+    if data_dir is None:
+        bundled = {"ARC-Easy": "arc_easy_test.json", "gsm8k": "gsm8k_test.jsonl"}
+        if task not in bundled:
+            raise ValueError(f"task {task!r} needs --data-dir (a folder with <task>/test.json); only "
+                             f"{' and '.join(bundled)} are bundled")
+        path = DEMO_DATA / bundled[task]
+    else:
+        path = Path(data_dir) / task / ("test.jsonl" if task == "gsm8k" else "test.json")
+    return load_records(path)[:items]
+
+
+def score_tasks(model, tok, tests: dict[str, list[Record]], generate: bool = False,
+                math_max_new_tokens: int = 256) -> dict:
+    """Every held-out task's figures for `model` as it is now."""
+    out = {}
+    for task, records in tests.items():
+        if task == "gsm8k":  # not multiple choice: exact match of the final number, and answer NLL
+            nll = continuation_logprobs(model, tok, [(r.prompt, r.response) for r in records], add_eos=True)
+            answer_nll = -sum(lp for lp, _ in nll) / sum(n for _, n in nll)
+            entry = {"items": len(records), "answer_nll": answer_nll, "answer_ppl": math.exp(answer_nll)}
+            if generate:
+                entry["acc_generate"] = math_accuracy(model, tok, records, math_max_new_tokens)
+            out[task] = entry
+            continue
+        scores = score_multiple_choice(model, tok, records)
+        entry = {"items": len(records), "acc_loglik": scores.accuracy, "answer_nll": scores.answer_nll,
+                 "answer_ppl": math.exp(scores.answer_nll), "predictions": scores.predictions}
+        if generate:
+            entry["acc_generate"] = generation_accuracy(model, tok, records)
+        out[task] = entry
+    return out
