@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 
 import scipy.stats
 
@@ -89,3 +90,22 @@ def markdown(summary: dict, tasks: list[str]) -> str:
                       fmt(s.get(f"{t}/answer_nll", {"mean": None}))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_losses(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib  # optional: plots only
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # optional: plots only
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.plot(range(1, len(r["loss_curve"]) + 1), r["loss_curve"], label=f"{r['method']} s{r['seed']}", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -35,10 +35,11 @@ from qdora.eval.answers import (  # noqa: F401  (extract_number, same_number: al
     same_number,
 )
 from qdora.eval.common import peft_on_qdora_nf4, proc_status, reset_peak_rss, run_child
-from qdora.eval.comparison import markdown, separation, separation_markdown, summarize
-from qdora.eval.tasks import TASKS, score_tasks, test_records  # noqa: F401  (also from here)
+from qdora.eval.comparison import markdown, plot_losses, separation, separation_markdown, summarize
+from qdora.eval.tasks import TASKS, record_choice, score_tasks, test_records  # noqa: F401  (also from here)
 from qdora.loading import check_model_path, convert_gguf, load_model, smollm2_gguf_path
 from qdora.safetensors_io import check_output_dir, write_text_atomic
+from qdora.scoring import choice_chat
 from qdora.train import TrainConfig, read_metrics, train
 
 METHODS = {
@@ -99,6 +100,10 @@ class HarnessConfig:
     eval_every: int = 0
     """Also score the held-out tasks every this many steps during training (a learning curve per run,
     `curve` in results.json; 0: at the end only)."""
+    chat: bool = False
+    """Train on the multiple-choice training records as chat (the question from the user, the correct
+    option's text as the reply, the model's chat template) and score each option's text as the reply,
+    per character, as `qdora demo` does: the scoring that separates at small scale."""
     resume: bool = False
     """Keep the runs a previous invocation with the same --out finished (their rows in runs/), run the rest."""
 
@@ -139,7 +144,7 @@ def _curve_hooks(hc: HarnessConfig, peer, tests: dict[str, list[Record]], curve:
     def on_step(step, _):
         if hc.eval_every and step % hc.eval_every == 0:
             curve.append({"step": step, **score_tasks(held["model"], held["tok"], tests, hc.generate,
-                                                     hc.math_max_new_tokens)})
+                                                     hc.math_max_new_tokens, hc.chat)})
     return build, on_step
 
 
@@ -153,7 +158,8 @@ def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Rec
     if extra.pop("vera", False):
         r, lr, extra["direction"] = hc.vera_r, hc.vera_lr, "vera"
     out = Path(hc.out) / "runs" / f"{method}-seed{seed}"
-    cfg = TrainConfig(model=hc.model, data=hc.train_data, out=str(out), method=base_method, r=r, alpha=alpha,
+    data = str(Path(hc.out) / "train_chat.jsonl") if hc.chat else hc.train_data
+    cfg = TrainConfig(model=hc.model, data=data, out=str(out), method=base_method, r=r, alpha=alpha,
                       dropout=hc.dropout, lr=lr, max_steps=hc.max_steps, batch_size=hc.batch_size,
                       cutoff_len=hc.cutoff_len, seed=seed,
                       warmup_steps=hc.warmup_steps if hc.warmup_steps is not None else max(1, hc.max_steps // 10),
@@ -181,7 +187,7 @@ def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Rec
            "tokens_per_s": statistics.median(m["tokens_per_s"] for m in metrics),
            "final_train_loss": statistics.fmean(m["loss"] for m in metrics[-5:]),
            "loss_curve": [m["loss"] for m in metrics], "tasks": {}}
-    row["tasks"] = score_tasks(model, tok, tests, hc.generate, hc.math_max_new_tokens)
+    row["tasks"] = score_tasks(model, tok, tests, hc.generate, hc.math_max_new_tokens, hc.chat)
     if curve:
         row["curve"] = curve + ([] if curve[-1]["step"] == hc.max_steps else [{"step": hc.max_steps, **row["tasks"]}])
     row["cpu_s"] = time.process_time() - cpu0  # training + evaluation, all threads: a load-independent cost
@@ -249,30 +255,14 @@ def analyze_runs(hc: HarnessConfig, methods: list[str]) -> dict:
     return fits
 
 
-def plot_losses(rows: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib  # optional: plots only
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # optional: plots only
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.plot(range(1, len(r["loss_curve"]) + 1), r["loss_curve"], label=f"{r['method']} s{r['seed']}", lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 def run(hc: HarnessConfig) -> dict:
     out = Path(hc.out)
     out.mkdir(parents=True, exist_ok=True)
     tests = {t: test_records(t, hc.data_dir, hc.eval_items) for t in hc.tasks}  # fail early on bad data
-    load_records(hc.train_data)
+    records = load_records(hc.train_data)
+    if hc.chat:  # the training records as chat data, once for every run
+        chats = [choice_chat(record_choice(r)) for r in records]
+        write_text_atomic(out / "train_chat.jsonl", "".join(json.dumps(c) + "\n" for c in chats))
     rows, t0 = [], time.perf_counter()
     for seed in range(hc.seeds):
         for method in hc.methods:
@@ -358,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="ΔM/ΔD of seed 0's checkpoints per method (delta_md.csv/.png; default: on)")
     p.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="also score the tasks every this many steps (a learning curve per run; default: end only)")
+    p.add_argument("--chat", action="store_true",
+                   help="train on multiple-choice records as chat (option text as the reply) and score option text")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs an earlier invocation with this --out finished; run the rest")
     p.add_argument("--out", required=True)
@@ -387,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                        analyze=args.analyze,
                        alpha=args.alpha, eval_items=args.eval_items, generate=args.generate,
                        warmup_steps=args.warmup_steps, cutoff_len=args.cutoff_len, dropout=args.dropout,
-                       eval_every=args.eval_every, resume=args.resume)
+                       eval_every=args.eval_every, resume=args.resume, chat=args.chat)
     run(hc)
     return 0
 

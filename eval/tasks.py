@@ -8,7 +8,13 @@ from pathlib import Path
 
 from qdora.data import DEMO_DATA, Record, load_records
 from qdora.eval.answers import generation_accuracy, math_accuracy
-from qdora.scoring import continuation_logprobs, score_multiple_choice
+from qdora.scoring import (
+    Choice,
+    continuation_logprobs,
+    llm_adapters_choice,
+    score_chat_choices,
+    score_multiple_choice,
+)
 
 TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa",
          "gsm8k")
@@ -26,11 +32,26 @@ def test_records(task: str, data_dir: str | None, items: int) -> list[Record]:
     return load_records(path)[:items]
 
 
+def record_choice(record: Record) -> Choice:
+    """The question and options of an LLM-Adapters multiple-choice record (as `load_records` read it)."""
+    instruction = record.prompt.split("### Instruction:\n", 1)[-1].split("\n\n### Response:")[0]
+    return llm_adapters_choice({"instruction": instruction, "answer": record.label}, record.source)
+
+
 def score_tasks(model, tok, tests: dict[str, list[Record]], generate: bool = False,
-                math_max_new_tokens: int = 256) -> dict:
-    """Every held-out task's figures for `model` as it is now."""
+                math_max_new_tokens: int = 256, chat: bool = False) -> dict:
+    """Every held-out task's figures for `model` as it is now. `chat`: multiple-choice items are
+    scored as `qdora demo` scores them (each option's text as the chat reply, per character;
+    `acc_loglik`), with the NLL of the correct reply (`answer_nll`)."""
     out = {}
     for task, records in tests.items():
+        if chat and task != "gsm8k":
+            items = [record_choice(r) for r in records]
+            scores = score_chat_choices(model, tok, items)
+            accuracy = sum(p == i.answer for p, i in zip(scores.predictions, items)) / len(items)
+            out[task] = {"items": len(items), "acc_loglik": accuracy, "answer_nll": scores.answer_nll,
+                         "answer_ppl": math.exp(scores.answer_nll), "predictions": scores.predictions}
+            continue
         if task == "gsm8k":  # not multiple choice: exact match of the final number, and answer NLL
             nll = continuation_logprobs(model, tok, [(r.prompt, r.response) for r in records], add_eos=True)
             answer_nll = -sum(lp for lp, _ in nll) / sum(n for _, n in nll)

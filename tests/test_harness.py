@@ -204,3 +204,35 @@ def test_learning_curve_and_resume(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "qdora, seed 0: kept from" in out and "qlora, seed 0\n" in out
     assert again["runs"][0]["loss_curve"] == curved["loss_curve"] and again["runs"][1]["method"] == "qlora"
+
+
+@pytest.mark.slow
+def test_chat_option_scoring(tmp_path):
+    """--chat trains on the multiple-choice records as chat (option text as the reply) and scores the
+    held-out items as qdora demo does; the scores are those of qdora.scoring on the trained model."""
+    from models import chatml_tokenizer
+
+    from qdora.eval.tasks import record_choice, test_records
+    records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:6]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(
+        tmp_path / "m")
+    chatml_tokenizer([r["instruction"] + r["output"] for r in records]).save_pretrained(tmp_path / "m")
+    result = run(HarnessConfig(model=str(tmp_path / "m"), train_data=str(tmp_path / "train.json"),
+                               out=str(tmp_path / "out"), methods=("qdora",), tasks=("ARC-Easy",), seeds=1, max_steps=2,
+                               batch_size=2, eval_items=5, r=4, alpha=8, analyze=False, isolate=False, chat=True))
+    first = json.loads((tmp_path / "out" / "train_chat.jsonl").read_text().splitlines()[0])
+    item = record_choice(test_records("ARC-Easy", None, 1)[0])
+    assert item.options[item.answer] == "Sunlight is the source of energy for nearly all ecosystems."
+    assert first["messages"][1]["content"] in records[0]["instruction"] and first["messages"][0]["role"] == "user"
+    task = result["runs"][0]["tasks"]["ARC-Easy"]
+    assert task["items"] == 5 and 0 <= task["acc_loglik"] <= 1 and math.isfinite(task["answer_nll"])
+    assert all(0 <= p < 4 for p in task["predictions"])
+    import qdora
+    from qdora.scoring import score_chat_choices
+    model, tok = qdora.load_model(tmp_path / "m", method="qdora", cfg=qdora.AdapterConfig(r=4, alpha=8),
+                                  progress=False)
+    qdora.load_adapter(model, tmp_path / "out" / "runs" / "qdora-seed0" / "adapter", verbose=False)
+    again = score_chat_choices(model, tok, [record_choice(r) for r in test_records("ARC-Easy", None, 5)])
+    assert again.predictions == task["predictions"]
+    assert again.answer_nll == pytest.approx(task["answer_nll"], rel=1e-4)
