@@ -84,7 +84,8 @@ class HarnessConfig:
     isolate: bool = True
     """Run each (method, seed) in a fresh subprocess, so peak memory is per run and nothing leaks across."""
     analyze: bool = True
-    """Keep seed 0's checkpoints at 1/3, 2/3 and the end of training, and compute ΔM/ΔD of their q_proj
+    """Keep seed 0's checkpoints at 1/3, 2/3 and the end of training (every `eval_every` steps with
+    `eval_every`), and compute ΔM/ΔD of their q_proj
     and v_proj weights (`qdora analyze`): `delta_md.csv`, `delta_md.png`, slopes in `results.json`."""
     r: int = 16
     alpha: float = 32.0
@@ -165,7 +166,9 @@ def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Rec
                       warmup_steps=hc.warmup_steps if hc.warmup_steps is not None else max(1, hc.max_steps // 10),
                       save_every=hc.max_steps, progress=False,
                       # intermediate checkpoints for the ΔM/ΔD analysis: seed 0 only (a full model is large)
-                      keep_adapters_every=max(1, hc.max_steps // 3) if seed == 0 and hc.analyze else 0,
+                      # (every eval_every steps when there is a learning curve)
+                      keep_adapters_every=(hc.eval_every or max(1, hc.max_steps // 3)) if seed == 0 and hc.analyze
+                      else 0,
                       **extra)
     gc.collect()
     base_rss = reset_peak_rss()
