@@ -109,3 +109,45 @@ def plot_losses(rows: list[dict], path: Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def curve_markdown(rows: list[dict], task: str) -> str:
+    """The learning curves (`--eval-every`) of `task`: per method and step, the mean ± spread over
+    seeds of the accuracy and the answer NLL, and for each pair of methods the mean per-seed
+    difference of the accuracy with the paired t statistic. Empty without curves."""
+    by_method: dict[str, dict[int, list[dict]]] = {}
+    for r in rows:
+        for point in r.get("curve", []):
+            if task in point:
+                by_method.setdefault(r["method"], {}).setdefault(point["step"], []).append(
+                    {"seed": r["seed"], **point[task]})
+    if not by_method:
+        return ""
+    steps = sorted({s for m in by_method.values() for s in m})
+    def fmt(stat):
+        if stat["mean"] is None:
+            return "-"
+        return f"{stat['mean']:.3f}" + (f" ± {stat['std']:.3f}" if stat["n"] > 1 else "")
+    methods = list(by_method)
+    head = ["step"] + [f"{m} acc" for m in methods] + [f"{m} answer NLL" for m in methods]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for step in steps:
+        cells = [str(step)]
+        for key in ("acc_loglik", "answer_nll"):
+            cells += [fmt(_mean_std([p[key] for p in by_method[m].get(step, []) if key in p])) for m in methods]
+        lines.append("| " + " | ".join(cells) + " |")
+    for i, a in enumerate(methods):
+        for b in methods[i + 1:]:
+            lines += ["", f"{a} − {b}, accuracy, paired by seed:", "",
+                      "| step | mean difference | per seed | paired t |", "|---|---|---|---|"]
+            for step in steps:
+                pa = {p["seed"]: p["acc_loglik"] for p in by_method[a].get(step, [])}
+                pb = {p["seed"]: p["acc_loglik"] for p in by_method[b].get(step, [])}
+                d = [pa[s] - pb[s] for s in sorted(set(pa) & set(pb))]
+                if not d:
+                    continue
+                sd = statistics.stdev(d) if len(d) > 1 else 0.0
+                t = statistics.fmean(d) / (sd / len(d) ** 0.5) if len(d) > 1 and sd > 0 else None
+                lines.append(f"| {step} | {statistics.fmean(d):+.3f} | {', '.join(f'{x:+.2f}' for x in d)} | "
+                             f"{'-' if t is None else f'{t:+.1f}'} |")
+    return "\n".join(lines) + "\n"

@@ -35,7 +35,7 @@ from qdora.eval.answers import (  # noqa: F401  (extract_number, same_number: al
     same_number,
 )
 from qdora.eval.common import peft_on_qdora_nf4, proc_status, reset_peak_rss, run_child
-from qdora.eval.comparison import markdown, plot_losses, separation, separation_markdown, summarize
+from qdora.eval.comparison import curve_markdown, markdown, plot_losses, separation, separation_markdown, summarize
 from qdora.eval.tasks import TASKS, record_choice, score_tasks, test_records  # noqa: F401  (also from here)
 from qdora.loading import check_model_path, convert_gguf, load_model, smollm2_gguf_path
 from qdora.safetensors_io import check_output_dir, write_text_atomic
@@ -295,6 +295,11 @@ def run(hc: HarnessConfig) -> dict:
         table += "| method | slope | correlation | points |\n|---|---|---|---|\n"
         table += "".join(f"| {m} | {f['slope']:.3g} | {f['correlation']:.3f} | {f['points']} |\n"
                          for m, f in fits.items())
+    for task in hc.tasks:
+        curves = curve_markdown(rows, task)
+        if curves:
+            table += (f"\nLearning curves on {task} (every {hc.eval_every} steps; mean ± spread over seeds):\n\n"
+                      + curves)
     if hc.seeds > 1:
         table += f"\nPairwise, answer NLL on {', '.join(hc.tasks)} (paired by seed):\n\n" + separation_markdown(pairs)
     write_text_atomic(out / "results.json", json.dumps(

@@ -236,3 +236,15 @@ def test_chat_option_scoring(tmp_path):
     again = score_chat_choices(model, tok, [record_choice(r) for r in test_records("ARC-Easy", None, 5)])
     assert again.predictions == task["predictions"]
     assert again.answer_nll == pytest.approx(task["answer_nll"], rel=1e-4)
+
+
+def test_curve_table_means_and_paired_differences():
+    from qdora.eval.comparison import curve_markdown
+    rows = [{"method": m, "seed": s, "curve": [{"step": 50, "T": {"acc_loglik": a, "answer_nll": n}}]}
+            for m, s, a, n in [("qdora", 0, 0.60, 2.0), ("qdora", 1, 0.70, 2.2), ("qlora", 0, 0.50, 2.1),
+                               ("qlora", 1, 0.55, 2.3)]]
+    table = curve_markdown(rows, "T")
+    assert "| 50 | 0.650 ± 0.071 | 0.525 ± 0.035 | 2.100 ± 0.141 | 2.200 ± 0.141 |" in table
+    # differences +0.10 and +0.15: mean +0.125, std 0.0354, t = 0.125 / (0.0354 / sqrt 2) = 5.0
+    assert "| 50 | +0.125 | +0.10, +0.15 | +5.0 |" in table
+    assert curve_markdown([{"method": "a", "seed": 0}], "T") == ""
