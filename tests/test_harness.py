@@ -219,8 +219,9 @@ def test_chat_option_scoring(tmp_path):
         tmp_path / "m")
     chatml_tokenizer([r["instruction"] + r["output"] for r in records]).save_pretrained(tmp_path / "m")
     result = run(HarnessConfig(model=str(tmp_path / "m"), train_data=str(tmp_path / "train.json"),
-                               out=str(tmp_path / "out"), methods=("qdora",), tasks=("ARC-Easy",), seeds=1, max_steps=2,
-                               batch_size=2, eval_items=5, r=4, alpha=8, analyze=False, isolate=False, chat=True))
+                               out=str(tmp_path / "out"), methods=("qdora",), tasks=("ARC-Easy",), seeds=1,
+                               max_steps=2, batch_size=2, eval_items=5, r=4, alpha=8, analyze=False, isolate=False,
+                               chat=True))
     first = json.loads((tmp_path / "out" / "train_chat.jsonl").read_text().splitlines()[0])
     item = record_choice(test_records("ARC-Easy", None, 1)[0])
     assert item.options[item.answer] == "Sunlight is the source of energy for nearly all ecosystems."
