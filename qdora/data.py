@@ -71,6 +71,14 @@ def count_supervised(labels: Sequence[int] | torch.Tensor) -> int:
     return sum(1 for label in labels if label != IGNORE_INDEX)
 
 
+def tokenize_all(records: Sequence[Record], tokenizer, cutoff_len: int, train_on_prompt: bool = False,
+                 progress: bool = True) -> list[dict[str, list[int]]]:
+    """`tokenize_record` of every record, with a progress bar for more than 2000 on a terminal."""
+    quiet = not progress or (True if len(records) <= 2000 else None)  # None: a bar only on a terminal
+    return [tokenize_record(tokenizer, r, cutoff_len, train_on_prompt)
+            for r in tqdm(records, desc="tokenizing", disable=quiet)]
+
+
 class SFTDataset(Dataset):
     """Records tokenized once, up front; item `i` is `tokenize_record(records[i])`."""
 
@@ -79,9 +87,7 @@ class SFTDataset(Dataset):
         self.records = list(records)
         self.cutoff_len = cutoff_len
         self.train_on_prompt = train_on_prompt
-        quiet = True if len(self.records) <= 2000 else None  # None: show only on a terminal
-        self.examples = [tokenize_record(tokenizer, r, cutoff_len, train_on_prompt)
-                         for r in tqdm(self.records, desc="tokenizing", disable=quiet)]
+        self.examples = tokenize_all(self.records, tokenizer, cutoff_len, train_on_prompt)
 
     def __len__(self) -> int:
         return len(self.examples)

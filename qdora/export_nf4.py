@@ -29,9 +29,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qdora.hf_config import plain_config
-from qdora.merge import linear_weight_keys, merged_tensors
+from qdora.merge import linear_weight_keys, merged_tensors, write_folder_files
 from qdora.nf4 import quantize_nf4
-from qdora.safetensors_io import TensorSpec, atomic_dir, check_finite, parse_size, write_text_atomic
+from qdora.safetensors_io import TensorSpec, atomic_dir, check_finite, parse_size
 
 BLOCKSIZE = 64
 """bitsandbytes' 4-bit blocksize in transformers (BitsAndBytesConfig has no setting for it)."""
@@ -213,15 +213,7 @@ def save_nf4(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, dtype
             weight_map.update(dict.fromkeys(layers, fname))
             total += sum(s.nbytes for s in specs) + sum(len(layer.blob) for layer in layers.values())
         bar.close()
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            write_text_atomic(tmp / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
         config = plain_config(model.config, dtype)
         config.quantization_config = nf4_quantization_config(dtype, double_quant, _skip_modules(model, quantized))
-        config.save_pretrained(tmp)
-        generation = getattr(model, "generation_config", None)
-        if generation is not None:
-            generation.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_folder_files(tmp, model, config, tokenizer, weight_map, total, sharded=len(shards) > 1)
     return out_dir

@@ -180,16 +180,24 @@ def merge_and_save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
             write_streaming(tmp / fname, [spec for spec, _ in shard], produce, {"format": "pt"})
             weight_map.update({spec.name: fname for spec, _ in shard})
         bar.close()
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(s.nbytes for s, _ in plan)}, "weight_map": weight_map}
-            write_text_atomic(tmp / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
-        plain_config(model.config, dtype).save_pretrained(tmp)
-        generation = getattr(model, "generation_config", None)
-        if generation is not None:
-            generation.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_folder_files(tmp, model, plain_config(model.config, dtype), tokenizer, weight_map,
+                           sum(s.nbytes for s, _ in plan), sharded=len(shards) > 1)
     return out_dir
+
+
+def write_folder_files(folder: Path, model: nn.Module, config, tokenizer, weight_map: dict[str, str],
+                       total_size: int, sharded: bool) -> None:
+    """The files of a checkpoint folder beside its weights: the shard index (when sharded), `config`,
+    the model's generation config and the tokenizer (when there are)."""
+    if sharded:
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        write_text_atomic(folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    config.save_pretrained(folder)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Fine-tuning changes what a model says next."

@@ -16,9 +16,8 @@ from typing import Sequence
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
-from qdora.data import Record, tokenize_record
+from qdora.data import Record, tokenize_all
 from qdora.safetensors_io import save_file_atomic
 
 CACHE_VERSION = 1
@@ -57,13 +56,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
                 getattr(tokenizer, "chat_template", None)]
     digest.update(json.dumps(settings, default=str).encode())
     return digest.hexdigest()
-
-
-def tokenize_all(records: Sequence[Record], tokenizer, cutoff_len: int, train_on_prompt: bool,
-                 progress: bool = True) -> list[dict[str, list[int]]]:
-    quiet = not progress or (True if len(records) <= 2000 else None)  # None: a bar only on a terminal
-    return [tokenize_record(tokenizer, r, cutoff_len, train_on_prompt)
-            for r in tqdm(records, desc="tokenizing", disable=quiet)]
 
 
 def cached_examples(data: str | os.PathLike, records: Sequence[Record], tokenizer, cutoff_len: int,

@@ -41,17 +41,25 @@ def save_tokenizer(path, vocab_size):
     return fast
 
 
-def save_bpe_tokenizer(path, corpus, vocab_size=400):
-    """A real byte-level BPE tokenizer trained offline on `corpus`, adding BOS like Llama's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def _byte_level_bpe(corpus, vocab_size, special_tokens):
+    """A byte-level BPE tokenizer (as Llama 3's and SmolLM2's) trained offline on `corpus`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(list(corpus), trainer)
+    return tok
+
+
+def save_bpe_tokenizer(path, corpus, vocab_size=400):
+    """A real byte-level BPE tokenizer trained offline on `corpus`, adding BOS like Llama's."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _byte_level_bpe(corpus, vocab_size, ["<pad>", "<s>", "</s>"])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
@@ -67,15 +75,9 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['cont
 def chatml_tokenizer(corpus, vocab_size=500):
     """A real byte-level BPE tokenizer trained offline on `corpus`, with ChatML's special tokens
     (`<|im_end|>` is its EOS) and template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(list(corpus), trainer)
+    tok = _byte_level_bpe(corpus, vocab_size, ["<pad>", "<|im_start|>", "<|im_end|>"])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
                                    bos_token="<|im_start|>")
     fast.chat_template = CHATML

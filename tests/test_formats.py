@@ -7,15 +7,13 @@ import json
 import re
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from models import CHATML, chatml_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from qdora.chat import tokenize_chat
 from qdora.data import IGNORE_INDEX, DataError, load_records, parse_record, tokenize_record
 from qdora.records import detect_format
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 # A template that drops earlier assistant turns' reasoning, so a prefix of the conversation does not
 # render as a prefix of the whole (as Qwen3's does with <think> blocks).
 DROPS_REASONING = ("{% for m in messages %}{% set c = m['content'] %}"
@@ -38,17 +36,8 @@ RECORDS = {
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
     """A real byte-level BPE tokenizer with ChatML's special tokens and template."""
-    corpus = [json.dumps(r) for r in RECORDS.values()] + ["system user assistant Be brief Name a color Blue Green"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
-                                   bos_token="<|im_start|>")
-    fast.chat_template = CHATML
-    return fast
+    return chatml_tokenizer([json.dumps(r) for r in RECORDS.values()]
+                            + ["system user assistant Be brief Name a color Blue Green"])
 
 
 def _write(path, rows, kind):

@@ -9,6 +9,22 @@ from qdora.data import DEMO_DATA
 from qdora.eval.harness import METHODS, HarnessConfig, extract_answer, markdown, run, summarize
 
 
+def _tiny_run_files(tmp_path, n: int, chat: bool = False) -> list[dict]:
+    """The first `n` bundled ARC-Easy training records as `train.json`, and a tiny random Llama-3-shaped
+    model `m` with a byte-level BPE tokenizer trained on them (ChatML's, with `chat`)."""
+    from models import chatml_tokenizer
+    records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:n]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(
+        tmp_path / "m")
+    corpus = [r["instruction"] + r["output"] for r in records]
+    if chat:
+        chatml_tokenizer(corpus).save_pretrained(tmp_path / "m")
+    else:
+        save_bpe_tokenizer(tmp_path / "m", corpus)
+    return records
+
+
 def test_answer_extraction_like_llm_adapters():
     options = ["answer1", "answer2", "answer3", "answer4"]
     assert extract_answer("the correct answer is answer3", options) == "answer3"
@@ -57,11 +73,7 @@ def test_summary_mean_and_spread():
 
 @pytest.mark.slow
 def test_every_method_runs_with_the_same_data_order(tmp_path, monkeypatch):
-    records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:8]
-    (tmp_path / "train.json").write_text(json.dumps(records))
-    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(
-        tmp_path / "m")
-    save_bpe_tokenizer(tmp_path / "m", [r["instruction"] + r["output"] for r in records])
+    _tiny_run_files(tmp_path, 8)
     import qdora.data
     import qdora.train
     calls = []
@@ -131,11 +143,7 @@ def test_separation_is_a_paired_t_test_by_seed():
 @pytest.mark.slow
 def test_isolated_runs_equal_in_process_runs(tmp_path):
     """A run in its own subprocess gives the same training and scores as in-process, plus its own peak."""
-    records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:6]
-    (tmp_path / "train.json").write_text(json.dumps(records))
-    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(
-        tmp_path / "m")
-    save_bpe_tokenizer(tmp_path / "m", [r["instruction"] + r["output"] for r in records])
+    _tiny_run_files(tmp_path, 6)
     common = dict(model=str(tmp_path / "m"), train_data=str(tmp_path / "train.json"), methods=("qdora-vera",),
                   tasks=("ARC-Easy",), seeds=1, max_steps=2, batch_size=2, cutoff_len=320, eval_items=3, r=4,
                   alpha=8, vera_r=8, analyze=False)
@@ -182,11 +190,7 @@ def test_run_child_reports_output_peak_memory_and_failure():
 def test_learning_curve_and_resume(tmp_path, capsys):
     """--eval-every scores the tasks on the model being trained (its last point is the final score,
     and the curve does not change the run); --resume keeps finished runs and runs the rest."""
-    records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:6]
-    (tmp_path / "train.json").write_text(json.dumps(records))
-    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(
-        tmp_path / "m")
-    save_bpe_tokenizer(tmp_path / "m", [r["instruction"] + r["output"] for r in records])
+    _tiny_run_files(tmp_path, 6)
     common = dict(model=str(tmp_path / "m"), train_data=str(tmp_path / "train.json"), tasks=("ARC-Easy",),
                   seeds=1, max_steps=4, batch_size=2, cutoff_len=320, eval_items=3, r=4, alpha=8, analyze=False,
                   isolate=False)
@@ -210,14 +214,8 @@ def test_learning_curve_and_resume(tmp_path, capsys):
 def test_chat_option_scoring(tmp_path):
     """--chat trains on the multiple-choice records as chat (option text as the reply) and scores the
     held-out items as qdora demo does; the scores are those of qdora.scoring on the trained model."""
-    from models import chatml_tokenizer
-
     from qdora.eval.tasks import record_choice, test_records
-    records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:6]
-    (tmp_path / "train.json").write_text(json.dumps(records))
-    build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(
-        tmp_path / "m")
-    chatml_tokenizer([r["instruction"] + r["output"] for r in records]).save_pretrained(tmp_path / "m")
+    records = _tiny_run_files(tmp_path, 6, chat=True)
     result = run(HarnessConfig(model=str(tmp_path / "m"), train_data=str(tmp_path / "train.json"),
                                out=str(tmp_path / "out"), methods=("qdora",), tasks=("ARC-Easy",), seeds=1,
                                max_steps=2, batch_size=2, eval_items=5, r=4, alpha=8, analyze=False, isolate=False,

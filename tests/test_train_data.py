@@ -8,14 +8,11 @@ import math
 
 import pytest
 import torch
-from models import build, llama3_config, save_bpe_tokenizer
+from models import CHATML, build, llama3_config, save_bpe_tokenizer
 
 from qdora.cli import main as cli_main
 from qdora.data import DEMO_DATA, DataError
 from qdora.train import TrainConfig, read_metrics, train
-
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 @pytest.fixture(scope="module")
