@@ -80,16 +80,39 @@ def analyze(base, tuned: list[tuple[str, str]], modules=("q_proj", "v_proj")) ->
     return rows
 
 
-def fit(rows: list[dict]) -> dict:
-    """Least-squares slope of ΔM on ΔD and the Pearson correlation."""
+def _slope_corr(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares slopes and Pearson correlations along the last dimension."""
+    xc, yc = x - x.mean(-1, keepdim=True), y - y.mean(-1, keepdim=True)
+    sxy = (xc * yc).sum(-1)
+    return sxy / (xc * xc).sum(-1), sxy / (xc.norm(dim=-1) * yc.norm(dim=-1))
+
+
+def fit(rows: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
+    """Least-squares slope of ΔM on ΔD and the Pearson correlation, each with a 95% percentile
+    bootstrap interval (`slope_ci95`, `correlation_ci95`) that resamples the weights, a (module,
+    layer) pair with all its checkpoints at a time: the points of one weight across checkpoints are
+    not independent, the weights are the units."""
     x = torch.tensor([r["delta_d"] for r in rows], dtype=torch.float64)
     y = torch.tensor([r["delta_m"] for r in rows], dtype=torch.float64)
+    units = list(dict.fromkeys((r["module"], r["layer"]) for r in rows))
+    out = {"points": len(rows), "units": len(units), "slope": math.nan, "correlation": math.nan,
+           "slope_ci95": (math.nan, math.nan), "correlation_ci95": (math.nan, math.nan)}
     if len(rows) < 2 or x.std() == 0 or y.std() == 0:
-        return {"points": len(rows), "slope": math.nan, "correlation": math.nan}
-    xc, yc = x - x.mean(), y - y.mean()
-    slope = (xc * yc).sum() / (xc * xc).sum()
-    corr = (xc * yc).sum() / (xc.norm() * yc.norm())
-    return {"points": len(rows), "slope": slope.item(), "correlation": corr.item()}
+        return out
+    slope, corr = _slope_corr(x, y)
+    out["slope"], out["correlation"] = slope.item(), corr.item()
+    members = [[i for i, r in enumerate(rows) if (r["module"], r["layer"]) == u] for u in units]
+    if len(units) < 2 or len({len(m) for m in members}) != 1:  # resampling needs equal-sized units
+        return out
+    index = torch.tensor(members)  # (units, checkpoints)
+    g = torch.Generator().manual_seed(seed)
+    picks = index[torch.randint(len(units), (resamples, len(units)), generator=g)].flatten(1)
+    slopes, corrs = _slope_corr(x[picks], y[picks])
+    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    ok = slopes.isfinite() & corrs.isfinite()  # a resample of identical units has no spread
+    out["slope_ci95"] = tuple(torch.quantile(slopes[ok], q).tolist())
+    out["correlation_ci95"] = tuple(torch.quantile(corrs[ok], q).tolist())
+    return out
 
 
 def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
@@ -174,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(rows, out / "delta_md.csv")
     stats = fit(rows)
     drew = plot(rows, out / "delta_md.png", title=", ".join(label for label, _ in tuned))
-    print(f"{len(rows)} weights: ΔM on ΔD slope {stats['slope']:.4g}, correlation {stats['correlation']:.3f}")
+    (s0, s1), (c0, c1) = stats["slope_ci95"], stats["correlation_ci95"]
+    print(f"{len(rows)} points ({stats['units']} weights): ΔM on ΔD slope {stats['slope']:.4g} [{s0:.4g}, {s1:.4g}], "
+          f"correlation {stats['correlation']:.3f} [{c0:.3f}, {c1:.3f}] (95% bootstrap over the weights)")
     print(f"wrote {out / 'delta_md.csv'}" + (f" and {out / 'delta_md.png'}" if drew else
                                                " (install matplotlib for the plot)"))
     return 0

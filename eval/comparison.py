@@ -18,10 +18,15 @@ def _mean_std(values: list[float]) -> dict:
             "n": len(values)}
 
 
+def label(row: dict) -> str:
+    """A row's method, with its rank and learning rate in a sweep (`qlora-r8-lr0.0003`)."""
+    return row.get("variant", row["method"])
+
+
 def summarize(rows: list[dict]) -> dict:
     out = {}
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
+    for method in dict.fromkeys(label(r) for r in rows):
+        mine = [r for r in rows if label(r) == method]
         s = {k: _mean_std([r[k] for r in mine]) for k in
              ("trainable_params", "peak_rss_growth_mib", "median_step_s", "tokens_per_s", "final_train_loss")}
         for task in mine[0]["tasks"]:
@@ -43,7 +48,7 @@ def separation(rows: list[dict], task: str, metric: str = "answer_nll") -> list[
     for r in rows:
         v = r["tasks"].get(task, {}).get(metric)
         if v is not None:
-            values.setdefault(r["method"], {})[r["seed"]] = v
+            values.setdefault(label(r), {})[r["seed"]] = v
     out = []
     names = list(values)
     for i, a in enumerate(names):
@@ -119,7 +124,7 @@ def curve_markdown(rows: list[dict], task: str) -> str:
     for r in rows:
         for point in r.get("curve", []):
             if task in point:
-                by_method.setdefault(r["method"], {}).setdefault(point["step"], []).append(
+                by_method.setdefault(label(r), {}).setdefault(point["step"], []).append(
                     {"seed": r["seed"], **point[task]})
     if not by_method:
         return ""

@@ -21,10 +21,13 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from qdora.config import AdapterConfig, Problems
+import torch
+
+from qdora.checkpoint import find_checkpoint
+from qdora.config import AdapterConfig
 from qdora.data import DEMO_DATA, Record, load_records
 from qdora.eval.analyze import analyze, fit, plot_panels
 from qdora.eval.answers import (  # noqa: F401  (extract_number, same_number: also from here)
@@ -36,90 +39,13 @@ from qdora.eval.answers import (  # noqa: F401  (extract_number, same_number: al
 )
 from qdora.eval.common import peft_on_qdora_nf4, proc_status, reset_peak_rss, run_child
 from qdora.eval.comparison import curve_markdown, markdown, plot_losses, separation, separation_markdown, summarize
+from qdora.eval.harness_config import METHODS, HarnessConfig, RunKey, different_settings, run_config  # noqa: F401
+from qdora.eval.sweep import plan, sweep_markdown
 from qdora.eval.tasks import TASKS, record_choice, score_tasks, test_records  # noqa: F401  (also from here)
 from qdora.loading import check_model_path, convert_gguf, load_model, smollm2_gguf_path
 from qdora.safetensors_io import check_output_dir, write_text_atomic
 from qdora.scoring import choice_chat
-from qdora.train import TrainConfig, read_metrics, train
-
-METHODS = {
-    # name: (qdora method, extra TrainConfig fields, PEFT peer?); "half_rank" and "vera" are resolved
-    # by `run_one` (DoRA†: r/2 and alpha/2; VeRA: --vera-r, --vera-lr)
-    "full": ("full", {}, None),
-    "lora": ("lora", {}, None),
-    "dora": ("dora", {}, None),
-    "qlora": ("qlora", {}, None),
-    "qdora": ("qdora", {}, None),
-    "dora-half": ("dora", {"half_rank": True}, None),
-    "qdora-magonly": ("qdora", {"target_modules": ("q_proj", "k_proj", "v_proj"),
-                                "magnitude_only_modules": ("o_proj", "gate_proj", "up_proj", "down_proj")}, None),
-    "dora-vera": ("dora", {"vera": True}, None),
-    "qdora-vera": ("qdora", {"vera": True}, None),
-    "peft-qdora": ("qdora", {}, True),
-    "peft-qlora": ("qlora", {}, False),
-}
-
-
-@dataclass(frozen=True)
-class HarnessConfig:
-    model: str
-    train_data: str
-    out: str
-    methods: tuple[str, ...] = ("full", "qlora", "qdora", "qdora-vera")
-    tasks: tuple[str, ...] = ("gsm8k",)
-    data_dir: str | None = None
-    """Folder with `<task>/test.json` (LLM-Adapters layout) and `gsm8k/test.jsonl`; default: the bundled
-    ARC-Easy and GSM8K slices (100 test items each)."""
-    seeds: int = 3
-    max_steps: int = 20
-    batch_size: int = 2
-    lr: float = 5e-4
-    """Learning rate of the adapter methods (LoRA/DoRA families and PEFT's)."""
-    full_lr: float = 5e-5
-    """Learning rate of `full` (every weight moves: a tenth of the adapters' rate)."""
-    vera_lr: float = 5e-3
-    """Learning rate of the VeRA-direction methods (only scaling vectors train: ten times the adapters')."""
-    vera_r: int = 256
-    """Rank of VeRA's shared projections (VeRA's parameters per layer are r + out, so its r is large)."""
-    isolate: bool = True
-    """Run each (method, seed) in a fresh subprocess, so peak memory is per run and nothing leaks across."""
-    analyze: bool = True
-    """Keep seed 0's checkpoints at 1/3, 2/3 and the end of training (every `eval_every` steps with
-    `eval_every`), and compute ΔM/ΔD of their q_proj
-    and v_proj weights (`qdora analyze`): `delta_md.csv`, `delta_md.png`, slopes in `results.json`."""
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    cutoff_len: int = 256
-    eval_items: int = 50
-    warmup_steps: int | None = None
-    """Default: a tenth of max_steps."""
-    generate: bool = False
-    """Also score by generation + answer extraction (LLM-Adapters' way; slow on CPU, `--generate`)."""
-    math_max_new_tokens: int = 256
-    """Generation length for GSM8K solutions."""
-    eval_every: int = 0
-    """Also score the held-out tasks every this many steps during training (a learning curve per run,
-    `curve` in results.json; 0: at the end only)."""
-    chat: bool = False
-    """Train on the multiple-choice training records as chat (the question from the user, the correct
-    option's text as the reply, the model's chat template) and score each option's text as the reply,
-    per character, as `qdora demo` does: the scoring that separates at small scale."""
-    resume: bool = False
-    """Keep the runs a previous invocation with the same --out finished (their rows in runs/), run the rest."""
-
-    def __post_init__(self):
-        p = Problems("eval setting")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            p.add(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
-        for name in ("seeds", "max_steps", "batch_size", "eval_items", "r", "cutoff_len"):
-            p.positive_int(name, getattr(self, name))
-        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
-            p.add(f"eval_every={self.eval_every!r} must be an integer >= 0 (0: at the end only)")
-        for name in ("lr", "full_lr", "vera_lr"):
-            p.number(name, getattr(self, name), hint="learning rates must be positive")
-        p.raise_if_any()
+from qdora.train import read_metrics, train
 
 
 def _peft_builder(use_dora: bool):
@@ -128,9 +54,10 @@ def _peft_builder(use_dora: bool):
     return build
 
 
-def _curve_hooks(hc: HarnessConfig, peer, tests: dict[str, list[Record]], curve: list[dict]):
+def _curve_hooks(hc: HarnessConfig, peer, tests: dict[str, list[Record]], curve: list[dict], path: Path):
     """(build, on_step) for `qdora.train.train` that score the held-out tasks every `eval_every` steps
-    on the model being trained (the build keeps a handle on it)."""
+    on the model being trained (the build keeps a handle on it), appending to `curve` and writing it
+    to `path` (read back when the run resumes)."""
     held = {}
 
     def build(cfg, device):
@@ -146,50 +73,49 @@ def _curve_hooks(hc: HarnessConfig, peer, tests: dict[str, list[Record]], curve:
         if hc.eval_every and step % hc.eval_every == 0:
             curve.append({"step": step, **score_tasks(held["model"], held["tok"], tests, hc.generate,
                                                      hc.math_max_new_tokens, hc.chat)})
+            write_text_atomic(path, json.dumps(curve) + "\n")
     return build, on_step
 
 
-def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Record]]) -> dict:
-    base_method, extra, peer = METHODS[method]
-    extra = dict(extra)
-    r, alpha = hc.r, hc.alpha
-    lr = hc.full_lr if base_method == "full" else hc.lr
-    if extra.pop("half_rank", False):
-        r, alpha = max(1, hc.r // 2), hc.alpha / 2
-    if extra.pop("vera", False):
-        r, lr, extra["direction"] = hc.vera_r, hc.vera_lr, "vera"
-    out = Path(hc.out) / "runs" / f"{method}-seed{seed}"
-    data = str(Path(hc.out) / "train_chat.jsonl") if hc.chat else hc.train_data
-    cfg = TrainConfig(model=hc.model, data=data, out=str(out), method=base_method, r=r, alpha=alpha,
-                      dropout=hc.dropout, lr=lr, max_steps=hc.max_steps, batch_size=hc.batch_size,
-                      cutoff_len=hc.cutoff_len, seed=seed,
-                      warmup_steps=hc.warmup_steps if hc.warmup_steps is not None else max(1, hc.max_steps // 10),
-                      save_every=hc.max_steps, progress=False,
-                      # intermediate checkpoints for the ΔM/ΔD analysis: seed 0 only (a full model is large)
-                      # (every eval_every steps when there is a learning curve)
-                      keep_adapters_every=(hc.eval_every or max(1, hc.max_steps // 3)) if seed == 0 and hc.analyze
-                      else 0,
-                      **extra)
+class RunInterrupted(RuntimeError):
+    pass
+
+
+def run_one(hc: HarnessConfig, key: RunKey, tests: dict[str, list[Record]], resume: bool = False) -> dict:
+    """Train run `key` (from its checkpoint with `resume`), score it, return its row."""
+    cfg, peer = run_config(hc, key, resume)
+    out = Path(cfg.out)
+    curve_file = out / "curve.json"
+    curve: list[dict] = []
+    if resume:  # the learning curve up to the checkpoint the run continues from
+        step = json.loads((find_checkpoint(out) / "state.json").read_text())["step"]
+        kept = json.loads(curve_file.read_text()) if curve_file.is_file() else []
+        curve = [p for p in kept if p["step"] <= step]
     gc.collect()
     base_rss = reset_peak_rss()
     cpu0 = time.process_time()
-    curve: list[dict] = []
     if hc.eval_every:
-        build, on_step = _curve_hooks(hc, peer, tests, curve)
+        build, on_step = _curve_hooks(hc, peer, tests, curve, curve_file)
         summary = train(cfg, build=build, on_step=on_step)
     else:
         summary = train(cfg, build=_peft_builder(peer) if peer is not None else None)
+    if summary.get("interrupted"):
+        raise RunInterrupted(f"{key.name}: stopped at step {summary['steps']} of {hc.max_steps} (its checkpoint is "
+                             f"saved); run the same command with --resume to continue it")
     peak = proc_status("VmHWM")
     model, tok = summary["model"], summary["tokenizer"]
     metrics = read_metrics(out)
-    row = {"method": method, "seed": seed, "lr": lr, "r": r,
+    row = {"method": key.method, "seed": key.seed, "variant": key.name.rsplit("-seed", 1)[0],
+           "r_setting": hc.r if key.r is None else key.r, "lr": cfg.lr, "r": cfg.r, "alpha": cfg.alpha,
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "peak_rss_growth_mib": None if base_rss is None or peak is None else (peak - base_rss) / 2**20,
            "peak_rss_mib": None if peak is None else peak / 2**20,
            "median_step_s": statistics.median(m["step_s"] for m in metrics),
            "tokens_per_s": statistics.median(m["tokens_per_s"] for m in metrics),
            "final_train_loss": statistics.fmean(m["loss"] for m in metrics[-5:]),
-           "loss_curve": [m["loss"] for m in metrics], "tasks": {}}
+           "loss_curve": [m["loss"] for m in metrics], "threads": torch.get_num_threads(), "tasks": {}}
+    if resume:
+        row["resumed"] = True  # its peak RSS and CPU time are the resumed process's
     row["tasks"] = score_tasks(model, tok, tests, hc.generate, hc.math_max_new_tokens, hc.chat)
     if curve:
         row["curve"] = curve + ([] if curve[-1]["step"] == hc.max_steps else [{"step": hc.max_steps, **row["tasks"]}])
@@ -199,28 +125,37 @@ def run_one(hc: HarnessConfig, method: str, seed: int, tests: dict[str, list[Rec
     return row
 
 
-def run_isolated(hc: HarnessConfig, method: str, seed: int) -> dict:
+def run_isolated(hc: HarnessConfig, key: RunKey, resume: bool = False) -> dict:
     """`run_one` in a fresh Python process (`python -m qdora.eval.harness --run-one SPEC`): the peak
     RSS it reports is that run's alone, and no state (allocator, caches, RNG) crosses between runs."""
     folder = Path(hc.out) / "runs"
-    folder.mkdir(parents=True, exist_ok=True)
-    spec, result = folder / f"{method}-seed{seed}.spec.json", folder / f"{method}-seed{seed}.row.json"
+    result = folder / f"{key.name}.row.json"
     result.unlink(missing_ok=True)
-    write_text_atomic(spec, json.dumps({"config": asdict(hc), "method": method, "seed": seed,
-                                        "result": str(result)}) + "\n")
-    run_child(["-m", "qdora.eval.harness", "--run-one", str(spec)], f"{method}, seed {seed}",
-              hint=f"rerun it alone with --methods {method} --no-isolate to debug")
+    try:
+        run_child(["-m", "qdora.eval.harness", "--run-one", str(folder / f"{key.name}.spec.json"),
+                   *(["--resume"] if resume else [])], key.name,
+                  hint=f"rerun it alone with --methods {key.method} --no-isolate to debug")
+    except RuntimeError:
+        if _resumable(Path(hc.out) / "runs" / key.name):
+            print(f"{key.name}: its checkpoint is kept; run the same command with --resume to continue it",
+                  file=sys.stderr)
+        raise
     if not result.is_file():
-        raise RuntimeError(f"{method}, seed {seed}: its process wrote no result to {result}")
+        raise RuntimeError(f"{key.name}: its process wrote no result to {result}")
     return json.loads(result.read_text())
 
 
-def _run_one_from_spec(spec_path: str) -> int:
+def _run_one_from_spec(spec_path: str, resume: bool) -> int:
     spec = json.loads(Path(spec_path).read_text())
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()}
     hc = HarnessConfig(**{**fields, "isolate": False})
+    key = RunKey(**spec["key"])
     tests = {t: test_records(t, hc.data_dir, hc.eval_items) for t in hc.tasks}
-    row = run_one(hc, spec["method"], spec["seed"], tests)
+    try:
+        row = run_one(hc, key, tests, resume)
+    except RunInterrupted as stop:
+        print(stop, file=sys.stderr)
+        return 130
     write_text_atomic(spec["result"], json.dumps(row) + "\n")
     return 0
 
@@ -258,6 +193,11 @@ def analyze_runs(hc: HarnessConfig, methods: list[str]) -> dict:
     return fits
 
 
+def _resumable(folder: Path) -> bool:
+    """A run folder that `qdora train --resume` can continue: its settings and a complete checkpoint."""
+    return (folder / "train_config.json").is_file() and find_checkpoint(folder) is not None
+
+
 def run(hc: HarnessConfig) -> dict:
     out = Path(hc.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -267,40 +207,52 @@ def run(hc: HarnessConfig) -> dict:
         chats = [choice_chat(record_choice(r)) for r in records]
         write_text_atomic(out / "train_chat.jsonl", "".join(json.dumps(c) + "\n" for c in chats))
     rows, t0 = [], time.perf_counter()
-    for seed in range(hc.seeds):
-        for method in hc.methods:
-            done = out / "runs" / f"{method}-seed{seed}.row.json"
-            if hc.resume and done.is_file():
-                print(f"[{time.perf_counter() - t0:6.0f} s] {method}, seed {seed}: kept from {done}", flush=True)
-                rows.append(json.loads(done.read_text()))
-                continue
-            print(f"[{time.perf_counter() - t0:6.0f} s] {method}, seed {seed}", flush=True)
-            if (out / "runs" / f"{method}-seed{seed}").exists():  # an earlier invocation's run: run it again
-                shutil.rmtree(out / "runs" / f"{method}-seed{seed}")
-            t_run = time.perf_counter()
-            if hc.isolate:
-                rows.append(run_isolated(hc, method, seed))
-            else:
-                rows.append(run_one(hc, method, seed, tests))
-            rows[-1]["wall_s"] = time.perf_counter() - t_run
-            write_text_atomic(done, json.dumps(rows[-1]) + "\n")
-            write_text_atomic(out / "results.json", json.dumps(
-                {"config": asdict(hc), "runs": rows, "summary": summarize(rows)}, indent=1) + "\n")
+    folder = out / "runs"
+    for key in plan(hc.methods, hc.seeds, hc.r, hc.lr, hc.r_sweep, hc.lr_sweep):
+        done, spec = folder / f"{key.name}.row.json", folder / f"{key.name}.spec.json"
+        kept = json.loads(spec.read_text()) if hc.resume and spec.is_file() else None
+        changed = different_settings(kept, hc, key) if kept else []
+        if changed and (done.is_file() or _resumable(folder / key.name)):
+            raise ValueError(f"--resume: {folder / key.name} was made with other settings ({'; '.join(changed)}); "
+                             f"use another --out, or delete {folder / key.name}* to run it again")
+        if kept and done.is_file():
+            print(f"[{time.perf_counter() - t0:6.0f} s] {key.name}: kept from {done}", flush=True)
+            rows.append(json.loads(done.read_text()))
+            continue
+        resume = bool(kept) and _resumable(folder / key.name)
+        print(f"[{time.perf_counter() - t0:6.0f} s] {key.name}" + (" (resumed)" if resume else ""), flush=True)
+        if not resume and (folder / key.name).exists():  # an earlier invocation's run: run it again
+            shutil.rmtree(folder / key.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(spec, json.dumps({"config": asdict(hc), "key": asdict(key), "result": str(done)}) + "\n")
+        t_run = time.perf_counter()
+        if hc.isolate:
+            rows.append(run_isolated(hc, key, resume))
+        else:
+            rows.append(run_one(hc, key, tests, resume))
+        rows[-1]["wall_s"] = time.perf_counter() - t_run
+        write_text_atomic(done, json.dumps(rows[-1]) + "\n")
+        write_text_atomic(out / "results.json", json.dumps(
+            {"config": asdict(hc), "runs": rows, "summary": summarize(rows)}, indent=1) + "\n")
     summary = summarize(rows)
     table = markdown(summary, list(hc.tasks))
-    pairs = [p for t in hc.tasks for p in separation(rows, t)]
-    fits = analyze_runs(hc, list(hc.methods)) if hc.analyze else {}
+    pairs = [] if hc.sweep else [p for t in hc.tasks for p in separation(rows, t)]
+    fits = analyze_runs(hc, list(hc.methods)) if hc.analyze and not hc.sweep else {}
+    for task in hc.tasks if hc.sweep else ():
+        table += f"\nThe sweep on {task}, at step {hc.max_steps}:\n\n" + sweep_markdown(rows, task, list(hc.methods))
     if fits:
-        table += "\nΔM on ΔD (q_proj, v_proj; seed 0's checkpoints), least-squares slope and correlation:\n\n"
-        table += "| method | slope | correlation | points |\n|---|---|---|---|\n"
-        table += "".join(f"| {m} | {f['slope']:.3g} | {f['correlation']:.3f} | {f['points']} |\n"
-                         for m, f in fits.items())
+        table += ("\nΔM on ΔD (q_proj, v_proj; seed 0's checkpoints), least-squares slope and correlation, "
+                  "with 95% bootstrap intervals over the weights (module and layer, all checkpoints together):\n\n")
+        table += "| method | slope | correlation | points | weights |\n|---|---|---|---|---|\n"
+        table += "".join(f"| {m} | {f['slope']:.3g} [{f['slope_ci95'][0]:.3g}, {f['slope_ci95'][1]:.3g}] | "
+                         f"{f['correlation']:.3f} [{f['correlation_ci95'][0]:.3f}, {f['correlation_ci95'][1]:.3f}] | "
+                         f"{f['points']} | {f['units']} |\n" for m, f in fits.items())
     for task in hc.tasks:
         curves = curve_markdown(rows, task)
         if curves:
             table += (f"\nLearning curves on {task} (every {hc.eval_every} steps; mean ± spread over seeds):\n\n"
                       + curves)
-    if hc.seeds > 1:
+    if hc.seeds > 1 and not hc.sweep:
         table += f"\nPairwise, answer NLL on {', '.join(hc.tasks)} (paired by seed):\n\n" + separation_markdown(pairs)
     write_text_atomic(out / "results.json", json.dumps(
         {"config": asdict(hc), "runs": rows, "summary": summary, "separation": pairs, "delta_md": fits},
@@ -323,6 +275,17 @@ def union_file(files: list[str], path: Path) -> Path:
     return path
 
 
+def _number_list(parser: argparse.ArgumentParser, option: str, text: str, kind: type) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"{option} {text!r}: expected {kind.__name__} values, comma-separated (e.g. "
+                     f"{'2,4,8' if kind is int else '1e-4,3e-4'})")
+    if not values or len(set(values)) != len(values):
+        parser.error(f"{option} {text!r}: give one value or several different ones")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qdora eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -337,12 +300,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=d.seeds)
     p.add_argument("--max-steps", type=int, default=d.max_steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help="adapter methods' learning rate (default %(default)s)")
+    p.add_argument("--lr", default=str(d.lr),
+                   help="adapter methods' learning rate (default %(default)s); several, comma-separated: a sweep")
     p.add_argument("--full-lr", type=float, default=d.full_lr, help="learning rate of full (default %(default)s)")
     p.add_argument("--vera-lr", type=float, default=d.vera_lr, help="learning rate of *-vera (default %(default)s)")
     p.add_argument("--vera-r", type=int, default=d.vera_r, help="rank of *-vera's shared projections")
-    p.add_argument("--r", type=int, default=d.r)
-    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument("--r", default=str(d.r), help="rank (default %(default)s); several, comma-separated: a sweep")
+    p.add_argument("--alpha", default=f"{d.alpha:g}",
+                   help="LoRA alpha (default %(default)s), or a multiple of each run's rank, e.g. 2r (a rank sweep "
+                        "needs that form)")
     p.add_argument("--eval-items", type=int, default=d.eval_items)
     p.add_argument("--warmup-steps", type=int, help="default: a tenth of --max-steps")
     p.add_argument("--cutoff-len", type=int, default=256)
@@ -363,8 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--run-one"]:  # internal: one run in this process (see run_isolated)
-        return _run_one_from_spec(argv[1])
+        return _run_one_from_spec(argv[1], resume=argv[2:] == ["--resume"])
     args = p.parse_args(argv)
+    ranks, rates = _number_list(p, "--r", args.r, int), _number_list(p, "--lr", args.lr, float)
+    text = args.alpha.strip()
+    per_r = text.lower().endswith("r")
+    try:
+        alpha = [float(text[:-1] if per_r else text)]
+    except ValueError:
+        p.error(f"--alpha {args.alpha!r}: expected a number (32) or a multiple of each run's rank (2r)")
     # The checks that need no model, before any run starts: the output folder, the model path, the data.
     check_output_dir(args.out, "--out")
     if args.model is not None:
@@ -382,10 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     hc = HarnessConfig(model=model, train_data=train_data, out=args.out,
                        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), data_dir=args.data_dir,
-                       seeds=args.seeds, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, r=args.r,
+                       seeds=args.seeds, max_steps=args.max_steps, batch_size=args.batch_size, lr=rates[0], r=ranks[0],
+                       r_sweep=tuple(ranks) if len(ranks) > 1 else (), lr_sweep=tuple(rates) if len(rates) > 1 else (),
+                       alpha_per_r=alpha[0] if per_r else None,
                        full_lr=args.full_lr, vera_lr=args.vera_lr, vera_r=args.vera_r, isolate=args.isolate,
-                       analyze=args.analyze,
-                       alpha=args.alpha, eval_items=args.eval_items, generate=args.generate,
+                       analyze=args.analyze, alpha=alpha[0] * ranks[0] if per_r else alpha[0],
+                       eval_items=args.eval_items, generate=args.generate,
                        warmup_steps=args.warmup_steps, cutoff_len=args.cutoff_len, dropout=args.dropout,
                        eval_every=args.eval_every, resume=args.resume, chat=args.chat)
     run(hc)

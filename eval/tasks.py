@@ -50,7 +50,9 @@ def score_tasks(model, tok, tests: dict[str, list[Record]], generate: bool = Fal
             scores = score_chat_choices(model, tok, items)
             accuracy = sum(p == i.answer for p, i in zip(scores.predictions, items)) / len(items)
             out[task] = {"items": len(items), "acc_loglik": accuracy, "answer_nll": scores.answer_nll,
-                         "answer_ppl": math.exp(scores.answer_nll), "predictions": scores.predictions}
+                         "answer_ppl": math.exp(scores.answer_nll), "predictions": scores.predictions,
+                         "answers": [i.answer for i in items], "answer_logp": scores.answer_logp,
+                         "answer_tokens": scores.answer_tokens}
             continue
         if task == "gsm8k":  # not multiple choice: exact match of the final number, and answer NLL
             nll = continuation_logprobs(model, tok, [(r.prompt, r.response) for r in records], add_eos=True)

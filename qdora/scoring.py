@@ -149,6 +149,11 @@ class ChoiceScores:
     """The option each item's model picks."""
     answer_nll: float
     """Mean negative log-likelihood per token of the correct replies (end-of-turn tokens included)."""
+    answer_logp: list[float]
+    """Per item: the summed log-likelihood of its correct reply's tokens (`answer_nll` is
+    `-sum(answer_logp) / sum(answer_tokens)`), for paired comparisons item by item."""
+    answer_tokens: list[int]
+    """Per item: how many tokens its correct reply has."""
 
 
 @torch.no_grad()
@@ -171,7 +176,7 @@ def score_chat_choices(model, tokenizer, items: list[Choice], batch_size: int = 
                 seqs.append(ex)
                 owners.append((k, o))
         scores = [[-float("inf")] * len(item.options) for item in items]
-        gold_logp, gold_tokens = 0.0, 0
+        gold_logp, gold_tokens = [0.0] * len(items), [0] * len(items)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]["input_ids"]))  # less padding
         for start in range(0, len(order), batch_size):
             chunk = [seqs[i] for i in order[start:start + batch_size]]
@@ -196,8 +201,9 @@ def score_chat_choices(model, tokenizer, items: list[Choice], batch_size: int = 
                 end = token_logp[i, last].item() if targets[i, last].item() == tokenizer.eos_token_id else 0.0
                 scores[k][o] = (total - end) / max(1, len(items[k].options[o]))
                 if o == items[k].answer:
-                    gold_logp, gold_tokens = gold_logp + total, gold_tokens + counts[i]
-        return ChoiceScores([max(range(len(s)), key=s.__getitem__) for s in scores], -gold_logp / max(1, gold_tokens))
+                    gold_logp[k], gold_tokens[k] = total, counts[i]
+        return ChoiceScores([max(range(len(s)), key=s.__getitem__) for s in scores],
+                            -sum(gold_logp) / max(1, sum(gold_tokens)), gold_logp, gold_tokens)
     finally:
         model.train(was_training)
 
@@ -237,3 +243,40 @@ def paired_accuracy(before: list[bool], after: list[bool], resamples: int = 10_0
     p = stats.binomtest(min(improved, worsened), changed, 0.5).pvalue if changed else 1.0
     return Paired(sum(before) / len(before), sum(after) / len(after), len(before), improved, worsened,
                   (low, high), float(p))
+
+
+@dataclass
+class PairedNLL:
+    """The token-mean answer NLL of two models on the same items, and the difference's uncertainty."""
+
+    a: float
+    b: float
+    n: int
+    ci95: tuple[float, float]
+    """Percentile bootstrap interval of `b − a` (items resampled, both models alike, 10,000 times)."""
+
+    @property
+    def difference(self) -> float:
+        return self.b - self.a
+
+
+def paired_nll(logp_a: list[float], tokens_a: list[int], logp_b: list[float], tokens_b: list[int],
+               resamples: int = 10_000, seed: int = 0) -> PairedNLL:
+    """`PairedNLL` from per-item summed log-likelihoods and token counts of the correct answers
+    (`ChoiceScores.answer_logp`, `answer_tokens`); each model's NLL is `-sum(logp) / sum(tokens)`
+    over the (resampled) items."""
+    if not (len(logp_a) == len(tokens_a) == len(logp_b) == len(tokens_b)) or not logp_a:
+        raise ValueError(f"paired_nll needs four equal, non-empty lists (got {len(logp_a)}, {len(tokens_a)}, "
+                         f"{len(logp_b)} and {len(tokens_b)})")
+    if list(tokens_a) != list(tokens_b):
+        raise ValueError("paired_nll: the two models' answers have different token counts; the items must be "
+                         "the same, tokenized by the same tokenizer")
+    la, lb = torch.tensor(logp_a, dtype=torch.float64), torch.tensor(logp_b, dtype=torch.float64)
+    tokens = torch.tensor(tokens_a, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(la), (resamples, len(la)), generator=g)
+    n = tokens[idx].sum(1)
+    diffs = (la[idx].sum(1) - lb[idx].sum(1)) / n  # (-lb) - (-la)
+    low, high = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    total = tokens.sum().item()
+    return PairedNLL(-la.sum().item() / total, -lb.sum().item() / total, len(la), (low, high))

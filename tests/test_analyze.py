@@ -20,7 +20,7 @@ def test_delta_m_d_hand_computed():
 
 
 def test_fit_slope_and_correlation():
-    rows = [{"delta_d": x, "delta_m": 3 - 2 * x} for x in (0.0, 1.0, 2.0)]
+    rows = [{"module": "q", "layer": k, "delta_d": x, "delta_m": 3 - 2 * x} for k, x in enumerate((0.0, 1.0, 2.0))]
     stats = fit(rows)
     assert stats["slope"] == pytest.approx(-2.0) and stats["correlation"] == pytest.approx(-1.0)
     assert math.isnan(fit(rows[:1])["slope"])

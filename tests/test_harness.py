@@ -206,7 +206,7 @@ def test_learning_curve_and_resume(tmp_path, capsys):
     again = run(HarnessConfig(out=str(tmp_path / "curve"), methods=("qdora", "qlora"), eval_every=2, resume=True,
                               **common))
     out = capsys.readouterr().out
-    assert "qdora, seed 0: kept from" in out and "qlora, seed 0\n" in out
+    assert "qdora-seed0: kept from" in out and "qlora-seed0\n" in out
     assert again["runs"][0]["loss_curve"] == curved["loss_curve"] and again["runs"][1]["method"] == "qlora"
 
 
