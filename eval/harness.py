@@ -39,7 +39,14 @@ from qdora.eval.answers import (  # noqa: F401  (extract_number, same_number: al
 )
 from qdora.eval.common import peft_on_qdora_nf4, proc_status, reset_peak_rss, run_child
 from qdora.eval.comparison import curve_markdown, markdown, plot_losses, separation, separation_markdown, summarize
-from qdora.eval.harness_config import METHODS, HarnessConfig, RunKey, different_settings, run_config  # noqa: F401
+from qdora.eval.harness_config import (  # noqa: F401  (METHODS, HarnessConfig, run_config: also from here)
+    METHODS,
+    HarnessConfig,
+    RunKey,
+    data_digest,
+    different_settings,
+    run_config,
+)
 from qdora.eval.sweep import plan, sweep_markdown
 from qdora.eval.tasks import TASKS, record_choice, score_tasks, test_records  # noqa: F401  (also from here)
 from qdora.loading import check_model_path, convert_gguf, load_model, smollm2_gguf_path
@@ -207,11 +214,11 @@ def run(hc: HarnessConfig) -> dict:
         chats = [choice_chat(record_choice(r)) for r in records]
         write_text_atomic(out / "train_chat.jsonl", "".join(json.dumps(c) + "\n" for c in chats))
     rows, t0 = [], time.perf_counter()
-    folder = out / "runs"
+    folder, digest = out / "runs", data_digest(hc.train_data)
     for key in plan(hc.methods, hc.seeds, hc.r, hc.lr, hc.r_sweep, hc.lr_sweep):
         done, spec = folder / f"{key.name}.row.json", folder / f"{key.name}.spec.json"
         kept = json.loads(spec.read_text()) if hc.resume and spec.is_file() else None
-        changed = different_settings(kept, hc, key) if kept else []
+        changed = different_settings(kept, hc, key, digest) if kept else []
         if changed and (done.is_file() or _resumable(folder / key.name)):
             raise ValueError(f"--resume: {folder / key.name} was made with other settings ({'; '.join(changed)}); "
                              f"use another --out, or delete {folder / key.name}* to run it again")
@@ -224,7 +231,8 @@ def run(hc: HarnessConfig) -> dict:
         if not resume and (folder / key.name).exists():  # an earlier invocation's run: run it again
             shutil.rmtree(folder / key.name)
         folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(spec, json.dumps({"config": asdict(hc), "key": asdict(key), "result": str(done)}) + "\n")
+        write_text_atomic(spec, json.dumps({"config": asdict(hc), "key": asdict(key), "data_sha256": digest,
+                                            "result": str(done)}) + "\n")
         t_run = time.perf_counter()
         if hc.isolate:
             rows.append(run_isolated(hc, key, resume))

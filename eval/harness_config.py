@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,20 +143,29 @@ def run_config(hc: HarnessConfig, key: RunKey, resume: bool = False) -> tuple[Tr
     return cfg, peer
 
 
-# What makes two runs of the same name the same: their training, except where it is written and
-# how often it is saved, and how they are scored.
+# What makes two runs of the same name the same: their training (the data by content, not by
+# path), except where it is written and how often it is saved, and how they are scored.
 _SCORING = ("tasks", "data_dir", "eval_items", "eval_every", "generate", "math_max_new_tokens", "chat")
-_NOT_COMPARED = ("out", "resume", "save_every", "keep_adapters_every", "progress")
+_NOT_COMPARED = ("out", "data", "resume", "save_every", "keep_adapters_every", "progress")
 
 
-def different_settings(spec: dict, hc: HarnessConfig, key: RunKey) -> list[str]:
+def data_digest(path: str | Path) -> str:
+    """SHA-256 of a training file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def different_settings(spec: dict, hc: HarnessConfig, key: RunKey, digest: str | None = None) -> list[str]:
     """The settings in which the run a spec file describes differs from run `key` of `hc` (empty:
-    the same run). Fields the spec's version did not have take their defaults."""
+    the same run); `digest`: this invocation's `data_digest` of its training data, compared with the
+    spec's. Fields the spec's version did not have take their defaults."""
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()
               if k in HarnessConfig.__dataclass_fields__}
     old = HarnessConfig(**fields)
     was, now = run_config(old, key)[0].to_dict(), run_config(hc, key)[0].to_dict()
     out = [f"{k}: {was.get(k)!r} then, {now.get(k)!r} now" for k in sorted(set(was) | set(now))
            if k not in _NOT_COMPARED and was.get(k) != now.get(k)]
-    return out + [f"{k}: {getattr(old, k)!r} then, {getattr(hc, k)!r} now" for k in _SCORING
-                  if getattr(old, k) != getattr(hc, k)]
+    out += [f"{k}: {getattr(old, k)!r} then, {getattr(hc, k)!r} now" for k in _SCORING
+            if getattr(old, k) != getattr(hc, k)]
+    if digest and spec.get("data_sha256") and spec["data_sha256"] != digest:
+        out.append(f"the training data: {hc.train_data} is not the data the run was trained on")
+    return out

@@ -180,6 +180,11 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "score_tasks", score)
     with pytest.raises(ValueError, match=r"other settings \(lr: 0.0005 then, 0.001 now\)"):
         run(HarnessConfig(out=str(tmp_path / "cut"), resume=True, **{**common, "lr": 1e-3}))
+    other = json.loads((tmp_path / "train.json").read_text())[1:]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="other.json is not the data the run was trained on"):
+        run(HarnessConfig(out=str(tmp_path / "cut"), resume=True,
+                          **{**common, "train_data": str(tmp_path / "other.json")}))
     resumed = run(HarnessConfig(out=str(tmp_path / "cut"), resume=True, **common))["runs"][0]
     assert resumed["resumed"] is True
     assert resumed["loss_curve"] == whole["loss_curve"]
