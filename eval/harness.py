@@ -333,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chat", action="store_true",
                    help="train on multiple-choice records as chat (option text as the reply) and score option text")
     p.add_argument("--resume", action="store_true",
-                   help="keep the runs an earlier invocation with this --out finished; run the rest")
+                   help="keep the runs an earlier invocation with this --out finished (with the same settings), "
+                        "continue an interrupted one from its checkpoint, run the rest")
     p.add_argument("--out", required=True)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--run-one"]:  # internal: one run in this process (see run_isolated)
