@@ -18,6 +18,13 @@ def _mean_std(values: list[float]) -> dict:
             "n": len(values)}
 
 
+def paired_t(d: list[float]) -> float | None:
+    """The paired t statistic `mean / (std / sqrt(n))` of per-seed differences; None with fewer than
+    2 of them or no spread."""
+    sd = statistics.stdev(d) if len(d) > 1 else 0.0
+    return statistics.fmean(d) / (sd / len(d) ** 0.5) if sd > 0 else None
+
+
 def label(row: dict) -> str:
     """A row's method, with its rank and learning rate in a sweep (`qlora-r8-lr0.0003`)."""
     return row.get("variant", row["method"])
@@ -151,8 +158,7 @@ def curve_markdown(rows: list[dict], task: str) -> str:
                 d = [pa[s] - pb[s] for s in sorted(set(pa) & set(pb))]
                 if not d:
                     continue
-                sd = statistics.stdev(d) if len(d) > 1 else 0.0
-                t = statistics.fmean(d) / (sd / len(d) ** 0.5) if len(d) > 1 and sd > 0 else None
+                t = paired_t(d)
                 lines.append(f"| {step} | {statistics.fmean(d):+.3f} | {', '.join(f'{x:+.2f}' for x in d)} | "
                              f"{'-' if t is None else f'{t:+.1f}'} |")
     return "\n".join(lines) + "\n"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from qdora.checkpoint import find_checkpoint
+from qdora.checkpoint import check_checkpoint, find_checkpoint
 from qdora.config import AdapterConfig
 from qdora.data import DEMO_DATA, Record, load_records
 from qdora.eval.analyze import analyze, fit, plot_panels
@@ -95,7 +95,7 @@ def run_one(hc: HarnessConfig, key: RunKey, tests: dict[str, list[Record]], resu
     curve_file = out / "curve.json"
     curve: list[dict] = []
     if resume:  # the learning curve up to the checkpoint the run continues from
-        step = json.loads((find_checkpoint(out) / "state.json").read_text())["step"]
+        step = int(check_checkpoint(find_checkpoint(out))["step"])
         kept = json.loads(curve_file.read_text()) if curve_file.is_file() else []
         curve = [p for p in kept if p["step"] <= step]
     gc.collect()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+from qdora.eval.comparison import paired_t
 from qdora.scoring import paired_accuracy, paired_nll
 
 
@@ -61,8 +62,7 @@ def compare(a: list[dict], b: list[dict], task: str) -> dict:
         out = {"seeds": len(seeds), "test": "paired t over seeds"}
         for key in ("acc_loglik", "answer_nll"):
             d = [by_seed_b[s][key] - by_seed_a[s][key] for s in seeds]
-            sd = statistics.stdev(d)
-            out[key] = {"diff": statistics.fmean(d), "t": statistics.fmean(d) / (sd / len(d) ** 0.5) if sd else None}
+            out[key] = {"diff": statistics.fmean(d), "t": paired_t(d)}
         return out
     ta, tb = by_seed_a[seeds[0]], by_seed_b[seeds[0]]
     out = {"seeds": 1, "test": "items of seed " + str(seeds[0])}
