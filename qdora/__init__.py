@@ -1,33 +1,51 @@
-"""qdora: quantized DoRA fine-tuning (DoRA adapters over NF4 bitsandbytes bases)."""
+"""qdora: quantized DoRA fine-tuning (DoRA adapters over NF4 bitsandbytes bases).
 
+The public names below are imported on first use (PEP 562), so that `import qdora` and the command
+line's `qdora --help` / `--version` answer without importing torch, transformers or bitsandbytes.
+"""
+
+import importlib as _importlib
+import logging as _logging
 import warnings as _warnings
 
-# bitsandbytes' CPU backend warns at import that an optional PyPI kernel package is missing.
+# bitsandbytes' CPU backend warns at import that an optional PyPI kernel package is missing; set
+# before anything imports bitsandbytes (every public name below does).
 _warnings.filterwarnings("ignore", message="Failed to load CPU gemm_4bit_forward")
-import logging as _logging
-
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 
-from qdora.adapter_io import load_adapter, save_adapter  # noqa: E402
-from qdora.config import METHODS, AdapterConfig  # noqa: E402
-from qdora.hf_trainer import AdapterCheckpoints  # noqa: E402
-from qdora.layer import QDoRALinear  # noqa: E402
-from qdora.loading import load_model  # noqa: E402
-from qdora.merge import merge_and_save, merged_weight  # noqa: E402
-from qdora.nf4 import RowBlocks, keep_standard_layout, linear4bit_from_linear, quantize_nf4  # noqa: E402
-from qdora.peft_patch import patch_peft, unpatch_peft  # noqa: E402
-from qdora.surgery import add_adapters, param_report  # noqa: E402
-
 __version__ = "0.1.0"
-__all__ = ["AdapterConfig", "METHODS", "QDoRALinear", "add_adapters", "param_report",
-           "quantize_nf4", "linear4bit_from_linear", "keep_standard_layout", "RowBlocks", "save_adapter",
-           "load_adapter",
-           "load_model", "merge_and_save", "merged_weight", "patch_peft", "unpatch_peft", "AdapterCheckpoints",
-           "QDoRATrainer"]
+
+_PUBLIC = {
+    "AdapterCheckpoints": "qdora.hf_trainer",
+    "AdapterConfig": "qdora.config",
+    "METHODS": "qdora.config",
+    "QDoRALinear": "qdora.layer",
+    "QDoRATrainer": "qdora.hf_trainer",  # transformers.Trainer with AdapterCheckpoints
+    "RowBlocks": "qdora.nf4",
+    "add_adapters": "qdora.surgery",
+    "keep_standard_layout": "qdora.nf4",
+    "linear4bit_from_linear": "qdora.nf4",
+    "load_adapter": "qdora.adapter_io",
+    "load_model": "qdora.loading",
+    "merge_and_save": "qdora.merge",
+    "merged_weight": "qdora.merge",
+    "param_report": "qdora.surgery",
+    "patch_peft": "qdora.peft_patch",
+    "quantize_nf4": "qdora.nf4",
+    "save_adapter": "qdora.adapter_io",
+    "unpatch_peft": "qdora.peft_patch",
+}
+__all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name: str):
-    if name == "QDoRATrainer":  # transformers.Trainer with AdapterCheckpoints, imported on first use
-        from qdora import hf_trainer  # optional: needs Triton
-        return hf_trainer.QDoRATrainer
-    raise AttributeError(f"module 'qdora' has no attribute {name!r}")
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qdora' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -37,10 +37,14 @@ def _bench(args) -> int:
     return bench_kernels(args.rest)
 
 
-def _add_train(sub) -> None:
+def _add_train(sub, options: bool = True) -> None:
+    help = "fine-tune a model (full, lora, dora, qlora, qdora)"
+    if not options:  # listed only (`qdora --help`): its options import torch
+        sub.add_parser("train", help=help)
+        return
     from qdora.options import add_options
-    from qdora.train import TrainConfig
-    p = sub.add_parser("train", help="fine-tune a model (full, lora, dora, qlora, qdora)",
+    from qdora.train_config import TrainConfig
+    p = sub.add_parser("train", help=help,
                        description="Fine-tune a model. Writes metrics.jsonl, checkpoint/ and adapter/ (model/ for "
                                    "full) to --out. Ctrl-C or SIGTERM writes a checkpoint; --resume continues it. "
                                    "Every option is a field of qdora.train_config.TrainConfig, and can be given in a "
@@ -73,10 +77,14 @@ def _train(args) -> int:
     return 0
 
 
-def _add_plan(sub) -> None:
+def _add_plan(sub, options: bool = True) -> None:
+    help = "predict peak GPU memory per device for a model, method and setting"
+    if not options:  # listed only (`qdora --help`): its options import torch
+        sub.add_parser("plan", help=help)
+        return
     from qdora.options import add_options
     from qdora.plan import CARDS_GB, PlanConfig
-    p = sub.add_parser("plan", help="predict peak GPU memory per device for a model, method and setting",
+    p = sub.add_parser("plan", help=help,
                        description="Predict the peak memory per device of one training step, term by term "
                                    "(NF4 weights, quantization state, adapters, gradients, optimizer states, "
                                    "activations, logits/loss, temporaries, FSDP buffers, CUDA context), and "
@@ -236,7 +244,10 @@ def _merge(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or, given `command`, one that knows every command's name but only
+    `command`'s options (so that `qdora --help` and `qdora --version` import neither torch nor
+    transformers: `command` "" lists the commands alone)."""
     parser = argparse.ArgumentParser(prog="qdora", description="Quantized DoRA fine-tuning of LLMs.",
                                      epilog="A mistake that can be fixed ends with one line `qdora <command>: error: "
                                             "...` (exit status 2); add --debug to any command (or set "
@@ -250,9 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=("layer", "load", "model", "step", "peft", "kernels"))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=_bench)
-    _add_train(sub)
+    _add_train(sub, options=command in (None, "train"))
     _add_merge(sub)
-    _add_plan(sub)
+    _add_plan(sub, options=command in (None, "plan"))
     sub.add_parser("eval", help="compare methods (ours and PEFT's) on one model, data and seeds; "
                                 "`qdora eval --help` lists its options")
     sub.add_parser("analyze", help="magnitude/direction (ΔM/ΔD) changes of fine-tuned weights, as CSV and plot; "
@@ -277,7 +288,7 @@ def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["analyze"]:
         from qdora.eval.analyze import main as analyze_main
         return analyze_main(argv[1:])
-    parser = build_parser()
+    parser = build_parser(command=next((a for a in argv if not a.startswith("-")), ""))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
