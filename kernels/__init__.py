@@ -1,11 +1,24 @@
 """Compute kernels behind `qdora.QDoRALinear` (installed as `qdora.kernels`)."""
 
 if __name__ == "kernels":
-    # Imported by its bare name from the repository root, where `kernels` is the PyPI distribution
-    # that transformers and bitsandbytes import: hand the name over to it (qdora/shadowing.py).
-    from qdora.shadowing import hand_over
+    # Imported by its bare name: Python runs from the repository root (`python -c`, `python -m`), which
+    # it puts first on sys.path, and `kernels` is the PyPI distribution that transformers (5.25 and
+    # later) and bitsandbytes import. Hand the name over to the module of that name found elsewhere on
+    # sys.path (the import system returns whatever a module leaves in sys.modules), or fail as if this
+    # folder were not here. Standard library only: plain transformers must not import qdora.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
 
-    hand_over(__name__, __path__[0])
+    _root = _os.path.realpath(_os.path.dirname(__path__[0]))
+    _spec = _machinery.PathFinder.find_spec(__name__, [p for p in _sys.path if _os.path.realpath(p or ".") != _root])
+    if _spec is None:
+        del _sys.modules[__name__]
+        raise ModuleNotFoundError(f"No module named {__name__!r} (the folder {__path__[0]} is qdora.{__name__})",
+                                  name=__name__)
+    _module = _sys.modules[__name__] = _util.module_from_spec(_spec)
+    _spec.loader.exec_module(_module)
 else:
     from qdora.kernels.nf4 import NF4_CODE, dequantize_nf4, dequantize_nf4_reference
     from qdora.kernels.ops import NF4Weight, dora_epilogue_, dora_epilogue_backward, nf4_norm_terms

@@ -3,6 +3,7 @@ pyproject.toml (dependencies and every extra) and in scripts/lock.in is pinned, 
 inside the declared range. One line per mismatch, exit status 1; `scripts/lock.sh` regenerates.
 
     python scripts/check_lock.py [constraints.txt]
+    python scripts/check_lock.py --diff [constraints.txt]   # installed versions that differ from the lock
 """
 
 from __future__ import annotations
@@ -55,6 +56,31 @@ def pins(lock: Path) -> dict[str, list[str]]:
     return found
 
 
+def pins_here(lock: Path) -> dict[str, str]:
+    """{name: version} of the pins whose markers hold for this interpreter."""
+    found = {}
+    for line in lock.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate():
+                found[canonicalize_name(requirement.name)] = next(iter(requirement.specifier)).version
+    return found
+
+
+def differences(lock: Path) -> list[str]:
+    """One line per installed distribution whose version is not the lock's pin for this interpreter."""
+    import importlib.metadata
+
+    pinned = pins_here(lock)
+    out = []
+    for dist in importlib.metadata.distributions():
+        name = canonicalize_name(dist.metadata["Name"])
+        if name in pinned and not Requirement(f"{name}=={pinned[name]}").specifier.contains(dist.version, True):
+            out.append(f"{name}: {pinned[name]} in {lock.name}, {dist.version} installed")
+    return sorted(out)
+
+
 def problems(lock: Path) -> list[str]:
     pinned = pins(lock)
     out = []
@@ -65,16 +91,22 @@ def problems(lock: Path) -> list[str]:
             continue
         for version in pinned[name]:
             if not requirement.specifier.contains(version, prereleases=True):
-                out.append(f"{lock.name} pins {requirement.name}=={version}, outside {where}'s "
-                           f"{requirement.name}{requirement.specifier}")
+                out.append(f"{lock.name} pins {requirement.name}=={version}, outside "
+                           f"{requirement.name}{requirement.specifier} ({where})")
     return out
 
 
 def main(argv: list[str]) -> int:
+    diff = argv[:1] == ["--diff"]
+    argv = argv[1:] if diff else argv
     lock = Path(argv[0]) if argv else ROOT / "constraints.txt"
     if not lock.is_file():
         print(f"check_lock: error: {lock} does not exist (scripts/lock.sh makes it)", file=sys.stderr)
         return 2
+    if diff:  # what this interpreter has that the lock does not (scripts/canary.sh)
+        found = differences(lock)
+        print("\n".join(found) if found else f"every installed distribution pinned in {lock.name} has its version")
+        return 0
     found = problems(lock)
     for line in found:
         print(f"check_lock: {line}", file=sys.stderr)

@@ -4,7 +4,7 @@
 # Llama-3-8B-shaped model; every figure goes to OUT/report.json and OUT/report.md.
 #
 #   scripts/gpu-check.sh [--quick] [--device cpu] [--out DIR] [--keep-going] [--only PARTS]
-#                        [--budget-scale X] [--no-setup]
+#                        [--budget-scale X] [--no-setup] [--python PY [--wheels DIR]]
 #
 #   --quick          ~3 minutes instead of ~8 (fewer shapes and layers, no slow tests)
 #   --device cpu     dry run: the same parts at tiny shapes on the CPU (no GPU needed)
@@ -13,16 +13,24 @@
 #   --only PARTS     comma-separated subset of: env, tests, bench-kernels, bench-layer, step
 #   --budget-scale X multiply every part's time budget by X (default 1)
 #   --no-setup       never run ./setup.sh (use .venv as it is)
+#   --python PY      offline, no .venv, no setup.sh: use PY's own torch (and whatever else PY has)
+#                    through a virtual environment runs/gpu-venv made with --system-site-packages
+#                    (PY itself is not changed); what PY lacks comes from --wheels
+#   --wheels DIR     the wheels made by scripts/gpu-wheels.sh where an index is reachable
+#                    (default: runs/gpu-wheels); installed with pip --no-index, only what is missing
 #
 # Without an NVIDIA GPU (and without --device cpu) it says so in one line and exits 0. With one,
 # it uses .venv if its torch sees the GPU, else creates it with ./setup.sh (TORCH_SPEC, default
-# torch==2.13.0 from PyPI, a CUDA build on Linux; the setup is outside the parts' budgets). Each part
-# runs in its own process group under `timeout` with its budget; on exit (normal, error, Ctrl-C or
-# SIGTERM) every process a part started is ended, found by a tag in its environment.
+# torch==2.13.0 from PyPI, a CUDA build on Linux; the setup is outside the parts' budgets). With
+# --python it needs no network: runs/gpu-venv gets, from DIR, only the packages PY lacks or has too
+# old (pip install --no-index --find-links DIR), then qdora itself (pip install --no-index
+# --no-build-isolation --no-deps -e .). Each part runs in its own process group under `timeout` with
+# its budget; on exit (normal, error, Ctrl-C or SIGTERM) every process a part started is ended,
+# found by a tag in its environment.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
-MODE=full DEVICE=cuda OUT=runs/gpu-check KEEP=0 ONLY="" SCALE=1 SETUP=1
+MODE=full DEVICE=cuda OUT=runs/gpu-check KEEP=0 ONLY="" SCALE=1 SETUP=1 BASEPY="" WHEELS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) MODE=quick ;;
@@ -36,13 +44,18 @@ while [ $# -gt 0 ]; do
     --budget-scale) SCALE=${2:-}; shift ;;
     --budget-scale=*) SCALE=${1#*=} ;;
     --no-setup) SETUP=0 ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --python) BASEPY=${2:-}; shift ;;
+    --python=*) BASEPY=${1#*=} ;;
+    --wheels) WHEELS=${2:-}; shift ;;
+    --wheels=*) WHEELS=${1#*=} ;;
+    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-check: error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 case "$DEVICE" in cuda|cpu) ;; *) echo "gpu-check: error: --device must be cuda or cpu, got '$DEVICE'" >&2; exit 2 ;; esac
 if [ -z "$OUT" ]; then echo "gpu-check: error: --out needs a folder" >&2; exit 2; fi
+if [ -n "$WHEELS" ] && [ -z "$BASEPY" ]; then echo "gpu-check: error: --wheels goes with --python PY" >&2; exit 2; fi
 
 if [ "$DEVICE" = cuda ] && ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; }; then
   echo "gpu-check: no NVIDIA GPU here (nvidia-smi lists none): nothing run; use --device cpu for a dry run"
