@@ -18,6 +18,7 @@
 #                    (PY itself is not changed); what PY lacks comes from --wheels
 #   --wheels DIR     the wheels made by scripts/gpu-wheels.sh where an index is reachable
 #                    (default: runs/gpu-wheels); installed with pip --no-index, only what is missing
+#                    (relative paths, here as for --out, are taken from the repository's root)
 #
 # Without an NVIDIA GPU (and without --device cpu) it says so in one line and exits 0. With one,
 # it uses .venv if its torch sees the GPU, else creates it with ./setup.sh (TORCH_SPEC, default
@@ -48,7 +49,7 @@ while [ $# -gt 0 ]; do
     --python=*) BASEPY=${1#*=} ;;
     --wheels) WHEELS=${2:-}; shift ;;
     --wheels=*) WHEELS=${1#*=} ;;
-    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-check: error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -62,23 +63,121 @@ if [ "$DEVICE" = cuda ] && ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-s
   exit 0
 fi
 
-PY=.venv/bin/python
-torch_ok() {  # the venv's torch imports (and, for cuda, sees the GPU)
+torch_ok() {  # the interpreter's torch imports (and, for cuda, sees the GPU)
   [ -x "$PY" ] && "$PY" -c "import sys, torch; sys.exit(0 if '$DEVICE' == 'cpu' or torch.cuda.is_available() else 1)" \
     >/dev/null 2>&1
 }
-if ! torch_ok; then
-  if [ -x "$PY" ] && "$PY" -c "import torch" >/dev/null 2>&1; then
-    echo "gpu-check: error: .venv's torch $("$PY" -c 'import torch; print(torch.__version__)') cannot use the GPU;" \
-         "move .venv aside and run again (setup.sh then installs TORCH_SPEC, default torch==2.13.0)" >&2
-    exit 1
+fail() { echo "gpu-check: error: $*" >&2; exit 1; }
+
+# The packages the check needs beyond the standard library: pyproject.toml's dependencies, the dev
+# extra's pytest, peft and triton, and the build requirements of qdora's offline editable install.
+NEEDS=("torch>=2.4" "transformers>=4.45" "accelerate>=0.34" "safetensors>=0.4" "scipy>=1.10" "tqdm>=4.60" numpy
+       tokenizers "pytest>=8" "peft>=0.14" "triton>=3.0; platform_system == 'Linux'" "bitsandbytes>=0.45"
+       "setuptools>=77" wheel)
+offline_env() {  # --python: runs/gpu-venv over PY's packages, with what PY lacks installed from WHEELS
+  local root=$PWD base venv=$PWD/runs/gpu-venv want missing nowheel=() install=() kind spec state
+  base=$(command -v "$BASEPY") || fail "no interpreter '$BASEPY' (--python takes a path or a command name)"
+  "$base" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null ||
+    fail "$("$base" -V 2>&1) is too old: qdora needs Python >= 3.10"
+  "$base" -c 'import torch' >/dev/null 2>&1 ||
+    fail "$BASEPY has no torch: --python needs an interpreter with torch (on a GPU machine, a CUDA build)"
+  if [ "$DEVICE" = cuda ] && ! "$base" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' >/dev/null 2>&1; then
+    fail "$BASEPY's torch $("$base" -c 'import torch; print(torch.__version__)') cannot use the GPU"
   fi
-  if [ "$SETUP" = 0 ]; then echo "gpu-check: error: no usable .venv and --no-setup given" >&2; exit 1; fi
-  echo "gpu-check: setting up .venv (./setup.sh, TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}); not counted in the budgets"
-  if ! TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0} timeout 1800 ./setup.sh; then
-    echo "gpu-check: error: ./setup.sh failed" >&2; exit 1
+  WHEELS=${WHEELS:-runs/gpu-wheels}
+  want=$("$base" -c 'import sys; print(sys.executable, sys.version.split()[0])')
+  if [ "$(cat "$venv/qdora-base" 2>/dev/null)" != "$want" ]; then  # made from another interpreter, or half-made
+    rm -rf "$venv"
+    echo "gpu-check: making runs/gpu-venv from $BASEPY (Python ${want##* }) with --system-site-packages; not counted in the budgets"
+    if ! "$base" -m venv --system-site-packages "$venv" >/dev/null 2>&1; then  # no ensurepip: PY's own pip, if any
+      rm -rf "$venv"
+      "$base" -m venv --system-site-packages --without-pip "$venv" || fail "$BASEPY -m venv could not make $venv"
+    fi
+    # PY may itself be a virtual environment, whose packages --system-site-packages does not reach
+    # (it reaches its base interpreter's): then a .pth file adds PY's site-packages after runs/gpu-venv's.
+    "$base" - "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" <<'EOF' ||
+import site, sys
+if sys.prefix != sys.base_prefix:
+    dirs = [d for d in site.getsitepackages() if d.startswith(sys.prefix)]
+    with open(sys.argv[1] + "/qdora-gpu-check-base.pth", "w") as f:
+        f.writelines(f"import site; site.addsitedir({d!r})\n" for d in dirs)
+EOF
+      fail "could not make $BASEPY's packages visible in $venv"
+    "$venv/bin/python" -m pip --version >/dev/null 2>&1 ||
+      fail "$venv has no pip: $BASEPY has neither ensurepip (Debian: python3-venv) nor pip"
+    echo "$want" > "$venv/qdora-base"
   fi
-  torch_ok || { echo "gpu-check: error: after setup, torch still cannot use the $DEVICE device" >&2; exit 1; }
+  PY=$venv/bin/python
+  missing=$("$PY" - "$WHEELS" "${NEEDS[@]}" <<'EOF'
+import re, sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+try:
+    from packaging.requirements import Requirement
+except ImportError:
+    from pip._vendor.packaging.requirements import Requirement
+norm = lambda name: re.sub(r"[-_.]+", "_", name).lower()  # noqa: E731
+folder = Path(sys.argv[1])
+wheels = {norm(w.name.split("-")[0]) for w in folder.glob("*.whl")} if folder.is_dir() else set()
+for spec in sys.argv[2:]:
+    req = Requirement(spec)
+    if req.marker and not req.marker.evaluate():
+        continue
+    try:
+        have = version(req.name)
+        if req.specifier.contains(have, prereleases=True):
+            continue
+        state = f"has {have}"
+    except PackageNotFoundError:
+        state = "not installed"
+    print("install" if norm(req.name) in wheels else "nowheel", f"{req.name}{req.specifier}", state, sep="\t")
+EOF
+) || fail "could not list what $BASEPY lacks"
+  while IFS=$'\t' read -r kind spec state; do
+    [ -z "$kind" ] && continue
+    if [ "$kind" = install ]; then install+=("$spec"); else nowheel+=("$spec ($state)"); fi
+  done <<< "$missing"
+  if [ ${#nowheel[@]} -gt 0 ]; then
+    local list it=it
+    list=$(printf '%s, ' "${nowheel[@]}")
+    [ ${#nowheel[@]} -gt 1 ] && it=them
+    fail "$BASEPY lacks ${list%, }, and $WHEELS has no wheel for $it: make $WHEELS with" \
+         "scripts/gpu-wheels.sh where a package index is reachable, and bring it along"
+  fi
+  if [ ${#install[@]} -gt 0 ]; then
+    echo "gpu-check: installing into runs/gpu-venv from $WHEELS, no index: ${install[*]}"
+    "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" "${install[@]}" ||
+      fail "pip could not install ${install[*]} from $WHEELS (no index)"
+  fi
+  # qdora from this checkout (run from / so that the working directory does not stand in for it)
+  if ! (cd / && "$PY" -c 'import os, sys, qdora.eval; sys.exit(os.path.realpath(qdora.__file__) != os.path.realpath(sys.argv[1]))' "$root/qdora/__init__.py") \
+       >/dev/null 2>&1; then
+    echo "gpu-check: installing qdora into runs/gpu-venv (editable, no index, no build isolation, no dependencies)"
+    PYTHONWARNINGS="ignore:Editable installation" "$PY" -m pip install --quiet --no-index --no-build-isolation \
+      --no-deps -e . || fail "pip could not install qdora (pip install --no-index --no-build-isolation --no-deps -e .)"
+  fi
+}
+
+if [ -n "$BASEPY" ]; then
+  offline_env
+  torch_ok || fail "runs/gpu-venv's torch cannot use the $DEVICE device"
+  "$PY" -c 'import qdora, bitsandbytes' >/dev/null 2>&1 || fail "runs/gpu-venv cannot import qdora and bitsandbytes"
+else  # .venv, made by ./setup.sh if need be
+  PY=.venv/bin/python
+  if ! torch_ok; then
+    if [ -x "$PY" ] && "$PY" -c "import torch" >/dev/null 2>&1; then
+      echo "gpu-check: error: .venv's torch $("$PY" -c 'import torch; print(torch.__version__)') cannot use the GPU;" \
+           "move .venv aside and run again (setup.sh then installs TORCH_SPEC, default torch==2.13.0)" >&2
+      exit 1
+    fi
+    if [ "$SETUP" = 0 ]; then echo "gpu-check: error: no usable .venv and --no-setup given" >&2; exit 1; fi
+    echo "gpu-check: setting up .venv (./setup.sh, TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}); not counted in the budgets"
+    if ! TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0} timeout 1800 ./setup.sh; then
+      echo "gpu-check: error: ./setup.sh failed" >&2; exit 1
+    fi
+    torch_ok || { echo "gpu-check: error: after setup, torch still cannot use the $DEVICE device" >&2; exit 1; }
+  fi
 fi
 
 mkdir -p "$OUT/logs" "$OUT/parts" || exit 1

@@ -13,6 +13,7 @@
 #   --have NAMES          comma-separated packages the GPU machine's Python already has; what they
 #                         need is left out (default: torch,transformers,peft,accelerate,safetensors,
 #                         scipy,triton,pyarrow,pytest,pip)
+#   PYTHON                (environment) the interpreter whose pip downloads (default: python3)
 #
 # The GPU check imports bitsandbytes beyond what such a machine holds; an offline editable install
 # of qdora (pip install --no-index --no-build-isolation --no-deps -e .) also needs setuptools >= 77
@@ -23,7 +24,7 @@
 # Python. It prints each wheel's size and the total, beside the 64 MiB a GPU machine may be sent.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
-die() { echo "gpu-wheels: error: $*" >&2; exit "${2:-1}"; }
+die() { echo "gpu-wheels: error: $1" >&2; exit "${2:-1}"; }  # message [exit status]
 
 PYVER=3.12 GLIBC=2.28 OUT=runs/gpu-wheels ALL=0 HAVE=torch,transformers,peft,accelerate,safetensors,scipy,triton,pyarrow,pytest,pip
 while [ $# -gt 0 ]; do
@@ -37,7 +38,7 @@ while [ $# -gt 0 ]; do
     --all) ALL=1 ;;
     --have) HAVE=${2:-}; shift ;;
     --have=*) HAVE=${1#*=} ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1 (see --help)" 2 ;;
   esac
   shift

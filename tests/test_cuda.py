@@ -686,6 +686,15 @@ def test_gpu_check_rejects_unknown_options():
     assert proc.returncode == 2 and proc.stderr.strip() == "gpu-check: error: unknown option --fast (see --help)"
 
 
+def test_gpu_check_offline_options_fail_in_one_line():
+    """`--wheels` goes with `--python`; an interpreter that is not there is named (nothing is made)."""
+    proc = _run_script("--wheels", "somewhere")
+    assert proc.returncode == 2 and proc.stderr.strip() == "gpu-check: error: --wheels goes with --python PY"
+    proc = _run_script("--python", "/nonexistent/python3", "--device", "cpu")
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "gpu-check: error: no interpreter '/nonexistent/python3' (--python takes a path or a command name)")
+
+
 @pytest.mark.slow
 def test_gpu_check_stops_at_the_first_failing_part_with_its_log(tmp_path):
     """A part past its budget is ended (with everything it started) and the run stops there; the
