@@ -2,6 +2,7 @@
 runs from the repository root, the lock (constraints.txt) matches the declared ranges, the wheel
 holds the package and its data and no tests, and `qdora --help` imports nothing heavy."""
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -182,3 +183,59 @@ def test_the_wheel_holds_the_package_and_data_and_no_tests(tmp_path):
     assert "Requires-Dist: transformers" in metadata
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "qdora = qdora.cli:main" in entry_points
+
+
+# ---- setup.sh's bad input: one line, nothing made --------------------------------------------------
+
+def setup_copy(tmp_path: Path) -> Path:
+    """setup.sh and the lock in a folder of their own (setup.sh works in its own folder)."""
+    folder = tmp_path / "clone"
+    folder.mkdir()
+    for name in ("setup.sh", "constraints.txt"):
+        shutil.copy2(REPO / name, folder / name)
+    return folder
+
+
+def run_setup(folder: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(folder / "setup.sh")], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_setup_refuses_an_old_python_in_one_line(tmp_path):
+    folder = setup_copy(tmp_path)
+    old = tmp_path / "python3.9"  # answers like a Python 3.9 would
+    old.write_text('#!/bin/sh\nif [ "$1" = -V ]; then echo "Python 3.9.18"; exit 0; fi\nexit 1\n')
+    old.chmod(0o755)
+    result = run_setup(folder, PYTHON=str(old))
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("setup.sh: error: Python 3.9.18 is too old: qdora needs Python >= 3.10 "
+                                     "(set PYTHON=python3.11, say)")
+    assert not (folder / ".venv").exists()
+    result = run_setup(folder, PYTHON=str(tmp_path / "nope"))
+    assert result.returncode == 1 and "no interpreter" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_setup_with_no_index_reachable_says_so_and_makes_nothing(tmp_path):
+    folder = setup_copy(tmp_path)
+    unreachable = "http://127.0.0.1:9/simple"  # the discard port: nothing listens
+    result = run_setup(folder, PIP_INDEX_URL=unreachable)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"setup.sh: error: no package index reachable at {unreachable} (set "
+                                     "PIP_INDEX_URL, or run where PyPI is reachable); nothing changed")
+    assert not (folder / ".venv").exists()
+    # A .venv a finished run made from this very lock is left as it is.
+    lock = hashlib.sha256((folder / "constraints.txt").read_bytes()).hexdigest()[:16]
+    (folder / ".venv").mkdir()
+    (folder / ".venv" / "qdora-setup.done").write_text(f"deps=locked lock={lock} torch=locked\n")
+    result = run_setup(folder, PIP_INDEX_URL=unreachable)
+    assert result.returncode == 0 and "left as it is" in result.stdout, result.stderr
+    # A half-made one (no record of a finished run) is not mistaken for a good one.
+    (folder / ".venv" / "qdora-setup.done").unlink()
+    result = run_setup(folder, PIP_INDEX_URL=unreachable)
+    assert result.returncode == 1 and "no package index reachable" in result.stderr
+
+
+def test_setup_rejects_an_unknown_deps_mode(tmp_path):
+    result = run_setup(setup_copy(tmp_path), QDORA_DEPS="newest")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "setup.sh: error: QDORA_DEPS must be locked or latest, got 'newest'"
