@@ -6,7 +6,7 @@
 #   QDORA_DEPS  locked (default): exactly the versions in constraints.txt, the set CI tests;
 #               latest: the newest versions pyproject.toml's ranges allow (torch stays TORCH_SPEC's)
 #   TORCH_SPEC  torch requirement to install when torch is missing (default: the lock's torch==...)
-#   PYTHON      interpreter for the venv (default: python3; needs >= 3.10)
+#   PYTHON      interpreter for the venv (default: python3; needs >= 3.11)
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -15,9 +15,9 @@ STAMP=.venv/qdora-setup.done  # written last: a .venv without it is half-made
 die() { echo "setup.sh: error: $*" >&2; exit 1; }
 
 case "$DEPS" in locked|latest) ;; *) die "QDORA_DEPS must be locked or latest, got '$DEPS'" ;; esac
-command -v "$PYTHON" >/dev/null 2>&1 || die "no interpreter '$PYTHON' (set PYTHON to a Python >= 3.10)"
-"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null ||
-  die "$("$PYTHON" -V 2>&1) is too old: qdora needs Python >= 3.10 (set PYTHON=python3.11, say)"
+command -v "$PYTHON" >/dev/null 2>&1 || die "no interpreter '$PYTHON' (set PYTHON to a Python >= 3.11)"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null ||
+  die "$("$PYTHON" -V 2>&1) is too old: qdora needs Python >= 3.11 (set PYTHON=python3.12, say)"
 [ -f constraints.txt ] || die "constraints.txt is missing (scripts/lock.sh makes it)"
 LOCK_SHA=$(sha256sum constraints.txt | cut -c1-16)
 WANT="deps=$DEPS lock=$LOCK_SHA torch=${TORCH_SPEC:-locked}"

@@ -69,16 +69,24 @@ torch_ok() {  # the interpreter's torch imports (and, for cuda, sees the GPU)
 }
 fail() { echo "gpu-check: error: $*" >&2; exit 1; }
 
-# The packages the check needs beyond the standard library: pyproject.toml's dependencies, the dev
-# extra's pytest, peft and triton, and the build requirements of qdora's offline editable install.
-NEEDS=("torch>=2.4" "transformers>=4.45" "accelerate>=0.34" "safetensors>=0.4" "scipy>=1.10" "tqdm>=4.60" numpy
-       tokenizers "pytest>=8" "peft>=0.14" "triton>=3.0; platform_system == 'Linux'" "bitsandbytes>=0.45"
-       "setuptools>=77" wheel)
+needs() {  # what the check needs beyond the standard library, read from pyproject.toml by interpreter $1:
+  # the dependencies, the dev extra's pytest, peft and triton, and the build requirements of qdora's
+  # offline editable install
+  "$1" - <<'EOF'
+import re
+import tomllib
+with open("pyproject.toml", "rb") as f:
+    data = tomllib.load(f)
+dev = [r for r in data["project"]["optional-dependencies"]["dev"]
+       if re.match(r"[A-Za-z0-9._-]+", r).group() in ("pytest", "peft", "triton")]
+print("\n".join(data["project"]["dependencies"] + dev + data["build-system"]["requires"]))
+EOF
+}
 offline_env() {  # --python: runs/gpu-venv over PY's packages, with what PY lacks installed from WHEELS
   local root=$PWD base venv=$PWD/runs/gpu-venv want missing nowheel=() install=() kind spec state
   base=$(command -v "$BASEPY") || fail "no interpreter '$BASEPY' (--python takes a path or a command name)"
-  "$base" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null ||
-    fail "$("$base" -V 2>&1) is too old: qdora needs Python >= 3.10"
+  "$base" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null ||
+    fail "$("$base" -V 2>&1) is too old: qdora needs Python >= 3.11"
   "$base" -c 'import torch' >/dev/null 2>&1 ||
     fail "$BASEPY has no torch: --python needs an interpreter with torch (on a GPU machine, a CUDA build)"
   if [ "$DEVICE" = cuda ] && ! "$base" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' >/dev/null 2>&1; then
@@ -108,6 +116,9 @@ EOF
     echo "$want" > "$venv/qdora-base"
   fi
   PY=$venv/bin/python
+  local needed
+  needed=$(needs "$base" 2>&1) || fail "$BASEPY: $needed"
+  mapfile -t NEEDS <<< "$needed"
   missing=$("$PY" - "$WHEELS" "${NEEDS[@]}" <<'EOF'
 import re, sys
 from importlib.metadata import PackageNotFoundError, version

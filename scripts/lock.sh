@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate constraints.txt, the tested set of packages setup.sh installs by default: qdora's declared
-# dependencies with the dev extra (pyproject.toml) and scripts/lock.in, resolved by uv for Python 3.10
+# dependencies with the dev extra (pyproject.toml) and scripts/lock.in, resolved by uv for Python 3.11
 # and newer on every platform (one file; versions that differ by Python carry a marker).
 #
 #   scripts/lock.sh           regenerate: the newest versions the declared ranges allow
@@ -34,7 +34,7 @@ fi
 tmp=$(mktemp constraints.txt.XXXXXX)
 trap 'rm -f "$tmp"' EXIT
 # --upgrade: the newest versions allowed, not the ones the current file holds.
-"$UV" pip compile pyproject.toml scripts/lock.in --extra dev --universal --python-version 3.10 \
+"$UV" pip compile pyproject.toml scripts/lock.in --extra dev --universal --python-version 3.11 \
   --overrides scripts/lock-overrides.txt --upgrade --quiet --no-header --output-file "$tmp"
 {
   echo "# The tested set: what setup.sh installs by default (pip install -c constraints.txt)."

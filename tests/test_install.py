@@ -84,9 +84,22 @@ def test_no_top_level_folder_shadows_an_installed_distribution():
     assert not shadowed, f"repository folders shadow the installed {[provided[n] for n in shadowed]}: {shadowed}"
 
 
-def test_a_folder_with_no_distribution_of_its_name_is_not_importable_by_it():
-    found = import_from_root(["eval"])  # no distribution provides `eval`: the folder hands over to nothing
-    assert found["eval"].startswith("ModuleNotFoundError: No module named 'eval'"), found
+def test_a_folder_with_no_distribution_of_its_name_looks_like_an_empty_namespace():
+    # No distribution provides `eval`: imported by that name, the folder is an empty module with no file,
+    # no names and no submodules, which transformers before 5.25 (it imports a name it finds no metadata
+    # for) and bitsandbytes take for "not installed".
+    code = ("import importlib, json\n"
+            "m = importlib.import_module('eval')\n"
+            "names = sorted(n for n in vars(m) if not n.startswith('__'))\n"
+            "try:\n"
+            "    importlib.import_module('eval.common')\n"
+            "    sub = 'imported'\n"
+            "except ImportError:\n"
+            "    sub = 'refused'\n"
+            "print(json.dumps([getattr(m, '__file__', None), getattr(m, '__version__', None), list(m.__path__), "
+            "names, sub]))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == [None, None, [], [], "refused"]
 
 
 def test_the_issue_command_imports_the_real_kernels_beside_qdora():
@@ -147,6 +160,16 @@ def test_a_lock_outside_the_declared_ranges_is_named(tmp_path):
     assert status.returncode == 1 and "regenerate it with scripts/lock.sh" in status.stderr
 
 
+def test_the_declared_peft_range_is_the_one_patch_peft_accepts():
+    import tomllib
+
+    from qdora.peft_patch import PEFT_VERSIONS
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    first, last = PEFT_VERSIONS
+    for extra in ("dev", "peft"):
+        assert f"peft>={first},<{last}" in project["optional-dependencies"][extra], extra
+
+
 def test_the_installed_set_is_the_lock_where_setup_used_it():
     # setup.sh's default (QDORA_DEPS=locked) installs constraints.txt's versions; CI runs with it.
     stamp = Path(sys.prefix) / "qdora-setup.done"
@@ -203,13 +226,13 @@ def run_setup(folder: Path, **env) -> subprocess.CompletedProcess:
 
 def test_setup_refuses_an_old_python_in_one_line(tmp_path):
     folder = setup_copy(tmp_path)
-    old = tmp_path / "python3.9"  # answers like a Python 3.9 would
-    old.write_text('#!/bin/sh\nif [ "$1" = -V ]; then echo "Python 3.9.18"; exit 0; fi\nexit 1\n')
+    old = tmp_path / "python3.10"  # answers like a Python 3.10 would
+    old.write_text('#!/bin/sh\nif [ "$1" = -V ]; then echo "Python 3.10.13"; exit 0; fi\nexit 1\n')
     old.chmod(0o755)
     result = run_setup(folder, PYTHON=str(old))
     assert result.returncode == 1
-    assert result.stderr.strip() == ("setup.sh: error: Python 3.9.18 is too old: qdora needs Python >= 3.10 "
-                                     "(set PYTHON=python3.11, say)")
+    assert result.stderr.strip() == ("setup.sh: error: Python 3.10.13 is too old: qdora needs Python >= 3.11 "
+                                     "(set PYTHON=python3.12, say)")
     assert not (folder / ".venv").exists()
     result = run_setup(folder, PYTHON=str(tmp_path / "nope"))
     assert result.returncode == 1 and "no interpreter" in result.stderr and len(result.stderr.splitlines()) == 1
