@@ -37,14 +37,15 @@ def _bench(args) -> int:
     return bench_kernels(args.rest)
 
 
-def _add_train(sub, options: bool = True) -> None:
-    help = "fine-tune a model (full, lora, dora, qlora, qdora)"
-    if not options:  # listed only (`qdora --help`): its options import torch
-        sub.add_parser("train", help=help)
-        return
+HEAVY = {"train": "fine-tune a model (full, lora, dora, qlora, qdora)",
+         "plan": "predict peak GPU memory per device for a model, method and setting"}
+"""The commands whose options import torch (their config classes), with their one-line help."""
+
+
+def _add_train(sub) -> None:
     from qdora.options import add_options
     from qdora.train_config import TrainConfig
-    p = sub.add_parser("train", help=help,
+    p = sub.add_parser("train", help=HEAVY["train"],
                        description="Fine-tune a model. Writes metrics.jsonl, checkpoint/ and adapter/ (model/ for "
                                    "full) to --out. Ctrl-C or SIGTERM writes a checkpoint; --resume continues it. "
                                    "Every option is a field of qdora.train_config.TrainConfig, and can be given in a "
@@ -77,14 +78,10 @@ def _train(args) -> int:
     return 0
 
 
-def _add_plan(sub, options: bool = True) -> None:
-    help = "predict peak GPU memory per device for a model, method and setting"
-    if not options:  # listed only (`qdora --help`): its options import torch
-        sub.add_parser("plan", help=help)
-        return
+def _add_plan(sub) -> None:
     from qdora.options import add_options
     from qdora.plan import CARDS_GB, PlanConfig
-    p = sub.add_parser("plan", help=help,
+    p = sub.add_parser("plan", help=HEAVY["plan"],
                        description="Predict the peak memory per device of one training step, term by term "
                                    "(NF4 weights, quantization state, adapters, gradients, optimizer states, "
                                    "activations, logits/loss, temporaries, FSDP buffers, CUDA context), and "
@@ -261,9 +258,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     bench.add_argument("what", choices=("layer", "load", "model", "step", "peft", "kernels"))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=_bench)
-    _add_train(sub, options=command in (None, "train"))
-    _add_merge(sub)
-    _add_plan(sub, options=command in (None, "plan"))
+    for name, add in (("train", _add_train), ("merge", _add_merge), ("plan", _add_plan)):
+        if name in HEAVY and command not in (None, name):
+            sub.add_parser(name, help=HEAVY[name])  # listed only, as `qdora --help` shows it
+        else:
+            add(sub)
     sub.add_parser("eval", help="compare methods (ours and PEFT's) on one model, data and seeds; "
                                 "`qdora eval --help` lists its options")
     sub.add_parser("analyze", help="magnitude/direction (ΔM/ΔD) changes of fine-tuned weights, as CSV and plot; "
