@@ -176,12 +176,13 @@ def _merge(args) -> int:
 
     from qdora.adapter_io import adapter_config, load_adapter, read_adapter
     from qdora.loading import check_model_path, load_model, resolve_checkpoint
-    from qdora.safetensors_io import check_output_dir, parse_size
+    from qdora.safetensors_io import check_not_an_input, check_output_dir, parse_size
 
     # Every check that needs no model first: the options, the output, the adapter, the model path,
     # and for GGUF the type, the architecture and the tokenizer.
     _merge_options(args)
     out = Path(args.out)
+    check_not_an_input(out, {"--model": args.model, "--adapter": args.adapter})
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file, not a folder; choose a folder")
     if out.exists() and not args.overwrite:

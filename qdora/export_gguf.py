@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qdora.merge import merged_tensors
-from qdora.safetensors_io import atomic_dir, check_finite
+from qdora.safetensors_io import atomic_dir, check_finite, output_folder
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 """GGUF types the gguf package can write from Python."""
@@ -237,9 +237,7 @@ def save_gguf(model: nn.Module, out_dir: str | os.PathLike, tokenizer, quant: st
     (`<model name>-<quant>.gguf` unless `file_name`). Returns the file's path. `original_checkpoint`,
     `adapted`: as `qdora.merge.merge_and_save`."""
     gguf = _gguf()
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) or choose another folder")
+    out_dir = output_folder(out_dir, overwrite, original_checkpoint)
     if tokenizer is None:
         raise ValueError("a GGUF file carries its tokenizer; none was found next to the base model")
     _, ftype = _qtype(quant)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from qdora.hf_config import plain_config
 from qdora.merge import linear_weight_keys, merged_tensors, write_folder_files
 from qdora.nf4 import quantize_nf4
-from qdora.safetensors_io import TensorSpec, atomic_dir, check_finite, parse_size
+from qdora.safetensors_io import TensorSpec, atomic_dir, check_finite, output_folder, parse_size
 
 BLOCKSIZE = 64
 """bitsandbytes' 4-bit blocksize in transformers (BitsAndBytesConfig has no setting for it)."""
@@ -165,9 +165,7 @@ def save_nf4(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, dtype
     `double_quant` optional) as a transformers 4-bit checkpoint in `out_dir`. Unquantized tensors
     (embeddings, norms, output head) and the compute dtype are `dtype`. `original_checkpoint`,
     `adapted`: as `qdora.merge.merge_and_save`."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) or choose another folder")
+    out_dir = output_folder(out_dir, overwrite, original_checkpoint)
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"dtype {dtype} is not one of bfloat16, float16, float32")
     limit = parse_size(max_shard_size)

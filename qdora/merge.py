@@ -24,7 +24,7 @@ from qdora.hf_config import plain_config
 from qdora.layer import QDoRALinear
 from qdora.loading import CheckpointReader
 from qdora.nf4 import RowBlocks
-from qdora.safetensors_io import TensorSpec, atomic_dir, parse_size, write_streaming, write_text_atomic
+from qdora.safetensors_io import TensorSpec, atomic_dir, output_folder, parse_size, write_streaming, write_text_atomic
 
 
 def _fp32_row_blocks(layer: QDoRALinear, base_weight: torch.Tensor | None):
@@ -152,9 +152,7 @@ def merge_and_save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
     safetensors with an index. `original_checkpoint`: merge onto the original weights of that
     checkpoint folder instead of the dequantized NF4 ones. `adapted=False`: the base model without
     its adapters (the floor a drift check compares with)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) or choose another folder")
+    out_dir = output_folder(out_dir, overwrite, original_checkpoint)
     plan = merged_tensors(model, dtype, original_checkpoint, adapted)
     limit = parse_size(max_shard_size)
     shards: list[list[tuple[TensorSpec, Callable]]] = [[]]

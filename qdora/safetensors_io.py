@@ -154,6 +154,30 @@ def atomic_dir(final: str | os.PathLike):
             shutil.rmtree(tmp)
 
 
+def check_not_an_input(out: str | os.PathLike, inputs: dict[str, str | os.PathLike], flag: str = "--out") -> None:
+    """Raise `ValueError` if replacing folder `out` would destroy one of `inputs` ({flag: path}): `out`
+    is that path or a folder that holds it. Checked whether or not the user allowed overwriting:
+    a command never replaces its own inputs."""
+    target = Path(out).resolve()
+    for input_flag, path in inputs.items():
+        source = Path(path).resolve()
+        if source == target or target in source.parents:
+            what = "is" if source == target else "holds"
+            raise ValueError(f"{flag} {out} {what} {input_flag} {path}: writing there would replace this command's "
+                             f"own input; choose another {flag} folder")
+
+
+def output_folder(out_dir: str | os.PathLike, overwrite: bool, original_checkpoint=None) -> Path:
+    """`out_dir` as a Path, once it is known that an export may write there: it does not exist, or
+    `overwrite` allows replacing it, and it is not (nor holds) `original_checkpoint`, the export's input."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) or choose another folder")
+    if original_checkpoint is not None:
+        check_not_an_input(out_dir, {"original_checkpoint": original_checkpoint}, "out_dir")
+    return out_dir
+
+
 def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> None:
     """Raise `ValueError` naming `flag` unless `path` is, or can be made, a folder this process can
     write to. Nothing is created: an existing folder is probed with a file that is removed at

@@ -213,6 +213,28 @@ def test_an_unwritable_out_fails_before_loading(setup, tmp_path, capsys, no_mode
             subprocess.run(["umount", str(read_only)], check=True)
 
 
+@pytest.mark.parametrize("where", ["run", "model"])
+def test_merge_never_replaces_its_own_inputs(setup, tmp_path, capsys, no_model_loading, where):
+    # `--out RUN --overwrite` with the adapter in RUN/adapter, or `--out` the base model's folder:
+    # refused in one line before anything is read, with every input left as it was.
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"kept")
+    (run / "metrics.jsonl").write_text("{}\n")
+    model = tmp_path / "model"
+    shutil.copytree(setup / "model", model)
+    out, flag, path = (run, "--adapter", run / "adapter") if where == "run" else (model, "--model", model)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    rc, err = run_cli(capsys, ["merge", "--model", str(model), "--adapter", str(run / "adapter"), "--out", str(out),
+                               "--overwrite"])
+    assert rc == 2
+    verb = "holds" if where == "run" else "is"
+    assert err.strip() == (f"qdora merge: error: --out {out} {verb} {flag} {path}: writing there would replace "
+                           "this command's own input; choose another --out folder")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == b"kept"
+
+
 def test_merge_checks_its_output_before_loading(setup, tmp_path, capsys, no_model_loading):
     (tmp_path / "exists").mkdir()
     (tmp_path / "file").write_text("x")

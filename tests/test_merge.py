@@ -164,3 +164,18 @@ def test_cli_merge_reports_the_original_weights_logit_difference(tmp_path, capsy
     assert "merged on the original weights vs the adapted NF4 model" in out
     d = logit_difference(model, tmp_path / "orig", tok, text="w1 w2 w3 w4 w5 w6")
     assert 1e-4 < d["max_rel"] < 0.5  # the NF4 quantization error, visible but small
+
+
+def test_no_export_replaces_the_checkpoint_it_merges_onto(tmp_path):
+    # overwrite=True allows replacing an earlier result, never the export's own input.
+    from qdora.export_gguf import save_gguf
+    from qdora.export_nf4 import save_nf4
+    model, tok = adapted_model(tmp_path, llama2_config())
+    before = {p.name: p.read_bytes() for p in (tmp_path / "base").iterdir()}
+    for export in (merge_and_save, save_nf4):
+        for out in (tmp_path / "base", tmp_path):
+            with pytest.raises(ValueError, match="would replace this command's own input"):
+                export(model, out, tokenizer=tok, original_checkpoint=tmp_path / "base", overwrite=True)
+    with pytest.raises(ValueError, match="out_dir .* is original_checkpoint"):
+        save_gguf(model, tmp_path / "base", tok, original_checkpoint=tmp_path / "base", overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "base").iterdir()} == before
