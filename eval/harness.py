@@ -349,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--alpha {args.alpha!r}: expected a number (32) or a multiple of each run's rank (2r)")
     # The checks that need no model, before any run starts: the output folder, the model path, the data.
     check_output_dir(args.out, "--out")
+    runs = Path(args.out) / "runs"
+    if not args.resume and runs.is_dir() and any(runs.iterdir()):  # never rerun (and so delete) kept runs
+        finished = len(list(runs.glob("*.row.json")))
+        raise ValueError(f"--out {args.out} holds the runs of an earlier `qdora eval` ({finished} finished); pass "
+                         f"--resume to keep them and run the rest, or choose another --out (or delete {runs} "
+                         "to start over)")
     if args.model is not None:
         check_model_path(args.model)
     for path in args.train_data.split(","):

@@ -191,3 +191,19 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert [p["step"] for p in resumed["curve"]] == [2, 4]
     for a, b in zip(resumed["curve"], whole["curve"]):
         assert a["ARC-Easy"]["answer_nll"] == pytest.approx(b["ARC-Easy"]["answer_nll"], rel=1e-6)
+
+
+def test_eval_without_resume_keeps_an_earlier_invocations_runs(tmp_path, capsys):
+    # Without --resume, a folder holding runs is refused in one line before any model is read; nothing
+    # in it is touched (before, the runs were deleted and run again).
+    from qdora.cli import main as qdora
+    runs = tmp_path / "o" / "runs"
+    (runs / "qdora-r16-lr0.0003-seed0").mkdir(parents=True)
+    (runs / "qdora-r16-lr0.0003-seed0.row.json").write_text('{"kept": true}\n')
+    assert qdora(["eval", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"qdora eval: error: --out {tmp_path / 'o'} holds the runs of an earlier `qdora eval` "
+                   "(1 finished); pass --resume to keep them and run the rest, or choose another --out "
+                   f"(or delete {runs} to start over)")
+    assert (runs / "qdora-r16-lr0.0003-seed0.row.json").read_text() == '{"kept": true}\n'
+    assert (runs / "qdora-r16-lr0.0003-seed0").is_dir()
