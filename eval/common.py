@@ -4,6 +4,7 @@ peak resident memory of this process or of a child, and the one way to run work 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -101,21 +102,40 @@ class Child:
     peak_rss_bytes: int
 
 
+class Stopped(KeyboardInterrupt):
+    """A signal (SIGINT or SIGTERM) stopped `run_child`: it was passed on to the child, which ended."""
+
+    def __init__(self, signum: int, what: str):
+        super().__init__(f"{what}: stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 def run_child(args: Sequence[str], what: str, capture: bool = False, env: dict | None = None,
               timeout: float | None = None, cwd: str | None = None, hint: str = "") -> Child:
     """Run `python *args` in a fresh process (so its peak memory is its own and no state crosses
     over) and wait for it. Its peak RSS comes from the kernel's accounting of that one child
-    (`wait4`'s `ru_maxrss`). Output goes to this terminal, or with `capture` into `Child`. A failure,
-    a timeout or Ctrl-C here stops the child and raises `RuntimeError` naming `what` (and `hint`)."""
+    (`wait4`'s `ru_maxrss`). Output goes to this terminal, or with `capture` into `Child`. A failure
+    or a timeout stops the child and raises `RuntimeError` naming `what` (and `hint`). The child has
+    a process group of its own, so a terminal's Ctrl-C reaches it once, through this process: SIGINT
+    and SIGTERM here are passed on to it (a training child writes its checkpoint), waited for, and
+    then raise `Stopped`. The child never outlives this call."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, *args], stdout=out if capture else None,
-                                stderr=err if capture else None, env=env, cwd=cwd)
+                                stderr=err if capture else None, env=env, cwd=cwd, process_group=0)
+        got: list[int] = []
+
+        def pass_on(signum, frame):
+            got.append(signum)
+            proc.send_signal(signum)  # a second one too: the child's "stop now"
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
         timer = threading.Timer(timeout, proc.kill) if timeout else None
         try:
             if timer:
                 timer.start()
-            _, status, usage = os.wait4(proc.pid, 0)
+            _, status, usage = os.wait4(proc.pid, 0)  # retried after a handled signal (PEP 475)
         except BaseException:
             proc.kill()
             proc.wait()
@@ -123,10 +143,14 @@ def run_child(args: Sequence[str], what: str, capture: bool = False, env: dict |
         finally:
             if timer:
                 timer.cancel()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         proc.returncode = code = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         child = Child(out.read(), err.read(), usage.ru_maxrss * 1024)  # ru_maxrss: KiB on Linux
+    if got:
+        raise Stopped(got[0], what)
     if code != 0:
         why = f"stopped after {timeout:g} s" if timer and code < 0 else f"exit code {code}"
         where = f"\n{child.stderr[-3000:]}" if capture else " (its output is above)"

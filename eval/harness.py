@@ -18,6 +18,7 @@ import argparse
 import gc
 import json
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -37,7 +38,7 @@ from qdora.eval.answers import (  # noqa: F401  (extract_number, same_number: al
     math_accuracy,
     same_number,
 )
-from qdora.eval.common import peft_on_qdora_nf4, proc_status, reset_peak_rss, run_child
+from qdora.eval.common import Stopped, peft_on_qdora_nf4, proc_status, reset_peak_rss, run_child
 from qdora.eval.comparison import curve_markdown, markdown, plot_losses, separation, separation_markdown, summarize
 from qdora.eval.harness_config import (  # noqa: F401  (METHODS, HarnessConfig, run_config: also from here)
     METHODS,
@@ -142,6 +143,11 @@ def run_isolated(hc: HarnessConfig, key: RunKey, resume: bool = False) -> dict:
         run_child(["-m", "qdora.eval.harness", "--run-one", str(folder / f"{key.name}.spec.json"),
                    *(["--resume"] if resume else [])], key.name,
                   hint=f"rerun it alone with --methods {key.method} --no-isolate to debug")
+    except Stopped as stop:  # SIGINT/SIGTERM: passed on to the run, which ended (with its checkpoint)
+        kept = "its checkpoint is kept; " if _resumable(Path(hc.out) / "runs" / key.name) else ""
+        print(f"qdora eval: {key.name} stopped by {signal.Signals(stop.signum).name}; {kept}run the same command "
+              "with --resume to continue", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
     except RuntimeError:
         if _resumable(Path(hc.out) / "runs" / key.name):
             print(f"{key.name}: its checkpoint is kept; run the same command with --resume to continue it",

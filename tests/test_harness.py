@@ -1,6 +1,11 @@
 import json
 import math
+import signal
 import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from models import build, llama3_config, save_bpe_tokenizer
@@ -247,3 +252,36 @@ def test_curve_table_means_and_paired_differences():
     # differences +0.10 and +0.15: mean +0.125, std 0.0354, t = 0.125 / (0.0354 / sqrt 2) = 5.0
     assert "| 50 | +0.125 | +0.10, +0.15 | +5.0 |" in table
     assert curve_markdown([{"method": "a", "seed": 0}], "T") == ""
+
+
+def test_a_signal_to_the_parent_reaches_its_child_which_ends_with_it(tmp_path):
+    # `qdora eval` runs each run in a child (run_child). SIGTERM to the parent used to kill the parent
+    # alone, leaving the child training on; now it is passed on, the child ends (a training child
+    # writes its checkpoint), and the parent then stops.
+    child = ("import signal, sys, time, pathlib\n"
+             f"out = pathlib.Path({str(tmp_path)!r})\n"
+             "def stop(signum, frame):\n"
+             "    (out / 'child-stopped').write_text(signal.Signals(signum).name)\n"
+             "    sys.exit(3)\n"
+             "signal.signal(signal.SIGTERM, stop)\n"
+             "(out / 'child.pid').write_text(str(__import__('os').getpid()))\n"
+             "time.sleep(60)\n")
+    parent = ("import sys\n"
+              "from qdora.eval.common import Stopped, run_child\n"
+              "try:\n"
+              f"    run_child(['-c', {child!r}], 'the child')\n"
+              "except Stopped as stop:\n"
+              "    print('parent: stopped by', stop.signum, flush=True)\n"
+              "    sys.exit(128 + stop.signum)\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "child.pid").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "the child did not start"
+        time.sleep(0.1)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "parent: stopped by 15" in out
+    assert (tmp_path / "child-stopped").read_text() == "SIGTERM"
+    pid = int((tmp_path / "child.pid").read_text())
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
