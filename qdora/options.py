@@ -45,6 +45,35 @@ def _kind(field: dataclasses.Field) -> str:
     return annotation
 
 
+def file_value(kind: str, value: Any) -> Any:
+    """A --config file's `value` for a field of `kind` (bool, int, float, str), as the command line
+    would give it, or ValueError saying what was expected. YAML reads `2e-4` as a string (its floats
+    need a dot): a number written as a string is taken as the number. A bool is true or false only:
+    the string "false" is not taken as either (Python would call it true)."""
+    if value is None or kind == "tuple":
+        return value
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"expected true or false, got {value!r}")
+    if kind in ("int", "float"):
+        if isinstance(value, str):
+            try:
+                value = float(value.strip()) if kind == "float" else int(value.strip())
+            except ValueError:
+                raise ValueError(f"expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number, got {value!r}")
+        if kind == "int":
+            if value != int(value):
+                raise ValueError(f"expected a whole number, got {value!r}")
+            return int(value)
+        return float(value)
+    if kind == "str" and isinstance(value, (bool, list, dict)):
+        raise ValueError(f"expected text, got {value!r}")
+    return str(value) if kind == "str" else value
+
+
 def _required(field: dataclasses.Field) -> bool:
     return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
@@ -122,7 +151,10 @@ def resolve(cls, given: dict[str, Any]):
             if name not in fields:
                 problems.append(f"--config {source}: unknown setting {key!r}")
                 continue
-            values[name] = value
+            try:
+                values[name] = file_value(_kind(fields[name]), value)
+            except ValueError as err:
+                problems.append(f"--config {source}: {key}: {err}")
     values.update({k: v for k, v in given.items() if k in fields})
     for name, value in values.items():
         if _kind(fields[name]) == "tuple":

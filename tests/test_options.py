@@ -58,10 +58,17 @@ def test_every_problem_of_a_config_file_in_one_error(tmp_path):
                      "--data, --out are required", "known settings: model, data, out"):
         assert fragment in text, text
     (tmp_path / "types.json").write_text(json.dumps({"model": "m", "data": "d", "out": "o", "r": "eight",
-                                                     "alpha": "nan", "fsdp": False, "cpu_offload": True}))
-    with pytest.raises(ValueError) as info:  # values are checked by TrainConfig, all at once
+                                                     "packing": "false", "keep_best": 1}))
+    with pytest.raises(ValueError) as info:  # each value's type, all at once
         parsed(["--config", str(tmp_path / "types.json")])
-    for fragment in ("r='eight' must be a positive integer", "cpu_offload=True is an FSDP option"):
+    for fragment in ("r: expected a number, got 'eight'", "packing: expected true or false, got 'false'",
+                     "keep_best: expected true or false, got 1"):
+        assert fragment in str(info.value), str(info.value)
+    (tmp_path / "values.json").write_text(json.dumps({"model": "m", "data": "d", "out": "o", "r": 0,
+                                                      "fsdp": False, "cpu_offload": True}))
+    with pytest.raises(ValueError) as info:  # the values themselves are checked by TrainConfig, all at once
+        parsed(["--config", str(tmp_path / "values.json")])
+    for fragment in ("r=0 must be a positive integer", "cpu_offload=True is an FSDP option"):
         assert fragment in str(info.value), str(info.value)
     (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
     with pytest.raises(ValueError, match="broken.yaml: not valid YAML"):
@@ -105,3 +112,18 @@ def test_adapter_settings_reach_train_and_plan_by_name():
                                                       target_modules=("q_proj", "v_proj"),
                                                       dropout=plan_cfg.dropout, adapter_dtype="float32")
     assert {"method", "r", "alpha", "dropout", "norm", "direction"} <= set(AdapterConfig.shared_fields(TrainConfig))
+
+
+def test_a_yaml_config_is_read_as_the_command_line_reads_its_flags(tmp_path):
+    # PyYAML reads `lr: 2e-4` as a string (YAML floats need a dot): taken as the number. A string
+    # "false" is not a bool (it used to turn packing on), nor is 1.
+    (tmp_path / "run.yaml").write_text("model: m\ndata: d\nout: o\nlr: 2e-4\nr: '8'\npacking: false\n"
+                                       "train_on_prompt: true\nalpha: 16\n")
+    cfg = parsed(["--config", str(tmp_path / "run.yaml")])
+    assert (cfg.lr, cfg.r, cfg.packing, cfg.train_on_prompt, cfg.alpha) == (2e-4, 8, False, True, 16.0)
+    assert type(cfg.r) is int and type(cfg.alpha) is float
+    (tmp_path / "bad.yaml").write_text("model: m\ndata: d\nout: o\ntrain_on_prompt: 'no'\nr: 2.5\n")
+    with pytest.raises(ValueError) as info:
+        parsed(["--config", str(tmp_path / "bad.yaml")])
+    assert "train_on_prompt: expected true or false, got 'no'" in str(info.value)
+    assert "r: expected a whole number, got 2.5" in str(info.value)
