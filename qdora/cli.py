@@ -97,13 +97,17 @@ def _add_plan(sub) -> None:
 
 
 def _plan(args) -> int:
+    import dataclasses
     import json
 
     from qdora.options import resolve
     from qdora.plan import PlanConfig, plan, resolve_model
     from qdora.plan_report import format_plan, plan_to_dict
+    from qdora.train_config import TrainConfig
     shape = resolve_model(args.model)
-    cfg = resolve(PlanConfig, vars(args))
+    # A run's train_config.json works as --config: its settings that do not shape memory are skipped.
+    train_only = {f.name for f in dataclasses.fields(TrainConfig)} - {f.name for f in dataclasses.fields(PlanConfig)}
+    cfg = resolve(PlanConfig, vars(args), ignore=frozenset(train_only))
     result = plan(shape, cfg)
     print(json.dumps(plan_to_dict(result), indent=1) if args.json else format_plan(result))
     return 0

@@ -132,11 +132,12 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def resolve(cls, given: dict[str, Any]):
+def resolve(cls, given: dict[str, Any], ignore: frozenset[str] = frozenset()):
     """The dataclass instance for settings `given` by the command line (`vars(args)`, only the flags
     that were given, plus `config`): the dataclass's defaults, then the file's values, then the
     flags. Unknown keys, and missing required fields, are one error listing every problem; the
-    values themselves are checked by the dataclass."""
+    values themselves are checked by the dataclass. A file's keys in `ignore` are skipped (the
+    settings of another command a file may hold: `qdora plan --config RUN/train_config.json`)."""
     given = dict(given)
     given.pop("func", None)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -146,7 +147,7 @@ def resolve(cls, given: dict[str, Any]):
     if source is not None:
         for key, value in read_config_file(source).items():
             name = str(key).lstrip("-").replace("-", "_")
-            if name in IGNORED_KEYS:
+            if name in IGNORED_KEYS or name in ignore:
                 continue
             if name not in fields:
                 problems.append(f"--config {source}: unknown setting {key!r}")

@@ -22,6 +22,10 @@ def matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
+ALL_LINEAR = (("all",), ("all-linear",))
+"""`target_modules` that adapt every linear layer but the output head (PEFT's `all-linear`)."""
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
     return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name]
 
@@ -108,8 +112,14 @@ def plan_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterPlan:
         problems.append(f"the model has NF4 layers (e.g. {quantized[0]}) but method={cfg.method!r} "
                         f"expects an unquantized base; use method='q{cfg.method}'")
     mag_only = [n for n in linears if any(matches(n, p) for p in cfg.magnitude_only_modules)]
-    direction = [n for n in linears if n not in mag_only and any(matches(n, p) for p in cfg.target_modules)]
+    if tuple(cfg.target_modules) in ALL_LINEAR:  # every linear layer but the output head, as PEFT's all-linear
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        direction = [n for n in linears if n not in mag_only and model.get_submodule(n) is not head]
+    else:
+        direction = [n for n in linears if n not in mag_only and any(matches(n, p) for p in cfg.target_modules)]
     for pattern in (*cfg.target_modules, *cfg.magnitude_only_modules):
+        if (pattern,) in ALL_LINEAR:
+            continue
         if not any(matches(n, pattern) for n in linears):
             other = next(((n, m) for n, m in model.named_modules() if n and matches(n, pattern)), None)
             problems.append(f"target {pattern!r} matches no linear module"

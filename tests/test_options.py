@@ -127,3 +127,18 @@ def test_a_yaml_config_is_read_as_the_command_line_reads_its_flags(tmp_path):
         parsed(["--config", str(tmp_path / "bad.yaml")])
     assert "train_on_prompt: expected true or false, got 'no'" in str(info.value)
     assert "r: expected a whole number, got 2.5" in str(info.value)
+
+
+def test_plan_takes_a_runs_train_config(tmp_path, capsys):
+    # `qdora plan --config RUN/train_config.json`: the settings plan shares with train are read, the
+    # rest skipped (it used to list ~30 "unknown setting" errors); a real unknown key is still one.
+    settings = dataclasses.asdict(TrainConfig(model="m", data="d", out="o", method="qdora", r=8, alpha=16,
+                                              batch_size=2, cutoff_len=512))
+    (tmp_path / "train_config.json").write_text(json.dumps(settings))
+    assert main(["plan", "--model", "SmolLM2-135M", "--config", str(tmp_path / "train_config.json"), "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    text = json.dumps(planned)
+    assert '"r": 8' in text and '"batch_size": 2' in text, text[:500]
+    (tmp_path / "typo.json").write_text(json.dumps({**settings, "rnak": 8}))
+    assert main(["plan", "--model", "SmolLM2-135M", "--config", str(tmp_path / "typo.json")]) == 2
+    assert "unknown setting 'rnak'" in capsys.readouterr().err

@@ -168,3 +168,14 @@ def test_qdora_training_step_on_a_tiny_llama_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.mark.parametrize("targets", [("all",), ("all-linear",)])
+def test_all_linear_adapts_every_linear_but_the_output_head(targets):
+    # As PEFT's `all-linear`; `qdora plan` already took both names.
+    model = tiny_llama()
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    add_adapters(model, AdapterConfig(method="qdora", r=4, alpha=8, target_modules=targets))
+    adapted_names = sorted(n for n, m in model.named_modules() if isinstance(m, QDoRALinear))
+    assert adapted_names == sorted(linears) and len(adapted_names) == 2 * 7
+    assert not isinstance(model.lm_head, QDoRALinear)
