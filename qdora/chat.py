@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from jinja2 import TemplateError  # a dependency of transformers, which renders chat templates with it
+
 from qdora.records import IGNORE_INDEX, DataError, Record
 
 
@@ -108,7 +110,12 @@ def tokenize_chat(tokenizer, record: Record, cutoff_len: int, train_on_prompt: b
     """Token ids and labels of a chat record: labels are the ids on assistant-turn tokens (on every
     token with `train_on_prompt`) and `IGNORE_INDEX` elsewhere; cut to `cutoff_len` from the right."""
     check_chat_template(tokenizer, record.source)
-    text = _render(tokenizer, record.messages)
+    try:
+        text = _render(tokenizer, record.messages)
+    except TemplateError as err:  # e.g. the template's raise_exception("... roles must alternate ...")
+        roles = ", ".join(role for role, _ in record.messages)
+        raise DataError(f"{record.source}: the chat template refuses this conversation (roles: {roles}): {err}; "
+                        "change the record, or pass --chat-template FILE with a template that accepts it") from None
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
     spans = assistant_spans(tokenizer, record, text)

@@ -144,10 +144,22 @@ def _messages(obj: Mapping[str, Any], where: str) -> tuple[tuple[str, str], ...]
             raise DataError(f"{at}: role {role!r} is not one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise DataError(f"{at}: 'content' must be a string, got {_json_type(content)}")
+        if role == "assistant" and not content.strip():
+            raise DataError(f"{at}: the assistant's content is empty, so there is nothing to learn from it; drop the "
+                            "turn (with the user turn it answers) or the record")
         turns.append((role, content))
-    if not any(role == "assistant" for role, _ in turns):
-        roles = ", ".join(role for role, _ in turns)
-        raise DataError(f"{where}: the chat has no assistant turn (roles: {roles}); there is nothing to train on")
+    roles = [role for role, _ in turns]
+    if "assistant" not in roles:
+        raise DataError(f"{where}: the chat has no assistant turn (roles: {', '.join(roles)}); there is nothing to "
+                        "train on")
+    dialogue = [(i, role) for i, role in enumerate(roles) if role != "system"]
+    if dialogue[0][1] != "user":
+        raise DataError(f"{where}: messages[{dialogue[0][0]}]: the conversation starts with the assistant (roles: "
+                        f"{', '.join(roles)}); a chat starts with the user, after any system message")
+    for (i, a), (j, b) in zip(dialogue, dialogue[1:]):
+        if a == b:
+            raise DataError(f"{where}: messages[{i}] and messages[{j}] are both {a!r} (roles: {', '.join(roles)}); "
+                            "user and assistant turns must alternate: join the two into one message")
     return tuple(turns)
 
 
@@ -166,8 +178,10 @@ def parse_record(obj: Any, source: str = "<record>", format: str = "auto") -> Re
         _field(obj, "messages", source, fmt, types=(list, tuple))
         return Record(prompt="", response="", source=source, format=fmt, messages=_messages(obj, source))
     if fmt == "prompt-completion":
-        return Record(prompt=_field(obj, "prompt", source, fmt), response=_field(obj, "completion", source, fmt),
-                      source=source, format=fmt)
+        completion = _field(obj, "completion", source, fmt)
+        if not completion.strip():
+            raise DataError(f"{source}: field 'completion' is empty, so there is nothing to learn from the record")
+        return Record(prompt=_field(obj, "prompt", source, fmt), response=completion, source=source, format=fmt)
     if fmt == "text":
         text = _field(obj, "text", source, fmt)
         if not text.strip():

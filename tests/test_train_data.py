@@ -160,3 +160,47 @@ def test_cli_config_file_with_the_new_settings(setup, tmp_path, capsys):
     assert (tmp_path / "run" / "metrics.csv").is_file()
     err = capsys.readouterr().err
     assert "qdora train: step 1/2" in err and "qdora train: step 2/2" in err
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " \n"}]}],
+     "bad.jsonl line 1: messages[1]: the assistant's content is empty, so there is nothing to learn from it"),
+    ([{"prompt": "p", "completion": "  "}],
+     "bad.jsonl line 1: field 'completion' is empty, so there is nothing to learn from the record"),
+    ([{"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"},
+                    {"role": "user", "content": "u"}]}],
+     "bad.jsonl line 1: messages[1]: the conversation starts with the assistant (roles: system, assistant, user)"),
+    ([{"messages": [{"role": "user", "content": "u"}, {"role": "user", "content": "v"},
+                    {"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]}],
+     "bad.jsonl line 1: messages[0] and messages[1] are both 'user'"),
+])
+def test_records_with_nothing_to_learn_are_refused_in_one_line(setup, tmp_path, capsys, rows, message):
+    # They used to train with exit 0, supervising only the end-of-turn token.
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = cli_main(["train", "--model", str(setup / "model"), "--data", str(data), "--out", str(tmp_path / "run"),
+                     "--chat-template", str(setup / "chatml.jinja"), "--max-steps", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and not (tmp_path / "run").exists()
+    assert err.startswith("qdora train: error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_template_that_refuses_a_conversation_names_the_record(setup, tmp_path, capsys):
+    # Llama-2/Mistral/Gemma-style templates raise on a system role; that was a raw jinja2 traceback.
+    strict = tmp_path / "strict.jinja"
+    strict.write_text("{% for m in messages %}{% if m['role'] == 'system' %}"
+                      "{{ raise_exception('System role not supported') }}{% endif %}"
+                      "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]})
+                    + "\n" + json.dumps({"messages": [{"role": "system", "content": "s"},
+                                                      {"role": "user", "content": "u"},
+                                                      {"role": "assistant", "content": "a"}]}) + "\n")
+    code = cli_main(["train", "--model", str(setup / "model"), "--data", str(data), "--out", str(tmp_path / "run"),
+                     "--chat-template", str(strict), "--max-steps", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and not (tmp_path / "run").exists()
+    assert err.strip() == (f"qdora train: error: {data} line 2: the chat template refuses this conversation "
+                           "(roles: system, user, assistant): System role not supported; change the record, or pass "
+                           "--chat-template FILE with a template that accepts it"), err
