@@ -229,5 +229,27 @@ def format_table(report: dict, label: str) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+MIN_EFFECT = 1e-6
+"""Below this held-out TV distance the adapter is taken to have no effect to judge drift against."""
+
+
+def verdict(report: dict, max_drift: float) -> tuple[bool | None, str]:
+    """(passed, line): the export's drift from the adapted model (held-out texts, mean total-variation
+    distance of next-token distributions) as a fraction of the adapter's own effect (adapted vs
+    unadapted); it passes at most `max_drift`. None when the adapter has no effect to compare with."""
+    group = "held-out" if "held-out" in report["adapted"] else next(iter(report["adapted"]))
+    drift, effect = report["adapted"][group]["tv_mean"], report["adapter"][group]["tv_mean"]
+    if not effect > MIN_EFFECT:
+        return None, (f"verdict: none: the adapter does not change the model on the {group} texts (TV {effect:.1e}), "
+                      f"so there is no effect to judge the export's drift (TV {drift:.2e}) against")
+    ratio = drift / effect
+    figures = (f"the export drifts {ratio:.3g}× the adapter's own effect ({group} texts, mean TV {drift:.2e} "
+               f"against {effect:.2e}; --max-drift {max_drift:g})")
+    if ratio <= max_drift:
+        return True, f"verdict: passed: {figures}"
+    return False, (f"verdict: FAILED: {figures}; the export loses much of what the adapter learned: merge to a "
+                   "wider type (--dtype float16 or float32, or --quant q8_0) or serve the base with the adapter")
+
+
 def write_json(report: dict, path: str | os.PathLike) -> None:
     write_text_atomic(path, json.dumps(report, indent=2) + "\n")

@@ -179,3 +179,30 @@ def test_no_export_replaces_the_checkpoint_it_merges_onto(tmp_path):
     with pytest.raises(ValueError, match="out_dir .* is original_checkpoint"):
         save_gguf(model, tmp_path / "base", tok, original_checkpoint=tmp_path / "base", overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "base").iterdir()} == before
+
+
+def test_check_ends_with_a_verdict_against_the_adapters_own_effect(tmp_path, capsys):
+    # A float32 merge keeps the adapter's effect: passed. The same export judged with a bound below its
+    # own drift fails with exit status 1, files kept. An export of the unadapted model (NF4 erasing a
+    # short fine-tune is that case) drifts by the whole effect.
+    from qdora import save_adapter
+    from qdora.cli import main
+    from qdora.drift import verdict
+    model, tok = adapted_model(tmp_path, llama3_config())
+    save_adapter(model, tmp_path / "adapter")
+    args = ["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--dtype", "float32"]
+    assert main([*args, "--out", str(tmp_path / "ok"), "--check-json", str(tmp_path / "ok.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].startswith("verdict: passed: the export drifts ")
+    report = json.loads((tmp_path / "ok.json").read_text())
+    drift, effect = report["adapted"]["held-out"]["tv_mean"], report["adapter"]["held-out"]["tv_mean"]
+    assert report["verdict"]["passed"] is True and 0 <= drift < 0.5 * effect
+    assert main([*args, "--out", str(tmp_path / "strict"), "--max-drift", f"{0.5 * drift / effect:.3e}"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1].startswith("verdict: FAILED: the export drifts ")
+    assert "failed --check (kept" in captured.err and (tmp_path / "strict" / "config.json").is_file()
+    # the verdict's arithmetic on a report whose export lost the adapter: drift = effect
+    lost = {"adapted": {"held-out": {"tv_mean": effect}}, "adapter": {"held-out": {"tv_mean": effect}}}
+    assert verdict(lost, 0.5)[0] is False and "drifts 1× the adapter's own effect" in verdict(lost, 0.5)[1]
+    none = {"adapted": {"held-out": {"tv_mean": 0.01}}, "adapter": {"held-out": {"tv_mean": 0.0}}}
+    assert verdict(none, 0.5)[0] is None
