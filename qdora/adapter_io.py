@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -52,6 +53,38 @@ def _require_adapters(model: nn.Module) -> tuple[dict[str, QDoRALinear], Adapter
     return layers, cfg
 
 
+BASE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+"""The base model's config fields a qdora adapter file records (`base`), checked when it is loaded."""
+
+
+def base_fingerprint(model: nn.Module) -> dict:
+    """What an adapter needs its base to be: the config's shape fields and, for an NF4 base, how its
+    weights were quantized (blocksize, double quantization) as its layers hold them."""
+    config = getattr(model, "config", None)
+    found = {k: getattr(config, k, None) for k in BASE_FIELDS} if config is not None else {}
+    state = next((getattr(m.weight, "quant_state", None) for m in model.modules()
+                  if isinstance(m, bnb.nn.Linear4bit) and getattr(m.weight, "quant_state", None) is not None), None)
+    found["nf4"] = None if state is None else {"blocksize": int(state.blocksize), "double_quant": bool(state.nested)}
+    return found
+
+
+def _check_base(model: nn.Module, saved: dict, path) -> None:
+    """Refuse a model whose shape is not the recorded base's (one line, before the list of keys that
+    would not fit); warn when only the NF4 quantization differs (its weights differ slightly)."""
+    here = base_fingerprint(model)
+    differ = [f"{k} {saved[k]} in the adapter's base, {here.get(k)} here" for k in BASE_FIELDS
+              if saved.get(k) is not None and here.get(k) is not None and saved[k] != here[k]]
+    if differ:
+        raise ValueError(f"adapter {path} was trained on another base model ({'; '.join(differ)}); load it on the "
+                         "base it was trained on")
+    mine, theirs = here.get("nf4"), saved.get("nf4")
+    if mine and theirs and mine != theirs:
+        what = "; ".join(f"{k} {theirs[k]} then, {mine[k]} here" for k in theirs if theirs[k] != mine.get(k))
+        warnings.warn(f"adapter {path} was trained on an NF4 base quantized otherwise ({what}): the base weights "
+                      "differ slightly, and so will the outputs; quantize the base as in training (e.g. "
+                      "bnb_4bit_use_double_quant) for the trained model", stacklevel=3)
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "qdora",
                  base_model_name_or_path: str | None = None,
                  tensors: dict[str, torch.Tensor] | None = None) -> Path:
@@ -84,7 +117,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "qdora
                              "out_features": layer.out_features, "use_dora": layer.use_dora}
         save_file_atomic(tensors, path / QDORA_WEIGHTS, {"format": "qdora"})
         meta = {"format": "qdora", "version": FORMAT_VERSION, "config": cfg.to_dict(), "modules": modules,
-                "base_model_name_or_path": base_model_name_or_path}
+                "base_model_name_or_path": base_model_name_or_path, "base": base_fingerprint(model)}
         write_text_atomic(path / QDORA_CONFIG, json.dumps(meta, indent=2) + "\n")
         return path
 
@@ -202,6 +235,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, verbose: bool = True
     shapes, DoRA vs LoRA) is listed in one error.
     """
     fmt, meta, modules = read_adapter(path)
+    if fmt == "qdora" and isinstance(meta.get("base"), dict):
+        _check_base(model, meta["base"], path)
     if not adapter_layers(model):
 
         quantized = any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())

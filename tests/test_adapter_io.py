@@ -157,3 +157,28 @@ def test_peft_reads_our_adapter_on_a_transformers_4bit_base_kept_in_standard_lay
     theirs = peft.PeftModel.from_pretrained(theirs_base, tmp_path / "ad").eval()
     logits(theirs)  # a first eval-mode forward (where bitsandbytes would repack)
     assert_close(logits(theirs), logits(ours), FP32_TOL, "PEFT logits after an eval-mode forward")
+
+
+def test_an_adapter_names_its_base_and_refuses_another(tmp_path):
+    # Loaded on a model of another shape: one line naming both, not a list of every key that misses.
+    save_adapter(adapted(CFG), tmp_path / "a")
+    other = build(llama3_config(intermediate_size=256, hidden_size=128))
+    with pytest.raises(ValueError, match=r"^adapter .* was trained on another base model \(hidden_size 64 in the "
+                                         r"adapter's base, 128 here.*load it on the base it was trained on$"):
+        load_adapter(other, tmp_path / "a", verbose=False)
+
+
+def test_an_nf4_base_quantized_otherwise_is_named(tmp_path):
+    # Trained on a double-quantized NF4 base, loaded on one quantized without: a warning that names it.
+    save_adapter(adapted(CFG), tmp_path / "a")
+    model = build(llama3_config(intermediate_size=256))
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and name != "lm_head":
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, linear4bit_from_linear(mod, double_quant=False))
+    with pytest.warns(UserWarning, match=r"quantized otherwise \(double_quant True then, False here\)"):
+        load_adapter(model, tmp_path / "a", verbose=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same quantization: no word
+        load_adapter(quantized_base(), tmp_path / "a", verbose=False)
