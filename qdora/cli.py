@@ -73,8 +73,13 @@ def _train(args) -> int:
         print(f"stopped at step {summary['steps']}; continue with the same command plus --resume", file=sys.stderr)
         return 128 + summary["interrupted"]
     if cfg.progress:
+        val = ""
+        if "val_loss" in summary:
+            val = f"; validation loss {summary['val_loss']:.4f}"
+            if "best_step" in summary:
+                val += f" (best {summary['best_val_loss']:.4f} at step {summary['best_step']}, in adapter-best/)"
         print(f"done: {summary['steps']} steps, {summary['tokens']} tokens in {summary['seconds']:.1f} s of "
-              f"training; results in {cfg.out}")
+              f"training{val}; results in {cfg.out}")
     return 0
 
 

@@ -219,7 +219,7 @@ def _fit(run: _Run, on_step: Callable[[int, dict], None] | None) -> dict:
             _save(run, step, lr, stopped is not None, log)
     return {"steps": step, "interrupted": stopped, "out": str(run.out), "seconds": run.totals["seconds"],
             "tokens": run.totals["tokens"], "session_seconds": time.perf_counter() - t_start,
-            **({"val_loss": run.totals["val_loss"]} if "val_loss" in run.totals else {})}
+            **{k: run.totals[k] for k in ("val_loss", "best_val_loss", "best_step") if k in run.totals}}
 
 
 def _maybe_validate(run: _Run, step: int, lr: float, record: dict) -> bool:

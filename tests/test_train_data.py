@@ -49,6 +49,7 @@ def test_chat_training_validates_and_keeps_the_best(setup, tmp_path, monkeypatch
     assert summary["val_loss"] == vals[-1]["val_loss"]
     best = json.loads((tmp_path / "run" / "adapter-best" / "best.json").read_text())
     assert best["val_loss"] == min(m["val_loss"] for m in vals)
+    assert (summary["best_step"], summary["best_val_loss"]) == (best["step"], best["val_loss"])
     assert (tmp_path / "run" / "adapter-best" / "qdora_adapter.json").is_file()
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == [m["step"] for m in metrics]
@@ -158,8 +159,11 @@ def test_cli_config_file_with_the_new_settings(setup, tmp_path, capsys):
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["packing"] is True and saved["report_to"] == ["csv"] and saved["batch_size"] == 2
     assert (tmp_path / "run" / "metrics.csv").is_file()
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "qdora train: step 1/2" in err and "qdora train: step 2/2" in err
+    last = [m for m in read_metrics(tmp_path / "run") if "val_loss" in m][-1]
+    assert "2 steps, " in captured.out and f"; validation loss {last['val_loss']:.4f}; results in" in captured.out
 
 
 @pytest.mark.parametrize("rows, message", [
