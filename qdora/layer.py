@@ -68,7 +68,7 @@ class QDoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_dora: bool = True, norm: str = "detached", use_rslora: bool = False,
-                 adapter_dtype: torch.dtype = torch.bfloat16, compute_dtype: torch.dtype | str = "auto",
+                 adapter_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype | str = "auto",
                  block_rows: int = 1024, eps: float = 1e-6, vera: VeRAProjections | None = None,
                  vera_d_init: float = 0.1):
         super().__init__()
