@@ -137,11 +137,35 @@ def swap_in_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
         shutil.rmtree(old)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_tmp(final: str | os.PathLike) -> list[Path]:
+    """Remove the `<final>.tmp-<pid>` folders that a killed write of `final` left (their process is
+    gone); the ones of a live process are left alone. Returns what was removed."""
+    final = Path(final)
+    removed = []
+    for stale in final.parent.glob(f"{final.name}.tmp-*"):
+        pid = stale.name.rsplit(".tmp-", 1)[-1]
+        if stale.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike):
     """Build a folder under a temporary name and swap it in (`swap_in_dir`) only when the block
-    completes."""
+    completes. Temporary folders of `final` that killed processes left are removed first."""
     final = Path(final)
+    remove_stale_tmp(final)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -206,3 +206,28 @@ def test_check_ends_with_a_verdict_against_the_adapters_own_effect(tmp_path, cap
     assert verdict(lost, 0.5)[0] is False and "drifts 1× the adapter's own effect" in verdict(lost, 0.5)[1]
     none = {"adapted": {"held-out": {"tv_mean": 0.01}}, "adapter": {"held-out": {"tv_mean": 0.0}}}
     assert verdict(none, 0.5)[0] is None
+
+
+def test_a_killed_exports_temporary_folder_does_not_live_on(tmp_path):
+    # A merge killed mid-write leaves `<out>.tmp-<pid>`; the next write of the same folder removes it
+    # once its process is gone, and leaves a live process's alone.
+    import subprocess
+    import sys
+
+    from qdora.safetensors_io import atomic_dir
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    stale = tmp_path / f"merged.tmp-{int(dead.stdout)}"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        running = tmp_path / f"merged.tmp-{live.pid}"
+        for folder in (stale, running):
+            folder.mkdir()
+            (folder / "model.safetensors").write_bytes(b"partial")
+        with atomic_dir(tmp_path / "merged") as tmp:
+            (tmp / "config.json").write_text("{}")
+        assert not stale.exists() and running.is_dir()
+        assert (tmp_path / "merged" / "config.json").is_file()
+    finally:
+        live.kill()
+        live.wait()
