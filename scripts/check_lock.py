@@ -8,6 +8,7 @@ inside the declared range. One line per mismatch, exit status 1; `scripts/lock.s
 
 from __future__ import annotations
 
+import importlib.metadata
 import sys
 from pathlib import Path
 
@@ -36,9 +37,10 @@ def declared() -> list[tuple[str, Requirement]]:
     return found
 
 
-def pins(lock: Path) -> dict[str, list[str]]:
-    """Each pinned name's versions (one per marker where they differ by Python)."""
-    found: dict[str, list[str]] = {}
+def pin_lines(lock: Path) -> list[tuple[Requirement, str]]:
+    """(requirement, pinned version) for each line of the lock, less those an override dropped
+    (marker `sys_platform == 'never'`: never installed)."""
+    found = []
     for number, line in enumerate(lock.read_text().splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -47,28 +49,27 @@ def pins(lock: Path) -> dict[str, list[str]]:
         specs = list(requirement.specifier)
         if len(specs) != 1 or specs[0].operator != "==":
             raise SystemExit(f"{lock}:{number}: not a pin (name==version): {line}")
-        if requirement.marker is not None and "sys_platform == 'never'" in str(requirement.marker):
-            continue  # dropped by an override: never installed
-        found.setdefault(canonicalize_name(requirement.name), []).append(specs[0].version)
+        if requirement.marker is None or "sys_platform == 'never'" not in str(requirement.marker):
+            found.append((requirement, specs[0].version))
+    return found
+
+
+def pins(lock: Path) -> dict[str, list[str]]:
+    """Each pinned name's versions (one per marker where they differ by Python)."""
+    found: dict[str, list[str]] = {}
+    for requirement, version in pin_lines(lock):
+        found.setdefault(canonicalize_name(requirement.name), []).append(version)
     return found
 
 
 def pins_here(lock: Path) -> dict[str, str]:
     """{name: version} of the pins whose markers hold for this interpreter."""
-    found = {}
-    for line in lock.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            requirement = Requirement(line)
-            if requirement.marker is None or requirement.marker.evaluate():
-                found[canonicalize_name(requirement.name)] = next(iter(requirement.specifier)).version
-    return found
+    return {canonicalize_name(r.name): version for r, version in pin_lines(lock)
+            if r.marker is None or r.marker.evaluate()}
 
 
 def differences(lock: Path) -> list[str]:
     """One line per installed distribution whose version is not the lock's pin for this interpreter."""
-    import importlib.metadata
-
     pinned = pins_here(lock)
     out = []
     for dist in importlib.metadata.distributions():
