@@ -19,6 +19,7 @@ _PUBLIC = {
     "AdapterCheckpoints": "qdora.hf_trainer",
     "AdapterConfig": "qdora.config",
     "METHODS": "qdora.config",
+    "MasterWeights": "qdora.optim",
     "QDoRALinear": "qdora.layer",
     "QDoRATrainer": "qdora.hf_trainer",  # transformers.Trainer with AdapterCheckpoints
     "RowBlocks": "qdora.nf4",

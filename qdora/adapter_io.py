@@ -1,17 +1,5 @@
-"""Adapter files: our format and PEFT's, both ways. Safetensors only: nothing is unpickled.
-
-qdora format (a folder):
-    qdora_adapter.json       {"format": "qdora", "version": 1, "config": AdapterConfig, "modules": {...}}
-    adapter.safetensors      <module>.lora_A (r, in), <module>.lora_B (out, r),
-                             <module>.magnitude_delta (out,)   — stored exactly as trained
-                             VeRA direction: <module>.vera_lambda_d (r,), <module>.vera_lambda_b (out,),
-                             and the shared projections once, as vera_A (r, max_in), vera_B (max_out, r)
-
-PEFT format (what `peft.PeftModel.save_pretrained` writes for `LoraConfig(use_dora=...)`):
-    adapter_config.json
-    adapter_model.safetensors  base_model.model.<module>.lora_A.weight, ...lora_B.weight,
-                               ...lora_magnitude_vector (the full magnitude m)
-"""
+"""Reading adapter files (ours and PEFT's, written by `qdora.adapter_save`) and loading them into a
+model, after checking that they fit it. Safetensors only: nothing is unpickled."""
 
 from __future__ import annotations
 
@@ -25,47 +13,22 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from qdora.adapter_save import (
+    BASE_FIELDS,
+    FORMAT_VERSION,
+    PEFT_CONFIG,
+    PEFT_PREFIX,
+    PEFT_WEIGHTS,
+    QDORA_CONFIG,
+    QDORA_WEIGHTS,
+    SHARED,
+    adapter_layers,
+    base_fingerprint,
+    save_adapter,
+)
 from qdora.config import AdapterConfig
-from qdora.layer import QDoRALinear
-from qdora.safetensors_io import NonFiniteTensorError, check_finite, save_file_atomic, write_text_atomic
+from qdora.safetensors_io import NonFiniteTensorError, check_finite
 from qdora.surgery import add_adapters
-
-QDORA_CONFIG, QDORA_WEIGHTS = "qdora_adapter.json", "adapter.safetensors"
-PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-FORMAT_VERSION = 1
-_TRAINED = ("lora_A", "lora_B", "vera_lambda_d", "vera_lambda_b", "magnitude_delta")
-_SHARED = ("vera_A", "vera_B")
-
-
-def adapter_layers(model: nn.Module) -> dict[str, QDoRALinear]:
-    return {name: mod for name, mod in model.named_modules() if isinstance(mod, QDoRALinear)}
-
-
-def _require_adapters(model: nn.Module) -> tuple[dict[str, QDoRALinear], AdapterConfig]:
-    layers = adapter_layers(model)
-    cfg = getattr(model, "qdora_config", None)
-    if cfg is not None and cfg.method == "full":
-        raise ValueError("method='full' has no adapter to save; save the whole model "
-                         "(model.save_pretrained) or use qdora.merge_and_save")
-    if not layers or cfg is None:
-        raise ValueError("the model has no qdora adapters; call qdora.add_adapters(model, cfg) first")
-    return layers, cfg
-
-
-BASE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
-"""The base model's config fields a qdora adapter file records (`base`), checked when it is loaded."""
-
-
-def base_fingerprint(model: nn.Module) -> dict:
-    """What an adapter needs its base to be: the config's shape fields and, for an NF4 base, how its
-    weights were quantized (blocksize, double quantization) as its layers hold them."""
-    config = getattr(model, "config", None)
-    found = {k: getattr(config, k, None) for k in BASE_FIELDS} if config is not None else {}
-    state = next((getattr(m.weight, "quant_state", None) for m in model.modules()
-                  if isinstance(m, bnb.nn.Linear4bit) and getattr(m.weight, "quant_state", None) is not None), None)
-    found["nf4"] = None if state is None else {"blocksize": int(state.blocksize), "double_quant": bool(state.nested)}
-    return found
 
 
 def _check_base(model: nn.Module, saved: dict, path) -> None:
@@ -83,67 +46,6 @@ def _check_base(model: nn.Module, saved: dict, path) -> None:
         warnings.warn(f"adapter {path} was trained on an NF4 base quantized otherwise ({what}): the base weights "
                       "differ slightly, and so will the outputs; quantize the base as in training (e.g. "
                       "bnb_4bit_use_double_quant) for the trained model", stacklevel=3)
-
-
-def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "qdora",
-                 base_model_name_or_path: str | None = None,
-                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the model's adapters to folder `path` in `format` `"qdora"` or `"peft"`.
-    Each file is written to a temporary name and renamed; the config is written last.
-    `tensors` (`<module>.<attr>` -> tensor) overrides the layers' own parameters: a sharded model
-    passes its gathered whole parameters (`qdora.fsdp.save_adapter_gathered`)."""
-    if format not in ("qdora", "peft"):
-        raise ValueError(f"format={format!r} is unknown; use 'qdora' or 'peft'")
-    layers, cfg = _require_adapters(model)
-    given = tensors or {}
-
-    def value(name: str, layer: QDoRALinear, attr: str) -> torch.Tensor:
-        t = given.get(f"{name}.{attr}")
-        return (t if t is not None else getattr(layer, attr)).detach().cpu().contiguous()
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    if format == "qdora":
-        modules = {}
-        for name, layer in layers.items():
-            for attr in _TRAINED:
-                if getattr(layer, attr, None) is not None:
-                    tensors[f"{name}.{attr}"] = value(name, layer, attr)
-            if layer.vera is not None and "vera_A" not in tensors:
-                tensors["vera_A"] = layer.vera.A.detach().cpu().contiguous()
-                tensors["vera_B"] = layer.vera.B.detach().cpu().contiguous()
-            modules[name] = {"r": layer.r, "in_features": layer.in_features,
-                             "out_features": layer.out_features, "use_dora": layer.use_dora}
-        save_file_atomic(tensors, path / QDORA_WEIGHTS, {"format": "qdora"})
-        meta = {"format": "qdora", "version": FORMAT_VERSION, "config": cfg.to_dict(), "modules": modules,
-                "base_model_name_or_path": base_model_name_or_path, "base": base_fingerprint(model)}
-        write_text_atomic(path / QDORA_CONFIG, json.dumps(meta, indent=2) + "\n")
-        return path
-
-    if cfg.direction == "vera":
-        raise ValueError("PEFT has no DoRA/LoRA adapter with a VeRA direction; save with format='qdora'")
-    mag_only = [n for n, layer in layers.items() if layer.r == 0]
-    if mag_only:
-        raise ValueError(f"PEFT cannot represent magnitude-only modules ({len(mag_only)}, e.g. {mag_only[0]}); "
-                         "save with format='qdora'")
-    for name, layer in layers.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = value(name, layer, "lora_A")
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = value(name, layer, "lora_B")
-        if layer.use_dora:  # PEFT stores the whole magnitude m = ||W0 row|| + delta
-            delta = value(name, layer, "magnitude_delta").float()
-            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.base_norm.detach().cpu() + delta
-    save_file_atomic(tensors, path / PEFT_WEIGHTS, {"format": "pt"})
-    peft_cfg = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_dora": cfg.use_dora,
-        "use_rslora": cfg.use_rslora, "target_modules": sorted(layers), "bias": "none",
-        "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
-        "inference_mode": True,
-    }
-    write_text_atomic(path / PEFT_CONFIG, json.dumps(peft_cfg, indent=2) + "\n")
-    return path
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -184,7 +86,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[str, dict, dict[str, dict[str
                              f"{meta.get('format')!r}/{meta.get('version')!r}")
         modules: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in _read_tensors(path / QDORA_WEIGHTS).items():
-            if key in _SHARED:
+            if key in SHARED:
                 meta.setdefault("shared", {})[key] = t
                 continue
             name, _, attr = key.rpartition(".")
@@ -269,7 +171,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, verbose: bool = True
     if projections and not shared:
         problems.append("the model has a VeRA direction but the file has no vera_A/vera_B projections")
     for vera in projections.values():
-        for key in _SHARED:
+        for key in SHARED:
             if key in shared and shared[key].shape != getattr(vera, key[-1]).shape:
                 problems.append(f"{key}: file shape {tuple(shared[key].shape)}, "
                                 f"model shape {tuple(getattr(vera, key[-1]).shape)}")
@@ -291,3 +193,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, verbose: bool = True
             vera.A.copy_(shared["vera_A"])
             vera.B.copy_(shared["vera_B"])
     return model
+
+
+__all__ = ["adapter_config", "adapter_layers", "base_fingerprint", "load_adapter", "read_adapter", "save_adapter"]

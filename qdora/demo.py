@@ -65,12 +65,14 @@ def _claim_folder(out: Path) -> str | None:
     return None
 
 
-def _choices(name: str) -> list[Choice]:
+def demo_choices(name: str) -> list[Choice]:
+    """The bundled ARC-Easy file `name` (`qdora/demo_data/`) as multiple-choice items."""
     rows = json.loads((DEMO_DATA / name).read_text())
     return [llm_adapters_choice(obj, f"{name} item {i}") for i, obj in enumerate(rows)]
 
 
-def _write_chat_data(items: list[Choice], path: Path) -> None:
+def write_chat_data(items: list[Choice], path: Path) -> None:
+    """`items` as chat JSONL: the question from the user, the correct option's text as the reply."""
     write_text_atomic(path, "".join(json.dumps(choice_chat(item)) + "\n" for item in items))
 
 
@@ -129,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     progress = not args.no_progress
     base = convert_gguf(gguf, progress)
-    test = _choices("arc_easy_test.json")[: args.eval_items]
-    _write_chat_data(_choices("arc_easy_train.json"), out / "train.jsonl")
+    test = demo_choices("arc_easy_test.json")[: args.eval_items]
+    write_chat_data(demo_choices("arc_easy_train.json"), out / "train.jsonl")
     cfg = TrainConfig(model=str(base), data=str(out / "train.jsonl"), out=str(out / "run"),
                       method="qdora", r=args.r, alpha=2 * args.r, dropout=0.05, lr=args.lr,
                       max_steps=args.steps, batch_size=args.batch_size, cutoff_len=256,

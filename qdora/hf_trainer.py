@@ -6,7 +6,9 @@ as a checkpoint nothing can load. `AdapterCheckpoints` is a mixin that changes o
 (`save_model`, the periodic checkpoints, the best model) writes the adapter with
 `qdora.save_adapter` (`adapter_format="peft"`, the default, is what `peft.PeftModel.from_pretrained`
 reads; `"qdora"` is ours), and resuming (`train(resume_from_checkpoint=...)`) reads it back with
-`qdora.load_adapter`, which checks that it fits the model. Everything else is the trainer's own.
+`qdora.load_adapter`, which checks that it fits the model. Adapters stored in bf16 are trained
+through fp32 master copies (`qdora.MasterWeights` wraps the trainer's optimizer), so that no step is
+rounded away. Everything else is the trainer's own.
 
     from transformers import Trainer
     class QDoRATrainer(qdora.AdapterCheckpoints, Trainer): ...     # or trl's SFTTrainer
@@ -21,6 +23,7 @@ import os
 import torch
 
 from qdora.adapter_io import adapter_layers, load_adapter, save_adapter
+from qdora.optim import MasterWeights, needs_master_weights
 
 TRAINING_ARGS_NAME = "training_args.bin"
 
@@ -48,6 +51,15 @@ class AdapterCheckpoints:
                 del model._hf_peft_config_loaded
             else:
                 model._hf_peft_config_loaded = previous
+
+    def create_optimizer(self, *args, **kwargs):
+        """The trainer's optimizer (or the one passed as `optimizers=`), over fp32 master copies of
+        any bf16/fp16 adapter parameters."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not isinstance(optimizer, MasterWeights) and needs_master_weights(params):
+            optimizer = self.optimizer = MasterWeights(optimizer)
+        return optimizer
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """The adapter (never the packed base), the tokenizer or processor, and the training arguments."""

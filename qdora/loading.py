@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qdora.adapter_save import route_save_pretrained
 from qdora.config import AdapterConfig
 from qdora.gguf import CACHE_VERSION, SMOLLM2_FILE, convert_gguf, gguf_cache_dir, smollm2_gguf_path  # noqa: F401
 from qdora.hf_config import plain_config, set_config_dtype  # noqa: F401  (plain_config: also from here)
@@ -332,6 +333,8 @@ def stream_model(path: str | os.PathLike, cfg: AdapterConfig, dtype=None, device
     model, tokenizer = loader.finish()
     apply_adapters(model, plan, within=lambda name: not name.startswith(prefix))
     model.qdora_config = cfg
+    if cfg.method != "full":
+        route_save_pretrained(model)  # it writes the adapter, not the packed base
     if progress:
         print(param_report(model))
     return model, tokenizer

@@ -16,7 +16,8 @@ Resident (the whole step)
                      in the adapter dtype (fp32 by default in `qdora train`), plus DoRA's fp32
                      `base_row_sq_norm (out,)` buffer.
     optimizer states AdamW: two tensors shaped like every trainable parameter, in its dtype
-                     (in steady state they exist through the whole step).
+                     (in steady state they exist through the whole step); a bf16 adapter's
+                     fp32 master copy and its two moments in fp32 (`qdora.optim.MasterWeights`).
 
 Per phase of the step (the peak is the largest phase)
     forward end      saved activations + the loss: logits `T·V·e`, their fp32 upcast on bf16
@@ -29,7 +30,8 @@ Per phase of the step (the peak is the largest phase)
                      NF4 layer (bitsandbytes dequantizes it whole; FSDP's path and the adapted
                      layers go row block by row block: `block_rows × in`).
     optimizer step   all gradients + AdamW's temporaries (CPU: the largest parameter twice;
-                     CUDA: torch's foreach path, one copy of all trainable parameters).
+                     CUDA: torch's foreach path, one copy of all trainable parameters) + the
+                     fp32 gradients of the master copies of bf16 adapters.
     With gradient accumulation the gradients of the earlier micro-batches are in every phase.
 
 Saved activations of one Llama decoder layer (autograd's saved tensors, measured on CPU with
@@ -195,12 +197,21 @@ def _weights(d: _Dims, shape: ModelShape, cfg: PlanConfig) -> _Weights:
                     root=root, rope=2 * (shape.hd // 2) * 4)  # rope: inv_freq and its original copy (fp32)
 
 
+def _trained_elements(d: _Dims, wt: _Weights) -> tuple[int, int]:
+    """(trainable elements, bytes each)."""
+    size = d.w if d.full else d.ab
+    return wt.trainable // size, size
+
+
 def _optimizer_states(d: _Dims, wt: _Weights, cfg: PlanConfig) -> int:
+    """AdamW's two moments per trained element in its dtype, or bitsandbytes' 8-bit blockwise states
+    (uint8 per element and an fp32 absmax per 256, twice); for a bf16 parameter, an fp32 master copy
+    (`qdora.optim.MasterWeights`), whose moments are fp32."""
+    n_el, size = _trained_elements(d, wt)
+    master = 4 * n_el if size < 4 and not d.full else 0
     if cfg.optimizer == "adamw":
-        return 2 * wt.trainable
-    # bitsandbytes 8-bit blockwise: uint8 per element and an fp32 absmax per 256, twice
-    n_el = wt.trainable // (d.w if d.full else d.ab)
-    return 2 * (n_el + 4 * -(-n_el // 256))
+        return master + 2 * n_el * (4 if master else size)
+    return master + 2 * (n_el + 4 * -(-n_el // 256))
 
 
 def _fsdp_start(d: _Dims, wt: _Weights, cfg: PlanConfig) -> int:
@@ -322,6 +333,9 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
     in_flight = 3 * d.T * d.i * d.e + 3 * d.T * d.h * d.e              # gradients through the MLP + residual
     deq = _dequantized_block(d, cfg)
     opt_tmp = 2 * wt.largest_trainable if cfg.device == "cpu" else grads_total  # 0 with offload: CPU steps
+    n_el, size = _trained_elements(d, wt)
+    if size < 4 and not d.full:  # the master copies' fp32 gradients, made for the step
+        opt_tmp += 4 * (-(-n_el // d.N) if cfg.fsdp else n_el)
     grads_head = (wt.root - (0 if shape.tied_embeddings else wt.embed)) if d.full else 0
     grads_head = -(-grads_head // d.N) if cfg.fsdp else grads_head
     grad_layer = -(-wt.trainable_layer // d.N) if cfg.fsdp else wt.trainable_layer

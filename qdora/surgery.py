@@ -9,6 +9,7 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
+from qdora.adapter_save import route_save_pretrained
 from qdora.config import AdapterConfig, resolve_dtype
 from qdora.layer import QDoRALinear, VeRAProjections
 from qdora.nf4 import adopt_linear4bit, is_repacked, linear4bit_from_linear, repacked_message
@@ -190,8 +191,10 @@ def add_adapters(model: nn.Module, cfg: AdapterConfig, verbose: bool = True) -> 
     - `qlora`/`qdora`: matched `nn.Linear` layers are quantized to NF4 (explicitly) and wrapped;
       `bnb.nn.Linear4bit` layers (e.g. loaded with `BitsAndBytesConfig`) are adopted as they are;
       the other linear layers are quantized too (`quantize_frozen`), except `keep_full_precision`.
-    Everything else is frozen. Raises if a pattern matches nothing (listing the model's linear
-    modules), if the model already has adapters, or if a layer cannot take the rank.
+    Everything else is frozen. The model's `save_pretrained` then writes the adapter (as PEFT's
+    does; `qdora.adapter_save.save_pretrained_adapter`). Raises if a pattern matches nothing
+    (listing the model's linear modules), if the model already has adapters, or if a layer cannot
+    take the rank.
     """
     plan = plan_adapters(model, cfg)
     for p in model.parameters():
@@ -204,6 +207,8 @@ def add_adapters(model: nn.Module, cfg: AdapterConfig, verbose: bool = True) -> 
                                seed=cfg.projection_seed, device=device)
     apply_adapters(model, plan, vera=vera)
     model.qdora_config = cfg
+    if cfg.method != "full":
+        route_save_pretrained(model)  # it writes the adapter, not the packed base
     if verbose:
         print(param_report(model))
     return model

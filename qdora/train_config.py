@@ -101,7 +101,8 @@ class TrainConfig:
     adapter_format: str = "qdora"
     """Format of the saved adapters: qdora (ours) or peft (PeftModel.from_pretrained reads it)."""
     adapter_dtype: str = "float32"
-    """Dtype the adapters are stored and trained in; fp32 never rounds an optimizer update away."""
+    """Dtype the adapters are stored in. bfloat16 trains fp32 master copies (qdora.optim.MasterWeights),
+    which costs 2 bytes per adapter parameter more than float32."""
     resume: bool = False
     """Continue the run in out from its checkpoint."""
     progress: bool = True
@@ -152,6 +153,9 @@ class TrainConfig:
                   "shared across layers, which FSDP shards separately); use direction='lora'")
         if self.cpu_offload and not self.fsdp:
             p.add("cpu_offload=True is an FSDP option: add --fsdp (and launch with torchrun)")
+        if self.fsdp and self.adapter_dtype == "bfloat16":
+            p.add("adapter_dtype='bfloat16' is not supported with --fsdp: FSDP keeps the fp32 shards and casts "
+                  "them to bf16 for the compute on CUDA; use adapter_dtype='float32'")
         if self.fsdp and self.optimizer != "adamw":
             p.add(f"optimizer={self.optimizer!r} cannot step sharded parameters; use 'adamw' with --fsdp")
         if p.choice("adapter_format", self.adapter_format, ADAPTER_FORMATS) and self.adapter_format == "peft":

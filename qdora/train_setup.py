@@ -22,6 +22,7 @@ from qdora.config import AdapterConfig
 from qdora.data import pad_token_id
 from qdora.fsdp import save_adapter_gathered
 from qdora.loading import load_model, load_tokenizer
+from qdora.optim import MasterWeights, needs_master_weights
 from qdora.preflight import _fingerprints, check_run
 from qdora.run_log import check_reporters, trim_csv
 from qdora.safetensors_io import write_text_atomic
@@ -35,15 +36,21 @@ def _seed_all(seed: int) -> None:
 
 
 def _make_optimizer(params, cfg: TrainConfig, device: torch.device):
+    """AdamW (or bitsandbytes' paged 8-bit AdamW), over fp32 master copies of bf16 adapters
+    (`qdora.optim.MasterWeights`), so that no step is rounded away. A full fine-tune steps the
+    model's weights in their own dtype (bf16 on CUDA, as torchtune's full recipes do): master
+    copies of every weight would cost 4 more bytes per parameter (`qdora plan`)."""
     if cfg.optimizer == "paged_adamw_8bit":
         if device.type != "cuda":
             raise ValueError("optimizer='paged_adamw_8bit' needs a CUDA device; use 'adamw' on CPU")
-        return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # fused: one kernel over all tensors (on CPU 3.5x faster than the per-tensor loop for SmolLM2's
-    # 450 adapter tensors; results differ from the loop only by fp32 rounding order). Sharded
-    # (FSDP) parameters keep torch's default.
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                             fused=True if device.type in ("cpu", "cuda") and not cfg.fsdp else None)
+        optimizer = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        # fused: one kernel over all tensors (on CPU 3.5x faster than the per-tensor loop for SmolLM2's
+        # 450 adapter tensors; results differ from the loop only by fp32 rounding order). Sharded
+        # (FSDP) parameters keep torch's default.
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      fused=True if device.type in ("cpu", "cuda") and not cfg.fsdp else None)
+    return MasterWeights(optimizer) if cfg.method != "full" and needs_master_weights(params) else optimizer
 
 
 def _save_final(model, tokenizer, path: Path, cfg: TrainConfig, build) -> None:

@@ -49,11 +49,11 @@ def arguments(out, **kw):
     return transformers.TrainingArguments(**base)
 
 
-def trainer(setup, out, adapter_format="peft", **kw):
+def trainer(setup, out, adapter_format="peft", cfg=CFG, **kw):
     import qdora
     root, texts = setup
     torch.manual_seed(0)  # the adapters' initial A
-    model, tok = load_model(root / "model", cfg=CFG, progress=False)
+    model, tok = load_model(root / "model", cfg=cfg, progress=False)
     return qdora.QDoRATrainer(model=model, args=arguments(out, **kw), train_dataset=tokenized(tok, texts),
                               data_collator=transformers.DataCollatorForSeq2Seq(tok, padding=True),
                               processing_class=tok, adapter_format=adapter_format)
@@ -84,6 +84,40 @@ def test_trainer_checkpoints_hold_the_adapter_and_resume_exactly(setup, tmp_path
             assert_close(b, a, FP32_TOL, name)
 
 
+def test_bf16_adapters_train_through_fp32_master_copies_and_resume_exactly(setup, tmp_path):
+    from qdora import MasterWeights
+    bf16 = CFG.replace(adapter_dtype="bfloat16")
+    whole = trainer(setup, tmp_path / "whole", cfg=bf16, learning_rate=2e-5)
+    whole.train()
+    wrapped = getattr(whole.optimizer, "optimizer", whole.optimizer)  # accelerate's wrapper, then ours
+    layers = [m for m in whole.model.modules() if isinstance(m, QDoRALinear)]
+    assert isinstance(wrapped, MasterWeights) and len(wrapped.pairs) == 3 * len(layers) > 0  # A, B, m each
+    for p, master in wrapped.pairs:
+        assert p.dtype == torch.bfloat16 and master.dtype == torch.float32
+        assert torch.equal(p, master.to(torch.bfloat16))
+    # 4 steps at lr 2e-5 are below half a bf16 unit for most entries: the copies moved, the stored
+    # values much less (without the copies these steps would be lost)
+    lora_a = [(p, master) for p, master in wrapped.pairs if p.shape[0] == 4]
+    first = whole.model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert any(p is first.lora_A for p, _ in lora_a)
+    torch.manual_seed(0)
+    initial, _ = load_model(setup[0] / "model", cfg=bf16, progress=False)
+    start = initial.get_submodule("model.layers.0.self_attn.q_proj").lora_A.detach().float()
+    master = next(m for p, m in lora_a if p is first.lora_A)
+    assert (master != start).float().mean() > 0.99
+    assert (first.lora_A.detach().float() == start).float().mean() > 0.5
+
+    first_half = trainer(setup, tmp_path / "split", cfg=bf16, learning_rate=2e-5)
+    first_half.args.max_steps = 2
+    first_half.train()
+    resumed = trainer(setup, tmp_path / "split", cfg=bf16, learning_rate=2e-5)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-2"))
+    assert losses(resumed)[-2:] == pytest.approx(losses(whole)[-2:], rel=1e-6)
+    resumed_wrapped = getattr(resumed.optimizer, "optimizer", resumed.optimizer)
+    for (p, master), (q, again) in zip(wrapped.pairs, resumed_wrapped.pairs):
+        assert torch.equal(again, master) and torch.equal(q, p)  # the copies were saved and read back
+
+
 def test_the_saved_adapter_loads_in_qdora_and_in_peft(setup, tmp_path):
     peft = pytest.importorskip("peft")
     root, texts = setup
@@ -103,6 +137,43 @@ def test_the_saved_adapter_loads_in_qdora_and_in_peft(setup, tmp_path):
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "final").eval()
     with torch.no_grad():
         assert_close(theirs(ids).logits, trained, FP32_TOL, "PEFT logits")
+
+
+def test_save_pretrained_and_a_plain_trainer_write_the_adapter_not_the_packed_base(setup, tmp_path):
+    peft = pytest.importorskip("peft")
+    root, texts = setup
+    torch.manual_seed(0)
+    model, tok = load_model(root / "model", cfg=CFG, progress=False)
+    run = transformers.Trainer(model=model, args=arguments(tmp_path / "run", max_steps=2, save_strategy="no"),
+                               train_dataset=tokenized(tok, texts),
+                               data_collator=transformers.DataCollatorForSeq2Seq(tok, padding=True),
+                               processing_class=tok)
+    run.train()
+    run.save_model(str(tmp_path / "final"))
+    saved = sorted(p.name for p in (tmp_path / "final").iterdir())
+    assert "adapter_model.safetensors" in saved and "adapter_config.json" in saved, saved
+    assert not any(name.startswith("model") for name in saved), saved  # never the packed base
+    assert json.loads((tmp_path / "final" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(root / "model")
+    ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        trained = model.eval()(ids).logits
+    base, _ = load_model(root / "model", add=False, progress=False)
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "final").eval()
+    fresh, _ = load_model(root / "model", add=False, progress=False)
+    load_adapter(fresh, tmp_path / "final", verbose=False)
+    with torch.no_grad():
+        assert_close(theirs(ids).logits, trained, FP32_TOL, "PEFT logits")
+        assert torch.equal(fresh.eval()(ids).logits, trained)
+
+    # what PEFT cannot express (a VeRA direction) is written in qdora's format
+    vera, _ = load_model(root / "model", cfg=CFG.replace(direction="vera", r=8), progress=False)
+    vera.save_pretrained(tmp_path / "vera")
+    assert sorted(p.name for p in (tmp_path / "vera").iterdir()) == ["adapter.safetensors", "qdora_adapter.json"]
+    vera.save_pretrained(tmp_path / "not-main", is_main_process=False)  # another rank: writes nothing
+    assert not (tmp_path / "not-main").exists()
+    with pytest.raises(ValueError, match="push_to_hub is not supported for a qdora model"):
+        vera.save_pretrained(tmp_path / "hub", push_to_hub=True)
 
 
 def test_the_qdora_format_and_errors(setup, tmp_path):

@@ -1,3 +1,4 @@
+import functools
 import json
 import math
 import os
@@ -6,7 +7,9 @@ import signal
 import pytest
 import torch
 from models import build, llama3_config, save_bpe_tokenizer
+from safetensors import safe_open
 
+from qdora import QDoRALinear
 from qdora.data import DEMO_DATA, DataError
 from qdora.train import TrainConfig, lr_at, read_metrics, train
 
@@ -53,7 +56,10 @@ def test_qdora_loss_goes_down(setup, tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses  # nats per token
 
 
-def test_resume_continues_the_same_curve_bitwise(setup, tmp_path):
+@pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
+def test_resume_continues_the_same_curve_bitwise(setup, tmp_path, adapter_dtype):
+    """bf16 adapters: the fp32 master copies are in the checkpoint, so the resumed run is the same run."""
+    config = functools.partial(globals()["config"], adapter_dtype=adapter_dtype)
     full = train(config(setup, tmp_path / "full"))
     reference = read_metrics(tmp_path / "full")
 
@@ -64,6 +70,9 @@ def test_resume_continues_the_same_curve_bitwise(setup, tmp_path):
     first = train(config(setup, tmp_path / "resumed"), on_step=interrupt)
     assert first["interrupted"] == signal.SIGTERM and first["steps"] == 3
     assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["step"] == 3
+    saved = safe_open(str(tmp_path / "resumed" / "checkpoint" / "optimizer.safetensors"), "pt").keys()
+    masters = [k for k in saved if k.endswith("::master_weight")]
+    assert len(masters) == (0 if adapter_dtype == "float32" else 3 * len(qdora_layers(full["model"])))
     second = train(config(setup, tmp_path / "resumed", resume=True))
     assert second["steps"] == 6 and second["interrupted"] is None
     resumed = read_metrics(tmp_path / "resumed")
@@ -73,6 +82,10 @@ def test_resume_continues_the_same_curve_bitwise(setup, tmp_path):
     for (n1, p1), (n2, p2) in zip(full["model"].named_parameters(), second["model"].named_parameters()):
         if p1.requires_grad:
             assert torch.equal(p1, p2), n1
+
+
+def qdora_layers(model):
+    return [m for m in model.modules() if isinstance(m, QDoRALinear)]
 
 
 def test_bad_data_never_touches_a_good_checkpoint(setup, tmp_path):
