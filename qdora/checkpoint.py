@@ -34,7 +34,14 @@ from torch.distributed.checkpoint.state_dict import (
 
 from qdora.fsdp import gather_trainable, world_size
 from qdora.fsdp import rank as fsdp_rank
-from qdora.safetensors_io import atomic_dir, check_safetensors_file, save_file_atomic, swap_in_dir, write_text_atomic
+from qdora.safetensors_io import (
+    atomic_dir,
+    check_safetensors_file,
+    previous_copies,
+    save_file_atomic,
+    swap_in_dir,
+    write_text_atomic,
+)
 
 CHECKPOINT = "checkpoint"
 FILES = ("trainable.safetensors", "optimizer.safetensors")
@@ -130,9 +137,10 @@ def _write(tmp: Path, trainable, tensors, meta, run_state: dict, world_size: int
 
 
 def find_checkpoint(out: Path) -> Path | None:
-    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):  # .old: a crash between the two renames
-        if (out / name / "state.json").is_file():
-            return out / name
+    # .old-<pid>: a crash between swap_in_dir's two renames left the previous checkpoint there
+    for path in (out / CHECKPOINT, *previous_copies(out / CHECKPOINT)):
+        if (path / "state.json").is_file():
+            return path
     return None
 
 

@@ -124,10 +124,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def swap_in_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     """Replace folder `final` by the finished folder `tmp`: the previous `final` is moved to
-    `<name>.old` first and removed last, so a crash at any point leaves either the old folder
-    (possibly as `.old`) or the new one, never a mix."""
+    `<name>.old-<pid>` first and removed last, so a crash at any point leaves either the old folder
+    (possibly as `.old-<pid>`) or the new one, never a mix. Only such `.old-<pid>` folders are
+    removed, this process's and, once the new `final` is in place, those of processes that are gone;
+    a `<name>.old` of anyone else's is never touched."""
     final = Path(final)
-    old = final.with_name(f"{final.name}.old")
+    old = final.with_name(f"{final.name}.old-{os.getpid()}")
     if old.exists():
         shutil.rmtree(old)
     if final.exists():
@@ -135,6 +137,7 @@ def swap_in_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     os.replace(tmp, final)
     if old.exists():
         shutil.rmtree(old)
+    _remove_dead(final, ".old-")
 
 
 def _alive(pid: int) -> bool:
@@ -147,17 +150,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_tmp(final: str | os.PathLike) -> list[Path]:
-    """Remove the `<final>.tmp-<pid>` folders that a killed write of `final` left (their process is
-    gone); the ones of a live process are left alone. Returns what was removed."""
-    final = Path(final)
+def _remove_dead(final: Path, infix: str) -> list[Path]:
+    """Remove the `<final><infix><pid>` folders whose process is gone."""
     removed = []
-    for stale in final.parent.glob(f"{final.name}.tmp-*"):
-        pid = stale.name.rsplit(".tmp-", 1)[-1]
+    for stale in final.parent.glob(f"{final.name}{infix}*"):
+        pid = stale.name.rsplit(infix, 1)[-1]
         if stale.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
             removed.append(stale)
     return removed
+
+
+def previous_copies(final: str | os.PathLike) -> list[Path]:
+    """The `<final>.old-<pid>` folders a crash between `swap_in_dir`'s two renames left, newest first."""
+    final = Path(final)
+    found = [p for p in final.parent.glob(f"{final.name}.old-*") if p.is_dir() and p.name.rsplit("-", 1)[-1].isdigit()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def remove_stale_tmp(final: str | os.PathLike) -> list[Path]:
+    """Remove the `<final>.tmp-<pid>` folders that a killed write of `final` left (their process is
+    gone); the ones of a live process are left alone. Returns what was removed."""
+    return _remove_dead(Path(final), ".tmp-")
 
 
 @contextlib.contextmanager

@@ -231,3 +231,23 @@ def test_a_killed_exports_temporary_folder_does_not_live_on(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_replacing_a_folder_never_removes_a_dot_old_it_did_not_make(tmp_path):
+    # `<out>.old` may be anyone's backup: an overwrite moves the previous folder to `<out>.old-<pid>`
+    # and removes only that (and, once the new folder is in place, those of processes that are gone).
+    import subprocess
+    import sys
+
+    from qdora.safetensors_io import atomic_dir
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    backup, crashed = tmp_path / "merged.old", tmp_path / f"merged.old-{dead}"
+    for folder in (backup, crashed, tmp_path / "merged"):
+        folder.mkdir()
+        (folder / "config.json").write_text(f'"{folder.name}"')
+    with atomic_dir(tmp_path / "merged") as tmp:
+        (tmp / "config.json").write_text('"new"')
+    assert (tmp_path / "merged" / "config.json").read_text() == '"new"'
+    assert (backup / "config.json").read_text() == '"merged.old"' and not crashed.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "merged.old"]

@@ -113,6 +113,20 @@ def test_existing_checkpoint_needs_resume_and_same_settings(setup, tmp_path):
         train(config(setup, out, max_steps=4, lr=1e-3, resume=True))
 
 
+def test_a_crash_between_the_renames_of_a_checkpoint_swap_resumes_from_the_previous_one(setup, tmp_path):
+    # swap_in_dir moves the old checkpoint to checkpoint.old-<pid>, then the new one in: a crash
+    # between the two leaves only checkpoint.old-<pid>. --resume finds it, and the next checkpoint
+    # written replaces it; a user's own checkpoint.old is never touched.
+    out = tmp_path / "run"
+    train(config(setup, out, max_steps=2))
+    (out / "checkpoint").rename(out / "checkpoint.old-999999999")
+    (out / "checkpoint.old").mkdir()
+    summary = train(config(setup, out, max_steps=4, resume=True))
+    assert summary["steps"] == 4 and [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert not (out / "checkpoint.old-999999999").exists() and (out / "checkpoint.old").is_dir()
+
+
 def test_learning_rate_schedule():
     cfg = TrainConfig(model="m", data="d", out="o", lr=1.0, max_steps=10, warmup_steps=2, schedule="linear")
     assert [lr_at(s, cfg) for s in (0, 1, 2, 6)] == [0.5, 1.0, 1.0, 0.5]
