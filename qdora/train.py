@@ -16,9 +16,11 @@ norm of exactly 0, or a loss stuck at ln(vocabulary size) (a uniform guess), war
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -235,7 +237,8 @@ def _maybe_validate(run: _Run, step: int, lr: float, record: dict) -> bool:
     record["val_loss"] = run.totals["val_loss"] = val_loss
     if cfg.keep_best and val_loss < run.totals.get("best_val_loss", math.inf):
         _check_trained(run, step, lr)
-        _save_final(run.model, run.tokenizer, run.out / "adapter-best", cfg, run.build)
+        with _writing(run, f"best adapter (step {step})", run.out / "adapter-best", _result_bytes(run)):
+            _save_final(run.model, run.tokenizer, run.out / "adapter-best", cfg, run.build)
         run.totals["best_val_loss"], run.totals["best_step"] = val_loss, step
         if run.main:
             write_text_atomic(run.out / "adapter-best" / "best.json",
@@ -244,19 +247,67 @@ def _maybe_validate(run: _Run, step: int, lr: float, record: dict) -> bool:
 
 
 def _save(run: _Run, step: int, lr: float, stopping: bool, log: RunLog) -> None:
-    """After step `step`: the intermediate adapter and the checkpoint, when they are due."""
+    """After step `step`: the intermediate adapter, the result (after the last step: the adapter, or
+    the model for `full`, written before the checkpoint, the larger) and the checkpoint, when due."""
     cfg = run.cfg
     keep_adapter = cfg.keep_adapters_every and step % cfg.keep_adapters_every == 0 and step < cfg.max_steps
-    checkpoint = step % cfg.save_every == 0 or step == cfg.max_steps or stopping
+    last = step == cfg.max_steps
+    checkpoint = step % cfg.save_every == 0 or last or stopping
     if keep_adapter or checkpoint:
         _check_trained(run, step, lr)
     if keep_adapter:
-        _save_final(run.model, run.tokenizer, run.out / f"adapter-step{step}", cfg, run.build)
+        with _writing(run, f"adapter of step {step}", run.out / f"adapter-step{step}", _result_bytes(run)):
+            _save_final(run.model, run.tokenizer, run.out / f"adapter-step{step}", cfg, run.build)
+    result = run.out / ("model" if cfg.method == "full" else "adapter")
+    if last:
+        with _writing(run, f"{result.name} of step {step}", result, _result_bytes(run)):
+            _save_final(run.model, run.tokenizer, result, cfg, run.build)
     if checkpoint:
         log.flush()
-        save_checkpoint(run.out / CHECKPOINT, run.model, run.optimizer, run.names, _run_state(step, cfg, run.totals),
-                        sharded=cfg.fsdp)
+        done = f"The {result.name} of step {step} is saved in {result}. " if last else ""
+        with _writing(run, f"checkpoint of step {step}", run.out / CHECKPOINT, _checkpoint_bytes(run), done):
+            save_checkpoint(run.out / CHECKPOINT, run.model, run.optimizer, run.names,
+                            _run_state(step, cfg, run.totals), sharded=cfg.fsdp)
         run.saved_step = step
+
+
+class DiskFullError(OSError):
+    """The disk filled while a run wrote its results; the message names the path, the bytes and what is kept."""
+
+
+@contextlib.contextmanager
+def _writing(run: _Run, what: str, path: Path, needed: int, done: str = ""):
+    """Running out of disk (or quota) while writing `what` to `path` becomes one line that names
+    the path, about how many bytes it needs and has, and what is kept (the last checkpoint)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(err, DiskFullError):
+            raise
+        free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+        full = DiskFullError(f"{path}: no space left on device while writing the {what} (it needs about "
+                             f"{_mb(needed)}; {_mb(free)} free there). {done}{run.saved_note()} Free some space, "
+                             "then run the same command with --resume.")
+        full.errno = err.errno
+        raise full from err
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _result_bytes(run: _Run) -> int:
+    """About what the adapter (or a full fine-tune's model) takes on disk."""
+    tensors = run.model.parameters() if run.cfg.method == "full" else (p for _, p in run.params)
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _checkpoint_bytes(run: _Run) -> int:
+    """About what a checkpoint takes: the trained tensors, the optimizer's states and master copies."""
+    total = sum(p.numel() * p.element_size() for _, p in run.params)
+    for state in run.optimizer.state.values():
+        total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+    return total + sum(4 * master.numel() for _, master in getattr(run.optimizer, "pairs", ()))
 
 
 def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
@@ -270,7 +321,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
     (nothing of it is saved; the last checkpoint stays as it was)."""
     run = _setup(cfg, build)
     summary = _fit(run, on_step)
-    if summary["steps"] == cfg.max_steps:
+    if run.start == cfg.max_steps:  # a finished run resumed: no step, the result written again
         _save_final(run.model, run.tokenizer, run.out / ("model" if cfg.method == "full" else "adapter"), cfg,
                     run.build)
     summary["model"], summary["tokenizer"] = run.model, run.tokenizer
@@ -293,5 +344,5 @@ def read_metrics(out: str | os.PathLike) -> list[dict]:
 
 
 # Also importable from here: the run's settings, its checks and what stops it.
-__all__ = ["TrainConfig", "NonFiniteError", "train", "check_run", "lr_at", "read_metrics", "prepare_for_training",
-           "save_checkpoint", "load_checkpoint"]
+__all__ = ["TrainConfig", "NonFiniteError", "DiskFullError", "train", "check_run", "lr_at", "read_metrics",
+           "prepare_for_training", "save_checkpoint", "load_checkpoint"]

@@ -2,6 +2,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -125,6 +126,45 @@ def test_a_crash_between_the_renames_of_a_checkpoint_swap_resumes_from_the_previ
     assert summary["steps"] == 4 and [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
     assert not (out / "checkpoint.old-999999999").exists() and (out / "checkpoint.old").is_dir()
+
+
+def test_a_full_disk_at_the_end_keeps_the_adapter_and_the_last_checkpoint_and_names_the_bytes(
+        setup, tmp_path, monkeypatch, capsys):
+    """Through the command line: the final checkpoint does not fit; the adapter (written first, the
+    smaller) is saved, the checkpoint of step 2 is kept as it was, and one line says where and how much."""
+    import errno
+
+    import qdora.checkpoint
+    from qdora.cli import main
+    real = qdora.checkpoint.save_file_atomic
+
+    def fill_up(tensors, path, *args, **kw):
+        state = json.loads((out / "checkpoint" / "state.json").read_text()) if (out / "checkpoint").is_dir() else {}
+        if state.get("step") == 2:  # the checkpoint of step 2 is in place: the next one fills the disk
+            path.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *args, **kw)
+
+    monkeypatch.setattr(qdora.checkpoint, "save_file_atomic", fill_up)
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(setup / "model"), "--data", str(setup / "data.json"), "--r", "4", "--alpha", "8",
+            "--max-steps", "4", "--save-every", "2", "--batch-size", "2", "--cutoff-len", "320", "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    ckpt, adapter = re.escape(str(out / "checkpoint")), re.escape(str(out / "adapter"))
+    assert re.fullmatch(rf"qdora train: error: {ckpt}: no space left on device while writing the checkpoint of "
+                        r"step 4 \(it needs about [\d.,]+ MiB; [\d.,]+ MiB free there\)\. The adapter of step 4 is "
+                        rf"saved in {adapter}\. The checkpoint of step 2 in {ckpt} is kept as it was\. Free some "
+                        r"space, then run the same command with --resume\.", err[0]), err[0]
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert (out / "adapter" / "qdora_adapter.json").is_file()
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    monkeypatch.setattr(qdora.checkpoint, "save_file_atomic", real)  # space freed: the run continues from step 2
+    assert main(argv + ["--resume"]) == 0
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
 
 
 def test_learning_rate_schedule():
