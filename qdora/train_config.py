@@ -106,7 +106,8 @@ class TrainConfig:
     resume: bool = False
     """Continue the run in out from its checkpoint."""
     progress: bool = True
-    """A progress bar and notes."""
+    """A progress bar (off a terminal: a line every progress_seconds) and loading messages. Notes and
+    warnings about the data and the run print either way."""
     fsdp: bool = False
     """Shard the model over the processes of a torchrun job (FSDP2, qdora.fsdp; run as
     `torchrun ... -m qdora.cli -- train ...`). batch_size stays the global micro-batch, split across

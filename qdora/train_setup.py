@@ -148,10 +148,11 @@ def _setup(cfg: TrainConfig, build) -> _Run:
     if tokenizer is None:
         raise ValueError(f"{cfg.model}: no tokenizer found next to the model; training needs one")
     data = examples(cfg, records, tokenizer, progress=cfg.progress and rank == 0)
-    if data.skipped and cfg.progress and rank == 0:
+    # notes about the data print with or without --no-progress (which turns off bars and messages)
+    if data.skipped and rank == 0:
         print(f"note: {data.skipped} example(s) have no target token within cutoff_len={cfg.cutoff_len} and are "
               "skipped")
-    if cfg.packing and cfg.progress and rank == 0:
+    if cfg.packing and rank == 0:
         print(f"packing: {data.examples} examples in {len(data.rows)} rows of up to {cfg.cutoff_len} tokens")
     _seed_all(cfg.seed)
     model, model_tokenizer = _load(cfg, build, device, rank)

@@ -93,6 +93,11 @@ def test_packing_trains_on_the_same_examples_in_fewer_rows(setup, tmp_path, caps
     assert [ln.split(",")[0] for ln in lines] == ["qdora train: step 1/2", "qdora train: step 2/2"]
     assert "\r" not in out.err
 
+    # --no-progress: no progress lines, the notes about the data still
+    train(config(setup, tmp_path / "quiet", packing=True, max_steps=1, progress=False))
+    out = capsys.readouterr()
+    assert "packing: 24 examples in" in out.out and "qdora train: step" not in out.err
+
 
 @pytest.mark.parametrize("rows, pattern", [
     ([{"messages": [{"role": "user", "content": "hi"}]}], "the chat has no assistant turn"),
