@@ -18,6 +18,9 @@ OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 ADAPTER_FORMATS = ("qdora", "peft")
 
 
+DEFAULT_MAX_STEPS = 100
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One fine-tuning run. Every field is checked in `__post_init__`."""
@@ -70,8 +73,11 @@ class TrainConfig:
     """Peak learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    max_steps: int = 100
+    max_steps: int = DEFAULT_MAX_STEPS
     """Optimizer steps (each of batch_size × grad_accum examples)."""
+    epochs: float = 0.0
+    """Passes over the training examples instead of max_steps: max_steps becomes the steps they take
+    (rounded up), counted once the data is read (after packing). 0: max_steps decides."""
     batch_size: int = 8
     """Examples per micro-batch (with fsdp: the global micro-batch, split across the processes)."""
     grad_accum: int = 1
@@ -130,6 +136,10 @@ class TrainConfig:
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             p.add(f"warmup_steps={self.warmup_steps!r} must be >= 0")
         p.number("lr", self.lr, hint="typical: 1e-4 to 2e-4 for adapters")
+        p.number("epochs", self.epochs, inclusive=True, hint="0: max_steps decides")
+        if self.epochs and self.max_steps != DEFAULT_MAX_STEPS:
+            p.add(f"epochs={self.epochs!r} and max_steps={self.max_steps!r} both given; give one (epochs sets "
+                  "max_steps)")
         p.number("weight_decay", self.weight_decay, inclusive=True)
         p.number("max_grad_norm", self.max_grad_norm, inclusive=True, hint="0 disables clipping")
         p.choice("schedule", self.schedule, SCHEDULES)
@@ -173,6 +183,15 @@ class TrainConfig:
             except (ValueError, TypeError) as err:
                 p.include(err)
         p.raise_if_any()
+
+    def for_examples(self, count: int) -> TrainConfig:
+        """This config for `count` training examples (rows, once packed): with `epochs`, max_steps
+        set to the steps they take and epochs to 0 (the run then records its steps)."""
+        if not self.epochs:
+            return self
+        micro_batches = math.ceil(count / self.batch_size)
+        return dataclasses.replace(self, epochs=0.0, max_steps=max(1, math.ceil(self.epochs * micro_batches
+                                                                                / self.grad_accum)))
 
     def adapter_config(self) -> AdapterConfig:
         """The adapter this run trains: every field named as an `AdapterConfig` field is one (an

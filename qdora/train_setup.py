@@ -154,6 +154,11 @@ def _setup(cfg: TrainConfig, build) -> _Run:
               "skipped")
     if cfg.packing and rank == 0:
         print(f"packing: {data.examples} examples in {len(data.rows)} rows of up to {cfg.cutoff_len} tokens")
+    if cfg.epochs:
+        epochs, cfg = cfg.epochs, cfg.for_examples(len(data.rows))
+        if rank == 0:
+            print(f"{epochs:g} epoch(s) of {len(data.rows)} {'rows' if cfg.packing else 'examples'}: {cfg.max_steps} "
+                  f"steps of {cfg.batch_size} x {cfg.grad_accum}")
     _seed_all(cfg.seed)
     model, model_tokenizer = _load(cfg, build, device, rank)
     prepare_for_training(model, cfg.gradient_checkpointing)

@@ -167,6 +167,22 @@ def test_a_full_disk_at_the_end_keeps_the_adapter_and_the_last_checkpoint_and_na
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
 
 
+def test_epochs_set_the_steps_once_the_data_is_read(setup, tmp_path, capsys):
+    # 16 examples in micro-batches of 4: 4 per epoch; 1.5 epochs with grad_accum 2 -> ceil(6 / 2) = 3 steps
+    cfg = config(setup, tmp_path / "run", max_steps=100, epochs=1.5, grad_accum=2, save_every=100)
+    summary = train(cfg)
+    assert summary["steps"] == 3 and [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    assert "1.5 epoch(s) of 16 examples: 3 steps of 4 x 2" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert (saved["max_steps"], saved["epochs"]) == (3, 0.0)
+    again = config(setup, tmp_path / "run", max_steps=100, epochs=1.5, grad_accum=2, save_every=100, resume=True)
+    assert train(again)["steps"] == 3  # the same command plus --resume: the run is complete
+    with pytest.raises(ValueError, match=r"epochs=2 and max_steps=6 both given; give one"):
+        config(setup, tmp_path / "x", epochs=2)
+    with pytest.raises(ValueError, match=r"epochs=-1 must be a number >= 0"):
+        config(setup, tmp_path / "x", max_steps=100, epochs=-1)
+
+
 def test_learning_rate_schedule():
     cfg = TrainConfig(model="m", data="d", out="o", lr=1.0, max_steps=10, warmup_steps=2, schedule="linear")
     assert [lr_at(s, cfg) for s in (0, 1, 2, 6)] == [0.5, 1.0, 1.0, 0.5]
