@@ -26,6 +26,7 @@ from qdora.adapter_io import adapter_config, load_adapter, read_adapter
 from qdora.layer import QDoRALinear
 from qdora.loading import CheckpointReader, load_model
 from qdora.merge import merged_weight
+from qdora.options import Parser
 from qdora.safetensors_io import write_text_atomic
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -179,7 +180,7 @@ def plot_panels(groups: dict[str, list[dict]], path: str | os.PathLike) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="qdora analyze", description=__doc__,
+    p = Parser(prog="qdora analyze", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="the base checkpoint folder the tuned weights started from")
     p.add_argument("--tuned", required=True, action="append",

@@ -28,6 +28,7 @@ import torch
 
 from qdora.kernels import ops, reference
 from qdora.nf4 import quantize_nf4
+from qdora.options import Parser
 from qdora.safetensors_io import write_text_atomic
 
 DEFAULT_SHAPES_CUDA = ((4096, 4096), (4096, 14336), (14336, 4096))  # (in, out): Llama-3-8B q/o, up, down
@@ -168,7 +169,7 @@ def format_markdown(res: dict, peak_gbps: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(prog="qdora bench kernels", description=__doc__,
+    p = Parser(prog="qdora bench kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     shapes = DEFAULT_SHAPES_CUDA if cuda else DEFAULT_SHAPES_CPU
     p.add_argument("--shapes", default=",".join(f"{i}x{o}" for i, o in shapes),

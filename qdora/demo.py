@@ -24,6 +24,7 @@ import torch
 from qdora.data import DEMO_DATA
 from qdora.loading import convert_gguf, load_model, smollm2_gguf_path
 from qdora.merge import merge_and_save
+from qdora.options import Parser
 from qdora.safetensors_io import check_output_dir, write_text_atomic
 from qdora.scoring import Choice, choice_chat, llm_adapters_choice, paired_accuracy, score_chat_choices
 from qdora.train import TrainConfig, read_metrics, train
@@ -33,7 +34,7 @@ MARKER = ".qdora-demo"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qdora demo", description=__doc__,
+    p = Parser(prog="qdora demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo",
                    help="output folder (default: %(default)s, which git ignores); a previous demo's output there is "

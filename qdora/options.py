@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
 import json
 import os
@@ -22,6 +23,31 @@ from typing import Any
 
 IGNORED_KEYS = frozenset({"fingerprints"})
 """Keys a run's own `train_config.json` holds beside the settings (so it can be given as --config)."""
+
+
+def nearest(word: str, known, quote: bool = False) -> str:
+    """' (did you mean X?)' for the known word closest to a mistyped `word`, or ''."""
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close and quote else f" (did you mean {close[0]}?)" if close else ""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose error for an unknown option names the nearest known one (its
+    subcommands' parsers are of this class too)."""
+
+    def options(self) -> list[str]:
+        found = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                found += [o for sub in action.choices.values() if isinstance(sub, Parser) for o in sub.options()]
+        return found
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments:"):
+            known = self.options()
+            hints = [f"{arg}{nearest(arg.split('=')[0], known)}" for arg in message.split(":", 1)[1].split()]
+            message = "unrecognized arguments: " + " ".join(hints)
+        super().error(message)
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -150,7 +176,7 @@ def resolve(cls, given: dict[str, Any], ignore: frozenset[str] = frozenset()):
             if name in IGNORED_KEYS or name in ignore:
                 continue
             if name not in fields:
-                problems.append(f"--config {source}: unknown setting {key!r}")
+                problems.append(f"--config {source}: unknown setting {key!r}{nearest(name, fields, quote=True)}")
                 continue
             try:
                 values[name] = file_value(_kind(fields[name]), value)

@@ -54,7 +54,8 @@ def test_every_problem_of_a_config_file_in_one_error(tmp_path):
     with pytest.raises(ValueError) as info:
         parsed(["--config", str(tmp_path / "bad.json")])
     text = str(info.value)
-    for fragment in ("unknown setting 'rank'", "unknown setting 'lrr'", "--target-modules: expected a list",
+    for fragment in ("unknown setting 'rank'", "unknown setting 'lrr' (did you mean 'lr'?)",
+                     "--target-modules: expected a list",
                      "--data, --out are required", "known settings: model, data, out"):
         assert fragment in text, text
     (tmp_path / "types.json").write_text(json.dumps({"model": "m", "data": "d", "out": "o", "r": "eight",
@@ -142,3 +143,17 @@ def test_plan_takes_a_runs_train_config(tmp_path, capsys):
     (tmp_path / "typo.json").write_text(json.dumps({**settings, "rnak": 8}))
     assert main(["plan", "--model", "SmolLM2-135M", "--config", str(tmp_path / "typo.json")]) == 2
     assert "unknown setting 'rnak'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["train", "--model", "m", "--data", "d", "--out", "o", "--max-stepz", "4"],
+     "--max-stepz (did you mean --max-steps?)"),
+    (["plan", "--model", "Llama-3-8B", "--batchsize", "2"], "--batchsize (did you mean --batch-size?)"),
+    (["demo", "--stepz", "3"], "--stepz (did you mean --steps?)"),
+])
+def test_a_mistyped_option_names_the_nearest_one(argv, hint, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: unrecognized arguments: {hint}" in err, err
