@@ -69,7 +69,7 @@ def _claim_folder(out: Path) -> str | None:
 def demo_choices(name: str) -> list[Choice]:
     """The bundled ARC-Easy file `name` (`qdora/demo_data/`) as multiple-choice items."""
     rows = json.loads((DEMO_DATA / name).read_text())
-    return [llm_adapters_choice(obj, f"{name} item {i}") for i, obj in enumerate(rows)]
+    return [llm_adapters_choice(obj, f"{name} item {i}") for i, obj in enumerate(rows, start=1)]
 
 
 def write_chat_data(items: list[Choice], path: Path) -> None:

@@ -15,7 +15,7 @@ One file holds one format (Alpaca and GSM8K records may be mixed: both use the A
 Files: `.json` (an array of objects), `.jsonl` (an object per line, blank lines skipped),
 `.parquet`, `.arrow` (a `datasets` Arrow file), or a folder written by `datasets`' `save_to_disk`
 (nothing is fetched from a hub). Every problem is raised as `DataError`, naming the file, the line,
-item or row, the field and what was expected.
+item or row (each counted from 1, as an editor counts lines), the field and what was expected.
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def _json_rows(path: Path, text: str) -> list[tuple[str, Any]]:
     if not isinstance(items, list):
         raise DataError(f"{path}: top-level JSON must be an array of records, "
                         f"got {_json_type(items)} (use .jsonl for one record per line)")
-    return [(f"{path} item {i}", obj) for i, obj in enumerate(items)]
+    return [(f"{path} item {i}", obj) for i, obj in enumerate(items, start=1)]
 
 
 def _jsonl_rows(path: Path, text: str) -> list[tuple[str, Any]]:
@@ -312,7 +312,7 @@ def _table_rows(path: Path, table) -> list[tuple[str, Any]]:
         rows = table.to_pylist()
     except Exception as err:  # pyarrow's own errors (e.g. invalid UTF-8 in a string column)
         raise DataError(f"{path}: cannot be read ({err})") from None
-    return [(f"{path} row {i}", row) for i, row in enumerate(rows)]
+    return [(f"{path} row {i}", row) for i, row in enumerate(rows, start=1)]
 
 
 def holdout(records: list[Record], fraction: float, seed: int) -> set[int]:

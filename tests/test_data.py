@@ -98,8 +98,8 @@ def test_json_array_sources_and_numeric_answer(tmp_path):
         {"instruction": "2+2?", "input": None, "output": "4", "answer": 4},
     ]))
     first, second = load_records(path)
-    assert (first.source, first.label) == (f"{path} item 0", "answer1")
-    assert (second.source, second.label) == (f"{path} item 1", "4")
+    assert (first.source, first.label) == (f"{path} item 1", "answer1")
+    assert (second.source, second.label) == (f"{path} item 2", "4")
     assert second.prompt == NO_INPUT.replace("Name a color.", "2+2?")  # None input: no-input form
 
 
@@ -262,7 +262,7 @@ def test_bad_record_jsonl(tmp_path, rows, where, pattern):
 
 def test_bad_record_json_item_index(tmp_path):
     path = _write(tmp_path, "data.json", json.dumps([GOOD, GOOD, {"instruction": "i", "input": "x"}]))
-    with pytest.raises(DataError, match=re.escape(f"{path} item 2: field 'output' is missing")):
+    with pytest.raises(DataError, match=re.escape(f"{path} item 3: field 'output' is missing")):
         load_records(path)
 
 

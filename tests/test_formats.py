@@ -66,7 +66,7 @@ def test_every_format_from_every_file_type(tmp_path, kind, name, fmt):
     records = load_records(_write(tmp_path / name, rows, kind))
     assert [r.format for r in records] == [fmt, fmt]
     assert records[0] == parse_record(RECORDS[fmt], records[0].source)  # the file type changes nothing
-    assert re.search(r"(item 1|line 2|row 1)$", records[1].source)  # lines count from 1, items and rows from 0
+    assert re.search(r"(item 2|line 2|row 2)$", records[1].source)  # lines, items and rows all count from 1
     if fmt == "chat":
         assert records[0].messages[-1] == ("assistant", "Green, of course.")
 
