@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from qdora.plan import CARDS_GB, GIB, TERM_LABELS, TERMS, MemoryPlan
+from qdora.plan_config import FIT_MARGIN
 
 
 def _gib(n: int) -> str:
@@ -48,7 +49,10 @@ def format_plan(p: MemoryPlan, cards=CARDS_GB) -> str:
                      + (f", {p.start_total_bytes / GIB:.2f} GiB with context and slack" if c.device == "cuda" else "")
                      + (" -- more than the training step" if p.start_total_bytes > p.total_bytes else ""))
     if c.device == "cuda":
-        lines.append("fits: " + "  ".join(f"{gb} GB {'yes' if p.fits(gb) else 'no'}" for gb in cards))
+        lines.append("fits: " + "  ".join(f"{gb} GB {p.verdict(gb)}" for gb in cards))
+        if any(p.verdict(gb) == "tight" for gb in cards):
+            lines.append(f"tight: the plan is within {FIT_MARGIN:.0%} of the card, inside its own error (it fell up "
+                         "to 18.5% short of what published runs reserved; docs/planner.md): it may not fit")
     return "\n".join(lines)
 
 
@@ -56,6 +60,6 @@ def plan_to_dict(p: MemoryPlan) -> dict:
     return {"model": dataclasses.asdict(p.model), "config": dataclasses.asdict(p.config), "terms": p.terms,
             "total_bytes": p.total_bytes, "peak_phase": p.peak_phase, "phases": p.phases, "details": p.details,
             "start_bytes": p.start_bytes, "start_total_bytes": p.start_total_bytes,
-            "fits": {str(gb): p.fits(gb) for gb in CARDS_GB}}
+            "fits": {str(gb): p.verdict(gb) for gb in CARDS_GB}}
 
 
