@@ -17,6 +17,7 @@ from qdora.layer import QDoRALinear
 from qdora.plan import (
     ALLOCATOR_SLACK,
     CUDA_CONTEXT_BYTES,
+    GIB,
     PRESETS,
     PlanConfig,
     plan,
@@ -233,3 +234,14 @@ def test_plan_config_from_an_adapter_config():
         PlanConfig.from_adapter(adapter, seq_length=1024)
     with pytest.raises(ValueError, match="(?s)invalid plan setting.*r=0 must be a positive integer"):
         PlanConfig(r=0)
+
+
+def test_fits_only_with_the_margin_the_planners_error_needs():
+    from qdora.plan_config import FIT_MARGIN
+    from qdora.plan_report import plan_to_dict
+    p = plan("Llama-3-8B", PlanConfig(method="qdora", r=64, seq_len=2048, batch_size=4, grad_accum=4))
+    assert (1 - FIT_MARGIN) * 24 * GIB < p.total_bytes <= 24 * GIB          # 23.47 GiB (docs/planner.md)
+    assert [p.verdict(gb) for gb in (16, 24, 48)] == ["no", "tight", "yes"] and not p.fits(24) and p.fits(48)
+    text = format_plan(p)
+    assert "fits: 16 GB no  24 GB tight  48 GB yes" in text and "tight: the plan is within 20% of the card" in text
+    assert plan_to_dict(p)["fits"]["24"] == "tight"
