@@ -181,7 +181,7 @@ def measure_step(folder: Path, method: str, shape, args, device: torch.device) -
     load_s = time.perf_counter() - t0
     prepare_for_training(model, True)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True)   # as qdora.train._make_optimizer
+    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True)   # as qdora.train.make_optimizer
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, shape.vocab, (args.batch_size, args.seq_len), generator=gen).to(device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}

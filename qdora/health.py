@@ -26,12 +26,12 @@ def _finite_or_none(value):
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
-def _metrics_line(record: dict) -> str:
+def metrics_line(record: dict) -> str:
     """One line of `metrics.jsonl`: valid JSON always (a non-finite number is written as null)."""
     return json.dumps({k: _finite_or_none(v) for k, v in record.items()}, allow_nan=False) + "\n"
 
 
-def _count_nonfinite(tensors: list[torch.Tensor]) -> list[int]:
+def count_nonfinite(tensors: list[torch.Tensor]) -> list[int]:
     """Non-finite entries of each tensor (this rank's shard of a sharded one)."""
     counts = []
     for t in tensors:
@@ -40,7 +40,7 @@ def _count_nonfinite(tensors: list[torch.Tensor]) -> list[int]:
     return counts
 
 
-class _Health:
+class Health:
     """Watches each step for the two ways a run goes wrong without stopping: a gradient norm of
     exactly 0 (nothing learns) and a loss stuck at ln(vocabulary size) (a uniform guess, what a
     destroyed model predicts). Each warns once."""
@@ -69,7 +69,7 @@ class _Health:
         return [found[kind] for kind in new]
 
 
-def _diverged(step: int, loss: float, grad_norm: float, lr: float, cfg: TrainConfig, saved: str) -> str:
+def diverged(step: int, loss: float, grad_norm: float, lr: float, cfg: TrainConfig, saved: str) -> str:
     tips = [f"a lower --lr (this run: {cfg.lr:g}; typical for adapters: 1e-4 to 3e-4)"]
     if cfg.max_grad_norm == 0:
         tips.append("gradient clipping (--max-grad-norm 1.0)")

@@ -16,7 +16,7 @@ from qdora.train_config import TrainConfig
 
 # Fields that may change between a run and its resumption. `out` is not compared: a run folder may
 # be moved or copied and resumed where it now is. `model` and `data` may move too if their content
-# is the same (`_fingerprints`).
+# is the same (`fingerprints`).
 _RESUMABLE_CHANGES = {"out", "max_steps", "epochs", "resume", "save_every", "log_every", "progress",
                       "keep_adapters_every", "fsdp", "cpu_offload", "adapter_format", "eval_every", "keep_best",
                       "report_to", "progress_seconds"}
@@ -46,7 +46,7 @@ def _fingerprint(path: str) -> str | None:
     return digest.hexdigest()
 
 
-def _fingerprints(cfg: TrainConfig) -> dict[str, str | None]:
+def fingerprints(cfg: TrainConfig) -> dict[str, str | None]:
     paths = {"model": cfg.model, "data": cfg.data, "val_data": cfg.val_data, "chat_template": cfg.chat_template}
     return {name: _fingerprint(path) for name, path in paths.items() if path}
 
@@ -65,7 +65,7 @@ def _check_same_run(out: Path, cfg: TrainConfig) -> None:
     changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k])
     moved = [k for k in ("model", "data", "val_data", "chat_template") if k in changed]
     if moved:
-        before, after = saved.get("fingerprints", {}), _fingerprints(cfg)
+        before, after = saved.get("fingerprints", {}), fingerprints(cfg)
         changed = [k for k in changed if not (k in moved and before.get(k) and before.get(k) == after[k])]
     if changed:
         raise ValueError(f"--resume with different settings than the run in {out}: "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from qdora.health import _metrics_line
+from qdora.health import metrics_line
 from qdora.safetensors_io import write_text_atomic
 from qdora.train_config import TrainConfig
 
@@ -82,7 +82,7 @@ class RunLog:
             return
         step = record["step"]
         if write:
-            self.metrics.write(_metrics_line(record))
+            self.metrics.write(metrics_line(record))
             self.metrics.flush()
             if self.csv is not None:
                 self.csv.writerow({k: record.get(k, "") for k in CSV_COLUMNS})
@@ -111,7 +111,7 @@ class RunLog:
 
     def write_error(self, record: dict) -> None:
         if self.main:
-            self.metrics.write(_metrics_line(record))
+            self.metrics.write(metrics_line(record))
             self.metrics.flush()
 
     def flush(self) -> None:

@@ -31,18 +31,18 @@ import torch
 from qdora import fsdp
 from qdora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from qdora.data import IGNORE_INDEX, batch_order, collate, count_supervised
-from qdora.health import NonFiniteError, _count_nonfinite, _diverged, _Health
+from qdora.health import Health, NonFiniteError, count_nonfinite, diverged
 from qdora.packing import collate_packed
 from qdora.preflight import check_run
 from qdora.run_log import RunLog
 from qdora.safetensors_io import write_text_atomic
 from qdora.train_config import TrainConfig, lr_at
 from qdora.train_setup import (  # noqa: F401  (prepare_for_training: also from here)
-    _make_optimizer,
-    _Run,
-    _save_final,
-    _setup,
+    Run,
+    make_optimizer,
     prepare_for_training,
+    save_result,
+    setup_run,
 )
 
 
@@ -84,7 +84,7 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _local_batch(run: _Run, examples: list[dict], ids: list[int], packed: bool) -> dict[str, torch.Tensor]:
+def _local_batch(run: Run, examples: list[dict], ids: list[int], packed: bool) -> dict[str, torch.Tensor]:
     """This rank's part of the global micro-batch `ids` of `examples` (all of it in a single process)."""
     local = ids[run.rank * len(ids) // run.world:(run.rank + 1) * len(ids) // run.world]
     join = collate_packed if packed else collate
@@ -100,7 +100,7 @@ class _Batches:
     """The run's micro-batches: the data order is a pure function of the seed and the epoch, so a
     resumed run replays the uninterrupted one."""
 
-    def __init__(self, run: _Run):
+    def __init__(self, run: Run):
         self.run = run
         self.per_epoch = math.ceil(len(run.examples) / run.cfg.batch_size)
         self.orders: dict[int, list[list[int]]] = {}
@@ -120,7 +120,7 @@ class _Batches:
 
 
 @torch.no_grad()
-def _validate(run: _Run) -> float:
+def _validate(run: Run) -> float:
     """The token-mean loss over every validation example (no dropout), in batches of `batch_size`."""
     model, val, size = run.model, run.val, run.cfg.batch_size
     was_training = model.training
@@ -138,13 +138,13 @@ def _validate(run: _Run) -> float:
     return total / max(1, count)
 
 
-def _all_reduce(run: _Run, values: list[float], op: str = "sum") -> list[float]:
+def _all_reduce(run: Run, values: list[float], op: str = "sum") -> list[float]:
     if not run.cfg.fsdp:
         return values
     return fsdp.all_reduce(values, run.device, op=op)
 
 
-def _loss(run: _Run, batch: dict, supervised: int) -> torch.Tensor:
+def _loss(run: Run, batch: dict, supervised: int) -> torch.Tensor:
     """Token-mean loss of the global micro-batch. Sharded: this rank's sum over its tokens divided
     by the global count, times the world size (FSDP averages gradients over ranks), so the reduced
     gradient is that of the single-process loss."""
@@ -153,7 +153,7 @@ def _loss(run: _Run, batch: dict, supervised: int) -> torch.Tensor:
     return run.model(**batch, num_items_in_batch=max(1, supervised)).loss * run.world
 
 
-def _forward_backward(run: _Run, batches: _Batches, step: int) -> tuple[float, float, int]:
+def _forward_backward(run: Run, batches: _Batches, step: int) -> tuple[float, float, int]:
     """Step `step`'s micro-batches forward and backward; returns the global loss, the gradient norm
     (taken always, with max_norm=inf when clipping is off: it is reported and checked) and tokens."""
     cfg = run.cfg
@@ -169,9 +169,9 @@ def _forward_backward(run: _Run, batches: _Batches, step: int) -> tuple[float, f
     return loss_sum, grad_norm, tokens
 
 
-def _check_trained(run: _Run, step: int, lr: float) -> None:
+def _check_trained(run: Run, step: int, lr: float) -> None:
     """Refuse to save trained tensors with a non-finite value (all ranks agree)."""
-    counts = [int(c) for c in _all_reduce(run, [float(c) for c in _count_nonfinite([p for _, p in run.params])])]
+    counts = [int(c) for c in _all_reduce(run, [float(c) for c in count_nonfinite([p for _, p in run.params])])]
     bad = [(run.names[i], c) for i, c in enumerate(counts) if c]
     if bad:
         raise NonFiniteError(f"step {step}: after the optimizer step {len(bad)} trained tensor(s) hold "
@@ -179,12 +179,12 @@ def _check_trained(run: _Run, step: int, lr: float) -> None:
                              f"they were not saved. {run.saved_note()} Try a lower --lr.")
 
 
-def _fit(run: _Run, on_step: Callable[[int, dict], None] | None) -> dict:
+def _fit(run: Run, on_step: Callable[[int, dict], None] | None) -> dict:
     """The loop: step, validate, log, checkpoint, until `max_steps` or a signal."""
     cfg, optimizer = run.cfg, run.optimizer
     batches = _Batches(run)
     vocab = getattr(getattr(run.model, "config", None), "vocab_size", None)
-    health = _Health(vocab if isinstance(vocab, int) and vocab > 1 else None)
+    health = Health(vocab if isinstance(vocab, int) and vocab > 1 else None)
     log = RunLog(cfg, run.out, run.main, run.start)
     t_start, step, stopped = time.perf_counter(), run.start, None
     with _StopRequest() as stop, contextlib.closing(log):
@@ -201,7 +201,7 @@ def _fit(run: _Run, on_step: Callable[[int, dict], None] | None) -> dict:
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 log.write_error({**record, "error": "non-finite loss or gradient"})
-                raise NonFiniteError(_diverged(step, loss, grad_norm, lr, cfg, run.saved_note()))
+                raise NonFiniteError(diverged(step, loss, grad_norm, lr, cfg, run.saved_note()))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             run.totals["tokens"] += tokens
@@ -224,7 +224,7 @@ def _fit(run: _Run, on_step: Callable[[int, dict], None] | None) -> dict:
             **{k: run.totals[k] for k in ("val_loss", "best_val_loss", "best_step") if k in run.totals}}
 
 
-def _maybe_validate(run: _Run, step: int, lr: float, record: dict) -> bool:
+def _maybe_validate(run: Run, step: int, lr: float, record: dict) -> bool:
     """The validation loss after `step` when it is due (into `record`); with `keep_best`, the
     adapter of the best step so far is kept as adapter-best/."""
     cfg = run.cfg
@@ -238,7 +238,7 @@ def _maybe_validate(run: _Run, step: int, lr: float, record: dict) -> bool:
     if cfg.keep_best and val_loss < run.totals.get("best_val_loss", math.inf):
         _check_trained(run, step, lr)
         with _writing(run, f"best adapter (step {step})", run.out / "adapter-best", _result_bytes(run)):
-            _save_final(run.model, run.tokenizer, run.out / "adapter-best", cfg, run.build)
+            save_result(run.model, run.tokenizer, run.out / "adapter-best", cfg, run.build)
         run.totals["best_val_loss"], run.totals["best_step"] = val_loss, step
         if run.main:
             write_text_atomic(run.out / "adapter-best" / "best.json",
@@ -246,7 +246,7 @@ def _maybe_validate(run: _Run, step: int, lr: float, record: dict) -> bool:
     return True
 
 
-def _save(run: _Run, step: int, lr: float, stopping: bool, log: RunLog) -> None:
+def _save(run: Run, step: int, lr: float, stopping: bool, log: RunLog) -> None:
     """After step `step`: the intermediate adapter, the result (after the last step: the adapter, or
     the model for `full`, written before the checkpoint, the larger) and the checkpoint, when due."""
     cfg = run.cfg
@@ -257,11 +257,11 @@ def _save(run: _Run, step: int, lr: float, stopping: bool, log: RunLog) -> None:
         _check_trained(run, step, lr)
     if keep_adapter:
         with _writing(run, f"adapter of step {step}", run.out / f"adapter-step{step}", _result_bytes(run)):
-            _save_final(run.model, run.tokenizer, run.out / f"adapter-step{step}", cfg, run.build)
+            save_result(run.model, run.tokenizer, run.out / f"adapter-step{step}", cfg, run.build)
     result = run.out / ("model" if cfg.method == "full" else "adapter")
     if last:
         with _writing(run, f"{result.name} of step {step}", result, _result_bytes(run)):
-            _save_final(run.model, run.tokenizer, result, cfg, run.build)
+            save_result(run.model, run.tokenizer, result, cfg, run.build)
     if checkpoint:
         log.flush()
         done = f"The {result.name} of step {step} is saved in {result}. " if last else ""
@@ -276,7 +276,7 @@ class DiskFullError(OSError):
 
 
 @contextlib.contextmanager
-def _writing(run: _Run, what: str, path: Path, needed: int, done: str = ""):
+def _writing(run: Run, what: str, path: Path, needed: int, done: str = ""):
     """Running out of disk (or quota) while writing `what` to `path` becomes one line that names
     the path, about how many bytes it needs and has, and what is kept (the last checkpoint)."""
     try:
@@ -296,13 +296,13 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def _result_bytes(run: _Run) -> int:
+def _result_bytes(run: Run) -> int:
     """About what the adapter (or a full fine-tune's model) takes on disk."""
     tensors = run.model.parameters() if run.cfg.method == "full" else (p for _, p in run.params)
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _checkpoint_bytes(run: _Run) -> int:
+def _checkpoint_bytes(run: Run) -> int:
     """About what a checkpoint takes: the trained tensors, the optimizer's states and master copies."""
     total = sum(p.numel() * p.element_size() for _, p in run.params)
     for state in run.optimizer.state.values():
@@ -312,17 +312,17 @@ def _checkpoint_bytes(run: _Run) -> int:
 
 def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
           build: Callable[[TrainConfig, torch.device], tuple] | None = None) -> dict:
-    """Run (or resume) a fine-tuning run: set up (`_setup`: check, load, adapt, distribute), fit
+    """Run (or resume) a fine-tuning run: set up (`setup_run`: check, load, adapt, distribute), fit
     (`_fit`), save the result. Returns a summary dict; `summary['interrupted']` is the signal number
     if a signal stopped it. `on_step(step, metrics)` is called after each step.
     `build(cfg, device) -> (model, tokenizer)` replaces the model setup (e.g. a PEFT peer on the
     same quantized base); by default `qdora.load_model` with the config's method and adapters.
     Raises `NonFiniteError` if the loss, the gradient or a trained tensor becomes non-finite
     (nothing of it is saved; the last checkpoint stays as it was)."""
-    run = _setup(cfg, build)
+    run = setup_run(cfg, build)
     summary = _fit(run, on_step)
     if run.start == cfg.max_steps:  # a finished run resumed: no step, the result written again
-        _save_final(run.model, run.tokenizer, run.out / ("model" if cfg.method == "full" else "adapter"), cfg,
+        save_result(run.model, run.tokenizer, run.out / ("model" if cfg.method == "full" else "adapter"), cfg,
                     run.build)
     summary["model"], summary["tokenizer"] = run.model, run.tokenizer
     return summary

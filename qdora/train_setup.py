@@ -1,7 +1,7 @@
 """Everything a training run does before its first step, each stage once: check the input
 (`qdora.preflight`), read and tokenize the data (`qdora.train_data`), load and adapt the model
 (sharded over the job with FSDP), make the optimizer, then start the run folder or resume its
-checkpoint. The result is a `_Run`, which `qdora.train` steps."""
+checkpoint. The result is a `Run`, which `qdora.train` steps."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from qdora.data import pad_token_id
 from qdora.fsdp import save_adapter_gathered
 from qdora.loading import load_model, load_tokenizer
 from qdora.optim import MasterWeights, needs_master_weights
-from qdora.preflight import _fingerprints, check_run
+from qdora.preflight import check_run, fingerprints
 from qdora.run_log import check_reporters, trim_csv
 from qdora.safetensors_io import write_text_atomic
 from qdora.train_config import TrainConfig
@@ -35,7 +35,7 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _make_optimizer(params, cfg: TrainConfig, device: torch.device):
+def make_optimizer(params, cfg: TrainConfig, device: torch.device):
     """AdamW (or bitsandbytes' paged 8-bit AdamW), over fp32 master copies of bf16 adapters
     (`qdora.optim.MasterWeights`), so that no step is rounded away. A full fine-tune steps the
     model's weights in their own dtype (bf16 on CUDA, as torchtune's full recipes do): master
@@ -53,7 +53,7 @@ def _make_optimizer(params, cfg: TrainConfig, device: torch.device):
     return MasterWeights(optimizer) if cfg.method != "full" and needs_master_weights(params) else optimizer
 
 
-def _save_final(model, tokenizer, path: Path, cfg: TrainConfig, build) -> None:
+def save_result(model, tokenizer, path: Path, cfg: TrainConfig, build) -> None:
     """The trained result: the whole model for `full`, else the adapter (ours or PEFT's, as
     `cfg.adapter_format` says; a PEFT peer's own). A sharded model's adapter is gathered and
     written by rank 0 (every rank calls this)."""
@@ -69,8 +69,8 @@ def _save_final(model, tokenizer, path: Path, cfg: TrainConfig, build) -> None:
 
 
 @dataclass
-class _Run:
-    """What a run's steps need, set up once by `_setup`: the model and its optimizer, the examples,
+class Run:
+    """What a run's steps need, set up once by `setup_run`: the model and its optimizer, the examples,
     this process's place in the job, and where the run stands (the step to start from, totals, the
     last checkpoint)."""
     cfg: TrainConfig
@@ -127,7 +127,7 @@ def _load(cfg: TrainConfig, build, device: torch.device, rank: int):
     return model, tokenizer
 
 
-def _setup(cfg: TrainConfig, build) -> _Run:
+def setup_run(cfg: TrainConfig, build) -> Run:
     """Check, load, adapt, distribute: everything before the first step, each stage once. Every
     check of the input runs before the model is loaded (the data's tokenizing too); the run folder
     is written last."""
@@ -163,14 +163,14 @@ def _setup(cfg: TrainConfig, build) -> _Run:
     model, model_tokenizer = _load(cfg, build, device, rank)
     prepare_for_training(model, cfg.gradient_checkpointing)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = _make_optimizer([p for _, p in params], cfg, device)
-    run = _Run(cfg, model, model_tokenizer or tokenizer, optimizer, params, data.rows, pad_token_id(tokenizer),
+    optimizer = make_optimizer([p for _, p in params], cfg, device)
+    run = Run(cfg, model, model_tokenizer or tokenizer, optimizer, params, data.rows, pad_token_id(tokenizer),
                device, rank, world, build, val=data.val)
     _start_or_resume(run, existing)
     return run
 
 
-def _start_or_resume(run: _Run, existing: Path | None) -> None:
+def _start_or_resume(run: Run, existing: Path | None) -> None:
     """A new run writes its settings; a resumed one loads its checkpoint and keeps its metrics up to it."""
     cfg, out = run.cfg, run.out
     metrics_path = out / "metrics.jsonl"
@@ -186,7 +186,7 @@ def _start_or_resume(run: _Run, existing: Path | None) -> None:
             trim_csv(out / "metrics.csv", run.start)
     elif run.main:
         write_text_atomic(out / "train_config.json",
-                          json.dumps({**cfg.to_dict(), "fingerprints": _fingerprints(cfg)}, indent=1) + "\n")
+                          json.dumps({**cfg.to_dict(), "fingerprints": fingerprints(cfg)}, indent=1) + "\n")
         for stale in (metrics_path, out / "metrics.csv"):
             stale.unlink(missing_ok=True)
     if cfg.fsdp:

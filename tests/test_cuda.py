@@ -594,13 +594,13 @@ def test_paged_adamw_8bit_optimizer_uses_paged_8bit_states():
     """The optimizer `qdora train --optimizer paged_adamw_8bit` builds, on CUDA: 8-bit states, paged
     for a tensor of >= 1e5 values, and its update follows torch's AdamW (8-bit quantized moments:
     within 2% of the update's norm after 3 steps)."""
-    from qdora.train import TrainConfig, _make_optimizer
+    from qdora.train import TrainConfig, make_optimizer
     cfg = TrainConfig(model="m", data="d", out="o", optimizer="paged_adamw_8bit", lr=1e-3)
     torch.manual_seed(0)
     p8 = nn.Parameter(torch.randn(256, 512, device=DEV))
     p32 = nn.Parameter(p8.detach().clone())
     start = p8.detach().clone()
-    opt8 = _make_optimizer([p8], cfg, torch.device(DEV))
+    opt8 = make_optimizer([p8], cfg, torch.device(DEV))
     opt32 = torch.optim.AdamW([p32], lr=1e-3, weight_decay=0.0)
     for _ in range(3):
         g = torch.randn_like(p8)

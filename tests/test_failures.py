@@ -113,15 +113,15 @@ def test_a_run_without_clipping_reports_its_gradient_norm(setup, tmp_path, capsy
 
 
 def test_a_zero_gradient_and_a_uniform_guess_warn_once(setup, tmp_path):
-    from qdora.health import UNIFORM_STEPS, _Health
-    health = _Health(vocab_size=512)
+    from qdora.health import UNIFORM_STEPS, Health
+    health = Health(vocab_size=512)
     uniform = float(torch.tensor(512.0).log())
     warned = [health.check(step, uniform, 0.0 if step > 1 else 1.0, 1e9) for step in range(1, 8)]
     kinds = [[("gradient norm is exactly 0" in w, "guesses uniformly" in w) for w in ws] for ws in warned]
     assert kinds[1] == [(True, False)]  # step 2: the first zero norm
     assert kinds[UNIFORM_STEPS - 1] == [(False, True)]  # after UNIFORM_STEPS steps at ln(512)
     assert sum(len(ws) for ws in warned) == 2  # each once
-    assert _Health(vocab_size=512).check(1, uniform + 0.5, 1.0, 1e-4) == []
+    assert Health(vocab_size=512).check(1, uniform + 0.5, 1.0, 1e-4) == []
 
 
 def test_merge_refuses_a_non_finite_adapter_by_name(setup, tmp_path, capsys):
