@@ -15,9 +15,9 @@ from typing import Sequence
 import torch
 
 import qdora
-from qdora.config import AdapterConfig
-from qdora.data import DEMO_DATA, SFTDataset, collate, load_records, pad_token_id
-from qdora.loading import check_model_path, load_model, resolve_checkpoint, smollm2_gguf_path
+from qdora.core.config import AdapterConfig
+from qdora.data.examples import DEMO_DATA, SFTDataset, collate, load_records, pad_token_id
+from qdora.models.loading import check_model_path, load_model, resolve_checkpoint, smollm2_gguf_path
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 

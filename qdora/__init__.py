@@ -16,25 +16,25 @@ _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "AdapterCheckpoints": "qdora.hf_trainer",
-    "AdapterConfig": "qdora.config",
-    "METHODS": "qdora.config",
-    "MasterWeights": "qdora.optim",
-    "QDoRALinear": "qdora.layer",
-    "QDoRATrainer": "qdora.hf_trainer",  # transformers.Trainer with AdapterCheckpoints
-    "RowBlocks": "qdora.nf4",
-    "add_adapters": "qdora.surgery",
-    "keep_standard_layout": "qdora.nf4",
-    "linear4bit_from_linear": "qdora.nf4",
-    "load_adapter": "qdora.adapter_io",
-    "load_model": "qdora.loading",
-    "merge_and_save": "qdora.merge",
-    "merged_weight": "qdora.merge",
-    "param_report": "qdora.surgery",
-    "patch_peft": "qdora.peft_patch",
-    "quantize_nf4": "qdora.nf4",
-    "save_adapter": "qdora.adapter_io",
-    "unpatch_peft": "qdora.peft_patch",
+    "AdapterCheckpoints": "qdora.integrations.trainer",
+    "AdapterConfig": "qdora.core.config",
+    "METHODS": "qdora.core.config",
+    "MasterWeights": "qdora.core.optim",
+    "QDoRALinear": "qdora.core.layer",
+    "QDoRATrainer": "qdora.integrations.trainer",  # transformers.Trainer with AdapterCheckpoints
+    "RowBlocks": "qdora.core.nf4",
+    "add_adapters": "qdora.models.surgery",
+    "keep_standard_layout": "qdora.core.nf4",
+    "linear4bit_from_linear": "qdora.core.nf4",
+    "load_adapter": "qdora.models.adapter_io",
+    "load_model": "qdora.models.loading",
+    "merge_and_save": "qdora.export.merge",
+    "merged_weight": "qdora.export.merge",
+    "param_report": "qdora.models.surgery",
+    "patch_peft": "qdora.integrations.peft",
+    "quantize_nf4": "qdora.core.nf4",
+    "save_adapter": "qdora.models.adapter_save",
+    "unpatch_peft": "qdora.integrations.peft",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -20,22 +20,22 @@ from qdora.options import Parser
 
 def _bench(args) -> int:
     if args.what == "layer":
-        from qdora.eval.bench_layer import main as bench_layer
+        from qdora.eval.bench.layer import main as bench_layer
         return bench_layer(args.rest)
     if args.what == "load":
-        from qdora.eval.bench_load import main as bench_load
+        from qdora.eval.bench.load import main as bench_load
         return bench_load(args.rest)
     if args.what == "model":  # `bench step` with ours and PEFT's qdora and qlora, no bound
-        from qdora.eval.bench_step import MODEL
-        from qdora.eval.bench_step import main as bench_step
+        from qdora.eval.bench.step import MODEL
+        from qdora.eval.bench.step import main as bench_step
         return bench_step(args.rest, prog="qdora bench model", variants=MODEL)
     if args.what == "step":
-        from qdora.eval.bench_step import main as bench_step
+        from qdora.eval.bench.step import main as bench_step
         return bench_step(args.rest)
     if args.what == "peft":
-        from qdora.eval.bench_peft import main as bench_peft
+        from qdora.eval.bench.peft import main as bench_peft
         return bench_peft(args.rest)
-    from qdora.eval.bench_kernels import main as bench_kernels
+    from qdora.eval.bench.kernels import main as bench_kernels
     return bench_kernels(args.rest)
 
 
@@ -46,11 +46,11 @@ HEAVY = {"train": "fine-tune a model (full, lora, dora, qlora, qdora)",
 
 def _add_train(sub) -> None:
     from qdora.options import add_options
-    from qdora.train_config import TrainConfig
+    from qdora.train.config import TrainConfig
     p = sub.add_parser("train", help=HEAVY["train"],
                        description="Fine-tune a model. Writes metrics.jsonl, checkpoint/ and adapter/ (model/ for "
                                    "full) to --out. Ctrl-C or SIGTERM writes a checkpoint; --resume continues it. "
-                                   "Every option is a field of qdora.train_config.TrainConfig, and can be given in a "
+                                   "Every option is a field of qdora.train.config.TrainConfig, and can be given in a "
                                    "--config file too.")
     add_options(p, TrainConfig)
     p.set_defaults(func=_train)
@@ -58,7 +58,7 @@ def _add_train(sub) -> None:
 
 def _train(args) -> int:
     from qdora.options import resolve
-    from qdora.train import TrainConfig, train
+    from qdora.train.loop import TrainConfig, train
     cfg = resolve(TrainConfig, vars(args))
     main_rank = True
     try:
@@ -87,14 +87,14 @@ def _train(args) -> int:
 
 def _add_plan(sub) -> None:
     from qdora.options import add_options
-    from qdora.plan import CARDS_GB, PlanConfig
+    from qdora.plan.memory import CARDS_GB, PlanConfig
     p = sub.add_parser("plan", help=HEAVY["plan"],
                        description="Predict the peak memory per device of one training step, term by term "
                                    "(NF4 weights, quantization state, adapters, gradients, optimizer states, "
                                    "activations, logits/loss, temporaries, FSDP buffers, CUDA context), and "
                                    f"whether it fits a {'/'.join(map(str, CARDS_GB))} GB card. Every option but "
-                                   "--model and --json is a field of qdora.plan.PlanConfig. See qdora/plan.py "
-                                   "for the model of each term.")
+                                   "--model and --json is a field of qdora.plan.config.PlanConfig. See "
+                                   "qdora/plan/memory.py for the model of each term.")
     p.add_argument("--model", required=True,
                    help="a preset (Llama-2-7B, Llama-2-13B, Llama-2-70B, LLaMA-65B, Llama-3-8B, Llama-3-70B, "
                         "SmolLM2-135M) or a checkpoint folder with a config.json")
@@ -108,9 +108,9 @@ def _plan(args) -> int:
     import json
 
     from qdora.options import resolve
-    from qdora.plan import PlanConfig, plan, resolve_model
-    from qdora.plan_report import format_plan, plan_to_dict
-    from qdora.train_config import TrainConfig
+    from qdora.plan.memory import PlanConfig, plan, resolve_model
+    from qdora.plan.report import format_plan, plan_to_dict
+    from qdora.train.config import TrainConfig
     shape = resolve_model(args.model)
     # A run's train_config.json works as --config: its settings that do not shape memory are skipped.
     train_only = {f.name for f in dataclasses.fields(TrainConfig)} - {f.name for f in dataclasses.fields(PlanConfig)}
@@ -187,16 +187,16 @@ def _merge_options(args) -> None:
         path = Path(args.check_json)
         if path.is_dir():
             raise ValueError(f"--check-json {path} is a folder; give a file path")
-        from qdora.safetensors_io import check_output_dir
+        from qdora.core.safetensors_io import check_output_dir
         check_output_dir(path.resolve().parent, "the folder of --check-json")
 
 
 def _merge(args) -> int:
     import torch
 
-    from qdora.adapter_io import adapter_config, load_adapter, read_adapter
-    from qdora.loading import check_model_path, load_model, resolve_checkpoint
-    from qdora.safetensors_io import check_not_an_input, check_output_dir, parse_size
+    from qdora.core.safetensors_io import check_not_an_input, check_output_dir, parse_size
+    from qdora.models.adapter_io import adapter_config, load_adapter, read_adapter
+    from qdora.models.loading import check_model_path, load_model, resolve_checkpoint
 
     # Every check that needs no model first: the options, the output, the adapter, the model path,
     # and for GGUF the type, the architecture and the tokenizer.
@@ -214,7 +214,7 @@ def _merge(args) -> int:
     check_model_path(args.model)
     base_path = resolve_checkpoint(args.model)
     if args.format == "gguf":
-        from qdora.export_gguf import check_export
+        from qdora.export.gguf import check_export
         check_export(base_path, args.quant)
     # Rebuild the base exactly as training quantized it: the method comes from the adapter file
     # (PEFT files do not record it; QDoRA/QLoRA on an NF4 base is assumed).
@@ -226,15 +226,15 @@ def _merge(args) -> int:
     def export(path, adapted=True):
         """Write the model (adapted=False: without its adapters) as asked into `path`; the folder to load."""
         if args.format == "gguf":
-            from qdora.export_gguf import save_gguf
+            from qdora.export.gguf import save_gguf
             return save_gguf(model, path, tokenizer, quant=args.quant, original_checkpoint=original,
                              overwrite=args.overwrite, adapted=adapted).parent
         if args.format == "nf4":
-            from qdora.export_nf4 import save_nf4
+            from qdora.export.nf4 import save_nf4
             return save_nf4(model, path, tokenizer, dtype=getattr(torch, args.dtype), double_quant=args.double_quant,
                             max_shard_size=args.max_shard_size, original_checkpoint=original,
                             overwrite=args.overwrite, adapted=adapted)
-        from qdora.merge import merge_and_save
+        from qdora.export.merge import merge_and_save
         return merge_and_save(model, path, tokenizer=tokenizer, dtype=getattr(torch, args.dtype),
                               max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                               original_checkpoint=original, adapted=adapted)
@@ -244,7 +244,7 @@ def _merge(args) -> int:
              "gguf": f"gguf {args.quant}"}[args.format]
     print(f"merged model ({label}) written to {out}")
     if args.check:
-        from qdora.drift import drift_report, format_table, held_out_texts, verdict, write_json
+        from qdora.export.drift import drift_report, format_table, held_out_texts, verdict, write_json
         if tokenizer is None:
             print("--check needs a tokenizer next to the base model; skipped", file=sys.stderr)
             return 0
@@ -308,10 +308,10 @@ def _dispatch(argv: list[str]) -> int:
         from qdora.demo import main as demo_main
         return demo_main(argv[1:])
     if argv[:1] == ["eval"]:
-        from qdora.eval.harness import main as eval_main
+        from qdora.eval.harness.runner import main as eval_main
         return eval_main(argv[1:])
     if argv[:1] == ["analyze"]:
-        from qdora.eval.analyze import main as analyze_main
+        from qdora.eval.harness.analyze import main as analyze_main
         return analyze_main(argv[1:])
     parser = build_parser(command=next((a for a in argv if not a.startswith("-")), ""))
     args = parser.parse_args(argv)
@@ -348,7 +348,7 @@ def user_error_status(err: BaseException) -> int | None:
     """The exit status for an error the user can fix (2; 1 for a run that diverged), None for others.
     Any OSError (a path, a full disk, a read-only file system) is the user's to fix, as is a
     ValueError or ImportError that qdora raised itself."""
-    from qdora.train import NonFiniteError
+    from qdora.train.loop import NonFiniteError
     if isinstance(err, NonFiniteError):
         return 1
     if isinstance(err, OSError):

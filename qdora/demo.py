@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from qdora.data import DEMO_DATA
-from qdora.loading import convert_gguf, load_model, smollm2_gguf_path
-from qdora.merge import merge_and_save
+from qdora.core.safetensors_io import check_output_dir, write_text_atomic
+from qdora.data.examples import DEMO_DATA
+from qdora.data.scoring import Choice, choice_chat, llm_adapters_choice, paired_accuracy, score_chat_choices
+from qdora.export.merge import merge_and_save
+from qdora.models.loading import convert_gguf, load_model, smollm2_gguf_path
 from qdora.options import Parser
-from qdora.safetensors_io import check_output_dir, write_text_atomic
-from qdora.scoring import Choice, choice_chat, llm_adapters_choice, paired_accuracy, score_chat_choices
-from qdora.train import TrainConfig, read_metrics, train
+from qdora.train.loop import TrainConfig, read_metrics, train
 
 MARKER = ".qdora-demo"
 """A file the demo writes first into its folder: a folder holding it may be replaced by a new demo run."""

@@ -1,5 +1,5 @@
 """Command-line options and config files generated from a config dataclass, so that a setting is
-written once: as a field with its default and its docstring (see `qdora.train.TrainConfig`).
+written once: as a field with its default and its docstring (see `qdora.train.loop.TrainConfig`).
 
 Each field `name` becomes `--name-with-dashes` (a bool that defaults to True becomes
 `--no-name-with-dashes`, one that defaults to False `--name-with-dashes`), with the field's

@@ -194,7 +194,7 @@ fi
 mkdir -p "$OUT/logs" "$OUT/parts" || exit 1
 rm -f "$OUT"/parts/* "$OUT"/logs/* "$OUT/status.jsonl" "$OUT/report.json" "$OUT/report.md"
 TAG="gpu-check-$$-$(date +%s%N)"
-PLAN=$("$PY" -m qdora.eval.gpu_check parts --mode "$MODE" --device "$DEVICE" --out "$OUT" --only "$ONLY" \
+PLAN=$("$PY" -m qdora.eval.gpu.check parts --mode "$MODE" --device "$DEVICE" --out "$OUT" --only "$ONLY" \
        --budget-scale "$SCALE") || { echo "gpu-check: error: could not list the parts" >&2; exit 2; }
 NAMES=$(printf '%s\n' "$PLAN" | cut -f1 | paste -sd, -)
 printf '{"mode": "%s", "device": "%s", "started": "%s", "parts": ["%s"]}\n' "$MODE" "$DEVICE" \
@@ -252,4 +252,4 @@ while IFS=$'\t' read -r name budget cmd; do
 done <<< "$PLAN"
 [ -n "$STOPPED" ] && echo "gpu-check: stopped at $STOPPED (--keep-going runs the remaining parts anyway)"
 
-"$PY" -m qdora.eval.gpu_check report --out "$OUT"
+"$PY" -m qdora.eval.gpu.check report --out "$OUT"

@@ -1,4 +1,4 @@
-"""Run under `torchrun --nproc-per-node 2` by tests/test_fsdp.py: one or more `qdora.train` runs
+"""Run under `torchrun --nproc-per-node 2` by tests/test_fsdp.py: one or more `qdora.train.loop` runs
 with `fsdp=True`, described by a JSON file (argv[1]):
 
     {"runs": [{"config": {...TrainConfig fields...},
@@ -22,12 +22,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.fsdp
 
-import qdora.checkpoint
-import qdora.fsdp
-import qdora.loading
-from qdora.eval.memory import peak_bytes
-from qdora.fsdp import save_adapter_gathered
-from qdora.train import TrainConfig, train
+import qdora.models.loading
+import qdora.train.checkpoint
+import qdora.train.fsdp
+from qdora.eval.bench.memory import peak_bytes
+from qdora.train.fsdp import save_adapter_gathered
+from qdora.train.loop import TrainConfig, train
 
 
 def facts(model, load_calls: int, stream_calls: int, start: list[str]) -> dict:
@@ -72,9 +72,9 @@ def main() -> None:
             return real(*args, **kwargs)
         return wrapper
 
-    qdora.loading.load_model = counting("load", qdora.loading.load_model)
-    qdora.loading.stream_model = counting("stream", qdora.loading.stream_model)
-    real_place, real_shard = qdora.loading.CheckpointModel.place, torch.distributed.fsdp.fully_shard
+    qdora.models.loading.load_model = counting("load", qdora.models.loading.load_model)
+    qdora.models.loading.stream_model = counting("stream", qdora.models.loading.stream_model)
+    real_place, real_shard = qdora.models.loading.CheckpointModel.place, torch.distributed.fsdp.fully_shard
 
     def place(self, key, tensor):
         parts = key.split(".")
@@ -85,9 +85,9 @@ def main() -> None:
         event(f"shard {type(module).__name__}")
         return real_shard(module, *args, **kwargs)
 
-    qdora.loading.CheckpointModel.place = place
-    qdora.fsdp.fully_shard = fully_shard  # the name qdora.fsdp calls
-    real_build = qdora.fsdp.build_sharded
+    qdora.models.loading.CheckpointModel.place = place
+    qdora.train.fsdp.fully_shard = fully_shard  # the name qdora.train.fsdp calls
+    real_build = qdora.train.fsdp.build_sharded
     start_peak = [None]
     for run in spec["runs"]:
         calls.update(load=0, stream=0)
@@ -97,7 +97,7 @@ def main() -> None:
         if run.get("seed_rank1") is not None and dist.get_rank() == 1:
             cfg = TrainConfig(**{**run["config"], "seed": run["seed_rank1"]})
         crash_at = run.get("crash_in_save_at")
-        real_save = qdora.checkpoint.save_file_atomic
+        real_save = qdora.train.checkpoint.save_file_atomic
 
         def save(tensors, path, *args, **kwargs):
             # Rank 1 dies after its shard of checkpoint `crash_at` is written, before the folder is swapped in.
@@ -117,8 +117,8 @@ def main() -> None:
                 mapped = frozenset(f.stat().st_size for f in Path(cfg.model).glob("*.safetensors"))
                 start_peak[0] = peak_bytes(lambda: out.append(real_build(*args, **kwargs)), mapped_sizes=mapped)
                 return out[0]
-            qdora.fsdp.build_sharded = measured_build
-        qdora.checkpoint.save_file_atomic = save
+            qdora.train.fsdp.build_sharded = measured_build
+        qdora.train.checkpoint.save_file_atomic = save
         try:
             summary = train(cfg, on_step=on_step)
         except (RuntimeError, OSError, ValueError) as err:
@@ -126,8 +126,8 @@ def main() -> None:
                 raise
             summary = {"start_error": f"{type(err).__name__}: {err}"}
         finally:
-            qdora.checkpoint.save_file_atomic = real_save
-            qdora.fsdp.build_sharded = real_build
+            qdora.train.checkpoint.save_file_atomic = real_save
+            qdora.train.fsdp.build_sharded = real_build
         if "start_error" in summary:
             os.makedirs(cfg.out, exist_ok=True)
             with open(os.path.join(cfg.out, f"facts-rank{dist.get_rank()}.json"), "w") as f:

@@ -6,7 +6,7 @@ import torch
 from models import build, llama2_config
 
 from qdora import AdapterConfig, load_model, save_adapter
-from qdora.eval.analyze import analyze, delta_m_d, fit, main
+from qdora.eval.harness.analyze import analyze, delta_m_d, fit, main
 
 
 def test_delta_m_d_hand_computed():

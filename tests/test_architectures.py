@@ -9,7 +9,7 @@ from conftest import assert_close
 from models import save_bpe_tokenizer
 
 from qdora import AdapterConfig, QDoRALinear, load_adapter, load_model, merge_and_save, save_adapter
-from qdora.data import DEMO_DATA
+from qdora.data.examples import DEMO_DATA
 
 transformers = pytest.importorskip("transformers")
 
@@ -85,8 +85,8 @@ def test_adapter_files_both_ways(checkpoint, tmp_path):
 
 
 def test_trains_and_shards_by_decoder_layer(checkpoint, tmp_path):
-    from qdora.fsdp import decoder_layers
-    from qdora.train import TrainConfig, read_metrics, train
+    from qdora.train.fsdp import decoder_layers
+    from qdora.train.loop import TrainConfig, read_metrics, train
     name, path, targets = checkpoint
     records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:8]
     (tmp_path / "data.json").write_text(json.dumps(records))
@@ -99,7 +99,7 @@ def test_trains_and_shards_by_decoder_layer(checkpoint, tmp_path):
 
 
 def test_the_planner_reads_the_checkpoint(checkpoint):
-    from qdora.plan import PlanConfig, plan, resolve_model
+    from qdora.plan.memory import PlanConfig, plan, resolve_model
     name, path, targets = checkpoint
     shape = resolve_model(str(path))
     result = plan(shape, PlanConfig(target_modules=",".join(targets), seq_len=128, device="cpu"))
@@ -122,7 +122,7 @@ def test_a_checkpoint_without_the_base_model_prefix_loads_as_transformers_loads_
 
 def test_the_streamed_start_builds_the_same_model(checkpoint):
     # What every FSDP rank builds, one decoder layer at a time, is load_model's model bit for bit.
-    from qdora.loading import stream_model
+    from qdora.models.loading import stream_model
     name, path, targets = checkpoint
     cfg = AdapterConfig(method="qdora", r=4, alpha=8, dropout=0.0, target_modules=targets)
     torch.manual_seed(3)
@@ -142,6 +142,6 @@ def test_an_architecture_without_linear_projections_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*transformer.h.0.attn.c_attn is a Conv1D, not an "
                                          r"nn.Linear"):
         add_adapters(model, AdapterConfig(target_modules=("c_attn",)), verbose=False)
-    from qdora.fsdp import decoder_layers
+    from qdora.train.fsdp import decoder_layers
     with pytest.raises(ValueError, match="GPT2LMHeadModel: no decoder layer list found"):
         decoder_layers(model)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from qdora.eval.bench_step import DenseLoRA, breakdown, main
-from qdora.layer import QDoRALinear
-from qdora.nf4 import linear4bit_from_linear
+from qdora.core.layer import QDoRALinear
+from qdora.core.nf4 import linear4bit_from_linear
+from qdora.eval.bench.step import DenseLoRA, breakdown, main
 
 
 def test_bound_layer_is_the_lora_formula_with_a_frozen_base():

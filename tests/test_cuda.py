@@ -174,7 +174,7 @@ def test_bf16_step_zero_is_the_quantized_base():
 # ---- the Triton kernels on CUDA tensors ----------------------------------------------------------
 
 def _nf4(out_f, in_f, double_quant=True):
-    from qdora.nf4 import quantize_nf4
+    from qdora.core.nf4 import quantize_nf4
     W = torch.randn(out_f, in_f, device=DEV)
     packed, state = quantize_nf4(W, blocksize=64, double_quant=double_quant)
     return ops.NF4Weight.from_quant_state(packed, state), nf4_reference_dequantize(packed, state)
@@ -278,7 +278,7 @@ def test_fused_epilogue_moves_fewer_bytes_and_nears_copy_bandwidth():
     sequence, moves less than half its bytes, beats it on time, and reaches a fair share of the
     bandwidth of a device-to-device copy (a floor of 20%, far below what a memory-bound kernel
     should reach: it catches a kernel that is broken, not one that is slightly slow)."""
-    from qdora.eval.bench_kernels import bench_shape, copy_bandwidth
+    from qdora.eval.bench.kernels import bench_shape, copy_bandwidth
 
     device = torch.device(DEV)
     peak = copy_bandwidth(device, 5)
@@ -378,7 +378,7 @@ def test_compiled_step_equals_eager_on_cuda(norm, compute):
 def test_chunked_quantization_on_the_gpu_is_bitsandbytes_bit_for_bit():
     """`quantize_nf4` cuts a weight larger than its chunk into pieces for bitsandbytes' CUDA op and
     double-quantizes the absmax once: the same bytes as one `quantize_4bit` call."""
-    from qdora.nf4 import quantize_nf4
+    from qdora.core.nf4 import quantize_nf4
     W = torch.randn(1100, 1024, device=DEV, dtype=torch.bfloat16)
     packed, state = quantize_nf4(W, chunk=1 << 18)
     ref_packed, ref_state = bnbF.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
@@ -400,7 +400,7 @@ def gpu_loaded(tmp_path_factory):
 
 @cuda_only
 def test_loader_quantizes_on_the_gpu(gpu_loaded):
-    from qdora.loading import CheckpointReader
+    from qdora.models.loading import CheckpointReader
     path, _, model, _ = gpu_loaded
     reader = CheckpointReader(path)
     assert all(t.device.type == "cuda" for t in list(model.parameters()) + list(model.buffers()))
@@ -476,7 +476,7 @@ UPDATE_RTOL = 0.1      # ||B_a - B_b|| / ||B_b||: B starts at 0, so B is the who
 
 @pytest.fixture(scope="module")
 def train_setup(tmp_path_factory):
-    from qdora.data import DEMO_DATA
+    from qdora.data.examples import DEMO_DATA
     root = tmp_path_factory.mktemp("gpu-train")
     records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:11]
     (root / "data.json").write_text(json.dumps(records))
@@ -497,7 +497,7 @@ def train_config(root: Path, out: Path, **kw) -> dict:
 def _same_run(actual: Path, expected: Path, loss_rtol=LOSS_RTOL, grad_rtol=GRAD_NORM_RTOL):
     from safetensors.torch import load_file
 
-    from qdora.train import read_metrics
+    from qdora.train.loop import read_metrics
     a, e = read_metrics(actual), read_metrics(expected)
     assert [m["step"] for m in a] == [m["step"] for m in e]
     for x, y in zip(a, e):
@@ -515,7 +515,7 @@ def _same_run(actual: Path, expected: Path, loss_rtol=LOSS_RTOL, grad_rtol=GRAD_
 
 @pytest.fixture(scope="module")
 def single_run(train_setup):
-    from qdora.train import TrainConfig, train
+    from qdora.train.loop import TrainConfig, train
     out = train_setup / "single"
     train(TrainConfig(**train_config(train_setup, out)))
     return out
@@ -547,7 +547,7 @@ def test_fsdp_on_one_gpu_nccl_bf16_with_and_without_cpu_offload(train_setup, sin
 def test_resume_on_gpu_continues_the_run(train_setup, single_run):
     """Stopped by SIGTERM after step 2 and resumed: the same curve as the uninterrupted run. The CUDA
     RNG state is restored; SDPA's backward may use atomics on a GPU, so equality is within 1e-4."""
-    from qdora.train import TrainConfig, read_metrics, train
+    from qdora.train.loop import TrainConfig, read_metrics, train
     out = train_setup / "resumed"
     stop = lambda s, _: s == 2 and os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
     first = train(TrainConfig(**train_config(train_setup, out)), on_step=stop)
@@ -564,7 +564,7 @@ def test_paged_adamw_8bit_trains_checkpoints_and_resumes(tmp_path, train_setup):
     """Adapters large enough for bitsandbytes' 8-bit states (>= 4096 values) and its paged buffers
     (>= 1e5 values): step 1 equals the AdamW run's (no update yet), later steps follow it, and a
     run stopped after step 2 and resumed from its checkpoint continues the same curve."""
-    from qdora.train import TrainConfig, read_metrics, train
+    from qdora.train.loop import TrainConfig, read_metrics, train
     root = tmp_path
     build(llama3_config(vocab_size=512, hidden_size=1024, intermediate_size=2048, num_attention_heads=8,
                         num_key_value_heads=2, max_position_embeddings=512)).to(torch.bfloat16).save_pretrained(
@@ -594,7 +594,7 @@ def test_paged_adamw_8bit_optimizer_uses_paged_8bit_states():
     """The optimizer `qdora train --optimizer paged_adamw_8bit` builds, on CUDA: 8-bit states, paged
     for a tensor of >= 1e5 values, and its update follows torch's AdamW (8-bit quantized moments:
     within 2% of the update's norm after 3 steps)."""
-    from qdora.train import TrainConfig, make_optimizer
+    from qdora.train.loop import TrainConfig, make_optimizer
     cfg = TrainConfig(model="m", data="d", out="o", optimizer="paged_adamw_8bit", lr=1e-3)
     torch.manual_seed(0)
     p8 = nn.Parameter(torch.randn(256, 512, device=DEV))
@@ -617,12 +617,12 @@ def test_paged_adamw_8bit_optimizer_uses_paged_8bit_states():
     "cpu",
     pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason=NO_CUDA)])])
 def test_checkpoint_holds_the_8bit_optimizer_state(tmp_path, device):
-    """`qdora.checkpoint` writes and reads back bitsandbytes' 8-bit optimizer state (paged on CUDA;
+    """`qdora.train.checkpoint` writes and reads back bitsandbytes' 8-bit optimizer state (paged on CUDA;
     on CPU bitsandbytes falls back to unpaged states, the same state_dict): the reloaded optimizer
     steps exactly as the original (bitsandbytes nests its 8-bit states in a dict)."""
     import warnings
 
-    from qdora.checkpoint import load_checkpoint, save_checkpoint
+    from qdora.train.checkpoint import load_checkpoint, save_checkpoint
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
     torch.manual_seed(0)
     model = nn.Linear(512, 256, bias=False, device=device)
@@ -653,7 +653,7 @@ def _run_script(*args, env=None, timeout=300):
 
 
 def test_gpu_check_budgets_fit_its_time_limits():
-    from qdora.eval.gpu_check import BUDGETS, LIMIT_S, PARTS, part_commands
+    from qdora.eval.gpu.check import BUDGETS, LIMIT_S, PARTS, part_commands
     root = SCRIPT.parent.parent
     for mode in ("full", "quick"):
         parts = part_commands(mode, "cuda", "out")

@@ -1,4 +1,4 @@
-"""qdora.data: record loading, prompt templates, tokenization/masking, collation, batch order."""
+"""qdora.data.examples: record loading, prompt templates, tokenization/masking, collation, batch order."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from qdora.data import (
+from qdora.data.examples import (
     DEMO_DATA,
     DataError,
     Record,

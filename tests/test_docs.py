@@ -39,8 +39,8 @@ def option_strings(argv: list[str]) -> tuple[str, set[str]] | None:
     sub = next(a for a in parser._actions if a.dest == "command")
     if argv[0] in ("eval", "analyze", "demo"):  # these own their parsers
         import qdora.demo as demo
-        import qdora.eval.analyze as analyze
-        import qdora.eval.harness as harness
+        import qdora.eval.harness.analyze as analyze
+        import qdora.eval.harness.runner as harness
         module = {"eval": harness, "analyze": analyze, "demo": demo}[argv[0]]
         return argv[0], set(re.findall(r'add_argument\("(--[\w-]+)"', pathlib.Path(module.__file__).read_text()))
     if argv[0] not in sub.choices:

@@ -1,4 +1,4 @@
-"""The adapter-input dropout (`qdora.dropout`): drop rate, scaling, gradient, reproducibility
+"""The adapter-input dropout (`qdora.core.dropout`): drop rate, scaling, gradient, reproducibility
 under gradient checkpointing, and error paths. Oracles: the binomial distribution (rates are
 asserted within 5 standard deviations: a false failure has probability < 1e-6 per check) and
 plain elementwise formulas."""
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from qdora.dropout import Dropout, drop_mask
+from qdora.core.dropout import Dropout, drop_mask
 
 
 def effective_p(p: float) -> float:

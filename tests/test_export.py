@@ -19,7 +19,7 @@ from models import build, llama2_config, llama3_config, save_bpe_tokenizer, save
 
 from qdora import AdapterConfig, QDoRALinear, load_model, merge_and_save, merged_weight, save_adapter
 from qdora.cli import main
-from qdora.drift import held_out_texts
+from qdora.export.drift import held_out_texts
 
 CHAT = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
 
@@ -76,7 +76,7 @@ def read_all(folder):
 def test_nf4_export_is_what_transformers_saves_for_the_merged_model(llama3, tmp_path, double_quant):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qdora.export_nf4 import save_nf4
+    from qdora.export.nf4 import save_nf4
     root, model, tok = llama3
     save_nf4(model, tmp_path / "nf4", tok, double_quant=double_quant, max_shard_size="30KB")
     assert len(list((tmp_path / "nf4").glob("*.safetensors"))) > 1  # sharded, with an index
@@ -107,13 +107,13 @@ def test_nf4_export_is_what_transformers_saves_for_the_merged_model(llama3, tmp_
 
 
 def test_nf4_export_streams_one_layer_at_a_time(tmp_path):
-    from qdora.eval.memory import peak_bytes
-    from qdora.export_nf4 import save_nf4
+    from qdora.eval.bench.memory import peak_bytes
+    from qdora.export.nf4 import save_nf4
     config = llama3_config(hidden_size=128, intermediate_size=512, num_hidden_layers=4, vocab_size=256)
     build(config).save_pretrained(tmp_path / "base")
     save_tokenizer(tmp_path / "base", 256)
     model, _ = adapt(tmp_path / "base")
-    from qdora.nf4 import quantize_nf4
+    from qdora.core.nf4 import quantize_nf4
     largest_fp32 = 512 * 128 * 4
     whole_fp32 = sum(p.numel() for p in build(config).parameters()) * 4
     # bitsandbytes' quantizer alone, on the largest layer, measured the same way: its temporaries.
@@ -136,7 +136,7 @@ def load_gguf(folder):
 def test_gguf_f32_reloads_with_transformers_as_the_adapted_model(tmp_path, config):
     from transformers import AutoTokenizer
 
-    from qdora.export_gguf import save_gguf
+    from qdora.export.gguf import save_gguf
     make_base(tmp_path / "base", config)
     model, tok = adapt(tmp_path / "base")
     file = save_gguf(model, tmp_path / "gguf", tok, quant="f32")
@@ -155,7 +155,7 @@ def test_gguf_f32_reloads_with_transformers_as_the_adapted_model(tmp_path, confi
 def test_gguf_types_follow_llama_cpp(llama3, tmp_path):
     import gguf
 
-    from qdora.export_gguf import save_gguf
+    from qdora.export.gguf import save_gguf
     root, model, tok = llama3
     t = gguf.GGMLQuantizationType
     for quant, main_type in (("q8_0", t.Q8_0), ("q4_0", t.Q4_0), ("f16", t.F16)):
@@ -180,8 +180,9 @@ def test_gguf_types_follow_llama_cpp(llama3, tmp_path):
 def test_gguf_refuses_what_it_cannot_write_before_loading(tmp_path, capsys, monkeypatch):
     from transformers import MistralConfig, MistralForCausalLM
 
-    import qdora.loading
-    monkeypatch.setattr(qdora.loading, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    import qdora.models.loading
+    monkeypatch.setattr(qdora.models.loading, "load_model",
+                        lambda *a, **k: pytest.fail("model loaded before the check"))
     cfg = dict(vocab_size=420, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                num_key_value_heads=2)
     MistralForCausalLM(MistralConfig(**cfg)).save_pretrained(tmp_path / "mistral")
@@ -269,17 +270,17 @@ def test_a_write_error_leaves_no_folder(llama3, tmp_path, fmt, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
     if fmt == "nf4":
-        import qdora.export_nf4 as module
+        import qdora.export.nf4 as module
         real = module.check_finite
         monkeypatch.setattr(module, "check_finite", full)
         run = lambda: module.save_nf4(model, tmp_path / "out", tok)  # noqa: E731
     else:
         import gguf
 
-        import qdora.export_gguf  # noqa: F401
+        import qdora.export.gguf  # noqa: F401
         real = gguf.GGUFWriter.write_tensor_data
         monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", lambda self, *a: full(self, *a))
-        run = lambda: qdora.export_gguf.save_gguf(model, tmp_path / "out", tok)  # noqa: E731
+        run = lambda: qdora.export.gguf.save_gguf(model, tmp_path / "out", tok)  # noqa: E731
     with pytest.raises(OSError, match="No space left"):
         run()
     assert calls["n"] == 3 and os.listdir(tmp_path) == []
@@ -289,7 +290,7 @@ def test_a_write_error_leaves_no_folder(llama3, tmp_path, fmt, monkeypatch):
 
 def test_llama_cpp_generates_from_the_gguf(llama3, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="no llama.cpp runtime (llama-cpp-python) installed")
-    from qdora.export_gguf import save_gguf
+    from qdora.export.gguf import save_gguf
     root, model, tok = llama3
     file = save_gguf(model, tmp_path / "gguf", tok, quant="f32")
     llm = llama_cpp.Llama(model_path=str(file), n_ctx=128, verbose=False, logits_all=True)

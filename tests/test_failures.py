@@ -16,9 +16,9 @@ from models import build, llama3_config, save_bpe_tokenizer
 from safetensors.torch import load_file, save_file
 
 from qdora.cli import main
-from qdora.data import DEMO_DATA
-from qdora.safetensors_io import NonFiniteTensorError, save_file_atomic
-from qdora.train import read_metrics
+from qdora.core.safetensors_io import NonFiniteTensorError, save_file_atomic
+from qdora.data.examples import DEMO_DATA
+from qdora.train.loop import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,12 +50,12 @@ def run_cli(capsys, args):
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Fail the test if anything starts loading a model: the error must come before that."""
-    import qdora.loading
+    import qdora.models.loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
-    monkeypatch.setattr(qdora.loading, "load_model", refuse)
-    monkeypatch.setattr(qdora.loading, "resolve_checkpoint", refuse)
+    monkeypatch.setattr(qdora.models.loading, "load_model", refuse)
+    monkeypatch.setattr(qdora.models.loading, "resolve_checkpoint", refuse)
 
 
 def strict_json_lines(path):
@@ -113,7 +113,7 @@ def test_a_run_without_clipping_reports_its_gradient_norm(setup, tmp_path, capsy
 
 
 def test_a_zero_gradient_and_a_uniform_guess_warn_once(setup, tmp_path):
-    from qdora.health import UNIFORM_STEPS, Health
+    from qdora.train.health import UNIFORM_STEPS, Health
     health = Health(vocab_size=512)
     uniform = float(torch.tensor(512.0).log())
     warned = [health.check(step, uniform, 0.0 if step > 1 else 1.0, 1e9) for step in range(1, 8)]
@@ -184,7 +184,7 @@ def test_user_errors_are_one_line_and_come_before_loading(setup, tmp_path, capsy
 
 
 def test_a_target_that_matches_nothing_fails_before_the_weights_are_read(setup, tmp_path, capsys, monkeypatch):
-    from qdora.loading import CheckpointModel
+    from qdora.models.loading import CheckpointModel
     monkeypatch.setattr(CheckpointModel, "fill", lambda *a, **k: pytest.fail("weights read before the check"))
     rc, err = run_cli(capsys, train_args(setup, tmp_path / "out", "--target-modules", "q_proj,qq_proj"))
     assert rc == 2 and err.count("\n") == 1, err
@@ -252,8 +252,8 @@ def test_a_corrupt_checkpoint_names_its_file_and_the_way_out(setup, tmp_path, ca
     assert main(train_args(setup, out)) == 0
     trainable = out / "checkpoint" / "trainable.safetensors"
     trainable.write_bytes(trainable.read_bytes()[: trainable.stat().st_size // 2])
-    import qdora.loading
-    monkeypatch.setattr(qdora.loading, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    import qdora.models.loading
+    monkeypatch.setattr(qdora.models.loading, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
     rc, err = run_cli(capsys, train_args(setup, out, "--resume", "--max-steps", "4"))
     assert rc == 2 and err.count("\n") == 1, err
     assert f"{trainable}: corrupt or truncated safetensors file" in err

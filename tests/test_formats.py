@@ -10,9 +10,9 @@ import pytest
 from models import CHATML, chatml_tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from qdora.chat import tokenize_chat
-from qdora.data import IGNORE_INDEX, DataError, load_records, parse_record, tokenize_record
-from qdora.records import detect_format
+from qdora.data.chat import tokenize_chat
+from qdora.data.examples import IGNORE_INDEX, DataError, load_records, parse_record, tokenize_record
+from qdora.data.records import detect_format
 
 # A template that drops earlier assistant turns' reasoning, so a prefix of the conversation does not
 # render as a prefix of the whole (as Qwen3's does with <think> blocks).
@@ -161,7 +161,7 @@ def test_loss_is_on_the_completion_or_everything(tokenizer, fmt, supervised):
 
 
 def test_token_cache_serves_a_second_run(tmp_path, tokenizer, monkeypatch):
-    from qdora import token_cache
+    from qdora.data import token_cache
     monkeypatch.setenv("QDORA_CACHE", str(tmp_path / "cache"))
     path = _write(tmp_path / "d.jsonl", [CHAT, CHAT], "jsonl")
     records = load_records(path)

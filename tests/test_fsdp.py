@@ -25,8 +25,8 @@ import torch
 from models import build, llama3_config, save_bpe_tokenizer
 from safetensors.torch import load_file
 
-from qdora.data import DEMO_DATA
-from qdora.train import TrainConfig, read_metrics, train
+from qdora.data.examples import DEMO_DATA
+from qdora.train.loop import TrainConfig, read_metrics, train
 
 LOSS_RTOL = 1e-6
 GRAD_NORM_RTOL = 1e-5
@@ -70,7 +70,7 @@ def runs(tmp_path_factory):
     for method in ("qdora", "qlora"):
         summary = train(TrainConfig(**config(root, root / f"single-{method}", method=method)))
         single[method] = summary["model"]
-    from qdora.adapter_io import save_adapter
+    from qdora.models.adapter_io import save_adapter
     save_adapter(single["qdora"], root / "single-qdora-peft", format="peft")
     packed = dict(packing=True, cutoff_len=640, val_split=0.2, eval_every=2)  # rows of two examples, validated
     train(TrainConfig(**config(root, root / "single-packed", **packed)))
@@ -232,9 +232,9 @@ def test_accelerate_launch_runs_the_same_job(runs, tmp_path):
 def test_plan_predicts_the_measured_start(runs):
     """`qdora plan`'s FSDP start term against the start measured on each rank (the profiler's peak
     of live tensor bytes over `build_sharded`, the mapped checkpoint file left out). This tiny
-    model peaks while its root is sharded; `python -m qdora.eval.validate_plan --start` also covers
+    model peaks while its root is sharded; `python -m qdora.eval.plan.validate --start` also covers
     starts that peak in a layer (within +11% there)."""
-    from qdora.plan import PlanConfig, plan
+    from qdora.plan.memory import PlanConfig, plan
     _finished(runs, "fsdp-qlora")
     cfg = TrainConfig(**config(runs["root"], runs["root"] / "x", method="qlora", fsdp=True))
     predicted = plan(str(runs["root"] / "model"), PlanConfig(
@@ -260,10 +260,10 @@ def test_ranks_that_built_different_weights_refuse_to_train(runs):
 
 @pytest.mark.slow
 def test_a_missing_model_fails_every_rank_at_once(runs):
-    """Every rank checks the model path before the process group starts (`qdora.train.check_run`),
+    """Every rank checks the model path before the process group starts (`qdora.train.loop.check_run`),
     so each fails at once with the same error, not after the collective timeout. (A model that
     exists but that rank 0 cannot open fails on rank 0 and reaches the others by a collective:
-    `qdora.fsdp.build_sharded`.)"""
+    `qdora.train.fsdp.build_sharded`.)"""
     out = runs["root"] / "no-model"
     errors = [json.loads((out / f"facts-rank{r}.json").read_text())["start_error"] for r in (0, 1)]
     assert errors == [f"FileNotFoundError: model not found: {runs['root'] / 'missing'}"] * 2
@@ -308,7 +308,7 @@ def test_crash_while_saving_keeps_the_last_checkpoint_and_resume_continues(runs)
 
 
 def test_fsdp_needs_a_launcher(tmp_path, monkeypatch):
-    from qdora.fsdp import init_process_group
+    from qdora.train.fsdp import init_process_group
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ValueError, match="torchrun --standalone --nproc-per-node 2 -m qdora.cli -- train --fsdp"):
@@ -362,7 +362,7 @@ def test_no_checkpoint_file_is_a_pickle(runs):
 
 
 def test_an_earlier_sharded_checkpoint_is_refused_with_the_way_out(tmp_path):
-    from qdora.checkpoint import check_checkpoint
+    from qdora.train.checkpoint import check_checkpoint
     (tmp_path / "state.json").write_text(json.dumps({"step": 2, "sharded": True, "world_size": 2}))
     with pytest.raises(ValueError, match="earlier qdora's FSDP format.*start the run again without --resume"):
         check_checkpoint(tmp_path)
@@ -372,7 +372,7 @@ def test_mixed_precision_needs_matching_quant_storage():
     from torch import nn
 
     from qdora import AdapterConfig, add_adapters
-    from qdora.fsdp import prepare_for_fsdp
+    from qdora.train.fsdp import prepare_for_fsdp
 
     model = nn.Sequential(nn.Linear(64, 32))
     add_adapters(model, AdapterConfig(method="qdora", r=2, target_modules=("0",)), verbose=False)
@@ -388,7 +388,7 @@ def test_shardable_layers_compute_what_the_nf4_model_computes(storage):
     from conftest import FP32_TOL, assert_close
 
     from qdora import AdapterConfig, add_adapters
-    from qdora.fsdp import ShardableLinear4bit, prepare_for_fsdp
+    from qdora.train.fsdp import ShardableLinear4bit, prepare_for_fsdp
 
     torch.manual_seed(0)
     model = build(llama3_config(num_hidden_layers=1, hidden_size=64, intermediate_size=192))
@@ -425,7 +425,7 @@ def test_streaming_builds_what_load_model_builds(tmp_path, tied, method):
     for bit (same tensors, same trainable set, same initial A from the same seed), tied embeddings
     and magnitude-only layers included. Oracle: `load_model` then `add_adapters` on the whole model."""
     from qdora import AdapterConfig
-    from qdora.loading import CheckpointModel, load_model, stream_model
+    from qdora.models.loading import CheckpointModel, load_model, stream_model
 
     build(llama3_config(tie_word_embeddings=tied, num_hidden_layers=3)).save_pretrained(tmp_path / "model")
     storage = "bfloat16" if method.endswith("bf16-storage") else "uint8"  # what CUDA mixed precision shards
@@ -479,7 +479,7 @@ def test_streaming_names_what_the_checkpoint_lacks(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from qdora import AdapterConfig
-    from qdora.loading import stream_model
+    from qdora.models.loading import stream_model
 
     build(llama3_config()).save_pretrained(tmp_path)
     tensors = load_file(str(tmp_path / "model.safetensors"))

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from models import build, llama3_config, save_bpe_tokenizer
 
-from qdora.data import DEMO_DATA
-from qdora.eval.harness import METHODS, HarnessConfig, extract_answer, markdown, run, summarize
+from qdora.data.examples import DEMO_DATA
+from qdora.eval.harness.runner import METHODS, HarnessConfig, extract_answer, markdown, run, summarize
 
 
 def _tiny_run_files(tmp_path, n: int, chat: bool = False) -> list[dict]:
@@ -40,7 +40,7 @@ def test_answer_extraction_like_llm_adapters():
 
 
 def test_math_answer_extraction():
-    from qdora.eval.harness import extract_number, same_number
+    from qdora.eval.harness.runner import extract_number, same_number
     assert extract_number("She sold 48/2 = 24 in May, so 48 + 24 = 72 in all.") == "72"
     assert extract_number("The answer is 1,080.") == "1080"
     assert extract_number("no digits here") is None
@@ -79,11 +79,11 @@ def test_summary_mean_and_spread():
 @pytest.mark.slow
 def test_every_method_runs_with_the_same_data_order(tmp_path, monkeypatch):
     _tiny_run_files(tmp_path, 8)
-    import qdora.data
-    import qdora.train
+    import qdora.data.examples
+    import qdora.train.loop
     calls = []
-    real = qdora.data.batch_order
-    monkeypatch.setattr(qdora.train, "batch_order", lambda *a: calls.append(a) or real(*a))
+    real = qdora.data.examples.batch_order
+    monkeypatch.setattr(qdora.train.loop, "batch_order", lambda *a: calls.append(a) or real(*a))
     hc = HarnessConfig(model=str(tmp_path / "m"), train_data=str(tmp_path / "train.json"), out=str(tmp_path / "out"),
                        methods=tuple(METHODS), max_steps=2, batch_size=2, cutoff_len=320, eval_items=3,
                        r=4, alpha=8, generate=True, isolate=False, tasks=("ARC-Easy",), vera_r=8, seeds=1)
@@ -115,8 +115,8 @@ def test_every_method_runs_with_the_same_data_order(tmp_path, monkeypatch):
 
 
 def test_union_of_training_files(tmp_path):
-    from qdora.data import load_records
-    from qdora.eval.harness import union_file
+    from qdora.data.examples import load_records
+    from qdora.eval.harness.runner import union_file
     a = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:3]
     (tmp_path / "a.json").write_text(json.dumps(a))
     (tmp_path / "b.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "2\n#### 2"}) + "\n")
@@ -127,7 +127,7 @@ def test_union_of_training_files(tmp_path):
 
 
 def test_separation_is_a_paired_t_test_by_seed():
-    from qdora.eval.harness import separation
+    from qdora.eval.harness.runner import separation
     nll = {("a", 0): 1.00, ("a", 1): 1.10, ("a", 2): 1.20, ("b", 0): 1.02, ("b", 1): 1.13, ("b", 2): 1.21,
            ("c", 0): 1.50, ("c", 1): 0.90, ("c", 2): 1.20}
     rows = [{"method": m, "seed": k, "tasks": {"t": {"answer_nll": v}}} for (m, k), v in nll.items()]
@@ -165,7 +165,7 @@ def test_isolated_runs_equal_in_process_runs(tmp_path):
 def test_separation_uses_the_student_t_quantile_of_any_number_of_seeds():
     from scipy import stats
 
-    from qdora.eval.harness import separation
+    from qdora.eval.harness.runner import separation
     # 12 seeds, differences with t = 2.1: beyond the normal 1.96, inside t(11 dof, 97.5%) = 2.201.
     base = [0.3, -0.1, 0.2, 0.0, 0.1, -0.2, 0.25, 0.05, -0.05, 0.15, -0.15, 0.1]
     mean, sd = statistics.fmean(base), statistics.stdev(base)
@@ -218,8 +218,8 @@ def test_learning_curve_and_resume(tmp_path, capsys):
 @pytest.mark.slow
 def test_chat_option_scoring(tmp_path):
     """--chat trains on the multiple-choice records as chat (option text as the reply) and scores the
-    held-out items as qdora demo does; the scores are those of qdora.scoring on the trained model."""
-    from qdora.eval.tasks import record_choice, test_records
+    held-out items as qdora demo does; the scores are those of qdora.data.scoring on the trained model."""
+    from qdora.eval.harness.tasks import record_choice, test_records
     records = _tiny_run_files(tmp_path, 6, chat=True)
     result = run(HarnessConfig(model=str(tmp_path / "m"), train_data=str(tmp_path / "train.json"),
                                out=str(tmp_path / "out"), methods=("qdora",), tasks=("ARC-Easy",), seeds=1,
@@ -233,7 +233,7 @@ def test_chat_option_scoring(tmp_path):
     assert task["items"] == 5 and 0 <= task["acc_loglik"] <= 1 and math.isfinite(task["answer_nll"])
     assert all(0 <= p < 4 for p in task["predictions"])
     import qdora
-    from qdora.scoring import score_chat_choices
+    from qdora.data.scoring import score_chat_choices
     model, tok = qdora.load_model(tmp_path / "m", method="qdora", cfg=qdora.AdapterConfig(r=4, alpha=8),
                                   progress=False)
     qdora.load_adapter(model, tmp_path / "out" / "runs" / "qdora-seed0" / "adapter", verbose=False)
@@ -243,7 +243,7 @@ def test_chat_option_scoring(tmp_path):
 
 
 def test_curve_table_means_and_paired_differences():
-    from qdora.eval.comparison import curve_markdown
+    from qdora.eval.harness.comparison import curve_markdown
     rows = [{"method": m, "seed": s, "curve": [{"step": 50, "T": {"acc_loglik": a, "answer_nll": n}}]}
             for m, s, a, n in [("qdora", 0, 0.60, 2.0), ("qdora", 1, 0.70, 2.2), ("qlora", 0, 0.50, 2.1),
                                ("qlora", 1, 0.55, 2.3)]]

@@ -10,7 +10,7 @@ from conftest import FP32_TOL, assert_close
 from models import build, llama3_config, save_bpe_tokenizer
 
 from qdora import AdapterConfig, QDoRALinear, load_adapter, load_model
-from qdora.data import DEMO_DATA
+from qdora.data.examples import DEMO_DATA
 
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")

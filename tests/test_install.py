@@ -163,7 +163,7 @@ def test_a_lock_outside_the_declared_ranges_is_named(tmp_path):
 def test_the_declared_peft_range_is_the_one_patch_peft_accepts():
     import tomllib
 
-    from qdora.peft_patch import PEFT_VERSIONS
+    from qdora.integrations.peft import PEFT_VERSIONS
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     first, last = PEFT_VERSIONS
     for extra in ("dev", "peft"):
@@ -198,7 +198,7 @@ def test_the_wheel_holds_the_package_and_data_and_no_tests(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for needed in ("qdora/__init__.py", "qdora/cli.py", "qdora/kernels/__init__.py",
                    "qdora/kernels/ops.py", "qdora/kernels/triton_kernels.py", "qdora/eval/__init__.py",
-                   "qdora/eval/harness.py", "qdora/demo_data/arc_easy_train.json"):
+                   "qdora/eval/harness/runner.py", "qdora/demo_data/arc_easy_train.json"):
         assert needed in names, needed
     assert not [n for n in names if n.startswith(("tests/", "kernels/", "eval/", "scripts/", "docs/"))], names
     assert not [n for n in names if "conftest" in n or "/test_" in n]

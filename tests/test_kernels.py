@@ -20,9 +20,9 @@ from conftest import assert_close
 from oracle import nf4_reference_dequantize
 from torch import nn
 
+from qdora.core.layer import QDoRALinear
+from qdora.core.nf4 import linear4bit_from_linear, quantize_nf4
 from qdora.kernels import ops, reference
-from qdora.layer import QDoRALinear
-from qdora.nf4 import linear4bit_from_linear, quantize_nf4
 
 tk = pytest.importorskip("qdora.kernels.triton_kernels",
                          reason="Triton is not installed (pip install triton; Linux only)")
@@ -341,7 +341,7 @@ def test_bench_kernels_runs_end_to_end(tmp_path, capsys):
 
 def test_bench_kernels_triton_path_agrees_and_moves_fewer_bytes():
     """The CUDA path of the benchmark (Triton beside torch), on CPU under the interpreter."""
-    from qdora.eval.bench_kernels import bench_shape
+    from qdora.eval.bench.kernels import bench_shape
 
     device = torch.device("cpu" if tk._INTERPRETING else "cuda")
     res = bench_shape(IN, OUT, T, 3, torch.float32, device, reps=1, triton=True)
@@ -353,7 +353,7 @@ def test_bench_kernels_triton_path_agrees_and_moves_fewer_bytes():
 
 @pytest.mark.parametrize("argv", [["--shapes", "4096by4096"], ["--shapes", "0x64"], ["--r", "0"]])
 def test_bench_kernels_rejects_bad_arguments(argv):
-    from qdora.eval.bench_kernels import main
+    from qdora.eval.bench.kernels import main
 
     with pytest.raises(SystemExit):
         main(argv)

@@ -10,8 +10,8 @@ from oracle import dora_reference
 from torch import nn
 
 from qdora import QDoRALinear, linear4bit_from_linear
-from qdora.dropout import Dropout
-from qdora.nf4 import RowBlocks
+from qdora.core.dropout import Dropout
+from qdora.core.nf4 import RowBlocks
 
 
 def make_layer(in_f, out_f, r=8, quantized=True, bias=False, zero_rows=(), perturb=True, **kw):

@@ -13,8 +13,8 @@ from oracle import nf4_roundtrip
 from torch import nn
 
 from qdora import AdapterConfig, QDoRALinear, load_model
-from qdora.loading import TRIM_EVERY, CheckpointReader
-from qdora.nf4 import QUANT_CHUNK
+from qdora.core.nf4 import QUANT_CHUNK
+from qdora.models.loading import TRIM_EVERY, CheckpointReader
 
 CONFIGS = {"llama2": llama2_config(), "llama3": llama3_config(),
            "llama3-tied": llama3_config(tie_word_embeddings=True)}
@@ -92,7 +92,7 @@ def test_unquantized_methods_keep_the_weights(tmp_path, method):
 
 @pytest.mark.slow
 def test_loading_peaks_near_the_nf4_model_plus_one_shard(tmp_path):
-    from qdora.eval.bench_load import measure
+    from qdora.eval.bench.load import measure
     config = llama2_config(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, vocab_size=1024)
     build(config).save_pretrained(tmp_path / "ckpt", max_shard_size="20MB")  # fp32, ~210 MB on disk
     plain = measure(tmp_path / "ckpt", "transformers-fp32")

@@ -10,7 +10,7 @@ from conftest import assert_close
 from models import build, llama2_config, llama3_config, save_tokenizer
 
 from qdora import AdapterConfig, QDoRALinear, load_model, merge_and_save, merged_weight
-from qdora.eval.memory import peak_bytes
+from qdora.eval.bench.memory import peak_bytes
 
 IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(5))
 
@@ -110,7 +110,7 @@ def test_merge_onto_the_original_weights(tmp_path):
     diff = (a - b).abs().max().item()
     assert 1e-4 < diff < 0.5 * a.abs().max().item()
     layer = model.model.layers[0].self_attn.q_proj
-    from qdora.loading import CheckpointReader
+    from qdora.models.loading import CheckpointReader
     W0 = CheckpointReader(tmp_path / "base").get("model.layers.0.self_attn.q_proj.weight").double()
     W = W0 + layer.scaling * layer.lora_B.double() @ layer.lora_A.double()
     expected = W * (layer.magnitude.double() / W.norm(dim=1))[:, None]
@@ -155,7 +155,7 @@ def test_cli_merge_equals_the_library_merge(tmp_path):
 def test_cli_merge_reports_the_original_weights_logit_difference(tmp_path, capsys):
     from qdora import save_adapter
     from qdora.cli import main
-    from qdora.merge import logit_difference
+    from qdora.export.merge import logit_difference
     model, tok = adapted_model(tmp_path, llama2_config())
     save_adapter(model, tmp_path / "adapter")
     assert main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
@@ -168,8 +168,8 @@ def test_cli_merge_reports_the_original_weights_logit_difference(tmp_path, capsy
 
 def test_no_export_replaces_the_checkpoint_it_merges_onto(tmp_path):
     # overwrite=True allows replacing an earlier result, never the export's own input.
-    from qdora.export_gguf import save_gguf
-    from qdora.export_nf4 import save_nf4
+    from qdora.export.gguf import save_gguf
+    from qdora.export.nf4 import save_nf4
     model, tok = adapted_model(tmp_path, llama2_config())
     before = {p.name: p.read_bytes() for p in (tmp_path / "base").iterdir()}
     for export in (merge_and_save, save_nf4):
@@ -187,7 +187,7 @@ def test_check_ends_with_a_verdict_against_the_adapters_own_effect(tmp_path, cap
     # short fine-tune is that case) drifts by the whole effect.
     from qdora import save_adapter
     from qdora.cli import main
-    from qdora.drift import verdict
+    from qdora.export.drift import verdict
     model, tok = adapted_model(tmp_path, llama3_config())
     save_adapter(model, tmp_path / "adapter")
     args = ["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--dtype", "float32"]
@@ -214,7 +214,7 @@ def test_a_killed_exports_temporary_folder_does_not_live_on(tmp_path):
     import subprocess
     import sys
 
-    from qdora.safetensors_io import atomic_dir
+    from qdora.core.safetensors_io import atomic_dir
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)
     stale = tmp_path / f"merged.tmp-{int(dead.stdout)}"
@@ -239,7 +239,7 @@ def test_replacing_a_folder_never_removes_a_dot_old_it_did_not_make(tmp_path):
     import subprocess
     import sys
 
-    from qdora.safetensors_io import atomic_dir
+    from qdora.core.safetensors_io import atomic_dir
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True, check=True).stdout)
     backup, crashed = tmp_path / "merged.old", tmp_path / f"merged.old-{dead}"

@@ -5,8 +5,8 @@ import torch
 from oracle import nf4_reference_dequantize
 from torch import nn
 
+from qdora.core.nf4 import RowBlocks, adopt_linear4bit, linear4bit_from_linear, quantize_nf4
 from qdora.kernels import NF4_CODE, dequantize_nf4
-from qdora.nf4 import RowBlocks, adopt_linear4bit, linear4bit_from_linear, quantize_nf4
 
 SHAPES = [(70, 1151), (7, 96), (33, 1000), (130, 256), (5, 1150), (3, 4096)]  # (out, in)
 
@@ -158,8 +158,8 @@ def test_quantizing_a_large_weight_costs_about_a_byte_per_element():
     byte per element with the absmax) plus one chunk's temporaries; nothing of the weight's size
     in float or bool (a whole-weight finiteness check used to cost 7 bytes per element). The bound
     is what `qdora plan` counts for the FSDP start."""
-    from qdora.eval.memory import peak_bytes
-    from qdora.nf4 import QUANT_CHUNK
+    from qdora.core.nf4 import QUANT_CHUNK
+    from qdora.eval.bench.memory import peak_bytes
 
     weight = torch.randn(4096, 1024)
     n = weight.numel()

@@ -105,7 +105,7 @@ def test_wrapping_is_refused_twice_or_after_a_step():
 
 
 def test_the_benchmarks_first_step_measure():
-    from qdora.eval.adapter_dtype import first_step_unchanged
+    from qdora.eval.bench.adapter_dtype import first_step_unchanged
     assert first_step_unchanged("bfloat16", 2e-5, size=128, r=4) == 0.0
     assert first_step_unchanged("float32", 2e-5, size=128, r=4) == 0.0
     assert first_step_unchanged("bfloat16, no master copies", 2e-5, size=128, r=4) > 0.5

@@ -7,9 +7,9 @@ import pytest
 from models import build, llama3_config, save_bpe_tokenizer
 
 from qdora.cli import build_parser, main
-from qdora.data import DEMO_DATA
+from qdora.data.examples import DEMO_DATA
 from qdora.options import field_docs, resolve
-from qdora.train import TrainConfig, read_metrics
+from qdora.train.loop import TrainConfig, read_metrics
 
 
 def parsed(argv):
@@ -99,8 +99,8 @@ def test_a_run_relaunched_from_its_saved_config_is_the_same_run(tmp_path, capsys
 def test_adapter_settings_reach_train_and_plan_by_name():
     """An adapter setting is an AdapterConfig field; TrainConfig and PlanConfig pass on every field
     of the same name (no hand-written copy to forget), with their own defaults."""
-    from qdora.config import AdapterConfig
-    from qdora.plan import PlanConfig
+    from qdora.core.config import AdapterConfig
+    from qdora.plan.memory import PlanConfig
     cfg = TrainConfig(model="m", data="d", out="o", method="dora", r=8, alpha=4.0, dropout=0.1, norm="exact",
                       target_modules=("q_proj",), magnitude_only_modules=("o_proj",), adapter_dtype="bfloat16",
                       seed=7)

@@ -6,8 +6,8 @@ import torch
 from models import build, llama3_config
 
 import qdora
-from qdora.data import IGNORE_INDEX, collate
-from qdora.packing import collate_packed, pack
+from qdora.data.examples import IGNORE_INDEX, collate
+from qdora.data.packing import collate_packed, pack
 
 
 def _examples(lengths, vocab, seed=0):

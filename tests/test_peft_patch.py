@@ -12,7 +12,7 @@ from torch import nn
 from qdora import linear4bit_from_linear
 
 peft = pytest.importorskip("peft")
-from qdora.peft_patch import PeftPatch, patch_peft, unpatch_peft  # noqa: E402
+from qdora.integrations.peft import PeftPatch, patch_peft, unpatch_peft  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = torch.randint(0, 1024, (2, 11), generator=torch.Generator().manual_seed(4))

@@ -12,9 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import qdora
 from qdora.cli import main
-from qdora.eval.validate_plan import Case, error, measure
-from qdora.layer import QDoRALinear
-from qdora.plan import (
+from qdora.core.layer import QDoRALinear
+from qdora.eval.plan.validate import Case, error, measure
+from qdora.plan.memory import (
     ALLOCATOR_SLACK,
     CUDA_CONTEXT_BYTES,
     GIB,
@@ -24,7 +24,7 @@ from qdora.plan import (
     resolve_model,
     shape_from_config,
 )
-from qdora.plan_report import format_plan
+from qdora.plan.report import format_plan
 
 # Published parameter counts of the presets' architectures, checked against transformers (meta device).
 PUBLISHED = {"llama-2-7b": dict(rope_theta=1e4), "llama-3-8b": dict(rope_theta=5e5),
@@ -120,7 +120,7 @@ def test_published_allocated_figures():
     batch 1) report peak *allocated* memory, the quantity the planner's tensor bytes predict:
     8.28 GiB at 512 tokens and 9.16 GiB at 2048. Their code (2024 transformers, FSDP1, PEFT) is not
     ours, so the bound is loose: 10%."""
-    from qdora.eval.validate_plan import PUBLISHED, published_table
+    from qdora.eval.plan.validate import PUBLISHED, published_table
     rows = [(cfg, model, figure) for _, _, model, cfg, figure, reads in PUBLISHED if reads == "peak allocated"]
     assert len(rows) == 2
     for cfg, model, figure in rows:
@@ -144,12 +144,13 @@ def test_fsdp_shards_what_it_shards_and_names_its_buffers():
 
 
 def test_fsdp_start_streams_so_70b_fits_two_24gb_cards_with_offload():
-    """`qdora.fsdp.build_sharded` streams the checkpoint layer by layer on every rank: the start
+    """`qdora.train.fsdp.build_sharded` streams the checkpoint layer by layer on every rank: the start
     holds this rank's shards, every quantization state, and one layer or the root whole. For
     Llama-3-70B with CPU offload both the start and the step fit a 24 GB card; without offload the
     shards (35 GB of NF4 over 2 GPUs) do not."""
-    from qdora import fsdp, nf4
-    from qdora.plan import CHECKSUM_CHUNK, QUANT_CHUNK
+    from qdora.core import nf4
+    from qdora.plan.memory import CHECKSUM_CHUNK, QUANT_CHUNK
+    from qdora.train import fsdp
     assert (QUANT_CHUNK, CHECKSUM_CHUNK) == (nf4.QUANT_CHUNK, fsdp.CHECKSUM_CHUNK)
     one = plan("Llama-3-70B", PlanConfig(method="qdora", r=64, gpus=1))
     assert one.start_bytes == 0 and one.start_total_bytes == 0
@@ -223,7 +224,7 @@ def test_cli_plan(capsys):
 def test_plan_config_from_an_adapter_config():
     """A plan built from an AdapterConfig plans that adapter: the same terms as the setting given
     field by field, and AdapterConfig's own checks reject a bad adapter field."""
-    from qdora.config import AdapterConfig
+    from qdora.core.config import AdapterConfig
     adapter = AdapterConfig(method="qdora", r=8, target_modules=("q_proj", "v_proj"), adapter_dtype="float32",
                             double_quant=False, norm="exact")
     got = plan("Llama-3-8B", PlanConfig.from_adapter(adapter, seq_len=1024, device="cpu"))
@@ -237,8 +238,8 @@ def test_plan_config_from_an_adapter_config():
 
 
 def test_fits_only_with_the_margin_the_planners_error_needs():
-    from qdora.plan_config import FIT_MARGIN
-    from qdora.plan_report import plan_to_dict
+    from qdora.plan.config import FIT_MARGIN
+    from qdora.plan.report import plan_to_dict
     p = plan("Llama-3-8B", PlanConfig(method="qdora", r=64, seq_len=2048, batch_size=4, grad_accum=4))
     assert (1 - FIT_MARGIN) * 24 * GIB < p.total_bytes <= 24 * GIB          # 23.47 GiB (docs/planner.md)
     assert [p.verdict(gb) for gb in (16, 24, 48)] == ["no", "tight", "yes"] and not p.fits(24) and p.fits(48)

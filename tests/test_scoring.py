@@ -2,8 +2,8 @@ import pytest
 import torch
 from models import build, llama3_config, save_bpe_tokenizer
 
-from qdora.data import DEMO_DATA, Record, load_records, tokenize_record
-from qdora.scoring import answer_options, continuation_logprobs, score_multiple_choice
+from qdora.data.examples import DEMO_DATA, Record, load_records, tokenize_record
+from qdora.data.scoring import answer_options, continuation_logprobs, score_multiple_choice
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_answer_options_and_scores(lm):
 def test_llm_adapters_choices_parse():
     import json
 
-    from qdora.scoring import llm_adapters_choice
+    from qdora.data.scoring import llm_adapters_choice
     rows = json.loads((DEMO_DATA / "arc_easy_test.json").read_text())
     items = [llm_adapters_choice(obj, f"item {i}") for i, obj in enumerate(rows)]
     assert items[0].question.startswith("Which statement best explains why photosynthesis")
@@ -77,7 +77,7 @@ def test_chat_choice_scores_against_the_models_own_loss(lm):
     chat is trained: recomputed here with transformers' loss on the template's own rendering."""
     from models import chatml_tokenizer
 
-    from qdora.scoring import Choice, score_chat_choices
+    from qdora.data.scoring import Choice, score_chat_choices
     model = lm[0]
     tok = chatml_tokenizer(["Which is a fruit? apple a stone the idea of blue", "What color is the sky? blue green",
                             "user assistant"])
@@ -113,7 +113,7 @@ def test_chat_choice_scores_against_the_models_own_loss(lm):
 def test_paired_accuracy_interval_and_exact_test():
     from scipy import stats
 
-    from qdora.scoring import paired_accuracy
+    from qdora.data.scoring import paired_accuracy
     before = [True] * 30 + [False] * 70
     after = [True] * 25 + [False] * 5 + [True] * 20 + [False] * 50  # 5 worse, 20 better
     p = paired_accuracy(before, after)

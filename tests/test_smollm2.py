@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def gguf(tmp_path_factory):
-    from qdora.loading import smollm2_gguf_path
+    from qdora.models.loading import smollm2_gguf_path
     try:
         path = smollm2_gguf_path()
     except FileNotFoundError as err:
@@ -34,7 +34,7 @@ def test_gguf_loads_to_nf4_and_matches_an_independent_quantization(gguf, capfd):
     from transformers import AutoModelForCausalLM
 
     from qdora import AdapterConfig, load_model
-    from qdora.loading import convert_gguf
+    from qdora.models.loading import convert_gguf
     cached = convert_gguf(gguf, progress=False)
     assert "dtype" not in capfd.readouterr().err  # transformers' note on a GGUF asked for in bf16
     with safe_open(cached / "model.safetensors", framework="pt") as f:  # stored in bf16, the checkpoint's dtype

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from test_harness import _tiny_run_files
 
-import qdora.eval.harness as harness
-from qdora.eval.analyze import fit
-from qdora.eval.harness import HarnessConfig, RunInterrupted, main, run, run_config
-from qdora.eval.sweep import RunKey, compare, plan, sweep_markdown
-from qdora.scoring import paired_nll
+import qdora.eval.harness.runner as harness
+from qdora.data.scoring import paired_nll
+from qdora.eval.harness.analyze import fit
+from qdora.eval.harness.runner import HarnessConfig, RunInterrupted, main, run, run_config
+from qdora.eval.harness.sweep import RunKey, compare, plan, sweep_markdown
 
 
 def test_run_names_and_order():

@@ -11,8 +11,8 @@ from models import build, llama3_config, save_bpe_tokenizer
 from safetensors import safe_open
 
 from qdora import QDoRALinear
-from qdora.data import DEMO_DATA, DataError
-from qdora.train import TrainConfig, lr_at, read_metrics, train
+from qdora.data.examples import DEMO_DATA, DataError
+from qdora.train.loop import TrainConfig, lr_at, read_metrics, train
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +134,9 @@ def test_a_full_disk_at_the_end_keeps_the_adapter_and_the_last_checkpoint_and_na
     smaller) is saved, the checkpoint of step 2 is kept as it was, and one line says where and how much."""
     import errno
 
-    import qdora.checkpoint
+    import qdora.train.checkpoint
     from qdora.cli import main
-    real = qdora.checkpoint.save_file_atomic
+    real = qdora.train.checkpoint.save_file_atomic
 
     def fill_up(tensors, path, *args, **kw):
         state = json.loads((out / "checkpoint" / "state.json").read_text()) if (out / "checkpoint").is_dir() else {}
@@ -145,7 +145,7 @@ def test_a_full_disk_at_the_end_keeps_the_adapter_and_the_last_checkpoint_and_na
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(tensors, path, *args, **kw)
 
-    monkeypatch.setattr(qdora.checkpoint, "save_file_atomic", fill_up)
+    monkeypatch.setattr(qdora.train.checkpoint, "save_file_atomic", fill_up)
     out = tmp_path / "run"
     argv = ["train", "--model", str(setup / "model"), "--data", str(setup / "data.json"), "--r", "4", "--alpha", "8",
             "--max-steps", "4", "--save-every", "2", "--batch-size", "2", "--cutoff-len", "320", "--out", str(out),
@@ -161,7 +161,7 @@ def test_a_full_disk_at_the_end_keeps_the_adapter_and_the_last_checkpoint_and_na
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
     assert (out / "adapter" / "qdora_adapter.json").is_file()
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
-    monkeypatch.setattr(qdora.checkpoint, "save_file_atomic", real)  # space freed: the run continues from step 2
+    monkeypatch.setattr(qdora.train.checkpoint, "save_file_atomic", real)  # space freed: the run continues from step 2
     assert main(argv + ["--resume"]) == 0
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4

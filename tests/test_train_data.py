@@ -11,8 +11,8 @@ import torch
 from models import CHATML, build, llama3_config, save_bpe_tokenizer
 
 from qdora.cli import main as cli_main
-from qdora.data import DEMO_DATA, DataError
-from qdora.train import TrainConfig, read_metrics, train
+from qdora.data.examples import DEMO_DATA, DataError
+from qdora.train.loop import TrainConfig, read_metrics, train
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_chat_training_validates_and_keeps_the_best(setup, tmp_path, monkeypatch
     assert float(rows[1]["val_loss"]) == pytest.approx(vals[0]["val_loss"])
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     # the tokenized data was cached: a second run does not tokenize again
-    from qdora import token_cache
+    from qdora.data import token_cache
     monkeypatch.setattr(token_cache, "tokenize_all", lambda *a, **k: pytest.fail("tokenized again"))
     train(config(setup, tmp_path / "again", max_steps=1))
 
@@ -64,8 +64,8 @@ def test_chat_training_validates_and_keeps_the_best(setup, tmp_path, monkeypatch
 def test_validation_loss_is_the_token_mean_over_the_file(setup, tmp_path):
     """The validation loss after the last step, recomputed independently from the saved adapter."""
     import qdora
-    from qdora.chat import set_chat_template
-    from qdora.data import collate, load_records, tokenize_record
+    from qdora.data.chat import set_chat_template
+    from qdora.data.examples import collate, load_records, tokenize_record
     summary = train(config(setup, tmp_path / "run", val_data=str(setup / "val.jsonl"), max_steps=2))
     model, tok = qdora.load_model(setup / "model", method="qdora", cfg=qdora.AdapterConfig(r=4, alpha=8),
                                   progress=False)

@@ -8,8 +8,8 @@ from oracle import dora_reference
 from torch import nn
 
 from qdora import AdapterConfig, QDoRALinear, add_adapters, linear4bit_from_linear, load_adapter, save_adapter
-from qdora.layer import VeRAProjections
-from qdora.merge import merged_weight
+from qdora.core.layer import VeRAProjections
+from qdora.export.merge import merged_weight
 
 
 def vera_layer(in_f, out_f, r, quantized=True, use_dora=True, norm="detached", projections=None):

@@ -1,0 +1,74 @@
+"""Peak memory of a piece of work, measured as live tensor bytes.
+
+On CPU there is no allocator counter like `torch.cuda.max_memory_allocated`, and process RSS
+hides freed-but-kept heap pages. The PyTorch profiler's memory timeline records every tensor
+allocation and free; replaying it gives the exact peak of tensor bytes allocated by the work
+(tensors that existed before it, such as weights and inputs, are not counted). On CUDA the
+allocator's own counters are used.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.profiler._memory_profiler import Action
+
+from qdora.core.nf4 import quant_state_tensors
+
+
+def peak_bytes(work: Callable[[], object], device: torch.device | str = "cpu",
+               mapped_sizes: frozenset[int] = frozenset()) -> int:
+    """Peak bytes of tensors allocated by `work()` and alive at the same time. On CPU, storages of a
+    size in `mapped_sizes` are left out: safetensors maps a whole checkpoint file as one storage,
+    which the profiler reports as an allocation of the file's size, but its pages are the file's
+    (page cache, and host memory even when the model is on a GPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        work()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        work()
+    live = peak = 0
+    created = set()
+    for _, action, key, size in prof._memory_profile().timeline:
+        tensor = key[0] if isinstance(key, tuple) else key
+        if action == Action.CREATE and size not in mapped_sizes:
+            created.add(tensor)
+            live += size
+        elif action == Action.DESTROY and tensor in created:  # ignore frees of older tensors
+            created.discard(tensor)
+            live -= size
+        peak = max(peak, live)
+    return peak
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers (NF4 packed data and quant state included)."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(t: torch.Tensor | None) -> None:
+        nonlocal total
+        if t is None or not isinstance(t, torch.Tensor):
+            return
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            return
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+
+    for t in list(module.parameters()) + list(module.buffers()):
+        add(t)
+        state = getattr(t, "quant_state", None)
+        if state is not None:
+            for s in quant_state_tensors(state):
+                add(s)
+    return total

@@ -1,0 +1,311 @@
+"""The memory planner against measurement: predicted vs measured peak of real training steps on CPU.
+
+For each case a model is built as `qdora train` builds it (fp32 storage and compute on CPU,
+adapters by `qdora.add_adapters`, gradient checkpointing enabled the trainer's way, AdamW, gradient
+clipping), one step is run so the optimizer states exist (steady state), then a second step
+(forward, backward, clip, optimizer step, zero_grad) is measured with the profiler's live-tensor
+peak (`qdora.eval.bench.memory.peak_bytes`; process RSS would hide freed heap). Measured peak =
+bytes of the model's tensors + optimizer states + the step's peak of newly allocated tensors.
+The prediction is `qdora.plan.memory.plan(..., device="cpu")`'s tensor total.
+
+    python -m qdora.eval.plan.validate            # tiny and small Llama shapes, then SmolLM2-135M
+    python -m qdora.eval.plan.validate --quick    # the tiny shapes only (seconds)
+    python -m qdora.eval.plan.validate --published  # the planner beside published figures
+    python -m qdora.eval.plan.validate --start    # the FSDP start, 2 processes (gloo) per case
+
+`--start` checks the plan's FSDP start term (`MemoryPlan.start_bytes`): for each case a checkpoint
+is written, `torchrun` starts 2 CPU processes that run `qdora.train.fsdp.build_sharded` on it (stream,
+quantize, adapt, shard, layer by layer) under the profiler, and rank 0's peak of live tensor bytes
+is set beside the prediction (`device="cpu", gpus=2`). The memory-mapped checkpoint file is not
+counted (its pages are the file's). Shapes are chosen so that the peak falls once in the root
+phase (large vocabulary) and once in the layer phase (a matrix larger than one quantizer chunk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+import qdora
+from qdora.core.config import AdapterConfig
+from qdora.core.safetensors_io import write_text_atomic
+from qdora.eval.bench.memory import peak_bytes, tensor_bytes
+from qdora.eval.common import run_child
+from qdora.models.loading import load_model, smollm2_gguf_path
+from qdora.plan.memory import GIB, PlanConfig, plan, shape_from_config
+from qdora.train.fsdp import build_sharded, init_process_group
+from qdora.train.loop import prepare_for_training
+
+# Tiny Llama-2/Llama-3 shapes (as in tests/models.py) and a small one with realistic ratios.
+SHAPES = {
+    "tiny-llama2": dict(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    "tiny-llama3": dict(vocab_size=1024, hidden_size=64, intermediate_size=224, num_hidden_layers=2,
+                        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False),
+    "small-llama3": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
+}
+
+
+START_SHAPES = {
+    "wide-vocab": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                       num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False),
+    "tied-llama2": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+    "wide-mlp": dict(vocab_size=1024, hidden_size=1024, intermediate_size=4096, num_hidden_layers=3,
+                     num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False),
+}
+START_CASES = [("wide-vocab", "qdora", 16), ("wide-vocab", "qlora", 16), ("tied-llama2", "qdora", 16),
+               ("wide-mlp", "qdora", 16), ("wide-mlp", "qlora", 64)]
+START_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+
+
+def _start_config(method: str, r: int):
+    return AdapterConfig(method=method, r=r, dropout=0.0, target_modules=START_TARGETS, adapter_dtype="float32")
+
+
+def start_worker(folder: str, method: str, r: int, out: str) -> None:
+    """Under torchrun: the FSDP start on `folder`, measured; rank 0 writes the peak to `out`."""
+
+    device = init_process_group()
+    torch.manual_seed(0)
+    mapped = frozenset(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+    peak = peak_bytes(lambda: build_sharded(folder, _start_config(method, r), device, progress=False),
+                      mapped_sizes=mapped)
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps({"peak": peak}))
+    dist.destroy_process_group()
+
+
+def measure_start(name: str, method: str, r: int, workdir) -> dict:
+    """Write case `name`'s checkpoint under `workdir`, run the 2-process start, return the row."""
+
+    from transformers import LlamaConfig, LlamaForCausalLM  # heavy, used here only
+
+    folder = Path(workdir) / name
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**START_SHAPES[name], max_position_embeddings=512)).save_pretrained(folder)
+    out = Path(workdir) / f"{name}-{method}-{r}.json"
+    run_child(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "qdora.eval.plan.validate", "--start-worker", str(folder), method, str(r), str(out)],
+              f"start measurement of {name} ({method})", capture=True,
+              env={"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}, timeout=900)
+    predicted = plan(str(folder), PlanConfig(method=method, r=r, dropout=0.0, device="cpu", gpus=2,
+                                             target_modules=START_TARGETS))
+    return {"model": name, "method": method, "r": r, "measured_bytes": json.loads(out.read_text())["peak"],
+            "predicted_bytes": predicted.start_bytes}
+
+
+def start_table(rows: list[dict]) -> str:
+    out = ["| model | method | r | predicted MiB | measured MiB | error |", "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['method']} | {r['r']} | {r['predicted_bytes'] / 2**20:.2f} | "
+                   f"{r['measured_bytes'] / 2**20:.2f} | {100 * error(r):+.1f}% |")
+    return "\n".join(out)
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    """A key of SHAPES, or `smollm2` (SmolLM2-135M-Instruct, loaded with `qdora.load_model`)."""
+    cfg: PlanConfig
+
+
+def _p(method="qdora", r=16, b=2, s=64, ckpt=True, dropout=0.05, **kw) -> PlanConfig:
+    return PlanConfig(method=method, r=r, batch_size=b, seq_len=s, gradient_checkpointing=ckpt,
+                      dropout=dropout, device="cpu", **kw)
+
+
+QUICK = [
+    Case("tiny-llama3", _p("qdora")), Case("tiny-llama3", _p("qdora", ckpt=False)),
+    Case("tiny-llama3", _p("qlora")), Case("tiny-llama3", _p("lora", dropout=0.0, ckpt=False)),
+    Case("tiny-llama2", _p("full", b=1, s=128, ckpt=False)), Case("tiny-llama2", _p("qdora", r=8, s=128)),
+]
+SMALL = [
+    Case("small-llama3", _p("qdora", r=16, b=2, s=256)),
+    Case("small-llama3", _p("qdora", r=16, b=2, s=256, ckpt=False)),
+    Case("small-llama3", _p("qlora", r=16, b=4, s=128, ckpt=False)),
+    Case("small-llama3", _p("qdora", r=8, b=1, s=512, target_modules="all", dropout=0.0)),
+    Case("small-llama3", _p("lora", r=16, b=2, s=256)),
+    Case("small-llama3", _p("full", b=2, s=128)),
+]
+SMOLLM2 = [
+    Case("smollm2", _p("qdora", r=16, b=2, s=256)),
+    Case("smollm2", _p("qdora", r=16, b=2, s=256, ckpt=False)),
+    Case("smollm2", _p("qlora", r=64, b=4, s=128)),
+    Case("smollm2", _p("lora", r=16, b=1, s=512, dropout=0.0, ckpt=False)),
+    Case("smollm2", _p("full", b=1, s=128)),
+]
+
+
+# Published peak-memory figures and the settings they were measured with. The planner models this
+# library's code (transformers 5, torch SDPA); the published runs used their own code of 2023-24.
+_AA = "q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"  # fsdp_qlora train.py: lora_target_modules='all'
+_AA_KW = dict(r=64, target_modules=_AA, dropout=0.1, adapter_dtype="bfloat16", gpus=2)
+PUBLISHED = [
+    # (source, what was measured, model, PlanConfig, published GiB or None, how the figure reads)
+    ("QLoRA paper (Dettmers et al. 2023, arXiv 2305.14314), abstract; settings: artidoro/qlora "
+     "scripts/finetune_guanaco_65b.sh", "Guanaco-65B: r=64 all linears, batch 4 x <=528 tokens, grad. ckpt, "
+     "paged AdamW (32-bit), bf16 adapters", "llama-65b",
+     PlanConfig(method="qlora", r=64, target_modules="all", dropout=0.05, batch_size=4, seq_len=528,
+                adapter_dtype="bfloat16"), 48.0, "fits one 48 GB GPU"),
+    ("Answer.AI fsdp_qlora benchmarks_03_2024.md (2x3090)", "Llama-2-7B QLoRA, FSDP 2 GPUs, batch 1 x 512",
+     "llama-2-7b", PlanConfig(method="qlora", batch_size=1, seq_len=512, **_AA_KW), 4.98, "peak reserved"),
+    ("Answer.AI fsdp_qlora benchmarks_03_2024.md (2x3090)", "Llama-2-7B QLoRA, FSDP 2 GPUs, batch 1 x 2048",
+     "llama-2-7b", PlanConfig(method="qlora", batch_size=1, seq_len=2048, **_AA_KW), 5.21, "peak reserved"),
+    ("Answer.AI fsdp_qlora benchmarks_03_2024.md (2x3090)", "Llama-2-7B QLoRA, FSDP 2 GPUs, batch 4 x 2048",
+     "llama-2-7b", PlanConfig(method="qlora", batch_size=4, seq_len=2048, **_AA_KW), 11.22, "peak reserved"),
+    ("Answer.AI fsdp_qlora benchmarks_03_2024.md (2x3090)", "Llama-2-7B QLoRA, FSDP 2 GPUs, batch 10 x 2048",
+     "llama-2-7b", PlanConfig(method="qlora", batch_size=10, seq_len=2048, **_AA_KW), 20.97, "peak reserved"),
+    ("Answer.AI fsdp_qlora benchmarks_03_2024.md (2x3090)", "Llama-2-7B LoRA, FSDP 2 GPUs, batch 1 x 512",
+     "llama-2-7b", PlanConfig(method="lora", batch_size=1, seq_len=512, **_AA_KW), 8.28, "peak allocated"),
+    ("Answer.AI fsdp_qlora benchmarks_03_2024.md (2x3090)", "Llama-2-7B LoRA, FSDP 2 GPUs, batch 1 x 2048",
+     "llama-2-7b", PlanConfig(method="lora", batch_size=1, seq_len=2048, **_AA_KW), 9.16, "peak allocated"),
+    ("Answer.AI fsdp_qlora benchmarks_03_2024.md (2x3090)", "Llama-2-7B LoRA, FSDP 2 GPUs, batch 4 x 2048",
+     "llama-2-7b", PlanConfig(method="lora", batch_size=4, seq_len=2048, **_AA_KW), 16.14, "peak reserved"),
+    ("Answer.AI fsdp_qlora benchmarks_03_2024.md (2x3090)", "Llama-2-70B QLoRA, FSDP 2 GPUs + CPU offload, "
+     "batch 2 x 2048", "llama-2-70b", PlanConfig(method="qlora", batch_size=2, seq_len=2048, cpu_offload=True,
+                                               **_AA_KW), 14.92, "peak reserved"),
+]
+
+
+def published_table() -> str:
+    """The planner's prediction beside each published figure (allocated = tensors; reserved =
+    tensors + allocator slack; the CUDA context is outside both)."""
+    out = ["| source | setting | published | planner: tensors | + allocator slack | + CUDA context |",
+           "|---|---|---|---:|---:|---:|"]
+    for source, setting, model, cfg, figure, reads in PUBLISHED:
+        p = plan(model, cfg)
+        pub = f"{reads}: {figure:.2f} GiB" if reads.startswith("peak") else reads
+        out.append(f"| {source} | {setting} | {pub} | {p.tensor_bytes / GIB:.2f} | "
+                   f"{(p.tensor_bytes + p.terms['allocator_slack']) / GIB:.2f} | {p.total_bytes / GIB:.2f} |")
+    return "\n".join(out)
+
+
+def build_model(case: Case):
+    """The model `qdora train` would train for this case, on CPU. Returns (model, shape)."""
+    cfg = case.cfg
+    adapter_cfg = AdapterConfig(method=cfg.method, r=cfg.r if cfg.method != "full" else 16,
+                                alpha=2.0 * cfg.r, dropout=cfg.dropout,
+                                target_modules=tuple(cfg.target_modules),
+                                magnitude_only_modules=tuple(cfg.magnitude_only_modules), norm=cfg.norm,
+                                adapter_dtype=cfg.adapter_dtype, double_quant=cfg.double_quant,
+                                block_rows=cfg.block_rows)
+    if case.model == "smollm2":
+        model, _ = load_model(smollm2_gguf_path(), method=cfg.method, cfg=adapter_cfg, progress=False)
+        shape = shape_from_config(model.config, name="SmolLM2-135M")
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM  # heavy, used here only
+
+        config = LlamaConfig(**SHAPES[case.model], max_position_embeddings=4096)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        qdora.add_adapters(model, adapter_cfg, verbose=False)
+        shape = shape_from_config(config, name=case.model)
+    prepare_for_training(model, cfg.gradient_checkpointing)   # exactly as qdora.train.loop does
+    return model, shape
+
+
+def measure(case: Case, seed: int = 0) -> dict:
+    """Measured peak bytes of a steady-state training step, and its parts."""
+    model, shape = build_model(case)
+    cfg = case.cfg
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, shape.vocab, (cfg.batch_size, cfg.seq_len), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():  # qdora.train.loop's step: loss, backward, clip, optimizer step, zero_grad
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # the optimizer states now exist, as in every later step
+    weights = tensor_bytes(model)
+    states = sum(t.untyped_storage().nbytes() for st in optimizer.state.values() for t in st.values()
+                 if torch.is_tensor(t) and t.dim() > 0)
+    step_peak = peak_bytes(step)
+    predicted = plan(shape, cfg)
+    return {"model": shape.name, "method": cfg.method, "r": cfg.r, "targets": list(cfg.target_modules),
+            "dropout": cfg.dropout, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+            "gradient_checkpointing": cfg.gradient_checkpointing, "weights_bytes": weights,
+            "optimizer_bytes": states, "step_peak_bytes": step_peak, "measured_bytes": weights + states + step_peak,
+            "predicted_bytes": predicted.tensor_bytes, "predicted_phase": predicted.peak_phase}
+
+
+def error(row: dict) -> float:
+    return row["predicted_bytes"] / row["measured_bytes"] - 1.0
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| model | method | r | targets | dropout | batch × seq | ckpt | predicted MiB | measured MiB | error |",
+           "|---|---|---|---|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        targets = "all" if len(r["targets"]) == 7 else "qkv,up,down" if r["targets"] == [
+            "q_proj", "k_proj", "v_proj", "up_proj", "down_proj"] else ",".join(r["targets"])
+        out.append(f"| {r['model']} | {r['method']} | {r['r'] if r['method'] != 'full' else '-'} | "
+                   f"{targets if r['method'] != 'full' else '-'} | {r['dropout'] if r['method'] != 'full' else '-'} | "
+                   f"{r['batch_size']} × {r['seq_len']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
+                   f"{r['predicted_bytes'] / 2**20:.2f} | {r['measured_bytes'] / 2**20:.2f} | "
+                   f"{100 * error(r):+.1f}% |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qdora.eval.plan.validate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny shapes only (seconds)")
+    p.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2-135M")
+    p.add_argument("--only", choices=("quick", "small", "smollm2"), help="run one group of cases")
+    p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--published", action="store_true",
+                   help="print the planner beside published figures (no measurement) and stop")
+    p.add_argument("--start", action="store_true", help="validate the FSDP start term (2 processes per case)")
+    p.add_argument("--start-worker", nargs=4, metavar=("FOLDER", "METHOD", "R", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.start_worker:
+        folder, method, r, out = args.start_worker
+        start_worker(folder, method, int(r), out)
+        return 0
+    if args.start:
+        rows = []
+        with tempfile.TemporaryDirectory() as workdir:
+            for name, method, r in START_CASES:
+                rows.append(measure_start(name, method, r, workdir))
+                print(start_table(rows[-1:]).splitlines()[-1], flush=True)
+        print(start_table(rows))
+        print(f"\nworst |error|: {100 * max(abs(error(r)) for r in rows):.1f}% over {len(rows)} cases")
+        return 0
+    if args.published:
+        print(published_table())
+        return 0
+
+    cases = QUICK + ([] if args.quick else SMALL + ([] if args.no_smollm2 else SMOLLM2))
+    if args.only:
+        cases = {"quick": QUICK, "small": SMALL, "smollm2": SMOLLM2}[args.only]
+    rows = []
+    for case in tqdm(cases, desc="plan vs measured", unit="case"):
+        rows.append(measure(case))
+        tqdm.write(table(rows[-1:]).splitlines()[-1])
+    print(table(rows))
+    worst = max(abs(error(r)) for r in rows)
+    print(f"\nworst |error|: {100 * worst:.1f}% over {len(rows)} cases")
+    if args.json:
+        write_text_atomic(args.json, json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""qdora models under transformers' `Trainer` and TRL's `SFTTrainer`: checkpoints hold the adapter.
+
+A model adapted by `qdora.add_adapters` / `qdora.load_model` is a plain transformers model whose
+linear layers are `QDoRALinear`; a bare `Trainer` would save it whole, packed 4-bit weights and all,
+as a checkpoint nothing can load. `AdapterCheckpoints` is a mixin that changes only that: saving
+(`save_model`, the periodic checkpoints, the best model) writes the adapter with
+`qdora.save_adapter` (`adapter_format="peft"`, the default, is what `peft.PeftModel.from_pretrained`
+reads; `"qdora"` is ours), and resuming (`train(resume_from_checkpoint=...)`) reads it back with
+`qdora.load_adapter`, which checks that it fits the model. Adapters stored in bf16 are trained
+through fp32 master copies (`qdora.MasterWeights` wraps the trainer's optimizer), so that no step is
+rounded away. Everything else is the trainer's own.
+
+    from transformers import Trainer
+    class QDoRATrainer(qdora.AdapterCheckpoints, Trainer): ...     # or trl's SFTTrainer
+
+`qdora.QDoRATrainer` is that class for `transformers.Trainer`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from qdora.core.optim import MasterWeights, needs_master_weights
+from qdora.models.adapter_io import adapter_layers, load_adapter, save_adapter
+
+TRAINING_ARGS_NAME = "training_args.bin"
+
+
+class AdapterCheckpoints:
+    """Mix in before a `transformers.Trainer` (or a subclass such as `trl.SFTTrainer`) to save and
+    resume a qdora-adapted model by its adapter. `adapter_format`: `"peft"` (default) or `"qdora"`."""
+
+    def __init__(self, *args, adapter_format: str = "peft", **kwargs):
+        if adapter_format not in ("peft", "qdora"):
+            raise ValueError(f"adapter_format={adapter_format!r} is unknown; use 'peft' or 'qdora'")
+        model = kwargs.get("model", args[0] if args else None)
+        if model is None or not adapter_layers(model) or getattr(model, "qdora_config", None) is None:
+            raise ValueError(f"{type(self).__name__} trains a model adapted by qdora (qdora.add_adapters or "
+                             "qdora.load_model); this one has no qdora adapters")
+        self.qdora_adapter_format = adapter_format
+        # transformers refuses a 4-bit model "without trainable adapters" unless PEFT's flag says it
+        # has some; a qdora model has them. The flag is set only while the trainer checks the model.
+        previous = model.__dict__.get("_hf_peft_config_loaded")
+        model._hf_peft_config_loaded = True
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if previous is None:
+                del model._hf_peft_config_loaded
+            else:
+                model._hf_peft_config_loaded = previous
+
+    def create_optimizer(self, *args, **kwargs):
+        """The trainer's optimizer (or the one passed as `optimizers=`), over fp32 master copies of
+        any bf16/fp16 adapter parameters."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not isinstance(optimizer, MasterWeights) and needs_master_weights(params):
+            optimizer = self.optimizer = MasterWeights(optimizer)
+        return optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The adapter (never the packed base), the tokenizer or processor, and the training arguments."""
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        save_adapter(model, output_dir, format=self.qdora_adapter_format, base_model_name_or_path=base)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))  # as Trainer._save does
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_adapter(model if model is not None else self.model, resume_from_checkpoint, verbose=False)
+
+    def _load_best_model(self) -> None:
+        load_adapter(self.model, self.state.best_model_checkpoint, verbose=False)
+
+
+def __getattr__(name: str):
+    if name == "QDoRATrainer":  # built on first use: transformers' Trainer is a heavy import
+        from transformers import Trainer  # heavy, used here only
+
+        class QDoRATrainer(AdapterCheckpoints, Trainer):
+            """`transformers.Trainer` that saves and resumes a qdora model by its adapter."""
+
+        globals()["QDoRATrainer"] = QDoRATrainer
+        return QDoRATrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,5 @@
+"""The memory planner (`qdora plan`): the peak GPU memory of a training step, term by term.
+
+Owns the plan's settings and result (`config`), the model of each term (`memory`) and the report
+(`report`). It may import every wing below it; it reads `qdora.models.shapes` and `qdora.core.config`.
+"""

@@ -1,0 +1,65 @@
+"""A `MemoryPlan` for people (a table, term by term, with the phases and what fits) and for programs
+(a JSON-able dict)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from qdora.plan.config import FIT_MARGIN
+from qdora.plan.memory import CARDS_GB, GIB, TERM_LABELS, TERMS, MemoryPlan
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:8.2f}"
+
+
+def format_plan(p: MemoryPlan, cards=CARDS_GB) -> str:
+    c, m = p.config, p.model
+    targets = "all weights" if c.method == "full" else ",".join(c.target_modules) + \
+        (f" (+ magnitude only: {','.join(c.magnitude_only_modules)})" if c.magnitude_only_modules else "")
+    sharding = ("s (FSDP, CPU offload)" if c.cpu_offload else "s (FSDP)") if c.fsdp else ""
+    lines = [
+        f"{m.name}: {m.params() / 1e9:.2f}B parameters (hidden {m.hidden}, intermediate {m.intermediate}, "
+        f"{m.layers} layers, {m.heads} heads / {m.kv_heads} kv, vocab {m.vocab}"
+        f"{', tied embeddings' if m.tied_embeddings else ''})",
+        f"{c.method}" + ("" if c.method == "full" else f" r={c.r} on {targets}, dropout {c.dropout}")
+        + f"; batch {c.batch_size} x {c.seq_len} tokens"
+        + (f", {c.grad_accum} micro-batches per step" if c.grad_accum > 1 else "") + "; gradient checkpointing "
+        f"{'on' if c.gradient_checkpointing else 'off'}; {c.optimizer}; "
+        f"{c.gpus} {'GPU' if c.device == 'cuda' else 'CPU process'}{sharding}; "
+        f"{'bf16' if c.device == 'cuda' else 'fp32'} compute",
+        "",
+        f"predicted peak per {'GPU' if c.device == 'cuda' else 'process'}, at the {p.peak_phase} phase:",
+        "",
+        "| term | GiB |", "|---|---:|",
+    ]
+    for k in TERMS:
+        if c.device == "cpu" and k in ("cuda_context", "allocator_slack"):
+            continue
+        if k == "fsdp_buffers" and not c.fsdp:
+            continue
+        lines.append(f"| {TERM_LABELS[k]} | {_gib(p.terms[k]).strip()} |")
+    lines.append(f"| **total** | **{_gib(p.total_bytes).strip()}** |")
+    if p.details:
+        lines += [""] + [f"  {k}: {_gib(v).strip()} GiB" for k, v in p.details.items()]
+    lines += ["", "phases (tensor bytes): " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in p.phases.items()) + " GiB"]
+    if p.start_bytes:
+        lines.append(f"start, per GPU (reads, quantizes and shards the checkpoint one layer at a time): "
+                     f"{p.start_bytes / GIB:.2f} GiB of tensors"
+                     + (f", {p.start_total_bytes / GIB:.2f} GiB with context and slack" if c.device == "cuda" else "")
+                     + (" -- more than the training step" if p.start_total_bytes > p.total_bytes else ""))
+    if c.device == "cuda":
+        lines.append("fits: " + "  ".join(f"{gb} GB {p.verdict(gb)}" for gb in cards))
+        if any(p.verdict(gb) == "tight" for gb in cards):
+            lines.append(f"tight: the plan is within {FIT_MARGIN:.0%} of the card, inside its own error (it fell up "
+                         "to 18.5% short of what published runs reserved; docs/planner.md): it may not fit")
+    return "\n".join(lines)
+
+
+def plan_to_dict(p: MemoryPlan) -> dict:
+    return {"model": dataclasses.asdict(p.model), "config": dataclasses.asdict(p.config), "terms": p.terms,
+            "total_bytes": p.total_bytes, "peak_phase": p.peak_phase, "phases": p.phases, "details": p.details,
+            "start_bytes": p.start_bytes, "start_total_bytes": p.start_total_bytes,
+            "fits": {str(gb): p.verdict(gb) for gb in CARDS_GB}}
+
+
