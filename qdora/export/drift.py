@@ -219,8 +219,9 @@ COLUMNS = ("max |Δlogit|", "mean |Δlogit|", "TV mean", "TV max", "argmax agree
 def format_table(report: dict, label: str) -> str:
     """The report as a text table: one line per (model, group of texts)."""
     rows = [("model", "texts (tokens)") + COLUMNS]
-    for who, what in (("adapted", f"adapted → {label}"), ("base", f"base → {label} (floor)"),
-                      ("adapter", "adapted → base (the adapter's effect)")):
+    floor = "base → original checkpoint (floor)" if "original" in report else f"base → {label} (floor)"
+    for who, what in (("adapted", f"adapted → {label}"), ("original", f"adapted → {label} on the original base"),
+                      ("base", floor), ("adapter", "adapted → base (the adapter's effect)")):
         for group, s in report.get(who, {}).items():
             rows.append((what, f"{group} {s['texts']} ({s['tokens']})", f"{s['max_abs']:.3e}", f"{s['mean_abs']:.3e}",
                          f"{s['tv_mean']:.2e}", f"{s['tv_max']:.2e}", f"{100 * s['argmax_agree']:.1f}%",
@@ -233,7 +234,11 @@ MIN_EFFECT = 1e-6
 """Below this held-out TV distance the adapter is taken to have no effect to judge drift against."""
 
 
-def verdict(report: dict, max_drift: float) -> tuple[bool | None, str]:
+FIX = ("merge to a wider type (--dtype float16 or float32, or --quant q8_0) or serve the base with the "
+       "adapter")
+
+
+def verdict(report: dict, max_drift: float, fix: str = FIX) -> tuple[bool | None, str]:
     """(passed, line): the export's drift from the adapted model (held-out texts, mean total-variation
     distance of next-token distributions) as a fraction of the adapter's own effect (adapted vs
     unadapted); it passes at most `max_drift`. None when the adapter has no effect to compare with."""
@@ -247,8 +252,7 @@ def verdict(report: dict, max_drift: float) -> tuple[bool | None, str]:
                f"against {effect:.2e}; --max-drift {max_drift:g})")
     if ratio <= max_drift:
         return True, f"verdict: passed: {figures}"
-    return False, (f"verdict: FAILED: {figures}; the export loses much of what the adapter learned: merge to a "
-                   "wider type (--dtype float16 or float32, or --quant q8_0) or serve the base with the adapter")
+    return False, f"verdict: FAILED: {figures}; the export loses much of what the adapter learned: {fix}"
 
 
 def write_json(report: dict, path: str | os.PathLike) -> None:
