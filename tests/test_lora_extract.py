@@ -157,10 +157,73 @@ def test_merge_format_lora_through_the_command_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (extra, err)
     assert main(argv[:-2] + ["--out", str(tmp_path / "x"), "--format", "nf4", "--rank", "8"]) == 2
-    assert "--rank applies to --format lora only" in capsys.readouterr().err
+    assert "--rank applies to --format lora and gguf-lora only" in capsys.readouterr().err
     full = argv.copy()
     full[full.index("--adapter") + 1] = str(tmp_path / "base")  # a whole model, as a full fine-tune writes
     full[full.index("--out") + 1] = str(tmp_path / "x")
     assert main(full + ["--rank", "8"]) == 2
     assert "is a full fine-tune (a whole model, no adapter)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def _gguf_lora(tmp_path, **extract):
+    gguf = pytest.importorskip("gguf")
+    from qdora.export.lora import save_gguf_lora
+    model, tok = adapted_model(tmp_path, llama3_config(**CONFIG), "qdora")
+    extraction = extract_lora(model, **extract)
+    path = save_gguf_lora(extraction, model.config, tmp_path / "gguf-lora")
+    return gguf, model, tok, extraction, path
+
+
+def test_gguf_lora_is_llama_cpps_lora_file(tmp_path):
+    """What llama.cpp's convert_lora_to_gguf.py writes: an adapter GGUF of type lora with alpha, and
+    per base tensor `<gguf name>.lora_a` / `.lora_b`; q/k rows permuted as their weights are, and
+    `(alpha / k)·lora_b·lora_a` each layer's extracted change (per-layer ranks included)."""
+    from qdora.export.gguf import permute_qk
+    gguf, model, _, extraction, path = _gguf_lora(tmp_path, energy=0.9, max_rank=16)
+    reader = gguf.GGUFReader(path)
+
+    def field(key):
+        f = reader.fields[key]
+        value = f.parts[f.data[0]]
+        return bytes(value).decode() if f.types[0] == gguf.GGUFValueType.STRING else value[0]
+    kinds = (field("general.type"), field("adapter.type"), field("general.architecture"))
+    assert kinds == ("adapter", "lora", "llama")
+    alpha = field("adapter.lora.alpha")
+    tensors = {t.name: torch.from_numpy(t.data.copy()).float() for t in reader.tensors}
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    assert len(tensors) == 2 * len(extraction.ranks)
+    for module, k in extraction.ranks.items():
+        layer, _, proj = module.removeprefix("model.layers.").partition(".")
+        stem = f"blk.{layer}.{names[proj]}.weight"
+        A, B = tensors[f"{stem}.lora_a"], tensors[f"{stem}.lora_b"]
+        assert A.shape == (k, model.get_submodule(module).in_features)
+        want = extraction.B[module] @ extraction.A[module]
+        if proj in ("self_attn.q_proj", "self_attn.k_proj"):
+            want = permute_qk(want, 4 if proj.endswith("q_proj") else 2)
+        assert_close((alpha / k) * B @ A, want, 1e-5, stem)
+    assert len(set(extraction.ranks.values())) > 1  # per-layer ranks, carried by lora_b
+
+
+def test_llama_cpp_serves_the_gguf_lora_as_the_merged_model(tmp_path):
+    """llama.cpp (llama-cpp-python) with the base GGUF and the LoRA GGUF gives the logits of the same
+    change merged into one GGUF (both f32)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="no llama.cpp runtime (llama-cpp-python) installed")
+    from qdora.export.gguf import save_gguf
+    from qdora.models.adapter_io import load_adapter
+    gguf, model, tok, extraction, lora = _gguf_lora(tmp_path, rank=16)
+    base_file = save_gguf(model, tmp_path / "base-gguf", tok, quant="f32", adapted=False)
+    # the merged reference: the extracted LoRA itself, merged (PEFT format -> qdora LoRA -> GGUF)
+    save_lora(extraction, tmp_path / "lora")
+    plain, _ = load_model(tmp_path / "base", method="qlora", cfg=model.qdora_config.replace(method="qlora"),
+                          add=False, progress=False)
+    load_adapter(plain, tmp_path / "lora", verbose=False)
+    merged_file = save_gguf(plain, tmp_path / "merged-gguf", tok, quant="f32")
+    ids = tok("The quick brown fox jumps over the lazy dog.").input_ids
+    outs = []
+    for kw in (dict(model_path=str(merged_file)), dict(model_path=str(base_file), lora_path=str(lora))):
+        llm = llama_cpp.Llama(**kw, logits_all=True, n_ctx=64, verbose=False)
+        llm.eval(ids)
+        outs.append(torch.tensor(llm.scores[:len(ids)]))
+    assert_close(outs[1], outs[0], 1e-3, "llama.cpp: base + LoRA GGUF vs merged GGUF")

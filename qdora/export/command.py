@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+LORA_FORMATS = ("lora", "gguf-lora")
+
 
 def add_merge(sub) -> None:
     """The `merge` subcommand's parser."""
@@ -21,7 +23,7 @@ def add_merge(sub) -> None:
     p.add_argument("--model", required=True, help="the base model: checkpoint folder or .gguf")
     p.add_argument("--adapter", required=True, help="adapter folder (qdora or PEFT format)")
     p.add_argument("--out", required=True, help="output folder (with --format gguf it holds model-<quant>.gguf)")
-    p.add_argument("--format", default="safetensors", choices=("safetensors", "nf4", "gguf", "lora"),
+    p.add_argument("--format", default="safetensors", choices=("safetensors", "nf4", "gguf", "lora", "gguf-lora"),
                    help="safetensors: plain checkpoint of --dtype tensors; nf4: merged weights re-quantized to "
                         "bitsandbytes NF4 (blocksize 64); gguf: one GGUF file of type --quant; lora: a PEFT LoRA "
                         "adapter, the truncated SVD of each layer's exact change (--rank or --energy) "
@@ -60,17 +62,20 @@ def add_merge(sub) -> None:
 
 def check_options(args) -> None:
     """The format's options, checked before anything is read (ValueError with the way out)."""
-    if args.format != "lora":
+    if args.format not in LORA_FORMATS:
         for flag, value in (("--rank", args.rank), ("--energy", args.energy), ("--max-rank", args.max_rank)):
             if value is not None:
-                raise ValueError(f"{flag} applies to --format lora only")
-    if args.format == "lora":
+                raise ValueError(f"{flag} applies to --format lora and gguf-lora only")
+    if args.format in LORA_FORMATS:
         for flag, value in (("--quant", args.quant), ("--max-shard-size", args.max_shard_size)):
             if value is not None:
-                raise ValueError(f"{flag} does not apply to --format lora")
+                raise ValueError(f"{flag} does not apply to --format {args.format}")
         if args.double_quant or args.original:
             raise ValueError(f"{'--double-quant' if args.double_quant else '--original'} does not apply to --format "
-                             "lora (the change is taken against the base the adapter was trained on)")
+                             f"{args.format} (the change is taken against the base the adapter was trained on)")
+        if args.format == "gguf-lora" and (args.check or args.check_json or args.max_drift is not None):
+            raise ValueError("--check serves the LoRA through PEFT: run it with --format lora (the same rank "
+                             "extracts the same factors); --format gguf-lora needs llama.cpp to be served")
         from qdora.export.lora import check_ranks  # heavy
         check_ranks({}, args.rank, args.energy, args.max_rank)
         args.dtype = args.dtype or "float32"
@@ -111,6 +116,12 @@ def merge_lora(args, model, tokenizer, base_path) -> int:
 
     from qdora.export.lora import extract_lora, lora_drift_report, save_lora  # heavy
     extraction = extract_lora(model, rank=args.rank, energy=args.energy, max_rank=args.max_rank, progress=True)
+    if args.format == "gguf-lora":
+        from qdora.export.lora import save_gguf_lora  # heavy
+        out = save_gguf_lora(extraction, model.config, args.out, dtype=getattr(torch, args.dtype),
+                             overwrite=args.overwrite)
+        print(f"LoRA GGUF ({extraction.summary()}) written to {out}")
+        return 0
     out = save_lora(extraction, args.out, dtype=getattr(torch, args.dtype), overwrite=args.overwrite,
                     base_model_name_or_path=str(base_path))
     print(f"LoRA adapter ({extraction.summary()}) written to {out}")
@@ -157,12 +168,12 @@ def merge(args) -> int:
     if args.max_shard_size is not None:
         parse_size(args.max_shard_size)
     adapter = Path(args.adapter)
-    if args.format == "lora" and (adapter / "config.json").is_file() and not any(
+    if args.format in LORA_FORMATS and (adapter / "config.json").is_file() and not any(
             (adapter / f).is_file() for f in ("qdora_adapter.json", "adapter_config.json")):
         raise ValueError(f"--adapter {adapter} is a full fine-tune (a whole model, no adapter): there is no low-rank "
                          "change to extract; serve the model itself, or merge it to --format nf4 or gguf")
     fmt, meta, modules = read_adapter(args.adapter)
-    if args.format == "lora":
+    if args.format in LORA_FORMATS:
         from qdora.export.lora import adapter_sides, check_ranks  # heavy
         check_ranks(adapter_sides(fmt, meta, modules), args.rank, args.energy, args.max_rank)
     check_model_path(args.model)
@@ -170,13 +181,19 @@ def merge(args) -> int:
     if args.format == "gguf":
         from qdora.export.gguf import check_export  # heavy
         check_export(base_path, args.quant)
+    if args.format == "gguf-lora":
+        from transformers import AutoConfig  # heavy
+
+        from qdora.export.gguf import check_config, gguf_package  # heavy
+        gguf_package()
+        check_config(AutoConfig.from_pretrained(base_path))
     # Rebuild the base exactly as training quantized it: the method comes from the adapter file
     # (PEFT files do not record it; QDoRA/QLoRA on an NF4 base is assumed).
     cfg = adapter_config(fmt, meta, modules, quantized=True)
     model, tokenizer = load_model(base_path, method=cfg.method, cfg=cfg, add=False)
     load_adapter(model, args.adapter, verbose=False)
     original = base_path if args.original else None
-    if args.format == "lora":
+    if args.format in LORA_FORMATS:
         return merge_lora(args, model, tokenizer, base_path)
 
     def export(path, adapted=True):

@@ -41,7 +41,8 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def _gguf():
+def gguf_package():
+    """The `gguf` package, or ImportError saying how to install it."""
     try:
         import gguf  # optional (the `dev` extra): only GGUF export and GGUF loading need it
     except ImportError as err:
@@ -50,7 +51,7 @@ def _gguf():
 
 
 def _qtype(quant: str):
-    gguf = _gguf()
+    gguf = gguf_package()
     if quant not in QUANTS:
         raise ValueError(f"GGUF type {quant!r} is unknown; choose one of {', '.join(QUANTS)} (the types the gguf "
                          "package can write from Python; k-quants such as q4_k_m need llama.cpp's llama-quantize)")
@@ -133,7 +134,7 @@ def _permuted(produce, n_head: int) -> torch.Tensor:
 def _vocab(tokenizer, n_vocab: int):
     """Tokens, their GGUF types, as llama.cpp's converter lists them (`get_vocab_base`): padded
     with `[PAD<i>]` up to the embedding's rows."""
-    gguf = _gguf()
+    gguf = gguf_package()
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     if len(by_id) > n_vocab:
         raise ValueError(f"the tokenizer has {len(by_id)} tokens, more than the model's {n_vocab} embeddings")
@@ -153,7 +154,7 @@ def _vocab(tokenizer, n_vocab: int):
 
 
 def _metadata(writer, config, tokenizer, ftype, name: str) -> None:
-    gguf = _gguf()
+    gguf = gguf_package()
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     writer.add_type("model")
@@ -189,7 +190,7 @@ def _metadata(writer, config, tokenizer, ftype, name: str) -> None:
 
 def _plan(model: nn.Module, quant: str, original_checkpoint, adapted: bool):
     """[(gguf name, numpy shape, GGML type, producer of the fp32 tensor in GGUF layout)]."""
-    gguf = _gguf()
+    gguf = gguf_package()
     config = model.config
     check_config(config)
     qtype, _ = _qtype(quant)
@@ -223,7 +224,7 @@ def _plan(model: nn.Module, quant: str, original_checkpoint, adapted: bool):
 
 
 def _convert(t: torch.Tensor, kind) -> np.ndarray:
-    gguf = _gguf()
+    gguf = gguf_package()
     data = t.detach().to(torch.float32).contiguous().numpy()
     if kind == gguf.GGMLQuantizationType.F32:
         return data
@@ -236,7 +237,7 @@ def save_gguf(model: nn.Module, out_dir: str | os.PathLike, tokenizer, quant: st
     """Write `model` with its adapters merged as one GGUF file of type `quant` in folder `out_dir`
     (`<model name>-<quant>.gguf` unless `file_name`). Returns the file's path. `original_checkpoint`,
     `adapted`: as `qdora.export.merge.merge_and_save`."""
-    gguf = _gguf()
+    gguf = gguf_package()
     out_dir = output_folder(out_dir, overwrite, original_checkpoint)
     if tokenizer is None:
         raise ValueError("a GGUF file carries its tokenizer; none was found next to the base model")
@@ -261,13 +262,13 @@ def save_gguf(model: nn.Module, out_dir: str | os.PathLike, tokenizer, quant: st
 
 
 def _nbytes(plan) -> int:
-    gguf = _gguf()
+    gguf = gguf_package()
     return sum(int(np.prod(gguf.quants.quant_shape_to_byte_shape(shape, kind))) for _, shape, kind, _ in plan)
 
 
 def _write(writer, plan, model, tokenizer, ftype, name: str, quant: str) -> None:
     """Metadata, tensor table, then each tensor: merged, converted, written and freed in turn."""
-    gguf = _gguf()
+    gguf = gguf_package()
     _metadata(writer, model.config, tokenizer, ftype, name)
     for key, shape, kind, _ in plan:
         nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(shape, kind)))

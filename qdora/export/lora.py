@@ -225,3 +225,53 @@ def lora_drift_report(model: nn.Module, tokenizer, lora_dir: str | os.PathLike, 
     finally:
         model.train(was_training)
     return report
+
+
+GGUF_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def save_gguf_lora(extraction: LoraExtraction, config, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                   overwrite: bool = False, file_name: str = "lora.gguf") -> Path:
+    """Write the extraction as llama.cpp's LoRA GGUF (what its `convert_lora_to_gguf.py` writes and
+    `llama-cli --lora` reads), Llama family: `general.type` "adapter", `adapter.type` "lora",
+    `adapter.lora.alpha`; per base tensor (its GGUF name, e.g. `blk.0.attn_q.weight`) a `.lora_a`
+    `(k, in)` and a `.lora_b` `(out, k)`, q and k projections' `lora_b` rows permuted as their
+    weights are (`qdora.export.gguf.permute_qk`). llama.cpp scales a layer by alpha / its rank, so
+    alpha is the most common rank and a layer of another rank carries the difference in `lora_b`."""
+    from qdora.export.gguf import check_config, gguf_package, permute_qk  # the gguf package is optional
+    gguf = gguf_package()
+    check_config(config)
+    if dtype not in GGUF_TYPES:
+        raise ValueError(f"dtype {dtype} cannot be written to a LoRA GGUF; use float32, float16 or bfloat16")
+    kind = getattr(gguf.GGMLQuantizationType, GGUF_TYPES[dtype])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    alpha = collections.Counter(extraction.ranks.values()).most_common(1)[0][0]
+    out_dir = output_folder(out_dir, overwrite)
+    tensors = []
+    for module, k in extraction.ranks.items():
+        name = names.get_name(module)
+        if name is None:
+            raise ValueError(f"{module} has no GGUF name in the gguf package's Llama map")
+        B = extraction.B[module] * (k / alpha)
+        if module.endswith(("self_attn.q_proj", "self_attn.k_proj")):
+            heads = config.num_attention_heads if module.endswith("q_proj") else config.num_key_value_heads
+            B = permute_qk(B, heads)
+        tensors += [(f"{name}.weight.lora_a", extraction.A[module]), (f"{name}.weight.lora_b", B)]
+    with atomic_dir(out_dir) as tmp:
+        writer = gguf.GGUFWriter(tmp / file_name, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        try:
+            writer.add_type(gguf.GGUFType.ADAPTER)
+            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+            for key, t in tensors:
+                check_finite(key, t)
+                data = t.detach().to(torch.float32).contiguous().numpy()
+                if kind != gguf.GGMLQuantizationType.F32:
+                    data = gguf.quants.quantize(data, kind)
+                writer.add_tensor(key, data, raw_dtype=kind)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+    return out_dir / file_name
