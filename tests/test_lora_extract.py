@@ -78,6 +78,9 @@ def test_peft_serves_the_written_adapter_on_the_base(tmp_path, method):
     assert (config["peft_type"], config["use_dora"]) == ("LORA", False) and config["lora_alpha"] == config["r"]
     assert config["bias"] == "none" and not config["modules_to_save"]
     assert config["alpha_pattern"] == config["rank_pattern"]       # every scaling 1
+    # vLLM's PEFTHelper reads r and lora_alpha only: one scaling lora_alpha / r, here each layer's own
+    assert config["lora_alpha"] / config["r"] == 1 and not config["use_rslora"]
+    assert extraction.vllm_max_lora_rank() == 64 >= max(extraction.ranks.values())
     assert config["target_modules"] == ["down_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
     from safetensors import safe_open
     with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
@@ -163,6 +166,16 @@ def test_merge_format_lora_through_the_command_line(tmp_path, capsys):
     full[full.index("--out") + 1] = str(tmp_path / "x")
     assert main(full + ["--rank", "8"]) == 2
     assert "is a full fine-tune (a whole model, no adapter)" in capsys.readouterr().err
+    from models import build, save_tokenizer
+    other = llama3_config(**{**CONFIG, "hidden_size": 128})
+    build(other).save_pretrained(tmp_path / "other")
+    save_tokenizer(tmp_path / "other", other.vocab_size)
+    capsys.readouterr()
+    wrong = argv[:-2] + ["--out", str(tmp_path / "x"), "--format", "lora", "--rank", "8"]
+    wrong[wrong.index("--model") + 1] = str(tmp_path / "other")
+    assert main(wrong) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was trained on another base model (hidden_size 64 in the adapter's base, 128" in err[0]
     assert not (tmp_path / "x").exists()
 
 

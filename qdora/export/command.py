@@ -125,6 +125,9 @@ def merge_lora(args, model, tokenizer, base_path) -> int:
     out = save_lora(extraction, args.out, dtype=getattr(torch, args.dtype), overwrite=args.overwrite,
                     base_model_name_or_path=str(base_path))
     print(f"LoRA adapter ({extraction.summary()}) written to {out}")
+    vllm = extraction.vllm_max_lora_rank()
+    print(f"serve it with PEFT, or vLLM: --enable-lora --max-lora-rank {vllm}" if vllm else
+          "its largest rank is above what vLLM serves (512); PEFT serves it")
     if not args.check:
         return 0
     from qdora.export.drift import format_table, held_out_texts, verdict, write_json  # heavy

@@ -35,6 +35,11 @@ from qdora.export.merge import merged_weight
 from qdora.models.adapter_save import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, adapter_layers
 from qdora.models.loading import load_model
 
+VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM's `--max-lora-rank` takes; an adapter's ranks must not exceed it. vLLM reads `r`
+and `lora_alpha` only (one scaling `lora_alpha / r` for every layer, each layer's rank from its
+tensors): here every layer's scaling is 1, so per-layer ranks are served right there too."""
+
 EXACT_BELOW = 1024
 """Layers whose smaller side is below this take the exact SVD; larger ones the randomized one."""
 
@@ -56,6 +61,10 @@ class LoraExtraction:
         kept = sorted(self.kept.values())
         return (f"{len(self.ranks)} layers, {shown}, energy kept: median {kept[len(kept) // 2]:.4f}, "
                 f"min {kept[0]:.4f}; {self.seconds:.1f} s")
+
+    def vllm_max_lora_rank(self) -> int | None:
+        """The smallest vLLM `--max-lora-rank` that serves this adapter (None: above vLLM's largest)."""
+        return next((k for k in VLLM_MAX_LORA_RANKS if k >= max(self.ranks.values())), None)
 
 
 def layer_delta(layer: QDoRALinear) -> torch.Tensor:
