@@ -223,20 +223,28 @@ def test_llama_cpp_serves_the_gguf_lora_as_the_merged_model(tmp_path):
     """llama.cpp (llama-cpp-python) with the base GGUF and the LoRA GGUF gives the logits of the same
     change merged into one GGUF (both f32)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="no llama.cpp runtime (llama-cpp-python) installed")
+    import numpy as np
+    from test_export import adapt, make_base
+
     from qdora.export.gguf import save_gguf
-    from qdora.models.adapter_io import load_adapter
-    gguf, model, tok, extraction, lora = _gguf_lora(tmp_path, rank=16)
+    from qdora.export.lora import save_gguf_lora
+    make_base(tmp_path / "base", llama3_config(**{**CONFIG, "vocab_size": 420}))
+    model, tok = adapt(tmp_path / "base")
+    extraction = extract_lora(model, energy=0.9, max_rank=16)           # per-layer ranks too
+    lora = save_gguf_lora(extraction, model.config, tmp_path / "gguf-lora")
     base_file = save_gguf(model, tmp_path / "base-gguf", tok, quant="f32", adapted=False)
-    # the merged reference: the extracted LoRA itself, merged (PEFT format -> qdora LoRA -> GGUF)
+    # the reference: the same factors as a PEFT adapter, served by PEFT on the same NF4 base in fp32
+    peft = pytest.importorskip("peft")
     save_lora(extraction, tmp_path / "lora")
-    plain, _ = load_model(tmp_path / "base", method="qlora", cfg=model.qdora_config.replace(method="qlora"),
-                          add=False, progress=False)
-    load_adapter(plain, tmp_path / "lora", verbose=False)
-    merged_file = save_gguf(plain, tmp_path / "merged-gguf", tok, quant="f32")
-    ids = tok("The quick brown fox jumps over the lazy dog.").input_ids
+    plain, _ = load_model(tmp_path / "base", method="qdora", cfg=model.qdora_config, add=False, progress=False)
+    served = peft.PeftModel.from_pretrained(plain, tmp_path / "lora").eval()
+    ids = tok("Question: what is 12 + 7? Answer: the sum is 19.").input_ids
+    with torch.no_grad():
+        want = served(torch.tensor([ids])).logits[0].float()
     outs = []
-    for kw in (dict(model_path=str(merged_file)), dict(model_path=str(base_file), lora_path=str(lora))):
+    for kw in (dict(model_path=str(base_file), lora_path=str(lora)), dict(model_path=str(base_file))):
         llm = llama_cpp.Llama(**kw, logits_all=True, n_ctx=64, verbose=False)
         llm.eval(ids)
-        outs.append(torch.tensor(llm.scores[:len(ids)]))
-    assert_close(outs[1], outs[0], 1e-3, "llama.cpp: base + LoRA GGUF vs merged GGUF")
+        outs.append(torch.from_numpy(np.array(llm.scores[:len(ids)])).float())
+    assert (outs[0] - outs[1]).abs().max() > 0.05                       # the LoRA is applied
+    assert_close(outs[0], want, 1e-3, "llama.cpp: base GGUF + LoRA GGUF vs PEFT serving the same LoRA")
