@@ -142,7 +142,7 @@ def test_merge_format_lora_through_the_command_line(tmp_path, capsys):
     assert main(argv + ["--rank", "8", "--check", "--check-texts", "2", "--check-json", str(tmp_path / "c.json")]) == 0
     printed = capsys.readouterr().out
     assert "LoRA adapter (10 layers, r=8" in printed and "adapted → LoRA on the original base" in printed
-    assert "verdict: passed" in printed
+    assert "verdict: passed" in printed and "the adapter's effect kept (held-out texts" in printed
     report = json.loads((tmp_path / "c.json").read_text())
     assert set(report) >= {"adapted", "original", "base", "adapter", "verdict", "extraction"}
     # rank 8 of a rank-4 DoRA change keeps most of its effect: the LoRA drifts less than the adapter moves

@@ -137,6 +137,12 @@ def merge_lora(args, model, tokenizer, base_path) -> int:
     report = lora_drift_report(model, tokenizer, out, base_path, texts=held_out_texts(args.check_texts))
     report["label"] = label = "LoRA"
     print(format_table(report, label))
+    effect = report["adapter"]["held-out"]["tv_mean"]
+    if effect > 0:
+        kept = {who: 1 - report[who]["held-out"]["tv_mean"] / effect for who in ("adapted", "original")}
+        report["effect_kept"] = kept
+        print(f"the adapter's effect kept (held-out texts, 1 − drift / effect): {kept['adapted']:.1%} on the base it "
+              f"was trained on, {kept['original']:.1%} on the original checkpoint")
     passed, line = verdict(report, args.max_drift, fix="extract with a higher --rank (or --energy)")
     report["verdict"] = {"passed": passed, "max_drift": args.max_drift, "line": line}
     report["extraction"] = {"ranks": extraction.ranks, "energy_kept": extraction.kept, "seconds": extraction.seconds}
