@@ -110,6 +110,22 @@ def check_options(args) -> None:
         check_output_dir(path.resolve().parent, "the folder of --check-json")
 
 
+def judge(report: dict, args, what: str, fix: str | None = None) -> int:
+    """--check's end, for every format: the verdict (into the report and --check-json), and the exit
+    status (1 when the export drifts past --max-drift; its files are kept)."""
+    from qdora.export.drift import verdict, write_json  # heavy
+    passed, line = verdict(report, args.max_drift, **({"fix": fix} if fix else {}))
+    report["verdict"] = {"passed": passed, "max_drift": args.max_drift, "line": line}
+    if args.check_json:
+        write_json(report, args.check_json)
+        print(f"drift figures written to {args.check_json}")
+    print(line)
+    if passed is False:
+        print(f"qdora merge: {what} failed --check (kept; see the verdict above)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def merge_lora(args, model, tokenizer, base_path) -> int:
     """`qdora merge --format lora`: extract, write, and with --check serve it through PEFT and judge it."""
     import torch  # heavy
@@ -130,7 +146,7 @@ def merge_lora(args, model, tokenizer, base_path) -> int:
           "its largest rank is above what vLLM serves (512); PEFT serves it")
     if not args.check:
         return 0
-    from qdora.export.drift import format_table, held_out_texts, verdict, write_json  # heavy
+    from qdora.export.drift import format_table, held_out_texts  # heavy
     if tokenizer is None:
         print("--check needs a tokenizer next to the base model; skipped", file=sys.stderr)
         return 0
@@ -143,17 +159,8 @@ def merge_lora(args, model, tokenizer, base_path) -> int:
         report["effect_kept"] = kept
         print(f"the adapter's effect kept (held-out texts, 1 − drift / effect): {kept['adapted']:.1%} on the base it "
               f"was trained on, {kept['original']:.1%} on the original checkpoint")
-    passed, line = verdict(report, args.max_drift, fix="extract with a higher --rank (or --energy)")
-    report["verdict"] = {"passed": passed, "max_drift": args.max_drift, "line": line}
     report["extraction"] = {"ranks": extraction.ranks, "energy_kept": extraction.kept, "seconds": extraction.seconds}
-    if args.check_json:
-        write_json(report, args.check_json)
-        print(f"drift figures written to {args.check_json}")
-    print(line)
-    if passed is False:
-        print(f"qdora merge: the LoRA in {out} failed --check (kept; see the verdict above)", file=sys.stderr)
-        return 1
-    return 0
+    return judge(report, args, f"the LoRA in {out}", fix="extract with a higher --rank (or --energy)")
 
 
 def merge(args) -> int:
@@ -226,7 +233,7 @@ def merge(args) -> int:
              "gguf": f"gguf {args.quant}"}[args.format]
     print(f"merged model ({label}) written to {out}")
     if args.check:
-        from qdora.export.drift import drift_report, format_table, held_out_texts, verdict, write_json  # heavy
+        from qdora.export.drift import drift_report, format_table, held_out_texts  # heavy
         if tokenizer is None:
             print("--check needs a tokenizer next to the base model; skipped", file=sys.stderr)
             return 0
@@ -238,13 +245,5 @@ def merge(args) -> int:
         print(f"logits, merged on the {base} vs the adapted NF4 model, over {d['tokens']} tokens: "
               f"max abs {d['max_abs']:.3e} (relative {d['max_rel']:.2e}), mean abs {d['mean_abs']:.3e}")
         print(format_table(report, label))
-        passed, line = verdict(report, args.max_drift)
-        report["verdict"] = {"passed": passed, "max_drift": args.max_drift, "line": line}
-        if args.check_json:
-            write_json(report, args.check_json)
-            print(f"drift figures written to {args.check_json}")
-        print(line)
-        if passed is False:
-            print(f"qdora merge: the export in {out} failed --check (kept; see the verdict above)", file=sys.stderr)
-            return 1
+        return judge(report, args, f"the export in {out}")
     return 0

@@ -32,7 +32,7 @@ from qdora.core.layer import QDoRALinear
 from qdora.core.safetensors_io import atomic_dir, check_finite, output_folder, save_file_atomic, write_text_atomic
 from qdora.export.drift import adapter_effect, adapters_disabled, compare, token_groups
 from qdora.export.merge import merged_weight
-from qdora.models.adapter_save import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, adapter_layers
+from qdora.models.adapter_save import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, adapter_layers, peft_lora_config
 from qdora.models.loading import load_model
 
 VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -169,14 +169,8 @@ def peft_config(extraction: LoraExtraction, base_model_name_or_path: str | None 
     ranks = extraction.ranks
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     pattern = {name: k for name, k in sorted(ranks.items()) if k != r}
-    return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": r, "lora_alpha": r, "lora_dropout": 0.0, "use_dora": False, "use_rslora": False,
-        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in ranks}), "bias": "none",
-        "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None,
-        "rank_pattern": pattern, "alpha_pattern": dict(pattern), "layers_to_transform": None,
-        "layers_pattern": None, "inference_mode": True,
-    }
+    return peft_lora_config(r, r, sorted({name.rsplit(".", 1)[-1] for name in ranks}), base_model_name_or_path,
+                            rank_pattern=pattern, alpha_pattern=dict(pattern))
 
 
 def save_lora(extraction: LoraExtraction, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,

@@ -121,16 +121,24 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "qdora
             delta = value(name, layer, "magnitude_delta").float()
             tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.base_norm.detach().cpu() + delta
     save_file_atomic(tensors, path / PEFT_WEIGHTS, {"format": "pt"})
-    peft_cfg = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_dora": cfg.use_dora,
-        "use_rslora": cfg.use_rslora, "target_modules": sorted(layers), "bias": "none",
-        "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
-        "inference_mode": True,
-    }
+    peft_cfg = peft_lora_config(cfg.r, cfg.alpha, sorted(layers), base_model_name_or_path, dropout=cfg.dropout,
+                                use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
     write_text_atomic(path / PEFT_CONFIG, json.dumps(peft_cfg, indent=2) + "\n")
     return path
+
+
+def peft_lora_config(r: int, alpha: float, target_modules: list[str], base_model_name_or_path: str | None,
+                     dropout: float = 0.0, use_dora: bool = False, use_rslora: bool = False,
+                     rank_pattern: dict[str, int] | None = None,
+                     alpha_pattern: dict[str, float] | None = None) -> dict:
+    """PEFT's `adapter_config.json` for a LoRA (or DoRA) adapter with no bias and nothing else trained."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_dora": use_dora, "use_rslora": use_rslora,
+        "target_modules": target_modules, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+        "modules_to_save": None, "rank_pattern": rank_pattern or {}, "alpha_pattern": alpha_pattern or {},
+        "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
+    }
 
 
 
