@@ -13,6 +13,15 @@ from qdora.core.config import AdapterConfig, resolve_dtype
 from qdora.core.layer import QDoRALinear, VeRAProjections
 from qdora.core.nf4 import adopt_linear4bit, is_repacked, linear4bit_from_linear, repacked_message
 from qdora.models.adapter_save import route_save_pretrained
+from qdora.models.moe import (
+    expert_count,
+    expert_matches,
+    expert_owner,
+    experts_of,
+    fused_experts,
+    restore_experts,
+    split_experts,
+)
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -23,12 +32,40 @@ def matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-ALL_LINEAR = (("all",), ("all-linear",))
-"""`target_modules` that adapt every linear layer but the output head (PEFT's `all-linear`)."""
+ALL_LINEAR = ("all", "all-linear")
+"""Targets that name every linear layer but the output head (PEFT's `all-linear`); the experts of an
+MoE are not linear layers there, so they are added by name (`("all-linear", "experts")`)."""
+
+
+def targets(model: nn.Module, name: str, pattern: str) -> bool:
+    """Whether `pattern` (a target, magnitude-only or keep-full-precision pattern) names linear module
+    `name`; an expert projection is named through its experts module (`qdora.models.moe`)."""
+    owner = expert_owner(name, model)
+    if owner is None:
+        return matches(name, pattern)
+    return expert_matches(name, *owner, pattern, matches)
+
+
+def _experts_needed(name: str, cfg: AdapterConfig) -> bool:
+    """Whether fused experts module `name` must be held apart for `cfg`: targeted, or quantized."""
+    for proj in ("gate_up_proj", "down_proj"):
+        if any(expert_matches(f"{name}.{proj}.0", name, proj, p, matches)
+               for p in (*cfg.target_modules, *cfg.magnitude_only_modules)):
+            return True
+    return cfg.quantized and cfg.quantize_frozen and not any(matches(name, p) for p in cfg.keep_full_precision)
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
     return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name]
+
+
+def _experts_listing(model: nn.Module) -> str:
+    found = {**experts_of(model), **fused_experts(model)}
+    if not found:
+        return ""
+    name = next(iter(found))
+    return (f"\nthe model's experts: {len(found)} modules like {name} ({expert_count(model)} experts each; "
+            "targets 'experts', 'experts.gate_up_proj', 'experts.down_proj')")
 
 
 def _summarize(names: list[str], limit: int = 12) -> str:
@@ -90,7 +127,24 @@ class AdapterPlan:
 def plan_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterPlan:
     """Check that `cfg` fits `model` and decide what `add_adapters` does (see `AdapterPlan`).
     Raises if a pattern matches nothing (listing the model's linear modules), if the model already
-    has adapters, or if a layer cannot take the rank."""
+    has adapters, or if a layer cannot take the rank.
+
+    The fused experts modules of an MoE that `cfg` targets or quantizes are held apart first
+    (`qdora.models.moe.split_experts`: views, nothing copied; the forward is unchanged), so that their
+    expert projections are linear layers here; on an error they are put back as they were."""
+    if not isinstance(cfg, AdapterConfig):
+        raise TypeError(f"cfg must be a qdora.AdapterConfig, got {type(cfg).__name__}")
+    split = {}
+    if cfg.method != "full" and fused_experts(model) and not any(isinstance(m, QDoRALinear) for m in model.modules()):
+        split = split_experts(model, lambda name: _experts_needed(name, cfg))
+    try:
+        return _plan_adapters(model, cfg)
+    except Exception:
+        restore_experts(model, split)
+        raise
+
+
+def _plan_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterPlan:
     if not isinstance(cfg, AdapterConfig):
         raise TypeError(f"cfg must be a qdora.AdapterConfig, got {type(cfg).__name__}")
     existing = [n for n, m in model.named_modules() if isinstance(m, QDoRALinear)]
@@ -112,16 +166,18 @@ def plan_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterPlan:
     if quantized and not cfg.quantized:
         problems.append(f"the model has NF4 layers (e.g. {quantized[0]}) but method={cfg.method!r} "
                         f"expects an unquantized base; use method='q{cfg.method}'")
-    mag_only = [n for n in linears if any(matches(n, p) for p in cfg.magnitude_only_modules)]
-    if tuple(cfg.target_modules) in ALL_LINEAR:  # every linear layer but the output head, as PEFT's all-linear
+    mag_only = [n for n in linears if any(targets(model, n, p) for p in cfg.magnitude_only_modules)]
+    direction = [n for n in linears if n not in mag_only and any(targets(model, n, p) for p in cfg.target_modules
+                                                                if p not in ALL_LINEAR)]
+    if any(p in ALL_LINEAR for p in cfg.target_modules):  # every linear layer but the head, as PEFT's all-linear
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        direction = [n for n in linears if n not in mag_only and model.get_submodule(n) is not head]
-    else:
-        direction = [n for n in linears if n not in mag_only and any(matches(n, p) for p in cfg.target_modules)]
+        chosen = set(direction)
+        direction = [n for n in linears if n in chosen or (n not in mag_only and expert_owner(n, model) is None
+                                                           and model.get_submodule(n) is not head)]
     for pattern in (*cfg.target_modules, *cfg.magnitude_only_modules):
-        if (pattern,) in ALL_LINEAR:
+        if pattern in ALL_LINEAR:
             continue
-        if not any(matches(n, pattern) for n in linears):
+        if not any(targets(model, n, pattern) for n in linears):
             other = next(((n, m) for n, m in model.named_modules() if n and matches(n, pattern)), None)
             problems.append(f"target {pattern!r} matches no linear module"
                             + (f" ({type(model).__name__}: {other[0]} is a {type(other[1]).__name__}, not an "
@@ -137,10 +193,12 @@ def plan_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterPlan:
     if problems:
         msg = "cannot add adapters:\n  - " + "\n  - ".join(problems)
         if any("matches no" in p or "no linear" in p for p in problems):
-            msg += f"\nthe model's linear modules: {_summarize(linears)}"
+            plain = [n for n in linears if expert_owner(n, model) is None]
+            msg += f"\nthe model's linear modules: {_summarize(plain)}" + _experts_listing(model)
         raise ValueError(msg)
     adapted = set(direction + mag_only)
-    frozen = [n for n in linears if n not in adapted and not any(matches(n, p) for p in cfg.keep_full_precision)]
+    kept = [n for n in linears if any(targets(model, n, p) for p in cfg.keep_full_precision)]
+    frozen = [n for n in linears if n not in adapted and n not in kept]
     return AdapterPlan(cfg, tuple(direction), tuple(mag_only),
                        tuple(frozen) if cfg.quantized and cfg.quantize_frozen else (), tuple(linears))
 

@@ -1,0 +1,153 @@
+"""Mixture-of-experts models: transformers' fused expert modules, held apart expert by expert.
+
+transformers 5 stores the routed experts of an MoE layer (Qwen2/3-MoE, OLMoE, Mixtral and the models
+that share their code) as one module with two 3-D parameters, `gate_up_proj (E, 2I, H)` and
+`down_proj (E, H, I)`. bitsandbytes' 4-bit loading and PEFT's DoRA see only `nn.Linear` layers, so
+they leave these (most of an MoE's weights) alone. `split_experts` replaces such a module with a
+`qdora.core.experts.QDoRAExperts` whose expert projections are ordinary linear layers, views of the
+fused weights (nothing is copied); the surgery then quantizes and adapts them as any linear layer.
+
+Targets name expert projections as a PEFT user would: `experts` (both projections of every expert),
+`experts.gate_up_proj`, `experts.down_proj` (or `mlp.experts...`, a full name, or a `re:` pattern on
+`...experts.gate_up_proj.<e>`). A bare `gate_up_proj` or `down_proj` names linear layers only, so a
+dense model's usual targets do not put adapters on every expert of an MoE.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from qdora.core.experts import PROJECTIONS, QDoRAExperts
+
+EXPERT_LINEAR = re.compile(r"^(?P<owner>.+)\.(?P<proj>gate_up_proj|down_proj)\.(?P<e>\d+)$")
+"""The name of one expert's projection in a split model: `<experts module>.<projection>.<e>`."""
+
+_LAYOUT_FLAGS = {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True,
+                 "has_post_expert_norm": False}
+"""transformers' `use_experts_implementation` flags, and the values of the one layout held apart here."""
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """A transformers experts module: 3-D expert parameters (or a class named `...Experts` carrying
+    transformers' experts-implementation flags), not yet split."""
+    if isinstance(module, QDoRAExperts):
+        return False
+    params = dict(module.named_parameters(recurse=False))
+    if any(p.dim() == 3 for p in params.values()) and any("proj" in n for n in params):
+        return True
+    return type(module).__name__.endswith("Experts") and hasattr(module, "is_transposed")
+
+
+def layout_problem(module: nn.Module) -> str | None:
+    """Why `module` (a fused experts module) cannot be split, or None when it can."""
+    for flag, wanted in _LAYOUT_FLAGS.items():
+        if getattr(module, flag, wanted) != wanted:
+            return f"{flag}={getattr(module, flag)!r}"
+    params = dict(module.named_parameters(recurse=False))
+    if set(params) != set(PROJECTIONS):
+        return f"parameters {sorted(params)}, not {list(PROJECTIONS)}"
+    gate_up, down = params["gate_up_proj"], params["down_proj"]
+    if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[0] != down.shape[0] or gate_up.shape[1] % 2 \
+            or tuple(down.shape[1:]) != (gate_up.shape[2], gate_up.shape[1] // 2):
+        return (f"shapes gate_up_proj {tuple(gate_up.shape)}, down_proj {tuple(down.shape)}, "
+                "not (E, 2I, H) and (E, H, I)")
+    apply_gate = getattr(type(module), "_apply_gate", None)
+    if apply_gate is not None and getattr(apply_gate, "__name__", "") != "_default_apply_gate":
+        return "its own gating function (_apply_gate)"
+    if not isinstance(getattr(module, "act_fn", None), nn.Module) and not callable(getattr(module, "act_fn", None)):
+        return "no act_fn"
+    return None
+
+
+def fused_experts(model: nn.Module) -> dict[str, nn.Module]:
+    """Every fused experts module of `model`, by name."""
+    return {name: mod for name, mod in model.named_modules() if name and is_fused_experts(mod)}
+
+
+def split_module(module: nn.Module) -> QDoRAExperts:
+    """`module`'s experts held apart: per expert, `nn.Linear` layers whose weights are views of the
+    fused parameters (on the meta device for a model built there). Raises, naming the class, for a
+    layout other than transformers' concatenated, untransposed, bias-free one."""
+    problem = layout_problem(module)
+    if problem is not None:
+        raise ValueError(f"{type(module).__name__}: an experts layout qdora does not handle ({problem}); "
+                         "keep its experts out of target_modules and in keep_full_precision (e.g. 'experts')")
+    layers = {}
+    for proj in PROJECTIONS:
+        fused = getattr(module, proj)
+        out_f, in_f = fused.shape[1], fused.shape[2]
+        layers[proj] = []
+        for e in range(fused.shape[0]):
+            with torch.device("meta"):
+                linear = nn.Linear(in_f, out_f, bias=False, dtype=fused.dtype)
+            linear.weight = nn.Parameter(fused.data[e], requires_grad=False)
+            layers[proj].append(linear)
+    return QDoRAExperts(layers["gate_up_proj"], layers["down_proj"], module.act_fn, type(module).__name__)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def split_experts(model: nn.Module, wanted=lambda name: True) -> dict[str, nn.Module]:
+    """Replace every fused experts module whose name satisfies `wanted` by its `split_module`; returns
+    the replaced modules by name (for `restore_experts`). Every layout is checked before any change."""
+    found = {name: mod for name, mod in fused_experts(model).items() if wanted(name)}
+    problems = [f"{name} ({type(mod).__name__}: {problem})" for name, mod in found.items()
+                if (problem := layout_problem(mod)) is not None]
+    if problems:
+        raise ValueError(f"experts layout not handled: {problems[0]}"
+                         + (f" and {len(problems) - 1} more" if len(problems) > 1 else "")
+                         + "; keep these experts out of target_modules and in keep_full_precision (e.g. 'experts')")
+    for name, mod in found.items():
+        set_submodule(model, name, split_module(mod))
+    return found
+
+
+def restore_experts(model: nn.Module, originals: dict[str, nn.Module]) -> None:
+    """Undo `split_experts` (the fused modules back in place)."""
+    for name, mod in originals.items():
+        set_submodule(model, name, mod)
+
+
+def expert_owner(name: str, model: nn.Module) -> tuple[str, str] | None:
+    """`(experts module name, projection)` when `name` is one expert's projection in a split model."""
+    found = EXPERT_LINEAR.match(name)
+    if found is None:
+        return None
+    try:
+        owner = model.get_submodule(found["owner"])
+    except AttributeError:
+        return None
+    return (found["owner"], found["proj"]) if isinstance(owner, QDoRAExperts) else None
+
+
+def names_expert(pattern: str) -> bool:
+    """Whether a target pattern may name expert projections (`experts`, `experts.down_proj`, a `re:`
+    pattern...): a bare projection name (`down_proj`) names linear layers only."""
+    return pattern.startswith("re:") or "." in pattern or pattern == "experts" or pattern.endswith("experts")
+
+
+def expert_matches(name: str, owner: str, proj: str, pattern: str, matches) -> bool:
+    """Whether `pattern` targets expert projection `name` (of experts module `owner`, projection `proj`)."""
+    if pattern.startswith("re:"):
+        return matches(name, pattern) or matches(f"{owner}.{proj}", pattern) or matches(owner, pattern)
+    return matches(owner, pattern) or (names_expert(pattern) and matches(f"{owner}.{proj}", pattern)) \
+        or matches(name, pattern)
+
+
+def experts_of(model: nn.Module) -> dict[str, QDoRAExperts]:
+    """Every split experts module of `model`, by name."""
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, QDoRAExperts)}
+
+
+def expert_count(model: nn.Module) -> int | None:
+    """The number of routed experts per MoE layer (None for a dense model)."""
+    counts = {m.num_experts for m in experts_of(model).values()}
+    counts |= {getattr(m, proj).shape[0] for m in fused_experts(model).values() for proj in PROJECTIONS
+               if isinstance(getattr(m, proj, None), torch.Tensor)}
+    return max(counts) if counts else None
