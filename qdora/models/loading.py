@@ -21,14 +21,16 @@ from qdora.core.nf4 import linear4bit_from_weight
 from qdora.models.adapter_save import route_save_pretrained
 from qdora.models.gguf import CACHE_VERSION, SMOLLM2_FILE, convert_gguf, gguf_cache_dir, smollm2_gguf_path  # noqa: F401
 from qdora.models.hf_config import plain_config, set_config_dtype  # noqa: F401  (plain_config: also from here)
+from qdora.models.moe import expert_source, fuse_expert, missing_experts, split_experts
 from qdora.models.reader import INDEX, SINGLE, CheckpointReader  # noqa: F401  (also from here)
 from qdora.models.surgery import (
     add_adapters,
     apply_adapters,
+    experts_needed,
     linear_module_names,
-    matches,
     param_report,
     plan_adapters,
+    targets,
 )
 
 
@@ -77,8 +79,9 @@ def model_keys(model: nn.Module, keys: list[str], expected: set[str], path: Path
     """Each checkpoint tensor name -> the name `model` gives it, as transformers renames keys on
     load: its renamings for this architecture and the legacy spellings (e.g. `LayerNorm.gamma`), and
     the base-model prefix added or dropped (a `LlamaModel` checkpoint read into `LlamaForCausalLM`).
-    A key that transformers would merge with others (a `WeightConverter`, e.g. fusing experts) is
-    refused by name: the streaming loader reads one tensor at a time."""
+    An MoE's per-expert tensors keep their renamed names (`CheckpointModel.place_expert` puts them in
+    place); any other key that transformers would merge with others (a `WeightConverter`) is refused
+    by name: the streaming loader reads one tensor at a time."""
     if all(k in expected for k in keys):
         return {k: k for k in keys}
     try:
@@ -98,7 +101,11 @@ def model_keys(model: nn.Module, keys: list[str], expected: set[str], path: Path
     names = {}
     for key in keys:
         name, converter = rename_source_key(key, renamings, converters, base_model_prefix=prefix, meta_state_dict=meta)
-        if converter is not None:
+        if converter is not None:  # experts stored one tensor per expert: held apart or fused here, by the loader
+            renamed, _ = rename_source_key(key, renamings, [], base_model_prefix=prefix, meta_state_dict=meta)
+            if expert_source(renamed, model) is not None:
+                names[key] = renamed
+                continue
             raise ValueError(f"{path}: tensor {key!r} is one that transformers combines with others on load "
                              f"({converter!r}); the streaming loader reads one tensor at a time. Load the model with "
                              "transformers' from_pretrained and call qdora.add_adapters on it")
@@ -129,13 +136,19 @@ class CheckpointModel:
         self.storage = _storage_dtype(dtype, self.config, self.device)
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(self.config)
+        if cfg.method != "full":  # an MoE's experts held apart (qdora.models.moe), each quantized as it arrives
+            split_experts(self.model, lambda name: experts_needed(name, cfg))
         self.to_nf4 = {n for n in linear_module_names(self.model)
-                       if cfg.quantized and not any(matches(n, p) for p in cfg.keep_full_precision)}
+                       if cfg.quantized and not any(targets(self.model, n, p) for p in cfg.keep_full_precision)}
         self.cfg = cfg
         self.expected = set(self.model.state_dict().keys())
         self.name_of = model_keys(self.model, self.reader.keys(), self.expected, self.path)
         """Checkpoint tensor name -> the model's name for it (transformers' renamings on load)."""
         self.unexpected: list[str] = []
+        self.halves: dict[tuple[str, int], list] = {}
+        """Per-expert checkpoints: an expert's gate rows waiting for its up rows (or the reverse)."""
+        self.slices: dict[str, int] = {}
+        """Per-expert tensors copied into a fused 3-D parameter, by parameter (checked by `finish`)."""
         self.bar = tqdm(total=len(self.reader.file_of), desc=f"loading {self.path.name}", unit="tensor",
                         disable=None if progress else True)
         self._since_trim = 0
@@ -180,11 +193,45 @@ class CheckpointModel:
             with self.reader.open(file) as shard:
                 for key in todo:
                     self.bar.update(1)
-                    if self.name_of[key] in self.expected:
-                        self.place(self.name_of[key], shard.get(key))
+                    name = self.name_of[key]
+                    if name in self.expected:
+                        self.place(name, shard.get(key))
+                    elif (source := expert_source(name, self.model)) is not None:
+                        self.place_expert(source, shard.get(key))
                     else:
                         self.unexpected.append(key)
             _release_freed_memory()
+
+    def place_expert(self, source: tuple[str, str, int | None, int | None], tensor: torch.Tensor) -> None:
+        """Put an MoE expert tensor in place (`qdora.models.moe.expert_source`): a fused 3-D tensor or
+        one expert's gate, up or down weight, into held-apart experts (each expert's projection placed,
+        so quantized, alone; gate and up rows joined first) or into a fused parameter (`method='full'`)."""
+        owner_name, proj, expert, half = source
+        owner = self.model.get_submodule(owner_name)
+        if not hasattr(owner, "num_experts") or isinstance(getattr(owner, proj, None), nn.Parameter):
+            fuse_expert(self.model, source, tensor.to(self.device, self.storage), self.slices)
+            return
+        if expert is None:
+            if tensor.shape[0] != owner.num_experts:
+                raise ValueError(f"{self.path}: {owner_name}.{proj} holds {tensor.shape[0]} experts, the model "
+                                 f"{owner.num_experts}")
+            for e in range(owner.num_experts):
+                self.place(f"{owner_name}.{proj}.{e}.weight", tensor[e])
+            return
+        if half is None:
+            self.place(f"{owner_name}.{proj}.{expert}.weight", tensor)
+            return
+        pair = self.halves.setdefault((owner_name, expert), [None, None])
+        pair[half] = tensor.to(copy=True)
+        if pair[0] is not None and pair[1] is not None:
+            del self.halves[(owner_name, expert)]
+            self.place(f"{owner_name}.{proj}.{expert}.weight", torch.cat(pair, 0))
+
+    def check_experts(self) -> None:
+        """Raise, naming them, if per-expert tensors are missing (see `qdora.models.moe.missing_experts`)."""
+        problems = missing_experts(self.model, self.halves, self.slices)
+        if problems:
+            raise ValueError(f"{self.path}: incomplete experts: {'; '.join(problems[:5])}")
 
     def move_buffers(self, module: nn.Module) -> None:
         """Buffers the model built itself (e.g. rotary inv_freq) start on the CPU: move them to the device."""
@@ -216,6 +263,7 @@ class CheckpointModel:
         if getattr(self.config, "tie_word_embeddings", False):
             model.tie_weights()
         set_config_dtype(model.config, self.storage)  # the dtype the unquantized tensors now have
+        self.check_experts()
         self.check_filled(model)
         try:
             model.generation_config = GenerationConfig.from_pretrained(path)

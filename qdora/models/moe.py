@@ -151,3 +151,64 @@ def expert_count(model: nn.Module) -> int | None:
     counts |= {getattr(m, proj).shape[0] for m in fused_experts(model).values() for proj in PROJECTIONS
                if isinstance(getattr(m, proj, None), torch.Tensor)}
     return max(counts) if counts else None
+
+
+_SOURCE = re.compile(r"^(?P<owner>.+)\.(?:(?P<fused>gate_up_proj|down_proj)"
+                     r"|(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight)$")
+_OLD_NAMES = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+              "w3": ("gate_up_proj", 1), "down_proj": ("down_proj", None), "w2": ("down_proj", None)}
+"""The per-expert checkpoint names (Qwen/OLMoE's, Mixtral's) and where each goes in the fused layout:
+the projection, and for `gate_up_proj` which half (gate rows first)."""
+
+
+def expert_source(key: str, model: nn.Module) -> tuple[str, str, int | None, int | None] | None:
+    """Where checkpoint tensor `key` (already renamed as transformers renames on load) goes in an
+    experts module of `model`: `(experts module, projection, expert or None for the fused 3-D tensor,
+    half of gate_up or None)`, or None when `key` is not an expert weight of `model`."""
+    found = _SOURCE.match(key)
+    if found is None:
+        return None
+    try:
+        owner = model.get_submodule(found["owner"])
+    except AttributeError:
+        return None
+    if not (isinstance(owner, QDoRAExperts) or is_fused_experts(owner)):
+        return None
+    if found["fused"]:
+        return found["owner"], found["fused"], None, None
+    proj, half = _OLD_NAMES[found["proj"]]
+    return found["owner"], proj, int(found["e"]), half
+
+
+def fuse_expert(model: nn.Module, source: tuple[str, str, int | None, int | None], tensor: torch.Tensor,
+                filled: dict[str, int]) -> None:
+    """Copy an expert tensor (`expert_source`'s `source`) into the fused parameter of a module kept
+    fused (`method='full'`), materializing the parameter from the meta device on its first expert in
+    `tensor`'s dtype and device; `filled` counts the per-expert tensors each parameter got."""
+    owner_name, proj, expert, half = source
+    owner = model.get_submodule(owner_name)
+    fused = getattr(owner, proj)
+    if expert is None:
+        setattr(owner, proj, nn.Parameter(tensor.clone(), requires_grad=False))
+        return
+    if fused.device.type == "meta":
+        fused = nn.Parameter(torch.empty(fused.shape, dtype=tensor.dtype, device=tensor.device), requires_grad=False)
+        setattr(owner, proj, fused)
+    rows = fused.shape[1] // 2
+    target = fused.data[expert] if half is None else fused.data[expert, half * rows:(half + 1) * rows]
+    target.copy_(tensor)
+    key = f"{owner_name}.{proj}"
+    filled[key] = filled.get(key, 0) + 1
+
+
+def missing_experts(model: nn.Module, halves: dict[tuple[str, int], list], filled: dict[str, int]) -> list[str]:
+    """What a per-expert checkpoint left out: an expert's gate rows without its up rows (`halves`, as the
+    loader holds them) or a fused parameter not filled by every expert (`filled`, see `fuse_expert`)."""
+    problems = [f"{owner}: expert {e} has its {'gate' if pair[0] is not None else 'up'} rows but not its "
+                f"{'up' if pair[0] is not None else 'gate'} rows" for (owner, e), pair in halves.items()]
+    for key, count in filled.items():
+        owner_name, _, proj = key.rpartition(".")
+        wanted = getattr(model.get_submodule(owner_name), proj).shape[0] * (2 if proj == "gate_up_proj" else 1)
+        if count != wanted:
+            problems.append(f"{key}: {count} of its {wanted} per-expert tensors are in the checkpoint")
+    return problems

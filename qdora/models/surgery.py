@@ -46,7 +46,7 @@ def targets(model: nn.Module, name: str, pattern: str) -> bool:
     return expert_matches(name, *owner, pattern, matches)
 
 
-def _experts_needed(name: str, cfg: AdapterConfig) -> bool:
+def experts_needed(name: str, cfg: AdapterConfig) -> bool:
     """Whether fused experts module `name` must be held apart for `cfg`: targeted, or quantized."""
     for proj in ("gate_up_proj", "down_proj"):
         if any(expert_matches(f"{name}.{proj}.0", name, proj, p, matches)
@@ -136,7 +136,7 @@ def plan_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterPlan:
         raise TypeError(f"cfg must be a qdora.AdapterConfig, got {type(cfg).__name__}")
     split = {}
     if cfg.method != "full" and fused_experts(model) and not any(isinstance(m, QDoRALinear) for m in model.modules()):
-        split = split_experts(model, lambda name: _experts_needed(name, cfg))
+        split = split_experts(model, lambda name: experts_needed(name, cfg))
     try:
         return _plan_adapters(model, cfg)
     except Exception:
