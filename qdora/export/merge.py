@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qdora.core.experts import PROJECTIONS, QDoRAExperts
 from qdora.core.layer import QDoRALinear
 from qdora.core.nf4 import RowBlocks
 from qdora.core.safetensors_io import (
@@ -72,6 +73,16 @@ def merged_weight(layer: QDoRALinear, dtype: torch.dtype = torch.bfloat16,
     return out.to(dtype)
 
 
+def _effective_weight(layer: nn.Module, adapted: bool = True) -> torch.Tensor:
+    """The fp32 weight of one linear layer as the model computes with it: merged (`QDoRALinear`, or its
+    base with `adapted=False`), dequantized (NF4), or as it is."""
+    if isinstance(layer, QDoRALinear):
+        return merged_weight(layer, torch.float32) if adapted else layer.dequantized_base(torch.float32)
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return RowBlocks(layer, 1024).dequantize(torch.float32)
+    return layer.weight.detach().float().cpu()
+
+
 def _plan(model: nn.Module, dtype: torch.dtype, original: Callable[[str], torch.Tensor] | None,
           adapted: bool = True):
     """(spec, producer) for every tensor of the merged checkpoint, in module order, tied tensors once.
@@ -87,6 +98,16 @@ def _plan(model: nn.Module, dtype: torch.dtype, original: Callable[[str], torch.
         if any(name.startswith(p) for p in skip_prefixes):
             continue
         prefix = f"{name}." if name else ""
+        if isinstance(mod, QDoRAExperts):  # transformers' fused layout: (E, 2I, H) and (E, H, I)
+            if original:
+                raise ValueError(f"{name}: merging an MoE's experts onto the original checkpoint is not supported; "
+                                 "merge onto the NF4 weights the adapter was trained against (no --original)")
+            skip_prefixes.append(prefix)
+            for proj in PROJECTIONS:
+                layers = list(getattr(mod, proj))
+                add(f"{prefix}{proj}", (len(layers), layers[0].out_features, layers[0].in_features),
+                    lambda layers=layers: torch.stack([_effective_weight(m, adapted).to(dtype) for m in layers]))
+            continue
         if isinstance(mod, QDoRALinear):
             skip_prefixes.append(prefix)
             base = (lambda k=f"{prefix}weight": original(k)) if original else (lambda: None)
