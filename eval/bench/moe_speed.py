@@ -48,9 +48,12 @@ from qdora.core.safetensors_io import write_text_atomic
 from qdora.eval.bench.memory import peak_bytes, tensor_bytes
 from qdora.options import Parser
 
+DEFAULTS = {"experts": "8,32,64,128", "hidden": 512, "intermediate": 256, "tokens": 512, "reps": 5}
 QUICK = {"experts": "8,32", "hidden": 256, "intermediate": 128, "tokens": 128, "reps": 3}
 """`--quick`: small enough to finish in well under a minute on two CPU cores."""
 
+NF4_BLOCK = 64
+"""The NF4 blocksize (double-quantized absmax, as qdora's loader quantizes)."""
 STEP_VARIANTS = ("qdora", "qlora")
 FORWARD_VARIANTS = ("routed only", "dequantize all", "dequantize alone")
 
@@ -84,12 +87,12 @@ def default_top_k(experts: int) -> int:
 
 def nf4_experts(experts: int, hidden: int, inter: int, device: str, dtype: torch.dtype,
                 seed: int = 0) -> QDoRAExperts:
-    """A frozen experts layer of NF4 projections (double-quantized, blocksize 64)."""
+    """A frozen experts layer of NF4 projections (double-quantized, `NF4_BLOCK` values a block)."""
     g = torch.Generator().manual_seed(seed)
 
     def layer(out_f: int, in_f: int) -> nn.Module:
         weight = torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)
-        return linear4bit_from_weight(weight.to(device=device, dtype=dtype), None, 64, True, "uint8")
+        return linear4bit_from_weight(weight.to(device=device, dtype=dtype), None, NF4_BLOCK, True, "uint8")
 
     gate_up = [layer(2 * inter, hidden) for _ in range(experts)]
     down = [layer(hidden, inter) for _ in range(experts)]
@@ -207,8 +210,6 @@ def bench_experts(experts: int, hidden: int, inter: int, tokens: int, k: int, r:
         gc.collect()
         result["step_peak_bytes"] = {name: peak_bytes(step(m), device) for name, m in variants.items()}
         result["forward_peak_bytes"] = {name: peak_bytes(forwards[name], device) for name in FORWARD_VARIANTS[:2]}
-    del variants, frozen, readers
-    gc.collect()
     return result
 
 
@@ -248,15 +249,16 @@ def format_tables(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m qdora.eval.bench.moe_speed", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--experts", default="8,32,64,128", help="comma-separated expert counts E (default: %(default)s)")
-    p.add_argument("--hidden", type=int, default=512, help="hidden size H (default: %(default)s)")
-    p.add_argument("--intermediate", type=int, default=256, help="expert intermediate size I (default: %(default)s)")
-    p.add_argument("--tokens", type=int, default=512, help="tokens T per step (default: %(default)s)")
+    p.add_argument("--experts", help=f"comma-separated expert counts E (default: {DEFAULTS['experts']})")
+    p.add_argument("--hidden", type=int, help=f"hidden size H (default: {DEFAULTS['hidden']})")
+    p.add_argument("--intermediate", type=int,
+                   help=f"expert intermediate size I (default: {DEFAULTS['intermediate']})")
+    p.add_argument("--tokens", type=int, help=f"tokens T per step (default: {DEFAULTS['tokens']})")
     p.add_argument("--top-k", type=int, default=0,
                    help="experts per token (default: 2 for E <= 8, else 8; at most E)")
     p.add_argument("--r", type=int, default=16, help="adapter rank (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=32.0, help="adapter alpha (default: %(default)s)")
-    p.add_argument("--reps", type=int, default=5, help="timed repeats per variant (default: %(default)s)")
+    p.add_argument("--reps", type=int, help=f"timed repeats per variant (default: {DEFAULTS['reps']})")
     p.add_argument("--device", default="cpu", help="cpu (fp32 compute) or cuda (bf16) (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
     p.add_argument("--quick", action="store_true",
@@ -264,11 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the (profiled, slower) peak-memory runs")
     p.add_argument("--json", help="also write the raw results to this file")
     args = p.parse_args(argv)
-    if args.quick:
-        given = {a.split("=")[0] for a in (argv if argv is not None else [])}
-        for key, value in QUICK.items():
-            if f"--{key}" not in given:
-                setattr(args, key, value)
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     try:
         counts = [int(e) for e in str(args.experts).split(",") if e.strip()]
     except ValueError:
@@ -276,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("hidden", "intermediate", "tokens", "r", "reps"):
         if getattr(args, name) < 1:
             p.error(f"--{name}={getattr(args, name)}: must be at least 1")
+    if args.hidden % NF4_BLOCK or args.intermediate % NF4_BLOCK:
+        p.error(f"--hidden {args.hidden}, --intermediate {args.intermediate}: must be multiples of {NF4_BLOCK} (the "
+                "NF4 blocksize): bitsandbytes' own forward of a frozen NF4 layer whose rows are not whole blocks is "
+                "wrong on CPU (bitsandbytes 0.50.2), so 'routed only' would time a wrong result")
     if not counts or min(counts) < 1 or args.top_k < 0 or args.top_k > min(counts) or args.threads < 0:
         p.error(f"need E >= 1 and 0 <= --top-k <= E and --threads >= 0 (got E={counts}, --top-k {args.top_k}, "
                 f"--threads {args.threads})")
@@ -291,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"E={e}, k={k} ...", flush=True)
         results.append(bench_experts(e, args.hidden, args.intermediate, args.tokens, k, args.r, args.alpha,
                                      args.reps, args.device, memory=not args.no_memory))
+        gc.collect()  # the layer just measured goes before the next is built
     print(format_tables(results), flush=True)
     if args.json:
         write_text_atomic(args.json, json.dumps({"machine": machine_line(args.device), "results": results},

@@ -28,6 +28,7 @@ from qdora.models.adapter_save import (
     base_fingerprint,
     save_adapter,
 )
+from qdora.models.moe import expert_count, experts_from_peft, file_expert_count
 from qdora.models.surgery import add_adapters
 
 
@@ -46,6 +47,18 @@ def _check_base(model: nn.Module, saved: dict, path) -> None:
         warnings.warn(f"adapter {path} was trained on an NF4 base quantized otherwise ({what}): the base weights "
                       "differ slightly, and so will the outputs; quantize the base as in training (e.g. "
                       "bnb_4bit_use_double_quant) for the trained model", stacklevel=3)
+
+
+def _check_experts(model: nn.Module, modules: dict, path) -> None:
+    """Refuse, in one line, an MoE adapter on a dense model or on an MoE with another expert count."""
+    theirs = file_expert_count(modules)
+    if theirs is None:
+        return
+    mine = expert_count(model)
+    if mine != theirs:
+        here = "no experts (a dense model)" if mine is None else f"{mine} experts per MoE layer"
+        raise ValueError(f"adapter {path} adapts the experts of an MoE with {theirs} experts per layer; this model "
+                         f"({type(model).__name__}) has {here}: load it on the base it was trained on")
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -113,6 +126,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[str, dict, dict[str, dict[str
                     break
             else:
                 raise ValueError(f"{path / PEFT_WEIGHTS}: unexpected tensor {key!r}")
+        if meta.get("target_parameters"):  # LoRA on 3-D expert parameters: one entry per expert here
+            modules = experts_from_peft(modules, list(meta["target_parameters"]), int(meta["r"]))
         return "peft", meta, modules
     raise FileNotFoundError(f"{path} holds neither {QDORA_CONFIG} (qdora) nor {PEFT_CONFIG} (PEFT)")
 
@@ -126,7 +141,13 @@ def adapter_config(fmt: str, meta: dict, modules: dict, quantized: bool = True) 
     method = ("q" if quantized else "") + ("dora" if use_dora else "lora")
     return AdapterConfig(method=method, r=int(meta["r"]), alpha=float(meta["lora_alpha"]),
                          dropout=float(meta.get("lora_dropout", 0.0)), use_rslora=bool(meta.get("use_rslora")),
-                         target_modules=tuple(sorted(modules)), adapter_dtype="float32")
+                         target_modules=_peft_targets(meta, modules), adapter_dtype="float32")
+
+
+def _peft_targets(meta: dict, modules: dict) -> tuple[str, ...]:
+    """A PEFT file's adapted modules as targets: by name, the experts by their `target_parameters`."""
+    experts = tuple(meta.get("target_parameters") or ())
+    return tuple(sorted(n for n in modules if not experts or file_expert_count([n]) is None)) + experts
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, verbose: bool = True) -> nn.Module:
@@ -137,6 +158,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, verbose: bool = True
     shapes, DoRA vs LoRA) is listed in one error.
     """
     fmt, meta, modules = read_adapter(path)
+    _check_experts(model, modules, path)
     if fmt == "qdora" and isinstance(meta.get("base"), dict):
         _check_base(model, meta["base"], path)
     if not adapter_layers(model):

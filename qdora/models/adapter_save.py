@@ -33,6 +33,7 @@ from torch import nn
 from qdora.core.config import AdapterConfig
 from qdora.core.layer import QDoRALinear
 from qdora.core.safetensors_io import save_file_atomic, write_text_atomic
+from qdora.models.moe import expert_owner, peft_expert_tensors
 
 QDORA_CONFIG, QDORA_WEIGHTS = "qdora_adapter.json", "adapter.safetensors"
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -114,15 +115,20 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "qdora
     if mag_only:
         raise ValueError(f"PEFT cannot represent magnitude-only modules ({len(mag_only)}, e.g. {mag_only[0]}); "
                          "save with format='qdora'")
-    for name, layer in layers.items():
+    experts, target_parameters = peft_expert_tensors(layers, model, value)
+    tensors.update({PEFT_PREFIX + key: t for key, t in experts.items()})
+    plain = [name for name in layers if expert_owner(name, model) is None]
+    for name, layer in ((name, layers[name]) for name in plain):
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = value(name, layer, "lora_A")
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = value(name, layer, "lora_B")
         if layer.use_dora:  # PEFT stores the whole magnitude m = ||W0 row|| + delta
             delta = value(name, layer, "magnitude_delta").float()
             tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.base_norm.detach().cpu() + delta
     save_file_atomic(tensors, path / PEFT_WEIGHTS, {"format": "pt"})
-    peft_cfg = peft_lora_config(cfg.r, cfg.alpha, sorted(layers), base_model_name_or_path, dropout=cfg.dropout,
+    peft_cfg = peft_lora_config(cfg.r, cfg.alpha, sorted(plain), base_model_name_or_path, dropout=cfg.dropout,
                                 use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
+    if target_parameters:  # PEFT's LoRA on 3-D expert parameters (it takes no dropout there)
+        peft_cfg.update(target_parameters=target_parameters, lora_dropout=0.0)
     write_text_atomic(path / PEFT_CONFIG, json.dumps(peft_cfg, indent=2) + "\n")
     return path
 
@@ -146,7 +152,9 @@ def peft_lora_config(r: int, alpha: float, target_modules: list[str], base_model
 def peft_expressible(model: nn.Module) -> bool:
     """Whether PEFT's LoRA format can hold the model's adapters (no VeRA direction, no magnitude-only modules)."""
     layers, cfg = require_adapters(model)
-    return cfg.direction == "lora" and all(layer.r > 0 for layer in layers.values())
+    on_experts = any(expert_owner(name, model) is not None for name in layers)
+    return cfg.direction == "lora" and all(layer.r > 0 for layer in layers.values()) \
+        and not (on_experts and cfg.use_dora)
 
 
 def save_pretrained_adapter(model: nn.Module, save_directory: str | os.PathLike, is_main_process: bool = True,

@@ -212,3 +212,69 @@ def missing_experts(model: nn.Module, halves: dict[tuple[str, int], list], fille
         if count != wanted:
             problems.append(f"{key}: {count} of its {wanted} per-expert tensors are in the checkpoint")
     return problems
+
+
+def peft_expert_tensors(layers: dict, model: nn.Module, value) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The expert adapters of `layers` (name -> `QDoRALinear`) in PEFT's `target_parameters` layout: per
+    experts module and projection, `lora_A` `(E·r, in)` (expert e's `A` in rows `e·r:(e+1)·r`) and
+    `lora_B` `(out, E·r)` (expert e's column j of `B` at `j·E + e`), under `<experts>.lora_A.weight`, or
+    `<experts>.base_layer.lora_A.weight` for `gate_up_proj` when both projections are adapted (PEFT
+    nests one wrapper per parameter, the first listed innermost). `value(name, layer, attr)` reads a
+    tensor. Returns `(tensors, target_parameters)`; raises where PEFT cannot express the adapter."""
+    groups: dict[str, dict[str, dict[int, str]]] = {}
+    for name in layers:
+        owner = expert_owner(name, model)
+        if owner is not None:
+            groups.setdefault(owner[0], {}).setdefault(owner[1], {})[int(name.rpartition(".")[2])] = name
+    if not groups:
+        return {}, []
+    if any(layers[n].use_dora for g in groups.values() for p in g.values() for n in p.values()):
+        raise ValueError("PEFT cannot express DoRA on an MoE's experts (its target_parameters take LoRA only); "
+                         "save with format='qdora'")
+    projs = sorted({p for g in groups.values() for p in g}, key=PROJECTIONS.index)
+    tensors = {}
+    for owner, group in groups.items():
+        experts = model.get_submodule(owner).num_experts
+        for proj in projs:
+            names = group.get(proj, {})
+            if sorted(names) != list(range(experts)) or set(group) != set(projs):
+                raise ValueError(f"PEFT's target_parameters adapt every expert of every experts module alike; {owner}."
+                                 f"{proj} has {len(names)} of {experts} experts adapted; save with format='qdora'")
+            A = torch.cat([value(names[e], layers[names[e]], "lora_A") for e in range(experts)])
+            B = torch.stack([value(names[e], layers[names[e]], "lora_B") for e in range(experts)])  # (E, out, r)
+            where = f"{owner}.base_layer" if proj == "gate_up_proj" and len(projs) == 2 else owner
+            tensors[f"{where}.lora_A.weight"] = A.contiguous()
+            tensors[f"{where}.lora_B.weight"] = B.permute(1, 2, 0).reshape(B.shape[1], -1).contiguous()
+    return tensors, [f"experts.{p}" for p in projs]
+
+
+def experts_from_peft(modules: dict[str, dict[str, torch.Tensor]], target_parameters: list[str],
+                      r: int) -> dict[str, dict[str, torch.Tensor]]:
+    """`peft_expert_tensors` undone on a PEFT file's modules (name -> {lora_A, lora_B}): each experts
+    module's entries become one entry per expert projection (`<experts>.<projection>.<e>`)."""
+    projs = [p.rpartition(".")[2] for p in target_parameters]
+    if any(p not in PROJECTIONS for p in projs):
+        raise ValueError(f"target_parameters {target_parameters}: only {['experts.' + p for p in PROJECTIONS]} "
+                         "can be loaded")
+    out = {}
+    for name, tensors in modules.items():
+        owner, proj = name, None
+        if name.endswith(".base_layer") and len(projs) == 2:
+            owner, proj = name.removesuffix(".base_layer"), projs[0]
+        elif owner.endswith("experts") and projs:
+            proj = projs[-1]
+        if proj is None or set(tensors) != {"lora_A", "lora_B"}:
+            out[name] = tensors
+            continue
+        A, B = tensors["lora_A"], tensors["lora_B"]
+        experts = A.shape[0] // r
+        B = B.reshape(B.shape[0], r, experts).permute(2, 0, 1)
+        for e in range(experts):
+            out[f"{owner}.{proj}.{e}"] = {"lora_A": A[e * r:(e + 1) * r].contiguous(), "lora_B": B[e].contiguous()}
+    return out
+
+
+def file_expert_count(names) -> int | None:
+    """The number of experts per MoE layer an adapter file's module names imply (None: no expert)."""
+    found = [EXPERT_LINEAR.match(name) for name in names]
+    return max((int(f["e"]) + 1 for f in found if f is not None), default=None)
