@@ -147,8 +147,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def medians(work: dict[str, Callable[[], object]], reps: int, device: str) -> dict[str, float]:
-    """Median seconds of each piece of work over `reps` runs after one warm-up, interleaved."""
+def timings(work: dict[str, Callable[[], object]], reps: int, device: str) -> dict[str, list[float]]:
+    """Seconds of each piece of work, `reps` runs after one warm-up, the pieces interleaved."""
     for fn in work.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in work}
@@ -160,7 +160,7 @@ def medians(work: dict[str, Callable[[], object]], reps: int, device: str) -> di
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return times
 
 
 def bench_experts(experts: int, hidden: int, inter: int, tokens: int, k: int, r: int, alpha: float, reps: int,
@@ -204,8 +204,9 @@ def bench_experts(experts: int, hidden: int, inter: int, tokens: int, k: int, r:
               "forward_max_rel_diff": diff, "nf4_bytes": tensor_bytes(frozen),
               "adapter_bytes": {name: sum(p.numel() * p.element_size() for p in m.parameters() if p.requires_grad)
                                 for name, m in variants.items()}}
-    result["step_s"] = medians({name: step(m) for name, m in variants.items()}, reps, device)
-    result["forward_s"] = medians(forwards, reps, device)
+    for key, work in (("step", {name: step(m) for name, m in variants.items()}), ("forward", forwards)):
+        result[f"{key}_times_s"] = timings(work, reps, device)
+        result[f"{key}_s"] = {name: statistics.median(v) for name, v in result[f"{key}_times_s"].items()}
     if memory:
         gc.collect()
         result["step_peak_bytes"] = {name: peak_bytes(step(m), device) for name, m in variants.items()}

@@ -10,6 +10,7 @@ The prediction is `qdora.plan.memory.plan(..., device="cpu")`'s tensor total.
 
     python -m qdora.eval.plan.validate            # tiny and small Llama shapes, then SmolLM2-135M
     python -m qdora.eval.plan.validate --quick    # the tiny shapes only (seconds)
+    python -m qdora.eval.plan.validate --only moe # scaled-down mixtures of experts (Qwen3-MoE, OLMoE, Mixtral)
     python -m qdora.eval.plan.validate --published  # the planner beside published figures
     python -m qdora.eval.plan.validate --start    # the FSDP start, 2 processes (gloo) per case
 
@@ -52,6 +53,22 @@ SHAPES = {
                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False),
     "small-llama3": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
+}
+
+
+# Scaled-down mixtures of experts: the architectures of Qwen3-30B-A3B (per-head q/k norms, normalised
+# top-k weights), OLMoE-1B-7B (whole q/k norms) and Mixtral-8x7B (k=2 of 8), every layer routed.
+MOE_SHAPES = {
+    "tiny-qwen3-moe": ("Qwen3Moe", dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=8,
+                                        num_experts_per_tok=2, moe_intermediate_size=128, norm_topk_prob=True,
+                                        tie_word_embeddings=False)),
+    "tiny-olmoe": ("Olmoe", dict(vocab_size=1024, hidden_size=256, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=4,
+                                 tie_word_embeddings=False)),
+    "tiny-mixtral": ("Mixtral", dict(vocab_size=1024, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                                     num_attention_heads=8, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, tie_word_embeddings=False)),
 }
 
 
@@ -116,7 +133,7 @@ def start_table(rows: list[dict]) -> str:
 @dataclass(frozen=True)
 class Case:
     model: str
-    """A key of SHAPES, or `smollm2` (SmolLM2-135M-Instruct, loaded with `qdora.load_model`)."""
+    """A key of SHAPES or MOE_SHAPES, or `smollm2` (SmolLM2-135M-Instruct, loaded with `qdora.load_model`)."""
     cfg: PlanConfig
 
 
@@ -137,6 +154,14 @@ SMALL = [
     Case("small-llama3", _p("qdora", r=8, b=1, s=512, target_modules="all", dropout=0.0)),
     Case("small-llama3", _p("lora", r=16, b=2, s=256)),
     Case("small-llama3", _p("full", b=2, s=128)),
+]
+_MOE_TARGETS = "q_proj,k_proj,v_proj,o_proj,experts"
+MOE = [
+    Case("tiny-qwen3-moe", _p("qdora", r=8, b=2, s=64, target_modules=_MOE_TARGETS)),
+    Case("tiny-qwen3-moe", _p("qdora", r=8, b=2, s=64, ckpt=False, target_modules=_MOE_TARGETS)),
+    Case("tiny-qwen3-moe", _p("qlora", r=8, b=2, s=64, ckpt=False, target_modules="q_proj,k_proj,v_proj")),
+    Case("tiny-olmoe", _p("qdora", r=8, b=1, s=128, ckpt=False, target_modules="q_proj,v_proj,experts.down_proj")),
+    Case("tiny-mixtral", _p("qlora", r=8, b=2, s=64, ckpt=False, dropout=0.0, target_modules=_MOE_TARGETS)),
 ]
 SMOLLM2 = [
     Case("smollm2", _p("qdora", r=16, b=2, s=256)),
@@ -204,11 +229,12 @@ def build_model(case: Case):
         model, _ = load_model(smollm2_gguf_path(), method=cfg.method, cfg=adapter_cfg, progress=False)
         shape = shape_from_config(model.config, name="SmolLM2-135M")
     else:
-        from transformers import LlamaConfig, LlamaForCausalLM  # heavy, used here only
+        import transformers  # heavy, used here only
 
-        config = LlamaConfig(**SHAPES[case.model], max_position_embeddings=4096)
+        arch, kw = MOE_SHAPES[case.model] if case.model in MOE_SHAPES else ("Llama", SHAPES[case.model])
+        config = getattr(transformers, f"{arch}Config")(**kw, max_position_embeddings=4096)
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
+        model = getattr(transformers, f"{arch}ForCausalLM")(config)
         qdora.add_adapters(model, adapter_cfg, verbose=False)
         shape = shape_from_config(config, name=case.model)
     prepare_for_training(model, cfg.gradient_checkpointing)   # exactly as qdora.train.loop does
@@ -268,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes only (seconds)")
     p.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2-135M")
-    p.add_argument("--only", choices=("quick", "small", "smollm2"), help="run one group of cases")
+    p.add_argument("--only", choices=("quick", "small", "smollm2", "moe"), help="run one group of cases")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--published", action="store_true",
                    help="print the planner beside published figures (no measurement) and stop")
@@ -294,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cases = QUICK + ([] if args.quick else SMALL + ([] if args.no_smollm2 else SMOLLM2))
     if args.only:
-        cases = {"quick": QUICK, "small": SMALL, "smollm2": SMOLLM2}[args.only]
+        cases = {"quick": QUICK, "small": SMALL, "smollm2": SMOLLM2, "moe": MOE}[args.only]
     rows = []
     for case in tqdm(cases, desc="plan vs measured", unit="case"):
         rows.append(measure(case))

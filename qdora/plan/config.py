@@ -31,6 +31,9 @@ FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj
 """Fused projections (Phi-3) and the linears they stand for. A fused target is planned as its parts:
 the same weights, activations and B rows; the parts' separate A (r × hidden each, and their T × r
 products) are counted where the fused layer has one, an over-estimate of O(r · (hidden + T))."""
+EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
+"""An MoE's expert projections as targets (`qdora.models.moe`): each expert's own adapter. `experts`
+names both; a bare `gate_up_proj`/`down_proj` names linear layers only (the dense MLP), as in `add_adapters`."""
 DEVICES = ("cuda", "cpu")
 
 
@@ -46,7 +49,9 @@ class PlanConfig:
     """Rank of the direction update B·A."""
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
     """Decoder-layer linears with a direction adapter, comma-separated from q_proj, k_proj, v_proj,
-    o_proj, gate_proj, up_proj, down_proj (fused: qkv_proj, gate_up_proj), or all."""
+    o_proj, gate_proj, up_proj, down_proj (fused: qkv_proj, gate_up_proj), or all; an MoE's experts:
+    experts, experts.gate_up_proj, experts.down_proj (`all` does not include them, as in add_adapters).
+    On an MoE without dense MLP layers the default's up_proj, down_proj name nothing and are left out."""
     magnitude_only_modules: tuple[str, ...] = ()
     """Linears that train only the magnitude m (comma-separated)."""
     dropout: float = 0.05
@@ -90,17 +95,18 @@ class PlanConfig:
         if isinstance(self.magnitude_only_modules, str):
             object.__setattr__(self, "magnitude_only_modules",
                                tuple(t for t in self.magnitude_only_modules.split(",") if t))
-        for attr in ("target_modules", "magnitude_only_modules"):  # fused projections: their parts
-            names = tuple(part for t in getattr(self, attr) for part in FUSED.get(t, (t,)))
+        for attr in ("target_modules", "magnitude_only_modules"):  # fused projections, experts: their parts
+            names = tuple(dict.fromkeys(part for t in getattr(self, attr)
+                                        for part in (EXPERTS if t == "experts" else FUSED.get(t, (t,)))))
             object.__setattr__(self, attr, names)
         p = Problems("plan setting")
         p.choice("method", self.method, METHODS)
         for name in ("batch_size", "seq_len", "grad_accum", "gpus"):
             p.positive_int(name, getattr(self, name))
         if self.method != "full":
-            unknown = [t for t in (*self.target_modules, *self.magnitude_only_modules) if t not in LINEARS]
+            unknown = [t for t in (*self.target_modules, *self.magnitude_only_modules) if t not in LINEARS + EXPERTS]
             if unknown:  # the planner counts the linears of a decoder layer by name
-                names = ", ".join(LINEARS + tuple(FUSED))
+                names = ", ".join(LINEARS + tuple(FUSED) + ("experts",) + EXPERTS)
                 p.add(f"unknown target module(s) {unknown}; use names from {names} or 'all'")
         try:  # the adapter's fields, with AdapterConfig's own checks and messages
             object.__setattr__(self, "adapter_dtype", self.adapter_config().adapter_dtype)
@@ -176,6 +182,8 @@ class MemoryPlan:
     """FSDP only: a rank's tensor bytes on its device while the run starts (`qdora.train.fsdp.build_sharded`:
     every rank reads, quantizes and shards the checkpoint one decoder layer at a time, the root
     last). The training step's terms do not include it; `fits` checks both."""
+    notes: tuple[str, ...] = ()
+    """What the plan assumed beyond the setting (e.g. targets an MoE has no layer for)."""
 
     @property
     def tensor_bytes(self) -> int:

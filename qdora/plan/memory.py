@@ -55,7 +55,9 @@ every rank streams the checkpoint layer by layer (see `plan` for its terms; vali
 `python -m qdora.eval.plan.validate --start`).
 
 CUDA only: a CUDA context (a constant, `CUDA_CONTEXT_BYTES`) and allocator slack (a stated
-fraction of the tensor peak, `ALLOCATOR_SLACK`) are reported as their own lines.
+fraction of the tensor peak, `ALLOCATOR_SLACK`) are reported as their own lines. Queries and keys
+normalised per head or whole (Qwen3, OLMoE) keep their fp32 norm inputs. A mixture of experts
+(`ModelShape.num_experts`): its attention as above, its experts and router in `qdora.plan.moe`.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ from dataclasses import dataclass
 
 from qdora.core.config import FLOAT_DTYPES
 from qdora.models.shapes import PRESETS, ModelShape, resolve_model, shape_from_config  # noqa: F401  (also from here)
+from qdora.plan import moe
 from qdora.plan.config import (  # noqa: F401  (the setting and result, also from here)
     ALLOCATOR_SLACK,
     CARDS_GB,
@@ -120,7 +123,11 @@ class _Dims:
     L: int
     q: int              # query width (heads × head_dim)
     kv: int             # key/value width
-    lin: dict           # (out, in) of each linear of one layer
+    lin: dict           # (out, in) of each linear of one layer (of an MoE layer: the attention's)
+    experts: dict       # (out, in) of one expert's projections (MoE)
+    E: int              # experts per MoE layer (0: dense)
+    k: int              # experts per token
+    ei: int             # an expert's intermediate size
     full: bool
     direction: frozenset
     mag_only: frozenset
@@ -129,15 +136,25 @@ class _Dims:
     def adapted(self) -> frozenset:
         return self.direction | self.mag_only
 
+    @property
+    def R(self) -> int:
+        """Routed (token, expert) pairs per micro-batch."""
+        return self.T * self.k
+
+    def units(self) -> list[tuple[str, int, int, int]]:
+        """`(name, out, in, how many)` of the weights of one decoder layer: its linears, its experts."""
+        return [(n, o, i, 1) for n, (o, i) in self.lin.items()] + [(n, o, i, self.E)
+                                                                   for n, (o, i) in self.experts.items()]
+
 
 def _dims(shape: ModelShape, cfg: PlanConfig) -> _Dims:
-    full = cfg.method == "full"
-    direction = frozenset() if full else frozenset(cfg.target_modules) - frozenset(cfg.magnitude_only_modules)
+    direction, mag_only, _ = moe.resolve_targets(shape, cfg)
     return _Dims(e=cfg.compute_bytes, w=cfg.compute_bytes, ab=_DTYPE_BYTES[cfg.adapter_dtype], N=cfg.gpus,
                  T=cfg.batch_size * cfg.seq_len, s=cfg.seq_len, b=cfg.batch_size, h=shape.hidden,
-                 i=shape.intermediate, V=shape.vocab, L=shape.layers, q=shape.heads * shape.hd,
-                 kv=shape.kv_heads * shape.hd, lin=shape.linear_shapes(), full=full, direction=direction,
-                 mag_only=frozenset() if full else frozenset(cfg.magnitude_only_modules))
+                 i=0 if shape.moe else shape.intermediate, V=shape.vocab, L=shape.layers, q=shape.heads * shape.hd,
+                 kv=shape.kv_heads * shape.hd, lin=shape.linear_shapes(), experts=shape.expert_shapes(),
+                 E=shape.num_experts, k=shape.experts_per_token, ei=shape.moe_intermediate,
+                 full=cfg.method == "full", direction=direction, mag_only=mag_only)
 
 
 @dataclass
@@ -164,22 +181,22 @@ class _Weights:
 def _weights(d: _Dims, shape: ModelShape, cfg: PlanConfig) -> _Weights:
     nf4 = qstate = base = adapters = buffers = 0
     trainable_layer = largest_trainable = 0
-    for name, (o, n) in d.lin.items():
+    for name, o, n, count in d.units():
         if cfg.quantized:
             packed, st = _nf4_bytes(o, n, cfg.double_quant)
-            nf4 += packed
-            qstate += st
+            nf4 += count * packed
+            qstate += count * st
         else:
-            base += o * n * d.w
+            base += count * o * n * d.w
         if name in d.adapted:
             a_bytes = (cfg.r * n + o * cfg.r) * d.ab if name in d.direction else 0
             m_bytes = o * d.ab if cfg.use_dora else 0
-            adapters += a_bytes + m_bytes
-            buffers += o * 4 if cfg.use_dora else 0
-            trainable_layer += a_bytes + m_bytes
+            adapters += count * (a_bytes + m_bytes)
+            buffers += count * o * 4 if cfg.use_dora else 0
+            trainable_layer += count * (a_bytes + m_bytes)
             largest_trainable = max(largest_trainable,
                                     max(cfg.r * n, o * cfg.r) * d.ab if name in d.direction else o * d.ab)
-    base += 2 * d.h * d.w                         # the layer's two RMSNorm weights
+    base += (2 * d.h + shape.qk_norm_params() + d.E * d.h) * d.w  # RMSNorm weights (+ q/k norms, router)
     nf4_l, base_l, adapt_l = nf4, base, adapters
     embed = d.V * d.h * d.w
     head = 0 if shape.tied_embeddings else d.V * d.h * d.w
@@ -188,7 +205,7 @@ def _weights(d: _Dims, shape: ModelShape, cfg: PlanConfig) -> _Weights:
     if d.full:
         trainable = base                          # every weight trains, in its storage dtype
         trainable_layer = base_l
-        largest_trainable = max(embed, *(o * n * d.w for o, n in d.lin.values()))
+        largest_trainable = max(embed, *(count * o * n * d.w for _, o, n, count in d.units()))
     else:
         trainable = d.L * trainable_layer
     return _Weights(nf4=d.L * nf4, qstate=d.L * qstate, base=base, adapters=d.L * adapters, buffers=d.L * buffers,
@@ -280,11 +297,16 @@ def _activations(d: _Dims, shape: ModelShape, cfg: PlanConfig) -> tuple[int, int
 
     norm_saved = T * h * 4 + T * 4 + (T * h * e if d.full else 0)
     attn_saved = T * (2 * q + 2 * kv) * e + d.b * shape.heads * d.s * 4
+    if shape.qk_norm:  # fp32 inputs (on CPU, DoRA's kept q/k outputs themselves) and a 1/rms per row
+        rows = T * (shape.heads + shape.kv_heads) if shape.qk_norm == "head" else 2 * T
+        shared_out = e == 4 and cfg.use_dora
+        attn_saved += rows * 4 + sum(T * w * 4 for name, w in (("q_proj", q), ("k_proj", kv))
+                                     if not (shared_out and name in d.adapted))
     mlp_saved = 3 * T * i * e
     layer_saved = (2 * norm_saved + attn_saved + mlp_saved
                    + keeps_input(("q_proj", "k_proj", "v_proj"), h) + keeps_input(("o_proj",), q)
                    + keeps_input(("gate_proj", "up_proj"), h) + keeps_input(("down_proj",), i)
-                   + sum(adapter_saved(n) for n in d.lin))
+                   + sum(adapter_saved(n) for n in d.lin) + moe.saved(d, cfg))
     shared = 2 * d.s * shape.hd * e                                     # rotary cos, sin
     head_saved = T * h * 4 + T * 4 + (2 * T * h * e if d.full else 0)   # final norm (+ lm_head input)
     lsm = T * d.V * 4
@@ -296,11 +318,12 @@ def _activations(d: _Dims, shape: ModelShape, cfg: PlanConfig) -> tuple[int, int
 
 def _dequantized_block(d: _Dims, cfg: PlanConfig) -> int:
     """The largest dequantized weight alive at once in the backward."""
-    frozen_nf4 = [n for n in d.lin if n not in d.adapted] if cfg.quantized else []
+    shapes = {**d.lin, **d.experts}
+    frozen_nf4 = [n for n in shapes if n not in d.adapted] if cfg.quantized else []
     if frozen_nf4 and not cfg.fsdp:      # bitsandbytes' Linear4bit dequantizes the whole weight
-        return max(d.lin[n][0] * d.lin[n][1] for n in frozen_nf4) * d.e
+        return max(shapes[n][0] * shapes[n][1] for n in frozen_nf4) * d.e
     if cfg.quantized:                    # row blocks (adapted layers; frozen ones under FSDP)
-        return max(min(cfg.block_rows, o) * n for o, n in d.lin.values()) * d.e
+        return max(min(cfg.block_rows, o) * n for o, n in shapes.values()) * d.e
     return 0
 
 
@@ -309,18 +332,19 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
     each term by its own function, then the four phases of a step, the peak the largest."""
     shape = resolve_model(model) if isinstance(model, str) else model
     cfg = cfg or PlanConfig()
+    moe.check(shape, cfg)
     d = _dims(shape, cfg)
     wt = _weights(d, shape, cfg)
     nf4, base, adapters = wt.nf4, wt.base, wt.adapters
     opt_states = _optimizer_states(d, wt, cfg)
     grads_total = wt.trainable
-    details: dict[str, int] = {}
+    details: dict[str, int] = moe.expert_details(shape, cfg, d, _nf4_bytes)
     fsdp_buf = start = 0
     if cfg.fsdp:  # parameters, gradients, optimizer states sharded; quant state and buffers whole
         start = _fsdp_start(d, wt, cfg)
         nf4, base, adapters = -(-nf4 // d.N), -(-base // d.N), -(-adapters // d.N)
         grads_total, opt_states = -(-wt.trainable // d.N), -(-opt_states // d.N)
-        details = _fsdp_buffers(d, wt, cfg)
+        details = {**details, **_fsdp_buffers(d, wt, cfg)}
         fsdp_buf = sum(details.values())
         if cfg.cpu_offload:
             details["cpu offload: sharded parameters, gradients, optimizer states in CPU memory"] = \
@@ -330,7 +354,7 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
     resident = nf4 + wt.qstate + base + adapters + opt_states + wt.rope
 
     body, head_saved, recompute, lsm = _activations(d, shape, cfg)
-    in_flight = 3 * d.T * d.i * d.e + 3 * d.T * d.h * d.e              # gradients through the MLP + residual
+    in_flight = 3 * d.T * d.i * d.e + 3 * d.T * d.h * d.e + moe.in_flight(d)  # through the MLP + residual
     deq = _dequantized_block(d, cfg)
     opt_tmp = 2 * wt.largest_trainable if cfg.device == "cpu" else grads_total  # 0 with offload: CPU steps
     n_el, size = _trained_elements(d, wt)
@@ -369,7 +393,7 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
     if cfg.device == "cuda":
         terms["cuda_context"] = CUDA_CONTEXT_BYTES
         terms["allocator_slack"] = int(ALLOCATOR_SLACK * phases[peak_phase])
-    return MemoryPlan(shape, cfg, terms, peak_phase, phases, details, start)
+    return MemoryPlan(shape, cfg, terms, peak_phase, phases, details, start, moe.resolve_targets(shape, cfg)[2])
 
 
 __all__ = ["ModelShape", "PRESETS", "PlanConfig", "MemoryPlan", "plan", "resolve_model", "shape_from_config",

@@ -1,0 +1,134 @@
+r"""The planner's mixture-of-experts terms: routed experts held apart expert by expert
+(`qdora.core.experts.QDoRAExperts`) and the router, beside the attention that `qdora.plan.memory` plans
+as for a dense layer (E experts, k of them per token, I an expert's intermediate size, R = T·k routed
+token-slots, the rest as in `qdora.plan.memory`):
+
+Resident, per MoE layer
+    experts          E × (gate_up `2I × H`, down `H × I`), each its own NF4 weight and quantization
+                     state for qlora/qdora (split and quantized even when not targeted); in the storage
+                     dtype otherwise (fused, as transformers holds them, when not targeted).
+    router           `mlp.gate (E, H)`, not a linear layer: frozen, in the storage dtype.
+    adapters         targets `experts`, `experts.gate_up_proj`, `experts.down_proj`: per expert and
+                     projection `A (r, in)`, `B (out, r)` (+ DoRA `m (out,)` and its fp32 norm buffer), as a
+                     linear of that shape; every expert's get gradients and optimizer states (an expert
+                     no token chose gets zeros: `QDoRAExperts`).
+
+Saved for the backward, per MoE layer (measured on CPU, `tests/test_plan_moe.py`)
+    router           its fp32 softmax `T·E·4`, the top-k indices `T·k·8` and, normalising the top-k
+                     weights, their copy and sums `T·(k + 1)·4`.
+    dispatch         each routed pair's token and slot (int64, `R·16`) and its gathered weight `R·e`.
+    expert MLPs      per routed pair: the gate_up output (kept whole by SiLU and the product, `2I·e`),
+                     `silu(gate)` (`I·e`), the down output (kept by the routing-weight product, `H·e`).
+    adapters         an adapted projection keeps its input (`R·in·e`, or with dropout its dropped copy
+                     and the mask), `a = x·Aᵀ` (`R·r·e`), and for DoRA fp32 g, n, m per expert that ran
+                     (min(E, R) of them); its output is kept anyway (above).
+
+In flight through one MoE layer's backward: the routing gradient scattered back to the tokens
+(`T·H·e`) and one expert's gradients (`n·(2H + 4I)·e`, n = its tokens, taken as the balanced load
+⌈R / min(E, R)⌉), beside the dense layer's residual gradients; the dequantized weight of one expert's
+projection (a frozen expert whole, as bitsandbytes does; an adapted one by row blocks). The router's
+load-balancing loss (`output_router_logits`, off in the presets' configs) is not counted. Not planned
+(an error says so): shared experts, MoE models with dense MLP layers, and FSDP over an MoE.
+"""
+
+from __future__ import annotations
+
+from qdora.models.shapes import ModelShape
+from qdora.plan.config import EXPERTS, LINEARS, PlanConfig
+
+DEFAULT_TARGETS = PlanConfig.__dataclass_fields__["target_modules"].default
+"""`qdora train`'s targets: their MLP part (up_proj, down_proj) names no layer of an all-MoE model."""
+
+
+def check(shape: ModelShape, cfg: PlanConfig) -> None:
+    """Raise, naming the value and the fix, where `shape` and `cfg` are outside what is planned."""
+    named = sorted((set(cfg.target_modules) | set(cfg.magnitude_only_modules)) & set(EXPERTS))
+    if named and not shape.moe and cfg.method != "full":
+        raise ValueError(f"target(s) {', '.join(named)}: {shape.name} has no experts (a dense model); drop them")
+    if not shape.moe:
+        return
+    if shape.shared_experts:
+        raise ValueError(f"{shape.name}: shared_experts={shape.shared_experts}; the planner models routed experts "
+                         "only (shared experts, as in Qwen2-MoE or DeepSeek, are not planned)")
+    if shape.dense_layers:
+        raise ValueError(f"{shape.name}: dense MLP layers {list(shape.dense_layers)} beside the MoE layers; the "
+                         "planner models MoE models whose every layer is routed")
+    if cfg.gpus > 1:
+        raise ValueError(f"gpus={cfg.gpus}: FSDP over an MoE ({shape.name}) is not planned; plan gpus=1")
+
+
+def resolve_targets(shape: ModelShape, cfg: PlanConfig) -> tuple[frozenset, frozenset, tuple[str, ...]]:
+    """`(direction, magnitude-only, notes)`: the adapted names of one decoder layer. On an MoE (no dense
+    MLP) the dense MLP names (gate_proj, up_proj, down_proj) name nothing: left out with a note when they
+    come from the default targets or `all` (as `add_adapters`' all-linear leaves the experts out), an
+    error when named explicitly (as `add_adapters` raises)."""
+    if cfg.method == "full":
+        return frozenset(), frozenset(), ()
+    targets, mag = set(cfg.target_modules), set(cfg.magnitude_only_modules)
+    notes: tuple[str, ...] = ()
+    mlp = sorted((targets | mag) - set(shape.linear_shapes()) - set(EXPERTS), key=LINEARS.index)
+    if shape.moe and mlp:
+        if tuple(cfg.target_modules) in (DEFAULT_TARGETS, LINEARS) and not mag & set(mlp):
+            kept = [t for t in cfg.target_modules if t not in mlp]
+            notes = (f"{', '.join(mlp)} name no layer of {shape.name} (its MLPs are {shape.num_experts} routed "
+                     f"experts, which a bare projection name does not name): planned for {','.join(kept)} "
+                     "with the experts frozen in NF4; add experts to adapt them",)
+            targets -= set(mlp)
+        else:
+            raise ValueError(f"target(s) {', '.join(mlp)} name no layer of {shape.name}: its MLPs are "
+                             f"{shape.num_experts} routed experts (target them as experts, experts.gate_up_proj "
+                             f"or experts.down_proj); drop {', '.join(mlp)}")
+    return frozenset(targets - mag), frozenset(mag), notes
+
+
+def saved(d, cfg: PlanConfig) -> int:
+    """Bytes autograd keeps for one MoE layer's router and experts (`d`: `qdora.plan.memory`'s sizes)."""
+    if not d.E:
+        return 0
+    e, T, R, E, k, h, i = d.e, d.T, d.R, d.E, d.k, d.h, d.ei
+    ran = min(E, R)
+    out = T * E * 4 + T * k * 8 + T * (k + 1) * 4          # router: softmax, top-k indices, normalisation
+    out += R * 16 + R * e                                    # dispatch: token, slot; gathered weights
+    out += R * (3 * i + h) * e                               # gate_up output, silu(gate), down output
+    for name, (o, n) in d.experts.items():
+        if name in d.direction:
+            out += R * n * (e + 1) if cfg.dropout > 0 else R * n * e
+            out += R * cfg.r * e
+        if cfg.use_dora and name in d.adapted:
+            out += ran * 3 * o * 4
+            if cfg.norm == "exact" and name in d.direction:
+                out += ran * o * cfg.r * 4
+    return out
+
+
+def in_flight(d) -> int:
+    """Gradients in flight through one MoE layer's experts, beyond the dense layer's residual."""
+    if not d.E:
+        return 0
+    n = -(-d.R // min(d.E, d.R))
+    return d.T * d.h * d.e + n * (2 * d.h + 4 * d.ei) * d.e
+
+
+def expert_details(shape: ModelShape, cfg: PlanConfig, d, nf4_bytes) -> dict[str, int]:
+    """The experts' share of the resident terms, whole model, as named lines of the report."""
+    if not d.E:
+        return {}
+    w = {"nf4": 0, "state": 0, "adapters": 0}
+    for name, (o, n) in d.experts.items():
+        if cfg.quantized:
+            packed, st = nf4_bytes(o, n, cfg.double_quant)
+            w["nf4"], w["state"] = w["nf4"] + packed, w["state"] + st
+        if name in d.adapted:
+            w["adapters"] += (cfg.r * (n + o) if name in d.direction else 0) * d.ab + (o * (d.ab + 4)
+                                                                                    if cfg.use_dora else 0)
+    n_all = d.E * d.L
+    where = f"{d.E} × {d.L} layers"
+    out = {f"experts ({where}): NF4 weights": n_all * w["nf4"],
+           f"experts ({where}): quantization state": n_all * w["state"]} if cfg.quantized else \
+        {f"experts ({where}): weights, {'trained' if d.full else 'frozen'}":
+         n_all * sum(o * n for o, n in d.experts.values()) * d.w}
+    out[f"router ({d.L} × {d.E} × {d.h}, frozen)" if not d.full else f"router ({d.L} × {d.E} × {d.h})"] = \
+        d.L * d.E * d.h * d.w
+    if w["adapters"]:
+        out[f"experts ({where}): adapters (+ DoRA norm buffers)"] = n_all * w["adapters"]
+    return out
