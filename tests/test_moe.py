@@ -324,3 +324,23 @@ def test_an_moe_adapter_on_a_dense_model_or_other_experts_is_refused_by_name(qwe
                                                                                             "num_experts": 4}))
     with pytest.raises(ValueError, match="MoE with 8 experts per layer; this model .* has 4 experts per MoE layer"):
         load_adapter(fewer, tmp_path / "moe")
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_trains_what_one_process_trains(qwen, tmp_path):
+    from test_fsdp import _assert_same_adapter, _assert_same_losses, _ok, torchrun
+
+    from qdora.train.loop import TrainConfig, read_metrics, train
+    records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:11]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    settings = dict(model=str(qwen), data=str(tmp_path / "data.json"), method="qdora", r=4, alpha=8, dropout=0.0,
+                    lr=5e-3, max_steps=4, batch_size=5, cutoff_len=320, save_every=2, warmup_steps=1,
+                    progress=False, target_modules=list(TARGETS))
+    train(TrainConfig(out=str(tmp_path / "single"), **settings))
+    _ok(torchrun({"runs": [{"config": {**settings, "out": str(tmp_path / "fsdp"), "fsdp": True}}]}, tmp_path))
+    _assert_same_losses(read_metrics(tmp_path / "fsdp"), read_metrics(tmp_path / "single"))
+    _assert_same_adapter(tmp_path / "fsdp" / "adapter", tmp_path / "single" / "adapter")
+    saved = load_file(tmp_path / "fsdp" / "adapter" / "adapter.safetensors")
+    moved = [k for k, v in saved.items() if ".experts." in k and k.endswith("lora_B") and v.abs().max() > 1e-4]
+    assert len(moved) > 8  # the experts' adapters trained (B starts at 0), on both projections
+
