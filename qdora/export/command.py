@@ -170,6 +170,7 @@ def merge(args) -> int:
     from qdora.core.safetensors_io import check_not_an_input, check_output_dir, parse_size  # heavy
     from qdora.models.adapter_io import adapter_config, load_adapter, read_adapter  # heavy
     from qdora.models.loading import check_model_path, load_model, resolve_checkpoint  # heavy
+    from qdora.models.moe import file_expert_count  # heavy: imports torch
 
     # Every check that needs no model first: the options, the output, the adapter, the model path,
     # and for GGUF the type, the architecture and the tokenizer.
@@ -189,8 +190,12 @@ def merge(args) -> int:
         raise ValueError(f"--adapter {adapter} is a full fine-tune (a whole model, no adapter): there is no low-rank "
                          "change to extract; serve the model itself, or merge it to --format nf4 or gguf")
     fmt, meta, modules = read_adapter(args.adapter)
+    if args.original and file_expert_count(modules) is not None:
+        raise ValueError("--original is not supported for an adapter on an MoE's experts; merge onto the NF4 "
+                         "weights it was trained against (leave out --original)")
     if args.format in LORA_FORMATS:
-        from qdora.export.lora import adapter_sides, check_ranks  # heavy
+        from qdora.export.lora import adapter_sides, check_experts, check_ranks  # heavy
+        check_experts(modules)
         check_ranks(adapter_sides(fmt, meta, modules), args.rank, args.energy, args.max_rank)
     check_model_path(args.model)
     base_path = resolve_checkpoint(args.model)

@@ -34,6 +34,7 @@ from qdora.export.drift import adapter_effect, adapters_disabled, compare, token
 from qdora.export.merge import merged_weight
 from qdora.models.adapter_save import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, adapter_layers, peft_lora_config
 from qdora.models.loading import load_model
+from qdora.models.moe import file_expert_count
 
 VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM's `--max-lora-rank` takes; an adapter's ranks must not exceed it. vLLM reads `r`
@@ -122,12 +123,21 @@ def check_ranks(sides: dict[str, int], rank: int | None, energy: float | None, m
 
 
 @torch.no_grad()
+def check_experts(names) -> None:
+    """Refuse an adapter on an MoE's experts (module names `...experts.<projection>.<e>`): a served LoRA
+    has one rank per module, and vLLM and llama.cpp do not load per-expert LoRA from these files."""
+    if file_expert_count(names) is not None:
+        raise ValueError("this adapter adapts an MoE's experts: LoRA extraction writes per-module LoRA that "
+                         "servers do not load for experts; merge it instead (--format safetensors or nf4)")
+
+
 def extract_lora(model: nn.Module, rank: int | None = None, energy: float | None = None,
                  max_rank: int | None = None, oversample: int = 16, niter: int = 4, exact: bool | None = None,
                  progress: bool = False) -> LoraExtraction:
     """The model's adapters as a LoRA of rank `rank` (or per layer by `energy`, capped by
     `max_rank`, default 64): see the module docstring."""
     layers = adapter_layers(model)
+    check_experts(layers)
     cfg = getattr(model, "qdora_config", None)
     if cfg is not None and cfg.method == "full":
         raise ValueError("a full fine-tune has no adapter to extract a LoRA from; merge it instead")

@@ -89,7 +89,7 @@ def saved(d, cfg: PlanConfig) -> int:
     ran = min(E, R)
     out = T * E * 4 + T * k * 8 + T * (k + 1) * 4          # router: softmax, top-k indices, normalisation
     out += R * 16 + R * e                                    # dispatch: token, slot; gathered weights
-    out += R * (3 * i + h) * e                               # gate_up output, silu(gate), down output
+    out += R * (3 * i + 2 * h) * e                           # gate_up output, silu(gate), down output, weighted
     for name, (o, n) in d.experts.items():
         if name in d.direction:
             out += R * n * (e + 1) if cfg.dropout > 0 else R * n * e
