@@ -81,11 +81,11 @@ def logits(model):
 
 # ---- the layer against an fp64 oracle ------------------------------------------------------------------------
 
-def nf4_experts(E=6, H=64, I=32, method="qdora", norm="detached", seed=0):
+def nf4_experts(E=6, H=64, inter=64, method="qdora", norm="detached", seed=0):
     gen = torch.Generator().manual_seed(seed)
     gate_up, down = [], []
     for _ in range(E):
-        for out, inp, where in ((2 * I, H, gate_up), (H, I, down)):
+        for out, inp, where in ((2 * inter, H, gate_up), (H, inter, down)):
             base = linear4bit_from_weight(torch.randn(out, inp, generator=gen) / inp ** 0.5, None, 64, True)
             where.append(QDoRALinear(base, r=4, alpha=8, use_dora=method == "qdora", norm=norm)
                          if method else base)
@@ -344,3 +344,53 @@ def test_fsdp_on_two_processes_trains_what_one_process_trains(qwen, tmp_path):
     moved = [k for k, v in saved.items() if ".experts." in k and k.endswith("lora_B") and v.abs().max() > 1e-4]
     assert len(moved) > 8  # the experts' adapters trained (B starts at 0), on both projections
 
+
+
+def test_gpt_oss_and_a_custom_forward_are_refused_by_class_name(qwen):
+    config = transformers.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                       num_experts_per_tok=2, layer_types=["full_attention"])
+    with pytest.raises(ValueError, match=r"^experts layout not handled: model.layers.0.mlp.experts \(GptOssExperts: "
+                                         r"is_transposed=True\)"):
+        add_adapters(transformers.GptOssForCausalLM(config), AdapterConfig(r=4, target_modules=("q_proj",)),
+                     verbose=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(qwen, dtype=torch.float32)
+    experts = model.model.layers[0].mlp.experts
+
+    class ScaledExperts(type(experts)):
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return 2 * super().forward(hidden_states, top_k_index, top_k_weights)
+    experts.__class__ = ScaledExperts
+    with pytest.raises(ValueError, match=r"ScaledExperts: its own forward, not transformers' experts loop"):
+        add_adapters(model, AdapterConfig(r=4, target_modules=TARGETS), verbose=False)
+
+
+def test_merge_through_the_command_line_and_what_it_refuses_for_experts(qwen, tmp_path, capsys):
+    from qdora.cli import main
+    model, _ = adapted(qwen)
+    save_adapter(model, tmp_path / "adapter")
+    argv = ["merge", "--model", str(qwen), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"),
+            "--dtype", "float32"]
+    assert main(argv) == 0
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert_close(logits(plain), logits(model), 1e-4, "qdora merge of an MoE adapter")
+    capsys.readouterr()
+    for extra, message in ((["--format", "lora", "--rank", "4"], "this adapter adapts an MoE's experts"),
+                           (["--original"], "--original is not supported for an adapter on an MoE's experts")):
+        assert main(argv[:5] + ["--out", str(tmp_path / "x")] + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "x").exists()
+
+
+def test_all_linear_with_experts_and_keep_full_precision(qwen):
+    model = transformers.AutoModelForCausalLM.from_pretrained(qwen, dtype=torch.float32)
+    add_adapters(model, AdapterConfig(r=4, target_modules=("all-linear", "experts.down_proj")), verbose=False)
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.o_proj, QDoRALinear) and not isinstance(model.lm_head, QDoRALinear)
+    assert isinstance(layer.mlp.experts.down_proj[7], QDoRALinear)
+    assert type(layer.mlp.experts.gate_up_proj[7]).__name__ == "Linear4bit"  # frozen, NF4
+    kept = transformers.AutoModelForCausalLM.from_pretrained(qwen, dtype=torch.float32)
+    add_adapters(kept, AdapterConfig(r=4, target_modules=("experts.down_proj",),
+                                     keep_full_precision=("lm_head", "experts.gate_up_proj")), verbose=False)
+    assert type(kept.model.layers[0].mlp.experts.gate_up_proj[7]) is nn.Linear

@@ -59,7 +59,22 @@ def layout_problem(module: nn.Module) -> str | None:
         return "its own gating function (_apply_gate)"
     if not isinstance(getattr(module, "act_fn", None), nn.Module) and not callable(getattr(module, "act_fn", None)):
         return "no act_fn"
+    if not _standard_forward(type(module)):
+        return "its own forward, not transformers' experts loop"
     return None
+
+
+def _standard_forward(cls: type) -> bool:
+    """Whether `cls.forward` is transformers' experts loop (`QDoRAExperts.forward` computes what it does):
+    the same bytecode as Qwen3-MoE's, which 57 of transformers 5.25's experts classes share (Qwen2/3/3.5-MoE,
+    OLMoE, Mixtral, DeepSeek-V2/V3, Gemma 4, GLM-4-MoE, ...)."""
+    try:
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts  # heavy, used here only
+    except ImportError:  # no reference to compare with: the layout checks above decide
+        return True
+    mine = getattr(cls.forward, "__wrapped__", cls.forward).__code__
+    ref = getattr(Qwen3MoeExperts.forward, "__wrapped__", Qwen3MoeExperts.forward).__code__
+    return (mine.co_code, mine.co_names, mine.co_consts) == (ref.co_code, ref.co_names, ref.co_consts)
 
 
 def fused_experts(model: nn.Module) -> dict[str, nn.Module]:

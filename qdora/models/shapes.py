@@ -39,6 +39,8 @@ class ModelShape:
     `mlp_only_layers`, `decoder_sparse_step`); the others are MoE layers."""
     shared_experts: int = 0
     """Shared (always-on) experts per MoE layer (Qwen2-MoE, DeepSeek); 0 for the presets."""
+    norm_topk: bool = True
+    """The top-k routing weights are renormalised to sum to 1 (`norm_topk_prob`; Mixtral always)."""
 
     @property
     def hd(self) -> int:
@@ -97,7 +99,7 @@ PRESETS = {
     "qwen3-30b-a3b": ModelShape("Qwen3-30B-A3B", 2048, 6144, 48, 32, 4, 151936, False, head_dim=128,
                                 qk_norm="head", num_experts=128, experts_per_token=8, moe_intermediate=768),
     "olmoe-1b-7b": ModelShape("OLMoE-1B-7B", 2048, 1024, 16, 16, 16, 50304, False, qk_norm="full",
-                              num_experts=64, experts_per_token=8, moe_intermediate=1024),
+                              num_experts=64, experts_per_token=8, moe_intermediate=1024, norm_topk=False),
     "mixtral-8x7b": ModelShape("Mixtral-8x7B", 4096, 14336, 32, 32, 8, 32000, False, num_experts=8,
                                experts_per_token=2, moe_intermediate=14336),
 }
@@ -127,7 +129,8 @@ def shape_from_config(config, name: str = "model") -> ModelShape:
         shared = int(get("n_shared_experts") or (1 if get("shared_expert_intermediate_size") else 0))
         moe = dict(num_experts=experts, experts_per_token=int(get("num_experts_per_tok") or 0),
                    moe_intermediate=int(get("moe_intermediate_size") or get("intermediate_size")),
-                   dense_layers=tuple(i for i in range(layers) if i in only or (i + 1) % step), shared_experts=shared)
+                   dense_layers=tuple(i for i in range(layers) if i in only or (i + 1) % step), shared_experts=shared,
+                   norm_topk=bool(get("norm_topk_prob", True)))
     return ModelShape(name=name, hidden=int(get("hidden_size")), intermediate=int(get("intermediate_size")),
                       layers=layers, heads=heads, kv_heads=int(get("num_key_value_heads") or heads),
                       vocab=int(get("vocab_size")), tied_embeddings=bool(get("tie_word_embeddings", False)),

@@ -306,7 +306,7 @@ def _activations(d: _Dims, shape: ModelShape, cfg: PlanConfig) -> tuple[int, int
     layer_saved = (2 * norm_saved + attn_saved + mlp_saved
                    + keeps_input(("q_proj", "k_proj", "v_proj"), h) + keeps_input(("o_proj",), q)
                    + keeps_input(("gate_proj", "up_proj"), h) + keeps_input(("down_proj",), i)
-                   + sum(adapter_saved(n) for n in d.lin) + moe.saved(d, cfg))
+                   + sum(adapter_saved(n) for n in d.lin) + moe.saved(d, shape, cfg))
     shared = 2 * d.s * shape.hd * e                                     # rotary cos, sin
     head_saved = T * h * 4 + T * 4 + (2 * T * h * e if d.full else 0)   # final norm (+ lm_head input)
     lsm = T * d.V * 4

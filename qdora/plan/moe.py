@@ -14,11 +14,12 @@ Resident, per MoE layer
                      no token chose gets zeros: `QDoRAExperts`).
 
 Saved for the backward, per MoE layer (measured on CPU, `tests/test_plan_moe.py`)
-    router           its fp32 softmax `T·E·4`, the top-k indices `T·k·8` and, normalising the top-k
-                     weights, their copy and sums `T·(k + 1)·4`.
+    router           its fp32 softmax `T·E·4`, the top-k indices `T·k·8` and, renormalising the top-k
+                     weights (`ModelShape.norm_topk`), their copy and sums `T·(k + 1)·4`.
     dispatch         each routed pair's token and slot (int64, `R·16`) and its gathered weight `R·e`.
     expert MLPs      per routed pair: the gate_up output (kept whole by SiLU and the product, `2I·e`),
-                     `silu(gate)` (`I·e`), the down output (kept by the routing-weight product, `H·e`).
+                     `silu(gate)` (`I·e`), the down output (kept by the routing-weight product, `H·e`)
+                     and that product (kept by `index_add_`, `H·e`).
     adapters         an adapted projection keeps its input (`R·in·e`, or with dropout its dropped copy
                      and the mask), `a = x·Aᵀ` (`R·r·e`), and for DoRA fp32 g, n, m per expert that ran
                      (min(E, R) of them); its output is kept anyway (above).
@@ -81,13 +82,13 @@ def resolve_targets(shape: ModelShape, cfg: PlanConfig) -> tuple[frozenset, froz
     return frozenset(targets - mag), frozenset(mag), notes
 
 
-def saved(d, cfg: PlanConfig) -> int:
+def saved(d, shape: ModelShape, cfg: PlanConfig) -> int:
     """Bytes autograd keeps for one MoE layer's router and experts (`d`: `qdora.plan.memory`'s sizes)."""
     if not d.E:
         return 0
     e, T, R, E, k, h, i = d.e, d.T, d.R, d.E, d.k, d.h, d.ei
     ran = min(E, R)
-    out = T * E * 4 + T * k * 8 + T * (k + 1) * 4          # router: softmax, top-k indices, normalisation
+    out = T * E * 4 + T * k * 8 + (T * (k + 1) * 4 if shape.norm_topk else 0)  # router: softmax, top-k, norm
     out += R * 16 + R * e                                    # dispatch: token, slot; gathered weights
     out += R * (3 * i + 2 * h) * e                           # gate_up output, silu(gate), down output, weighted
     for name, (o, n) in d.experts.items():
