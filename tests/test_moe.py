@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qdora import AdapterConfig, QDoRALinear, add_adapters, load_adapter, load_model, merge_and_save, save_adapter
-from qdora.core.experts import QDoRAExperts
+from qdora.core.experts import AdaptedRouter, QDoRAExperts
 from qdora.core.nf4 import RowBlocks, linear4bit_from_weight
 from qdora.data.examples import DEMO_DATA
 
@@ -31,7 +31,7 @@ ARCHITECTURES = {
     "olmoe": ("OlmoeConfig", dict(intermediate_size=64, num_experts=8, num_experts_per_tok=2)),
     "mixtral": ("MixtralConfig", dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)),
 }
-TARGETS = ("q_proj", "v_proj", "experts")
+TARGETS = ("q_proj", "v_proj", "experts", "gate")  # "gate": the router (mlp.gate), not an nn.Linear
 IDS = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(9))
 
 
@@ -181,9 +181,11 @@ def test_step0_is_the_unadapted_nf4_model_and_routes_the_same(checkpoint):
     model, _ = load_model(path, cfg=AdapterConfig(r=4, alpha=8, dropout=0.0, target_modules=TARGETS), progress=False)
     experts = [m for m in model.modules() if isinstance(m, QDoRAExperts)]
     assert len(experts) == 2 and all(isinstance(m.gate_up_proj[0], QDoRALinear) for m in experts)
+    assert all(isinstance(m.adapter, QDoRALinear) for m in model.modules() if isinstance(m, AdaptedRouter))
+    assert sum(isinstance(m, AdaptedRouter) for m in model.modules()) == 2
     assert all(isinstance(m, QDoRAExperts) and not isinstance(m.down_proj[0], QDoRALinear)
                for n, m in nf4.named_modules() if n.endswith("mlp.experts"))
-    assert_close(logits(model.eval()), logits(nf4.eval()), 1e-5, f"{name} step 0")
+    assert torch.equal(logits(model.eval()), logits(nf4.eval())), f"{name} step 0"  # m / n is exactly 1
     for a, b in zip(router_choices(model), router_choices(nf4)):
         assert torch.equal(a, b)
 
@@ -231,11 +233,14 @@ def test_adapter_files_ours_and_peft(checkpoint, tmp_path):
     load_adapter(fresh, tmp_path / "dora", verbose=False)
     assert_close(logits(fresh.eval()), logits(model), 1e-6, f"{name} qdora file")
     with pytest.raises(ValueError, match="PEFT cannot express DoRA on an MoE's experts"):
-        save_adapter(model, tmp_path / "peft-dora", format="peft")
+        save_adapter(adapted(path, targets=TARGETS[:-1])[0], tmp_path / "peft-dora", format="peft")
     model.save_pretrained(tmp_path / "auto")  # falls back to ours for DoRA on experts
     assert (tmp_path / "auto" / "qdora_adapter.json").is_file()
 
     lora, _ = adapted(path, method="lora")
+    with pytest.raises(ValueError, match=r"PEFT cannot express an adapter on an MoE router \(model.layers.0.mlp.gate"):
+        save_adapter(lora, tmp_path / "peft", format="peft")
+    lora, _ = adapted(path, method="lora", targets=TARGETS[:-1])
     save_adapter(lora, tmp_path / "peft", format="peft")
     saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert saved["target_parameters"] == ["experts.gate_up_proj", "experts.down_proj"]

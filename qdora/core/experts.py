@@ -96,3 +96,39 @@ class QDoRAExperts(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}"
                 + (f", from {self.source}" if self.source else ""))
+
+
+class AdaptedRouter(nn.Module):
+    """An MoE router whose logits' weight `(E × H)` carries an adapter.
+
+    transformers 5's routers are not linear layers: a module with a `weight` parameter whose forward
+    computes `F.linear(x, weight)` and then the model's own top-k rule (softmax, normalisation,
+    bias corrections). `adapter` is a `QDoRALinear` over an `nn.Linear` sharing that weight; the
+    forward builds the adapted weight `W' = (m / ||W0 + s·B·A||) ⊙ (W0 + s·B·A)` (LoRA: `W0 + s·B·A`),
+    at `E × H` small enough to form whole, and runs the router's own forward with it
+    (`torch.func.functional_call`), so every routing rule is kept as the model wrote it. The adapter's
+    dropout does not apply here (the weight is formed, not applied to a dropped-out input).
+    """
+
+    def __init__(self, router: nn.Module, adapter: nn.Module):
+        super().__init__()
+        self.router = router
+        self.adapter = adapter
+
+    def effective_weight(self) -> torch.Tensor:
+        """`W'` in the router weight's dtype, differentiable in the adapter's tensors."""
+        adapter = self.adapter
+        weight = adapter.base_layer.weight
+        V = weight.float()
+        A, B = adapter.direction_factors()
+        if A is not None:
+            V = V + adapter.scaling * (B.float() @ A.float())
+        if adapter.use_dora:
+            # rowsum(V²) as the layer's base_row_sq_norm was computed: at step 0 (B = 0) m / n is exactly 1
+            n = V.pow(2).sum(1).sqrt()
+            n = n if adapter.norm == "exact" else n.detach()
+            V = V * (adapter.magnitude / n.clamp_min(adapter.eps))[:, None]
+        return V.to(weight.dtype)
+
+    def forward(self, *args, **kwargs):
+        return torch.func.functional_call(self.router, {"weight": self.effective_weight()}, args, kwargs)

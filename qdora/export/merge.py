@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qdora.core.experts import PROJECTIONS, QDoRAExperts
+from qdora.core.experts import PROJECTIONS, AdaptedRouter, QDoRAExperts
 from qdora.core.layer import QDoRALinear
 from qdora.core.nf4 import RowBlocks
 from qdora.core.safetensors_io import (
@@ -107,6 +107,16 @@ def _plan(model: nn.Module, dtype: torch.dtype, original: Callable[[str], torch.
                 layers = list(getattr(mod, proj))
                 add(f"{prefix}{proj}", (len(layers), layers[0].out_features, layers[0].in_features),
                     lambda layers=layers: torch.stack([_effective_weight(m, adapted).to(dtype) for m in layers]))
+            continue
+        if isinstance(mod, AdaptedRouter):  # the router's own tensors, its weight merged
+            skip_prefixes.append(prefix)
+            for key, t in [*mod.router.named_parameters(), *mod.router.named_buffers()]:
+                if key == "weight":
+                    add(f"{prefix}weight", t.shape, lambda m=mod.adapter: _effective_weight(m, adapted).to(dtype))
+                elif key not in mod.router._non_persistent_buffers_set:
+                    keep = dtype if t.is_floating_point() else t.dtype
+                    plan.append((TensorSpec(f"{prefix}{key}", tuple(t.shape), keep),
+                                 lambda t=t, d=keep: t.detach().to(d)))
             continue
         if isinstance(mod, QDoRALinear):
             skip_prefixes.append(prefix)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from qdora.core.config import AdapterConfig
+from qdora.core.experts import AdaptedRouter
 from qdora.core.layer import QDoRALinear
 from qdora.core.safetensors_io import save_file_atomic, write_text_atomic
 from qdora.models.moe import expert_owner, peft_expert_tensors
@@ -115,6 +116,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "qdora
     if mag_only:
         raise ValueError(f"PEFT cannot represent magnitude-only modules ({len(mag_only)}, e.g. {mag_only[0]}); "
                          "save with format='qdora'")
+    gates = [name for name in layers if isinstance(model.get_submodule(name.rpartition(".")[0]), AdaptedRouter)]
+    if gates:
+        raise ValueError(f"PEFT cannot express an adapter on an MoE router ({gates[0].rpartition('.')[0]}: not a "
+                         "linear layer in transformers); save with format='qdora'")
     experts, target_parameters = peft_expert_tensors(layers, model, value)
     tensors.update({PEFT_PREFIX + key: t for key, t in experts.items()})
     plain = [name for name in layers if expert_owner(name, model) is None]
@@ -153,6 +158,8 @@ def peft_expressible(model: nn.Module) -> bool:
     """Whether PEFT's LoRA format can hold the model's adapters (no VeRA direction, no magnitude-only modules)."""
     layers, cfg = require_adapters(model)
     on_experts = any(expert_owner(name, model) is not None for name in layers)
+    if any(isinstance(model.get_submodule(name.rpartition(".")[0]), AdaptedRouter) for name in layers):
+        return False
     return cfg.direction == "lora" and all(layer.r > 0 for layer in layers.values()) \
         and not (on_experts and cfg.use_dora)
 

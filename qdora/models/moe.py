@@ -20,7 +20,7 @@ import re
 import torch
 from torch import nn
 
-from qdora.core.experts import PROJECTIONS, QDoRAExperts
+from qdora.core.experts import PROJECTIONS, AdaptedRouter, QDoRAExperts
 
 EXPERT_LINEAR = re.compile(r"^(?P<owner>.+)\.(?P<proj>gate_up_proj|down_proj)\.(?P<e>\d+)$")
 """The name of one expert's projection in a split model: `<experts module>.<projection>.<e>`."""
@@ -293,3 +293,30 @@ def file_expert_count(names) -> int | None:
     """The number of experts per MoE layer an adapter file's module names imply (None: no expert)."""
     found = [EXPERT_LINEAR.match(name) for name in names]
     return max((int(f["e"]) + 1 for f in found if f is not None), default=None)
+
+
+def routers(model: nn.Module) -> dict[str, nn.Module]:
+    """The routers of an MoE's layers, by name: beside each experts module, the module (not a linear
+    layer) with a `weight` of shape `(E, H)` (transformers 5's `...TopKRouter`, Gemma 4's `router`);
+    an already adapted one (`AdaptedRouter`) too."""
+    found = {}
+    for name, experts in {**fused_experts(model), **experts_of(model)}.items():
+        count = experts.num_experts if isinstance(experts, QDoRAExperts) else getattr(experts, PROJECTIONS[0]).shape[0]
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        for child_name, child in parent.named_children():
+            weight = getattr(child, "weight", None)
+            if isinstance(child, AdaptedRouter) or (
+                    not isinstance(child, nn.Linear) and isinstance(weight, nn.Parameter) and weight.dim() == 2
+                    and weight.shape[0] == count and child is not experts):
+                found[f"{parent_name}.{child_name}" if parent_name else child_name] = child
+    return found
+
+
+def router_linear(router: nn.Module) -> nn.Linear:
+    """An `nn.Linear` sharing `router`'s weight (what a `QDoRALinear` adapts)."""
+    out_f, in_f = router.weight.shape
+    with torch.device("meta"):
+        linear = nn.Linear(in_f, out_f, bias=False, dtype=router.weight.dtype)
+    linear.weight = router.weight
+    return linear

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from qdora.core.config import AdapterConfig, resolve_dtype
+from qdora.core.experts import AdaptedRouter
 from qdora.core.layer import QDoRALinear, VeRAProjections
 from qdora.core.nf4 import adopt_linear4bit, is_repacked, linear4bit_from_linear, repacked_message
 from qdora.models.adapter_save import route_save_pretrained
@@ -20,6 +21,8 @@ from qdora.models.moe import (
     experts_of,
     fused_experts,
     restore_experts,
+    router_linear,
+    routers,
     split_experts,
 )
 
@@ -122,6 +125,8 @@ class AdapterPlan:
     frozen: tuple[str, ...]
     linears: tuple[str, ...]
     """Every linear module (NF4 ones among them are checked and kept as they are)."""
+    routers: tuple[str, ...] = ()
+    """The MoE routers among `direction` and `magnitude_only` (`qdora.core.experts.AdaptedRouter`)."""
 
 
 def plan_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterPlan:
@@ -167,8 +172,14 @@ def _plan_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterPlan:
         problems.append(f"the model has NF4 layers (e.g. {quantized[0]}) but method={cfg.method!r} "
                         f"expects an unquantized base; use method='q{cfg.method}'")
     mag_only = [n for n in linears if any(targets(model, n, p) for p in cfg.magnitude_only_modules)]
-    direction = [n for n in linears if n not in mag_only and any(targets(model, n, p) for p in cfg.target_modules
-                                                                if p not in ALL_LINEAR)]
+    gates = routers(model)
+    mag_only += [n for n in gates if any(matches(n, p) for p in cfg.magnitude_only_modules)]
+    # routers among the linears in module order: a streamed start draws A in the order a whole one does
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())} if gates else {}
+    in_order = sorted([*linears, *gates], key=order.__getitem__) if gates else linears
+    direction = [n for n in in_order if n not in mag_only and any(
+        (matches if n in gates else lambda a, b: targets(model, a, b))(n, p) for p in cfg.target_modules
+        if p not in ALL_LINEAR)]
     if any(p in ALL_LINEAR for p in cfg.target_modules):  # every linear layer but the head, as PEFT's all-linear
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         chosen = set(direction)
@@ -177,7 +188,7 @@ def _plan_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterPlan:
     for pattern in (*cfg.target_modules, *cfg.magnitude_only_modules):
         if pattern in ALL_LINEAR:
             continue
-        if not any(targets(model, n, pattern) for n in linears):
+        if not any(targets(model, n, pattern) for n in linears) and not any(matches(n, pattern) for n in gates):
             other = next(((n, m) for n, m in model.named_modules() if n and matches(n, pattern)), None)
             problems.append(f"target {pattern!r} matches no linear module"
                             + (f" ({type(model).__name__}: {other[0]} is a {type(other[1]).__name__}, not an "
@@ -185,11 +196,15 @@ def _plan_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterPlan:
     if not direction and not mag_only and not problems:
         problems.append("no linear module matched")
     for name in direction if cfg.direction == "lora" else ():  # VeRA's shared rank may exceed a layer's
-        mod = model.get_submodule(name)
-        limit = min(mod.in_features, mod.out_features)
-        if cfg.r > limit:
-            problems.append(f"r={cfg.r} exceeds {name} ({mod.out_features}x{mod.in_features}); "
-                            f"use r <= {limit} or leave that module out")
+        out_f, in_f = gates[name].weight.shape if name in gates else (
+            model.get_submodule(name).out_features, model.get_submodule(name).in_features)
+        if cfg.r > min(in_f, out_f):
+            problems.append(f"r={cfg.r} exceeds {name} ({out_f}x{in_f}); "
+                            f"use r <= {min(in_f, out_f)} or leave that module out")
+    if cfg.direction == "vera" and any(n in gates for n in direction):
+        first = next(n for n in direction if n in gates)
+        problems.append(f"the VeRA direction is not supported on an MoE router ({first}); "
+                        "leave the routers out of target_modules")
     if problems:
         msg = "cannot add adapters:\n  - " + "\n  - ".join(problems)
         if any("matches no" in p or "no linear" in p for p in problems):
@@ -200,7 +215,8 @@ def _plan_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterPlan:
     kept = [n for n in linears if any(targets(model, n, p) for p in cfg.keep_full_precision)]
     frozen = [n for n in linears if n not in adapted and n not in kept]
     return AdapterPlan(cfg, tuple(direction), tuple(mag_only),
-                       tuple(frozen) if cfg.quantized and cfg.quantize_frozen else (), tuple(linears))
+                       tuple(frozen) if cfg.quantized and cfg.quantize_frozen else (), tuple(linears),
+                       tuple(n for n in direction + mag_only if n in gates))
 
 
 def apply_adapters(model: nn.Module, plan: AdapterPlan, within=None, vera: VeRAProjections | None = None) -> None:
@@ -221,14 +237,17 @@ def apply_adapters(model: nn.Module, plan: AdapterPlan, within=None, vera: VeRAP
         if not keep(name):
             continue
         base = model.get_submodule(name)
-        if cfg.quantized and not isinstance(base, bnb.nn.Linear4bit):
+        router = None
+        if name in plan.routers:  # an MoE router: full precision, its weight formed whole (AdaptedRouter)
+            router, base = base, router_linear(base)
+        elif cfg.quantized and not isinstance(base, bnb.nn.Linear4bit):
             base = linear4bit_from_linear(base, cfg.nf4_blocksize, cfg.double_quant, cfg.quant_storage)
         layer = QDoRALinear(base, r=0 if name in plan.magnitude_only else cfg.r, alpha=cfg.alpha,
                             dropout=cfg.dropout, use_dora=cfg.use_dora, norm=cfg.norm, use_rslora=cfg.use_rslora,
                             adapter_dtype=adapter_dtype, compute_dtype=compute,
                             block_rows=cfg.block_rows, eps=cfg.eps,
                             vera=vera if name in plan.direction else None, vera_d_init=cfg.vera_d_init)
-        _set_submodule(model, name, layer)
+        _set_submodule(model, name, layer if router is None else AdaptedRouter(router, layer))
     for name in plan.frozen:
         mod = model.get_submodule(name)
         if keep(name) and not isinstance(mod, bnb.nn.Linear4bit):

@@ -25,8 +25,8 @@ Saved for the backward, per MoE layer (measured on CPU, `tests/test_plan_moe.py`
                      (min(E, R) of them); its output is kept anyway (above).
 
 In flight through one MoE layer's backward: the routing gradient scattered back to the tokens
-(`T·H·e`) and one expert's gradients (`n·(2H + 4I)·e`, n = its tokens, taken as the balanced load
-⌈R / min(E, R)⌉), beside the dense layer's residual gradients; the dequantized weight of one expert's
+(`T·H·e`; an expert's own gradients replace the saved tensors its backward frees as they are made),
+beside the dense layer's residual gradients; the dequantized weight of one expert's
 projection (a frozen expert whole, as bitsandbytes does; an adapted one by row blocks). The router's
 load-balancing loss (`output_router_logits`, off in the presets' configs) is not counted. Not planned
 (an error says so): shared experts, MoE models with dense MLP layers, and FSDP over an MoE.
@@ -103,11 +103,10 @@ def saved(d, shape: ModelShape, cfg: PlanConfig) -> int:
 
 
 def in_flight(d) -> int:
-    """Gradients in flight through one MoE layer's experts, beyond the dense layer's residual."""
-    if not d.E:
-        return 0
-    n = -(-d.R // min(d.E, d.R))
-    return d.T * d.h * d.e + n * (2 * d.h + 4 * d.ei) * d.e
+    """Gradients in flight through one MoE layer's experts, beyond the dense layer's residual: the
+    routing gradient scattered back to the tokens (an expert's own gradients replace the tensors its
+    backward frees, as they are made)."""
+    return d.T * d.h * d.e if d.E else 0
 
 
 def expert_details(shape: ModelShape, cfg: PlanConfig, d, nf4_bytes) -> dict[str, int]:
@@ -122,14 +121,13 @@ def expert_details(shape: ModelShape, cfg: PlanConfig, d, nf4_bytes) -> dict[str
         if name in d.adapted:
             w["adapters"] += (cfg.r * (n + o) if name in d.direction else 0) * d.ab + (o * (d.ab + 4)
                                                                                     if cfg.use_dora else 0)
-    n_all = d.E * d.L
-    where = f"{d.E} × {d.L} layers"
-    out = {f"experts ({where}): NF4 weights": n_all * w["nf4"],
-           f"experts ({where}): quantization state": n_all * w["state"]} if cfg.quantized else \
-        {f"experts ({where}): weights, {'trained' if d.full else 'frozen'}":
-         n_all * sum(o * n for o, n in d.experts.values()) * d.w}
-    out[f"router ({d.L} × {d.E} × {d.h}, frozen)" if not d.full else f"router ({d.L} × {d.E} × {d.h})"] = \
-        d.L * d.E * d.h * d.w
+    n_all, where = d.E * d.L, f"experts: {d.E} × {d.L} layers"
+    if cfg.quantized:
+        out = {f"{where}, NF4 weights (packed)": n_all * w["nf4"], f"{where}, quantization state": n_all * w["state"]}
+    else:
+        weights = n_all * sum(o * n for o, n in d.experts.values()) * d.w
+        out = {f"{where}, {'trained' if d.full else 'frozen'} weights": weights}
+    out[f"router: {d.L} layers × {d.E} × {d.h}, {'trained' if d.full else 'frozen'}"] = d.L * d.E * d.h * d.w
     if w["adapters"]:
-        out[f"experts ({where}): adapters (+ DoRA norm buffers)"] = n_all * w["adapters"]
+        out[f"{where}, adapters (+ DoRA norm buffers)"] = n_all * w["adapters"]
     return out

@@ -18,9 +18,13 @@ def format_plan(p: MemoryPlan, cards=CARDS_GB) -> str:
     targets = "all weights" if c.method == "full" else ",".join(c.target_modules) + \
         (f" (+ magnitude only: {','.join(c.magnitude_only_modules)})" if c.magnitude_only_modules else "")
     sharding = ("s (FSDP, CPU offload)" if c.cpu_offload else "s (FSDP)") if c.fsdp else ""
+    layers = f"intermediate {m.intermediate}, {m.layers} layers"
+    if m.moe:
+        layers = (f"{m.layers} MoE layers of {m.num_experts} experts (intermediate {m.moe_intermediate}, "
+                  f"top-{m.experts_per_token} per token)")
     lines = [
-        f"{m.name}: {m.params() / 1e9:.2f}B parameters (hidden {m.hidden}, intermediate {m.intermediate}, "
-        f"{m.layers} layers, {m.heads} heads / {m.kv_heads} kv, vocab {m.vocab}"
+        f"{m.name}: {m.params() / 1e9:.2f}B parameters (hidden {m.hidden}, {layers}, "
+        f"{m.heads} heads / {m.kv_heads} kv, vocab {m.vocab}"
         f"{', tied embeddings' if m.tied_embeddings else ''})",
         f"{c.method}" + ("" if c.method == "full" else f" r={c.r} on {targets}, dropout {c.dropout}")
         + f"; batch {c.batch_size} x {c.seq_len} tokens"
@@ -28,6 +32,7 @@ def format_plan(p: MemoryPlan, cards=CARDS_GB) -> str:
         f"{'on' if c.gradient_checkpointing else 'off'}; {c.optimizer}; "
         f"{c.gpus} {'GPU' if c.device == 'cuda' else 'CPU process'}{sharding}; "
         f"{'bf16' if c.device == 'cuda' else 'fp32'} compute",
+        *(f"note: {n}" for n in p.notes),
         "",
         f"predicted peak per {'GPU' if c.device == 'cuda' else 'process'}, at the {p.peak_phase} phase:",
         "",
@@ -59,7 +64,7 @@ def format_plan(p: MemoryPlan, cards=CARDS_GB) -> str:
 def plan_to_dict(p: MemoryPlan) -> dict:
     return {"model": dataclasses.asdict(p.model), "config": dataclasses.asdict(p.config), "terms": p.terms,
             "total_bytes": p.total_bytes, "peak_phase": p.peak_phase, "phases": p.phases, "details": p.details,
-            "start_bytes": p.start_bytes, "start_total_bytes": p.start_total_bytes,
+            "start_bytes": p.start_bytes, "start_total_bytes": p.start_total_bytes, "notes": list(p.notes),
             "fits": {str(gb): p.verdict(gb) for gb in CARDS_GB}}
 
 
