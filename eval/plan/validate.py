@@ -280,7 +280,8 @@ def table(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|---:|---:|---:|"]
     for r in rows:
         targets = "all" if len(r["targets"]) == 7 else "qkv,up,down" if r["targets"] == [
-            "q_proj", "k_proj", "v_proj", "up_proj", "down_proj"] else ",".join(r["targets"])
+            "q_proj", "k_proj", "v_proj", "up_proj", "down_proj"] else ",".join(r["targets"]).replace(
+            "experts.gate_up_proj,experts.down_proj", "experts")
         out.append(f"| {r['model']} | {r['method']} | {r['r'] if r['method'] != 'full' else '-'} | "
                    f"{targets if r['method'] != 'full' else '-'} | {r['dropout'] if r['method'] != 'full' else '-'} | "
                    f"{r['batch_size']} × {r['seq_len']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
