@@ -97,7 +97,8 @@ def _add_plan(sub) -> None:
                                    "qdora/plan/memory.py for the model of each term.")
     p.add_argument("--model", required=True,
                    help="a preset (Llama-2-7B, Llama-2-13B, Llama-2-70B, LLaMA-65B, Llama-3-8B, Llama-3-70B, "
-                        "SmolLM2-135M) or a checkpoint folder with a config.json")
+                        "SmolLM2-135M; MoE: Qwen3-30B-A3B, OLMoE-1B-7B, Mixtral-8x7B) or a checkpoint folder "
+                        "with a config.json")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_options(p, PlanConfig)
     p.set_defaults(func=_plan)

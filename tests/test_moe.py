@@ -313,7 +313,8 @@ def test_an_expert_target_that_matches_nothing_lists_experts_and_linears(qwen):
         add_adapters(model, AdapterConfig(method="dora", r=4, target_modules=("q_proj", "experts.up_proj")),
                      verbose=False)
     # A bare projection name targets linear layers only: not every expert of an MoE.
-    with pytest.raises(ValueError, match="'down_proj' matches no linear module"):
+    with pytest.raises(ValueError, match=r"'down_proj' matches no linear module \(Qwen3MoeForCausalLM's MLPs are "
+                                         r"experts: target them as 'experts', 'experts.gate_up_proj' or "):
         add_adapters(model, AdapterConfig(method="dora", r=4, target_modules=("down_proj",)), verbose=False)
 
 

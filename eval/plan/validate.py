@@ -162,6 +162,7 @@ MOE = [
     Case("tiny-qwen3-moe", _p("qlora", r=8, b=2, s=64, ckpt=False, target_modules="q_proj,k_proj,v_proj")),
     Case("tiny-olmoe", _p("qdora", r=8, b=1, s=128, ckpt=False, target_modules="q_proj,v_proj,experts.down_proj")),
     Case("tiny-mixtral", _p("qlora", r=8, b=2, s=64, ckpt=False, dropout=0.0, target_modules=_MOE_TARGETS)),
+    Case("tiny-qwen3-moe", _p("qdora", r=8, b=2, s=64, ckpt=False, target_modules="q_proj,v_proj,gate,experts")),
 ]
 SMOLLM2 = [
     Case("smollm2", _p("qdora", r=16, b=2, s=256)),

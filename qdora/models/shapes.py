@@ -121,7 +121,7 @@ def shape_from_config(config, name: str = "model") -> ModelShape:
     if missing:
         raise ValueError(f"{name}: config lacks {', '.join(missing)}; a Llama-architecture config is expected")
     heads, layers = int(get("num_attention_heads")), int(get("num_hidden_layers"))
-    experts = int(get("num_experts") or get("num_local_experts") or 0)
+    experts = int(get("num_experts") or get("num_local_experts") or get("n_routed_experts") or 0)
     moe = {}
     if experts:
         step = int(get("decoder_sparse_step") or 1)

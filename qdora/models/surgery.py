@@ -40,6 +40,10 @@ ALL_LINEAR = ("all", "all-linear")
 MoE are not linear layers there, so they are added by name (`("all-linear", "experts")`)."""
 
 
+_MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "w1", "w2", "w3")
+"""Dense MLP projection names: on an MoE whose every MLP is experts they name nothing (said so)."""
+
+
 def targets(model: nn.Module, name: str, pattern: str) -> bool:
     """Whether `pattern` (a target, magnitude-only or keep-full-precision pattern) names linear module
     `name`; an expert projection is named through its experts module (`qdora.models.moe`)."""
@@ -190,6 +194,10 @@ def _plan_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterPlan:
             continue
         if not any(targets(model, n, pattern) for n in linears) and not any(matches(n, pattern) for n in gates):
             other = next(((n, m) for n, m in model.named_modules() if n and matches(n, pattern)), None)
+            if pattern in _MLP_NAMES and (experts_of(model) or fused_experts(model)):
+                problems.append(f"target {pattern!r} matches no linear module ({type(model).__name__}'s MLPs are "
+                                "experts: target them as 'experts', 'experts.gate_up_proj' or 'experts.down_proj')")
+                continue
             problems.append(f"target {pattern!r} matches no linear module"
                             + (f" ({type(model).__name__}: {other[0]} is a {type(other[1]).__name__}, not an "
                                "nn.Linear; qdora adapts nn.Linear layers)" if other else ""))

@@ -1,5 +1,6 @@
 """The memory planner (`qdora plan`): the peak GPU memory of a training step, term by term.
 
-Owns the plan's settings and result (`config`), the model of each term (`memory`) and the report
-(`report`). It may import every wing below it; it reads `qdora.models.shapes` and `qdora.core.config`.
+Owns the plan's settings and result (`config`), the model of each term (`memory`; a mixture of
+experts' own terms in `moe`) and the report (`report`). It may import every wing below it; it reads
+`qdora.models.shapes` and `qdora.core.config`.
 """

@@ -34,6 +34,8 @@ products) are counted where the fused layer has one, an over-estimate of O(r · 
 EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
 """An MoE's expert projections as targets (`qdora.models.moe`): each expert's own adapter. `experts`
 names both; a bare `gate_up_proj`/`down_proj` names linear layers only (the dense MLP), as in `add_adapters`."""
+ROUTER = "gate"
+"""An MoE's router `mlp.gate (E, H)` as a target (`qdora.core.experts.AdaptedRouter`)."""
 DEVICES = ("cuda", "cpu")
 
 
@@ -50,7 +52,8 @@ class PlanConfig:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
     """Decoder-layer linears with a direction adapter, comma-separated from q_proj, k_proj, v_proj,
     o_proj, gate_proj, up_proj, down_proj (fused: qkv_proj, gate_up_proj), or all; an MoE's experts:
-    experts, experts.gate_up_proj, experts.down_proj (`all` does not include them, as in add_adapters).
+    experts, experts.gate_up_proj, experts.down_proj (`all` does not include them, as in add_adapters);
+    its router: gate.
     On an MoE without dense MLP layers the default's up_proj, down_proj name nothing and are left out."""
     magnitude_only_modules: tuple[str, ...] = ()
     """Linears that train only the magnitude m (comma-separated)."""
@@ -104,9 +107,10 @@ class PlanConfig:
         for name in ("batch_size", "seq_len", "grad_accum", "gpus"):
             p.positive_int(name, getattr(self, name))
         if self.method != "full":
-            unknown = [t for t in (*self.target_modules, *self.magnitude_only_modules) if t not in LINEARS + EXPERTS]
+            unknown = [t for t in (*self.target_modules, *self.magnitude_only_modules)
+                       if t not in LINEARS + EXPERTS + (ROUTER,)]
             if unknown:  # the planner counts the linears of a decoder layer by name
-                names = ", ".join(LINEARS + tuple(FUSED) + ("experts",) + EXPERTS)
+                names = ", ".join(LINEARS + tuple(FUSED) + ("experts",) + EXPERTS + (ROUTER,))
                 p.add(f"unknown target module(s) {unknown}; use names from {names} or 'all'")
         try:  # the adapter's fields, with AdapterConfig's own checks and messages
             object.__setattr__(self, "adapter_dtype", self.adapter_config().adapter_dtype)

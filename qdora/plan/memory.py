@@ -75,6 +75,7 @@ from qdora.plan.config import (  # noqa: F401  (the setting and result, also fro
     FUSED,
     GIB,
     LINEARS,
+    ROUTER,
     TERM_LABELS,
     TERMS,
     MemoryPlan,
@@ -136,18 +137,15 @@ class _Dims:
     def adapted(self) -> frozenset:
         return self.direction | self.mag_only
 
-    @property
-    def R(self) -> int:
-        """Routed (token, expert) pairs per micro-batch."""
-        return self.T * self.k
-
     def units(self) -> list[tuple[str, int, int, int]]:
-        """`(name, out, in, how many)` of the weights of one decoder layer: its linears, its experts."""
-        return [(n, o, i, 1) for n, (o, i) in self.lin.items()] + [(n, o, i, self.E)
-                                                                   for n, (o, i) in self.experts.items()]
+        """`(name, out, in, how many)` of the weights of one decoder layer: linears, experts, router."""
+        return ([(n, o, i, 1) for n, (o, i) in self.lin.items()] + [(n, o, i, self.E) for n, (o, i) in
+                                                                    self.experts.items()]
+                + ([(ROUTER, self.E, self.h, 1)] if self.E else []))
 
 
-def _dims(shape: ModelShape, cfg: PlanConfig) -> _Dims:
+def dims(shape: ModelShape, cfg: PlanConfig) -> _Dims:
+    """The sizes every term of `shape` under `cfg` is written in."""
     direction, mag_only, _ = moe.resolve_targets(shape, cfg)
     return _Dims(e=cfg.compute_bytes, w=cfg.compute_bytes, ab=_DTYPE_BYTES[cfg.adapter_dtype], N=cfg.gpus,
                  T=cfg.batch_size * cfg.seq_len, s=cfg.seq_len, b=cfg.batch_size, h=shape.hidden,
@@ -182,7 +180,7 @@ def _weights(d: _Dims, shape: ModelShape, cfg: PlanConfig) -> _Weights:
     nf4 = qstate = base = adapters = buffers = 0
     trainable_layer = largest_trainable = 0
     for name, o, n, count in d.units():
-        if cfg.quantized:
+        if cfg.quantized and name != ROUTER:  # the router stays in the storage dtype
             packed, st = _nf4_bytes(o, n, cfg.double_quant)
             nf4 += count * packed
             qstate += count * st
@@ -196,7 +194,7 @@ def _weights(d: _Dims, shape: ModelShape, cfg: PlanConfig) -> _Weights:
             trainable_layer += count * (a_bytes + m_bytes)
             largest_trainable = max(largest_trainable,
                                     max(cfg.r * n, o * cfg.r) * d.ab if name in d.direction else o * d.ab)
-    base += (2 * d.h + shape.qk_norm_params() + d.E * d.h) * d.w  # RMSNorm weights (+ q/k norms, router)
+    base += (2 * d.h + shape.qk_norm_params()) * d.w  # the layer's RMSNorm weights (+ q/k norms)
     nf4_l, base_l, adapt_l = nf4, base, adapters
     embed = d.V * d.h * d.w
     head = 0 if shape.tied_embeddings else d.V * d.h * d.w
@@ -299,9 +297,8 @@ def _activations(d: _Dims, shape: ModelShape, cfg: PlanConfig) -> tuple[int, int
     attn_saved = T * (2 * q + 2 * kv) * e + d.b * shape.heads * d.s * 4
     if shape.qk_norm:  # fp32 inputs (on CPU, DoRA's kept q/k outputs themselves) and a 1/rms per row
         rows = T * (shape.heads + shape.kv_heads) if shape.qk_norm == "head" else 2 * T
-        shared_out = e == 4 and cfg.use_dora
         attn_saved += rows * 4 + sum(T * w * 4 for name, w in (("q_proj", q), ("k_proj", kv))
-                                     if not (shared_out and name in d.adapted))
+                                     if not (e == 4 and cfg.use_dora and name in d.adapted))
     mlp_saved = 3 * T * i * e
     layer_saved = (2 * norm_saved + attn_saved + mlp_saved
                    + keeps_input(("q_proj", "k_proj", "v_proj"), h) + keeps_input(("o_proj",), q)
@@ -333,7 +330,7 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
     shape = resolve_model(model) if isinstance(model, str) else model
     cfg = cfg or PlanConfig()
     moe.check(shape, cfg)
-    d = _dims(shape, cfg)
+    d = dims(shape, cfg)
     wt = _weights(d, shape, cfg)
     nf4, base, adapters = wt.nf4, wt.base, wt.adapters
     opt_states = _optimizer_states(d, wt, cfg)

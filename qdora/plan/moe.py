@@ -7,7 +7,8 @@ Resident, per MoE layer
     experts          E × (gate_up `2I × H`, down `H × I`), each its own NF4 weight and quantization
                      state for qlora/qdora (split and quantized even when not targeted); in the storage
                      dtype otherwise (fused, as transformers holds them, when not targeted).
-    router           `mlp.gate (E, H)`, not a linear layer: frozen, in the storage dtype.
+    router           `mlp.gate (E, H)`, not a linear layer: in the storage dtype; frozen, or with the
+                     target `gate` adapted as a linear of that shape (`qdora.core.experts.AdaptedRouter`).
     adapters         targets `experts`, `experts.gate_up_proj`, `experts.down_proj`: per expert and
                      projection `A (r, in)`, `B (out, r)` (+ DoRA `m (out,)` and its fp32 norm buffer), as a
                      linear of that shape; every expert's get gradients and optimizer states (an expert
@@ -22,7 +23,9 @@ Saved for the backward, per MoE layer (measured on CPU, `tests/test_plan_moe.py`
                      and that product (kept by `index_add_`, `H·e`).
     adapters         an adapted projection keeps its input (`R·in·e`, or with dropout its dropped copy
                      and the mask), `a = x·Aᵀ` (`R·r·e`), and for DoRA fp32 g, n, m per expert that ran
-                     (min(E, R) of them); its output is kept anyway (above).
+                     (min(E, R) of them); its output is kept anyway (above). An adapted router keeps
+                     its input `T·H·e` and the adapted weight `E·H·e` (DoRA: with the fp32 weight
+                     before scaling `E·H·4` and three E-vectors).
 
 In flight through one MoE layer's backward: the routing gradient scattered back to the tokens
 (`T·H·e`; an expert's own gradients replace the saved tensors its backward frees as they are made),
@@ -35,7 +38,7 @@ load-balancing loss (`output_router_logits`, off in the presets' configs) is not
 from __future__ import annotations
 
 from qdora.models.shapes import ModelShape
-from qdora.plan.config import EXPERTS, LINEARS, PlanConfig
+from qdora.plan.config import EXPERTS, LINEARS, ROUTER, PlanConfig
 
 DEFAULT_TARGETS = PlanConfig.__dataclass_fields__["target_modules"].default
 """`qdora train`'s targets: their MLP part (up_proj, down_proj) names no layer of an all-MoE model."""
@@ -43,11 +46,15 @@ DEFAULT_TARGETS = PlanConfig.__dataclass_fields__["target_modules"].default
 
 def check(shape: ModelShape, cfg: PlanConfig) -> None:
     """Raise, naming the value and the fix, where `shape` and `cfg` are outside what is planned."""
-    named = sorted((set(cfg.target_modules) | set(cfg.magnitude_only_modules)) & set(EXPERTS))
+    named = sorted((set(cfg.target_modules) | set(cfg.magnitude_only_modules)) & {*EXPERTS, ROUTER})
     if named and not shape.moe and cfg.method != "full":
         raise ValueError(f"target(s) {', '.join(named)}: {shape.name} has no experts (a dense model); drop them")
     if not shape.moe:
         return
+    if ROUTER in cfg.target_modules and ROUTER not in cfg.magnitude_only_modules and cfg.method != "full" \
+            and cfg.r > min(shape.num_experts, shape.hidden):
+        raise ValueError(f"r={cfg.r} exceeds the router gate ({shape.num_experts}x{shape.hidden}); use "
+                         f"r <= {min(shape.num_experts, shape.hidden)} or leave gate out")
     if shape.shared_experts:
         raise ValueError(f"{shape.name}: shared_experts={shape.shared_experts}; the planner models routed experts "
                          "only (shared experts, as in Qwen2-MoE or DeepSeek, are not planned)")
@@ -67,7 +74,7 @@ def resolve_targets(shape: ModelShape, cfg: PlanConfig) -> tuple[frozenset, froz
         return frozenset(), frozenset(), ()
     targets, mag = set(cfg.target_modules), set(cfg.magnitude_only_modules)
     notes: tuple[str, ...] = ()
-    mlp = sorted((targets | mag) - set(shape.linear_shapes()) - set(EXPERTS), key=LINEARS.index)
+    mlp = sorted((targets | mag) - set(shape.linear_shapes()) - {*EXPERTS, ROUTER}, key=LINEARS.index)
     if shape.moe and mlp:
         if tuple(cfg.target_modules) in (DEFAULT_TARGETS, LINEARS) and not mag & set(mlp):
             kept = [t for t in cfg.target_modules if t not in mlp]
@@ -86,7 +93,7 @@ def saved(d, shape: ModelShape, cfg: PlanConfig) -> int:
     """Bytes autograd keeps for one MoE layer's router and experts (`d`: `qdora.plan.memory`'s sizes)."""
     if not d.E:
         return 0
-    e, T, R, E, k, h, i = d.e, d.T, d.R, d.E, d.k, d.h, d.ei
+    e, T, R, E, k, h, i = d.e, d.T, d.T * d.k, d.E, d.k, d.h, d.ei
     ran = min(E, R)
     out = T * E * 4 + T * k * 8 + (T * (k + 1) * 4 if shape.norm_topk else 0)  # router: softmax, top-k, norm
     out += R * 16 + R * e                                    # dispatch: token, slot; gathered weights
@@ -99,6 +106,10 @@ def saved(d, shape: ModelShape, cfg: PlanConfig) -> int:
             out += ran * 3 * o * 4
             if cfg.norm == "exact" and name in d.direction:
                 out += ran * o * cfg.r * 4
+    if ROUTER in d.adapted:  # its input, the adapted weight; DoRA: the weight before scaling, 1/n, the scale
+        out += T * h * e + E * h * e
+        if cfg.use_dora:
+            out += (E * h * 4 if ROUTER in d.direction or e != 4 else 0) + 3 * E * 4
     return out
 
 
@@ -127,7 +138,8 @@ def expert_details(shape: ModelShape, cfg: PlanConfig, d, nf4_bytes) -> dict[str
     else:
         weights = n_all * sum(o * n for o, n in d.experts.values()) * d.w
         out = {f"{where}, {'trained' if d.full else 'frozen'} weights": weights}
-    out[f"router: {d.L} layers × {d.E} × {d.h}, {'trained' if d.full else 'frozen'}"] = d.L * d.E * d.h * d.w
+    kind = "trained" if d.full else "adapted" if ROUTER in d.adapted else "frozen"
+    out[f"router: {d.L} layers × {d.E} × {d.h}, {kind}"] = d.L * d.E * d.h * d.w
     if w["adapters"]:
         out[f"{where}, adapters (+ DoRA norm buffers)"] = n_all * w["adapters"]
     return out
