@@ -80,7 +80,8 @@ def resolve_targets(shape: ModelShape, cfg: PlanConfig) -> tuple[frozenset, froz
             kept = [t for t in cfg.target_modules if t not in mlp]
             notes = (f"{', '.join(mlp)} name no layer of {shape.name} (its MLPs are {shape.num_experts} routed "
                      f"experts, which a bare projection name does not name): planned for {','.join(kept)} "
-                     "with the experts frozen in NF4; add experts to adapt them",)
+                     "with the experts frozen in NF4; qdora train needs these targets named (--target-modules "
+                     f"{','.join(kept)}), or add experts to adapt them",)
             targets -= set(mlp)
         else:
             raise ValueError(f"target(s) {', '.join(mlp)} name no layer of {shape.name}: its MLPs are "
