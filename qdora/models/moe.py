@@ -132,13 +132,16 @@ def restore_experts(model: nn.Module, originals: dict[str, nn.Module]) -> None:
 def expert_owner(name: str, model: nn.Module) -> tuple[str, str] | None:
     """`(experts module name, projection)` when `name` is one expert's projection in a split model."""
     found = EXPERT_LINEAR.match(name)
-    if found is None:
+    if found is None or not isinstance(_submodule(model, found["owner"]), QDoRAExperts):
         return None
+    return found["owner"], found["proj"]
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
     try:
-        owner = model.get_submodule(found["owner"])
+        return model.get_submodule(name)
     except AttributeError:
         return None
-    return (found["owner"], found["proj"]) if isinstance(owner, QDoRAExperts) else None
 
 
 def names_expert(pattern: str) -> bool:
@@ -181,13 +184,8 @@ def expert_source(key: str, model: nn.Module) -> tuple[str, str, int | None, int
     experts module of `model`: `(experts module, projection, expert or None for the fused 3-D tensor,
     half of gate_up or None)`, or None when `key` is not an expert weight of `model`."""
     found = _SOURCE.match(key)
-    if found is None:
-        return None
-    try:
-        owner = model.get_submodule(found["owner"])
-    except AttributeError:
-        return None
-    if not (isinstance(owner, QDoRAExperts) or is_fused_experts(owner)):
+    owner = None if found is None else _submodule(model, found["owner"])
+    if owner is None or not (isinstance(owner, QDoRAExperts) or is_fused_experts(owner)):
         return None
     if found["fused"]:
         return found["owner"], found["fused"], None, None
