@@ -61,7 +61,8 @@ class TrainConfig:
     dropout: float = 0.05
     """Dropout on the adapter's input (0 disables it)."""
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
-    """Linear modules that get an adapter (comma-separated: exact name, dotted suffix or re:<regex>)."""
+    """Linear modules that get an adapter (comma-separated: exact name, dotted suffix or re:<regex>); on an
+    MoE, `experts` (or `experts.gate_up_proj`, `experts.down_proj`) and the router `gate` too."""
     magnitude_only_modules: tuple[str, ...] = ()
     """Linear modules that train only the magnitude m (comma-separated)."""
     norm: str = "detached"
