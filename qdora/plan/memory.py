@@ -57,7 +57,7 @@ every rank streams the checkpoint layer by layer (see `plan` for its terms; vali
 CUDA only: a CUDA context (a constant, `CUDA_CONTEXT_BYTES`) and allocator slack (a stated
 fraction of the tensor peak, `ALLOCATOR_SLACK`) are reported as their own lines. Queries and keys
 normalised per head or whole (Qwen3, OLMoE) keep their fp32 norm inputs. A mixture of experts
-(`ModelShape.num_experts`): its attention as above, its experts and router in `qdora.plan.moe`.
+(`ModelShape.num_experts`): its attention as above, its experts and router (FSDP too) in `qdora.plan.moe`.
 """
 
 from __future__ import annotations
@@ -233,25 +233,27 @@ def _fsdp_start(d: _Dims, wt: _Weights, cfg: PlanConfig) -> int:
     """The start (`qdora.train.fsdp.build_sharded`), on every rank: the quantization states and norm
     buffers (kept whole) of the layers read so far, plus this rank's shards of them (none on the
     device with CPU offload), plus the group being read, whole, and what reading it costs:
-    - a decoder layer: while its largest weight is quantized, the weight copied to the GPU (on a
-      CPU device it stays a view of the memory-mapped file) and the quantizer's tensors (measured:
+    - a decoder layer: while a weight is quantized (the costliest, last), the weight as read
+      (`moe.start_reads`: copied to the GPU; on a CPU device a view of the memory-mapped file, but an
+      MoE expert's gate_up joined from copied halves) and the quantizer's tensors (measured:
       ~10 bytes per element up to one chunk; beyond, the packed chunks and their concatenation,
       9/8 byte per element, plus ~7.25 bytes per element of one chunk); or, once complete, its
       checksum's temporary or its new shards;
-    - last, the root (embeddings, final norm, head): its checksum's temporary or new shards."""
-    n_max = max(o * n for o, n in d.lin.values())
+    - last, the root (embeddings, final norm, head): its checksum's temporary or new shards;
+    or, before any of it, an MoE's experts built whole for a moment on a CPU device (`moe.built_on_meta`)."""
+    reads = moe.start_reads(d, cfg)
+    n_max = max(n for n, _ in reads)
     layer_whole = wt.nf4_layer + wt.base_layer + wt.adapters_layer
     layer_shard = 0 if cfg.cpu_offload else -(-layer_whole // d.N)
     quantizing = 0
-    if cfg.quantized:
-        quantizer = 10 * n_max + n_max // 16 if n_max <= QUANT_CHUNK else 9 * n_max // 8 + 29 * QUANT_CHUNK // 4
-        read = n_max * d.w if cfg.device == "cuda" else 0
-        quantizing = layer_whole - (n_max + 1) // 2 + read + quantizer
+    if cfg.quantized:  # the layer without its adapters and DoRA norm buffers: made once it is read
+        quantizing = wt.nf4_layer + wt.base_layer - wt.buffers // d.L + max(read - (n + 1) // 2 + (
+            10 * n + n // 16 if n <= QUANT_CHUNK else 9 * n // 8 + 29 * QUANT_CHUNK // 4) for n, read in reads)
     layer_largest = (n_max + 1) // 2 if cfg.quantized else n_max * d.w
     layer_done = layer_whole + max(_checksum_bytes(layer_largest), -(-layer_whole // d.N))
     root_done = wt.root + max(_checksum_bytes(max(wt.embed, wt.head)), -(-wt.root // d.N))
-    return wt.qstate + wt.buffers + wt.rope + max((d.L - 1) * layer_shard + max(quantizing, layer_done),
-                                                  d.L * layer_shard + root_done)
+    return max(moe.built_on_meta(d, cfg), wt.qstate + wt.buffers + wt.rope + max(
+        (d.L - 1) * layer_shard + max(quantizing, layer_done), d.L * layer_shard + root_done))
 
 
 def _fsdp_buffers(d: _Dims, wt: _Weights, cfg: PlanConfig) -> dict[str, int]:
@@ -341,8 +343,8 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
         start = _fsdp_start(d, wt, cfg)
         nf4, base, adapters = -(-nf4 // d.N), -(-base // d.N), -(-adapters // d.N)
         grads_total, opt_states = -(-wt.trainable // d.N), -(-opt_states // d.N)
-        details = {**details, **_fsdp_buffers(d, wt, cfg)}
-        fsdp_buf = sum(details.values())
+        details.update(buffers := _fsdp_buffers(d, wt, cfg))
+        fsdp_buf = sum(buffers.values())  # (not the experts' lines: parts of the resident terms)
         if cfg.cpu_offload:
             details["cpu offload: sharded parameters, gradients, optimizer states in CPU memory"] = \
                 nf4 + base + adapters + grads_total + opt_states

@@ -32,7 +32,14 @@ In flight through one MoE layer's backward: the routing gradient scattered back 
 beside the dense layer's residual gradients; the dequantized weight of one expert's
 projection (a frozen expert whole, as bitsandbytes does; an adapted one by row blocks). The router's
 load-balancing loss (`output_router_logits`, off in the presets' configs) is not counted. Not planned
-(an error says so): shared experts, MoE models with dense MLP layers, and FSDP over an MoE.
+(an error says so): shared experts and MoE models with dense MLP layers.
+
+FSDP over N devices (`qdora.train.fsdp`) shards an MoE as a dense model: its unit is the whole decoder
+layer, so every expert's packed NF4 data, the router and every expert's adapters are sharded 1/N and
+gathered whole (all E experts, routed or not) for the layer's forward and backward, and every expert's
+adapters have a gradient to reduce-scatter (zeros for an expert no token chose); each expert's
+quantization state and DoRA norm buffer stay whole on every rank. The start reads each expert's
+projection and quantizes it alone (`start_reads`); activations are per rank, as on one device.
 """
 
 from __future__ import annotations
@@ -61,8 +68,6 @@ def check(shape: ModelShape, cfg: PlanConfig) -> None:
     if shape.dense_layers:
         raise ValueError(f"{shape.name}: dense MLP layers {list(shape.dense_layers)} beside the MoE layers; the "
                          "planner models MoE models whose every layer is routed")
-    if cfg.gpus > 1:
-        raise ValueError(f"gpus={cfg.gpus}: FSDP over an MoE ({shape.name}) is not planned; plan gpus=1")
 
 
 def resolve_targets(shape: ModelShape, cfg: PlanConfig) -> tuple[frozenset, frozenset, tuple[str, ...]]:
@@ -88,6 +93,30 @@ def resolve_targets(shape: ModelShape, cfg: PlanConfig) -> tuple[frozenset, froz
                              f"{shape.num_experts} routed experts (target them as experts, experts.gate_up_proj "
                              f"or experts.down_proj); drop {', '.join(mlp)}")
     return frozenset(targets - mag), frozenset(mag), notes
+
+
+def start_reads(d, cfg: PlanConfig) -> list[tuple[int, int]]:
+    """`(elements, bytes read)` of each weight the FSDP start reads in a decoder layer: a dense linear, or
+    an expert's projection, quantized alone (`qdora.models.loading.CheckpointModel.place_expert`). Bytes
+    read, in the storage dtype (the checkpoint's assumed the same): on CUDA the weight copied to the
+    device; on a CPU device a dense weight or an expert's down_proj stays a view of the mapped file,
+    but an expert's gate_up is built from its gate and up halves (one tensor each per expert, as
+    transformers 5 and the hub checkpoints store them), copied and joined in host memory: twice its size."""
+    cuda = cfg.device == "cuda"
+    out = [(o * n, o * n * d.w if cuda else 0) for o, n in d.lin.values()]
+    for name, (o, n) in d.experts.items():
+        out.append((o * n, o * n * d.w * (1 if cuda else 2 if name == "experts.gate_up_proj" else 0)))
+    return out
+
+
+def built_on_meta(d, cfg: PlanConfig) -> int:
+    """Bytes the FSDP start allocates on a CPU device before it reads anything: the model is built on
+    the meta device (accelerate's `init_empty_weights`), but each of an MoE's fused expert parameters
+    (the largest, gate_up `E × 2I × H`) is first made whole in host memory, in the config's dtype (taken
+    as the storage dtype: exact for an fp32 checkpoint, twice a bf16 one's), and moved to meta as it is
+    registered (measured: a CPU start's peak when the experts are many and small). On CUDA it is host
+    memory: 0."""
+    return d.E * 2 * d.ei * d.h * d.w if d.E and cfg.device == "cpu" else 0
 
 
 def saved(d, shape: ModelShape, cfg: PlanConfig) -> int:
@@ -122,25 +151,34 @@ def in_flight(d) -> int:
 
 
 def expert_details(shape: ModelShape, cfg: PlanConfig, d, nf4_bytes) -> dict[str, int]:
-    """The experts' share of the resident terms, whole model, as named lines of the report."""
+    """The experts' share of the resident terms, whole model, as named lines of the report. With FSDP
+    each line is one rank's: the sharded tensors (NF4 data, weights, router, adapters) 1/N, in CPU
+    memory with offload; the quantization state and DoRA's norm buffers whole."""
     if not d.E:
         return {}
-    w = {"nf4": 0, "state": 0, "adapters": 0}
+    w = {"nf4": 0, "state": 0, "adapters": 0, "buffers": 0}
     for name, (o, n) in d.experts.items():
         if cfg.quantized:
             packed, st = nf4_bytes(o, n, cfg.double_quant)
             w["nf4"], w["state"] = w["nf4"] + packed, w["state"] + st
         if name in d.adapted:
-            w["adapters"] += (cfg.r * (n + o) if name in d.direction else 0) * d.ab + (o * (d.ab + 4)
-                                                                                    if cfg.use_dora else 0)
+            w["adapters"] += ((cfg.r * (n + o) if name in d.direction else 0) + (o if cfg.use_dora else 0)) * d.ab
+            w["buffers"] += o * 4 if cfg.use_dora else 0
     n_all, where = d.E * d.L, f"experts: {d.E} × {d.L} layers"
+    shard = (lambda x: -(-x // d.N)) if cfg.fsdp else (lambda x: x)  # noqa: E731
+    part = "" if not cfg.fsdp else f", 1/{d.N} {'in CPU memory' if cfg.cpu_offload else 'per rank'}"
     if cfg.quantized:
-        out = {f"{where}, NF4 weights (packed)": n_all * w["nf4"], f"{where}, quantization state": n_all * w["state"]}
+        out = {f"{where}, NF4 weights (packed){part}": shard(n_all * w["nf4"]),
+               f"{where}, quantization state": n_all * w["state"]}
     else:
         weights = n_all * sum(o * n for o, n in d.experts.values()) * d.w
-        out = {f"{where}, {'trained' if d.full else 'frozen'} weights": weights}
+        out = {f"{where}, {'trained' if d.full else 'frozen'} weights{part}": shard(weights)}
     kind = "trained" if d.full else "adapted" if ROUTER in d.adapted else "frozen"
-    out[f"router: {d.L} layers × {d.E} × {d.h}, {kind}"] = d.L * d.E * d.h * d.w
-    if w["adapters"]:
-        out[f"{where}, adapters (+ DoRA norm buffers)"] = n_all * w["adapters"]
+    out[f"router: {d.L} layers × {d.E} × {d.h}, {kind}{part}"] = shard(d.L * d.E * d.h * d.w)
+    if w["adapters"] and cfg.fsdp:
+        out[f"{where}, adapters{part}"] = shard(n_all * w["adapters"])
+        if w["buffers"]:
+            out[f"{where}, DoRA norm buffers"] = n_all * w["buffers"]
+    elif w["adapters"]:
+        out[f"{where}, adapters (+ DoRA norm buffers)"] = n_all * (w["adapters"] + w["buffers"])
     return out
