@@ -28,6 +28,7 @@ import torch
 
 from qdora.core.nf4 import quantize_nf4
 from qdora.core.safetensors_io import write_text_atomic
+from qdora.eval.bench.layer import parse_shapes
 from qdora.kernels import ops, reference
 from qdora.options import Parser
 
@@ -182,15 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--json", help="also write the raw results to this file")
     args = p.parse_args(argv)
-    shapes = []
-    for item in args.shapes.split(","):
-        try:
-            i, o = (int(v) for v in item.lower().split("x"))
-        except ValueError:
-            p.error(f"bad shape {item!r}: write IN x OUT, e.g. 4096x14336")
-        if i <= 0 or o <= 0:
-            p.error(f"bad shape {item!r}: sizes must be positive")
-        shapes.append((i, o))
+    shapes = parse_shapes(p, args.shapes)
     if args.r < 1 or args.tokens < 1 or args.reps < 1:
         p.error(f"--r, --tokens and --reps must be >= 1 (got {args.r}, {args.tokens}, {args.reps})")
     device = torch.device(args.device)

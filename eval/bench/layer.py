@@ -154,6 +154,20 @@ def format_markdown(all_results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def parse_shapes(parser: argparse.ArgumentParser, text: str) -> list[tuple[int, int]]:
+    """`--shapes IN x OUT,...` as `(in, out)` pairs; a malformed or empty size ends with `parser.error`."""
+    shapes = []
+    for item in text.split(","):
+        try:
+            i, o = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            parser.error(f"bad shape {item!r}: write IN x OUT, e.g. 4096x14336")
+        if i <= 0 or o <= 0:
+            parser.error(f"bad shape {item!r}: sizes must be positive")
+        shapes.append((i, o))
+    return shapes
+
+
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="qdora bench layer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,13 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the (slow, profiled) memory step")
     p.add_argument("--json", help="also write the raw results to this file")
     args = p.parse_args(argv)
-    shapes = []
-    for item in args.shapes.split(","):
-        try:
-            i, o = (int(v) for v in item.lower().split("x"))
-        except ValueError:
-            p.error(f"bad shape {item!r}: write IN x OUT, e.g. 4096x14336")
-        shapes.append((i, o))
+    shapes = parse_shapes(p, args.shapes)
     if not args.no_peft:
         try:
             import peft  # noqa: F401

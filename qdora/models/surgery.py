@@ -144,7 +144,7 @@ def plan_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterPlan:
     if not isinstance(cfg, AdapterConfig):
         raise TypeError(f"cfg must be a qdora.AdapterConfig, got {type(cfg).__name__}")
     split = {}
-    if cfg.method != "full" and fused_experts(model) and not any(isinstance(m, QDoRALinear) for m in model.modules()):
+    if cfg.method != "full" and fused_experts(model):
         split = split_experts(model, lambda name: experts_needed(name, cfg))
     try:
         return _plan_adapters(model, cfg)
