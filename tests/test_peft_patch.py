@@ -155,6 +155,35 @@ def test_peft_merge_equals_the_patched_model():
         assert_close(merged(IDS).logits, patched, FP32_TOL, "merged")
 
 
+def test_peft_merge_of_zero_rows_is_finite_and_equals_the_patched_model():
+    """Rows with ||W0 row|| = 0 (real checkpoints have hundreds) get m = 0 from PEFT and keep it under
+    training, so PEFT's merge computes 0/0 there; a patched model merges them to 0, as its forward."""
+    base = base_model(quantized=False)
+    zeroed = {"model.layers.0.self_attn.o_proj": [0, 5, 17], "model.layers.1.mlp.down_proj": [3]}
+    with torch.no_grad():
+        for name, rows in zeroed.items():
+            base.get_submodule(name).weight[rows] = 0
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True,
+                                                      target_modules=TARGETS))
+    patch = patch_peft(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(IDS, labels=IDS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        patched = model(IDS).logits
+    assert torch.isfinite(patched).all()
+    merged = model.merge_and_unload()
+    for name, rows in zeroed.items():
+        weight = merged.get_submodule(name).weight
+        assert torch.isfinite(weight).all(), f"{name}: non-finite merged weights"
+        assert torch.equal(weight[rows], torch.zeros_like(weight[rows]))
+    with torch.no_grad():
+        assert_close(merged(IDS).logits, patched, FP32_TOL, "merged")
+
+
 def test_patched_layers_keep_the_exact_nf4_weights_through_eval_mode():
     # On AVX512-BF16 CPUs bitsandbytes repacks a Linear4bit at its first eval-mode forward; a patched
     # layer's base never is, so eval-mode outputs equal train-mode ones (dropout 0) before and after.

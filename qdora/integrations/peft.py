@@ -12,7 +12,8 @@ switching and every trainer built on PEFT work unchanged; nothing is added to th
 Semantics. With `lora_dropout=0` a patched layer computes PEFT's DoRA: `y = bias + (m/n)·(x·W0ᵀ +
 s·x·Aᵀ·Bᵀ)` with `n = ||W0 + s·B·A||` per row, detached in the backward as PEFT (and the DoRA paper,
 §4.3) detach it; outputs and gradients agree to fp32 rounding (tests/test_peft_patch.py). Rows with
-`n = 0` are guarded by `eps` (PEFT divides by zero there). With dropout `p > 0` PEFT runs a second
+`n = 0` are guarded by `eps` (PEFT divides by zero there); the patch bounds PEFT's own row norm
+(`get_weight_norm`) the same way, so `merge_and_unload()` writes such rows as 0, finite, not 0/0. With dropout `p > 0` PEFT runs a second
 base pass and computes `W0·x + (g−1)·W0·x_d + g·s·B·A·x_d` with `x_d = dropout(x)`, which equals
 `g·(W0·x + s·B·A·x_d)` only in expectation; a patched layer computes `g·(W0·x + s·B·A·x_d)`: dropout
 on the adapter's input only, no second base pass (as qdora's own layers do).
@@ -58,6 +59,8 @@ class PeftPatch:
         for layer in self._layers.values():
             layer.__dict__.pop("forward", None)
             layer.__dict__.pop("_qdora_patch", None)
+            for dora in layer.lora_magnitude_vector.values():
+                dora.__dict__.pop("get_weight_norm", None)
         count = len(self._layers)
         self._layers = {}
         if getattr(self.model, "_qdora_peft_patch", None) is self:
@@ -162,6 +165,14 @@ def _patched_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return y.to(x.dtype)
 
 
+def _guarded_norm(get_weight_norm, eps: float):
+    """PEFT's row norm bounded below by `eps`, as the patched forward bounds it: PEFT's merge (and its
+    own forward) then computes `m / max(n, eps)`, so a zero row (m = 0, n = 0) merges to 0, not 0/0."""
+    def guarded(*args, **kwargs) -> torch.Tensor:
+        return get_weight_norm(*args, **kwargs).clamp_min(eps)
+    return guarded
+
+
 def patch_peft(model: nn.Module, block_rows: int = 1024, eps: float = 1e-6) -> PeftPatch:
     """Make every PEFT DoRA layer of `model` (a `peft.PeftModel`, or any model holding PEFT LoRA
     layers) compute through qdora; see the module docstring for what changes and what does not.
@@ -202,6 +213,8 @@ def patch_peft(model: nn.Module, block_rows: int = 1024, eps: float = 1e-6) -> P
             base.support_avx512bf16_for_cpu = False  # qdora.core.nf4._keep_standard_layout
         layer._qdora_patch = _LayerState(layer.forward, block_rows, eps)
         layer.forward = types.MethodType(_patched_forward, layer)
+        for dora in layer.lora_magnitude_vector.values():
+            dora.get_weight_norm = _guarded_norm(dora.get_weight_norm, eps)
     if skipped:
         shown = "; ".join(f"{name}: {why}" for name, why in list(skipped.items())[:8])
         more = f"; ... ({len(skipped)} in all)" if len(skipped) > 8 else ""
