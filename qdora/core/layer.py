@@ -122,7 +122,7 @@ class QDoRALinear(nn.Module):
         else:
             self.register_buffer("base_row_sq_norm", None, persistent=False)
             self.register_parameter("magnitude_delta", None)
-        self._norm_cache: tuple[tuple, torch.Tensor] | None = None
+        self._norm_cache: tuple[tuple[torch.Tensor, ...], float, torch.Tensor] | None = None
 
     # ---- the magnitude -------------------------------------------------------------------
     @property
@@ -166,31 +166,49 @@ class QDoRALinear(nn.Module):
         B = self.vera.B[:self.out_features] * self.vera_lambda_b.float()[:, None]
         return A, B
 
-    def _cache_key(self) -> tuple:
+    def _norm_inputs(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor the row norm depends on besides the frozen base: the direction's factors
+        (LoRA's `A`, `B`, or VeRA's scaling vectors and shared projections)."""
         if self.vera is not None:
-            A, B = self.vera_lambda_d, self.vera_lambda_b
-        else:
-            A, B = self.lora_A, self.lora_B
-        if A is None:
-            return ()
-        return (A._version, B._version, A.data_ptr(), B.data_ptr(), A.device, self.scaling)
+            return (self.vera_lambda_d, self.vera_lambda_b, self.vera.A, self.vera.B)
+        return () if self.lora_A is None else (self.lora_A, self.lora_B)
+
+    def _cached_norm(self) -> torch.Tensor | None:
+        """The cached row norm, served only if the tensors it was computed from are equal, element
+        for element, to the current ones (and it can join this forward's autograd graph). Correct by
+        construction: no write to `A`/`B` can go unseen, whatever makes it (fused optimizers and
+        `.data` writes bump no version counter). Costs one read of `A` and `B`, O(r·(in + out)),
+        against the O(r·in·out) of recomputing `W0·Aᵀ`; on CUDA the comparison syncs with the host."""
+        if self._norm_cache is None:
+            return None
+        snapshot, scaling, norm = self._norm_cache
+        current = self._norm_inputs()
+        if scaling != self.scaling or len(current) != len(snapshot):
+            return None
+        if norm.is_inference() and not torch.is_inference_mode_enabled():
+            return None
+        for now, then in zip(current, snapshot):
+            if (now.device != then.device or now.dtype != then.dtype or now.shape != then.shape
+                    or not torch.equal(now.detach(), then)):
+                return None
+        return norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
         x_lora = self.lora_dropout(x) if self.has_direction else x
-        # In eval mode the row norm depends only on A, B: reuse it until either changes.
+        # In eval mode the row norm depends only on the direction's factors: reuse it while they are
+        # equal to those it was computed from (`_cached_norm`).
         use_cache = self.use_dora and not self.training and (self.norm == "detached" or not torch.is_grad_enabled())
-        cached = None
-        if use_cache and self._norm_cache is not None and self._norm_cache[0] == self._cache_key():
-            cached = self._norm_cache[1]
+        cached = self._cached_norm() if use_cache else None
         spec = LayerSpec(blocks=self._blocks, c=self.base_row_sq_norm, bias=self.base_layer.bias,
                          scaling=self.scaling, exact=self.norm == "exact", eps=self.eps,
                          compute_dtype=self._compute_dtype(x.device), cached_norm=cached)
         A, B = self.direction_factors()
         y = DoRAFunction.apply(x, x_lora, A, B, self.magnitude, spec)
         if use_cache and cached is None:
-            self._norm_cache = (self._cache_key(), spec.norm_out.detach())
+            snapshot = tuple(t.detach().clone() for t in self._norm_inputs())
+            self._norm_cache = (snapshot, self.scaling, spec.norm_out.detach())
         elif not use_cache:
             self._norm_cache = None
         return y
