@@ -13,10 +13,11 @@ Semantics. With `lora_dropout=0` a patched layer computes PEFT's DoRA: `y = bias
 s·x·Aᵀ·Bᵀ)` with `n = ||W0 + s·B·A||` per row, detached in the backward as PEFT (and the DoRA paper,
 §4.3) detach it; outputs and gradients agree to fp32 rounding (tests/test_peft_patch.py). Rows with
 `n = 0` are guarded by `eps` (PEFT divides by zero there); the patch bounds PEFT's own row norm
-(`get_weight_norm`) the same way, so `merge_and_unload()` writes such rows as 0, finite, not 0/0. With dropout `p > 0` PEFT runs a second
-base pass and computes `W0·x + (g−1)·W0·x_d + g·s·B·A·x_d` with `x_d = dropout(x)`, which equals
-`g·(W0·x + s·B·A·x_d)` only in expectation; a patched layer computes `g·(W0·x + s·B·A·x_d)`: dropout
-on the adapter's input only, no second base pass (as qdora's own layers do).
+(`get_weight_norm`) the same way, so `merge_and_unload()` writes such rows as 0, finite, not 0/0.
+With dropout `p > 0` PEFT runs a second base pass and computes `W0·x + (g−1)·W0·x_d + g·s·B·A·x_d` with
+`x_d = dropout(x)`, which equals `g·(W0·x + s·B·A·x_d)` only in expectation; a patched layer computes
+`g·(W0·x + s·B·A·x_d)`: dropout on the adapter's input only, no second base pass (as qdora's own layers
+do).
 
 A layer is computed by PEFT, unchanged, whenever the patch cannot stand for it: adapters disabled or
 merged, a mixed-adapter batch (`adapter_names=`), or other than exactly one active adapter on it
