@@ -357,9 +357,12 @@ def test_gpt_oss_and_a_custom_forward_are_refused_by_class_name(qwen):
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
                                        num_experts_per_tok=2, layer_types=["full_attention"])
     with pytest.raises(ValueError, match=r"^experts layout not handled: model.layers.0.mlp.experts \(GptOssExperts: "
-                                         r"is_transposed=True\)"):
+                                         r"is_transposed=True\)") as err:
         add_adapters(transformers.GptOssForCausalLM(config), AdapterConfig(r=4, target_modules=("q_proj",)),
                      verbose=False)
+    # the way out, as the library and the command line spell it (`qdora train` has the flag)
+    assert "keep_full_precision=('lm_head', 'experts')" in str(err.value)
+    assert "--keep-full-precision lm_head,experts" in str(err.value)
     model = transformers.AutoModelForCausalLM.from_pretrained(qwen, dtype=torch.float32)
     experts = model.model.layers[0].mlp.experts
 
@@ -400,3 +403,50 @@ def test_all_linear_with_experts_and_keep_full_precision(qwen):
     add_adapters(kept, AdapterConfig(r=4, target_modules=("experts.down_proj",),
                                      keep_full_precision=("lm_head", "experts.gate_up_proj")), verbose=False)
     assert type(kept.model.layers[0].mlp.experts.gate_up_proj[7]) is nn.Linear
+
+
+def _tiny(config_class, extra):
+    config = getattr(transformers, config_class)(**COMMON, **extra)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def _routers(model):
+    return sorted(n for n, m in model.named_modules() if isinstance(m, AdaptedRouter))
+
+
+@pytest.mark.parametrize("targets", [("all-linear", "experts", "gate"), ("all", "gate"), ("gate", "all-linear")])
+def test_all_linear_keeps_the_routers_named_beside_it(targets):
+    """`gate` names the routers (not linears): a wildcard beside it must not drop them."""
+    explicit = add_adapters(_tiny(*ARCHITECTURES["qwen3_moe"]), AdapterConfig(
+        r=4, target_modules=("q_proj", "experts", "gate")), verbose=False)
+    model = add_adapters(_tiny(*ARCHITECTURES["qwen3_moe"]), AdapterConfig(r=4, target_modules=targets),
+                         verbose=False)
+    assert _routers(model) == _routers(explicit) == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    assert isinstance(model.model.layers[1].self_attn.o_proj, QDoRALinear)
+
+
+def test_all_linear_with_gate_checks_the_rank_against_the_experts():
+    with pytest.raises(ValueError, match=r"r=16 exceeds model.layers.0.mlp.gate \(8x64\)"):
+        add_adapters(_tiny(*ARCHITECTURES["qwen3_moe"]), AdapterConfig(r=16, target_modules=("all-linear", "gate")),
+                     verbose=False)
+
+
+QWEN2_MOE = ("Qwen2MoeConfig", dict(intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=96,
+                                    num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1))
+
+
+def test_all_linear_leaves_out_what_cannot_take_the_rank_and_says_so():
+    """Qwen2-MoE's `shared_expert_gate` is Linear(H, 1): all-linear at r=16 adapts the rest (as PEFT
+    accepts the config) and names it; named explicitly, it stays an error."""
+    model = _tiny(*QWEN2_MOE)
+    with pytest.warns(UserWarning, match=r"all-linear left 2 linear module\(s\) frozen that cannot take r=16 .*"
+                                         r"model.layers.0.mlp.shared_expert_gate, model.layers.1.mlp.shared_expert_gate"):
+        add_adapters(model, AdapterConfig(r=16, target_modules=("all-linear",)), verbose=False)
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp.shared_expert.down_proj, QDoRALinear)
+    assert type(mlp.shared_expert_gate).__name__ == "Linear4bit"  # frozen, NF4
+    assert not any(p.requires_grad for p in mlp.shared_expert_gate.parameters())
+    with pytest.raises(ValueError, match=r"r=16 exceeds model.layers.0.mlp.shared_expert_gate \(1x64\)"):
+        add_adapters(_tiny(*QWEN2_MOE), AdapterConfig(r=16, target_modules=("all-linear", "shared_expert_gate")),
+                     verbose=False)

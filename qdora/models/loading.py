@@ -369,6 +369,8 @@ def stream_model(path: str | os.PathLike, cfg: AdapterConfig, dtype=None, device
     loader = CheckpointModel(path, cfg, dtype, device, progress)
     model = loader.model
     plan = plan_adapters(model, cfg)  # every check on the meta model, before anything is read
+    if plan.left_out:
+        warnings.warn(plan.left_out_message(), stacklevel=2)
     layers = decoder_layers(model)
     prefix = next(name for name, module in model.named_modules() if module is layers) + "."
     keys: list[list[str]] = [[] for _ in layers]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import bitsandbytes as bnb
@@ -131,6 +132,17 @@ class AdapterPlan:
     """Every linear module (NF4 ones among them are checked and kept as they are)."""
     routers: tuple[str, ...] = ()
     """The MoE routers among `direction` and `magnitude_only` (`qdora.core.experts.AdaptedRouter`)."""
+    left_out: tuple[str, ...] = ()
+    """Linear modules `all-linear` names but that cannot take rank `r` (fewer rows or columns: a
+    one-row gate such as Qwen2-MoE's `shared_expert_gate`), left frozen (`left_out_message`)."""
+
+    def left_out_message(self) -> str | None:
+        """One line naming what `all-linear` left out, or None."""
+        if not self.left_out:
+            return None
+        more = f", ... ({len(self.left_out)} in all)" if len(self.left_out) > 4 else ""
+        return (f"all-linear left {len(self.left_out)} linear module(s) frozen that cannot take r={self.cfg.r} "
+                f"(fewer than r rows or columns): {', '.join(self.left_out[:4])}{more}; a smaller r adapts them")
 
 
 def plan_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterPlan:
@@ -184,11 +196,16 @@ def _plan_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterPlan:
     direction = [n for n in in_order if n not in mag_only and any(
         (matches if n in gates else lambda a, b: targets(model, a, b))(n, p) for p in cfg.target_modules
         if p not in ALL_LINEAR)]
+    left_out: list[str] = []
     if any(p in ALL_LINEAR for p in cfg.target_modules):  # every linear layer but the head, as PEFT's all-linear
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        chosen = set(direction)
-        direction = [n for n in linears if n in chosen or (n not in mag_only and expert_owner(n, model) is None
-                                                           and model.get_submodule(n) is not head)]
+        chosen = set(direction)  # named explicitly (routers among them): kept, and checked for the rank below
+        wildcard = [n for n in linears if n not in chosen and n not in mag_only and expert_owner(n, model) is None
+                    and model.get_submodule(n) is not head]
+        # a layer only the wildcard names and that cannot take the rank (a one-row gate) is left out, and said
+        left_out = [n for n in wildcard if cfg.direction == "lora" and cfg.r > _min_dim(model.get_submodule(n))]
+        taken = chosen | set(wildcard).difference(left_out)
+        direction = [n for n in in_order if n in taken]
     for pattern in (*cfg.target_modules, *cfg.magnitude_only_modules):
         if pattern in ALL_LINEAR:
             continue
@@ -206,7 +223,7 @@ def _plan_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterPlan:
     for name in direction if cfg.direction == "lora" else ():  # VeRA's shared rank may exceed a layer's
         out_f, in_f = gates[name].weight.shape if name in gates else (
             model.get_submodule(name).out_features, model.get_submodule(name).in_features)
-        if cfg.r > min(in_f, out_f):
+        if cfg.r > min(in_f, out_f):  # named explicitly: an error, never a silent cap
             problems.append(f"r={cfg.r} exceeds {name} ({out_f}x{in_f}); "
                             f"use r <= {min(in_f, out_f)} or leave that module out")
     if cfg.direction == "vera" and any(n in gates for n in direction):
@@ -224,7 +241,11 @@ def _plan_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterPlan:
     frozen = [n for n in linears if n not in adapted and n not in kept]
     return AdapterPlan(cfg, tuple(direction), tuple(mag_only),
                        tuple(frozen) if cfg.quantized and cfg.quantize_frozen else (), tuple(linears),
-                       tuple(n for n in direction + mag_only if n in gates))
+                       tuple(n for n in direction + mag_only if n in gates), tuple(left_out))
+
+
+def _min_dim(linear: nn.Module) -> int:
+    return min(linear.in_features, linear.out_features)
 
 
 def apply_adapters(model: nn.Module, plan: AdapterPlan, within=None, vera: VeRAProjections | None = None) -> None:
@@ -291,6 +312,8 @@ def add_adapters(model: nn.Module, cfg: AdapterConfig, verbose: bool = True) -> 
         vera = VeRAProjections(cfg.r, max(m.in_features for m in shapes), max(m.out_features for m in shapes),
                                seed=cfg.projection_seed, device=device)
     apply_adapters(model, plan, vera=vera)
+    if plan.left_out:
+        warnings.warn(plan.left_out_message(), stacklevel=2)
     model.qdora_config = cfg
     if cfg.method != "full":
         route_save_pretrained(model)  # it writes the adapter, not the packed base
