@@ -251,3 +251,15 @@ def test_replacing_a_folder_never_removes_a_dot_old_it_did_not_make(tmp_path):
     assert (tmp_path / "merged" / "config.json").read_text() == '"new"'
     assert (backup / "config.json").read_text() == '"merged.old"' and not crashed.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "merged.old"]
+
+
+def test_frozen_nf4_layers_with_partial_row_blocks_compute_what_the_merge_holds(tmp_path):
+    """llama2's down_proj is 64 x 176: its rows are not whole NF4 blocks (64), where bitsandbytes
+    0.50.2's CPU forward is wrong. Left frozen (not targeted), it must still compute the NF4 weight
+    that the merge writes: the merged fp32 checkpoint reproduces the adapted model (summation order)."""
+    model, tok = adapted_model(tmp_path, llama2_config(), target_modules=("q_proj", "v_proj"))
+    frozen = model.model.layers[0].mlp.down_proj
+    assert type(frozen).__name__ == "ExactLinear4bit" and frozen.in_features == 176
+    assert type(model.model.layers[0].self_attn.o_proj).__name__ == "Linear4bit"  # aligned: bitsandbytes' own
+    merge_and_save(model, tmp_path / "fp32", tokenizer=tok, dtype=torch.float32)
+    assert_close(logits(load_plain(tmp_path / "fp32")), logits(model), 1e-5, "fp32-merged logits")

@@ -170,3 +170,29 @@ def test_quantizing_a_large_weight_costs_about_a_byte_per_element():
     weight[4095, 1023] = float("inf")  # the last chunk is checked too
     with pytest.raises(ValueError, match=r"non-finite values \(first at index \[4095, 1023\]\)"):
         quantize_nf4(weight)
+
+
+@pytest.mark.parametrize("out_f, in_f", [(64, 32), (64, 96), (48, 100), (7, 1151), (64, 64)])
+def test_frozen_layers_compute_the_nf4_weight_whatever_the_row_length(out_f, in_f):
+    """A frozen NF4 layer's forward and input gradient against the fp64 product with its dequantized
+    weight (the plain-torch reference decoder). Rows that are not whole NF4 blocks go through qdora's
+    path (`ExactLinear4bit`): bitsandbytes 0.50.2's CPU kernels are wrong there (64x32: off by ~8).
+    Bound: fp32 summation of n terms, elementwise `n·u·Σ|terms|` (u = 2^-24), on any CPU."""
+    from qdora.core.layer import exact_frozen_forward
+
+    torch.manual_seed(0)
+    layer = linear4bit_from_linear(nn.Linear(in_f, out_f, bias=True))
+    assert exact_frozen_forward(layer) == (in_f % 64 != 0)
+    W = nf4_reference_dequantize(layer.weight.data, layer.weight.quant_state).double()
+    x = (torch.randn(5, in_f) * 3).requires_grad_()
+    dy = torch.randn(5, out_f)
+    u = 2.0 ** -24
+    x64, b64, dy64 = x.detach().double(), layer.bias.detach().double(), dy.double()
+    for mode in (True, False):
+        layer.train(mode)
+        y = layer(x)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        bound_y = (in_f + 1) * u * (x64.abs() @ W.abs().t() + b64.abs()) + 1e-30
+        assert ((y.double() - (x64 @ W.t() + b64)).abs() <= bound_y).all(), f"forward, train={mode}"
+        bound_dx = out_f * u * (dy64.abs() @ W.abs()) + 1e-30
+        assert ((dx.double() - dy64 @ W).abs() <= bound_dx).all(), f"input gradient, train={mode}"

@@ -239,3 +239,34 @@ class QDoRALinear(nn.Module):
             kind += " (magnitude only)"
         return (f"{kind}, in={self.in_features}, out={self.out_features}, r={self.r}, "
                 f"scaling={self.scaling:g}, norm={self.norm}")
+
+
+class ExactLinear4bit(bnb.nn.Linear4bit):
+    """A frozen NF4 linear layer whose rows are not whole NF4 blocks (`in_features` not a multiple of
+    the blocksize), computed on CPU by qdora's row-block path: `y = x·W0ᵀ + bias` through
+    `DoRAFunction` with no adapter (backward `dx = dy·W0`), W0 dequantized by `RowBlocks`, fp32.
+    bitsandbytes 0.50.2's CPU kernels dequantize per row of the 2-D shape, which is wrong there (a
+    64x32 layer's output off by up to 8); elsewhere (CUDA) its own forward runs. Same parameters,
+    state dict and type checks as `bnb.nn.Linear4bit` (`exact_frozen_forward` turns a layer into one)."""
+
+    _blocks: RowBlocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        spec = LayerSpec(blocks=self._blocks, c=None, bias=self.bias, scaling=0.0, exact=False, eps=1e-6,
+                         compute_dtype=torch.float32)
+        return DoRAFunction.apply(x, x, None, None, None, spec)
+
+
+def exact_frozen_forward(layer: nn.Module, block_rows: int = 1024) -> bool:
+    """Make a frozen `bnb.nn.Linear4bit` whose rows are not whole NF4 blocks an `ExactLinear4bit`, in
+    place; True if it did. Aligned layers (every real model's, so far) keep bitsandbytes' forward."""
+    if type(layer) is not bnb.nn.Linear4bit:
+        return False
+    blocks = RowBlocks(layer, block_rows)
+    if blocks.in_features % blocks.state.blocksize == 0:
+        return False
+    layer.__class__ = ExactLinear4bit
+    layer._blocks = blocks
+    return True

@@ -12,7 +12,7 @@ from torch import nn
 
 from qdora.core.config import AdapterConfig, resolve_dtype
 from qdora.core.experts import AdaptedRouter
-from qdora.core.layer import QDoRALinear, VeRAProjections
+from qdora.core.layer import QDoRALinear, VeRAProjections, exact_frozen_forward
 from qdora.core.nf4 import adopt_linear4bit, is_repacked, linear4bit_from_linear, repacked_message
 from qdora.models.adapter_save import route_save_pretrained
 from qdora.models.moe import (
@@ -282,6 +282,9 @@ def apply_adapters(model: nn.Module, plan: AdapterPlan, within=None, vera: VeRAP
         if keep(name) and not isinstance(mod, bnb.nn.Linear4bit):
             _set_submodule(model, name, linear4bit_from_linear(mod, cfg.nf4_blocksize, cfg.double_quant,
                                                                cfg.quant_storage))
+    for name in plan.linears:  # frozen NF4 layers bitsandbytes' CPU forward gets wrong: qdora's path
+        if keep(name):
+            exact_frozen_forward(model.get_submodule(name), cfg.block_rows)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
