@@ -432,16 +432,18 @@ def test_all_linear_with_gate_checks_the_rank_against_the_experts():
                      verbose=False)
 
 
-QWEN2_MOE = ("Qwen2MoeConfig", dict(intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=96,
-                                    num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1))
+QWEN2_MOE = ("Qwen2MoeConfig", dict(intermediate_size=128, moe_intermediate_size=64,
+                                    shared_expert_intermediate_size=96, num_experts=8, num_experts_per_tok=2,
+                                    decoder_sparse_step=1))
 
 
 def test_all_linear_leaves_out_what_cannot_take_the_rank_and_says_so():
     """Qwen2-MoE's `shared_expert_gate` is Linear(H, 1): all-linear at r=16 adapts the rest (as PEFT
     accepts the config) and names it; named explicitly, it stays an error."""
     model = _tiny(*QWEN2_MOE)
-    with pytest.warns(UserWarning, match=r"all-linear left 2 linear module\(s\) frozen that cannot take r=16 .*"
-                                         r"model.layers.0.mlp.shared_expert_gate, model.layers.1.mlp.shared_expert_gate"):
+    said = (r"all-linear left 2 linear module\(s\) frozen that cannot take r=16 .*"
+            r"model.layers.0.mlp.shared_expert_gate, model.layers.1.mlp.shared_expert_gate")
+    with pytest.warns(UserWarning, match=said):
         add_adapters(model, AdapterConfig(r=16, target_modules=("all-linear",)), verbose=False)
     mlp = model.model.layers[0].mlp
     assert isinstance(mlp.shared_expert.down_proj, QDoRALinear)

@@ -165,7 +165,7 @@ def test_peft_merge_of_zero_rows_is_finite_and_equals_the_patched_model():
             base.get_submodule(name).weight[rows] = 0
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True,
                                                       target_modules=TARGETS))
-    patch = patch_peft(model)
+    patch_peft(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):
         model(IDS, labels=IDS).loss.backward()
