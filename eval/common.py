@@ -3,6 +3,8 @@ peak resident memory of this process or of a child, and the one way to run work 
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -103,11 +105,51 @@ class Child:
 
 
 class Stopped(KeyboardInterrupt):
-    """A signal (SIGINT or SIGTERM) stopped `run_child`: it was passed on to the child, which ended."""
+    """A signal (SIGINT, SIGTERM or SIGHUP) stopped `run_child`: it was passed on to the child, which ended."""
 
     def __init__(self, signum: int, what: str):
         super().__init__(f"{what}: stopped by {signal.Signals(signum).name}")
         self.signum = signum
+
+
+class ChildFailed(RuntimeError):
+    """`run_child`'s child failed. `exit_status`, where it is one line's worth (qdora.cli reports it
+    so): the child's own one-line report of a mistake the user can fix (2; 1 for a run that
+    diverged), or 1 for a failure whose output (its traceback) is on the terminal above."""
+
+    def __init__(self, message: str, exit_status: int | None = None):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+ERROR_FILE = "QDORA_ERROR_FILE"
+"""The variable that names, in `run_child`'s child, a file for the one line of a mistake the user
+can fix: `qdora.cli.main` writes it there instead of printing it (spelled out there too: the
+command line may not import this module)."""
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent():
+    """A `preexec_fn` that has the kernel send the child SIGTERM when this thread (the one that
+    forks) ends, however it ends (SIGKILL included), or None where there is no such thing. Linux
+    only: elsewhere (macOS) a parent killed outright leaves its child running. Everything it calls
+    is looked up before the fork."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent, getppid, exit_now = os.getpid(), os.getppid, os._exit
+    option, sig = ctypes.c_int(_PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGTERM)
+
+    def preexec():
+        prctl(option, sig)
+        if getppid() != parent:  # the parent died before the signal was set: it will never come
+            exit_now(128 + signal.SIGTERM)
+    return preexec
 
 
 def run_child(args: Sequence[str], what: str, capture: bool = False, env: dict | None = None,
@@ -115,22 +157,28 @@ def run_child(args: Sequence[str], what: str, capture: bool = False, env: dict |
     """Run `python *args` in a fresh process (so its peak memory is its own and no state crosses
     over) and wait for it. Its peak RSS comes from the kernel's accounting of that one child
     (`wait4`'s `ru_maxrss`). Output goes to this terminal, or with `capture` into `Child`. A failure
-    or a timeout stops the child and raises `RuntimeError` naming `what` (and `hint`). The child has
-    a process group of its own, so a terminal's Ctrl-C reaches it once, through this process: SIGINT
-    and SIGTERM here are passed on to it (a training child writes its checkpoint), waited for, and
-    then raise `Stopped`. The child never outlives this call."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    or a timeout stops the child and raises `ChildFailed` naming `what` (and `hint`), or carrying
+    the one line that a child running `qdora.cli` gave for a mistake the user can fix (`ERROR_FILE`).
+    The child has a process group of its own, so a terminal's Ctrl-C reaches it once, through this
+    process: SIGINT and SIGTERM here are passed on to it (a training child writes its checkpoint),
+    SIGHUP (a closed terminal, a dropped SSH session) as SIGTERM; each is waited for, then raises
+    `Stopped`. A signal this process ignores (nohup's SIGHUP) stays ignored. The child never outlives
+    this call: on Linux, if this process dies without a word (SIGKILL), the kernel sends it SIGTERM."""
+    with (tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err,
+          tempfile.NamedTemporaryFile("w+", suffix=".json") as told):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", ERROR_FILE: told.name, **(env or {})}
         proc = subprocess.Popen([sys.executable, *args], stdout=out if capture else None,
-                                stderr=err if capture else None, env=env, cwd=cwd, process_group=0)
+                                stderr=err if capture else None, env=env, cwd=cwd, process_group=0,
+                                preexec_fn=_die_with_parent())
         got: list[int] = []
 
         def pass_on(signum, frame):
             got.append(signum)
-            proc.send_signal(signum)  # a second one too: the child's "stop now"
+            proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)  # a second: "stop now"
         previous = {}
         if threading.current_thread() is threading.main_thread():
-            previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
+            previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                        if signal.getsignal(sig) is not signal.SIG_IGN}
         timer = threading.Timer(timeout, proc.kill) if timeout else None
         try:
             if timer:
@@ -149,10 +197,13 @@ def run_child(args: Sequence[str], what: str, capture: bool = False, env: dict |
         out.seek(0)
         err.seek(0)
         child = Child(out.read(), err.read(), usage.ru_maxrss * 1024)  # ru_maxrss: KiB on Linux
+        report = json.loads(told.read() or "null") if code != 0 else None  # the child's own file (same inode)
     if got:
         raise Stopped(got[0], what)
+    if report:
+        raise ChildFailed(f"{what}: {report['message']}", report["status"])
     if code != 0:
         why = f"stopped after {timeout:g} s" if timer and code < 0 else f"exit code {code}"
         where = f"\n{child.stderr[-3000:]}" if capture else " (its output is above)"
-        raise RuntimeError(f"{what} failed ({why}){'; ' + hint if hint else ''}{where}")
+        raise ChildFailed(f"{what} failed ({why}){'; ' + hint if hint else ''}{where}", None if capture else 1)
     return child

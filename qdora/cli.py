@@ -11,6 +11,7 @@ command answer at once instead of after importing torch and transformers.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -95,10 +96,11 @@ def _add_plan(sub) -> None:
                                    f"whether it fits a {'/'.join(map(str, CARDS_GB))} GB card. Every option but "
                                    "--model and --json is a field of qdora.plan.config.PlanConfig. See "
                                    "qdora/plan/memory.py for the model of each term.")
-    p.add_argument("--model", required=True,
+    p.add_argument("--model",
                    help="a preset (Llama-2-7B, Llama-2-13B, Llama-2-70B, LLaMA-65B, Llama-3-8B, Llama-3-70B, "
                         "SmolLM2-135M; MoE: Qwen3-30B-A3B, OLMoE-1B-7B, Mixtral-8x7B) or a checkpoint folder "
-                        "with a config.json")
+                        "with a config.json (required, here or in --config: a run's train_config.json names its "
+                        "model)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_options(p, PlanConfig)
     p.set_defaults(func=_plan)
@@ -108,14 +110,18 @@ def _plan(args) -> int:
     import dataclasses
     import json
 
-    from qdora.options import resolve
+    from qdora.options import read_config_file, resolve
     from qdora.plan.memory import PlanConfig, plan, resolve_model
     from qdora.plan.report import format_plan, plan_to_dict
     from qdora.train.config import TrainConfig
-    shape = resolve_model(args.model)
-    # A run's train_config.json works as --config: its settings that do not shape memory are skipped.
+    model = args.model or (read_config_file(args.config).get("model") if hasattr(args, "config") else None)
+    if not model:
+        raise ValueError("--model is required (a preset or a checkpoint folder), on the command line or in --config")
+    shape = resolve_model(str(model))
+    # A run's train_config.json works as --config: its model and the settings plan shares are read
+    # (its cutoff_len as seq_len), the settings that do not shape memory skipped.
     train_only = {f.name for f in dataclasses.fields(TrainConfig)} - {f.name for f in dataclasses.fields(PlanConfig)}
-    cfg = resolve(PlanConfig, vars(args), ignore=frozenset(train_only))
+    cfg = resolve(PlanConfig, vars(args), ignore=frozenset(train_only), aliases={"cutoff_len": "seq_len"})
     result = plan(shape, cfg)
     print(json.dumps(plan_to_dict(result), indent=1) if args.json else format_plan(result))
     return 0
@@ -205,8 +211,12 @@ def one_line(err: BaseException) -> str:
 def user_error_status(err: BaseException) -> int | None:
     """The exit status for an error the user can fix (2; 1 for a run that diverged), None for others.
     Any OSError (a path, a full disk, a read-only file system) is the user's to fix, as is a
-    ValueError or ImportError that qdora raised itself."""
+    ValueError or ImportError that qdora raised itself. A child process's failure
+    (`qdora.eval.common.ChildFailed`) carries its own: the child's one line, or 1 when the child's
+    traceback is already on the terminal."""
     from qdora.train.loop import NonFiniteError
+    if getattr(err, "exit_status", None) is not None:
+        return err.exit_status
     if isinstance(err, NonFiniteError):
         return 1
     if isinstance(err, OSError):
@@ -220,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get("QDORA_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
+    report = os.environ.pop("QDORA_ERROR_FILE", None)  # qdora.eval.common.ERROR_FILE; not for this one's children
+    if debug:
+        os.environ["QDORA_DEBUG"] = "1"  # child processes (qdora eval's runs) show their tracebacks too
     command = next((a for a in argv if not a.startswith("-")), "")
     try:
         return _dispatch(argv)
@@ -232,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         status = user_error_status(err)
         if debug or status is None:
             raise
-        print(f"qdora {command}: error: {one_line(err)}", file=sys.stderr)
+        if report:  # a child of qdora.eval.common.run_child: its parent says it, naming the run
+            Path(report).write_text(json.dumps({"status": status, "message": one_line(err)}))
+        else:
+            print(f"qdora {command}: error: {one_line(err)}", file=sys.stderr)
         return status
 
 

@@ -158,12 +158,19 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def resolve(cls, given: dict[str, Any], ignore: frozenset[str] = frozenset()):
+def _key_name(key) -> str:
+    """The field a config file's key names (`--max-steps`, `max-steps` and `max_steps` alike)."""
+    return str(key).lstrip("-").replace("-", "_")
+
+
+def resolve(cls, given: dict[str, Any], ignore: frozenset[str] = frozenset(), aliases: dict[str, str] | None = None):
     """The dataclass instance for settings `given` by the command line (`vars(args)`, only the flags
     that were given, plus `config`): the dataclass's defaults, then the file's values, then the
     flags. Unknown keys, and missing required fields, are one error listing every problem; the
     values themselves are checked by the dataclass. A file's keys in `ignore` are skipped (the
-    settings of another command a file may hold: `qdora plan --config RUN/train_config.json`)."""
+    settings of another command a file may hold: `qdora plan --config RUN/train_config.json`); a
+    key in `aliases` gives the field it names there, unless the file gives that field itself
+    (train's `cutoff_len` is plan's `seq_len`)."""
     given = dict(given)
     given.pop("func", None)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -171,8 +178,12 @@ def resolve(cls, given: dict[str, Any], ignore: frozenset[str] = frozenset()):
     problems = []
     source = given.pop("config", None)
     if source is not None:
-        for key, value in read_config_file(source).items():
-            name = str(key).lstrip("-").replace("-", "_")
+        data = read_config_file(source)
+        named = {_key_name(key) for key in data}
+        for key, value in data.items():
+            name = _key_name(key)
+            if (aliases or {}).get(name, name) not in named:
+                name = aliases[name]
             if name in IGNORED_KEYS or name in ignore:
                 continue
             if name not in fields:

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import signal
 import statistics
 import subprocess
@@ -285,3 +286,108 @@ def test_a_signal_to_the_parent_reaches_its_child_which_ends_with_it(tmp_path):
     assert (tmp_path / "child-stopped").read_text() == "SIGTERM"
     pid = int((tmp_path / "child.pid").read_text())
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def _start_parent_of_a_ticking_child(tmp_path) -> tuple[subprocess.Popen, int]:
+    """A process that runs `run_child` on a child appending to `ticks` every 50 ms (SIGHUP at its
+    default, whatever this process has); returns it and the child's pid once the child ticks."""
+    child = ("import os, pathlib, time\n"
+             f"out = pathlib.Path({str(tmp_path)!r})\n"
+             "(out / 'child.pid').write_text(str(os.getpid()))\n"
+             "while True:\n"
+             "    with open(out / 'ticks', 'a') as f:\n"
+             "        f.write('.')\n"
+             "    time.sleep(0.05)\n")
+    parent = ("import signal, sys\n"
+              "signal.signal(signal.SIGHUP, signal.SIG_DFL)\n"
+              "from qdora.eval.common import Stopped, run_child\n"
+              "try:\n"
+              f"    run_child(['-c', {child!r}], 'the child')\n"
+              "except Stopped as stop:\n"
+              "    print('parent: stopped by', stop.signum, flush=True)\n"
+              "    sys.exit(128 + stop.signum)\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ticks").exists():  # (the child shares the parent's stdout pipe)
+        assert time.monotonic() < deadline and proc.poll() is None, "the child did not start"
+        time.sleep(0.05)
+    return proc, int((tmp_path / "child.pid").read_text())
+
+
+def _assert_gone_and_silent(pid: int, ticks: Path) -> None:
+    """Within 10 s the process `pid` has ended (gone, or a zombie no one has reaped yet), and then
+    `ticks` grows no more."""
+    def alive():
+        try:
+            return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+    deadline = time.monotonic() + 10
+    while alive():
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)  # leave nothing behind
+            pytest.fail(f"the child {pid} outlived its parent")
+        time.sleep(0.05)
+    size = ticks.stat().st_size
+    time.sleep(0.3)
+    assert ticks.stat().st_size == size
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guarantee is Linux's (prctl)")
+def test_a_child_dies_with_a_parent_killed_by_sigkill(tmp_path):
+    proc, pid = _start_parent_of_a_ticking_child(tmp_path)
+    proc.kill()  # no handler runs: the kernel's parent-death signal must end the child
+    proc.wait(timeout=60)
+    _assert_gone_and_silent(pid, tmp_path / "ticks")
+
+
+def test_sighup_to_the_parent_stops_its_child_like_sigterm(tmp_path):
+    # A closed terminal or a dropped SSH session sends SIGHUP to the parent alone (the child has a
+    # process group of its own): the parent passes it on as SIGTERM, waits, and stops.
+    proc, pid = _start_parent_of_a_ticking_child(tmp_path)
+    proc.send_signal(signal.SIGHUP)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        _assert_gone_and_silent(pid, tmp_path / "ticks")
+    out = proc.stdout.read()
+    assert proc.returncode == 128 + signal.SIGHUP and f"parent: stopped by {int(signal.SIGHUP)}" in out
+
+
+def _eval_cli(tmp_path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`qdora eval` of qdora on the tiny model, one seed, one step, in a process of its own."""
+    _tiny_run_files(tmp_path, 4)
+    args = ["eval", "--model", str(tmp_path / "m"), "--train-data", str(tmp_path / "train.json"), "--methods",
+            "qdora", "--tasks", "ARC-Easy", "--seeds", "1", "--max-steps", "1", "--batch-size", "2", "--eval-items",
+            "2", "--r", "4", "--alpha", "8", "--no-analyze", "--out", str(tmp_path / "out"), *extra]
+    return subprocess.run([sys.executable, "-m", "qdora.cli", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow
+def test_a_user_error_in_an_isolated_run_is_one_line(tmp_path):
+    # The run's process finds that no example keeps a target token within 4 tokens: one line, not
+    # its traceback and then the parent's.
+    done = _eval_cli(tmp_path, "--cutoff-len", "4")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("qdora eval: error: qdora-seed0: ") and "raise --cutoff-len" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_bug_in_an_isolated_run_shows_its_traceback_once(tmp_path):
+    # A bug (here: an unexpected exception in the run's process, planted before the runner imports
+    # `train`) keeps its traceback, shown once.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        "if '--run-one' in sys.argv:\n"
+        "    import qdora.train.loop\n"
+        "    def bug(*args, **kwargs):\n"
+        "        raise KeyError('a planted bug')\n"
+        "    qdora.train.loop.train = bug\n")
+    done = _eval_cli(tmp_path, env={"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])})
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("Traceback") == 1 and "KeyError: 'a planted bug'" in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1].startswith("qdora eval: error: qdora-seed0 failed (exit code 1)")

@@ -76,12 +76,17 @@ def test_every_problem_of_a_config_file_in_one_error(tmp_path):
         parsed(["--config", str(tmp_path / "broken.yaml")])
 
 
-def test_a_run_relaunched_from_its_saved_config_is_the_same_run(tmp_path, capsys):
+def tiny_model_and_data(folder):
     records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:8]
-    (tmp_path / "data.json").write_text(json.dumps(records))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "data.json").write_text(json.dumps(records))
     build(llama3_config(vocab_size=512, intermediate_size=256, max_position_embeddings=512)).save_pretrained(
-        tmp_path / "model")
-    save_bpe_tokenizer(tmp_path / "model", [r["instruction"] + " " + r["output"] for r in records])
+        folder / "model")
+    save_bpe_tokenizer(folder / "model", [r["instruction"] + " " + r["output"] for r in records])
+
+
+def test_a_run_relaunched_from_its_saved_config_is_the_same_run(tmp_path, capsys):
+    tiny_model_and_data(tmp_path)
     (tmp_path / "run.yaml").write_text(f"model: {tmp_path / 'model'}\ndata: {tmp_path / 'data.json'}\n"
                                        "r: 4\nalpha: 8\nmax-steps: 3\nbatch-size: 2\ncutoff-len: 320\n"
                                        "log-every: 1\nprogress: false\n")
@@ -94,6 +99,31 @@ def test_a_run_relaunched_from_its_saved_config_is_the_same_run(tmp_path, capsys
     assert [m["loss"] for m in again] == [m["loss"] for m in first]
     rc = main(["train", "--config", str(tmp_path / "nowhere.yaml")])
     assert rc == 2 and "nowhere.yaml: file not found" in capsys.readouterr().err
+
+
+def test_a_run_started_with_relative_paths_relaunches_from_anywhere(tmp_path, monkeypatch, capsys):
+    # The paths typed are relative to the folder the run started in: train_config.json holds them
+    # absolute, so `--config RUN/train_config.json` works from any folder, for train and for plan.
+    tiny_model_and_data(tmp_path / "work")
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["train", "--model", "model", "--data", "data.json", "--out", "run", "--r", "4", "--max-steps", "1",
+                 "--batch-size", "2", "--cutoff-len", "320", "--no-progress"]) == 0
+    saved = json.loads((tmp_path / "work" / "run" / "train_config.json").read_text())
+    for name, path in (("model", "model"), ("data", "data.json"), ("out", "run")):
+        assert saved[name] == str(tmp_path / "work" / path), saved[name]
+    assert saved["val_data"] == saved["chat_template"] == ""  # not given: not made into a path
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    config = str(tmp_path / "work" / "run" / "train_config.json")
+    assert main(["train", "--config", config, "--out", "again"]) == 0
+    assert (tmp_path / "elsewhere" / "again" / "adapter").is_dir()
+    assert main(["train", "--config", config, "--resume", "--max-steps", "2"]) == 0  # continues the run there
+    assert [m["step"] for m in read_metrics(tmp_path / "work" / "run")] == [1, 2]
+    capsys.readouterr()
+    assert main(["plan", "--config", config, "--json"]) == 0  # the model (and the setting) from the file
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["model"]["name"] == "model" and planned["config"]["r"] == 4
+    assert (planned["config"]["batch_size"], planned["config"]["seq_len"]) == (2, 320)  # seq_len: cutoff_len
 
 
 def test_adapter_settings_reach_train_and_plan_by_name():
@@ -143,6 +173,28 @@ def test_plan_takes_a_runs_train_config(tmp_path, capsys):
     (tmp_path / "typo.json").write_text(json.dumps({**settings, "rnak": 8}))
     assert main(["plan", "--model", "SmolLM2-135M", "--config", str(tmp_path / "typo.json")]) == 2
     assert "unknown setting 'rnak'" in capsys.readouterr().err
+
+
+def test_plan_without_a_model_says_where_to_give_one(tmp_path, capsys):
+    (tmp_path / "setting.json").write_text(json.dumps({"r": 8, "seq_len": 512}))
+    assert main(["plan", "--config", str(tmp_path / "setting.json")]) == 2
+    assert "--model is required" in capsys.readouterr().err
+    assert main(["plan", "--config", str(tmp_path / "setting.json"), "--model", "SmolLM2-135M", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["seq_len"] == 512
+
+
+def test_keep_full_precision_is_an_option_and_a_config_key(tmp_path):
+    base = ["--model", "m", "--data", "d", "--out", "o"]
+    assert parsed(base).adapter_config().keep_full_precision == ("lm_head",)  # AdapterConfig's default
+    cfg = parsed([*base, "--keep-full-precision", "lm_head,experts"])
+    assert cfg.keep_full_precision == cfg.adapter_config().keep_full_precision == ("lm_head", "experts")
+    (tmp_path / "run.yaml").write_text("model: m\ndata: d\nout: o\nkeep-full-precision: [lm_head, experts]\n")
+    assert parsed(["--config", str(tmp_path / "run.yaml")]).adapter_config().keep_full_precision == \
+        ("lm_head", "experts")
+    (tmp_path / "run.json").write_text(json.dumps({"model": "m", "data": "d", "out": "o",
+                                                   "keep_full_precision": "lm_head,experts.gate_up_proj"}))
+    assert parsed(["--config", str(tmp_path / "run.json")]).adapter_config().keep_full_precision == \
+        ("lm_head", "experts.gate_up_proj")
 
 
 @pytest.mark.parametrize("argv, hint", [

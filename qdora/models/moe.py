@@ -25,6 +25,10 @@ from qdora.core.experts import PROJECTIONS, AdaptedRouter, QDoRAExperts
 EXPERT_LINEAR = re.compile(r"^(?P<owner>.+)\.(?P<proj>gate_up_proj|down_proj)\.(?P<e>\d+)$")
 """The name of one expert's projection in a split model: `<experts module>.<projection>.<e>`."""
 
+WAY_OUT = ("keep these experts out of target_modules and as loaded: keep_full_precision=('lm_head', 'experts') "
+           "(qdora train: --keep-full-precision lm_head,experts)")
+"""What a refused experts layout's message advises, as the library and the command line spell it."""
+
 _LAYOUT_FLAGS = {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True,
                  "has_post_expert_norm": False}
 """transformers' `use_experts_implementation` flags, and the values of the one layout held apart here."""
@@ -89,7 +93,7 @@ def split_module(module: nn.Module) -> QDoRAExperts:
     problem = layout_problem(module)
     if problem is not None:
         raise ValueError(f"{type(module).__name__}: an experts layout qdora does not handle ({problem}); "
-                         "keep its experts out of target_modules and in keep_full_precision (e.g. 'experts')")
+                         + WAY_OUT)
     layers = {}
     for proj in PROJECTIONS:
         fused = getattr(module, proj)
@@ -117,7 +121,7 @@ def split_experts(model: nn.Module, wanted=lambda name: True) -> dict[str, nn.Mo
     if problems:
         raise ValueError(f"experts layout not handled: {problems[0]}"
                          + (f" and {len(problems) - 1} more" if len(problems) > 1 else "")
-                         + "; keep these experts out of target_modules and in keep_full_precision (e.g. 'experts')")
+                         + "; " + WAY_OUT)
     for name, mod in found.items():
         set_submodule(model, name, split_module(mod))
     return found

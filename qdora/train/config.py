@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -65,6 +66,9 @@ class TrainConfig:
     MoE, `experts` (or `experts.gate_up_proj`, `experts.down_proj`) and the router `gate` too."""
     magnitude_only_modules: tuple[str, ...] = ()
     """Linear modules that train only the magnitude m (comma-separated)."""
+    keep_full_precision: tuple[str, ...] = ("lm_head",)
+    """qlora, qdora: linear modules without an adapter that stay as loaded instead of NF4 (comma-separated,
+    matched as target_modules; e.g. lm_head,experts keeps an MoE's experts)."""
     norm: str = "detached"
     """Row norm in the backward: detached (the DoRA paper's §4.3) or exact."""
     direction: str = "lora"
@@ -128,6 +132,8 @@ class TrainConfig:
         "method": METHODS, "norm": ("detached", "exact"), "direction": ("lora", "vera"), "schedule": SCHEDULES,
         "optimizer": OPTIMIZERS, "adapter_format": ADAPTER_FORMATS, "adapter_dtype": ("float32", "bfloat16")}
     """The values a string field may take (the command line offers them as choices)."""
+    PATHS: ClassVar[tuple[str, ...]] = ("model", "data", "val_data", "chat_template", "out")
+    """The fields that are paths, relative to the folder the run was started in (`absolute_paths`)."""
 
     def __post_init__(self):
         p = Problems("TrainConfig")
@@ -199,6 +205,13 @@ class TrainConfig:
         adapter setting reaches `qdora train` by adding it here under its name), the seed seeds
         VeRA's projections."""
         return AdapterConfig.of(self, projection_seed=self.seed)
+
+    def absolute_paths(self) -> TrainConfig:
+        """This config with its `PATHS` made absolute against the current folder (those not given stay
+        empty), as a run saves it in train_config.json: `--config RUN/train_config.json` then
+        re-launches the run from any folder."""
+        return dataclasses.replace(self, **{name: os.path.abspath(getattr(self, name))
+                                            for name in self.PATHS if getattr(self, name)})
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -60,7 +60,7 @@ def _check_same_run(out: Path, cfg: TrainConfig) -> None:
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: unreadable ({err}); the run's settings are unknown, so it cannot be "
                          "resumed") from err
-    now = cfg.to_dict()
+    now = cfg.absolute_paths().to_dict()  # as saved: relative paths are the folder's the command runs in
     defaults = TrainConfig(model="", data="", out="").to_dict()  # fields newer than the saved run
     changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k])
     moved = [k for k in ("model", "data", "val_data", "chat_template") if k in changed]

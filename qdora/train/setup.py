@@ -186,7 +186,8 @@ def _start_or_resume(run: Run, existing: Path | None) -> None:
             trim_csv(out / "metrics.csv", run.start)
     elif run.main:
         write_text_atomic(out / "train_config.json",
-                          json.dumps({**cfg.to_dict(), "fingerprints": fingerprints(cfg)}, indent=1) + "\n")
+                          json.dumps({**cfg.absolute_paths().to_dict(), "fingerprints": fingerprints(cfg)},
+                                     indent=1) + "\n")
         for stale in (metrics_path, out / "metrics.csv"):
             stale.unlink(missing_ok=True)
     if cfg.fsdp:
