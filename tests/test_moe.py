@@ -334,13 +334,13 @@ def test_an_moe_adapter_on_a_dense_model_or_other_experts_is_refused_by_name(qwe
 
 @pytest.mark.slow
 def test_fsdp_on_two_processes_trains_what_one_process_trains(qwen, tmp_path):
-    from test_fsdp import _assert_same_adapter, _assert_same_losses, _ok, torchrun
+    from test_fsdp import LR, STEPS, _assert_same_adapter, _assert_same_losses, _ok, torchrun
 
     from qdora.train.loop import TrainConfig, read_metrics, train
     records = json.loads((DEMO_DATA / "arc_easy_train.json").read_text())[:11]
     (tmp_path / "data.json").write_text(json.dumps(records))
     settings = dict(model=str(qwen), data=str(tmp_path / "data.json"), method="qdora", r=4, alpha=8, dropout=0.0,
-                    lr=5e-3, max_steps=4, batch_size=5, cutoff_len=320, save_every=2, warmup_steps=1,
+                    lr=LR, max_steps=STEPS, batch_size=5, cutoff_len=320, save_every=2, warmup_steps=1,
                     progress=False, target_modules=list(TARGETS))
     train(TrainConfig(out=str(tmp_path / "single"), **settings))
     _ok(torchrun({"runs": [{"config": {**settings, "out": str(tmp_path / "fsdp"), "fsdp": True}}]}, tmp_path))
