@@ -10,7 +10,8 @@ The prediction is `qdora.plan.memory.plan(..., device="cpu")`'s tensor total.
 
     python -m qdora.eval.plan.validate            # tiny and small Llama shapes, then SmolLM2-135M
     python -m qdora.eval.plan.validate --quick    # the tiny shapes only (seconds)
-    python -m qdora.eval.plan.validate --only moe # scaled-down mixtures of experts (Qwen3-MoE, OLMoE, Mixtral)
+    python -m qdora.eval.plan.validate --only moe # scaled-down mixtures of experts (Qwen2/3-MoE, OLMoE, Mixtral,
+                                                  # GLM-4-MoE: shared experts, dense layers)
     python -m qdora.eval.plan.validate --published  # the planner beside published figures
     python -m qdora.eval.plan.validate --start    # the FSDP start, 2 processes (gloo) per case
 
@@ -69,6 +70,23 @@ MOE_SHAPES = {
     "tiny-mixtral": ("Mixtral", dict(vocab_size=1024, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
                                      num_attention_heads=8, num_key_value_heads=2, num_local_experts=4,
                                      num_experts_per_tok=2, tie_word_embeddings=False)),
+    # Shared experts and dense layers: Qwen2-MoE (a shared expert behind a sigmoid gate, q/k/v biases, raw
+    # top-k weights), Qwen3-MoE with dense layers 0 and 2 (`decoder_sparse_step=2`), GLM-4-MoE (a dense first layer,
+    # a shared expert, sigmoid routing in 2 groups, q/k/v biases, half the head dimensions rotated).
+    "tiny-qwen2-moe": ("Qwen2Moe", dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_experts=8,
+                                        num_experts_per_tok=2, moe_intermediate_size=128,
+                                        shared_expert_intermediate_size=384, tie_word_embeddings=False)),
+    "tiny-qwen3-moe-dense": ("Qwen3Moe", dict(vocab_size=1024, hidden_size=256, intermediate_size=512,
+                                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                              head_dim=64, num_experts=8, num_experts_per_tok=2,
+                                              moe_intermediate_size=128, norm_topk_prob=True, decoder_sparse_step=2,
+                                              tie_word_embeddings=False)),
+    "tiny-glm4-moe": ("Glm4Moe", dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, n_routed_experts=8,
+                                      num_experts_per_tok=2, moe_intermediate_size=128, n_shared_experts=1,
+                                      first_k_dense_replace=1, n_group=2, topk_group=1, attention_bias=True,
+                                      partial_rotary_factor=0.5, tie_word_embeddings=False)),
 }
 
 
@@ -156,6 +174,7 @@ SMALL = [
     Case("small-llama3", _p("full", b=2, s=128)),
 ]
 _MOE_TARGETS = "q_proj,k_proj,v_proj,o_proj,experts"
+_MLP_TARGETS = _MOE_TARGETS + ",up_proj,down_proj"  # with the shared MLP's and the dense layers' up, down
 MOE = [
     Case("tiny-qwen3-moe", _p("qdora", r=8, b=2, s=64, target_modules=_MOE_TARGETS)),
     Case("tiny-qwen3-moe", _p("qdora", r=8, b=2, s=64, ckpt=False, target_modules=_MOE_TARGETS)),
@@ -163,6 +182,15 @@ MOE = [
     Case("tiny-olmoe", _p("qdora", r=8, b=1, s=128, ckpt=False, target_modules="q_proj,v_proj,experts.down_proj")),
     Case("tiny-mixtral", _p("qlora", r=8, b=2, s=64, ckpt=False, dropout=0.0, target_modules=_MOE_TARGETS)),
     Case("tiny-qwen3-moe", _p("qdora", r=8, b=2, s=64, ckpt=False, target_modules="q_proj,v_proj,gate,experts")),
+]
+MOE_SHARED = [  # shared experts and dense layers (part of `--only moe`)
+    Case("tiny-qwen2-moe", _p("qdora", r=8, b=2, s=64, ckpt=False, target_modules=_MLP_TARGETS)),
+    Case("tiny-qwen2-moe", _p("qlora", r=8, b=2, s=64, target_modules="q_proj,k_proj,v_proj,up_proj,down_proj")),
+    Case("tiny-qwen3-moe-dense", _p("qdora", r=8, b=2, s=64, ckpt=False,
+                                    target_modules=_MOE_TARGETS + ",gate_proj,up_proj,down_proj")),
+    Case("tiny-glm4-moe", _p("qdora", r=8, b=2, s=64, ckpt=False, target_modules=_MLP_TARGETS)),
+    Case("tiny-glm4-moe", _p("qdora", r=8, b=2, s=64, target_modules=_MLP_TARGETS)),
+    Case("tiny-glm4-moe", _p("qlora", r=8, b=1, s=128, ckpt=False, dropout=0.0, target_modules="all")),
 ]
 SMOLLM2 = [
     Case("smollm2", _p("qdora", r=16, b=2, s=256)),
@@ -280,7 +308,7 @@ def table(rows: list[dict]) -> str:
     out = ["| model | method | r | targets | dropout | batch × seq | ckpt | predicted MiB | measured MiB | error |",
            "|---|---|---|---|---|---|---|---:|---:|---:|"]
     for r in rows:
-        targets = "all" if len(r["targets"]) == 7 else "qkv,up,down" if r["targets"] == [
+        targets = "all" if r["targets"] == ["all-linear"] else "qkv,up,down" if r["targets"] == [
             "q_proj", "k_proj", "v_proj", "up_proj", "down_proj"] else ",".join(r["targets"]).replace(
             "experts.gate_up_proj,experts.down_proj", "experts")
         out.append(f"| {r['model']} | {r['method']} | {r['r'] if r['method'] != 'full' else '-'} | "
@@ -322,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cases = QUICK + ([] if args.quick else SMALL + ([] if args.no_smollm2 else SMOLLM2))
     if args.only:
-        cases = {"quick": QUICK, "small": SMALL, "smollm2": SMOLLM2, "moe": MOE}[args.only]
+        cases = {"quick": QUICK, "small": SMALL, "smollm2": SMOLLM2, "moe": MOE + MOE_SHARED}[args.only]
     rows = []
     for case in tqdm(cases, desc="plan vs measured", unit="case"):
         rows.append(measure(case))

@@ -1,7 +1,9 @@
 """The dimensions of a Llama-architecture model that memory depends on: from a checkpoint's
 config.json, or a preset of the published configurations. A mixture-of-experts model (Qwen2/3-MoE,
-OLMoE, Mixtral: transformers' fused `experts.gate_up_proj (E, 2I, H)` and `experts.down_proj (E, H, I)`
-with a router `mlp.gate (E, H)`) has `num_experts` > 0."""
+OLMoE, Mixtral, GLM-4-MoE: transformers' fused `experts.gate_up_proj (E, 2I, H)` and `experts.down_proj
+(E, H, I)` with a router `mlp.gate (E, H)`) has `num_experts` > 0; its MoE layers may carry a shared MLP
+beside the experts (Qwen2-MoE's `shared_expert` with its `shared_expert_gate`, DeepSeek-V3's and
+GLM-4-MoE's `shared_experts`), and some of its layers may be dense (`dense_layers`)."""
 
 from __future__ import annotations
 
@@ -36,11 +38,28 @@ class ModelShape:
     `intermediate_size`)."""
     dense_layers: tuple[int, ...] = ()
     """Decoder layers of an MoE with a dense MLP (`intermediate`) instead of experts (Qwen's
-    `mlp_only_layers`, `decoder_sparse_step`); the others are MoE layers."""
+    `mlp_only_layers`, `decoder_sparse_step`; DeepSeek-V3's and GLM-4-MoE's first
+    `first_k_dense_replace`); the others are MoE layers."""
     shared_experts: int = 0
-    """Shared (always-on) experts per MoE layer (Qwen2-MoE, DeepSeek); 0 for the presets."""
+    """Shared (always-on) experts per MoE layer: one MLP of `shared_intermediate` beside the routed ones."""
+    shared_intermediate: int = 0
+    """The MoE layers' shared MLP's intermediate size (0: none): Qwen2-MoE's
+    `shared_expert_intermediate_size`, DeepSeek-V3's and GLM-4-MoE's `n_shared_experts × moe_intermediate_size`."""
+    shared_gate: bool = False
+    """Qwen2-MoE's layout: the shared MLP is `mlp.shared_expert`, scaled by `sigmoid(shared_expert_gate(x))`
+    (a linear `(1, H)`); otherwise `mlp.shared_experts`, added as it is (DeepSeek-V3, GLM-4-MoE)."""
     norm_topk: bool = True
     """The top-k routing weights are renormalised to sum to 1 (`norm_topk_prob`; Mixtral always)."""
+    router_groups: tuple[int, ...] = ()
+    """`(n_group, topk_group)` of DeepSeek-V3's and GLM-4-MoE's router (sigmoid scores, a score-correction
+    bias buffer `(E,)`, the top k among the best groups); empty: a softmax router (Qwen, OLMoE, Mixtral)."""
+    attention_bias: tuple[str, ...] = ()
+    """The attention linears with a bias (Qwen2-MoE's and GLM-4-MoE's q, k, v)."""
+    rotary_dim: int = 0
+    """Rotated dimensions of each head (0: all, `head_dim`; GLM-4-MoE's `partial_rotary_factor` 0.5: half)."""
+    attention: str = "gqa"
+    """"gqa": q/k/v/o_proj; "mla": DeepSeek-V2/V3's multi-head latent attention (`kv_lora_rank`), whose
+    parameters and activations are not modeled (`attention_params` says so)."""
 
     @property
     def hd(self) -> int:
@@ -55,16 +74,46 @@ class ModelShape:
         """Decoder layers whose MLP is routed experts."""
         return self.layers - len(self.dense_layers) if self.moe else 0
 
+    @property
+    def rd(self) -> int:
+        """Rotated dimensions of each head."""
+        return self.rotary_dim or self.hd
+
+    @property
+    def shared_prefix(self) -> str:
+        """The shared MLP's module name inside an MoE layer's `mlp` ("": none)."""
+        return "" if not self.shared_intermediate else "shared_expert" if self.shared_gate else "shared_experts"
+
     def attention_shapes(self) -> dict[str, tuple[int, int]]:
         """`(out, in)` of each attention linear of one decoder layer."""
+        if self.attention != "gqa":
+            raise ValueError(f"{self.name}: multi-head latent attention (DeepSeek-V2/V3: q_a_proj, q_b_proj, "
+                             "kv_a_proj_with_mqa, kv_b_proj of q_lora_rank, kv_lora_rank, qk_rope_head_dim) is not "
+                             "planned; the planner models q/k/v/o_proj attention (its MoE layers are modeled)")
         h, q, kv = self.hidden, self.heads * self.hd, self.kv_heads * self.hd
         return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
 
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """`(out, in)` of each linear of one dense decoder layer (of an MoE layer: the attention's)."""
-        h, i = self.hidden, self.intermediate
-        mlp = {} if self.moe else {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
-        return {**self.attention_shapes(), **mlp}
+    def mlp_shapes(self, moe_layer: bool) -> dict[str, tuple[int, int]]:
+        """`(out, in)` of the linears of one layer's MLP, by the name a target matches with its dotted
+        suffix (as `add_adapters`): a dense layer's `gate_proj`, `up_proj`, `down_proj`; an MoE layer's
+        shared MLP (`shared_expert.gate_proj`, ... or `shared_experts....`) and `shared_expert_gate`."""
+        h, i, p = self.hidden, self.shared_intermediate if moe_layer else self.intermediate, self.shared_prefix
+        if moe_layer and not p:
+            return {}
+        pre = f"{p}." if moe_layer else ""
+        out = {f"{pre}gate_proj": (i, h), f"{pre}up_proj": (i, h), f"{pre}down_proj": (h, i)}
+        return {**out, "shared_expert_gate": (1, h)} if moe_layer and self.shared_gate else out
+
+    def linear_shapes(self, moe_layer: bool | None = None) -> dict[str, tuple[int, int]]:
+        """`(out, in)` of each linear of one decoder layer: the attention's and the MLP's (`mlp_shapes`),
+        of an MoE's MoE layer (`moe_layer` None: of an MoE, its MoE layers)."""
+        moe_layer = self.moe if moe_layer is None else moe_layer
+        return {**self.attention_shapes(), **self.mlp_shapes(moe_layer)}
+
+    def linear_names(self) -> set[str]:
+        """The names of every linear of every decoder layer (dense and MoE layers)."""
+        kinds = ([True] if self.moe_layers else []) + ([False] if self.layers > self.moe_layers else [])
+        return {name for kind in kinds for name in self.linear_shapes(kind)}
 
     def expert_shapes(self) -> dict[str, tuple[int, int]]:
         """`(out, in)` of one expert's projections (`qdora.core.experts.QDoRAExperts`), by target name."""
@@ -75,14 +124,23 @@ class ModelShape:
         q, kv = self.heads * self.hd, self.kv_heads * self.hd
         return {"": 0, "head": 2 * self.hd, "full": q + kv}[self.qk_norm]
 
-    def params(self) -> int:
-        attn = sum(o * i for o, i in self.attention_shapes().values()) + 2 * self.hidden + self.qk_norm_params()
-        h, i = self.hidden, self.intermediate
-        dense = 3 * h * i
-        routed = self.num_experts * (sum(o * n for o, n in self.expert_shapes().values()) + h)  # + router
-        head = 0 if self.tied_embeddings else self.vocab * self.hidden
-        return (self.layers * attn + (self.layers - self.moe_layers) * dense + self.moe_layers * routed
-                + self.vocab * self.hidden + head + self.hidden)
+    def attention_params(self) -> int:
+        """One layer's attention: its linears, their biases, the q/k norms."""
+        shapes = self.attention_shapes()
+        return (sum(o * i for o, i in shapes.values()) + sum(shapes[n][0] for n in self.attention_bias)
+                + self.qk_norm_params())
+
+    def params(self, attention: bool = True) -> int:
+        """Parameters, as transformers' model on the meta device counts them (buffers left out); without
+        the attention's with `attention=False` (DeepSeek-V3's latent attention is not modeled)."""
+        h = self.hidden
+        dense = sum(o * i for o, i in self.mlp_shapes(False).values())
+        routed = (self.num_experts * (sum(o * n for o, n in self.expert_shapes().values()) + h)  # + router
+                  + sum(o * i for o, i in self.mlp_shapes(True).values()))                       # + shared MLP
+        head = 0 if self.tied_embeddings else self.vocab * h
+        return (self.layers * ((self.attention_params() if attention else 0) + 2 * h)
+                + (self.layers - self.moe_layers) * dense
+                + self.moe_layers * routed + self.vocab * h + head + h)
 
 
 # Published configurations (the models' own config.json files on the Hugging Face Hub).
@@ -102,39 +160,70 @@ PRESETS = {
                               num_experts=64, experts_per_token=8, moe_intermediate=1024, norm_topk=False),
     "mixtral-8x7b": ModelShape("Mixtral-8x7B", 4096, 14336, 32, 32, 8, 32000, False, num_experts=8,
                                experts_per_token=2, moe_intermediate=14336),
+    # With shared experts: Qwen/Qwen1.5-MoE-A2.7B (a gated shared expert, q/k/v biases, top-k weights as
+    # routed) and zai-org/GLM-4.5-Air (a dense first layer, a shared expert, sigmoid routing, q/k/v biases,
+    # half of each head rotated; its multi-token-prediction layer, which transformers does not load, left out).
+    "qwen1.5-moe-a2.7b": ModelShape("Qwen1.5-MoE-A2.7B", 2048, 5632, 24, 16, 16, 151936, False, num_experts=60,
+                                    experts_per_token=4, moe_intermediate=1408, shared_experts=1,
+                                    shared_intermediate=5632, shared_gate=True, norm_topk=False,
+                                    attention_bias=("q_proj", "k_proj", "v_proj")),
+    "glm-4.5-air": ModelShape("GLM-4.5-Air", 4096, 10944, 46, 96, 8, 151552, False, head_dim=128, num_experts=128,
+                              experts_per_token=8, moe_intermediate=1408, dense_layers=(0,), shared_experts=1,
+                              shared_intermediate=1408, router_groups=(1, 1),
+                              attention_bias=("q_proj", "k_proj", "v_proj"), rotary_dim=64),
 }
 ALIASES = {"olmoe-1b-7b-0924": "olmoe-1b-7b", "mixtral-8x7b-v0.1": "mixtral-8x7b"}
 """Hub names of the presets, beside their short names."""
 
 
 QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full", "olmo2": "full"}
-"""Architectures (`model_type`) that normalize queries and keys, and how."""
+"""Architectures (`model_type`) that normalize queries and keys, and how (GLM-4-MoE: per head with `use_qk_norm`)."""
+QKV_BIAS = {"qwen2": ("", True), "qwen2_moe": ("qkv_bias", True), "glm4_moe": ("attention_bias", False)}
+"""Architectures whose q, k, v (not o) may carry a bias: the config field that says so ("": always) and its
+default; elsewhere `attention_bias` puts one on all four."""
+SIGMOID_ROUTERS = ("deepseek_v3", "glm4_moe")
+"""Architectures whose router scores with a sigmoid and picks among groups (`ModelShape.router_groups`)."""
 
 
 def shape_from_config(config, name: str = "model") -> ModelShape:
     """A `ModelShape` from a transformers config object or a config.json dict (an MoE's experts from
-    `num_experts` or `num_local_experts`, `num_experts_per_tok`, `moe_intermediate_size`)."""
+    `num_experts`, `num_local_experts` or `n_routed_experts`, `num_experts_per_tok`, `moe_intermediate_size`;
+    its shared MLP from `shared_expert_intermediate_size` or `n_shared_experts`; its dense layers from
+    `mlp_only_layers`, `decoder_sparse_step` or `first_k_dense_replace`)."""
     get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else \
         (lambda k, d=None: getattr(config, k, d))
     missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                            "vocab_size") if get(k) is None]
     if missing:
         raise ValueError(f"{name}: config lacks {', '.join(missing)}; a Llama-architecture config is expected")
-    heads, layers = int(get("num_attention_heads")), int(get("num_hidden_layers"))
+    heads, layers, kind = int(get("num_attention_heads")), int(get("num_hidden_layers")), get("model_type") or ""
     experts = int(get("num_experts") or get("num_local_experts") or get("n_routed_experts") or 0)
     moe = {}
     if experts:
         step = int(get("decoder_sparse_step") or 1)
-        only = set(get("mlp_only_layers") or ())
+        only = set(get("mlp_only_layers") or ()) | set(range(int(get("first_k_dense_replace") or 0)))
+        inter = int(get("moe_intermediate_size") or get("intermediate_size"))
         shared = int(get("n_shared_experts") or (1 if get("shared_expert_intermediate_size") else 0))
-        moe = dict(num_experts=experts, experts_per_token=int(get("num_experts_per_tok") or 0),
-                   moe_intermediate=int(get("moe_intermediate_size") or get("intermediate_size")),
+        moe = dict(num_experts=experts, experts_per_token=int(get("num_experts_per_tok") or 0), moe_intermediate=inter,
                    dense_layers=tuple(i for i in range(layers) if i in only or (i + 1) % step), shared_experts=shared,
-                   norm_topk=bool(get("norm_topk_prob", True)))
+                   shared_intermediate=int(get("shared_expert_intermediate_size") or shared * inter),
+                   shared_gate=bool(get("shared_expert_intermediate_size")),
+                   norm_topk=bool(get("norm_topk_prob", True)),
+                   router_groups=(int(get("n_group") or 1), int(get("topk_group") or 1)) if kind in SIGMOID_ROUTERS
+                   else ())
+    head_dim = int(get("head_dim") or 0) or int(get("hidden_size")) // heads
+    rope = get("rope_parameters") if isinstance(get("rope_parameters"), dict) else {}
+    partial = float(get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0)
+    field, default = QKV_BIAS.get(kind, ("attention_bias", False))
+    biased = ("q_proj", "k_proj", "v_proj") + (() if kind in QKV_BIAS else ("o_proj",))
+    bias = biased if not field or get(field, default) else ()
+    qk_norm = ("head" if get("use_qk_norm") else "") if kind == "glm4_moe" else QK_NORM.get(kind, "")
     return ModelShape(name=name, hidden=int(get("hidden_size")), intermediate=int(get("intermediate_size")),
                       layers=layers, heads=heads, kv_heads=int(get("num_key_value_heads") or heads),
                       vocab=int(get("vocab_size")), tied_embeddings=bool(get("tie_word_embeddings", False)),
-                      head_dim=int(get("head_dim") or 0), qk_norm=QK_NORM.get(get("model_type") or "", ""), **moe)
+                      head_dim=int(get("head_dim") or 0), qk_norm=qk_norm, attention_bias=bias,
+                      rotary_dim=int(head_dim * partial) if partial != 1.0 else 0,
+                      attention="mla" if get("kv_lora_rank") else "gqa", **moe)
 
 
 def resolve_model(spec: str) -> ModelShape:

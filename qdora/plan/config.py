@@ -36,6 +36,15 @@ EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
 names both; a bare `gate_up_proj`/`down_proj` names linear layers only (the dense MLP), as in `add_adapters`."""
 ROUTER = "gate"
 """An MoE's router `mlp.gate (E, H)` as a target (`qdora.core.experts.AdaptedRouter`)."""
+SHARED = ("shared_expert_gate", *(f"{m}.{p}" for m in ("shared_expert", "shared_experts")
+                                  for p in ("gate_proj", "up_proj", "down_proj")))
+"""An MoE layer's shared MLP as targets that name it alone: Qwen2-MoE's `shared_expert.<proj>` and its gate
+`shared_expert_gate (1, H)`, DeepSeek-V3's and GLM-4-MoE's `shared_experts.<proj>`. A bare `gate_proj`,
+`up_proj`, `down_proj` names the shared MLP's linears and the dense layers' (a dotted suffix, as in add_adapters)."""
+ALL_LINEAR = "all-linear"
+"""`all` or `all-linear` as a target (PEFT's all-linear, as in add_adapters): every linear layer of every decoder
+layer (attention, dense MLP, shared MLP and its gate), not the experts nor the router; with others beside it
+(`all-linear,experts`)."""
 DEVICES = ("cuda", "cpu")
 
 
@@ -53,8 +62,10 @@ class PlanConfig:
     """Decoder-layer linears with a direction adapter, comma-separated from q_proj, k_proj, v_proj,
     o_proj, gate_proj, up_proj, down_proj (fused: qkv_proj, gate_up_proj), or all; an MoE's experts:
     experts, experts.gate_up_proj, experts.down_proj (`all` does not include them, as in add_adapters);
-    its router: gate.
-    On an MoE without dense MLP layers the default's up_proj, down_proj name nothing and are left out."""
+    its router: gate; its shared MLP alone: shared_expert.<proj>, shared_experts.<proj>, shared_expert_gate
+    (a bare gate_proj, up_proj, down_proj names the shared MLP's linears and the dense layers').
+    On an MoE without dense MLP layers or shared experts the default's up_proj, down_proj name nothing and
+    are left out."""
     magnitude_only_modules: tuple[str, ...] = ()
     """Linears that train only the magnitude m (comma-separated)."""
     dropout: float = 0.05
@@ -93,8 +104,8 @@ class PlanConfig:
     def __post_init__(self):
         if isinstance(self.target_modules, str):
             object.__setattr__(self, "target_modules", tuple(t for t in self.target_modules.split(",") if t))
-        if tuple(self.target_modules) in (("all",), ("all-linear",)):
-            object.__setattr__(self, "target_modules", LINEARS)
+        object.__setattr__(self, "target_modules",
+                           tuple(ALL_LINEAR if t == "all" else t for t in self.target_modules))
         if isinstance(self.magnitude_only_modules, str):
             object.__setattr__(self, "magnitude_only_modules",
                                tuple(t for t in self.magnitude_only_modules.split(",") if t))
@@ -107,10 +118,11 @@ class PlanConfig:
         for name in ("batch_size", "seq_len", "grad_accum", "gpus"):
             p.positive_int(name, getattr(self, name))
         if self.method != "full":
-            unknown = [t for t in (*self.target_modules, *self.magnitude_only_modules)
-                       if t not in LINEARS + EXPERTS + (ROUTER,)]
+            known = LINEARS + EXPERTS + (ROUTER,) + SHARED
+            unknown = [t for t in self.target_modules if t not in (*known, ALL_LINEAR)] + \
+                [t for t in self.magnitude_only_modules if t not in known]
             if unknown:  # the planner counts the linears of a decoder layer by name
-                names = ", ".join(LINEARS + tuple(FUSED) + ("experts",) + EXPERTS + (ROUTER,))
+                names = ", ".join(LINEARS + tuple(FUSED) + ("experts",) + EXPERTS + (ROUTER,) + SHARED)
                 p.add(f"unknown target module(s) {unknown}; use names from {names} or 'all'")
         try:  # the adapter's fields, with AdapterConfig's own checks and messages
             object.__setattr__(self, "adapter_dtype", self.adapter_config().adapter_dtype)

@@ -26,9 +26,10 @@ Per phase of the step (the peak is the largest phase)
                      gradient: `3·T·V·4`.
     layer backward   saved activations (or, with gradient checkpointing, the L checkpointed layer
                      inputs `L·T·h·e` plus one layer's recomputed activations) + the gradients in
-                     flight through one layer + the dequantized base weight of the largest frozen
+                     flight through one layer + the dequantized base weight of its largest frozen
                      NF4 layer (bitsandbytes dequantizes it whole; FSDP's path and the adapted
-                     layers go row block by row block: `block_rows × in`).
+                     layers go row block by row block: `block_rows × in`); of the costliest kind
+                     of layer where an MoE has two (`qdora.plan.sizes`: MoE and dense layers).
     optimizer step   all gradients + AdamW's temporaries (CPU: the largest parameter twice;
                      CUDA: torch's foreach path, one copy of all trainable parameters) + the
                      fp32 gradients of the master copies of bf16 adapters.
@@ -41,7 +42,9 @@ and an fp32 logsumexp per head and token; the MLP keeps `gate`, `silu(gate)`, `u
 A linear keeps its input only if its weight trains (full) or it has an adapter: then its input
 (or, with dropout, each adapter's own dropped-out copy plus the dropout mask), `a = x·Aᵀ (T·r)`,
 and for DoRA its output (`dm` is recovered from it; shared when the next op keeps it anyway: v,
-gate, up). Full fine-tuning adds the normalised RMSNorm outputs (their weight trains).
+gate, up). Full fine-tuning adds the normalised RMSNorm outputs (their weight trains). Biases
+(Qwen2's q, k, v) are kept as loaded; a partial rotary embedding (GLM-4-MoE) keeps cos, sin of the
+rotated dimensions only.
 
 FSDP over N devices (`qdora.train.fsdp`: FSDP2 `fully_shard` per decoder layer, then the root):
 parameters, gradients and optimizer states are divided by N; the quantization state and buffers
@@ -57,14 +60,12 @@ every rank streams the checkpoint layer by layer (see `plan` for its terms; vali
 CUDA only: a CUDA context (a constant, `CUDA_CONTEXT_BYTES`) and allocator slack (a stated
 fraction of the tensor peak, `ALLOCATOR_SLACK`) are reported as their own lines. Queries and keys
 normalised per head or whole (Qwen3, OLMoE) keep their fp32 norm inputs. A mixture of experts
-(`ModelShape.num_experts`): its attention as above, its experts and router (FSDP too) in `qdora.plan.moe`.
+(`ModelShape.num_experts`): its attention as above, its experts, router and shared MLP (FSDP too) in
+`qdora.plan.moe`; its dense layers as a dense model's; each kind of layer's sizes in `qdora.plan.sizes`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from qdora.core.config import FLOAT_DTYPES
 from qdora.models.shapes import PRESETS, ModelShape, resolve_model, shape_from_config  # noqa: F401  (also from here)
 from qdora.plan import moe
 from qdora.plan.config import (  # noqa: F401  (the setting and result, also from here)
@@ -81,12 +82,12 @@ from qdora.plan.config import (  # noqa: F401  (the setting and result, also fro
     MemoryPlan,
     PlanConfig,
 )
+from qdora.plan.sizes import Dims, Weights, dims, kinds, nf4_bytes, weights  # noqa: F401  (dims: also from here)
 
 QUANT_CHUNK = 1 << 20
 """`qdora.core.nf4.QUANT_CHUNK`: elements the quantizer converts at once."""
 CHECKSUM_CHUNK = 1 << 18
 """`qdora.train.fsdp.CHECKSUM_CHUNK`: int32 words the start's checksum sums at once."""
-_DTYPE_BYTES = {name: dtype.itemsize for name, dtype in FLOAT_DTYPES.items()}
 
 
 # ---- the model -----------------------------------------------------------------------------
@@ -97,128 +98,13 @@ def _checksum_bytes(largest: int) -> int:
     return 8 * min(CHECKSUM_CHUNK, largest // 4)
 
 
-def _nf4_bytes(out_f: int, in_f: int, double_quant: bool) -> tuple[int, int]:
-    """(packed bytes, quantization-state bytes) of one NF4 weight."""
-    numel = out_f * in_f
-    blocks = -(-numel // 64)
-    if double_quant:
-        state = blocks + 4 * -(-blocks // 256) + 4 + 16 * 4 + 256 * 4
-    else:
-        state = 4 * blocks + 16 * 4
-    return (numel + 1) // 2, state
-
-
-@dataclass(frozen=True)
-class _Dims:
-    """The sizes every term is written in (one place, the math's own symbols)."""
-    e: int              # compute dtype bytes
-    w: int              # storage bytes of unquantized tensors: bf16 on CUDA, fp32 on CPU
-    ab: int             # adapter dtype bytes
-    N: int              # devices
-    T: int              # tokens per micro-batch
-    s: int              # sequence length
-    b: int              # batch size
-    h: int
-    i: int
-    V: int
-    L: int
-    q: int              # query width (heads × head_dim)
-    kv: int             # key/value width
-    lin: dict           # (out, in) of each linear of one layer (of an MoE layer: the attention's)
-    experts: dict       # (out, in) of one expert's projections (MoE)
-    E: int              # experts per MoE layer (0: dense)
-    k: int              # experts per token
-    ei: int             # an expert's intermediate size
-    full: bool
-    direction: frozenset
-    mag_only: frozenset
-
-    @property
-    def adapted(self) -> frozenset:
-        return self.direction | self.mag_only
-
-    def units(self) -> list[tuple[str, int, int, int]]:
-        """`(name, out, in, how many)` of the weights of one decoder layer: linears, experts, router."""
-        return ([(n, o, i, 1) for n, (o, i) in self.lin.items()] + [(n, o, i, self.E) for n, (o, i) in
-                                                                    self.experts.items()]
-                + ([(ROUTER, self.E, self.h, 1)] if self.E else []))
-
-
-def dims(shape: ModelShape, cfg: PlanConfig) -> _Dims:
-    """The sizes every term of `shape` under `cfg` is written in."""
-    direction, mag_only, _ = moe.resolve_targets(shape, cfg)
-    return _Dims(e=cfg.compute_bytes, w=cfg.compute_bytes, ab=_DTYPE_BYTES[cfg.adapter_dtype], N=cfg.gpus,
-                 T=cfg.batch_size * cfg.seq_len, s=cfg.seq_len, b=cfg.batch_size, h=shape.hidden,
-                 i=0 if shape.moe else shape.intermediate, V=shape.vocab, L=shape.layers, q=shape.heads * shape.hd,
-                 kv=shape.kv_heads * shape.hd, lin=shape.linear_shapes(), experts=shape.expert_shapes(),
-                 E=shape.num_experts, k=shape.experts_per_token, ei=shape.moe_intermediate,
-                 full=cfg.method == "full", direction=direction, mag_only=mag_only)
-
-
-@dataclass
-class _Weights:
-    """Resident weights, whole model (and one decoder layer, the FSDP unit): NF4 data, quantization
-    state, unquantized weights, adapters, the DoRA norm buffers, and what trains."""
-    nf4: int
-    qstate: int
-    base: int
-    adapters: int
-    buffers: int
-    nf4_layer: int
-    base_layer: int
-    adapters_layer: int
-    trainable: int
-    trainable_layer: int
-    largest_trainable: int
-    embed: int
-    head: int
-    root: int
-    rope: int
-
-
-def _weights(d: _Dims, shape: ModelShape, cfg: PlanConfig) -> _Weights:
-    nf4 = qstate = base = adapters = buffers = 0
-    trainable_layer = largest_trainable = 0
-    for name, o, n, count in d.units():
-        if cfg.quantized and name != ROUTER:  # the router stays in the storage dtype
-            packed, st = _nf4_bytes(o, n, cfg.double_quant)
-            nf4 += count * packed
-            qstate += count * st
-        else:
-            base += count * o * n * d.w
-        if name in d.adapted:
-            a_bytes = (cfg.r * n + o * cfg.r) * d.ab if name in d.direction else 0
-            m_bytes = o * d.ab if cfg.use_dora else 0
-            adapters += count * (a_bytes + m_bytes)
-            buffers += count * o * 4 if cfg.use_dora else 0
-            trainable_layer += count * (a_bytes + m_bytes)
-            largest_trainable = max(largest_trainable,
-                                    max(cfg.r * n, o * cfg.r) * d.ab if name in d.direction else o * d.ab)
-    base += (2 * d.h + shape.qk_norm_params()) * d.w  # the layer's RMSNorm weights (+ q/k norms)
-    nf4_l, base_l, adapt_l = nf4, base, adapters
-    embed = d.V * d.h * d.w
-    head = 0 if shape.tied_embeddings else d.V * d.h * d.w
-    root = embed + head + d.h * d.w               # embeddings, lm_head (full precision), final norm
-    base = d.L * base + root
-    if d.full:
-        trainable = base                          # every weight trains, in its storage dtype
-        trainable_layer = base_l
-        largest_trainable = max(embed, *(count * o * n * d.w for _, o, n, count in d.units()))
-    else:
-        trainable = d.L * trainable_layer
-    return _Weights(nf4=d.L * nf4, qstate=d.L * qstate, base=base, adapters=d.L * adapters, buffers=d.L * buffers,
-                    nf4_layer=nf4_l, base_layer=base_l, adapters_layer=adapt_l, trainable=trainable,
-                    trainable_layer=trainable_layer, largest_trainable=largest_trainable, embed=embed, head=head,
-                    root=root, rope=2 * (shape.hd // 2) * 4)  # rope: inv_freq and its original copy (fp32)
-
-
-def _trained_elements(d: _Dims, wt: _Weights) -> tuple[int, int]:
+def _trained_elements(d: Dims, wt: Weights) -> tuple[int, int]:
     """(trainable elements, bytes each)."""
     size = d.w if d.full else d.ab
     return wt.trainable // size, size
 
 
-def _optimizer_states(d: _Dims, wt: _Weights, cfg: PlanConfig) -> int:
+def _optimizer_states(d: Dims, wt: Weights, cfg: PlanConfig) -> int:
     """AdamW's two moments per trained element in its dtype, or bitsandbytes' 8-bit blockwise states
     (uint8 per element and an fp32 absmax per 256, twice); for a bf16 parameter, an fp32 master copy
     (`qdora.core.optim.MasterWeights`), whose moments are fp32."""
@@ -229,94 +115,121 @@ def _optimizer_states(d: _Dims, wt: _Weights, cfg: PlanConfig) -> int:
     return master + 2 * (n_el + 4 * -(-n_el // 256))
 
 
-def _fsdp_start(d: _Dims, wt: _Weights, cfg: PlanConfig) -> int:
+def _fsdp_start(wt: Weights, cfg: PlanConfig) -> int:
     """The start (`qdora.train.fsdp.build_sharded`), on every rank: the quantization states and norm
     buffers (kept whole) of the layers read so far, plus this rank's shards of them (none on the
     device with CPU offload), plus the group being read, whole, and what reading it costs:
-    - a decoder layer: while a weight is quantized (the costliest, last), the weight as read
-      (`moe.start_reads`: copied to the GPU; on a CPU device a view of the memory-mapped file, but an
-      MoE expert's gate_up joined from copied halves) and the quantizer's tensors (measured:
+    - a decoder layer (of each kind, read last): while a weight is quantized (the costliest, last), the
+      weight as read (`moe.start_reads`: copied to the GPU; on a CPU device a view of the memory-mapped
+      file, but an MoE expert's gate_up joined from copied halves) and the quantizer's tensors (measured:
       ~10 bytes per element up to one chunk; beyond, the packed chunks and their concatenation,
       9/8 byte per element, plus ~7.25 bytes per element of one chunk); or, once complete, its
       checksum's temporary or its new shards;
     - last, the root (embeddings, final norm, head): its checksum's temporary or new shards;
     or, before any of it, an MoE's experts built whole for a moment on a CPU device (`moe.built_on_meta`)."""
-    reads = moe.start_reads(d, cfg)
-    n_max = max(n for n, _ in reads)
-    layer_whole = wt.nf4_layer + wt.base_layer + wt.adapters_layer
-    layer_shard = 0 if cfg.cpu_offload else -(-layer_whole // d.N)
-    quantizing = 0
-    if cfg.quantized:  # the layer without its adapters and DoRA norm buffers: made once it is read
-        quantizing = wt.nf4_layer + wt.base_layer - wt.buffers // d.L + max(read - (n + 1) // 2 + (
-            10 * n + n // 16 if n <= QUANT_CHUNK else 9 * n // 8 + 29 * QUANT_CHUNK // 4) for n, read in reads)
-    layer_largest = (n_max + 1) // 2 if cfg.quantized else n_max * d.w
-    layer_done = layer_whole + max(_checksum_bytes(layer_largest), -(-layer_whole // d.N))
-    root_done = wt.root + max(_checksum_bytes(max(wt.embed, wt.head)), -(-wt.root // d.N))
-    return max(moe.built_on_meta(d, cfg), wt.qstate + wt.buffers + wt.rope + max(
-        (d.L - 1) * layer_shard + max(quantizing, layer_done), d.L * layer_shard + root_done))
+    N = cfg.gpus
+    shard = {id(lw): 0 if cfg.cpu_offload else -(-lw.whole // N) for _, lw in wt.layers}
+    shards = sum(d.L * shard[id(lw)] for d, lw in wt.layers)
+    layer = 0
+    for d, lw in wt.layers:
+        reads = moe.start_reads(d, cfg)
+        n_max = max(n for n, _ in reads)
+        quantizing = 0
+        if cfg.quantized:  # the layer without its adapters and DoRA norm buffers: made once it is read
+            quantizing = lw.nf4 + lw.base - lw.buffers + max(read - (n + 1) // 2 + (
+                10 * n + n // 16 if n <= QUANT_CHUNK else 9 * n // 8 + 29 * QUANT_CHUNK // 4) for n, read in reads)
+        layer_largest = (n_max + 1) // 2 if cfg.quantized else n_max * d.w
+        layer_done = lw.whole + max(_checksum_bytes(layer_largest), -(-lw.whole // N))
+        layer = max(layer, shards - shard[id(lw)] + max(quantizing, layer_done))
+    root_done = wt.root + max(_checksum_bytes(max(wt.embed, wt.head)), -(-wt.root // N))
+    return max(*(moe.built_on_meta(d, cfg) for d, _ in wt.layers),
+               wt.qstate + wt.buffers + wt.fixed + max(layer, shards + root_done))
 
 
-def _fsdp_buffers(d: _Dims, wt: _Weights, cfg: PlanConfig) -> dict[str, int]:
-    """What FSDP holds beside the shards while a step computes."""
+def _fsdp_buffers(d: Dims, wt: Weights, cfg: PlanConfig) -> dict[str, int]:
+    """What FSDP holds beside the shards while a step computes (its unit: the largest decoder layer)."""
     g_ab = 2 if cfg.device == "cuda" else d.ab    # CUDA mixed precision gathers in bf16 (packed NF4 is bf16)
-    layer_unsharded = wt.nf4_layer + wt.base_layer + wt.adapters_layer * g_ab // d.ab
-    return {"fsdp: 2 decoder layers unsharded (computing + prefetched)": 2 * layer_unsharded,
+    unit = wt.unit
+    return {"fsdp: 2 decoder layers unsharded (computing + prefetched)":
+                2 * (unit.nf4 + unit.base + unit.adapters * g_ab // d.ab),
             "fsdp: root unsharded (embeddings, final norm, lm_head)": wt.root,
             "fsdp: one layer's gradients before reduce-scatter (fp32)":
                 wt.trainable_layer * 4 // (d.w if d.full else d.ab)}
 
 
-def _activations(d: _Dims, shape: ModelShape, cfg: PlanConfig) -> tuple[int, int, int, int]:
-    """Activations saved for the backward: `(body, head_saved, recompute, lsm)` — the decoder stack's,
-    the final norm's, one layer's recomputed under gradient checkpointing, the log-softmax."""
-    e, T, h, i, q, kv = d.e, d.T, d.h, d.i, d.q, d.kv
-    mask_b = 1                                     # dropout mask: bool (`qdora.core.dropout` on CPU, torch on CUDA)
-    dp = cfg.dropout > 0
+def _kept_input(d: Dims, cfg: PlanConfig, names: tuple[str, ...], width: int) -> int:
+    """Bytes a group of linears sharing one input keeps of it (with dropout, each adapter its own dropped
+    copy and its bool mask: `qdora.core.dropout` on CPU, torch on CUDA)."""
+    names = tuple(n for n in names if n in d.lin)
+    with_a = [n for n in names if n in d.direction]
+    if d.full:
+        return d.T * width * d.e if names else 0
+    if not with_a:
+        return 0
+    return len(with_a) * d.T * width * (d.e + 1) if cfg.dropout > 0 else d.T * width * d.e
 
-    def keeps_input(names: tuple[str, ...], width: int) -> int:
-        """Bytes a group of linears sharing one input keeps of it."""
-        if d.full:
-            return T * width * e
-        with_a = [n for n in names if n in d.direction]
-        if not with_a:
-            return 0
-        return len(with_a) * T * width * (e + mask_b) if dp else T * width * e
 
-    def adapter_saved(name: str) -> int:
-        if name not in d.adapted:
-            return 0
-        o, _ = d.lin[name]
-        out = T * cfg.r * e if name in d.direction else 0               # a = x·Aᵀ
-        if cfg.use_dora:
-            out += 3 * o * 4                                            # g, n, m (fp32 vectors)
-            if name in ("q_proj", "k_proj", "o_proj", "down_proj"):     # output kept for dm
-                out += T * o * e
-            if cfg.norm == "exact" and name in d.direction:
-                out += o * cfg.r * 4                                    # P = W0·Aᵀ
-        return out
+def _adapter_saved(d: Dims, cfg: PlanConfig, name: str) -> int:
+    """What linear `name`'s adapter keeps beyond its input."""
+    if name not in d.adapted:
+        return 0
+    o, _ = d.lin[name]
+    out = d.T * cfg.r * d.e if name in d.direction else 0               # a = x·Aᵀ
+    if cfg.use_dora:
+        out += 3 * o * 4                                                # g, n, m (fp32 vectors)
+        # output kept for dm (v, gate, up: kept anyway by the next op; a gated shared MLP's down: by the gate)
+        if name.rpartition(".")[2] in ("q_proj", "k_proj", "o_proj", "down_proj", "shared_expert_gate") \
+                and not (d.gated and name == f"{d.mlp}down_proj"):
+            out += d.T * o * d.e
+        if cfg.norm == "exact" and name in d.direction:
+            out += o * cfg.r * 4                                        # P = W0·Aᵀ
+    return out
 
+
+def mlp_saved(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
+    """Bytes autograd keeps for one layer's `mlp` of kind `d`: a dense MLP, or an MoE block (router, experts
+    and the shared MLP: gate, silu, up of each MLP, and Qwen2-MoE's gate's sigmoid and the output it scales)."""
+    T, h, i, e, p = d.T, d.h, d.i, d.e, d.mlp
+    mlp = 3 * T * i * e + (T * e + T * h * e if d.gated else 0)
+    return (mlp + _kept_input(d, cfg, (f"{p}gate_proj", f"{p}up_proj", "shared_expert_gate"), h)
+            + _kept_input(d, cfg, (f"{p}down_proj",), i) + moe.saved(d, shape, cfg)
+            + sum(_adapter_saved(d, cfg, n) for n in d.lin if n not in shape.attention_shapes()))
+
+
+def layer_saved(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
+    """Bytes autograd keeps for one decoder layer of kind `d`, gradient checkpointing off: its two
+    RMSNorms, its attention, its `mlp` (`mlp_saved`)."""
+    e, T, h, q, kv = d.e, d.T, d.h, d.q, d.kv
     norm_saved = T * h * 4 + T * 4 + (T * h * e if d.full else 0)
     attn_saved = T * (2 * q + 2 * kv) * e + d.b * shape.heads * d.s * 4
     if shape.qk_norm:  # fp32 inputs (on CPU, DoRA's kept q/k outputs themselves) and a 1/rms per row
         rows = T * (shape.heads + shape.kv_heads) if shape.qk_norm == "head" else 2 * T
         attn_saved += rows * 4 + sum(T * w * 4 for name, w in (("q_proj", q), ("k_proj", kv))
                                      if not (e == 4 and cfg.use_dora and name in d.adapted))
-    mlp_saved = 3 * T * i * e
-    layer_saved = (2 * norm_saved + attn_saved + mlp_saved
-                   + keeps_input(("q_proj", "k_proj", "v_proj"), h) + keeps_input(("o_proj",), q)
-                   + keeps_input(("gate_proj", "up_proj"), h) + keeps_input(("down_proj",), i)
-                   + sum(adapter_saved(n) for n in d.lin) + moe.saved(d, shape, cfg))
-    shared = 2 * d.s * shape.hd * e                                     # rotary cos, sin
+    return (2 * norm_saved + attn_saved + _kept_input(d, cfg, ("q_proj", "k_proj", "v_proj"), h)
+            + _kept_input(d, cfg, ("o_proj",), q) + sum(_adapter_saved(d, cfg, n) for n in shape.attention_shapes())
+            + mlp_saved(d, shape, cfg))
+
+
+def _activations(ds: list[Dims], shape: ModelShape, cfg: PlanConfig) -> tuple[int, int, list[int], int]:
+    """Activations saved for the backward: `(body, head_saved, per_layer, lsm)` — the decoder stack's (with
+    gradient checkpointing its layer inputs), the final norm's, one layer's of each kind (recomputed under
+    gradient checkpointing), the log-softmax."""
+    d = ds[0]
+    e, T, h = d.e, d.T, d.h
+    saved = [layer_saved(k, shape, cfg) for k in ds]
+    shared = 2 * d.s * shape.rd * e                                     # rotary cos, sin
     head_saved = T * h * 4 + T * 4 + (2 * T * h * e if d.full else 0)   # final norm (+ lm_head input)
     lsm = T * d.V * 4
     if cfg.gradient_checkpointing:
-        return d.L * T * h * e + shared, head_saved, layer_saved, lsm
+        return shape.layers * T * h * e + shared, head_saved, saved, lsm
     # the first layer's input RMSNorm saves nothing when the embeddings are frozen
-    return d.L * layer_saved - (0 if d.full else T * h * 4 + T * 4) + shared, head_saved, 0, lsm
+    body = sum(k.L * s for k, s in zip(ds, saved))
+    return body - (0 if d.full else T * h * 4 + T * 4) + shared, head_saved, saved, lsm
 
 
-def _dequantized_block(d: _Dims, cfg: PlanConfig) -> int:
-    """The largest dequantized weight alive at once in the backward."""
+def _dequantized_block(d: Dims, cfg: PlanConfig) -> int:
+    """The largest dequantized weight of a layer of kind `d` alive at once in its backward."""
     shapes = {**d.lin, **d.experts}
     frozen_nf4 = [n for n in shapes if n not in d.adapted] if cfg.quantized else []
     if frozen_nf4 and not cfg.fsdp:      # bitsandbytes' Linear4bit dequantizes the whole weight
@@ -326,21 +239,33 @@ def _dequantized_block(d: _Dims, cfg: PlanConfig) -> int:
     return 0
 
 
+def _layer_backward(ds: list[Dims], saved: list[int], shape: ModelShape, cfg: PlanConfig) -> tuple[int, int]:
+    """`(recomputed activations, temporaries)` of the costliest layer's backward, over the kinds of layer:
+    its recomputed activations under gradient checkpointing, the gradients in flight through its MLP (a
+    dense one: gate, silu, up) or MoE block (`moe.in_flight`) and its residual, its dequantized weight."""
+    out = []
+    for d, kept in zip(ds, saved):
+        flight = 3 * d.T * d.h * d.e + (moe.in_flight(d, shape, cfg) if d.E else 3 * d.T * d.i * d.e)
+        out.append((kept if cfg.gradient_checkpointing else 0, flight + _dequantized_block(d, cfg)))
+    return max(out, key=sum)
+
+
 def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
     """Predict the peak memory per device of one training step (forward, backward, clip, optimizer):
     each term by its own function, then the four phases of a step, the peak the largest."""
     shape = resolve_model(model) if isinstance(model, str) else model
     cfg = cfg or PlanConfig()
     moe.check(shape, cfg)
-    d = dims(shape, cfg)
-    wt = _weights(d, shape, cfg)
+    ds = kinds(shape, cfg)
+    d = ds[0]                                             # (an MoE's MoE layers: the experts' terms)
+    wt = weights(ds, shape, cfg)
     nf4, base, adapters = wt.nf4, wt.base, wt.adapters
     opt_states = _optimizer_states(d, wt, cfg)
     grads_total = wt.trainable
-    details: dict[str, int] = moe.expert_details(shape, cfg, d, _nf4_bytes)
+    details: dict[str, int] = moe.expert_details(shape, cfg, d, nf4_bytes)
     fsdp_buf = start = 0
     if cfg.fsdp:  # parameters, gradients, optimizer states sharded; quant state and buffers whole
-        start = _fsdp_start(d, wt, cfg)
+        start = _fsdp_start(wt, cfg)
         nf4, base, adapters = -(-nf4 // d.N), -(-base // d.N), -(-adapters // d.N)
         grads_total, opt_states = -(-wt.trainable // d.N), -(-opt_states // d.N)
         details.update(buffers := _fsdp_buffers(d, wt, cfg))
@@ -350,11 +275,10 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
                 nf4 + base + adapters + grads_total + opt_states
             nf4 = base = adapters = grads_total = opt_states = 0
     adapters += wt.buffers
-    resident = nf4 + wt.qstate + base + adapters + opt_states + wt.rope
+    resident = nf4 + wt.qstate + base + adapters + opt_states + wt.fixed
 
-    body, head_saved, recompute, lsm = _activations(d, shape, cfg)
-    in_flight = 3 * d.T * d.i * d.e + 3 * d.T * d.h * d.e + moe.in_flight(d)  # through the MLP + residual
-    deq = _dequantized_block(d, cfg)
+    body, head_saved, saved, lsm = _activations(ds, shape, cfg)
+    recompute, layer_tmp = _layer_backward(ds, saved, shape, cfg)
     opt_tmp = 2 * wt.largest_trainable if cfg.device == "cpu" else grads_total  # 0 with offload: CPU steps
     n_el, size = _trained_elements(d, wt)
     if size < 4 and not d.full:  # the master copies' fp32 gradients, made for the step
@@ -371,7 +295,7 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
         "forward end (loss)": {"activations": body + head_saved, "logits_loss": logits_fwd,
                                "gradients": kept_grads},
         "loss backward": {"activations": body + head_saved, "logits_loss": 3 * lsm, "gradients": kept_grads},
-        "layer backward": {"activations": body + recompute, "temporaries": in_flight + deq,
+        "layer backward": {"activations": body + recompute, "temporaries": layer_tmp,
                            "gradients": kept_grads or grads_head + grad_layer},
         "optimizer step": {"gradients": grads_total, "temporaries": opt_tmp},
     }
@@ -382,7 +306,7 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
     peak_phase = max(phases, key=phases.get)
     at_peak = phase_parts[peak_phase]
     terms = {
-        "nf4_weights": nf4, "quant_state": wt.qstate, "base_weights": base + wt.rope,
+        "nf4_weights": nf4, "quant_state": wt.qstate, "base_weights": base + wt.fixed,
         "adapters": adapters, "gradients": at_peak.get("gradients", 0), "optimizer_states": opt_states,
         "activations": at_peak.get("activations", 0), "logits_loss": at_peak.get("logits_loss", 0),
         "temporaries": at_peak.get("temporaries", 0),

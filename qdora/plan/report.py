@@ -20,8 +20,10 @@ def format_plan(p: MemoryPlan, cards=CARDS_GB) -> str:
     sharding = ("s (FSDP, CPU offload)" if c.cpu_offload else "s (FSDP)") if c.fsdp else ""
     layers = f"intermediate {m.intermediate}, {m.layers} layers"
     if m.moe:
-        layers = (f"{m.layers} MoE layers of {m.num_experts} experts (intermediate {m.moe_intermediate}, "
-                  f"top-{m.experts_per_token} per token)")
+        layers = (f"{m.moe_layers} MoE layers of {m.num_experts} experts (intermediate {m.moe_intermediate}, "
+                  f"top-{m.experts_per_token} per token"
+                  + (f"; a shared MLP of intermediate {m.shared_intermediate}" if m.shared_intermediate else "") + ")"
+                  + (f", {len(m.dense_layers)} dense (intermediate {m.intermediate})" if m.dense_layers else ""))
     lines = [
         f"{m.name}: {m.params() / 1e9:.2f}B parameters (hidden {m.hidden}, {layers}, "
         f"{m.heads} heads / {m.kv_heads} kv, vocab {m.vocab}"
