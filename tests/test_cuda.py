@@ -323,8 +323,12 @@ def test_peft_parity_on_a_cuda_linear4bit(use_dora, in_f, out_f, r):
                                                                target_modules=["proj"], use_dora=use_dora))
     theirs = model.base_model.model.proj
     if use_dora:
-        assert_close(ours.magnitude.detach(), theirs.lora_magnitude_vector["default"].weight.detach(), 1e-6,
-                     "initial magnitude")
+        # Both take the row norms of the same dequantized fp32 values (B = 0), each a sum of `in`
+        # squares and a sqrt in its own order (γ_in/2 + u each): within γ_in + 2u of each other.
+        m_ours = ours.magnitude.detach().double()
+        m_peft = theirs.lora_magnitude_vector["default"].weight.detach().double()
+        bound = (_gamma(in_f) + 2 * 2.0 ** -24) * m_peft.abs() * 1.01
+        assert ((m_ours - m_peft).abs() <= bound).all(), "initial magnitude"
     with torch.no_grad():
         ours.lora_B.normal_(0, 0.05)
         theirs.lora_A["default"].weight.copy_(ours.lora_A)
@@ -352,8 +356,10 @@ def test_peft_parity_on_a_cuda_linear4bit(use_dora, in_f, out_f, r):
 @pytest.mark.parametrize("norm", ["detached", "exact"])
 @pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16], ids=str)
 def test_compiled_step_equals_eager_on_cuda(norm, compute):
-    """As tests/test_kernels.py on CPU. Inductor reorders arithmetic: fp32 within 2e-6 of the
-    largest entry (as on CPU); bf16 within 2 bf16 roundings of it (2·2^-8)."""
+    """As tests/test_kernels.py on CPU. Inductor reorders arithmetic: in fp32 the compiled and the
+    eager step are each held to the fp64 oracle with FP32_TOL (its derivation covers in = 192,
+    19·2 tokens; the vector code inductor emits differs by GPU and by version, so no bound between
+    the two is sourced); bf16 within 2 bf16 roundings of the largest entry (2·2^-8)."""
     layer = cuda_layer(192, 67, r=4, norm=norm, bias=True, adapter_dtype=torch.float32, compute_dtype=compute)
     x = torch.randn(2, 19, 192, device=DEV, dtype=compute)
     dy = torch.randn(2, 19, 67, device=DEV, dtype=compute)
@@ -367,9 +373,15 @@ def test_compiled_step_equals_eager_on_cuda(norm, compute):
 
     eager = run(layer)
     compiled = run(torch.compile(layer, backend="inductor"))
-    tol = 2e-6 if compute == torch.float32 else 2 * U_BF16
-    for name, got, want in zip(("y", "dx", "dA", "dB", "dm"), compiled, eager):
-        assert_close(got, want, tol, name)
+    names = ("y", "dx", "dA", "dB", "dm")
+    if compute == torch.float32:
+        y_ref, ref = oracle(layer, x, dy)
+        for label, got in (("eager", eager), ("compiled", compiled)):
+            for name, g, want in zip(names, got, [y_ref, ref["x"], ref["A"], ref["B"], ref["m"]]):
+                assert_close(g, want, FP32_TOL, f"{label} {name}")
+    else:
+        for name, got, want in zip(names, compiled, eager):
+            assert_close(got, want, 2 * U_BF16, name)
 
 
 # ---- loader and merge on the GPU -------------------------------------------------------------------

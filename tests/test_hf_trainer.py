@@ -79,9 +79,18 @@ def test_trainer_checkpoints_hold_the_adapter_and_resume_exactly(setup, tmp_path
     resumed = trainer(setup, tmp_path / "split")
     resumed.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-2"))
     assert losses(resumed)[-2:] == pytest.approx(losses(whole)[-2:], rel=1e-6)
+    # The PEFT-format checkpoint stores m; reloading sets magnitude_delta = m − ‖W0‖, which gives m
+    # back to an ulp but the delta only to u·|m|, unbounded relative to the delta's own (small)
+    # entries: compare m, what the model computes with, instead of the delta. Not bitwise: that ulp
+    # of m changes the later steps' gradients, and two Adam steps carry it into A, B and m at O(u)
+    # of each tensor's largest entry (FP32_TOL); a resume that lost the optimizer state or the
+    # adapter is off by O(lr) = 5e-3 per step.
     for (name, a), (_, b) in zip(whole.model.named_parameters(), resumed.model.named_parameters()):
-        if a.requires_grad:
+        if a.requires_grad and not name.endswith("magnitude_delta"):
             assert_close(b, a, FP32_TOL, name)
+    for (name, a), (_, b) in zip(whole.model.named_modules(), resumed.model.named_modules()):
+        if isinstance(a, QDoRALinear) and a.use_dora:
+            assert_close(b.magnitude.detach(), a.magnitude.detach(), FP32_TOL, f"{name}.magnitude")
 
 
 def test_bf16_adapters_train_through_fp32_master_copies_and_resume_exactly(setup, tmp_path):

@@ -16,8 +16,9 @@ from __future__ import annotations
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
-from conftest import assert_close
+from conftest import FP32_TOL, assert_close
 from oracle import nf4_reference_dequantize
+from test_layer import oracle_step
 from torch import nn
 
 from qdora.core.layer import QDoRALinear
@@ -161,17 +162,24 @@ def test_epilogue_forward_matches_fp64(impl, r, with_g, with_bias, dtype):
     out = base.clone()
     getattr(IMPLS[impl], "dora_epilogue_")(out, a, B, g, bias, s)
     h = base.double()
-    mag = h.abs()
     if r:
         h = h + s * a.double() @ B.double().t()
-        mag = mag + s * a.double().abs() @ B.double().abs().t()
     gg = g.to(dtype).double() if (g is not None and impl == "reference") else (g.double() if g is not None else 1)
     y = gg * h + (bias.double() if bias is not None else 0)
-    bound_abs = (g.double().abs() if g is not None else 1) * mag + (bias.double().abs() if bias is not None else 0)
-    # ≤ 3 roundings to the dtype (addmm, mul, add), the fp32 r-term dot, g rounded to the dtype.
-    bound = (4 * U[dtype] + gamma(max(r, 1))) * bound_abs * 1.01
+    bound = epilogue_bound(base, a, B, g, bias, s, r, dtype)
     assert out.dtype == dtype
     assert ((out.double() - y).abs() <= bound).all(), ((out.double() - y).abs() / bound).max()
+
+
+def epilogue_bound(base, a, B, g, bias, s, r, dtype):
+    """Elementwise error bound of `dora_epilogue_` against its fp64 value: ≤ 3 roundings to the
+    dtype (addmm, mul, add), the fp32 r-term dot, g rounded to the dtype: `(4u + γ_r)` times
+    `|g|·(|base| + s·|a|·|B|ᵀ) + |bias|`, 1.01 for second-order terms."""
+    mag = base.double().abs()
+    if r:
+        mag = mag + s * a.double().abs() @ B.double().abs().t()
+    bound_abs = (g.double().abs() if g is not None else 1) * mag + (bias.double().abs() if bias is not None else 0)
+    return (4 * U[dtype] + gamma(max(r, 1))) * bound_abs * 1.01
 
 
 @pytest.mark.parametrize("r", [3, 16])
@@ -180,7 +188,9 @@ def test_epilogue_triton_equals_reference_fp32(r):
     got, want = base.clone(), base.clone()
     IMPLS["triton"].dora_epilogue_(got, a, B, g, bias, s)
     reference.dora_epilogue_(want, a, B, g, bias, s)
-    assert (got - want).abs().max() <= 8 * U[torch.float32] * want.abs().max()
+    # each within epilogue_bound of the fp64 value (test_epilogue_forward_matches_fp64): 2x apart
+    bound = 2 * epilogue_bound(base, a, B, g, bias, s, r, torch.float32)
+    assert ((got.double() - want.double()).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -214,10 +224,14 @@ def test_epilogue_backward_on_column_slices():
     """The backward reads column blocks of dy and y (strided views), as QDoRALinear calls it."""
     dy, y = torch.randn(T, 150), torch.randn(T, 150)
     g, bias = torch.rand(150), torch.randn(150)
+    dh64 = dy[:, 64:128].double() * g[64:128].double()
+    prod = dy[:, 64:128].double() * (y[:, 64:128].double() - bias[64:128].double())
     for impl in IMPLS.values():
         dh, total = impl.dora_epilogue_backward(dy[:, 64:128], y[:, 64:128], g[64:128], bias[64:128])
-        assert torch.allclose(dh, dy[:, 64:128] * g[64:128])
-        assert torch.allclose(total, (dy[:, 64:128] * (y[:, 64:128] - bias[64:128])).sum(0), rtol=1e-5, atol=1e-5)
+        # dh: one fp32 product (u); total: y − bias and the product round once each, then T terms
+        # summed (Higham §3.1): γ_(T+1)·Σ_t |dy·(y − bias)|
+        assert ((dh.double() - dh64).abs() <= U[torch.float32] * dh64.abs()).all()
+        assert ((total.double() - prod.sum(0)).abs() <= gamma(T + 1) * prod.abs().sum(0)).all()
 
 
 def test_triton_epilogue_rejects_a_strided_output():
@@ -278,7 +292,7 @@ def test_cuda_dispatch_runs_triton_and_falls_back_to_the_reference(monkeypatch):
 
 def test_ops_compile_fullgraph():
     """Every op traces (fake implementations) and runs inside one inductor graph."""
-    w, _ = nf4_weight()
+    w, W = nf4_weight()
     A = torch.randn(4, IN)
     x, dy = torch.randn(T, IN), torch.randn(T, OUT)
 
@@ -292,8 +306,19 @@ def test_ops_compile_fullgraph():
         return z, dh, total
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
-    for got, want in zip(compiled(x, A, dy), step(x, A, dy)):
-        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    # fp64 of the same formulas on the same dequantized W. Inductor's own code (g, the matmuls
+    # around the ops) differs from eager by summation order and by the vector ISA it picks at run
+    # time, so there is no sourced bound between the two: each is held to fp64 with FP32_TOL
+    # (conftest: IN = 192 and T = 37 are within its derivation). A misplaced op (the in-place
+    # epilogue skipped or applied twice) is off by O(1).
+    W64, A64, x64, dy64 = W.double(), A.double(), x.double(), dy.double()
+    P64 = W64 @ A64.t()
+    g64 = 1.0 / (W64.pow(2).sum(1) + P64.pow(2).sum(1)).sqrt()
+    z64 = (x64 @ W64.t() + 0.5 * (x64 @ A64.t()) @ P64.t()) * g64
+    want = (z64, dy64 * g64, (dy64 * z64).sum(0))
+    for label, outs in (("eager", step(x, A, dy)), ("compiled", compiled(x, A, dy))):
+        for name, got, ref in zip(("z", "dh", "total"), outs, want):
+            assert_close(got, ref, FP32_TOL, f"{label} {name}")
 
 
 @pytest.mark.parametrize("norm", ["detached", "exact"])
@@ -315,11 +340,15 @@ def test_compiled_qdora_step_equals_eager(norm):
 
     eager = step(layer)
     compiled = step(torch.compile(layer, backend="inductor"))
-    # Inductor fuses and reorders fp32 arithmetic (the NF4 scale products among them), so the two
-    # differ by roundoff: measured at most 2e-7 of the largest entry (dA, whose small entries then
-    # differ by more than 1e-5 of themselves). Bound: 2e-6 of the largest entry, 10x that.
-    for name, got, want in zip(("y", "dx", "dA", "dB", "dm"), compiled, eager):
-        assert_close(got, want, 2e-6, name)
+    # Inductor fuses and reorders fp32 arithmetic (the NF4 scale products among them) and picks its
+    # vector ISA at run time, so no bound between compiled and eager is sourced: each is held to
+    # the fp64 oracle with FP32_TOL (conftest: in = 192, 38 tokens are within its derivation). A
+    # graph that drops or repeats an op (the in-place epilogue, the exact norm's gradient) is O(1) off.
+    y_ref, ref = oracle_step(layer, x, dy, exact=norm == "exact")
+    want = (y_ref, ref["x"], ref["A"], ref["B"], ref["m"])
+    for label, got in (("eager", eager), ("compiled", compiled)):
+        for name, g, w in zip(("y", "dx", "dA", "dB", "dm"), got, want):
+            assert_close(g, w, FP32_TOL, f"{label} {name}")
 
 
 # ---- qdora bench kernels -------------------------------------------------------------------------
@@ -346,7 +375,9 @@ def test_bench_kernels_triton_path_agrees_and_moves_fewer_bytes():
     device = torch.device("cpu" if tk._INTERPRETING else "cuda")
     res = bench_shape(IN, OUT, T, 3, torch.float32, device, reps=1, triton=True)
     for name, row in res["results"].items():
-        assert row["max_rel_diff"] < 1e-5, (name, row["max_rel_diff"])   # fp32: a few ulps apart
+        # fp32 Triton vs torch, relative to the largest torch entry: IN = 192-term dots and T = 37-token
+        # sums, within FP32_TOL's derivation (conftest)
+        assert row["max_rel_diff"] <= FP32_TOL, (name, row["max_rel_diff"])
         assert row["triton"]["bytes"] <= row["torch"]["bytes"], name
     assert res["results"]["epilogue"]["torch"]["bytes"] > 2 * res["results"]["epilogue"]["triton"]["bytes"]
 

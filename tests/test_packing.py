@@ -85,8 +85,19 @@ def test_packed_equals_unpacked_losses_and_gradients(attn, method):
         pos += n
     packed_losses, packed_grads = run(packed, segments)
     torch.testing.assert_close(packed_losses, plain_losses, rtol=1e-5, atol=1e-5)
-    for a, b in zip(packed_grads, plain_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # The two runs differ only in fp32 rounding: other matmul shapes (2 rows of 20 against 4 of
+    # up to 11), other masks, padding. Per tensor, relative to its largest entry, each run is
+    # taken within γ_K of the exact gradient, K = 128 the longest reduction here (vocab and
+    # intermediate size; hidden 64, 40 tokens): 2·γ_K (1.5e-5) between the runs. That is one
+    # reduction's worst case, not a proof for the network (~20 reductions deep, each error of
+    # order √K·u in practice, O(1)-conditioned here); what matters is the separation: cross-example
+    # attention or continuous positions move every gradient tensor by over 2·10⁴ times this.
+    K = max(config.vocab_size, config.intermediate_size, config.hidden_size, 2 * 20)
+    tol = 2 * K * 2.0 ** -24 / (1 - K * 2.0 ** -24)
+    for (name, _), a, b in zip(((n, p) for n, p in model.named_parameters() if p.requires_grad), packed_grads,
+                               plain_grads):
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err <= tol, f"d{name}: {err:.2e} of its largest entry, over 2·γ_{K} = {tol:.2e}"
     # and cross-example attention would show: the same rows with one causal mask over each row differ
     leaky_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
                          attention_mask=torch.ones_like(packed["input_ids"])).logits
