@@ -24,6 +24,7 @@ _PUBLIC = {
     "QDoRATrainer": "qdora.integrations.trainer",  # transformers.Trainer with AdapterCheckpoints
     "RowBlocks": "qdora.core.nf4",
     "add_adapters": "qdora.models.surgery",
+    "chunked_loss": "qdora.models.head_loss",
     "extract_lora": "qdora.export.lora",
     "keep_standard_layout": "qdora.core.nf4",
     "linear4bit_from_linear": "qdora.core.nf4",

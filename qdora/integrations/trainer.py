@@ -8,7 +8,12 @@ as a checkpoint nothing can load. `AdapterCheckpoints` is a mixin that changes o
 reads; `"qdora"` is ours), and resuming (`train(resume_from_checkpoint=...)`) reads it back with
 `qdora.load_adapter`, which checks that it fits the model. Adapters stored in bf16 are trained
 through fp32 master copies (`qdora.MasterWeights` wraps the trainer's optimizer), so that no step is
-rounded away. Everything else is the trainer's own.
+rounded away. Training and evaluation compute the loss with the LM head and the cross-entropy over
+chunks of tokens, never the whole logits (`qdora.chunked_loss`, installed for the length of
+`train()` and `evaluate()`; `chunked_loss=False` keeps transformers' loss, `loss_chunk_tokens` sizes the
+chunks); an evaluation whose metrics need the logits (`compute_metrics`) gets them, computed whole.
+TRL's `SFTTrainer` computes its loss over chunks itself (its fused LM head, which the chunked loss
+passes every call through to). Everything else is the trainer's own.
 
     from transformers import Trainer
     class QDoRATrainer(qdora.AdapterCheckpoints, Trainer): ...     # or trl's SFTTrainer
@@ -18,11 +23,14 @@ rounded away. Everything else is the trainer's own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
+from qdora.core.loss import check_chunk_tokens
 from qdora.core.optim import MasterWeights, needs_master_weights
+from qdora.models import head_loss
 from qdora.models.adapter_io import adapter_layers, load_adapter, save_adapter
 
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -30,11 +38,17 @@ TRAINING_ARGS_NAME = "training_args.bin"
 
 class AdapterCheckpoints:
     """Mix in before a `transformers.Trainer` (or a subclass such as `trl.SFTTrainer`) to save and
-    resume a qdora-adapted model by its adapter. `adapter_format`: `"peft"` (default) or `"qdora"`."""
+    resume a qdora-adapted model by its adapter. `adapter_format`: `"peft"` (default) or `"qdora"`.
+    `chunked_loss`: the loss over chunks of `loss_chunk_tokens` tokens (None: sized from the vocabulary)
+    while training and evaluating (default True; off with `use_liger_kernel`, whose own loss is used)."""
 
-    def __init__(self, *args, adapter_format: str = "peft", **kwargs):
+    def __init__(self, *args, adapter_format: str = "peft", chunked_loss: bool = True,
+                 loss_chunk_tokens: int | None = None, **kwargs):
         if adapter_format not in ("peft", "qdora"):
             raise ValueError(f"adapter_format={adapter_format!r} is unknown; use 'peft' or 'qdora'")
+        if loss_chunk_tokens is not None:
+            check_chunk_tokens(loss_chunk_tokens, "loss_chunk_tokens")
+        self.qdora_chunked_loss, self.qdora_loss_chunk_tokens = bool(chunked_loss), loss_chunk_tokens
         model = kwargs.get("model", args[0] if args else None)
         if model is None or not adapter_layers(model) or getattr(model, "qdora_config", None) is None:
             raise ValueError(f"{type(self).__name__} trains a model adapted by qdora (qdora.add_adapters or "
@@ -51,6 +65,39 @@ class AdapterCheckpoints:
                 del model._hf_peft_config_loaded
             else:
                 model._hf_peft_config_loaded = previous
+
+    @contextlib.contextmanager
+    def _chunked_loss(self):
+        """The chunked loss on the model for the block, unless it has one already (or is off)."""
+        handle = None
+        if self.qdora_chunked_loss and not getattr(self.args, "use_liger_kernel", False) \
+                and head_loss.find_chunked_loss(self.model) is None:
+            handle = head_loss.chunked_loss(self.model, self.qdora_loss_chunk_tokens)
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def train(self, *args, **kwargs):
+        with self._chunked_loss():
+            return super().train(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        with self._chunked_loss():
+            return super().evaluate(*args, **kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The trainer's own. With the chunked loss on: the loss alone, chunked, unless a metric needs
+        the logits (`compute_metrics`, `preprocess_logits_for_metrics`), which the model's own forward
+        then computes whole."""
+        handle = head_loss.find_chunked_loss(self.model)
+        if handle is None or prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        if self.compute_metrics is not None or self.preprocess_logits_for_metrics is not None:
+            with handle.paused():
+                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        return super().prediction_step(model, inputs, True, ignore_keys=ignore_keys)  # nothing reads the logits
 
     def create_optimizer(self, *args, **kwargs):
         """The trainer's optimizer (or the one passed as `optimizers=`), over fp32 master copies of

@@ -2,6 +2,7 @@
 
 Owns the checkpoint reader and the streaming NF4 loader (`reader`, `loading`, `gguf`, `hf_config`),
 the model shapes the planner and loader share (`shapes`), the surgery that puts `QDoRALinear`
-layers into a transformers model (`surgery`), and the adapter files in our format and PEFT's
-(`adapter_save` writes, `adapter_io` reads and loads). It may import `qdora.core` only.
+layers into a transformers model (`surgery`), the chunked loss in a causal LM's forward
+(`head_loss`), and the adapter files in our format and PEFT's (`adapter_save` writes, `adapter_io`
+reads and loads). It may import `qdora.core` only.
 """

@@ -105,6 +105,12 @@ class TrainConfig:
     """Write a line to metrics.jsonl every this many steps."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward (non-reentrant): less memory, more compute."""
+    chunked_loss: bool = True
+    """Compute the LM head and the cross-entropy over chunks of tokens, never the whole tokens × vocabulary
+    logits (exact: qdora.chunked_loss); --no-chunked-loss forms the whole logits, as transformers does."""
+    loss_chunk_tokens: int = 0
+    """Tokens per chunk of the chunked loss; 0: as many as make a chunk's fp32 logits 256 MiB (523 tokens
+    at Llama 3's 128,256-token vocabulary, 1,365 at SmolLM2's 49,152)."""
     optimizer: str = "adamw"
     """adamw (torch) or paged_adamw_8bit (bitsandbytes, CUDA only)."""
     train_on_prompt: bool = False
@@ -164,6 +170,13 @@ class TrainConfig:
             p.add(f"report_to={unknown} unknown; use {', '.join(REPORTERS)} (comma-separated)")
         p.number("progress_seconds", self.progress_seconds, inclusive=True, hint="0: a line every step")
         p.choice("optimizer", self.optimizer, OPTIMIZERS)
+        if isinstance(self.loss_chunk_tokens, bool) or not isinstance(self.loss_chunk_tokens, int) \
+                or self.loss_chunk_tokens < 0:
+            p.add(f"loss_chunk_tokens={self.loss_chunk_tokens!r} must be an integer >= 1 (tokens per chunk of the "
+                  "loss), or 0 to size the chunks from the vocabulary")
+        elif self.loss_chunk_tokens and not self.chunked_loss:
+            p.add(f"loss_chunk_tokens={self.loss_chunk_tokens} sizes the chunked loss, which --no-chunked-loss "
+                  "turns off; give one of them")
         if self.fsdp and self.method == "full":
             p.add("fsdp=True trains adapters; method='full' is not supported with --fsdp")
         if self.fsdp and self.direction != "lora":

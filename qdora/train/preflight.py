@@ -16,10 +16,11 @@ from qdora.train.config import TrainConfig
 
 # Fields that may change between a run and its resumption. `out` is not compared: a run folder may
 # be moved or copied and resumed where it now is. `model` and `data` may move too if their content
-# is the same (`fingerprints`).
+# is the same (`fingerprints`). The chunked loss changes memory, not the run (beyond fp32 rounding): a
+# run that ran out of memory may resume with smaller chunks.
 _RESUMABLE_CHANGES = {"out", "max_steps", "epochs", "resume", "save_every", "log_every", "progress",
                       "keep_adapters_every", "fsdp", "cpu_offload", "adapter_format", "eval_every", "keep_best",
-                      "report_to", "progress_seconds"}
+                      "report_to", "progress_seconds", "chunked_loss", "loss_chunk_tokens"}
 
 def _fingerprint(path: str) -> str | None:
     """What identifies a model or data file wherever it lies: the data file's bytes; a model

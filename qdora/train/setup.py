@@ -20,6 +20,7 @@ from qdora.core.optim import MasterWeights, needs_master_weights
 from qdora.core.safetensors_io import write_text_atomic
 from qdora.data.examples import pad_token_id
 from qdora.models.adapter_io import save_adapter
+from qdora.models.head_loss import chunked_loss
 from qdora.models.loading import load_model, load_tokenizer
 from qdora.train import fsdp
 from qdora.train.checkpoint import CHECKPOINT, load_checkpoint
@@ -162,6 +163,8 @@ def setup_run(cfg: TrainConfig, build) -> Run:
     _seed_all(cfg.seed)
     model, model_tokenizer = _load(cfg, build, device, rank)
     prepare_for_training(model, cfg.gradient_checkpointing)
+    if cfg.chunked_loss:  # the loss without the whole logits (the model's own loss where it cannot be exact)
+        chunked_loss(model, cfg.loss_chunk_tokens or None)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = make_optimizer([p for _, p in params], cfg, device)
     run = Run(cfg, model, model_tokenizer or tokenizer, optimizer, params, data.rows, pad_token_id(tokenizer),
