@@ -246,3 +246,82 @@ def test_fits_only_with_the_margin_the_planners_error_needs():
     text = format_plan(p)
     assert "fits: 16 GB no  24 GB tight  48 GB yes" in text and "tight: the plan is within 20% of the card" in text
     assert plan_to_dict(p)["fits"]["24"] == "tight"
+
+
+# ---- the chunked loss (qdora.chunked_loss, qdora train's default) ----------------------------------
+
+def test_chunked_loss_term_is_its_formula():
+    """Llama-3-8B on CUDA (bf16), 1 × 2048 tokens: N = 2047 rows predict a label, the default chunk is
+    523 tokens (256 MiB of fp32 logits); the term replaces the whole logits' T·V·(2 + 4 + 4) and 3·T·V·4."""
+    from qdora.core.loss import default_chunk_tokens
+    from qdora.plan.memory import chunked_loss_bytes, dims
+    shape = resolve_model("Llama-3-8B")
+    cfg = PlanConfig(method="qdora", r=64, seq_len=2048, chunked_loss=True)
+    d = dims(shape, cfg)
+    N, c, V, h, T = 2047, default_chunk_tokens(shape.vocab), shape.vocab, shape.hidden, 2048
+    assert c == 523
+    kept = N * h * 2 + N * 4 + N * 8 + 2 * N * 8                 # gathered rows, lse, labels, row indices
+    forward = kept + T * h * 2 + c * V * 6                        # + the norm's output, a chunk's bf16 + fp32 logits
+    backward = kept + N * h * 2 + c * V * 6 + c * h * 2          # + dh, a recomputed chunk, its dz·W
+    assert chunked_loss_bytes(d, shape, cfg) == (forward, backward)
+    whole, chunked = plan(shape, cfg.replace(chunked_loss=False)), plan(shape, cfg)
+    assert whole.terms["logits_loss"] / GIB > 2.9 and chunked.terms["logits_loss"] / GIB < 0.5
+    assert chunked.total_bytes < whole.total_bytes
+    # a chunk is capped at the rows there are; a smaller chunk, a smaller term
+    small = plan(shape, cfg.replace(seq_len=256))
+    assert chunked_loss_bytes(dims(shape, small.config), shape, small.config)[0] < 255 * V * 6 + 256 * h * 20
+    assert chunked_loss_bytes(d, shape, cfg.replace(loss_chunk_tokens=64))[1] < backward
+
+
+# A large vocabulary on a narrow model, so that the loss is the step's peak (eval/plan/validate.py --only chunked).
+@pytest.mark.parametrize("chunk", [0, 128], ids=["default-chunk", "chunk-128"])
+def test_chunked_loss_within_15_percent_of_measured_peak(chunk):
+    case = Case("vocab-llama3", PlanConfig(method="qdora", r=16, batch_size=1, seq_len=384, device="cpu",
+                                           chunked_loss=True, loss_chunk_tokens=chunk))
+    row = measure(case)
+    assert row["predicted_phase"] in ("forward end (loss)", "loss backward"), row
+    assert abs(error(row)) <= 0.15, row
+
+
+def test_plan_reads_the_chunked_loss_from_a_train_config(tmp_path, capsys):
+    """`qdora plan --config RUN/train_config.json` plans the run's loss (train's default: chunked; a
+    --no-chunked-loss run's whole logits); without it, the plan is the whole-logits one unless --chunked-loss."""
+    import dataclasses
+
+    from qdora.train.config import TrainConfig
+    run = TrainConfig(model="Llama-3-8B", data="data.jsonl", out="run", cutoff_len=1024, method="qdora", r=64)
+    assert run.chunked_loss
+    path = tmp_path / "train_config.json"
+    path.write_text(json.dumps(dataclasses.asdict(run)))
+    assert main(["plan", "--config", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["config"]["chunked_loss"] is True and data["config"]["loss_chunk_tokens"] == 0
+    cfg = PlanConfig(**data["config"])
+    assert data["terms"] == plan("Llama-3-8B", cfg).terms and cfg.seq_len == 1024 and cfg.r == 64
+    path.write_text(json.dumps(dataclasses.asdict(dataclasses.replace(run, loss_chunk_tokens=128))))
+    assert main(["plan", "--config", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["loss_chunk_tokens"] == 128
+
+    whole = plan("Llama-3-8B", cfg.replace(chunked_loss=False))
+    assert whole.terms["logits_loss"] > data["terms"]["logits_loss"]
+    assert whole.total_bytes > sum(data["terms"].values())
+    path.write_text(json.dumps(dataclasses.asdict(dataclasses.replace(run, chunked_loss=False))))
+    assert main(["plan", "--config", str(path), "--json"]) == 0  # a --no-chunked-loss run: the whole logits
+    assert json.loads(capsys.readouterr().out)["terms"] == whole.terms
+
+    # PlanConfig's default: the whole-logits plan of before (the documented figures); --chunked-loss: qdora train's
+    today = plan("Llama-3-8B", PlanConfig(r=64, seq_len=1024))
+    assert not PlanConfig().chunked_loss and today.terms["logits_loss"] > 0
+    for extra, want in (([], today), (["--chunked-loss"], plan("Llama-3-8B", PlanConfig(r=64, seq_len=1024,
+                                                                                         chunked_loss=True)))):
+        assert main(["plan", "--model", "Llama-3-8B", "--r", "64", "--seq-len", "1024", *extra, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["terms"] == want.terms, extra
+
+
+def test_chunked_loss_settings_are_checked_as_train_checks_them():
+    with pytest.raises(ValueError, match=r"loss_chunk_tokens=-1 must be an integer >= 1"):
+        PlanConfig(chunked_loss=True, loss_chunk_tokens=-1)
+    with pytest.raises(ValueError, match=r"loss_chunk_tokens=True must be an integer"):
+        PlanConfig(chunked_loss=True, loss_chunk_tokens=True)
+    with pytest.raises(ValueError, match="which --no-chunked-loss turns off"):
+        PlanConfig(loss_chunk_tokens=64)

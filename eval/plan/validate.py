@@ -12,6 +12,7 @@ The prediction is `qdora.plan.memory.plan(..., device="cpu")`'s tensor total.
     python -m qdora.eval.plan.validate --quick    # the tiny shapes only (seconds)
     python -m qdora.eval.plan.validate --only moe # scaled-down mixtures of experts (Qwen2/3-MoE, OLMoE, Mixtral,
                                                   # GLM-4-MoE: shared experts, dense layers)
+    python -m qdora.eval.plan.validate --only chunked  # the chunked loss (qdora.chunked_loss installed)
     python -m qdora.eval.plan.validate --published  # the planner beside published figures
     python -m qdora.eval.plan.validate --start    # the FSDP start, 2 processes (gloo) per case
 
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 
 import qdora
 from qdora.core.config import AdapterConfig
+from qdora.core.loss import default_chunk_tokens
 from qdora.core.safetensors_io import write_text_atomic
 from qdora.eval.bench.memory import peak_bytes, tensor_bytes
 from qdora.eval.common import run_child
@@ -54,6 +56,9 @@ SHAPES = {
                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False),
     "small-llama3": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
+    # A large vocabulary on a narrow model: the loss is the step's peak (the chunked loss's validation).
+    "vocab-llama3": dict(vocab_size=32768, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
 }
 
 
@@ -192,6 +197,22 @@ MOE_SHARED = [  # shared experts and dense layers (part of `--only moe`)
     Case("tiny-glm4-moe", _p("qdora", r=8, b=2, s=64, target_modules=_MLP_TARGETS)),
     Case("tiny-glm4-moe", _p("qlora", r=8, b=1, s=128, ckpt=False, dropout=0.0, target_modules="all")),
 ]
+CHUNKED = [  # the chunked loss (qdora train's default): the default chunk (the whole batch here) and small ones
+    Case("vocab-llama3", _p("qdora", r=16, b=1, s=512, chunked_loss=True)),
+    Case("vocab-llama3", _p("qdora", r=16, b=1, s=512, chunked_loss=True, loss_chunk_tokens=256)),
+    Case("vocab-llama3", _p("qdora", r=16, b=2, s=1024, chunked_loss=True)),
+    Case("vocab-llama3", _p("qdora", r=16, b=2, s=1024, chunked_loss=True, loss_chunk_tokens=512)),
+    Case("vocab-llama3", _p("qdora", r=16, b=2, s=1024, ckpt=False, chunked_loss=True, loss_chunk_tokens=512)),
+    Case("vocab-llama3", _p("lora", r=16, b=2, s=1024, dropout=0.0, chunked_loss=True, loss_chunk_tokens=512)),
+    Case("vocab-llama3", _p("full", b=1, s=1024, chunked_loss=True)),
+    Case("vocab-llama3", _p("qdora", r=16, b=2, s=1024)),  # the same step with the whole logits, for scale
+    Case("small-llama3", _p("qdora", r=16, b=2, s=256, chunked_loss=True)),
+    Case("small-llama3", _p("qdora", r=16, b=2, s=256, chunked_loss=True, loss_chunk_tokens=64)),
+    Case("small-llama3", _p("qdora", r=16, b=1, s=1024, chunked_loss=True, loss_chunk_tokens=128)),
+    Case("small-llama3", _p("full", b=2, s=128, chunked_loss=True, loss_chunk_tokens=64)),
+    Case("smollm2", _p("qdora", r=16, b=2, s=256, chunked_loss=True)),
+    Case("smollm2", _p("qdora", r=16, b=2, s=256, chunked_loss=True, loss_chunk_tokens=64)),
+]
 SMOLLM2 = [
     Case("smollm2", _p("qdora", r=16, b=2, s=256)),
     Case("smollm2", _p("qdora", r=16, b=2, s=256, ckpt=False)),
@@ -267,6 +288,8 @@ def build_model(case: Case):
         qdora.add_adapters(model, adapter_cfg, verbose=False)
         shape = shape_from_config(config, name=case.model)
     prepare_for_training(model, cfg.gradient_checkpointing)   # exactly as qdora.train.loop does
+    if cfg.chunked_loss:  # as qdora.train.setup installs it
+        qdora.chunked_loss(model, cfg.loss_chunk_tokens or None)
     return model, shape
 
 
@@ -297,7 +320,14 @@ def measure(case: Case, seed: int = 0) -> dict:
             "dropout": cfg.dropout, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
             "gradient_checkpointing": cfg.gradient_checkpointing, "weights_bytes": weights,
             "optimizer_bytes": states, "step_peak_bytes": step_peak, "measured_bytes": weights + states + step_peak,
-            "predicted_bytes": predicted.tensor_bytes, "predicted_phase": predicted.peak_phase}
+            "predicted_bytes": predicted.tensor_bytes, "predicted_phase": predicted.peak_phase,
+            **({"loss_chunk_tokens": chunk_tokens(shape, cfg)} if cfg.chunked_loss else {})}
+
+
+def chunk_tokens(shape, cfg: PlanConfig) -> int:
+    """Tokens per chunk of the chunked loss in this case (`qdora.core.loss.default_chunk_tokens`, or
+    the one set), capped at the rows the batch predicts."""
+    return min(cfg.batch_size * (cfg.seq_len - 1), cfg.loss_chunk_tokens or default_chunk_tokens(shape.vocab))
 
 
 def error(row: dict) -> float:
@@ -305,8 +335,12 @@ def error(row: dict) -> float:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| model | method | r | targets | dropout | batch × seq | ckpt | predicted MiB | measured MiB | error |",
-           "|---|---|---|---|---|---|---|---:|---:|---:|"]
+    """The rows as a Markdown table; with a `loss chunk` column (tokens per chunk) where a row used the
+    chunked loss."""
+    chunked = any("loss_chunk_tokens" in r for r in rows)
+    out = ["| model | method | r | targets | dropout | batch × seq | ckpt | " + ("loss chunk | " if chunked else "")
+           + "predicted MiB | measured MiB | error |",
+           "|---|---|---|---|---|---|---|" + ("---:|" if chunked else "") + "---:|---:|---:|"]
     for r in rows:
         targets = "all" if r["targets"] == ["all-linear"] else "qkv,up,down" if r["targets"] == [
             "q_proj", "k_proj", "v_proj", "up_proj", "down_proj"] else ",".join(r["targets"]).replace(
@@ -314,6 +348,7 @@ def table(rows: list[dict]) -> str:
         out.append(f"| {r['model']} | {r['method']} | {r['r'] if r['method'] != 'full' else '-'} | "
                    f"{targets if r['method'] != 'full' else '-'} | {r['dropout'] if r['method'] != 'full' else '-'} | "
                    f"{r['batch_size']} × {r['seq_len']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
+                   + (f"{r.get('loss_chunk_tokens', '-')} | " if chunked else "") +
                    f"{r['predicted_bytes'] / 2**20:.2f} | {r['measured_bytes'] / 2**20:.2f} | "
                    f"{100 * error(r):+.1f}% |")
     return "\n".join(out)
@@ -324,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes only (seconds)")
     p.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2-135M")
-    p.add_argument("--only", choices=("quick", "small", "smollm2", "moe"), help="run one group of cases")
+    p.add_argument("--only", choices=("quick", "small", "smollm2", "moe", "chunked"),
+                   help="run one group of cases (chunked: the chunked loss, qdora.chunked_loss)")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--published", action="store_true",
                    help="print the planner beside published figures (no measurement) and stop")
@@ -350,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cases = QUICK + ([] if args.quick else SMALL + ([] if args.no_smollm2 else SMOLLM2))
     if args.only:
-        cases = {"quick": QUICK, "small": SMALL, "smollm2": SMOLLM2, "moe": MOE + MOE_SHARED}[args.only]
+        cases = {"quick": QUICK, "small": SMALL, "smollm2": SMOLLM2, "moe": MOE + MOE_SHARED,
+                 "chunked": CHUNKED}[args.only]
     rows = []
     for case in tqdm(cases, desc="plan vs measured", unit="case"):
         rows.append(measure(case))

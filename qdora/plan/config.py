@@ -95,6 +95,13 @@ class PlanConfig:
     """NF4 with double quantization of the block scales."""
     block_rows: int = 1024
     """Rows of a base weight dequantized at once."""
+    chunked_loss: bool = False
+    """Plan the LM head and the cross-entropy over chunks of tokens (qdora.chunked_loss; `qdora train`'s
+    default): no whole tokens × vocabulary logits. Off by default here, so that the documented figures stay
+    the whole-logits ones: pass --chunked-loss to plan a qdora train run (a run's train_config.json sets it)."""
+    loss_chunk_tokens: int = 0
+    """Tokens per chunk of the chunked loss; 0: as many as make a chunk's fp32 logits 256 MiB (523 tokens
+    at Llama 3's 128,256-token vocabulary, 1,365 at SmolLM2's 49,152)."""
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "method": METHODS, "device": DEVICES, "adapter_dtype": ("float32", "bfloat16"),
@@ -132,6 +139,13 @@ class PlanConfig:
         if p.choice("optimizer", self.optimizer, ("adamw", "paged_adamw_8bit"), use="adamw or paged_adamw_8bit") \
                 and self.optimizer == "paged_adamw_8bit" and self.device != "cuda":
             p.add("optimizer='paged_adamw_8bit' needs device='cuda'")
+        if isinstance(self.loss_chunk_tokens, bool) or not isinstance(self.loss_chunk_tokens, int) \
+                or self.loss_chunk_tokens < 0:
+            p.add(f"loss_chunk_tokens={self.loss_chunk_tokens!r} must be an integer >= 1 (tokens per chunk of the "
+                  "loss), or 0 to size the chunks from the vocabulary")
+        elif self.loss_chunk_tokens and not self.chunked_loss:
+            p.add(f"loss_chunk_tokens={self.loss_chunk_tokens} sizes the chunked loss, which --no-chunked-loss "
+                  "turns off; give one of them")
         if self.cpu_offload and self.gpus < 2:
             p.add("cpu_offload is an FSDP option: use gpus >= 2")
         p.raise_if_any()

@@ -24,6 +24,13 @@ Per phase of the step (the peak is the largest phase)
                      (transformers' `ForCausalLMLoss` calls `logits.float()`), log-softmax `T·V·4`.
     loss backward    saved activations + log-softmax output, its gradient and the logits'
                      gradient: `3·T·V·4`.
+    chunked loss     (`chunked_loss`, `qdora train`'s default; `chunked_loss_bytes`) instead of the two above,
+                     with `N = b·(s − 1)` rows, `c = min(N, loss_chunk_tokens or default_chunk_tokens(V))`:
+                     kept `N·h·e + N·4 + 3·N·8` (gathered supervised rows, fp32 logsumexp, labels, row
+                     indices); forward end + the final norm's output `T·h·e` + one chunk's logits
+                     `c·V·e` and fp32 `c·V·4` (the same tensor on fp32); loss backward + `dh (N·h·e)` +
+                     one recomputed chunk as in the forward (+ `c·V·4` for `tanh` with soft-capping) +
+                     `dz·W (c·h·e)`, full fine-tuning + the head's fp32 gradient `V·h·4` (+ its cast).
     layer backward   saved activations (or, with gradient checkpointing, the L checkpointed layer
                      inputs `L·T·h·e` plus one layer's recomputed activations) + the gradients in
                      flight through one layer + the dequantized base weight of its largest frozen
@@ -228,6 +235,33 @@ def _activations(ds: list[Dims], shape: ModelShape, cfg: PlanConfig) -> tuple[in
     return body - (0 if d.full else T * h * 4 + T * 4) + shared, head_saved, saved, lsm
 
 
+def chunked_loss_bytes(d: Dims, shape: ModelShape, cfg: PlanConfig) -> tuple[int, int]:
+    """`(forward, backward)`: what the chunked loss (`qdora.chunked_loss`, `qdora.core.loss`) adds to the saved
+    activations at the end of the forward and at the peak of its own backward. `N = b·(s − 1)` rows predict
+    a label (all supervised at most), `c = min(N, loss_chunk_tokens or default_chunk_tokens(V))`.
+    Kept from the forward to its backward: the supervised rows of the hidden states gathered `N·h·e`, the
+    fp32 logsumexp `N·4`, their labels `N·8` and the gather's two int64 row indices `2·N·8`. Forward: the
+    final norm's output `T·h·e` (held while the loss runs; already counted for full fine-tuning) and one
+    chunk's logits in the compute dtype and their fp32 upcast `c·V·(e + 4)` (`c·V·4` on fp32: the same tensor),
+    the logsumexp's temporaries in place. Backward: `dh (N·h·e)`, one chunk's recomputed logits as above
+    (softmax and dz in their fp32 storage; with soft-capping `p` beside `tanh`, `c·V·4` more), its
+    `dz·W (c·h·e)`; full fine-tuning adds the head's fp32 weight gradient `V·h·4` (and its cast to `e`)."""
+    from qdora.core.loss import default_chunk_tokens  # imports torch: only when a chunked loss is planned
+
+    e, V, H, T = d.e, d.V, d.h, d.T
+    N = d.b * (d.s - 1)
+    c = max(1, min(N, cfg.loss_chunk_tokens or default_chunk_tokens(V)))
+    logits = c * V * 4 + (c * V * e if e != 4 else 0)
+    kept = N * H * e + N * 4 + N * 8 + 2 * N * 8
+    forward = kept + (0 if d.full else T * H * e) + logits
+    backward = kept + N * H * e + logits + c * H * e
+    if getattr(shape, "final_logit_softcapping", None):
+        backward += c * V * 4
+    if d.full:  # (the norm's output, the head's input counted in the saved activations, is no longer kept)
+        backward += V * H * 4 + (V * H * e if e != 4 else 0) - T * H * e
+    return forward, backward
+
+
 def _dequantized_block(d: Dims, cfg: PlanConfig) -> int:
     """The largest dequantized weight of a layer of kind `d` alive at once in its backward."""
     shapes = {**d.lin, **d.experts}
@@ -291,10 +325,13 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
     kept_grads = grads_total if cfg.grad_accum > 1 else 0   # accumulated over the earlier micro-batches
 
     logits_fwd = d.T * d.V * d.e + (d.T * d.V * 4 if d.e != 4 else 0) + lsm
+    logits_bwd = 3 * lsm
+    if cfg.chunked_loss:
+        logits_fwd, logits_bwd = chunked_loss_bytes(d, shape, cfg)
     phase_parts = {
         "forward end (loss)": {"activations": body + head_saved, "logits_loss": logits_fwd,
                                "gradients": kept_grads},
-        "loss backward": {"activations": body + head_saved, "logits_loss": 3 * lsm, "gradients": kept_grads},
+        "loss backward": {"activations": body + head_saved, "logits_loss": logits_bwd, "gradients": kept_grads},
         "layer backward": {"activations": body + recompute, "temporaries": layer_tmp,
                            "gradients": kept_grads or grads_head + grad_layer},
         "optimizer step": {"gradients": grads_total, "temporaries": opt_tmp},
