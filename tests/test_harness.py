@@ -255,6 +255,18 @@ def test_curve_table_means_and_paired_differences():
     assert curve_markdown([{"method": "a", "seed": 0}], "T") == ""
 
 
+
+def _parent_of(child: str) -> str:
+    """A parent process's code: `run_child` on `child` (Python code), exiting 128 + the signal that
+    stopped it, after saying which."""
+    return ("import sys\n"
+            "from qdora.eval.common import Stopped, run_child\n"
+            "try:\n"
+            f"    run_child(['-c', {child!r}], 'the child')\n"
+            "except Stopped as stop:\n"
+            "    print('parent: stopped by', stop.signum, flush=True)\n"
+            "    sys.exit(128 + stop.signum)\n")
+
 def test_a_signal_to_the_parent_reaches_its_child_which_ends_with_it(tmp_path):
     # `qdora eval` runs each run in a child (run_child). SIGTERM to the parent used to kill the parent
     # alone, leaving the child training on; now it is passed on, the child ends (a training child
@@ -267,14 +279,7 @@ def test_a_signal_to_the_parent_reaches_its_child_which_ends_with_it(tmp_path):
              "signal.signal(signal.SIGTERM, stop)\n"
              "(out / 'child.pid').write_text(str(__import__('os').getpid()))\n"
              "time.sleep(60)\n")
-    parent = ("import sys\n"
-              "from qdora.eval.common import Stopped, run_child\n"
-              "try:\n"
-              f"    run_child(['-c', {child!r}], 'the child')\n"
-              "except Stopped as stop:\n"
-              "    print('parent: stopped by', stop.signum, flush=True)\n"
-              "    sys.exit(128 + stop.signum)\n")
-    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _parent_of(child)], stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not (tmp_path / "child.pid").exists():
         assert time.monotonic() < deadline and proc.poll() is None, "the child did not start"
@@ -298,18 +303,13 @@ def _start_parent_of_a_ticking_child(tmp_path) -> tuple[subprocess.Popen, int]:
              "    with open(out / 'ticks', 'a') as f:\n"
              "        f.write('.')\n"
              "    time.sleep(0.05)\n")
-    parent = ("import signal, sys\n"
-              "signal.signal(signal.SIGHUP, signal.SIG_DFL)\n"
-              "from qdora.eval.common import Stopped, run_child\n"
-              "try:\n"
-              f"    run_child(['-c', {child!r}], 'the child')\n"
-              "except Stopped as stop:\n"
-              "    print('parent: stopped by', stop.signum, flush=True)\n"
-              "    sys.exit(128 + stop.signum)\n")
+    parent = "import signal\nsignal.signal(signal.SIGHUP, signal.SIG_DFL)\n" + _parent_of(child)
     proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not (tmp_path / "ticks").exists():  # (the child shares the parent's stdout pipe)
-        assert time.monotonic() < deadline and proc.poll() is None, "the child did not start"
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()  # leave nothing behind (a child already started dies with it: its death signal)
+            pytest.fail("the child did not start")
         time.sleep(0.05)
     return proc, int((tmp_path / "child.pid").read_text())
 

@@ -17,6 +17,7 @@ from qdora.train.loop import TrainConfig, read_metrics, train
 
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
+from test_hf_trainer import tokenized  # noqa: E402  (the same rows as the Trainer tests)
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -86,14 +87,6 @@ def test_bad_chunk_settings_are_refused_before_any_work(setup, tmp_path, capsys)
     assert not (tmp_path / "never").exists()
     with pytest.raises(ValueError, match="loss_chunk_tokens=0 must be an integer >= 1"):
         qdora.QDoRATrainer(model=None, loss_chunk_tokens=0)
-
-
-def tokenized(tokenizer, texts):
-    rows = []
-    for text in texts:
-        ids = tokenizer(text, truncation=True, max_length=96).input_ids
-        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
-    return datasets.Dataset.from_list(rows)
 
 
 def trainer(setup, out, **kw):

@@ -61,6 +61,15 @@ class Problems:
         self.add(f"{name}={value!r} is unknown; use {use or 'one of ' + ', '.join(map(str, choices))}")
         return False
 
+    def loss_chunks(self, chunked_loss: bool, loss_chunk_tokens) -> None:
+        """The chunked loss's settings (`TrainConfig` and `PlanConfig` share them)."""
+        if isinstance(loss_chunk_tokens, bool) or not isinstance(loss_chunk_tokens, int) or loss_chunk_tokens < 0:
+            self.add(f"loss_chunk_tokens={loss_chunk_tokens!r} must be an integer >= 1 (tokens per chunk of the "
+                     "loss), or 0 to size the chunks from the vocabulary")
+        elif loss_chunk_tokens and not chunked_loss:
+            self.add(f"loss_chunk_tokens={loss_chunk_tokens} sizes the chunked loss, which --no-chunked-loss "
+                     "turns off; give one of them")
+
     def include(self, err: Exception) -> None:
         """The listed problems of another config's error (e.g. `AdapterConfig`'s inside `TrainConfig`)."""
         lines = [ln.strip().removeprefix("- ") for ln in str(err).splitlines()[1:] if ln.strip()]

@@ -268,19 +268,23 @@ class ExactLinear4bit(bnb.nn.Linear4bit):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return super().forward(x)
-        spec = LayerSpec(blocks=self._blocks, c=None, bias=self.bias, scaling=0.0, exact=False, eps=1e-6,
-                         compute_dtype=torch.float32)
-        return DoRAFunction.apply(x, x, None, None, None, spec)
+        return frozen_forward(self._blocks, self.bias, x, torch.float32)
+
+
+def frozen_forward(blocks: RowBlocks, bias: torch.Tensor | None, x: torch.Tensor,
+                   compute_dtype: torch.dtype) -> torch.Tensor:
+    """`x·W0ᵀ + bias` for a frozen base, W0 read row block by row block (`DoRAFunction` with no
+    adapter: its backward is `dx = dy·W0`, again block by block)."""
+    spec = LayerSpec(blocks=blocks, c=None, bias=bias, scaling=0.0, exact=False, eps=1e-6,
+                     compute_dtype=compute_dtype)
+    return DoRAFunction.apply(x, x, None, None, None, spec)
 
 
 def exact_frozen_forward(layer: nn.Module, block_rows: int = 1024) -> bool:
     """Make a frozen `bnb.nn.Linear4bit` whose rows are not whole NF4 blocks an `ExactLinear4bit`, in
     place; True if it did. Aligned layers (every real model's, so far) keep bitsandbytes' forward."""
-    if type(layer) is not bnb.nn.Linear4bit:
+    if type(layer) is not bnb.nn.Linear4bit or layer.in_features % layer.weight.blocksize == 0:
         return False
-    blocks = RowBlocks(layer, block_rows)
-    if blocks.in_features % blocks.state.blocksize == 0:
-        return False
+    layer._blocks = RowBlocks(layer, block_rows)
     layer.__class__ = ExactLinear4bit
-    layer._blocks = blocks
     return True

@@ -139,13 +139,7 @@ class PlanConfig:
         if p.choice("optimizer", self.optimizer, ("adamw", "paged_adamw_8bit"), use="adamw or paged_adamw_8bit") \
                 and self.optimizer == "paged_adamw_8bit" and self.device != "cuda":
             p.add("optimizer='paged_adamw_8bit' needs device='cuda'")
-        if isinstance(self.loss_chunk_tokens, bool) or not isinstance(self.loss_chunk_tokens, int) \
-                or self.loss_chunk_tokens < 0:
-            p.add(f"loss_chunk_tokens={self.loss_chunk_tokens!r} must be an integer >= 1 (tokens per chunk of the "
-                  "loss), or 0 to size the chunks from the vocabulary")
-        elif self.loss_chunk_tokens and not self.chunked_loss:
-            p.add(f"loss_chunk_tokens={self.loss_chunk_tokens} sizes the chunked loss, which --no-chunked-loss "
-                  "turns off; give one of them")
+        p.loss_chunks(self.chunked_loss, self.loss_chunk_tokens)
         if self.cpu_offload and self.gpus < 2:
             p.add("cpu_offload is an FSDP option: use gpus >= 2")
         p.raise_if_any()

@@ -170,13 +170,7 @@ class TrainConfig:
             p.add(f"report_to={unknown} unknown; use {', '.join(REPORTERS)} (comma-separated)")
         p.number("progress_seconds", self.progress_seconds, inclusive=True, hint="0: a line every step")
         p.choice("optimizer", self.optimizer, OPTIMIZERS)
-        if isinstance(self.loss_chunk_tokens, bool) or not isinstance(self.loss_chunk_tokens, int) \
-                or self.loss_chunk_tokens < 0:
-            p.add(f"loss_chunk_tokens={self.loss_chunk_tokens!r} must be an integer >= 1 (tokens per chunk of the "
-                  "loss), or 0 to size the chunks from the vocabulary")
-        elif self.loss_chunk_tokens and not self.chunked_loss:
-            p.add(f"loss_chunk_tokens={self.loss_chunk_tokens} sizes the chunked loss, which --no-chunked-loss "
-                  "turns off; give one of them")
+        p.loss_chunks(self.chunked_loss, self.loss_chunk_tokens)
         if self.fsdp and self.method == "full":
             p.add("fsdp=True trains adapters; method='full' is not supported with --fsdp")
         if self.fsdp and self.direction != "lora":

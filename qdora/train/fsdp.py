@@ -44,8 +44,7 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from qdora.core.function import DoRAFunction, LayerSpec
-from qdora.core.layer import QDoRALinear
+from qdora.core.layer import QDoRALinear, frozen_forward
 from qdora.core.nf4 import RowBlocks, quant_state_tensors
 from qdora.models import loading
 from qdora.models.adapter_io import save_adapter
@@ -112,10 +111,7 @@ class ShardableLinear4bit(bnb.nn.Linear4bit):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 on CPU (bf16 matmuls are very slow there); on CUDA the dtype FSDP computes in.
-        cd = torch.float32 if x.device.type == "cpu" else x.dtype
-        spec = LayerSpec(blocks=self._blocks, c=None, bias=self.bias, scaling=0.0, exact=False, eps=1e-6,
-                         compute_dtype=cd)
-        return DoRAFunction.apply(x, x, None, None, None, spec)
+        return frozen_forward(self._blocks, self.bias, x, torch.float32 if x.device.type == "cpu" else x.dtype)
 
 
 def _plain_weight(layer: bnb.nn.Linear4bit) -> None:
