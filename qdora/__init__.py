@@ -32,10 +32,12 @@ _PUBLIC = {
     "load_model": "qdora.models.loading",
     "merge_and_save": "qdora.export.merge",
     "merged_weight": "qdora.export.merge",
+    "offload_activations": "qdora.models.offload",
     "param_report": "qdora.models.surgery",
     "patch_peft": "qdora.integrations.peft",
     "quantize_nf4": "qdora.core.nf4",
     "save_adapter": "qdora.models.adapter_save",
+    "tiled_mlp": "qdora.models.tiled_mlp",
     "unpatch_peft": "qdora.integrations.peft",
 }
 __all__ = sorted(_PUBLIC)

@@ -1,0 +1,327 @@
+"""The tiled MLP (`qdora.tiled_mlp`, `qdora.models.tiled_mlp`): loss and every trainable gradient of tiny
+Llama models (qdora adapters, gradient checkpointing on and off, tiles that divide the tokens and tiles
+that do not) against the same model untiled, and a fully trained one against its fp64 copy; grads that
+reach an MLP whose input needs none; dropout masks replayed in the backward; MoE blocks; a PEFT model;
+short and no-grad calls untouched, bit for bit; the peak memory it saves; the refusals; `remove()`.
+
+Tolerances: `FP32_TOL` (tests/conftest.py), derived from fp32 unit roundoff times the accumulation length
+(≤ 1151 terms: here the longest sums are the logsumexp over V = 1024 and the weight gradients' sums over
+T = 74 tokens), relative to the largest reference entry. Against the fp64 oracle: `FP32_TOL`. Tiled against
+untiled fp32: two fp32 results each within that bound of the exact value, so twice it. Where no rounding
+can differ (short calls, no-grad calls, after `remove()`), bit for bit."""
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from conftest import FP32_TOL, assert_close
+from models import build, llama3_config
+
+import qdora
+from qdora import AdapterConfig, QDoRALinear, add_adapters
+from qdora.models.tiled_mlp import TiledApply, find_tiled_mlp, tiled_mlp
+from qdora.train.setup import prepare_for_training
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 2 * FP32_TOL  # tiled against untiled: two fp32 results (module docstring)
+B, S = 2, 37
+T = B * S  # 74 tokens
+ALL = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+IDS = torch.randint(0, 1024, (B, S), generator=torch.Generator().manual_seed(1))
+
+
+def perturb(model, seed=5):
+    """Make every adapter matter (B and the magnitude away from their step-0 values)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, QDoRALinear):
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.2)
+                if layer.use_dora:
+                    layer.magnitude_delta.copy_(torch.randn(layer.magnitude_delta.shape, generator=gen) * 0.05)
+    return model
+
+
+def adapted(targets=ALL, dropout=0.0, gc=False, method="qdora"):
+    model = build(llama3_config())
+    add_adapters(model, AdapterConfig(method=method, r=4, alpha=8, dropout=dropout, target_modules=targets),
+                 verbose=False)
+    prepare_for_training(perturb(model), gradient_checkpointing=gc)
+    return model
+
+
+def run(model, ids=IDS, seed=None):
+    """Loss and every trainable tensor's gradient of one forward + backward (`seed`: for dropout)."""
+    model.zero_grad(set_to_none=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    loss = model(ids, labels=ids).loss
+    kinds = graph(loss)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return loss.detach(), grads, kinds
+
+
+def graph(t):
+    """The class names of every node in `t`'s autograd graph."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo += [n for n, _ in node.next_functions]
+    return names
+
+
+def assert_same(got, want, tol=TOL):
+    (loss, grads, _), (ref, ref_grads, _) = got, want
+    assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
+    assert sorted(grads) == sorted(ref_grads) and grads
+    for name in ref_grads:
+        assert_close(grads[name], ref_grads[name], tol, name)
+
+
+# ---- the dense model against untiled and fp64 -----------------------------------------------------------------
+
+@pytest.mark.parametrize("gc", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("tile", [1, 16, 37, T - 1, T, None])
+def test_loss_and_gradients_equal_the_untiled_model(tile, gc):
+    model = adapted(gc=gc)
+    untiled = run(model)
+    with tiled_mlp(model, tile) as handle:
+        assert handle.layers == 2 and handle.tile_tokens == (tile or 64)  # default: hidden_size
+        tiled = run(model)
+    assert ("TiledApplyBackward" in tiled[2]) == (handle.tile_tokens < T)  # T <= tile: the MLP's own forward
+    assert_same(tiled, untiled)
+    assert any(".mlp." in n for n in tiled[1]) and any(".self_attn." in n for n in tiled[1])
+
+
+@pytest.mark.parametrize("tile", [1, 16, 37])
+def test_fully_trained_model_equals_its_fp64_copy(tile):
+    """An independent oracle: the same weights in fp64, untiled. (NF4 layers have no fp64 forward, so
+    the adapted models are checked against their own untiled fp32 forward above.)"""
+    model = build(llama3_config()).train().requires_grad_(True)
+    oracle = run(copy.deepcopy(model).double())
+    with tiled_mlp(model, tile):
+        tiled = run(model)
+    assert "TiledApplyBackward" in tiled[2]
+    assert_same(tiled, oracle, FP32_TOL)
+    assert tiled[1]["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+
+
+def test_gradients_reach_an_mlp_whose_input_needs_none():
+    """Only the MLPs are adapted, everything else frozen: the first layer's MLP input comes from frozen
+    embeddings and attention, so only the parameters put the tiled function in the graph."""
+    model = adapted(targets=MLP)
+    needs = []
+    hook = model.model.layers[0].mlp.register_forward_pre_hook(lambda m, args: needs.append(args[0].requires_grad))
+    untiled = run(model)
+    with tiled_mlp(model, 16):
+        tiled = run(model)
+    hook.remove()
+    assert needs == [False, False]
+    first = {n: g for n, g in tiled[1].items() if n.startswith("model.layers.0.mlp.")}
+    assert len(first) == 3 * 3 and all(g.abs().max() > 0 for g in first.values())  # A, B, m of 3 projections
+    assert_same(tiled, untiled)
+
+
+# ---- dropout: the backward replays the forward's masks ------------------------------------------------------
+
+@contextlib.contextmanager
+def tile_loop(model, tile):
+    """The oracle for dropout: each MLP run tile by tile with plain autograd (no recompute, no RNG replay),
+    so its masks are drawn in the same order as the tiled forward draws them."""
+    mlps = [layer.mlp for layer in model.model.layers]
+    for mlp in mlps:
+        own = mlp.forward
+        mlp.forward = lambda x, own=own: torch.cat(
+            [own(t[None]).reshape(-1, x.shape[-1]) for t in x.reshape(-1, x.shape[-1]).split(tile)]).view_as(x)
+    try:
+        yield
+    finally:
+        for mlp in mlps:
+            del mlp.forward
+
+
+@pytest.mark.parametrize("gc", [False, True], ids=["plain", "checkpointed"])
+def test_dropout_masks_are_replayed_in_the_backward(gc):
+    model = adapted(dropout=0.3, gc=gc)
+    with tile_loop(model, 16):
+        oracle = run(model, seed=7)
+    with tiled_mlp(model, 16):
+        tiled = run(model, seed=7)
+    assert_same(tiled, oracle)
+    assert abs(run(model, seed=8)[0] - oracle[0]) > 1e-3  # another seed: other masks (the dropout bites)
+
+
+@pytest.mark.parametrize("gc", [False, True], ids=["plain", "checkpointed"])
+def test_dropout_on_one_projection_equals_untiled(gc):
+    """With one masked projection per MLP the tiles draw the untiled mask's random words in the same
+    order (`qdora.core.dropout.drop_mask`: 4 elements per word, and 16 · 224 is a multiple of 4)."""
+    model = adapted(targets=("down_proj",), dropout=0.3, gc=gc)
+    untiled = run(model, seed=7)
+    with tiled_mlp(model, 16):
+        tiled = run(model, seed=7)
+    assert_same(tiled, untiled)
+
+
+def test_the_dropout_check_fails_without_the_rng_replay(monkeypatch):
+    model = adapted(dropout=0.3)
+    with tile_loop(model, 16):
+        oracle = run(model, seed=7)
+    monkeypatch.setattr(torch, "set_rng_state", lambda state: None)  # the recompute draws fresh masks
+    with tiled_mlp(model, 16):
+        tiled = run(model, seed=7)
+    with pytest.raises(AssertionError, match="exceeds"):
+        assert_same(tiled, oracle)
+
+
+# ---- mixture of experts, PEFT ---------------------------------------------------------------------------
+
+MOE = {
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=8, moe_intermediate_size=16, num_experts=4, decoder_sparse_step=1)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4)),
+}
+
+
+def moe(name, output_router_logits=False):
+    config_class, extra = MOE[name]
+    config = getattr(transformers, config_class)(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2,
+        output_router_logits=output_router_logits, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    add_adapters(model, AdapterConfig(method="qdora", r=4, alpha=8, dropout=0.0,
+                                      target_modules=("q_proj", "experts", "gate")), verbose=False)
+    return perturb(model).train()
+
+
+MOE_IDS = torch.randint(3, 97, (2, 13), generator=torch.Generator().manual_seed(9))
+
+
+@pytest.mark.parametrize("tile", [1, 5])
+@pytest.mark.parametrize("name", sorted(MOE))
+def test_moe_loss_and_gradients_equal_the_untiled_model(name, tile):
+    model = moe(name)
+    untiled = run(model, MOE_IDS)
+    with tiled_mlp(model, tile):
+        tiled = run(model, MOE_IDS)
+    assert "TiledApplyBackward" in tiled[2]
+    assert_same(tiled, untiled)
+    assert any(".experts." in n for n in tiled[1]) and any(".gate." in n for n in tiled[1])
+
+
+def test_a_peft_model_is_tiled_through_its_base_model():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(build(llama3_config()), peft.LoraConfig(r=4, target_modules=list(ALL)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    model.train()
+    untiled = run(model)
+    with tiled_mlp(model, 16) as handle:
+        assert handle.layers == 2 and find_tiled_mlp(model) is handle
+        tiled = run(model)
+    assert "TiledApplyBackward" in tiled[2]
+    assert_same(tiled, untiled)
+
+
+# ---- calls left alone --------------------------------------------------------------------------------
+
+def test_short_and_no_grad_calls_are_the_mlps_own_forward_bit_for_bit():
+    model = adapted()
+    short, long = IDS[:, :8], IDS  # 16 tokens, then 74
+    want_short = model(short).logits
+    with torch.no_grad():
+        want_long = model(long).logits
+    with tiled_mlp(model, 16):
+        got_short = model(short).logits  # grad enabled, train mode, T = tile
+        with torch.no_grad():
+            got_long = model(long).logits  # inference: never tiled
+    assert torch.equal(got_short, want_short) and torch.equal(got_long, want_long)
+    assert not any("Tiled" in kind for kind in graph(got_short))
+
+
+def test_remove_gives_the_forward_back():
+    model = adapted()
+    mlp = model.model.layers[1].mlp
+    own = lambda x: type(mlp).forward(mlp, x)  # noqa: E731  (someone's instance forward, kept through it all)
+    mlp.forward = own
+    before = model(IDS).logits
+    handle = tiled_mlp(model, 16)
+    tiled = model(IDS).logits
+    handle.remove()
+    after = model(IDS).logits
+    assert torch.equal(after, before) and "TiledApplyBackward" in graph(tiled)
+    assert mlp.__dict__["forward"] is own and "forward" not in model.model.layers[0].mlp.__dict__
+    assert not any(key.startswith("_qdora") for layer in model.model.layers for key in layer.mlp.__dict__)
+    assert find_tiled_mlp(model) is None
+    tiled_mlp(model, 8).remove()  # tiling again after remove() is fine
+
+
+# ---- memory --------------------------------------------------------------------------------------------
+
+def test_the_backward_peak_is_bounded_by_the_tile():
+    peak_bytes = pytest.importorskip("qdora.eval.bench.memory").peak_bytes
+    tokens, h, i, tile = 4096, 64, 256, 256
+    mlp = transformers.models.llama.modeling_llama.LlamaMLP(llama3_config(hidden_size=h, intermediate_size=i))
+    x = torch.randn(1, tokens, h, requires_grad=True)
+
+    def step(tiled):
+        y = TiledApply.apply(mlp.forward, tile, x, *mlp.parameters()) if tiled else mlp(x)
+        y.backward(torch.ones_like(y))
+
+    untiled, tiled = peak_bytes(lambda: step(False)), peak_bytes(lambda: step(True))
+    # Untiled, autograd keeps gate, up, silu(gate) and their product: 4 tokens × i fp32 tensors (16 MiB),
+    # then the backward adds their gradients. Tiled: y, dy and dx are tokens × h (1 MiB each, a quarter
+    # of one tokens × i tensor), one tile's intermediates are tile × i (256 KiB each), and the weight
+    # gradients with their fp32 sums 2 × 3 × h × i × 4 bytes (384 KiB).
+    assert untiled >= 4 * tokens * i * 4
+    assert tiled <= 4 * tokens * h * 4 + 12 * tile * i * 4 + 2 * 3 * h * i * 4  # 7.4 MiB
+    assert tiled < untiled / 2
+
+
+# ---- refusals -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8"])
+def test_a_tile_below_one_is_one_line_before_any_work(bad):
+    model = build(llama3_config())
+    with pytest.raises(ValueError, match=r"tile_tokens=.* must be an integer >= 1") as info:
+        tiled_mlp(model, bad)
+    assert "\n" not in str(info.value)
+    assert "forward" not in model.model.layers[0].mlp.__dict__
+
+
+def test_a_model_without_decoder_mlps_is_refused():
+    with pytest.raises(ValueError, match="no decoder layer with an `mlp`"):
+        tiled_mlp(torch.nn.Sequential(torch.nn.Linear(4, 4)), 8)
+
+
+def test_tiling_twice_is_refused_until_removed():
+    model = build(llama3_config())
+    handle = qdora.tiled_mlp(model, 8)
+    with pytest.raises(ValueError, match=r"already tiled \(tile_tokens=8\); call .remove\(\)") as info:
+        tiled_mlp(model, 16)
+    assert "\n" not in str(info.value)
+    handle.remove()
+
+
+def test_router_logits_are_refused():
+    """transformers records router logits with a hook on the router: tiled, one per tile, without grad."""
+    with pytest.raises(ValueError, match="output_router_logits=True.*Turn output_router_logits off") as info:
+        tiled_mlp(moe("qwen3_moe", output_router_logits=True), 5)
+    assert "\n" not in str(info.value)
+    model = moe("qwen3_moe")
+    with tiled_mlp(model, 5):
+        with pytest.raises(ValueError, match="called with output_router_logits=True"):
+            model(MOE_IDS, labels=MOE_IDS, output_router_logits=True)
+        short = model(MOE_IDS[:, :2], labels=MOE_IDS[:, :2], output_router_logits=True)  # 4 tokens: not tiled
+        assert len(short.router_logits) == 2 and short.router_logits[0].shape == (4, 4)
+        run(model, MOE_IDS)  # the flag does not outlive the call
