@@ -14,6 +14,7 @@ the labels agree with the tokens the model sees.
 from __future__ import annotations
 
 import os
+from bisect import bisect_right
 from pathlib import Path
 from typing import Sequence
 
@@ -106,9 +107,11 @@ def _rewritten_turn(tokenizer, record: Record, i: int, text: str) -> tuple[int, 
     return start, end
 
 
-def tokenize_chat(tokenizer, record: Record, cutoff_len: int, train_on_prompt: bool = False) -> dict[str, list[int]]:
+def tokenize_chat(tokenizer, record: Record, cutoff_len: int | None,
+                  train_on_prompt: bool = False) -> dict[str, list[int]]:
     """Token ids and labels of a chat record: labels are the ids on assistant-turn tokens (on every
-    token with `train_on_prompt`) and `IGNORE_INDEX` elsewhere; cut to `cutoff_len` from the right."""
+    token with `train_on_prompt`) and `IGNORE_INDEX` elsewhere; cut to `cutoff_len` from the right
+    (`None`: whole)."""
     check_chat_template(tokenizer, record.source)
     try:
         text = _render(tokenizer, record.messages)
@@ -119,8 +122,12 @@ def tokenize_chat(tokenizer, record: Record, cutoff_len: int, train_on_prompt: b
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
     spans = assistant_spans(tokenizer, record, text)
+    ends = [end for _, end in spans]  # spans come in order and do not overlap: their ends are sorted too
     labels = []
     for token, (a, b) in zip(ids, offsets):
-        inside = any(a < end and b > start for start, end in spans)
+        # the first span that ends after the token starts: the token overlaps an assistant turn if
+        # and only if it overlaps that one (every later span starts where that one ends or later)
+        j = bisect_right(ends, a)
+        inside = j < len(spans) and spans[j][0] < b
         labels.append(token if inside or train_on_prompt else IGNORE_INDEX)
     return {"input_ids": ids[:cutoff_len], "labels": labels[:cutoff_len]}

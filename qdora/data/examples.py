@@ -7,6 +7,7 @@ several examples per row is `qdora.data.packing`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -35,33 +36,47 @@ DEMO_DATA = Path(__file__).parent.parent / "demo_data"
 """Vendored ARC-Easy and GSM8K slices; see its README.md."""
 
 
-def tokenize_record(tokenizer, record: Record, cutoff_len: int,
-                    train_on_prompt: bool = False) -> dict[str, list[int]]:
-    """Token ids and labels for one record (a chat record: `qdora.data.chat.tokenize_chat`).
+def tokenize_whole(tokenizer, record: Record, train_on_prompt: bool = False) -> dict[str, list[int]]:
+    """Token ids and labels for one record, whole (a chat record: `qdora.data.chat.tokenize_chat`).
 
     The prompt is tokenized with the tokenizer's special tokens (so BOS is added when the tokenizer
     adds one), the response without, then `eos_token_id` is appended (when the tokenizer has one).
-    Tokenizing the parts separately makes the prompt/response boundary exact. The result is cut to
-    `cutoff_len` tokens from the right. `labels` is `IGNORE_INDEX` on prompt tokens (unless
-    `train_on_prompt`) and equals `input_ids` elsewhere; it may supervise nothing when the prompt
-    fills `cutoff_len` (see `count_supervised`).
+    Tokenizing the parts separately makes the prompt/response boundary exact. `labels` is
+    `IGNORE_INDEX` on prompt tokens (unless `train_on_prompt`) and equals `input_ids` elsewhere.
 
     Note: tokenizers that prepend a space to every text (SentencePiece's dummy prefix, as in
     Llama-2) tokenize the response as if it began a new text, which can differ by that space from
     tokenizing prompt and response together.
     """
-    if cutoff_len < 1:
-        raise ValueError(f"cutoff_len must be >= 1, got {cutoff_len}")
     if record.format == "chat":
-        return tokenize_chat(tokenizer, record, cutoff_len, train_on_prompt)
+        return tokenize_chat(tokenizer, record, None, train_on_prompt)
     prompt_ids = list(tokenizer(record.prompt, add_special_tokens=True)["input_ids"])
     response_ids = list(tokenizer(record.response, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:
         response_ids.append(tokenizer.eos_token_id)
-    input_ids = (prompt_ids + response_ids)[:cutoff_len]
     prompt_labels = prompt_ids if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)
-    labels = (prompt_labels + response_ids)[:cutoff_len]
-    return {"input_ids": input_ids, "labels": labels}
+    return {"input_ids": prompt_ids + response_ids, "labels": prompt_labels + response_ids}
+
+
+def _check_cutoff(cutoff_len: int) -> None:
+    if cutoff_len < 1:
+        raise ValueError(f"cutoff_len must be >= 1, got {cutoff_len}")
+
+
+def cut(example: Mapping[str, list[int]], cutoff_len: int) -> dict[str, list[int]]:
+    """`example` cut to its first `cutoff_len` tokens (itself when it is no longer)."""
+    if len(example["input_ids"]) <= cutoff_len:
+        return dict(example)
+    return {key: value[:cutoff_len] for key, value in example.items()}
+
+
+def tokenize_record(tokenizer, record: Record, cutoff_len: int,
+                    train_on_prompt: bool = False) -> dict[str, list[int]]:
+    """`tokenize_whole(record)` cut to `cutoff_len` tokens from the right. `labels` may supervise
+    nothing when the prompt fills `cutoff_len` (see `count_supervised`); `tokenize_all` also tells
+    which examples were cut."""
+    _check_cutoff(cutoff_len)
+    return cut(tokenize_whole(tokenizer, record, train_on_prompt), cutoff_len)
 
 
 def count_supervised(labels: Sequence[int] | torch.Tensor) -> int:
@@ -71,23 +86,55 @@ def count_supervised(labels: Sequence[int] | torch.Tensor) -> int:
     return sum(1 for label in labels if label != IGNORE_INDEX)
 
 
+@dataclass
+class Tokenized:
+    """Records tokenized and cut to `cutoff_len`, with each one's length before the cut, so that
+    what the cut removed is counted, never lost silently."""
+    examples: list[dict[str, list[int]]]
+    """Each record's `input_ids` and `labels`, cut to `cutoff_len` from the right."""
+    lengths: list[int]
+    """Each record's length in tokens before the cut (over `cutoff_len`: it was cut)."""
+    cutoff_len: int
+
+    def __post_init__(self):
+        if len(self.lengths) != len(self.examples):
+            raise ValueError(f"{len(self.examples)} examples but {len(self.lengths)} lengths")
+
+    def select(self, indices: Sequence[int]) -> Tokenized:
+        """The records at `indices`, in that order."""
+        return Tokenized([self.examples[i] for i in indices], [self.lengths[i] for i in indices], self.cutoff_len)
+
+    @property
+    def truncated(self) -> list[int]:
+        """The lengths before the cut of the examples that were cut."""
+        return [n for n in self.lengths if n > self.cutoff_len]
+
+
 def tokenize_all(records: Sequence[Record], tokenizer, cutoff_len: int, train_on_prompt: bool = False,
-                 progress: bool = True) -> list[dict[str, list[int]]]:
-    """`tokenize_record` of every record, with a progress bar for more than 2000 on a terminal."""
+                 progress: bool = True) -> Tokenized:
+    """`tokenize_record` of every record, with each one's length before the cut; a progress bar for
+    more than 2000 on a terminal."""
+    _check_cutoff(cutoff_len)
     quiet = not progress or (True if len(records) <= 2000 else None)  # None: a bar only on a terminal
-    return [tokenize_record(tokenizer, r, cutoff_len, train_on_prompt)
-            for r in tqdm(records, desc="tokenizing", disable=quiet)]
+    examples, lengths = [], []
+    for record in tqdm(records, desc="tokenizing", disable=quiet):
+        whole = tokenize_whole(tokenizer, record, train_on_prompt)
+        lengths.append(len(whole["input_ids"]))
+        examples.append(cut(whole, cutoff_len))
+    return Tokenized(examples, lengths, cutoff_len)
 
 
 class SFTDataset(Dataset):
-    """Records tokenized once, up front; item `i` is `tokenize_record(records[i])`."""
+    """Records tokenized once, up front; item `i` is `tokenize_record(records[i])`
+    (`tokenized.truncated`: the lengths of those longer than `cutoff_len`, before the cut)."""
 
     def __init__(self, records: Sequence[Record], tokenizer, cutoff_len: int,
                  train_on_prompt: bool = False):
         self.records = list(records)
         self.cutoff_len = cutoff_len
         self.train_on_prompt = train_on_prompt
-        self.examples = tokenize_all(self.records, tokenizer, cutoff_len, train_on_prompt)
+        self.tokenized = tokenize_all(self.records, tokenizer, cutoff_len, train_on_prompt)
+        self.examples = self.tokenized.examples
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -21,20 +21,25 @@ from qdora.data.records import IGNORE_INDEX
 
 
 def pack(examples: Sequence[Mapping[str, Sequence[int]]], cutoff_len: int) -> list[dict[str, list[int]]]:
-    """Rows of whole examples, each at most `cutoff_len` tokens, in the examples' order."""
+    """Rows of whole examples, each at most `cutoff_len` tokens, in the examples' order. Every
+    example lands whole in one row: none is split or dropped; one longer than `cutoff_len` is an
+    error (`qdora train` cuts examples to it first, and counts those it cut). Time and memory are
+    linear in the tokens."""
     if cutoff_len < 1:
         raise ValueError(f"cutoff_len must be >= 1, got {cutoff_len}")
     rows: list[dict[str, list[int]]] = []
-    for ex in examples:
+    for i, ex in enumerate(examples):
         n = len(ex["input_ids"])
         if n > cutoff_len:
-            raise ValueError(f"an example of {n} tokens is longer than cutoff_len={cutoff_len}; truncate it first")
+            raise ValueError(f"example {i}, of {n} tokens, is longer than cutoff_len={cutoff_len}; cut it first")
+        if len(ex["labels"]) != n:
+            raise ValueError(f"example {i} has {n} input_ids but {len(ex['labels'])} labels")
         if not rows or len(rows[-1]["input_ids"]) + n > cutoff_len:
             rows.append({"input_ids": [], "labels": [], "position_ids": []})
         row = rows[-1]
-        row["input_ids"] += list(ex["input_ids"])
-        row["labels"] += [IGNORE_INDEX] + list(ex["labels"][1:])
-        row["position_ids"] += list(range(n))
+        row["input_ids"] += ex["input_ids"]
+        row["labels"] += [IGNORE_INDEX] * min(n, 1) + list(ex["labels"][1:])  # an empty example adds nothing
+        row["position_ids"] += range(n)
     return rows
 
 

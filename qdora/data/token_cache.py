@@ -1,5 +1,6 @@
-"""Tokenized examples, cached on disk per (data content, tokenizer, chat template, cutoff and the
-settings that shape the labels), so that a second run over the same data starts at once.
+"""Tokenized examples, with each one's length before the cut to `cutoff_len`, cached on disk per
+(data content, tokenizer, chat template, cutoff and the settings that shape the labels), so that a
+second run over the same data starts at once.
 
 The cache is a safetensors file (no pickle) under `$QDORA_CACHE/tokenized/` (default
 `~/.cache/qdora`), written atomically; a file that cannot be read is rebuilt.
@@ -18,9 +19,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from qdora.core.safetensors_io import save_file_atomic
-from qdora.data.examples import Record, tokenize_all
+from qdora.data.examples import Record, Tokenized, tokenize_all
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Raised when what tokenization produces changes, so that older cached files are not reused."""
 
 
@@ -59,37 +60,45 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cached_examples(data: str | os.PathLike, records: Sequence[Record], tokenizer, cutoff_len: int,
-                    train_on_prompt: bool, format: str = "auto", progress: bool = True) -> list[dict[str, list[int]]]:
-    """`tokenize_all(records, ...)` for the records read from `data`: from the cache when this data
-    was tokenized the same way before, else tokenized now and stored."""
+                    train_on_prompt: bool, format: str = "auto", progress: bool = True) -> Tokenized:
+    """`tokenize_all(records, ...)` for the records read from `data` (the examples cut to
+    `cutoff_len`, and each one's length before the cut): from the cache when this data was
+    tokenized the same way before, else tokenized now and stored."""
     key = hashlib.sha256(json.dumps([CACHE_VERSION, data_fingerprint(data), tokenizer_fingerprint(tokenizer),
                                      cutoff_len, train_on_prompt, format, len(records)]).encode()).hexdigest()
     path = cache_root() / f"{key[:32]}.safetensors"
     if path.is_file():
         try:
-            return _unflatten(load_file(str(path)))
+            return _unflatten(load_file(str(path)), cutoff_len)
         except (SafetensorError, OSError, KeyError, ValueError):
             pass  # unreadable or from elsewhere: rebuilt below
-    examples = tokenize_all(records, tokenizer, cutoff_len, train_on_prompt, progress)
+    tokenized = tokenize_all(records, tokenizer, cutoff_len, train_on_prompt, progress)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file_atomic(_flatten(examples), path, {"version": str(CACHE_VERSION), "data": str(data)})
+        save_file_atomic(_flatten(tokenized), path, {"version": str(CACHE_VERSION), "data": str(data)})
     except OSError:
         pass  # a cache that cannot be written costs only the next run's tokenizing time
-    return examples
+    return tokenized
 
 
-def _flatten(examples: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+def _flatten(tokenized: Tokenized) -> dict[str, torch.Tensor]:
+    """The examples end to end (`lengths`: each one's tokens) and each one's length before the cut
+    (`whole_lengths`)."""
+    examples = tokenized.examples
     ids = [t for ex in examples for t in ex["input_ids"]]
     labels = [t for ex in examples for t in ex["labels"]]
     return {"input_ids": torch.tensor(ids, dtype=torch.int32), "labels": torch.tensor(labels, dtype=torch.int32),
-            "lengths": torch.tensor([len(ex["input_ids"]) for ex in examples], dtype=torch.int64)}
+            "lengths": torch.tensor([len(ex["input_ids"]) for ex in examples], dtype=torch.int64),
+            "whole_lengths": torch.tensor(tokenized.lengths, dtype=torch.int64)}
 
 
-def _unflatten(tensors: dict[str, torch.Tensor]) -> list[dict[str, list[int]]]:
+def _unflatten(tensors: dict[str, torch.Tensor], cutoff_len: int) -> Tokenized:
     lengths = tensors["lengths"].tolist()
+    whole = tensors["whole_lengths"].tolist()
+    if int(sum(lengths)) != tensors["labels"].numel() or len(whole) != len(lengths) \
+            or any(n != min(w, cutoff_len) for n, w in zip(lengths, whole)):
+        raise ValueError("inconsistent cache file")
     ids = tensors["input_ids"].split(lengths)
     labels = tensors["labels"].split(lengths)
-    if int(sum(lengths)) != tensors["labels"].numel():
-        raise ValueError("inconsistent cache file")
-    return [{"input_ids": i.tolist(), "labels": lab.tolist()} for i, lab in zip(ids, labels)]
+    return Tokenized([{"input_ids": i.tolist(), "labels": lab.tolist()} for i, lab in zip(ids, labels)], whole,
+                     cutoff_len)

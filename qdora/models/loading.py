@@ -64,6 +64,21 @@ def _storage_dtype(dtype, config, device: torch.device) -> torch.dtype:
     return saved if isinstance(saved, torch.dtype) else torch.bfloat16
 
 
+def attention_implementation(model_class, device: torch.device, dtype: torch.dtype) -> str:
+    """The attention `qdora` builds a model with: on CUDA "flash_attention_2" when the `flash_attn`
+    package imports, `dtype` is bf16 or fp16 and the model supports it (packed rows then need no
+    `tokens x tokens` mask: its variable-length path); else "sdpa", transformers' own default (it
+    never picks flash attention), or "eager" for a model without sdpa, as transformers falls back."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) \
+            and getattr(model_class, "_supports_flash_attn", False):
+        try:
+            import flash_attn  # noqa: F401  (optional: only whether it imports matters)
+            return "flash_attention_2"
+        except Exception:  # not installed, or built for another torch or CUDA
+            pass
+    return "sdpa" if getattr(model_class, "_supports_sdpa", True) else "eager"
+
+
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
@@ -117,7 +132,8 @@ class CheckpointModel:
     """The model of checkpoint folder `path`, built on the meta device and filled tensor by tensor
     (`fill`): a linear weight that will be NF4 (`cfg.quantized`, not `keep_full_precision`) is
     quantized as it arrives and only its packed form is kept; every other tensor is materialized in
-    the storage dtype `dtype` (`auto`: fp32 on CPU, the checkpoint's dtype on CUDA). Loaded
+    the storage dtype `dtype` (`auto`: fp32 on CPU, the checkpoint's dtype on CUDA). The attention
+    implementation is chosen for the device and that dtype (`attention_implementation`). Loaded
     parameters are frozen. `finish` ties the embeddings, checks that nothing is left on meta and
     returns `(model, tokenizer or None)`."""
 
@@ -125,6 +141,7 @@ class CheckpointModel:
                  device: str | torch.device = "cpu", progress: bool = True):
         from accelerate import init_empty_weights  # heavy: imports transformers' stack
         from transformers import AutoConfig, AutoModelForCausalLM  # heavy, used here only
+        from transformers.models.auto.auto_factory import _get_model_class  # the class from_config builds
 
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
@@ -134,8 +151,13 @@ class CheckpointModel:
         self.config = AutoConfig.from_pretrained(self.path)
         self.device = torch.device(device)
         self.storage = _storage_dtype(dtype, self.config, self.device)
+        try:
+            model_class = _get_model_class(self.config, AutoModelForCausalLM._model_mapping)
+        except KeyError:  # no such model: from_config says so below
+            model_class = None
+        attention = attention_implementation(model_class, self.device, self.storage)
         with init_empty_weights(include_buffers=False):
-            self.model = AutoModelForCausalLM.from_config(self.config)
+            self.model = AutoModelForCausalLM.from_config(self.config, attn_implementation=attention)
         if cfg.method != "full":  # an MoE's experts held apart (qdora.models.moe), each quantized as it arrives
             split_experts(self.model, lambda name: experts_needed(name, cfg))
         self.to_nf4 = {n for n in linear_module_names(self.model)

@@ -1,7 +1,9 @@
 """A run's examples, made before its model is loaded: records read and checked (`read_records`,
 with the other checks that need no model), then tokenized with the model's tokenizer (cached per
 data, tokenizer and settings), the examples with nothing to learn set aside, and packed on request
-(`examples`). Validation examples come from `val_data`, or from a seeded `val_split` of `data`."""
+(`examples`). Validation examples come from `val_data`, or from a seeded `val_split` of `data`.
+What the data loses is counted and said in notes (`RunExamples.notes`): the examples cut to
+`cutoff_len` and those set aside."""
 
 from __future__ import annotations
 
@@ -25,6 +27,35 @@ class RunRecords:
     """Indices of `train` held out for validation by `val_split`."""
 
 
+@dataclass(frozen=True)
+class Truncation:
+    """The examples of one split longer than `cutoff_len`: cut to it, as --cutoff-len says, and counted."""
+    split: str
+    """`training` or `validation`."""
+    examples: int
+    """The split's examples (before those with no target token are set aside)."""
+    cut: int
+    """Examples longer than `cutoff_len`, cut to it."""
+    longest: int
+    """The longest example's tokens before the cut (0: no example)."""
+    cutoff_len: int
+
+    @classmethod
+    def of(cls, split: str, lengths: list[int], cutoff_len: int) -> Truncation:
+        """From each example's length before the cut."""
+        return cls(split, len(lengths), sum(n > cutoff_len for n in lengths), max(lengths, default=0), cutoff_len)
+
+    def note(self) -> str | None:
+        """One line for the terminal and the run log when examples were cut, else None."""
+        if not self.cut:
+            return None
+        verb = "is" if self.cut == 1 else "are"
+        was = "was" if self.cut == 1 else "were"
+        return (f"note: {self.cut:,} of {self.examples:,} {self.split} examples {verb} longer than "
+                f"cutoff_len={self.cutoff_len} and {was} cut to it (longest {self.longest:,} tokens; raise "
+                "--cutoff-len to keep them whole)")
+
+
 @dataclass
 class RunExamples:
     rows: list[dict]
@@ -35,6 +66,37 @@ class RunExamples:
     """Training examples (in `rows`)."""
     skipped: int
     """Training examples set aside because no target token is left within `cutoff_len`."""
+    truncated: Truncation
+    """The training examples longer than `cutoff_len` (cut to it)."""
+    val_truncated: Truncation
+    """The validation examples longer than `cutoff_len` (cut to it)."""
+    val_skipped: int
+    """Validation examples set aside because no target token is left within `cutoff_len`."""
+
+    @property
+    def longest(self) -> int:
+        """The longest example's tokens after the cut, training or validation (packed examples
+        restart their positions at 0, so the model sees no position past this)."""
+        return max(min(t.longest, t.cutoff_len) for t in (self.truncated, self.val_truncated))
+
+    def notes(self) -> list[str]:
+        """What the data lost, one line each: examples cut to `cutoff_len`, examples set aside."""
+        lines = [t.note() for t in (self.truncated, self.val_truncated)]
+        for count, split in ((self.skipped, "training"), (self.val_skipped, "validation")):
+            if count:
+                lines.append(f"note: {count:,} {split} example(s) have no target token within "
+                             f"cutoff_len={self.truncated.cutoff_len} and are skipped")
+        return [line for line in lines if line]
+
+    def positions_note(self, max_positions: int | None) -> str | None:
+        """One line when `cutoff_len` is above the model's `max_position_embeddings` (not an error:
+        a RoPE model runs past it, with a quality the user should know about), else None."""
+        cutoff_len = self.truncated.cutoff_len
+        if not isinstance(max_positions, int) or cutoff_len <= max_positions:
+            return None
+        return (f"note: cutoff_len={cutoff_len} is above the model's max_position_embeddings={max_positions}: "
+                f"examples longer than {max_positions:,} tokens run at positions it was not trained on (RoPE models "
+                f"run there, with lower quality); the longest here has {self.longest:,} tokens")
 
 
 def read_records(cfg: TrainConfig) -> RunRecords:
@@ -64,11 +126,14 @@ def examples(cfg: TrainConfig, records: RunRecords, tokenizer, progress: bool = 
             check_chat_template(tokenizer, data)
     tokenized = cached_examples(cfg.data, records.train, tokenizer, cfg.cutoff_len, cfg.train_on_prompt,
                                 cfg.format, progress)
-    train = [ex for i, ex in enumerate(tokenized) if i not in records.held_out]
-    val = [ex for i, ex in enumerate(tokenized) if i in records.held_out]
+    train = tokenized.select([i for i in range(len(records.train)) if i not in records.held_out])
+    val = tokenized.select(sorted(records.held_out))
     if records.val:
         val = cached_examples(cfg.val_data, records.val, tokenizer, cfg.cutoff_len, cfg.train_on_prompt, cfg.format,
                               progress)
-    train, skipped = _with_targets(train, cfg.data, cfg)
-    val, _ = _with_targets(val, cfg.val_data or cfg.data, cfg)
-    return RunExamples(pack(train, cfg.cutoff_len) if cfg.packing else train, val, len(train), skipped)
+    truncated = Truncation.of("training", train.lengths, cfg.cutoff_len)
+    val_truncated = Truncation.of("validation", val.lengths, cfg.cutoff_len)
+    kept, skipped = _with_targets(train.examples, cfg.data, cfg)
+    kept_val, val_skipped = _with_targets(val.examples, cfg.val_data or cfg.data, cfg)
+    return RunExamples(pack(kept, cfg.cutoff_len) if cfg.packing else kept, kept_val, len(kept), skipped, truncated,
+                       val_truncated, val_skipped)

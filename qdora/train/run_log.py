@@ -1,5 +1,6 @@
 """Where a training run's progress goes: the terminal, metrics.jsonl, and on request metrics.csv
-and TensorBoard.
+and TensorBoard; what it said at the start (the notes about its data, the attention implementation)
+goes to run.log too (`write_header`), appended to on `--resume`.
 
 On a terminal the progress is a bar; without one (output to a log file, CI) it is a plain line at
 most every `progress_seconds`, and at the first and the last step, so a log shows the run as it
@@ -13,6 +14,7 @@ import csv
 import io
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -22,6 +24,8 @@ from qdora.train.config import TrainConfig
 from qdora.train.health import metrics_line
 
 CSV_COLUMNS = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_s")
+RUN_LOG = "run.log"
+"""The run folder's plain-text log: what each start of the run said (`write_header`)."""
 
 
 def check_reporters(cfg: TrainConfig) -> None:
@@ -32,6 +36,16 @@ def check_reporters(cfg: TrainConfig) -> None:
         except ImportError:
             raise ImportError("--report-to tensorboard needs the tensorboard package: pip install tensorboard "
                               "(or drop tensorboard from --report-to)") from None
+
+
+def write_header(out: Path, lines: list[str], step: int = 0) -> None:
+    """Write the lines a run printed at its start to `out/run.log` under a line that says when it
+    started (a new run replaces the file; a resumed one, started at `step`, adds to it)."""
+    path = Path(out) / RUN_LOG
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    head = f"qdora train: resumed at step {step}, {now}" if step else f"qdora train: started {now}"
+    before = path.read_text() + "\n" if step and path.is_file() else ""
+    write_text_atomic(path, before + "".join(line + "\n" for line in [head, *lines]))
 
 
 def trim_csv(path: Path, last_step: int) -> None:

@@ -28,7 +28,7 @@ from qdora.train.config import TrainConfig
 from qdora.train.fsdp import save_adapter_gathered
 from qdora.train.preflight import check_run, fingerprints
 from qdora.train.run_data import examples, read_records
-from qdora.train.run_log import check_reporters, trim_csv
+from qdora.train.run_log import check_reporters, trim_csv, write_header
 
 
 def _seed_all(seed: int) -> None:
@@ -149,12 +149,14 @@ def setup_run(cfg: TrainConfig, build) -> Run:
     if tokenizer is None:
         raise ValueError(f"{cfg.model}: no tokenizer found next to the model; training needs one")
     data = examples(cfg, records, tokenizer, progress=cfg.progress and rank == 0)
-    # notes about the data print with or without --no-progress (which turns off bars and messages)
-    if data.skipped and rank == 0:
-        print(f"note: {data.skipped} example(s) have no target token within cutoff_len={cfg.cutoff_len} and are "
-              "skipped")
-    if cfg.packing and rank == 0:
-        print(f"packing: {data.examples} examples in {len(data.rows)} rows of up to {cfg.cutoff_len} tokens")
+    # notes about the data and the model print with or without --no-progress (which turns off bars and
+    # messages), and go to the run log (run.log) when the run folder is written
+    header = data.notes()
+    if cfg.packing:
+        header.append(f"packing: {data.examples} examples in {len(data.rows)} rows of up to {cfg.cutoff_len} tokens")
+    for line in header:
+        if rank == 0:
+            print(line)
     if cfg.epochs:
         epochs, cfg = cfg.epochs, cfg.for_examples(len(data.rows))
         if rank == 0:
@@ -162,6 +164,15 @@ def setup_run(cfg: TrainConfig, build) -> Run:
                   f"steps of {cfg.batch_size} x {cfg.grad_accum}")
     _seed_all(cfg.seed)
     model, model_tokenizer = _load(cfg, build, device, rank)
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    loaded = [f"attention: {getattr(config, '_attn_implementation', None) or 'unknown'}",
+              data.positions_note(getattr(text_config, "max_position_embeddings", None))]
+    loaded = [line for line in loaded if line]
+    for line in loaded:
+        if rank == 0:
+            print(line)
+    header += loaded
     prepare_for_training(model, cfg.gradient_checkpointing)
     if cfg.chunked_loss:  # the loss without the whole logits (the model's own loss where it cannot be exact)
         chunked_loss(model, cfg.loss_chunk_tokens or None)
@@ -170,6 +181,8 @@ def setup_run(cfg: TrainConfig, build) -> Run:
     run = Run(cfg, model, model_tokenizer or tokenizer, optimizer, params, data.rows, pad_token_id(tokenizer),
                device, rank, world, build, val=data.val)
     _start_or_resume(run, existing)
+    if run.main:
+        write_header(run.out, header, run.start)
     return run
 
 
