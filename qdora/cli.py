@@ -103,6 +103,9 @@ def _add_plan(sub) -> None:
                         "with a config.json (required, here or in --config: a run's train_config.json names its "
                         "model)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--max-seq-len", action="store_true",
+                   help="print the longest sequence that fits each card size (8, 12, 16, 24, 40, 48, 80 GB) at these "
+                        "settings (--seq-len ignored), with and without the planner's margin")
     add_options(p, PlanConfig)
     p.set_defaults(func=_plan)
 
@@ -123,6 +126,11 @@ def _plan(args) -> int:
     # (its cutoff_len as seq_len), the settings that do not shape memory skipped.
     train_only = {f.name for f in dataclasses.fields(TrainConfig)} - {f.name for f in dataclasses.fields(PlanConfig)}
     cfg = resolve(PlanConfig, vars(args), ignore=frozenset(train_only), aliases={"cutoff_len": "seq_len"})
+    if args.max_seq_len:
+        from qdora.plan.report import format_longest, longest_table
+        rows = longest_table(shape, cfg)
+        print(json.dumps(rows, indent=1) if args.json else format_longest(shape, cfg, rows))
+        return 0
     result = plan(shape, cfg)
     print(json.dumps(plan_to_dict(result), indent=1) if args.json else format_plan(result))
     return 0

@@ -70,6 +70,31 @@ class Problems:
             self.add(f"loss_chunk_tokens={loss_chunk_tokens} sizes the chunked loss, which --no-chunked-loss "
                      "turns off; give one of them")
 
+    def long_sequence(self, tokens, tokens_name: str, *, loss_chunk_tokens=0, offload_activations: bool = False,
+                      gradient_checkpointing: bool = True, tiled_mlp: bool = False, mlp_tile_tokens=0,
+                      sharded: bool = False) -> None:
+        """The long-sequence options against the sequence they divide (`TrainConfig`: `cutoff_len`, `PlanConfig`:
+        `seq_len`): a loss chunk or an MLP tile longer than it, a tile size without the tiled MLP, offloaded
+        activations without the checkpoints they offload or under FSDP."""
+        whole = isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0
+        if whole and isinstance(loss_chunk_tokens, int) and loss_chunk_tokens > tokens:
+            self.add(f"loss_chunk_tokens={loss_chunk_tokens} is above the sequence ({tokens_name}={tokens}); use at "
+                     f"most {tokens}, or 0 to size the chunks from the vocabulary")
+        if isinstance(mlp_tile_tokens, bool) or not isinstance(mlp_tile_tokens, int) or mlp_tile_tokens < 0:
+            self.add(f"mlp_tile_tokens={mlp_tile_tokens!r} must be an integer >= 1 (tokens per tile of the tiled "
+                     "MLP), or 0 for the model's hidden size")
+        elif mlp_tile_tokens and not tiled_mlp:
+            self.add(f"mlp_tile_tokens={mlp_tile_tokens} sizes the tiled MLP, which is off; add --tiled-mlp")
+        elif whole and mlp_tile_tokens > tokens:
+            self.add(f"mlp_tile_tokens={mlp_tile_tokens} is above the sequence ({tokens_name}={tokens}); use at most "
+                     f"{tokens}, or 0 for the model's hidden size")
+        if offload_activations and not gradient_checkpointing:
+            self.add("offload_activations=True moves the checkpointed layer inputs to host memory and needs gradient "
+                     "checkpointing; drop --no-gradient-checkpointing (or --offload-activations)")
+        if offload_activations and sharded:
+            self.add("offload_activations=True is not supported with FSDP (its layers gather and free their own "
+                     "shards around the recompute); drop --offload-activations or train on one device")
+
     def include(self, err: Exception) -> None:
         """The listed problems of another config's error (e.g. `AdapterConfig`'s inside `TrainConfig`)."""
         lines = [ln.strip().removeprefix("- ") for ln in str(err).splitlines()[1:] if ln.strip()]

@@ -103,6 +103,16 @@ class PlanConfig:
     """Tokens per chunk of the chunked loss; 0: as many as make a chunk's fp32 logits 256 MiB (523 tokens
     at Llama 3's 128,256-token vocabulary, 1,365 at SmolLM2's 49,152)."""
 
+    offload_activations: bool = False
+    """Checkpointed layer inputs in pinned host memory (qdora.offload_activations): the GPU keeps two of them
+    (the layer computing and the one being copied or prefetched); the host memory they take is printed beside.
+    On a CPU device it saves nothing (host and device are one memory)."""
+    tiled_mlp: bool = False
+    """Each decoder layer's MLP (or MoE block) computed over tiles of tokens, forward and backward
+    (qdora.tiled_mlp): its working set is one tile's, not the sequence's."""
+    mlp_tile_tokens: int = 0
+    """Tokens per tile of the tiled MLP; 0: the model's hidden size."""
+
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "method": METHODS, "device": DEVICES, "adapter_dtype": ("float32", "bfloat16"),
         "optimizer": ("adamw", "paged_adamw_8bit"), "norm": ("detached", "exact")}
@@ -140,6 +150,10 @@ class PlanConfig:
                 and self.optimizer == "paged_adamw_8bit" and self.device != "cuda":
             p.add("optimizer='paged_adamw_8bit' needs device='cuda'")
         p.loss_chunks(self.chunked_loss, self.loss_chunk_tokens)
+        p.long_sequence(self.seq_len, "seq_len", loss_chunk_tokens=self.loss_chunk_tokens,
+                        offload_activations=self.offload_activations,
+                        gradient_checkpointing=self.gradient_checkpointing, tiled_mlp=self.tiled_mlp,
+                        mlp_tile_tokens=self.mlp_tile_tokens, sharded=self.fsdp)
         if self.cpu_offload and self.gpus < 2:
             p.add("cpu_offload is an FSDP option: use gpus >= 2")
         p.raise_if_any()

@@ -73,6 +73,8 @@ normalised per head or whole (Qwen3, OLMoE) keep their fp32 norm inputs. A mixtu
 
 from __future__ import annotations
 
+import dataclasses
+
 from qdora.models.shapes import PRESETS, ModelShape, resolve_model, shape_from_config  # noqa: F401  (also from here)
 from qdora.plan import moe
 from qdora.plan.config import (  # noqa: F401  (the setting and result, also from here)
@@ -205,7 +207,7 @@ def mlp_saved(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
 
 def layer_saved(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
     """Bytes autograd keeps for one decoder layer of kind `d`, gradient checkpointing off: its two
-    RMSNorms, its attention, its `mlp` (`mlp_saved`)."""
+    RMSNorms, its attention, its `mlp` (`mlp_saved`; tiled, its input)."""
     e, T, h, q, kv = d.e, d.T, d.h, d.q, d.kv
     norm_saved = T * h * 4 + T * 4 + (T * h * e if d.full else 0)
     attn_saved = T * (2 * q + 2 * kv) * e + d.b * shape.heads * d.s * 4
@@ -215,13 +217,39 @@ def layer_saved(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
                                      if not (e == 4 and cfg.use_dora and name in d.adapted))
     return (2 * norm_saved + attn_saved + _kept_input(d, cfg, ("q_proj", "k_proj", "v_proj"), h)
             + _kept_input(d, cfg, ("o_proj",), q) + sum(_adapter_saved(d, cfg, n) for n in shape.attention_shapes())
-            + mlp_saved(d, shape, cfg))
+            + _tiled_mlp_saved(d, shape, cfg))
+
+
+def mlp_tile(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
+    """Tokens per tile of the tiled MLP (`qdora.tiled_mlp`: `mlp_tile_tokens`, or the hidden size), or 0 where
+    the MLP runs whole (not tiled, or a micro-batch no longer than one tile: it then runs untiled)."""
+    tile = cfg.mlp_tile_tokens or shape.hidden
+    return tile if cfg.tiled_mlp and d.T > tile else 0
+
+
+def tiled(d: Dims, tokens: int) -> Dims:
+    """The sizes of one tile of `tokens` tokens of layer kind `d` (a tile is one row of tokens)."""
+    return dataclasses.replace(d, T=tokens, s=tokens, b=1)
+
+
+def _tiled_mlp_saved(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
+    """What one layer's MLP keeps for the backward: its saved activations (`mlp_saved`), or tiled, the
+    input its tiles are recomputed from (`T·h·e`)."""
+    return d.T * d.h * d.e if mlp_tile(d, shape, cfg) else mlp_saved(d, shape, cfg)
+
+
+def checkpoints_on_device(shape: ModelShape, cfg: PlanConfig) -> int:
+    """Checkpointed layer inputs on the device at once: every layer's, or with offloaded activations on CUDA
+    two (the layer computing, and the one whose copy to or from the host is in flight)."""
+    if cfg.offload_activations and cfg.device == "cuda":
+        return min(2, shape.layers)
+    return shape.layers
 
 
 def _activations(ds: list[Dims], shape: ModelShape, cfg: PlanConfig) -> tuple[int, int, list[int], int]:
     """Activations saved for the backward: `(body, head_saved, per_layer, lsm)` — the decoder stack's (with
-    gradient checkpointing its layer inputs), the final norm's, one layer's of each kind (recomputed under
-    gradient checkpointing), the log-softmax."""
+    gradient checkpointing its layer inputs on the device: `checkpoints_on_device`), the final norm's, one
+    layer's of each kind (recomputed under gradient checkpointing), the log-softmax."""
     d = ds[0]
     e, T, h = d.e, d.T, d.h
     saved = [layer_saved(k, shape, cfg) for k in ds]
@@ -229,7 +257,7 @@ def _activations(ds: list[Dims], shape: ModelShape, cfg: PlanConfig) -> tuple[in
     head_saved = T * h * 4 + T * 4 + (2 * T * h * e if d.full else 0)   # final norm (+ lm_head input)
     lsm = T * d.V * 4
     if cfg.gradient_checkpointing:
-        return shape.layers * T * h * e + shared, head_saved, saved, lsm
+        return checkpoints_on_device(shape, cfg) * T * h * e + shared, head_saved, saved, lsm
     # the first layer's input RMSNorm saves nothing when the embeddings are frozen
     body = sum(k.L * s for k, s in zip(ds, saved))
     return body - (0 if d.full else T * h * 4 + T * 4) + shared, head_saved, saved, lsm
@@ -279,7 +307,16 @@ def _layer_backward(ds: list[Dims], saved: list[int], shape: ModelShape, cfg: Pl
     dense one: gate, silu, up) or MoE block (`moe.in_flight`) and its residual, its dequantized weight."""
     out = []
     for d, kept in zip(ds, saved):
-        flight = 3 * d.T * d.h * d.e + (moe.in_flight(d, shape, cfg) if d.E else 3 * d.T * d.i * d.e)
+        flight = 3 * d.T * d.h * d.e
+        tile = mlp_tile(d, shape, cfg)
+        if tile:  # one tile's MLP recomputed and its backward, beside the input gradient the tiles fill;
+            # or the attention's backward (the gradients of its output, q, k and v), whichever is larger
+            t = tiled(d, tile)
+            flight += max(d.T * d.h * d.e + mlp_saved(t, shape, cfg)
+                          + (moe.in_flight(t, shape, cfg) if d.E else 3 * t.T * t.i * t.e),
+                          d.T * (2 * d.q + 2 * d.kv) * d.e)
+        else:
+            flight += moe.in_flight(d, shape, cfg) if d.E else 3 * d.T * d.i * d.e
         out.append((kept if cfg.gradient_checkpointing else 0, flight + _dequantized_block(d, cfg)))
     return max(out, key=sum)
 
@@ -308,6 +345,9 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
             details["cpu offload: sharded parameters, gradients, optimizer states in CPU memory"] = \
                 nf4 + base + adapters + grads_total + opt_states
             nf4 = base = adapters = grads_total = opt_states = 0
+    if cfg.offload_activations and cfg.device == "cuda":
+        details["offloaded activations: checkpointed layer inputs in pinned host memory (not on the GPU)"] = \
+            shape.layers * d.T * d.h * d.e
     adapters += wt.buffers
     resident = nf4 + wt.qstate + base + adapters + opt_states + wt.fixed
 
@@ -356,5 +396,39 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
     return MemoryPlan(shape, cfg, terms, peak_phase, phases, details, start, moe.resolve_targets(shape, cfg)[2])
 
 
+MAX_SEQ_CARDS_GB = (8, 12, 16, 24, 40, 48, 80)
+"""Card sizes `qdora plan --max-seq-len` answers for (GB as sold: a 24 GB card holds 24 GiB)."""
+SEARCH_LIMIT = 1 << 24
+"""The longest sequence `longest_sequence` considers (16M tokens)."""
+
+
+def at_length(cfg: PlanConfig, seq_len: int) -> PlanConfig:
+    """`cfg` at `seq_len` tokens, its loss chunk and MLP tile no longer than the sequence (a chunk or tile
+    of the whole sequence is the shorter sequence's own)."""
+    return cfg.replace(seq_len=seq_len, loss_chunk_tokens=min(cfg.loss_chunk_tokens, seq_len),
+                       mlp_tile_tokens=min(cfg.mlp_tile_tokens, seq_len))
+
+
+def longest_sequence(model: ModelShape | str, cfg: PlanConfig, card_gb: float, margin: bool = True) -> int:
+    """The longest `seq_len` (at `cfg`'s batch size and every other setting) whose plan fits a `card_gb` card:
+    with `margin`, with the planner's `FIT_MARGIN` to spare (`MemoryPlan.verdict` "yes"), else within the card
+    ("tight" too). 0 if not even one token fits. Binary search: the plan grows with the sequence."""
+    shape = resolve_model(model) if isinstance(model, str) else model
+    ok = ("yes",) if margin else ("yes", "tight")
+
+    def fits(n: int) -> bool:
+        return plan(shape, at_length(cfg, n)).verdict(card_gb) in ok
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, SEARCH_LIMIT
+    if fits(hi):
+        return hi
+    while hi - lo > 1:  # fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
 __all__ = ["ModelShape", "PRESETS", "PlanConfig", "MemoryPlan", "plan", "resolve_model", "shape_from_config",
-           "CARDS_GB"]
+           "CARDS_GB", "MAX_SEQ_CARDS_GB", "longest_sequence"]

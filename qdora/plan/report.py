@@ -6,7 +6,18 @@ from __future__ import annotations
 import dataclasses
 
 from qdora.plan.config import FIT_MARGIN
-from qdora.plan.memory import CARDS_GB, GIB, TERM_LABELS, TERMS, MemoryPlan
+from qdora.plan.memory import (
+    CARDS_GB,
+    GIB,
+    MAX_SEQ_CARDS_GB,
+    TERM_LABELS,
+    TERMS,
+    MemoryPlan,
+    PlanConfig,
+    at_length,
+    longest_sequence,
+    plan,
+)
 
 
 def _gib(n: int) -> str:
@@ -70,3 +81,40 @@ def plan_to_dict(p: MemoryPlan) -> dict:
             "fits": {str(gb): p.verdict(gb) for gb in CARDS_GB}}
 
 
+
+
+def _setting(c: PlanConfig) -> str:
+    options = [name for name, on in (("chunked loss", c.chunked_loss), ("offloaded activations", c.offload_activations),
+                                     ("tiled MLP", c.tiled_mlp)) if on]
+    targets = "all weights" if c.method == "full" else f"r={c.r} on {','.join(c.target_modules)}, dropout {c.dropout}"
+    return (f"{c.method} {targets}; batch {c.batch_size}; {c.optimizer}; gradient checkpointing "
+            f"{'on' if c.gradient_checkpointing else 'off'}; " + (", ".join(options) or "none of the long-sequence "
+                                                                   "options (--chunked-loss, --offload-activations, "
+                                                                   "--tiled-mlp)"))
+
+
+def longest_table(shape, c: PlanConfig, cards=MAX_SEQ_CARDS_GB) -> list[dict]:
+    """For each card: the longest sequence that fits with the planner's margin and within the card, and at the
+    latter, the step's peak phase and (offloaded activations) the host memory the run needs."""
+    rows = []
+    for gb in cards:
+        safe, edge = longest_sequence(shape, c, gb, margin=True), longest_sequence(shape, c, gb, margin=False)
+        at = plan(shape, at_length(c, edge)) if edge else None
+        host = sum(v for k, v in at.details.items() if k.startswith("offloaded activations")) if at else 0
+        rows.append({"card_gb": gb, "longest_with_margin": safe, "longest": edge,
+                     "peak_phase": at.peak_phase if at else None, "host_bytes": host})
+    return rows
+
+
+def format_longest(shape, c: PlanConfig, rows: list[dict]) -> str:
+    lines = [f"{shape.name}: the longest sequence per GPU, {_setting(c)}; bf16 compute" if c.device == "cuda" else
+             f"{shape.name}: the longest sequence, {_setting(c)}",
+             "", "| card | longest, with the planner's 20% margin | longest within the card | peak phase there | "
+                 "host memory there |", "|---|---:|---:|---|---:|"]
+    for r in rows:
+        lines.append(f"| {r['card_gb']} GB | {r['longest_with_margin']:,} | {r['longest']:,} | "
+                     f"{r['peak_phase'] or 'the weights alone do not fit'} | "
+                     + (f"{r['host_bytes'] / GIB:.1f} GiB |" if r["host_bytes"] else "- |"))
+    lines += ["", f"(a card of N GB holds N GiB; the margin is the planner's own error against published runs, "
+                  f"up to {FIT_MARGIN:.0%}: docs/planner.md)"]
+    return "\n".join(lines)
