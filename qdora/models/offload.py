@@ -206,25 +206,29 @@ class OffloadedCheckpoint(torch.autograd.Function):
         x = x.detach().requires_grad_(wants_x)
         devices, states = ctx.device_rng
         aliases = {id(p): nn.Parameter(p.detach()) for p in params}
-        with torch.random.fork_rng(devices=devices, device_type=x.device.type), contextlib.ExitStack() as stack, \
-                _swapped(call.layer, aliases):
-            torch.set_rng_state(ctx.cpu_rng)
-            if devices:
-                set_device_states(devices, states, device_type=x.device.type)
-            for device_type, enabled, dtype, cache in ctx.autocast:
-                stack.enter_context(torch.amp.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache))
-            with torch.enable_grad():
-                out = call.run(x)
-        slot.release()
-        outputs = out if isinstance(out, tuple) else (out,)
-        pairs = [(o, g) for o, g in zip(outputs, grads)
-                 if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
-        inputs = ([x] if wants_x else []) + [aliases[id(p)] for p in params]
-        if pairs:
-            call.handle.check_owned(call.layer, pairs, inputs)
-            found = iter(torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True))
-        else:
-            found = iter([None] * len(inputs))
+        # the aliases stay in the layer through the gradient too: a function inside it that recomputes in its own
+        # backward (qdora.tiled_mlp) runs the layer's modules again there, and must use them
+        with _swapped(call.layer, aliases):
+            with torch.random.fork_rng(devices=devices, device_type=x.device.type), contextlib.ExitStack() as stack:
+                torch.set_rng_state(ctx.cpu_rng)
+                if devices:
+                    set_device_states(devices, states, device_type=x.device.type)
+                for device_type, enabled, dtype, cache in ctx.autocast:
+                    stack.enter_context(torch.amp.autocast(device_type, dtype=dtype, enabled=enabled,
+                                                           cache_enabled=cache))
+                with torch.enable_grad():
+                    out = call.run(x)
+            slot.release()
+            outputs = out if isinstance(out, tuple) else (out,)
+            pairs = [(o, g) for o, g in zip(outputs, grads)
+                     if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+            inputs = ([x] if wants_x else []) + [aliases[id(p)] for p in params]
+            if pairs:
+                call.handle.check_owned(call.layer, pairs, inputs)
+                found = iter(torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
+                                                 allow_unused=True))
+            else:
+                found = iter([None] * len(inputs))
         dx = next(found) if wants_x else None
         return (None, dx, *[next(found) if need else None for need in ctx.needs_input_grad[2:]])
 

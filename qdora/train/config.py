@@ -88,7 +88,7 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     cutoff_len: int = 256
-    """Tokens per example; longer ones are truncated."""
+    """Tokens per example (with packing: per row); longer examples are cut to it, counted and reported."""
     warmup_steps: int = 0
     """Steps of linear learning-rate warmup."""
     schedule: str = "linear"
@@ -111,6 +111,15 @@ class TrainConfig:
     loss_chunk_tokens: int = 0
     """Tokens per chunk of the chunked loss; 0: as many as make a chunk's fp32 logits 256 MiB (523 tokens
     at Llama 3's 128,256-token vocabulary, 1,365 at SmolLM2's 49,152)."""
+    offload_activations: bool = False
+    """Keep each decoder layer's checkpointed input in pinned host memory, copied asynchronously and fetched
+    back ahead of its backward (qdora.offload_activations; needs gradient checkpointing, not with --fsdp).
+    Saves GPU memory; on CPU it saves nothing and only runs the path."""
+    tiled_mlp: bool = False
+    """Compute each decoder layer's MLP (or MoE block) over tiles of tokens, forward and backward
+    (qdora.tiled_mlp): its working set is one tile's; the MLP's forward runs once more per step."""
+    mlp_tile_tokens: int = 0
+    """Tokens per tile of --tiled-mlp; 0: the model's hidden size."""
     optimizer: str = "adamw"
     """adamw (torch) or paged_adamw_8bit (bitsandbytes, CUDA only)."""
     train_on_prompt: bool = False
@@ -171,6 +180,10 @@ class TrainConfig:
         p.number("progress_seconds", self.progress_seconds, inclusive=True, hint="0: a line every step")
         p.choice("optimizer", self.optimizer, OPTIMIZERS)
         p.loss_chunks(self.chunked_loss, self.loss_chunk_tokens)
+        p.long_sequence(self.cutoff_len, "cutoff_len", loss_chunk_tokens=self.loss_chunk_tokens,
+                        offload_activations=self.offload_activations,
+                        gradient_checkpointing=self.gradient_checkpointing, tiled_mlp=self.tiled_mlp,
+                        mlp_tile_tokens=self.mlp_tile_tokens, sharded=self.fsdp)
         if self.fsdp and self.method == "full":
             p.add("fsdp=True trains adapters; method='full' is not supported with --fsdp")
         if self.fsdp and self.direction != "lora":

@@ -21,6 +21,8 @@ from qdora.core.safetensors_io import write_text_atomic
 from qdora.data.examples import pad_token_id
 from qdora.models.adapter_io import save_adapter
 from qdora.models.head_loss import chunked_loss
+from qdora.models.offload import offload_activations
+from qdora.models.tiled_mlp import tiled_mlp
 from qdora.models.loading import load_model, load_tokenizer
 from qdora.train import fsdp
 from qdora.train.checkpoint import CHECKPOINT, load_checkpoint
@@ -176,6 +178,7 @@ def setup_run(cfg: TrainConfig, build) -> Run:
     prepare_for_training(model, cfg.gradient_checkpointing)
     if cfg.chunked_loss:  # the loss without the whole logits (the model's own loss where it cannot be exact)
         chunked_loss(model, cfg.loss_chunk_tokens or None)
+    long_sequence_options(model, cfg)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = make_optimizer([p for _, p in params], cfg, device)
     run = Run(cfg, model, model_tokenizer or tokenizer, optimizer, params, data.rows, pad_token_id(tokenizer),
@@ -208,6 +211,19 @@ def _start_or_resume(run: Run, existing: Path | None) -> None:
             stale.unlink(missing_ok=True)
     if cfg.fsdp:
         torch.distributed.barrier()  # the folder and its files exist before any rank writes into it
+
+
+def long_sequence_options(model, cfg) -> None:
+    """The tiled MLP and the offloaded activations, as the run's settings ask. With offloading, the embeddings'
+    output no longer needs a gradient of its own (transformers asks for one so that reentrant checkpointing
+    sees a graph; the offloading checkpoint takes the layer's parameters as its inputs instead): otherwise that
+    output, and later its gradient, would stay on the device through the backward, one checkpoint more."""
+    if cfg.tiled_mlp:
+        tiled_mlp(model, cfg.mlp_tile_tokens or None)
+    if cfg.offload_activations:
+        offload_activations(model)
+        if callable(getattr(model, "disable_input_require_grads", None)):
+            model.disable_input_require_grads()
 
 
 def prepare_for_training(model, gradient_checkpointing: bool = True) -> None:
