@@ -30,7 +30,7 @@ def test_tiled_mlp_and_offload_give_the_default_runs_curve(setup, tmp_path, monk
     tiles = find_tiled_mlp(long["model"])
     assert tiles is not None and tiles.tile_tokens == 16 and tiles.layers == 2
     assert len(seen) == 1 and seen[0].active and seen[0].stats.to_host > 0  # the path ran
-    plain = train(config(setup, tmp_path / "plain"))
+    train(config(setup, tmp_path / "plain"))
     a, b = read_metrics(tmp_path / "long"), read_metrics(tmp_path / "plain")
     assert len(a) == len(b) == 4
     # the same tolerance as the chunked loss's curve (test_loss_defaults): the tiles sum the MLP's parameter

@@ -84,8 +84,9 @@ def plan_to_dict(p: MemoryPlan) -> dict:
 
 
 def _setting(c: PlanConfig) -> str:
-    options = [name for name, on in (("chunked loss", c.chunked_loss), ("offloaded activations", c.offload_activations),
-                                     ("tiled MLP", c.tiled_mlp)) if on]
+    named = (("chunked loss", c.chunked_loss), ("offloaded activations", c.offload_activations),
+             ("tiled MLP", c.tiled_mlp))
+    options = [name for name, on in named if on]
     targets = "all weights" if c.method == "full" else f"r={c.r} on {','.join(c.target_modules)}, dropout {c.dropout}"
     return (f"{c.method} {targets}; batch {c.batch_size}; {c.optimizer}; gradient checkpointing "
             f"{'on' if c.gradient_checkpointing else 'off'}; " + (", ".join(options) or "none of the long-sequence "

@@ -21,9 +21,9 @@ from qdora.core.safetensors_io import write_text_atomic
 from qdora.data.examples import pad_token_id
 from qdora.models.adapter_io import save_adapter
 from qdora.models.head_loss import chunked_loss
+from qdora.models.loading import load_model, load_tokenizer
 from qdora.models.offload import offload_activations
 from qdora.models.tiled_mlp import tiled_mlp
-from qdora.models.loading import load_model, load_tokenizer
 from qdora.train import fsdp
 from qdora.train.checkpoint import CHECKPOINT, load_checkpoint
 from qdora.train.config import TrainConfig
