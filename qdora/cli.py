@@ -236,6 +236,9 @@ def user_error_status(err: BaseException) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and next((a for a in sys.argv[1:] if not a.startswith("-")), "") == "train":
+        from qdora.train.allocator import restart_with_jemalloc  # the command only, not a call from Python
+        restart_with_jemalloc(sys.argv[1:])
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get("QDORA_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]

@@ -24,7 +24,7 @@ from qdora.models.head_loss import chunked_loss
 from qdora.models.loading import load_model, load_tokenizer
 from qdora.models.offload import offload_activations
 from qdora.models.tiled_mlp import tiled_mlp
-from qdora.train import fsdp
+from qdora.train import allocator, fsdp
 from qdora.train.checkpoint import CHECKPOINT, load_checkpoint
 from qdora.train.config import TrainConfig
 from qdora.train.fsdp import save_adapter_gathered
@@ -169,6 +169,7 @@ def setup_run(cfg: TrainConfig, build) -> Run:
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     loaded = [f"attention: {getattr(config, '_attn_implementation', None) or 'unknown'}",
+              f"host allocator: {allocator.loaded()}",
               data.positions_note(getattr(text_config, "max_position_embeddings", None))]
     loaded = [line for line in loaded if line]
     for line in loaded:
