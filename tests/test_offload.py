@@ -11,7 +11,10 @@ the same ops on the same values as checkpointing's recompute (the layer input co
 copy, the RNG and autocast state are restored the same way), and CPU kernels are deterministic, so
 nothing can round differently; measured: every loss and gradient here is bitwise equal."""
 
+import contextlib
 import functools
+import gc
+import weakref
 
 import pytest
 import torch
@@ -136,6 +139,30 @@ def test_copies_per_step_host_peak_and_nothing_left_after_backward():
         assert handle.pending == 0 and handle.stats.host_bytes == 0
         handle.stats.reset()
         assert (handle.stats.to_host, handle.stats.host_bytes_peak) == (0, 0)
+
+
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_the_layer_inputs_themselves_are_let_go_between_forward_and_backward(offloaded):
+    """Offloading saves device memory only if nothing else keeps the device tensors: after the forward, every
+    layer's input (not its host copy) is gone; plain checkpointing keeps them all (the control)."""
+    model = adapted(dropout=0.1)
+    inputs = []
+
+    def remember(layer, args, kwargs):
+        inputs.append(weakref.ref(args[0] if args else kwargs["hidden_states"]))
+
+    hooks = [layer.register_forward_pre_hook(remember, with_kwargs=True) for layer in model.model.layers]
+    if offloaded:  # as qdora train does: else autograd keeps the embeddings' output, a leaf that asks for a gradient
+        model.disable_input_require_grads()
+    ids = tokens()
+    with offload_activations(model) if offloaded else contextlib.nullcontext():
+        loss = model(ids, labels=ids).loss
+        gc.collect()
+        alive = [r() is not None for r in inputs]
+        loss.backward()
+    for hook in hooks:
+        hook.remove()
+    assert len(alive) == L and alive == [not offloaded] * L
 
 
 def test_each_backward_prefetches_the_input_of_the_layer_before_it(monkeypatch):

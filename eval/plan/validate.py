@@ -13,7 +13,9 @@ The prediction is `qdora.plan.memory.plan(..., device="cpu")`'s tensor total.
     python -m qdora.eval.plan.validate --only moe # scaled-down mixtures of experts (Qwen2/3-MoE, OLMoE, Mixtral,
                                                   # GLM-4-MoE: shared experts, dense layers)
     python -m qdora.eval.plan.validate --only chunked  # the chunked loss (qdora.chunked_loss installed)
+    python -m qdora.eval.plan.validate --only long  # long rows, the tiled MLP and offloaded activations on and off
     python -m qdora.eval.plan.validate --published  # the planner beside published figures
+    python -m qdora.eval.plan.validate --goal       # long sequences on one card: Llama-3-8B against the anchor
     python -m qdora.eval.plan.validate --start    # the FSDP start, 2 processes (gloo) per case
 
 `--start` checks the plan's FSDP start term (`MemoryPlan.start_bytes`): for each case a checkpoint
@@ -44,9 +46,10 @@ from qdora.core.safetensors_io import write_text_atomic
 from qdora.eval.bench.memory import peak_bytes, tensor_bytes
 from qdora.eval.common import run_child
 from qdora.models.loading import load_model, smollm2_gguf_path
-from qdora.plan.memory import GIB, PlanConfig, plan, shape_from_config
+from qdora.plan.memory import GIB, PlanConfig, plan, resolve_model, shape_from_config
 from qdora.train.fsdp import build_sharded, init_process_group
 from qdora.train.loop import prepare_for_training
+from qdora.train.setup import long_sequence_options
 
 # Tiny Llama-2/Llama-3 shapes (as in tests/models.py) and a small one with realistic ratios.
 SHAPES = {
@@ -213,6 +216,22 @@ CHUNKED = [  # the chunked loss (qdora train's default): the default chunk (the 
     Case("smollm2", _p("qdora", r=16, b=2, s=256, chunked_loss=True)),
     Case("smollm2", _p("qdora", r=16, b=2, s=256, chunked_loss=True, loss_chunk_tokens=64)),
 ]
+LONG = [  # the long-sequence options (qdora.tiled_mlp, qdora.offload_activations), each on and off, on long rows
+    Case("small-llama3", _p("qdora", r=16, b=1, s=4096, chunked_loss=True)),
+    Case("small-llama3", _p("qdora", r=16, b=1, s=4096, chunked_loss=True, tiled_mlp=True)),
+    Case("small-llama3", _p("qdora", r=16, b=1, s=4096, chunked_loss=True, offload_activations=True)),
+    Case("small-llama3", _p("qdora", r=16, b=1, s=4096, chunked_loss=True, tiled_mlp=True,
+                            offload_activations=True)),
+    Case("small-llama3", _p("qdora", r=16, b=1, s=8192, chunked_loss=True)),
+    Case("small-llama3", _p("qdora", r=16, b=1, s=8192, chunked_loss=True, tiled_mlp=True,
+                            offload_activations=True)),
+    Case("small-llama3", _p("qdora", r=16, b=1, s=8192, chunked_loss=True, tiled_mlp=True, mlp_tile_tokens=1024)),
+    Case("smollm2", _p("qdora", r=16, b=1, s=2048, chunked_loss=True)),
+    Case("smollm2", _p("qdora", r=16, b=1, s=2048, chunked_loss=True, tiled_mlp=True, offload_activations=True)),
+    Case("smollm2", _p("qdora", r=16, b=1, s=4096, chunked_loss=True)),
+    Case("smollm2", _p("qdora", r=16, b=1, s=4096, chunked_loss=True, tiled_mlp=True)),
+    Case("smollm2", _p("qdora", r=16, b=1, s=4096, chunked_loss=True, tiled_mlp=True, offload_activations=True)),
+]
 SMOLLM2 = [
     Case("smollm2", _p("qdora", r=16, b=2, s=256)),
     Case("smollm2", _p("qdora", r=16, b=2, s=256, ckpt=False)),
@@ -266,6 +285,56 @@ def published_table() -> str:
     return "\n".join(out)
 
 
+# Long sequences on one card (`--goal`): Llama-3-8B, r=32 on every linear, batch 1, against the anchor's published
+# QLoRA figures (Unsloth's "Unsloth Benchmarks" page: Llama-3.1-8B, 4-bit QLoRA on all linears, r=32, batch 1).
+GOAL = {8: 4096, 12: None, 16: 65536, 24: 131072, 40: None, 48: None, 80: None}
+"""The tokens this library aims at per card size (GB); None: no target."""
+ANCHOR = {8: 2972, 12: 21848, 16: 40724, 24: 78475, 80: 342733}
+"""The anchor's published longest sequence per card (GB)."""
+
+
+def goal_settings() -> list[tuple[str, PlanConfig]]:
+    """`(label, setting)` rows of the goal table: QDoRA and QLoRA, the default loss only, then every option;
+    dropout 0.05 (`qdora train`'s default) and 0 (the anchor's); AdamW and 8-bit paged AdamW."""
+    rows = []
+    for method in ("qdora", "qlora"):
+        for options, label in ((dict(chunked_loss=True), "chunked loss"),
+                               (dict(chunked_loss=True, offload_activations=True, tiled_mlp=True),
+                                "chunked loss + offload + tiled MLP")):
+            for dropout in (0.05, 0.0):
+                for optimizer in ("adamw", "paged_adamw_8bit"):
+                    cfg = PlanConfig(method=method, r=32, target_modules="all", dropout=dropout, batch_size=1,
+                                     optimizer=optimizer, **options)
+                    rows.append((f"{method}, {label}, dropout {dropout}, {optimizer}", cfg))
+    return rows
+
+
+def goal_table() -> str:
+    """The longest sequence per card (within the card: the anchor publishes measured maxima) for each goal
+    setting, then, for each target out of reach, the plan at the target: by how much it misses, and its terms."""
+    from qdora.plan.memory import MAX_SEQ_CARDS_GB, at_length, longest_sequence
+
+    shape = resolve_model("llama-3-8b")
+    cards = [gb for gb in MAX_SEQ_CARDS_GB if gb in ANCHOR or GOAL.get(gb)]
+    out = ["| setting | " + " | ".join(f"{gb} GB" for gb in cards) + " |", "|---|" + "---:|" * len(cards),
+           "| anchor (published QLoRA) | " + " | ".join(f"{ANCHOR[gb]:,}" if gb in ANCHOR else "-" for gb in cards)
+           + " |", "| target (qdora) | " + " | ".join(f"{GOAL[gb]:,}" if GOAL.get(gb) else "-" for gb in cards) + " |"]
+    misses = []
+    for label, cfg in goal_settings():
+        got = {gb: longest_sequence(shape, cfg, gb, margin=False) for gb in cards}
+        out.append(f"| {label} | " + " | ".join(f"{got[gb]:,}" for gb in cards) + " |")
+        if cfg.method == "qdora" and cfg.offload_activations:
+            for gb in cards:
+                if GOAL.get(gb) and got[gb] < GOAL[gb]:
+                    p = plan(shape, at_length(cfg, GOAL[gb]))
+                    terms = ", ".join(f"{k} {v / GIB:.2f}" for k, v in sorted(p.terms.items(), key=lambda kv: -kv[1])
+                                      if v)
+                    misses.append(f"- {label}, {gb} GB at {GOAL[gb]:,} tokens: {p.total_bytes / GIB:.2f} GiB, "
+                                  f"{(p.total_bytes - gb * GIB) / GIB:+.2f} GiB over the card (peak at the "
+                                  f"{p.peak_phase}; GiB: {terms})")
+    return "\n".join(out + ([""] + misses if misses else []))
+
+
 def build_model(case: Case):
     """The model `qdora train` would train for this case, on CPU. Returns (model, shape)."""
     cfg = case.cfg
@@ -290,6 +359,7 @@ def build_model(case: Case):
     prepare_for_training(model, cfg.gradient_checkpointing)   # exactly as qdora.train.loop does
     if cfg.chunked_loss:  # as qdora.train.setup installs it
         qdora.chunked_loss(model, cfg.loss_chunk_tokens or None)
+    long_sequence_options(model, cfg)
     return model, shape
 
 
@@ -321,7 +391,14 @@ def measure(case: Case, seed: int = 0) -> dict:
             "gradient_checkpointing": cfg.gradient_checkpointing, "weights_bytes": weights,
             "optimizer_bytes": states, "step_peak_bytes": step_peak, "measured_bytes": weights + states + step_peak,
             "predicted_bytes": predicted.tensor_bytes, "predicted_phase": predicted.peak_phase,
-            **({"loss_chunk_tokens": chunk_tokens(shape, cfg)} if cfg.chunked_loss else {})}
+            **({"loss_chunk_tokens": chunk_tokens(shape, cfg)} if cfg.chunked_loss else {}),
+            **({"options": options(shape, cfg)} if cfg.tiled_mlp or cfg.offload_activations else {})}
+
+
+def options(shape, cfg: PlanConfig) -> str:
+    """The long-sequence options of a case, as the table shows them."""
+    tile = f"tiled MLP ({cfg.mlp_tile_tokens or shape.hidden})" if cfg.tiled_mlp else ""
+    return " + ".join(o for o in (tile, "offload" if cfg.offload_activations else "") if o)
 
 
 def chunk_tokens(shape, cfg: PlanConfig) -> int:
@@ -338,9 +415,11 @@ def table(rows: list[dict]) -> str:
     """The rows as a Markdown table; with a `loss chunk` column (tokens per chunk) where a row used the
     chunked loss."""
     chunked = any("loss_chunk_tokens" in r for r in rows)
+    long = any("options" in r for r in rows)
     out = ["| model | method | r | targets | dropout | batch × seq | ckpt | " + ("loss chunk | " if chunked else "")
-           + "predicted MiB | measured MiB | error |",
-           "|---|---|---|---|---|---|---|" + ("---:|" if chunked else "") + "---:|---:|---:|"]
+           + ("options | " if long else "") + "predicted MiB | measured MiB | error |",
+           "|---|---|---|---|---|---|---|" + ("---:|" if chunked else "") + ("---|" if long else "")
+           + "---:|---:|---:|"]
     for r in rows:
         targets = "all" if r["targets"] == ["all-linear"] else "qkv,up,down" if r["targets"] == [
             "q_proj", "k_proj", "v_proj", "up_proj", "down_proj"] else ",".join(r["targets"]).replace(
@@ -348,7 +427,8 @@ def table(rows: list[dict]) -> str:
         out.append(f"| {r['model']} | {r['method']} | {r['r'] if r['method'] != 'full' else '-'} | "
                    f"{targets if r['method'] != 'full' else '-'} | {r['dropout'] if r['method'] != 'full' else '-'} | "
                    f"{r['batch_size']} × {r['seq_len']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
-                   + (f"{r.get('loss_chunk_tokens', '-')} | " if chunked else "") +
+                   + (f"{r.get('loss_chunk_tokens', '-')} | " if chunked else "")
+                   + (f"{r.get('options', '-')} | " if long else "") +
                    f"{r['predicted_bytes'] / 2**20:.2f} | {r['measured_bytes'] / 2**20:.2f} | "
                    f"{100 * error(r):+.1f}% |")
     return "\n".join(out)
@@ -359,12 +439,15 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes only (seconds)")
     p.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2-135M")
-    p.add_argument("--only", choices=("quick", "small", "smollm2", "moe", "chunked"),
+    p.add_argument("--only", choices=("quick", "small", "smollm2", "moe", "chunked", "long"),
                    help="run one group of cases (chunked: the chunked loss, qdora.chunked_loss)")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--published", action="store_true",
                    help="print the planner beside published figures (no measurement) and stop")
     p.add_argument("--start", action="store_true", help="validate the FSDP start term (2 processes per case)")
+    p.add_argument("--goal", action="store_true",
+                   help="print the longest sequence per card for Llama-3-8B r=32 on every linear, batch 1, beside the "
+                        "anchor's published QLoRA figures and qdora's targets (no measurement), and stop")
     p.add_argument("--start-worker", nargs=4, metavar=("FOLDER", "METHOD", "R", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.start_worker:
@@ -383,11 +466,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.published:
         print(published_table())
         return 0
+    if args.goal:
+        print(goal_table())
+        return 0
 
     cases = QUICK + ([] if args.quick else SMALL + ([] if args.no_smollm2 else SMOLLM2))
     if args.only:
         cases = {"quick": QUICK, "small": SMALL, "smollm2": SMOLLM2, "moe": MOE + MOE_SHARED,
-                 "chunked": CHUNKED}[args.only]
+                 "chunked": CHUNKED, "long": LONG}[args.only]
     rows = []
     for case in tqdm(cases, desc="plan vs measured", unit="case"):
         rows.append(measure(case))

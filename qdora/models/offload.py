@@ -370,7 +370,8 @@ class _LayerCheckpoint:
         if not (x.requires_grad or params):  # nothing to differentiate: no graph, nothing to hold
             with torch.no_grad():
                 return run(*args, **kwargs)
-        call = _Call(self.handle, self.layer, lambda h: run(h, *args[1:], **kwargs))
+        rest = args[1:]  # the closure must not hold `args`: args[0] is the input this offloads
+        call = _Call(self.handle, self.layer, lambda h: run(h, *rest, **kwargs))
         return OffloadedCheckpoint.apply(call, x, *params)
 
 
