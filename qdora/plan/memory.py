@@ -240,7 +240,8 @@ def _tiled_mlp_saved(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
 
 def checkpoints_on_device(shape: ModelShape, cfg: PlanConfig) -> int:
     """Checkpointed layer inputs on the device at once: every layer's, or with offloaded activations on CUDA
-    two (the layer computing, and the one whose copy to or from the host is in flight)."""
+    two (the layer computing, and the one whose copy to or from the host is in flight). On a CPU device the
+    host copies are the checkpoints, and the layer backward holds two more (`_layer_backward`)."""
     if cfg.offload_activations and cfg.device == "cuda":
         return min(2, shape.layers)
     return shape.layers
@@ -320,6 +321,8 @@ def _layer_backward(ds: list[Dims], saved: list[int], shape: ModelShape, cfg: Pl
         else:  # a dense MLP's backward: two `T·i` gradients in flight while gate, silu, up are still kept,
             # the residual's gradients no longer (measured on CPU's live tensors at the peak)
             flight = max(flight, 2 * d.T * d.i * d.e)
+        if cfg.offload_activations and cfg.device == "cpu":  # beside the host copies (the checkpoints), the
+            kept += 2 * d.T * d.h * d.e                      # input fetched back and the one prefetched
         out.append((kept if cfg.gradient_checkpointing else 0, flight + _dequantized_block(d, cfg)))
     return max(out, key=sum)
 
