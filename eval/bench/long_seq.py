@@ -28,6 +28,7 @@ import argparse
 import json
 import tempfile
 
+from qdora.core.safetensors_io import write_text_atomic
 from qdora.eval.common import run_child
 from qdora.options import Parser
 from qdora.train.allocator import DEFAULT_CONF, jemalloc_library
@@ -125,7 +126,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {variant} | {n:,} | {r['peak_rss_bytes'] / 1e9:.2f} | {r['seconds']:.1f} | "
                   f"{1e3 * r['seconds'] / n:.2f} | {r['allocator']} |", flush=True)
     if args.json:
-        from qdora.core.safetensors_io import write_text_atomic
         write_text_atomic(args.json, json.dumps(rows, indent=1) + "\n")
     return 0
 

@@ -46,7 +46,16 @@ from qdora.core.safetensors_io import write_text_atomic
 from qdora.eval.bench.memory import peak_bytes, tensor_bytes
 from qdora.eval.common import run_child
 from qdora.models.loading import load_model, smollm2_gguf_path
-from qdora.plan.memory import GIB, PlanConfig, plan, resolve_model, shape_from_config
+from qdora.plan.memory import (
+    GIB,
+    MAX_SEQ_CARDS_GB,
+    PlanConfig,
+    at_length,
+    longest_sequence,
+    plan,
+    resolve_model,
+    shape_from_config,
+)
 from qdora.train.fsdp import build_sharded, init_process_group
 from qdora.train.loop import prepare_for_training
 from qdora.train.setup import long_sequence_options
@@ -312,8 +321,6 @@ def goal_settings() -> list[tuple[str, PlanConfig]]:
 def goal_table() -> str:
     """The longest sequence per card (within the card: the anchor publishes measured maxima) for each goal
     setting, then, for each target out of reach, the plan at the target: by how much it misses, and its terms."""
-    from qdora.plan.memory import MAX_SEQ_CARDS_GB, at_length, longest_sequence
-
     shape = resolve_model("llama-3-8b")
     cards = [gb for gb in MAX_SEQ_CARDS_GB if gb in ANCHOR or GOAL.get(gb)]
     out = ["| setting | " + " | ".join(f"{gb} GB" for gb in cards) + " |", "|---|" + "---:|" * len(cards),
