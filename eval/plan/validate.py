@@ -239,7 +239,6 @@ LONG = [  # the long-sequence options (qdora.tiled_mlp, qdora.offload_activation
     Case("smollm2", _p("qdora", r=16, b=1, s=2048, chunked_loss=True, tiled_mlp=True, offload_activations=True)),
     Case("smollm2", _p("qdora", r=16, b=1, s=4096, chunked_loss=True)),
     Case("smollm2", _p("qdora", r=16, b=1, s=4096, chunked_loss=True, tiled_mlp=True)),
-    Case("smollm2", _p("qdora", r=16, b=1, s=4096, chunked_loss=True, tiled_mlp=True, offload_activations=True)),
 ]
 SMOLLM2 = [
     Case("smollm2", _p("qdora", r=16, b=2, s=256)),
