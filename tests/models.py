@@ -3,6 +3,8 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from qdora import QDoRALinear
+
 
 def llama2_config(**kw):
     # Llama-2: multi-head attention (no GQA), rope theta 1e4, 32k vocab (scaled to 256).
@@ -82,3 +84,15 @@ def chatml_tokenizer(corpus, vocab_size=500):
                                    bos_token="<|im_start|>")
     fast.chat_template = CHATML
     return fast
+
+
+def perturb(model, seed=5):
+    """Make every adapter matter (B and the magnitude away from their step-0 values)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, QDoRALinear):
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.2)
+                if layer.use_dora:
+                    layer.magnitude_delta.copy_(torch.randn(layer.magnitude_delta.shape, generator=gen) * 0.05)
+    return model

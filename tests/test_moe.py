@@ -12,7 +12,7 @@ import signal
 import pytest
 import torch
 from conftest import assert_close
-from models import save_bpe_tokenizer
+from models import perturb, save_bpe_tokenizer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -53,18 +53,6 @@ def checkpoint(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     return make_checkpoint("qwen3_moe", tmp_path_factory.mktemp("qwen3_moe") / "ckpt")
-
-
-def perturb(model, seed=5):
-    """Make every adapter matter (B and the magnitude away from their step-0 values)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, QDoRALinear):
-                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.2)
-                if layer.use_dora:
-                    layer.magnitude_delta.copy_(torch.randn(layer.magnitude_delta.shape, generator=gen) * 0.05)
-    return model
 
 
 def adapted(path, method="qdora", targets=TARGETS, seed=1):

@@ -16,10 +16,10 @@ import copy
 import pytest
 import torch
 from conftest import FP32_TOL, assert_close
-from models import build, llama3_config
+from models import build, llama3_config, perturb
 
 import qdora
-from qdora import AdapterConfig, QDoRALinear, add_adapters
+from qdora import AdapterConfig, add_adapters
 from qdora.models.tiled_mlp import TiledApply, find_tiled_mlp, tiled_mlp
 from qdora.train.setup import prepare_for_training
 
@@ -31,18 +31,6 @@ T = B * S  # 74 tokens
 ALL = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 IDS = torch.randint(0, 1024, (B, S), generator=torch.Generator().manual_seed(1))
-
-
-def perturb(model, seed=5):
-    """Make every adapter matter (B and the magnitude away from their step-0 values)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, QDoRALinear):
-                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.2)
-                if layer.use_dora:
-                    layer.magnitude_delta.copy_(torch.randn(layer.magnitude_delta.shape, generator=gen) * 0.05)
-    return model
 
 
 def adapted(targets=ALL, dropout=0.0, gc=False, method="qdora"):
