@@ -144,6 +144,16 @@ def _add_merge(sub) -> None:
     add_merge(sub)
 
 
+def _add_chat(sub) -> None:
+    from qdora.serve.command import add_chat
+    add_chat(sub)
+
+
+def _add_serve(sub) -> None:
+    from qdora.serve.command import add_serve
+    add_serve(sub)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command, or, given `command`, one that knows every command's name but only
     `command`'s options (so that `qdora --help` and `qdora --version` import neither torch nor
@@ -160,7 +170,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     bench.add_argument("what", choices=("layer", "load", "model", "step", "long", "peft", "kernels"))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=_bench)
-    for name, add in (("train", _add_train), ("merge", _add_merge), ("plan", _add_plan)):
+    for name, add in (("train", _add_train), ("merge", _add_merge), ("plan", _add_plan), ("chat", _add_chat),
+                      ("serve", _add_serve)):
         if name in HEAVY and command not in (None, name):
             sub.add_parser(name, help=HEAVY[name])  # listed only, as `qdora --help` shows it
         else:

@@ -4,6 +4,7 @@
 # and newer on every platform (one file; versions that differ by Python carry a marker).
 #
 #   scripts/lock.sh           regenerate: the newest versions the declared ranges allow
+#   scripts/lock.sh --keep    add what a new dependency needs and keep every version the file already holds
 #   scripts/lock.sh --check   say whether constraints.txt matches pyproject.toml's ranges (exit 1 if not)
 #
 # When: after changing a range in pyproject.toml, and to move the tested set forward once
@@ -15,8 +16,11 @@ cd "$(dirname "$0")/.."
 UV_VERSION=0.13.9
 PYTHON=${PYTHON:-python3}
 
+UPGRADE=--upgrade
 if [ "${1:-}" = --check ]; then
   exec "$PYTHON" scripts/check_lock.py constraints.txt
+elif [ "${1:-}" = --keep ]; then
+  UPGRADE=
 elif [ -n "${1:-}" ]; then
   echo "lock.sh: error: unknown option $1 (use no option, or --check)" >&2; exit 2
 fi
@@ -33,9 +37,11 @@ if ! { command -v uv >/dev/null 2>&1 && [ "$(uv --version | cut -d' ' -f2)" = "$
 fi
 tmp=$(mktemp constraints.txt.XXXXXX)
 trap 'rm -f "$tmp"' EXIT
-# --upgrade: the newest versions allowed, not the ones the current file holds.
+# --upgrade: the newest versions allowed, not the ones the current file holds. Without it (--keep) uv
+# prefers the versions already in the output file, so the current lock is its starting point.
+[ -n "$UPGRADE" ] || grep -v '^#' constraints.txt > "$tmp"
 "$UV" pip compile pyproject.toml scripts/lock.in --extra dev --universal --python-version 3.11 \
-  --overrides scripts/lock-overrides.txt --upgrade --quiet --no-header --output-file "$tmp"
+  --overrides scripts/lock-overrides.txt $UPGRADE --quiet --no-header --output-file "$tmp"
 {
   echo "# The tested set: what setup.sh installs by default (pip install -c constraints.txt)."
   echo "# Made by scripts/lock.sh with uv $UV_VERSION on $(date -u +%Y-%m-%d); do not edit by hand."

@@ -8,7 +8,7 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = (("qdora", "qdora"), ("kernels", "qdora.kernels"), ("eval", "qdora.eval"))
-WINGS = ("core", "models", "data", "train", "export", "integrations", "plan")
+WINGS = ("core", "models", "data", "train", "export", "integrations", "plan", "serve")
 """qdora's wings, lowest first: a module imports from its own wing and the wings before it."""
 TOP = ("qdora", "qdora.cli", "qdora.demo", "qdora.options")
 """The modules above the wings (the command line, the demo, the options they share)."""
