@@ -191,6 +191,7 @@ class Stats:
     mixed_steps: int = 0           # decode forwards whose rows asked for more than one adapter (or the base)
     tokens: int = 0
     requests: int = 0
+    cancelled: int = 0
     errors: int = 0
 
 
@@ -442,6 +443,7 @@ class Engine:
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         req.finish, req.error = reason, error
         self.stats.requests += 1
+        self.stats.cancelled += reason == "cancelled"
         self._send(req, Event(finish=reason, error=error))
         req.done.set()
 
