@@ -23,6 +23,9 @@ def _bench(args) -> int:
     if args.what == "layer":
         from qdora.eval.bench.layer import main as bench_layer
         return bench_layer(args.rest)
+    if args.what == "generate":
+        from qdora.eval.bench.generate import main as bench_generate
+        return bench_generate(args.rest)
     if args.what == "long":
         from qdora.eval.bench.long_seq import main as bench_long
         return bench_long(args.rest)
@@ -165,9 +168,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (accepted anywhere on the command line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    bench = sub.add_parser("bench", help="benchmarks: layer, load, model, step, long, peft, kernels",
+    bench = sub.add_parser("bench", help="benchmarks: layer, load, model, step, long, generate, peft, kernels",
                            description="Run a benchmark. `qdora bench layer --help` lists its options.")
-    bench.add_argument("what", choices=("layer", "load", "model", "step", "long", "peft", "kernels"))
+    bench.add_argument("what", choices=("layer", "load", "model", "step", "long", "generate", "peft", "kernels"))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=_bench)
     for name, add in (("train", _add_train), ("merge", _add_merge), ("plan", _add_plan), ("chat", _add_chat),

@@ -234,3 +234,17 @@ def test_a_model_with_adapters_cannot_be_a_bank(files):
     with pytest.raises(ValueError, match="add=False"):
         AdapterBank(model)
 
+
+
+def test_min_tokens_holds_off_the_end_as_generate_does(served, oracles):
+    _, tok, engine = served
+    ids = chat_ids(tok, "hello")  # the base answers this one with EOS after 28 tokens
+    early = engine.generate(Request(ids, sampling=Sampling(max_new_tokens=40)), timeout=60)
+    assert early.finish == "stop" and len(early.tokens) == 28
+    held = engine.generate(Request(ids, sampling=Sampling(max_new_tokens=40, min_tokens=35)), timeout=60)
+    model, _ = oracles[None]
+    with torch.no_grad():
+        want = model.generate(torch.tensor([ids]), max_new_tokens=40, min_new_tokens=35, do_sample=False,
+                              pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+    assert held.tokens == [t for t in want if t != tok.eos_token_id] and len(held.tokens) >= 35
+    assert held.tokens[:28] == early.tokens

@@ -44,6 +44,8 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    min_tokens: int = 0            # end-of-sequence tokens are never picked before this many (generate's
+                                   # min_new_tokens; benchmarks: a fixed answer length)
 
     def problems(self) -> list[str]:
         """What is wrong with these values, one line each (empty when nothing is)."""
@@ -56,6 +58,8 @@ class Sampling:
             out.append(f"temperature={self.temperature!r} must be a number in [0, 100] (0: greedy)")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             out.append(f"top_p={self.top_p!r} must be a number in (0, 1]")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            out.append(f"min_tokens={self.min_tokens!r} must be an integer >= 0")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             out.append(f"seed={self.seed!r} must be an integer")
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -379,6 +383,9 @@ class Engine:
         if req.cancelled:
             self._finish(req, "cancelled")
             return True
+        if len(req.tokens) < req.sampling.min_tokens and self.eos:
+            logits = logits.clone()
+            logits[list(self.eos)] = float("-inf")  # as generate's MinNewTokensLengthLogitsProcessor
         token = self._pick(logits, req.sampling, row.generator)
         if not req.tokens:
             req.first_token = time.perf_counter()

@@ -151,7 +151,12 @@ class App:
         max_new = asked if asked is not None else self.options.default_max_tokens
         if context is not None:
             max_new = min(max_new, context - prompt_tokens)
-        return Sampling(max_new_tokens=max_new, temperature=temperature, top_p=top_p, seed=seed, stop=_stop(body))
+        min_tokens = _int(body, "min_tokens", 0, low=0)  # vLLM's extension: no end of sequence before this many
+        if min_tokens > max_new:
+            raise APIError(400, f"min_tokens={min_tokens} is more than the {max_new} new tokens this request may have",
+                           param="min_tokens")
+        return Sampling(max_new_tokens=max_new, temperature=temperature, top_p=top_p, seed=seed, stop=_stop(body),
+                        min_tokens=min_tokens)
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
