@@ -440,3 +440,12 @@ def test_all_linear_leaves_out_what_cannot_take_the_rank_and_says_so():
     with pytest.raises(ValueError, match=r"r=16 exceeds model.layers.0.mlp.shared_expert_gate \(1x64\)"):
         add_adapters(_tiny(*QWEN2_MOE), AdapterConfig(r=16, target_modules=("all-linear", "shared_expert_gate")),
                      verbose=False)
+
+
+def test_adapters_off_is_the_base_moe_bit_for_bit(qwen):
+    """Experts, router and attention adapters switched off together: the unadapted NF4 model."""
+    model, _ = adapted(qwen)
+    base, _ = load_model(qwen, method="qdora", add=False, progress=False)
+    with model.disable_adapter():
+        assert torch.equal(logits(model), logits(base.eval()))
+    assert not torch.equal(logits(model), logits(base))

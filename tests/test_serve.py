@@ -52,7 +52,7 @@ def test_rows_of_different_adapters_in_one_batch(served, oracles):
     bank, _, _ = served
     routes = [[("pd", 0, 1), ("qd", 1, 2), (None, 2, 3)],           # base rows after the adapted ones
               [(None, 0, 1), ("ql", 1, 3)],                          # ql adapts only q, v, down
-              [("qd", 0, 1), (None, 1, 2), ("qd", 2, 3)]]            # adapted rows apart: gathered
+              [("qd", 0, 1), (None, 1, 2), ("qd", 2, 3)]]            # a base row between adapted ones
     with torch.no_grad():
         for route in routes:
             with bank.routing(route):

@@ -131,4 +131,6 @@ class AdaptedRouter(nn.Module):
         return V.to(weight.dtype)
 
     def forward(self, *args, **kwargs):
+        if self.adapter.disabled:  # the adapters switched off: the router as it was
+            return self.router(*args, **kwargs)
         return torch.func.functional_call(self.router, {"weight": self.effective_weight()}, args, kwargs)

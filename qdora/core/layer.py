@@ -137,6 +137,9 @@ class QDoRALinear(nn.Module):
             self.register_buffer("base_row_sq_norm", None, persistent=False)
             self.register_parameter("magnitude_delta", None)
         self._norm_cache: tuple[tuple[torch.Tensor, ...], float, torch.Tensor] | None = None
+        self.disabled = False
+        """While True the layer is its base: `forward` is the base layer's own (magnitude, direction and
+        dropout all off), as PEFT's `disable_adapter()` makes its layers (`qdora.models.switch`)."""
 
     # ---- the magnitude -------------------------------------------------------------------
     @property
@@ -210,6 +213,8 @@ class QDoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        if self.disabled:
+            return self.base_layer(x)
         x_lora = self.lora_dropout(x) if self.has_direction else x
         # In eval mode the row norm depends only on the direction's factors: reuse it while they are
         # equal to those it was computed from (`_cached_norm`).

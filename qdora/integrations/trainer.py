@@ -13,7 +13,10 @@ chunks of tokens, never the whole logits (`qdora.chunked_loss`, installed for th
 `train()` and `evaluate()`; `chunked_loss=False` keeps transformers' loss, `loss_chunk_tokens` sizes the
 chunks); an evaluation whose metrics need the logits (`compute_metrics`) gets them, computed whole.
 TRL's `SFTTrainer` computes its loss over chunks itself (its fused LM head, which the chunked loss
-passes every call through to). Everything else is the trainer's own.
+passes every call through to). A preference trainer that takes a `ref_model` (TRL's `DPOTrainer`) and is
+given none gets `BaseReference(model)`: the model itself with its adapters off, magnitude included
+(`qdora.integrations.reference`), instead of a second, full-precision copy TRL would load from disk.
+Everything else is the trainer's own.
 
     from transformers import Trainer
     class QDoRATrainer(qdora.AdapterCheckpoints, Trainer): ...     # or trl's SFTTrainer
@@ -24,6 +27,7 @@ passes every call through to). Everything else is the trainer's own.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 
 import torch
@@ -54,6 +58,7 @@ class AdapterCheckpoints:
             raise ValueError(f"{type(self).__name__} trains a model adapted by qdora (qdora.add_adapters or "
                              "qdora.load_model); this one has no qdora adapters")
         self.qdora_adapter_format = adapter_format
+        args, kwargs = _with_base_reference(type(self), model, args, kwargs)
         # transformers refuses a 4-bit model "without trainable adapters" unless PEFT's flag says it
         # has some; a qdora model has them. The flag is set only while the trainer checks the model.
         previous = model.__dict__.get("_hf_peft_config_loaded")
@@ -126,6 +131,30 @@ class AdapterCheckpoints:
 
     def _load_best_model(self) -> None:
         load_adapter(self.model, self.state.best_model_checkpoint, verbose=False)
+
+
+def _next_init(cls: type):
+    """The `__init__` that `AdapterCheckpoints.__init__`'s `super()` call reaches in `cls`."""
+    mro = cls.__mro__
+    return super(AdapterCheckpoints, cls).__init__ if AdapterCheckpoints in mro else None
+
+
+def _with_base_reference(cls: type, model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """`(args, kwargs)` with `ref_model=BaseReference(model)` when the trainer takes a `ref_model` and was
+    given none (as a keyword or in its position)."""
+    init = _next_init(cls)
+    try:
+        signature = inspect.signature(init)
+    except (TypeError, ValueError):
+        return args, kwargs
+    if "ref_model" not in signature.parameters:
+        return args, kwargs
+    bound = signature.bind_partial(None, *args, **kwargs)  # None stands for self
+    if bound.arguments.get("ref_model") is not None:
+        return args, kwargs  # the caller's own reference
+    from qdora.integrations.reference import BaseReference  # only preference trainers need it
+    bound.arguments["ref_model"] = BaseReference(model)
+    return bound.args[1:], bound.kwargs
 
 
 def __getattr__(name: str):

@@ -26,6 +26,7 @@ from qdora.models.moe import (
     routers,
     split_experts,
 )
+from qdora.models.switch import attach_switches
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -320,6 +321,7 @@ def add_adapters(model: nn.Module, cfg: AdapterConfig, verbose: bool = True) -> 
     model.qdora_config = cfg
     if cfg.method != "full":
         route_save_pretrained(model)  # it writes the adapter, not the packed base
+        attach_switches(model)  # model.disable_adapter(), disable_adapters(), enable_adapters()
     if verbose:
         print(param_report(model))
     return model

@@ -83,8 +83,9 @@ def layer_adapter(layer: QDoRALinear, compute_dtype: torch.dtype) -> LayerAdapte
 
 class BankLinear(nn.Module):
     """A frozen linear layer with any number of adapters over it, chosen per row by its bank's route.
-    Rows whose adapter does not adapt this layer (and rows asking for the base) get the base layer's
-    own forward, as they would in a model without adapters."""
+    A batch with adapted rows takes one pass over the base for all its rows; rows whose adapter does
+    not adapt this layer (or that ask for the base) then get `x·W0ᵀ + bias` from that pass. A batch
+    without adapted rows gets the base layer's own forward, as a model without adapters would."""
 
     def __init__(self, base_layer: nn.Module, blocks: RowBlocks, compute_dtype: torch.dtype, bank: AdapterBank):
         super().__init__()
@@ -95,9 +96,9 @@ class BankLinear(nn.Module):
         self.adapters: dict[str, LayerAdapter] = {}
         self._bank = (bank,)  # a tuple: not a submodule, no reference cycle in the module tree
 
-    def _adapted(self, x2: torch.Tensor, spans: list[tuple[LayerAdapter, int, int]]) -> torch.Tensor:
-        """`g ⊙ (x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + bias` for the rows of `x2` (2-D), span by span: one pass over
-        the base for all of them."""
+    def _adapted(self, x2: torch.Tensor, spans: list[tuple[LayerAdapter | None, int, int]]) -> torch.Tensor:
+        """`g ⊙ (x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + bias` for the rows of `x2` (2-D), span by span (`x·W0ᵀ + bias`
+        for a span without adapter): one pass over the base for all of them."""
         cd = self.compute_dtype
         x2 = x2.to(cd)
         z = torch.empty(x2.shape[0], self.out_features, dtype=cd, device=x2.device)
@@ -105,6 +106,9 @@ class BankLinear(nn.Module):
             torch.mm(x2, W.t(), out=z[:, r0:r1])
         bias = self.base_layer.bias
         for ad, t0, t1 in spans:
+            if ad is None:
+                dora_epilogue_(z[t0:t1], None, None, None, bias, 0.0)
+                continue
             a = x2[t0:t1] @ ad.A.t() if ad.A is not None else None
             dora_epilogue_(z[t0:t1], a, ad.B, ad.g, bias, float(ad.scaling))
         return z
@@ -119,28 +123,12 @@ class BankLinear(nn.Module):
             return z.view(*x.shape[:-1], self.out_features).to(x.dtype)
         if x.dim() < 2 or route[-1][2] != x.shape[0]:
             raise RuntimeError(f"the bank's route covers {route[-1][2]} rows, the input has shape {tuple(x.shape)}")
+        if not any(name in self.adapters for name, _, _ in route):
+            return self.base_layer(x)
         per_row = x[0].numel() // self.in_features  # tokens per batch row
-        out = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
-        adapted = [(self.adapters[name], b0, b1) for name, b0, b1 in route if name in self.adapters]
-        for name, b0, b1 in route:
-            if name not in self.adapters:
-                out[b0:b1] = self.base_layer(x[b0:b1])
-        if adapted:
-            first, last = adapted[0][1], adapted[-1][2]
-            if sum(b1 - b0 for _, b0, b1 in adapted) == last - first:  # one contiguous stretch of rows
-                rows = x[first:last].reshape(-1, self.in_features)
-                spans = [(ad, (b0 - first) * per_row, (b1 - first) * per_row) for ad, b0, b1 in adapted]
-                out[first:last] = self._adapted(rows, spans).view(last - first, *x.shape[1:-1], -1).to(x.dtype)
-            else:
-                index = torch.cat([torch.arange(b0, b1, device=x.device) for _, b0, b1 in adapted])
-                rows = x.index_select(0, index).reshape(-1, self.in_features)
-                spans, t = [], 0
-                for ad, b0, b1 in adapted:
-                    spans.append((ad, t, t + (b1 - b0) * per_row))
-                    t += (b1 - b0) * per_row
-                z = self._adapted(rows, spans).view(len(index), *x.shape[1:-1], -1).to(x.dtype)
-                out.index_copy_(0, index, z)
-        return out
+        spans = [(self.adapters.get(name), b0 * per_row, b1 * per_row) for name, b0, b1 in route]
+        z = self._adapted(x.reshape(-1, self.in_features), spans)
+        return z.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={sorted(self.adapters)}"
@@ -234,7 +222,8 @@ class AdapterBank:
                     _set_submodule(self.model, n, m.router)
             for n, layer in adapter_layers(self.model).items():
                 _set_submodule(self.model, n, layer.base_layer)
-            for attr in ("qdora_config", "save_pretrained"):  # what add_adapters set on the model
+            for attr in ("qdora_config", "save_pretrained", "disable_adapter", "disable_adapters",
+                         "enable_adapters"):  # what add_adapters set on the model
                 self.model.__dict__.pop(attr, None)
             self._wrap()
         for n, (ad, layer) in harvested.items():
