@@ -223,3 +223,46 @@ def chunked_loss(model: nn.Module, chunk_tokens: int | None = None) -> ChunkedLo
         return handle
     handle._install()
     return handle
+
+
+def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   completion_mask: torch.Tensor,
+                   chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's `Σ_t log p(token_t | tokens_<t)` over its completion tokens (`completion_mask` 1; a
+    sequence's first token is never scored), and their count: `(logps (B,), tokens (B,))`, differentiable.
+
+    For the model types `chunked_loss` is exact for, the LM head and the log-softmax run over chunks of
+    tokens, one row at a time (`qdora.core.loss.chunked_cross_entropy`): no `tokens × vocab` tensor is
+    formed. Any other model computes its whole logits once and gathers from their fp32 log-softmax."""
+    lm = causal_lm(model)
+    targets = input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, IGNORE_INDEX)
+    keep = targets != IGNORE_INDEX
+    counts = keep.sum(1)
+    if unsupported(lm) is not None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+        picked = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (picked * keep).sum(1), counts
+    head = lm.get_output_embeddings()
+    seen = []
+
+    def keep_input(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x)
+        return x.new_zeros(*x.shape[:-1], 0)
+
+    head_forward = head.__dict__.get("forward")
+    head.forward = keep_input
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        if head_forward is None:
+            del head.forward
+        else:
+            head.forward = head_forward
+    if len(seen) != 1:
+        raise RuntimeError(f"sequence_logps: {type(lm).__name__}'s forward ran its head {len(seen)} times "
+                           "(expected once)")
+    hidden = seen[0][:, :-1]
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    logps = [-chunked_cross_entropy(hidden[i][keep[i]], head.weight, targets[i][keep[i]], head.bias,
+                                    chunk_tokens=chunk_tokens, softcap=softcap) for i in range(hidden.shape[0])]
+    return torch.stack(logps), counts
