@@ -208,7 +208,7 @@ def load_records(path: str | Path, format: str = "auto") -> list[Record]:
         raise DataError(f"format={format!r} is unknown; use auto or one of {', '.join(FORMATS)}")
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    rows = _rows(path)
+    rows = read_rows(path)
     records = [parse_record(obj, where, format) for where, obj in rows]
     if not records:
         raise DataError(f"{path}: contains no records")
@@ -220,7 +220,7 @@ def load_records(path: str | Path, format: str = "auto") -> list[Record]:
     return records
 
 
-def _rows(path: Path) -> Iterable[tuple[str, Any]]:
+def read_rows(path: Path) -> Iterable[tuple[str, Any]]:
     """(where, object) for every record of `path`, read whole before any is parsed."""
     if path.is_dir():
         return _table_rows(path, _load_datasets_folder(path))

@@ -143,6 +143,15 @@ def choice_chat(item: Choice, option: int | None = None) -> dict:
     return {"messages": [{"role": "user", "content": item.question}, {"role": "assistant", "content": reply}]}
 
 
+def choice_pair(item: Choice) -> dict:
+    """A preference pair for `item` (chat format): the question from the user, the correct option's text as
+    the chosen reply, the option after it (cyclically) as the rejected one."""
+    wrong = (item.answer + 1) % len(item.options)
+    return {"prompt": [{"role": "user", "content": item.question}],
+            "chosen": [{"role": "assistant", "content": item.options[item.answer]}],
+            "rejected": [{"role": "assistant", "content": item.options[wrong]}]}
+
+
 @dataclass
 class ChoiceScores:
     predictions: list[int]
