@@ -75,12 +75,17 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return PreferenceLoss(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
 
 
+def check_gamma(gamma, name: str = "simpo_gamma") -> float:
+    """`gamma` as a float >= 0, or a one-line ValueError naming it."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma != gamma or gamma < 0:
+        raise ValueError(f"{name}={gamma!r} must be a number >= 0 (typical: 0.5 to 1.5)")
+    return float(gamma)
+
+
 def simpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chosen_tokens: torch.Tensor,
                rejected_tokens: torch.Tensor, beta: float, gamma: float) -> PreferenceLoss:
     """SimPO's loss of each pair: length-normalized log-probabilities, a target margin `gamma`, no reference."""
-    beta = check_beta(beta)
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma != gamma or gamma < 0:
-        raise ValueError(f"simpo_gamma={gamma!r} must be a number >= 0 (typical: 0.5 to 1.5)")
+    beta, gamma = check_beta(beta), check_gamma(gamma)
     chosen = policy_chosen / chosen_tokens.clamp(min=1)
     rejected = policy_rejected / rejected_tokens.clamp(min=1)
     losses = -F.logsigmoid(beta * (chosen - rejected) - gamma)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from qdora.core.config import METHODS, AdapterConfig, Problems
+from qdora.core.preference import DPO_LOSSES, OBJECTIVES, check_beta, check_gamma
 from qdora.data.records import FORMATS
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -124,6 +125,19 @@ class TrainConfig:
     """adamw (torch) or paged_adamw_8bit (bitsandbytes, CUDA only)."""
     train_on_prompt: bool = False
     """Also supervise the prompt tokens."""
+    objective: str = "sft"
+    """sft (supervised, the default); dpo (preference pairs against a reference: the same model with every
+    adapter off, magnitude included; a frozen copy for full); simpo (preference pairs, no reference). dpo
+    and simpo need data of prompt, chosen, rejected pairs (text or chat messages)."""
+    beta: float = 0.1
+    """dpo, simpo: the inverse temperature β (typical: DPO 0.1, SimPO 2.0)."""
+    dpo_loss: str = "sigmoid"
+    """dpo: sigmoid (the DPO paper's) or ipo (IPO's squared loss on per-token log-ratios)."""
+    simpo_gamma: float = 0.5
+    """simpo: the target reward margin γ."""
+    precompute_reference: bool = False
+    """dpo: compute every pair's reference log-probabilities once before training (saved in
+    reference_logps.json, reused on --resume) instead of a reference forward per step."""
     adapter_format: str = "qdora"
     """Format of the saved adapters: qdora (ours) or peft (PeftModel.from_pretrained reads it)."""
     adapter_dtype: str = "float32"
@@ -145,7 +159,8 @@ class TrainConfig:
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "format": ("auto", *FORMATS),
         "method": METHODS, "norm": ("detached", "exact"), "direction": ("lora", "vera"), "schedule": SCHEDULES,
-        "optimizer": OPTIMIZERS, "adapter_format": ADAPTER_FORMATS, "adapter_dtype": ("float32", "bfloat16")}
+        "optimizer": OPTIMIZERS, "adapter_format": ADAPTER_FORMATS, "adapter_dtype": ("float32", "bfloat16"),
+        "objective": OBJECTIVES, "dpo_loss": DPO_LOSSES}
     """The values a string field may take (the command line offers them as choices)."""
     PATHS: ClassVar[tuple[str, ...]] = ("model", "data", "val_data", "chat_template", "out")
     """The fields that are paths, relative to the folder the run was started in (`absolute_paths`)."""
@@ -184,6 +199,22 @@ class TrainConfig:
                         offload_activations=self.offload_activations,
                         gradient_checkpointing=self.gradient_checkpointing, tiled_mlp=self.tiled_mlp,
                         mlp_tile_tokens=self.mlp_tile_tokens, sharded=self.fsdp)
+        if p.choice("objective", self.objective, OBJECTIVES) and self.objective != "sft":
+            p.choice("dpo_loss", self.dpo_loss, DPO_LOSSES)
+            try:
+                check_beta(self.beta, "beta")
+                check_gamma(self.simpo_gamma)
+            except ValueError as err:
+                p.include(err)
+            if self.packing:
+                p.add(f"objective={self.objective!r} compares two whole replies: packing is not supported with it "
+                      "(drop --packing)")
+            if self.fsdp:
+                p.add(f"objective={self.objective!r} is not supported with --fsdp yet; train on one process")
+            if self.train_on_prompt:
+                p.add(f"train_on_prompt=True is an sft option; objective={self.objective!r} scores the replies")
+        if self.precompute_reference and self.objective != "dpo":
+            p.add("precompute_reference=True needs objective='dpo' (the only objective with a reference)")
         if self.fsdp and self.method == "full":
             p.add("fsdp=True trains adapters; method='full' is not supported with --fsdp")
         if self.fsdp and self.direction != "lora":

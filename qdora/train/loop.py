@@ -35,6 +35,7 @@ from qdora.train import fsdp
 from qdora.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from qdora.train.config import TrainConfig, lr_at
 from qdora.train.health import Health, NonFiniteError, count_nonfinite, diverged
+from qdora.train.preference import batch_tokens, collate_pairs
 from qdora.train.preflight import check_run
 from qdora.train.run_log import RunLog
 from qdora.train.setup import (  # noqa: F401  (prepare_for_training: also from here)
@@ -114,6 +115,9 @@ class _Batches:
             self.orders.clear()
             self.orders[epoch] = batch_order(len(examples), run.cfg.batch_size, run.cfg.seed, epoch)
         ids = self.orders[epoch][pos]
+        if run.objective is not None:  # preference pairs: the loss is a mean over pairs
+            chosen = [examples[i] for i in ids]
+            return collate_pairs(chosen, run.pad, run.device), len(ids), batch_tokens(chosen)
         supervised = sum(count_supervised(examples[i]["labels"][1:]) for i in ids)
         tokens = sum(len(examples[i]["input_ids"]) for i in ids)
         return _local_batch(run, examples, ids, run.cfg.packing), supervised, tokens
@@ -122,6 +126,9 @@ class _Batches:
 @torch.no_grad()
 def _validate(run: Run) -> float:
     """The token-mean loss over every validation example (no dropout), in batches of `batch_size`."""
+    if run.objective is not None:
+        loss, run.val_metrics = run.objective.validate()
+        return loss
     model, val, size = run.model, run.val, run.cfg.batch_size
     was_training = model.training
     model.eval()
@@ -148,6 +155,8 @@ def _loss(run: Run, batch: dict, supervised: int) -> torch.Tensor:
     """Token-mean loss of the global micro-batch. Sharded: this rank's sum over its tokens divided
     by the global count, times the world size (FSDP averages gradients over ranks), so the reduced
     gradient is that of the single-process loss."""
+    if run.objective is not None:
+        return run.objective.loss(batch)
     if not run.cfg.fsdp:
         return run.model(**batch).loss
     return run.model(**batch, num_items_in_batch=max(1, supervised)).loss * run.world
@@ -198,6 +207,8 @@ def _fit(run: Run, on_step: Callable[[int, dict], None] | None) -> dict:
             elapsed = time.perf_counter() - t0
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                       "tokens_per_s": tokens / elapsed, "step_s": elapsed}
+            if run.objective is not None:  # rewards, margins and reward accuracy of the step's pairs
+                record.update(run.objective.step_metrics())
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 log.write_error({**record, "error": "non-finite loss or gradient"})
@@ -235,6 +246,7 @@ def _maybe_validate(run: Run, step: int, lr: float, record: dict) -> bool:
         raise NonFiniteError(f"step {step}: the validation loss is {val_loss} at learning rate {lr:.3g}. "
                              f"{run.saved_note()} Try a lower --lr.")
     record["val_loss"] = run.totals["val_loss"] = val_loss
+    record.update(run.val_metrics)
     if cfg.keep_best and val_loss < run.totals.get("best_val_loss", math.inf):
         _check_trained(run, step, lr)
         with _writing(run, f"best adapter (step {step})", run.out / "adapter-best", _result_bytes(run)):

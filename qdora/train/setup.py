@@ -18,6 +18,7 @@ import torch
 from qdora.core.config import AdapterConfig
 from qdora.core.optim import MasterWeights, needs_master_weights
 from qdora.core.safetensors_io import write_text_atomic
+from qdora.data.chat import set_chat_template
 from qdora.data.examples import pad_token_id
 from qdora.models.adapter_io import save_adapter
 from qdora.models.head_loss import chunked_loss
@@ -28,6 +29,7 @@ from qdora.train import allocator, fsdp
 from qdora.train.checkpoint import CHECKPOINT, load_checkpoint
 from qdora.train.config import TrainConfig
 from qdora.train.fsdp import save_adapter_gathered
+from qdora.train.preference import Objective, check_pair_data, pair_examples
 from qdora.train.preflight import check_run, fingerprints
 from qdora.train.run_data import examples, read_records
 from qdora.train.run_log import check_reporters, trim_csv, write_header
@@ -92,6 +94,10 @@ class Run:
     start: int = 0
     totals: dict = dataclasses.field(default_factory=lambda: {"tokens": 0, "seconds": 0.0})
     saved_step: int | None = None
+    objective: object = None
+    """A preference objective's loss and reference (`qdora.train.preference.Objective`); None for sft."""
+    val_metrics: dict = dataclasses.field(default_factory=dict)
+    """The last validation's metrics besides its loss (preference objectives: rewards, accuracy)."""
 
     @property
     def out(self) -> Path:
@@ -138,7 +144,8 @@ def setup_run(cfg: TrainConfig, build) -> Run:
         raise ValueError("fsdp=True builds the sharded model itself; a custom `build` is not supported with it")
     existing = check_run(cfg)
     check_reporters(cfg)
-    records = read_records(cfg)
+    check_pair_data(cfg)
+    records = read_records(cfg) if cfg.objective == "sft" else None
     rank, world = 0, 1
     if cfg.fsdp:
         device = fsdp.init_process_group(cpu_offload=cfg.cpu_offload)
@@ -150,7 +157,12 @@ def setup_run(cfg: TrainConfig, build) -> Run:
     tokenizer = load_tokenizer(folder, progress=cfg.progress and rank == 0)
     if tokenizer is None:
         raise ValueError(f"{cfg.model}: no tokenizer found next to the model; training needs one")
-    data = examples(cfg, records, tokenizer, progress=cfg.progress and rank == 0)
+    if cfg.objective == "sft":
+        data = examples(cfg, records, tokenizer, progress=cfg.progress and rank == 0)
+    else:
+        if cfg.chat_template:
+            set_chat_template(tokenizer, cfg.chat_template)
+        data = pair_examples(cfg, tokenizer)
     # notes about the data and the model print with or without --no-progress (which turns off bars and
     # messages), and go to the run log (run.log) when the run folder is written
     header = data.notes()
@@ -184,7 +196,11 @@ def setup_run(cfg: TrainConfig, build) -> Run:
     optimizer = make_optimizer([p for _, p in params], cfg, device)
     run = Run(cfg, model, model_tokenizer or tokenizer, optimizer, params, data.rows, pad_token_id(tokenizer),
                device, rank, world, build, val=data.val)
+    if cfg.objective != "sft":
+        run.objective = Objective(run)
     _start_or_resume(run, existing)
+    if run.objective is not None and cfg.precompute_reference:
+        run.objective.precompute(run.out, run.main)
     if run.main:
         write_header(run.out, header, run.start)
     return run
