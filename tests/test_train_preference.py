@@ -125,3 +125,16 @@ def test_the_command_line_says_it_in_one_line(files, tmp_path):
                                                                           "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "needs preference pairs" in r.stderr, r.stderr
 
+
+
+def test_csv_and_tensorboard_carry_the_rewards(files, tmp_path):
+    pytest.importorskip("tensorboard")
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train(cfg(files, tmp_path / "r", max_steps=2, val_split=0.34, report_to=("csv", "tensorboard")))
+    rows = list(csv.DictReader((tmp_path / "r" / "metrics.csv").read_text().splitlines()))
+    assert float(rows[0]["rewards/chosen"]) == 0.0 and rows[-1]["val_rewards/accuracies"] != ""
+    events = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
+    events.Reload()
+    assert {"train/rewards/margins", "eval/rewards/accuracies", "train/loss"} <= set(events.Tags()["scalars"])

@@ -24,6 +24,14 @@ from qdora.train.config import TrainConfig
 from qdora.train.health import metrics_line
 
 CSV_COLUMNS = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_s")
+PREFERENCE_COLUMNS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                      "val_rewards/accuracies", "val_rewards/margins")
+"""The columns (and TensorBoard scalars) a preference objective adds (`--objective dpo|simpo`)."""
+
+
+def columns(objective: str) -> tuple[str, ...]:
+    """metrics.csv's columns for a run of `objective`."""
+    return CSV_COLUMNS + (PREFERENCE_COLUMNS if objective != "sft" else ())
 RUN_LOG = "run.log"
 """The run folder's plain-text log: what each start of the run said (`write_header`)."""
 
@@ -48,13 +56,13 @@ def write_header(out: Path, lines: list[str], step: int = 0) -> None:
     write_text_atomic(path, before + "".join(line + "\n" for line in [head, *lines]))
 
 
-def trim_csv(path: Path, last_step: int) -> None:
+def trim_csv(path: Path, last_step: int, objective: str = "sft") -> None:
     """Keep the rows of metrics.csv up to `last_step` (a resumed run replays what came after)."""
     if not path.is_file():
         return
     rows = list(csv.DictReader(path.read_text().splitlines()))
     out = io.StringIO()
-    writer = csv.DictWriter(out, CSV_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(out, columns(objective), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= last_step)
     write_text_atomic(path, out.getvalue())
@@ -78,7 +86,7 @@ class RunLog:
             path = out / "metrics.csv"
             new = not path.is_file() or path.stat().st_size == 0
             self.csv_file = open(path, "a", newline="")
-            self.csv = csv.DictWriter(self.csv_file, CSV_COLUMNS, extrasaction="ignore")
+            self.csv = csv.DictWriter(self.csv_file, columns(cfg.objective), extrasaction="ignore")
             if new:
                 self.csv.writeheader()
         if main and "tensorboard" in cfg.report_to:
@@ -99,13 +107,14 @@ class RunLog:
             self.metrics.write(metrics_line(record))
             self.metrics.flush()
             if self.csv is not None:
-                self.csv.writerow({k: record.get(k, "") for k in CSV_COLUMNS})
+                self.csv.writerow({k: record.get(k, "") for k in self.csv.fieldnames})
                 self.csv_file.flush()
             if self.tensorboard is not None:
-                for key in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s"):
+                for key in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", *PREFERENCE_COLUMNS):
                     if isinstance(record.get(key), (int, float)):
-                        self.tensorboard.add_scalar(f"train/{key}" if key != "val_loss" else "eval/loss",
-                                                    record[key], step)
+                        tag = "eval/loss" if key == "val_loss" else (
+                            f"eval/{key.removeprefix('val_')}" if key.startswith("val_") else f"train/{key}")
+                        self.tensorboard.add_scalar(tag, record[key], step)
                 self.tensorboard.flush()
         post = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", "tok_s": f"{record['tokens_per_s']:.0f}"}
         if "val_loss" in record:

@@ -219,7 +219,7 @@ def _start_or_resume(run: Run, existing: Path | None) -> None:
         if metrics_path.exists() and run.main:  # keep the curve up to the checkpoint, drop what came after it
             lines = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= run.start]
             write_text_atomic(metrics_path, "".join(line + "\n" for line in lines))
-            trim_csv(out / "metrics.csv", run.start)
+            trim_csv(out / "metrics.csv", run.start, cfg.objective)
     elif run.main:
         write_text_atomic(out / "train_config.json",
                           json.dumps({**cfg.absolute_paths().to_dict(), "fingerprints": fingerprints(cfg)},
