@@ -112,10 +112,17 @@ class PlanConfig:
     (qdora.tiled_mlp): its working set is one tile's, not the sequence's."""
     mlp_tile_tokens: int = 0
     """Tokens per tile of the tiled MLP; 0: the model's hidden size."""
+    objective: str = "sft"
+    """sft; dpo or simpo: each example is a pair, 2·batch_size sequences of seq_len (the prompt and the longer
+    reply); dpo adds the reference's forward (no gradient) after the policy's, or nothing with
+    precompute_reference; full fine-tuning's live reference is a frozen copy of the model."""
+    precompute_reference: bool = False
+    """dpo: the reference log-probabilities computed once before training (no reference forward per step)."""
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "method": METHODS, "device": DEVICES, "adapter_dtype": ("float32", "bfloat16"),
-        "optimizer": ("adamw", "paged_adamw_8bit"), "norm": ("detached", "exact")}
+        "optimizer": ("adamw", "paged_adamw_8bit"), "norm": ("detached", "exact"),
+        "objective": ("sft", "dpo", "simpo")}
     """The values a string field may take (the command line offers them as choices)."""
 
     def __post_init__(self):
@@ -154,6 +161,9 @@ class PlanConfig:
                         offload_activations=self.offload_activations,
                         gradient_checkpointing=self.gradient_checkpointing, tiled_mlp=self.tiled_mlp,
                         mlp_tile_tokens=self.mlp_tile_tokens, sharded=self.fsdp)
+        p.choice("objective", self.objective, ("sft", "dpo", "simpo"))
+        if self.precompute_reference and self.objective != "dpo":
+            p.add("precompute_reference needs objective='dpo' (the only objective with a reference)")
         if self.cpu_offload and self.gpus < 2:
             p.add("cpu_offload is an FSDP option: use gpus >= 2")
         p.raise_if_any()

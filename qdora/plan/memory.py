@@ -332,6 +332,9 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
     each term by its own function, then the four phases of a step, the peak the largest."""
     shape = resolve_model(model) if isinstance(model, str) else model
     cfg = cfg or PlanConfig()
+    asked = cfg
+    if cfg.objective != "sft":  # a pair is two sequences, the chosen and the rejected reply after the prompt
+        cfg = cfg.replace(batch_size=2 * cfg.batch_size)
     moe.check(shape, cfg)
     ds = kinds(shape, cfg)
     d = ds[0]                                             # (an MoE's MoE layers: the experts' terms)
@@ -355,6 +358,10 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
         details["offloaded activations: checkpointed layer inputs in pinned host memory (not on the GPU)"] = \
             shape.layers * d.T * d.h * d.e
     adapters += wt.buffers
+    live_reference = cfg.objective == "dpo" and not cfg.precompute_reference
+    if live_reference and d.full:  # full fine-tuning's reference: a frozen copy of the model before training
+        details["dpo reference: a frozen copy of the model"] = base + wt.fixed
+        base += base + wt.fixed
     resident = nf4 + wt.qstate + base + adapters + opt_states + wt.fixed
 
     body, head_saved, saved, lsm = _activations(ds, shape, cfg)
@@ -384,6 +391,12 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
     }
     fsdp_in_phase = {"forward end (loss)": True, "loss backward": True, "layer backward": True,
                      "optimizer step": False}
+    if live_reference:  # after the policy's forward, its saved activations kept: the reference's forward
+        # under no_grad, one layer's working set at a time (as a recomputed layer) and its chunked head
+        ref_fwd = chunked_loss_bytes(d, shape, cfg)[0] if cfg.chunked_loss else logits_fwd
+        phase_parts["reference forward"] = {"activations": body + head_saved, "temporaries": recompute + ref_fwd,
+                                            "gradients": kept_grads}
+        fsdp_in_phase["reference forward"] = True
     phases = {name: resident + sum(parts.values()) + (fsdp_buf if fsdp_in_phase[name] else 0)
               for name, parts in phase_parts.items()}
     peak_phase = max(phases, key=phases.get)
@@ -399,7 +412,7 @@ def plan(model: ModelShape | str, cfg: PlanConfig | None = None) -> MemoryPlan:
     if cfg.device == "cuda":
         terms["cuda_context"] = CUDA_CONTEXT_BYTES
         terms["allocator_slack"] = int(ALLOCATOR_SLACK * phases[peak_phase])
-    return MemoryPlan(shape, cfg, terms, peak_phase, phases, details, start, moe.resolve_targets(shape, cfg)[2])
+    return MemoryPlan(shape, asked, terms, peak_phase, phases, details, start, moe.resolve_targets(shape, cfg)[2])
 
 
 MAX_SEQ_CARDS_GB = (8, 12, 16, 24, 40, 48, 80)

@@ -41,6 +41,9 @@ def format_plan(p: MemoryPlan, cards=CARDS_GB) -> str:
         f"{', tied embeddings' if m.tied_embeddings else ''})",
         f"{c.method}" + ("" if c.method == "full" else f" r={c.r} on {targets}, dropout {c.dropout}")
         + f"; batch {c.batch_size} x {c.seq_len} tokens"
+        + ("" if c.objective == "sft" else f" ({c.objective}: {c.batch_size} pair(s), {2 * c.batch_size} sequences"
+           + (", the reference's forward" if c.objective == "dpo" and not c.precompute_reference else "")
+           + (", reference precomputed" if c.precompute_reference else "") + ")")
         + (f", {c.grad_accum} micro-batches per step" if c.grad_accum > 1 else "") + "; gradient checkpointing "
         f"{'on' if c.gradient_checkpointing else 'off'}; {c.optimizer}; "
         f"{c.gpus} {'GPU' if c.device == 'cuda' else 'CPU process'}{sharding}; "
