@@ -391,3 +391,29 @@ def test_a_bug_in_an_isolated_run_shows_its_traceback_once(tmp_path):
     assert done.returncode == 1, done.stderr
     assert done.stderr.count("Traceback") == 1 and "KeyError: 'a planted bug'" in done.stderr, done.stderr
     assert done.stderr.splitlines()[-1].startswith("qdora eval: error: qdora-seed0 failed (exit code 1)")
+
+
+@pytest.mark.slow
+def test_a_dpo_comparison_reports_the_held_out_pairs(tmp_path):
+    """--objective dpo: pairs made from the training records (correct option chosen), the held-out pairs from
+    the task's test items; each run's reward accuracy and margin are its last validation's."""
+    _tiny_run_files(tmp_path, 6, chat=True)
+    result = run(HarnessConfig(model=str(tmp_path / "m"), train_data=str(tmp_path / "train.json"),
+                               out=str(tmp_path / "out"), methods=("qlora", "qdora"), tasks=("ARC-Easy",), seeds=2,
+                               max_steps=2, batch_size=2, eval_items=4, r=4, alpha=8, analyze=False, isolate=False,
+                               chat=True, objective="dpo", beta=0.1, cutoff_len=512))
+    pairs = [json.loads(line) for line in (tmp_path / "out" / "val_pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 4 and pairs[0]["chosen"][0]["content"] != pairs[0]["rejected"][0]["content"]
+    for row in result["runs"]:
+        metrics = [json.loads(line) for line in
+                   (tmp_path / "out" / "runs" / f"{row['method']}-seed{row['seed']}" / "metrics.jsonl").read_text()
+                   .splitlines()]
+        assert row["tasks"]["pairs"]["reward_accuracy"] == metrics[-1]["val_rewards/accuracies"]
+        assert metrics[0]["rewards/chosen"] == 0.0 and metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "held-out reward accuracy" in table and "Pairwise, the held-out pairs' reward accuracy" in table
+
+
+def test_a_preference_comparison_needs_chat_records(tmp_path):
+    with pytest.raises(ValueError, match="makes its pairs from multiple-choice records: add --chat"):
+        HarnessConfig(model="m", train_data="t.json", out=str(tmp_path), objective="dpo", tasks=("ARC-Easy",))

@@ -37,7 +37,7 @@ def summarize(rows: list[dict]) -> dict:
         s = {k: _mean_std([r[k] for r in mine]) for k in
              ("trainable_params", "peak_rss_growth_mib", "median_step_s", "tokens_per_s", "final_train_loss")}
         for task in mine[0]["tasks"]:
-            for k in ("acc_loglik", "acc_generate", "answer_nll", "answer_ppl"):
+            for k in ("acc_loglik", "acc_generate", "answer_nll", "answer_ppl", "reward_accuracy", "reward_margin"):
                 if k in mine[0]["tasks"][task]:
                     s[f"{task}/{k}"] = _mean_std([r["tasks"][task][k] for r in mine])
         out[method] = s
@@ -85,18 +85,33 @@ def separation_markdown(pairs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def interval(stat: dict | None, digits: int = 3) -> str:
+    """`mean [low, high]`: the 95% Student-t interval of the mean over seeds (the mean alone for one seed)."""
+    if not stat or stat["mean"] is None:
+        return "-"
+    if stat["n"] < 2:
+        return f"{stat['mean']:.{digits}f}"
+    half = scipy.stats.t.ppf(0.975, stat["n"] - 1) * stat["std"] / math.sqrt(stat["n"])
+    return f"{stat['mean']:.{digits}f} [{stat['mean'] - half:.{digits}f}, {stat['mean'] + half:.{digits}f}]"
+
+
 def markdown(summary: dict, tasks: list[str]) -> str:
     def fmt(stat, digits=3):
         if stat["mean"] is None:
             return "-"
         return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["n"] > 1 else "")
     head = ["method", "trainable", "peak RSS growth (MiB)", "step (s)", "tok/s", "final loss"]
+    pairs = any("pairs/reward_accuracy" in s for s in summary.values())
+    if pairs:  # a preference comparison: the held-out pairs' reward accuracy and margin (mean, 95% interval)
+        head += ["held-out reward accuracy", "reward margin"]
     for t in tasks:
         head += [f"{t} acc (LL)", f"{t} acc (gen)", f"{t} answer NLL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, s in summary.items():
         cells = [method, f"{s['trainable_params']['mean']:,.0f}", fmt(s["peak_rss_growth_mib"], 0),
                  fmt(s["median_step_s"], 2), fmt(s["tokens_per_s"], 0), fmt(s["final_train_loss"])]
+        if pairs:
+            cells += [interval(s.get("pairs/reward_accuracy")), interval(s.get("pairs/reward_margin"))]
         for t in tasks:
             cells += [fmt(s.get(f"{t}/acc_loglik", {"mean": None})), fmt(s.get(f"{t}/acc_generate", {"mean": None})),
                       fmt(s.get(f"{t}/answer_nll", {"mean": None}))]

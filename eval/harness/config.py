@@ -85,6 +85,13 @@ class HarnessConfig:
     alpha_per_r: float | None = None
     """`--alpha 2r`: each run's alpha is this times its rank (the scale alpha/r the same at every rank)."""
 
+    objective: str = "sft"
+    """sft; dpo or simpo: train on preference pairs made from the multiple-choice training records (the correct
+    option chosen, another rejected; needs `chat`), report the held-out pairs' reward accuracy and margin
+    (pairs made from the first task's test items) beside the task's scores."""
+    beta: float = 0.1
+    """dpo, simpo: β."""
+
     @property
     def sweep(self) -> bool:
         return bool(self.r_sweep or self.lr_sweep)
@@ -109,11 +116,23 @@ class HarnessConfig:
         if self.r_sweep and self.alpha_per_r is None:
             p.add(f"a rank sweep (r {list(self.r_sweep)}) needs alpha as a multiple of r, e.g. --alpha 2r, so "
                   "that the scale alpha/r is the same at every rank")
+        if p.choice("objective", self.objective, ("sft", "dpo", "simpo")) and self.objective != "sft":
+            if not self.chat:
+                p.add(f"objective={self.objective!r} makes its pairs from multiple-choice records: add --chat "
+                      "(and --tasks ARC-Easy or another multiple-choice task)")
+            if "gsm8k" in self.tasks:
+                p.add(f"objective={self.objective!r} needs multiple-choice tasks (the held-out pairs come from them), "
+                      "not gsm8k")
+            p.number("beta", self.beta, hint="typical: DPO 0.1")
         unswept = [m for m in self.methods if m in METHODS and METHODS[m][0] == "full" or METHODS[m][1].get("vera")]
         if self.sweep and unswept:
             p.add(f"{unswept} cannot be swept over rank or learning rate (full has no rank and its own --full-lr; "
                   "*-vera have --vera-r and --vera-lr); sweep the LoRA/DoRA methods only")
         p.raise_if_any()
+
+
+PAIRS_FILE, VAL_PAIRS_FILE = "train_pairs.jsonl", "val_pairs.jsonl"
+"""A preference comparison's pairs: from the training records, and held out from the first task's test items."""
 
 
 def run_config(hc: HarnessConfig, key: RunKey, resume: bool = False) -> tuple[TrainConfig, bool | None]:
@@ -128,6 +147,10 @@ def run_config(hc: HarnessConfig, key: RunKey, resume: bool = False) -> tuple[Tr
     if extra.pop("vera", False):
         r, lr, extra["direction"] = hc.vera_r, hc.vera_lr, "vera"
     data = str(Path(hc.out) / "train_chat.jsonl") if hc.chat else hc.train_data
+    preference = {}
+    if hc.objective != "sft":
+        data = str(Path(hc.out) / PAIRS_FILE)
+        preference = dict(objective=hc.objective, beta=hc.beta, val_data=str(Path(hc.out) / VAL_PAIRS_FILE))
     analyzed = key.seed == 0 and hc.analyze and not hc.sweep
     cfg = TrainConfig(model=hc.model, data=data, out=str(Path(hc.out) / "runs" / key.name), method=base_method,
                       r=r, alpha=alpha, dropout=hc.dropout, lr=lr, max_steps=hc.max_steps, batch_size=hc.batch_size,
@@ -139,7 +162,7 @@ def run_config(hc: HarnessConfig, key: RunKey, resume: bool = False) -> tuple[Tr
                       # intermediate checkpoints for the ΔM/ΔD analysis: seed 0 only (a full model is large)
                       # (every eval_every steps when there is a learning curve)
                       keep_adapters_every=(hc.eval_every or max(1, hc.max_steps // 3)) if analyzed else 0,
-                      **extra)
+                      **preference, **extra)
     return cfg, peer
 
 

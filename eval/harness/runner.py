@@ -31,7 +31,7 @@ import torch
 from qdora.core.config import AdapterConfig
 from qdora.core.safetensors_io import check_output_dir, write_text_atomic
 from qdora.data.examples import DEMO_DATA, Record, load_records
-from qdora.data.scoring import choice_chat
+from qdora.data.scoring import choice_chat, choice_pair
 from qdora.eval.common import ChildFailed, Stopped, peft_on_qdora_nf4, proc_status, reset_peak_rss, run_child
 from qdora.eval.harness.analyze import analyze, fit, plot_panels
 from qdora.eval.harness.answers import (  # noqa: F401  (extract_number, same_number: also from here)
@@ -51,6 +51,8 @@ from qdora.eval.harness.comparison import (
 )
 from qdora.eval.harness.config import (  # noqa: F401  (METHODS, HarnessConfig, run_config: also from here)
     METHODS,
+    PAIRS_FILE,
+    VAL_PAIRS_FILE,
     HarnessConfig,
     RunKey,
     data_digest,
@@ -134,6 +136,10 @@ def run_one(hc: HarnessConfig, key: RunKey, tests: dict[str, list[Record]], resu
     if resume:
         row["resumed"] = True  # its peak RSS and CPU time are the resumed process's
     row["tasks"] = score_tasks(model, tok, tests, hc.generate, hc.math_max_new_tokens, hc.chat)
+    if hc.objective != "sft":  # the held-out pairs, scored at the last step by the run's validation
+        last = next(m for m in reversed(metrics) if "val_rewards/accuracies" in m)
+        row["tasks"]["pairs"] = {"reward_accuracy": last["val_rewards/accuracies"],
+                                 "reward_margin": last["val_rewards/margins"], "pairs_loss": last["val_loss"]}
     if curve:
         row["curve"] = curve + ([] if curve[-1]["step"] == hc.max_steps else [{"step": hc.max_steps, **row["tasks"]}])
     row["cpu_s"] = time.process_time() - cpu0  # training + evaluation, all threads: a load-independent cost
@@ -227,6 +233,10 @@ def run(hc: HarnessConfig) -> dict:
     if hc.chat:  # the training records as chat data, once for every run
         chats = [choice_chat(record_choice(r)) for r in records]
         write_text_atomic(out / "train_chat.jsonl", "".join(json.dumps(c) + "\n" for c in chats))
+    if hc.objective != "sft":  # preference pairs: the correct option chosen, the next one rejected
+        for name, recs in ((PAIRS_FILE, records), (VAL_PAIRS_FILE, tests[hc.tasks[0]])):
+            pairs = [choice_pair(record_choice(r)) for r in recs]
+            write_text_atomic(out / name, "".join(json.dumps(p) + "\n" for p in pairs))
     rows, t0 = [], time.perf_counter()
     folder, digest = out / "runs", data_digest(hc.train_data)
     for key in plan(hc.methods, hc.seeds, hc.r, hc.lr, hc.r_sweep, hc.lr_sweep):
@@ -276,6 +286,14 @@ def run(hc: HarnessConfig) -> dict:
                       + curves)
     if hc.seeds > 1 and not hc.sweep:
         table += f"\nPairwise, answer NLL on {', '.join(hc.tasks)} (paired by seed):\n\n" + separation_markdown(pairs)
+        if hc.objective != "sft":
+            rewards = separation(rows, "pairs", "reward_accuracy")
+            accuracy = [p for t in hc.tasks for p in separation(rows, t, "acc_loglik")]
+            pairs += rewards + accuracy
+            table += ("\nPairwise, the held-out pairs' reward accuracy (paired by seed):\n\n"
+                      + separation_markdown(rewards)
+                      + f"\nPairwise, {', '.join(hc.tasks)} accuracy (paired by seed):\n\n"
+                      + separation_markdown(accuracy))
     write_text_atomic(out / "results.json", json.dumps(
         {"config": asdict(hc), "runs": rows, "summary": summary, "separation": pairs, "delta_md": fits},
         indent=1) + "\n")
@@ -348,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true",
                    help="keep the runs an earlier invocation with this --out finished (with the same settings), "
                         "continue an interrupted one from its checkpoint, run the rest")
+    p.add_argument("--objective", default="sft", choices=("sft", "dpo", "simpo"),
+                   help="dpo, simpo: train on preference pairs made from the multiple-choice training records (with "
+                        "--chat) and report the held-out pairs' reward accuracy and margin (default: sft)")
+    p.add_argument("--beta", type=float, default=HarnessConfig.beta, help="dpo, simpo: beta (default %(default)s)")
     p.add_argument("--out", required=True)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--run-one"]:  # internal: one run in this process (see run_isolated)
@@ -361,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         p.error(f"--alpha {args.alpha!r}: expected a number (32) or a multiple of each run's rank (2r)")
     # The checks that need no model, before any run starts: the output folder, the model path, the data.
+    if args.objective != "sft" and not args.chat:
+        raise ValueError(f"--objective {args.objective} makes its pairs from multiple-choice records: add --chat (and "
+                         "--tasks ARC-Easy --train-data qdora/demo_data/arc_easy_train.json)")
     check_output_dir(args.out, "--out")
     runs = Path(args.out) / "runs"
     if not args.resume and runs.is_dir() and any(runs.iterdir()):  # never rerun (and so delete) kept runs
@@ -390,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
                        analyze=args.analyze, alpha=alpha[0] * ranks[0] if per_r else alpha[0],
                        eval_items=args.eval_items, generate=args.generate,
                        warmup_steps=args.warmup_steps, cutoff_len=args.cutoff_len, dropout=args.dropout,
-                       eval_every=args.eval_every, resume=args.resume, chat=args.chat)
+                       eval_every=args.eval_every, resume=args.resume, chat=args.chat,
+                       objective=args.objective, beta=args.beta)
     run(hc)
     return 0
 
