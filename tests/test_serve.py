@@ -248,3 +248,29 @@ def test_min_tokens_holds_off_the_end_as_generate_does(served, oracles):
                               pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
     assert held.tokens == [t for t in want if t != tok.eos_token_id] and len(held.tokens) >= 35
     assert held.tokens[:28] == early.tokens
+
+
+@pytest.mark.parametrize("cfg, base", [
+    (dict(method="qdora", r=8, alpha=8, direction="vera", target_modules=("q_proj", "v_proj")), "nf4"),
+    (dict(method="qdora", r=4, alpha=8, magnitude_only_modules=("o_proj",)), "nf4"),
+    (dict(method="dora", r=4, alpha=8), "full"),
+    (dict(method="lora", r=4, alpha=8, target_modules=("q_proj", "down_proj")), "full"),
+])
+def test_every_method_is_served_as_in_process(files, tmp_path, cfg, base):
+    """VeRA directions, magnitude-only layers, and DoRA/LoRA over a full-precision base (`--base full`)."""
+    from qdora import AdapterConfig, load_adapter, load_model, save_adapter
+    model_dir, _ = files
+    adapter_cfg = AdapterConfig(dropout=0.0, adapter_dtype="float32", **cfg)
+    trained, _ = load_model(model_dir, method=adapter_cfg.method, cfg=adapter_cfg, progress=False)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # every trained tensor away from its start
+        for name, p in trained.named_parameters():
+            if p.requires_grad and any(k in name for k in ("lora_B", "magnitude_delta", "vera_lambda")):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    save_adapter(trained, tmp_path / "a")
+    bank, _, specs = open_bank(model_dir, [("a", tmp_path / "a")], base="auto", progress=False)
+    assert bank.quantized == (base == "nf4")
+    reference, _ = load_model(model_dir, method=adapter_cfg.method, cfg=adapter_cfg, add=False, progress=False)
+    load_adapter(reference, tmp_path / "a", verbose=False)
+    with torch.no_grad(), bank.use("a"):
+        assert torch.equal(bank.model(IDS).logits, reference.eval()(IDS).logits)

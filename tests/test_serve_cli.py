@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -133,20 +134,23 @@ def test_sigterm_finishes_the_running_request_and_exits(files):
     port = free_port()
     proc = subprocess.Popen([*QDORA, "serve", "--model", str(model_dir), "--adapter", f"qd={adapters['qd']}",
                              "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env={**os.environ, "QDORA_ALLOCATOR": "system"})
+                            cwd=ROOT, env={**os.environ, "QDORA_ALLOCATOR": "system", "QDORA_API_KEY": "sk-env"})
+    key = {"Authorization": "Bearer sk-env"}
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):
             try:
-                urllib.request.urlopen(url + "/health", timeout=5).read()
+                urllib.request.urlopen(urllib.request.Request(url + "/health", headers=key), timeout=5).read()
                 break
             except OSError:
                 assert proc.poll() is None, proc.stderr.read()
                 time.sleep(0.1)
         body = json.dumps({"model": "qd", "messages": [{"role": "user", "content": PROMPTS[2]}], "max_tokens": 150,
                            "temperature": 0, "stream": True}).encode()
+        with pytest.raises(urllib.error.HTTPError, match="401"):  # the key from the environment guards it
+            urllib.request.urlopen(url + "/v1/models", timeout=5)
         req = urllib.request.Request(url + "/v1/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **key})
         resp = urllib.request.urlopen(req, timeout=120)
         assert resp.readline().startswith(b"data: ")
         proc.send_signal(signal.SIGTERM)
@@ -157,7 +161,7 @@ def test_sigterm_finishes_the_running_request_and_exits(files):
         # uvicorn re-raises the signal once it has shut down, so the exit says SIGTERM (143 in a shell)
         assert proc.wait(60) == -signal.SIGTERM
         stderr = proc.stderr.read()
-        assert "serving tiny" not in stderr and f"http://127.0.0.1:{port}/v1 serving m, qd" in stderr
+        assert f"http://127.0.0.1:{port}/v1 serving m, qd (API key required)" in stderr
     finally:
         if proc.poll() is None:
             proc.kill()
