@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # One command that checks every GPU path of qdora (docs/gpu.md): the GPU tests, `qdora bench kernels`,
-# `qdora bench layer`, and `qdora plan` against a measured training step of a synthetic
-# Llama-3-8B-shaped model; every figure goes to OUT/report.json and OUT/report.md.
+# `qdora bench layer`, `qdora plan` against a measured training step of a synthetic
+# Llama-3-8B-shaped model, and the longest sequence such a model trains at beside the plan's;
+# every figure goes to OUT/report.json and OUT/report.md.
 #
 #   scripts/gpu-check.sh [--quick] [--device cpu] [--out DIR] [--keep-going] [--only PARTS]
 #                        [--budget-scale X] [--no-setup] [--python PY [--wheels DIR]]
 #
-#   --quick          ~3 minutes instead of ~8 (fewer shapes and layers, no slow tests)
+#   --quick          ~4 minutes instead of ~9 (fewer shapes and layers, no slow tests)
 #   --device cpu     dry run: the same parts at tiny shapes on the CPU (no GPU needed)
 #   --out DIR        where the report, parts and logs go (default: runs/gpu-check, git-ignored)
 #   --keep-going     run every part even after one fails (default: stop at the first failure)
-#   --only PARTS     comma-separated subset of: env, tests, bench-kernels, bench-layer, step
+#   --only PARTS     comma-separated subset of: env, tests, bench-kernels, bench-layer, step, long
 #   --budget-scale X multiply every part's time budget by X (default 1)
 #   --no-setup       never run ./setup.sh (use .venv as it is)
 #   --python PY      offline, no .venv, no setup.sh: use PY's own torch (and whatever else PY has)

@@ -734,7 +734,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["verdict"] == "passed" and report["not_run"] == []
     parts = {p["part"]: p for p in report["parts"]}
-    assert list(parts) == ["env", "tests", "bench-kernels", "bench-layer", "step"]
+    assert list(parts) == ["env", "tests", "bench-kernels", "bench-layer", "step", "long"]
     assert all(p["ok"] and p["seconds"] <= p["budget_s"] for p in parts.values())
     assert parts["env"]["figures"]["cuda_available"] is False
     tests = parts["tests"]["figures"]
@@ -747,5 +747,13 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     for row in step["rows"]:
         assert abs(row["error"]) <= step["tolerance"] and row["measured_bytes"] > 0 and row["step_s"] > 0
     assert not (out / "work" / "synthetic-checkpoint").exists()   # the synthetic checkpoint is removed
+    long = parts["long"]["figures"]
+    assert [r["variant"] for r in long["rows"]] == ["chunked loss", "+ offloaded activations, tiled MLP"]
+    for row in long["rows"]:  # doubled from 128 tokens while the steps fit the 16 MiB the dry run allows
+        tokens = [t["tokens"] for t in row["tries"]]
+        assert tokens[:2] == [128, 256] and row["longest_tokens"] >= 128 and row["predicted_longest_tokens"] > 0
+        assert all(t["ok"] == (t["peak_bytes"] <= 16 * 2**20) for t in row["tries"])
+        assert row["longest_tokens"] == max(t["tokens"] for t in row["tries"] if t["ok"])
+    assert not (out / "work-long" / "synthetic-checkpoint").exists()
     md = (out / "report.md").read_text()
     assert md.startswith("# GPU check\n\n**passed**") and "| step | ok |" in md

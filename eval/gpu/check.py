@@ -46,24 +46,31 @@ import transformers
 import qdora
 from qdora.core.config import AdapterConfig
 from qdora.eval.bench.memory import peak_bytes, tensor_bytes
-from qdora.eval.gpu.report import PARTS, format_step, write_report  # noqa: F401  (format_step: also from here)
+from qdora.eval.gpu.report import PARTS, format_long, format_step, write_report  # noqa: F401  (also from here)
+from qdora.models.head_loss import chunked_loss
 from qdora.models.loading import load_model
+from qdora.models.offload import offload_activations
 from qdora.models.shapes import PRESETS, ModelShape
-from qdora.plan.memory import PlanConfig, plan
+from qdora.models.tiled_mlp import tiled_mlp
+from qdora.plan.memory import PlanConfig, longest_sequence, plan
 from qdora.train.loop import prepare_for_training
 
-# Seconds per part. Full: 470 s in all, under the 8 minutes the whole check may take on one H200;
-# quick: ~3 minutes. The CPU dry run has its own, for a shared 2-core machine.
+# Seconds per part. Full: 540 s in all, under the 9 minutes the whole check may take on one H200;
+# quick: ~4 minutes. The CPU dry run has its own, for a shared 2-core machine.
 BUDGETS = {
-    "full": {"env": 15, "tests": 230, "bench-kernels": 45, "bench-layer": 60, "step": 120},
-    "quick": {"env": 15, "tests": 80, "bench-kernels": 20, "bench-layer": 25, "step": 50},
-    "cpu": {"env": 30, "tests": 120, "bench-kernels": 60, "bench-layer": 90, "step": 120},
+    "full": {"env": 15, "tests": 200, "bench-kernels": 45, "bench-layer": 60, "step": 120, "long": 100},
+    "quick": {"env": 15, "tests": 80, "bench-kernels": 20, "bench-layer": 25, "step": 50, "long": 50},
+    "cpu": {"env": 30, "tests": 120, "bench-kernels": 60, "bench-layer": 90, "step": 120, "long": 120},
 }
-LIMIT_S = {"full": 480, "quick": 200}
+LIMIT_S = {"full": 550, "quick": 250}
 """What a mode may take on a GPU, all parts together (the budgets must fit it: tested)."""
 
 LLAMA3_8B_SHAPES = "4096x4096,4096x14336,14336x4096"   # (in, out): q/o, up/gate, down
 STEP_LAYERS = {"full": 8, "quick": 2}
+LONG_VARIANTS = {"chunked loss": {}, "+ offloaded activations, tiled MLP": {"offload_activations": True,
+                                                                           "tiled_mlp": True}}
+"""`long`'s variants: `qdora train`'s defaults (the chunked loss, gradient checkpointing), then its long-sequence
+options on top."""
 
 
 def part_commands(mode: str, device: str, out: str, python: str = sys.executable) -> list[tuple[str, int, str]]:
@@ -83,11 +90,13 @@ def part_commands(mode: str, device: str, out: str, python: str = sys.executable
         layer = (f"--shapes {'4096x4096' if mode == 'quick' else LLAMA3_8B_SHAPES} --tokens 2048 --r 16 "
                  f"--reps {3 if mode == 'quick' else 5}")
         step = f"--device cuda --layers {STEP_LAYERS[mode]} --seq-len 2048 --batch-size 1 --r 64"
+        long = f"--device cuda --layers {STEP_LAYERS[mode] // 2} --start 8192 --max-len 1048576"
     else:  # the dry run: the same parts at tiny shapes
         tests = "tests/test_cuda.py -m 'not slow' -k 'not gpu_check'"
         kernels = "--device cpu --shapes 192x67 --tokens 37 --r 3 --reps 1"
         layer = "--device cpu --shapes 256x96 --tokens 64 --r 8 --reps 1"
         step = "--device cpu --layers 2 --seq-len 64 --batch-size 2 --r 16"
+        long = "--device cpu --layers 2 --start 128 --max-len 2048 --cap-mib 16"
     return [
         ("env", budgets["env"], f"{py} -m qdora.eval.gpu.check env --json {q('env.json')}"),
         ("tests", budgets["tests"], f"{py} -m pytest {tests} -q -p no:cacheprovider --junitxml {q('tests.xml')}"),
@@ -96,6 +105,8 @@ def part_commands(mode: str, device: str, out: str, python: str = sys.executable
         ("bench-layer", budgets["bench-layer"], f"{qdora} bench layer {layer} --json {q('bench-layer.json')}"),
         ("step", budgets["step"], f"{py} -m qdora.eval.gpu.check step {step} --json {q('step.json')} "
                                   f"--workdir {shlex.quote(str(Path(out) / 'work'))}"),
+        ("long", budgets["long"], f"{py} -m qdora.eval.gpu.check long {long} --seconds {budgets['long'] - 15} "
+                                  f"--json {q('long.json')} --workdir {shlex.quote(str(Path(out) / 'work-long'))}"),
     ]
 
 
@@ -235,6 +246,103 @@ def measure_step(folder: Path, method: str, shape, args, device: torch.device) -
     return row  # the model and its optimizer go with this frame: the caller collects them
 
 
+def longest_trained(folder: Path, shape, options: dict, args, device: torch.device, seconds: float) -> dict:
+    """The longest sequence (batch 1) one QDoRA training step of `folder` runs at, with `options`: lengths doubled
+    from `args.start` until a step runs out of memory (CUDA), or past `args.cap_mib` of tensors (a CPU dry run),
+    then halved between the last that ran and the first that did not, while `seconds` last."""
+    cfg = AdapterConfig(method="qdora", r=args.r, alpha=2.0 * args.r, dropout=0.0, adapter_dtype="float32")
+    t_end = time.perf_counter() + seconds
+    torch.manual_seed(0)
+    model, _ = load_model(folder, method="qdora", cfg=cfg, device=device, progress=False)
+    prepare_for_training(model, True)
+    chunked_loss(model)
+    if options.get("tiled_mlp"):
+        tiled_mlp(model)
+    if options.get("offload_activations"):
+        offload_activations(model)
+        model.disable_input_require_grads()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True)
+    cuda = device.type == "cuda"
+    weights = tensor_bytes(model)
+    tries: list[dict] = []
+
+    def attempt(length: int) -> bool:
+        ids = torch.randint(0, shape.vocab, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+        def step():
+            model(**batch).loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        try:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+                step()
+                torch.cuda.synchronize(device)
+                peak = torch.cuda.max_memory_allocated(device)
+            else:
+                states = sum(t.untyped_storage().nbytes() for st in optimizer.state.values() for t in st.values()
+                             if torch.is_tensor(t) and t.dim() > 0)
+                peak = weights + states + peak_bytes(step)
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            peak = None
+        ok = peak is not None and (cuda or peak <= args.cap_mib * 2**20)
+        tries.append({"tokens": length, "ok": ok, "peak_bytes": peak, "step_s": time.perf_counter() - t0})
+        _free(device)
+        return ok
+
+    best, failed, length = 0, None, args.start
+    while length <= args.max_len and time.perf_counter() < t_end:
+        if not attempt(length):
+            failed = length
+            break
+        best, length = length, 2 * length
+    grain = 1024 if cuda else 16
+    while best and failed and failed - best > grain and time.perf_counter() < t_end:
+        middle = (best + failed) // 2 // grain * grain
+        if attempt(middle):
+            best = middle
+        else:
+            failed = middle
+    return {"longest_tokens": best, "first_failed_tokens": failed, "tries": tries,
+            "searched_to_the_end": failed is None or failed - best <= grain}
+
+
+def run_long(args) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check long: --device cuda, but torch sees no CUDA device")
+    shape = step_shape(device.type, args.layers)
+    work = Path(args.workdir)
+    folder = work / "synthetic-checkpoint"
+    capacity = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else args.cap_mib * 2**20
+    rows = []
+    try:
+        write_checkpoint(shape, folder, device.type)
+        per_variant = args.seconds / len(LONG_VARIANTS)
+        for name, options in LONG_VARIANTS.items():
+            found = longest_trained(folder, shape, options, args, device, per_variant)
+            _free(device)  # the variant's model went with its frame
+            planned = PlanConfig(method="qdora", r=args.r, dropout=0.0, batch_size=1, chunked_loss=True,
+                                 device=device.type, **options)
+            card_gib = capacity / 2**30
+            rows.append({"variant": name, **found,
+                         "predicted_longest_tokens": longest_sequence(shape, planned, card_gib, margin=False)})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    result = {"model": shape.name, "device": str(device), "r": args.r, "capacity_bytes": capacity,
+              "limit": "the device's memory" if device.type == "cuda" else f"{args.cap_mib} MiB of tensors (dry run)",
+              "rows": rows, "ok": all(r["longest_tokens"] > 0 for r in rows)}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    print(format_long(result))
+    return 0 if result["ok"] else 1
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -300,6 +408,16 @@ def main(argv: list[str] | None = None) -> int:
     ss.add_argument("--tolerance", type=float, default=0.15)
     ss.add_argument("--workdir", required=True, help="where the synthetic checkpoint is written (removed after)")
     ss.add_argument("--json", required=True)
+    sl = sub.add_parser("long", help="the longest sequence a QDoRA step of a synthetic model runs at, and the plan's")
+    sl.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    sl.add_argument("--layers", type=int, default=4)
+    sl.add_argument("--r", type=int, default=16)
+    sl.add_argument("--start", type=int, default=8192, help="the first length tried (doubled from there)")
+    sl.add_argument("--max-len", type=int, default=1 << 20)
+    sl.add_argument("--cap-mib", type=int, default=48, help="CPU dry run: the tensor bytes a step may use")
+    sl.add_argument("--seconds", type=float, default=85.0, help="the search's time, both variants together")
+    sl.add_argument("--workdir", required=True)
+    sl.add_argument("--json", required=True)
     sr = sub.add_parser("report", help="gather the parts into report.json and report.md")
     sr.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -326,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, name) < 1:
                 p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
         return run_step(args)
+    if args.command == "long":
+        for name in ("layers", "r", "start", "max_len", "cap_mib"):
+            if getattr(args, name) < 1:
+                p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+        return run_long(args)
     rep = write_report(Path(args.out))
     print(f"gpu-check: {rep['verdict']}; report: {Path(args.out) / 'report.md'}")
     return 0 if rep["verdict"] == "passed" else 1

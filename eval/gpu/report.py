@@ -12,7 +12,7 @@ from qdora.core.safetensors_io import write_text_atomic
 from qdora.eval.bench import kernels as bench_kernels
 from qdora.eval.bench import layer as bench_layer
 
-PARTS = ("env", "tests", "bench-kernels", "bench-layer", "step")
+PARTS = ("env", "tests", "bench-kernels", "bench-layer", "step", "long")
 
 
 def format_step(res: dict) -> str:
@@ -34,6 +34,19 @@ def format_step(res: dict) -> str:
                          f"{mib(r['predicted_total_bytes'])} |")
     lines += ["", f"- ours qdora / ours qlora, step time: **{res['qdora_over_qlora_time']:.3f}** (target ≤ 1.10)",
               f"- ours qdora / ours qlora, peak memory: **{res['qdora_over_qlora_peak']:.3f}** (target ≤ 1.02)"]
+    return "\n".join(lines)
+
+
+def format_long(res: dict) -> str:
+    lines = [f"**{res['model']}, QDoRA r={res['r']}, batch 1, one training step, on {res['device']}** (limit: "
+             f"{res['limit']}, {res['capacity_bytes'] / 2**30:.2f} GiB)", "",
+             "| variant | longest measured (tokens) | first that did not fit | planned longest | tries |",
+             "|---|---:|---:|---:|---|"]
+    for r in res["rows"]:
+        tries = ", ".join(f"{t['tokens']:,}{'' if t['ok'] else ' ✗'}" for t in r["tries"])
+        failed = "-" if r["first_failed_tokens"] is None else f"{r['first_failed_tokens']:,}"
+        lines.append(f"| {r['variant']} | {r['longest_tokens']:,} | {failed} | {r['predicted_longest_tokens']:,} | "
+                     f"{tries} |")
     return "\n".join(lines)
 
 
@@ -112,6 +125,8 @@ def format_report(rep: dict) -> str:
             lines.append(bench_layer.format_markdown(fig))
         elif p["part"] == "step":
             lines.append(format_step(fig))
+        elif p["part"] == "long":
+            lines.append(format_long(fig))
     return "\n".join(lines) + "\n"
 
 
