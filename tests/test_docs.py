@@ -42,7 +42,12 @@ def option_strings(argv: list[str]) -> tuple[str, set[str]] | None:
         import qdora.eval.harness.analyze as analyze
         import qdora.eval.harness.runner as harness
         module = {"eval": harness, "analyze": analyze, "demo": demo}[argv[0]]
-        return argv[0], set(re.findall(r'add_argument\("(--[\w-]+)"', pathlib.Path(module.__file__).read_text()))
+        source = pathlib.Path(module.__file__).read_text()
+        options = set(re.findall(r'add_argument\("(--[\w-]+)"', source))
+        calls = re.findall(r'add_argument\("(--[\w-]+)"(.*?)\)\n', source, re.S)
+        negated = {"--no-" + name[2:] for name, rest in calls  # argparse's --no-X of a BooleanOptionalAction
+                   if "BooleanOptionalAction" in rest}
+        return argv[0], options | negated
     if argv[0] not in sub.choices:
         return None
     return argv[0], {s for a in sub.choices[argv[0]]._actions for s in a.option_strings}
