@@ -103,7 +103,10 @@ def load_pairs(path: str | Path) -> list[Pair]:
 
 def has_pairs(path: str | Path) -> bool:
     """Whether the first record of a data file is a preference pair (for a one-line refusal before work)."""
-    for _, obj in read_rows(Path(path)):
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    for _, obj in read_rows(path):
         return isinstance(obj, Mapping) and all(f in obj for f in FIELDS)
     return False
 
