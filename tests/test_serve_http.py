@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from serving import PROMPTS, chat_ids, greedy, in_process, make_adapters, make_model_dir
+from serving import PROMPTS, chat_ids, greedy, in_process, model_and_adapters
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -32,9 +32,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("http")
-    model_dir = make_model_dir(root)
-    return model_dir, make_adapters(model_dir, root)
+    return model_and_adapters(tmp_path_factory.mktemp("http"))
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +45,17 @@ def server(files):
     srv = uvicorn.Server(uvicorn.Config(app.asgi, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    assert srv.started
-    yield port, app, tok
-    srv.should_exit = True
-    thread.join(30)
-    engine.stop()
+    try:  # the server and the engine stop whatever happens to the tests (or to the start)
+        for _ in range(200):
+            if srv.started:
+                break
+            time.sleep(0.05)
+        assert srv.started
+        yield port, app, tok
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+        engine.stop(drain=False, timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -78,6 +78,13 @@ def decode_speed(path: str, adapters: dict[str, Path], r: int, tokens: int, reps
                  merged: Path | None = None) -> dict:
     bank, tok, _ = open_bank(path, list(adapters.items()), progress=False)
     engine = Engine(bank, tok, max_batch=1).start()
+    try:
+        return _decode_speed(engine, tok, path, adapters, r, tokens, reps, peft, merged)
+    finally:
+        engine.stop(drain=False)
+
+
+def _decode_speed(engine, tok, path, adapters, r, tokens, reps, peft, merged) -> dict:
     ids = prompt_ids(tok)
     variants = {}
 
@@ -124,7 +131,6 @@ def decode_speed(path: str, adapters: dict[str, Path], r: int, tokens: int, reps
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    engine.stop()
     result = {name: {"median_s": statistics.median(t), "tokens_per_s": tokens / statistics.median(t), "times_s": t}
               for name, t in times.items()}
     result["same tokens, engine and in-process"] = {
@@ -150,9 +156,19 @@ def server_throughput(path: str, adapters: dict[str, Path], tokens: int, clients
     server = uvicorn.Server(uvicorn.Config(app.asgi, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    try:  # the server and the engine stop whatever happens
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError(f"the benchmark's server did not start on 127.0.0.1:{port}")
+            time.sleep(0.05)
+        return _throughput(engine, port, tokens, clients)
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        engine.stop(drain=False)
 
+
+def _throughput(engine, port: int, tokens: int, clients: list[int]) -> list[dict]:
     def ask(model: str) -> tuple[int, float]:
         body = json.dumps({"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens,
                            "temperature": 0, "min_tokens": tokens})
@@ -178,9 +194,6 @@ def server_throughput(path: str, adapters: dict[str, Path], tokens: int, clients
                          "tokens_per_s": total / wall,
                          "per_client_tokens_per_s": statistics.median(n / s for n, s in done),
                          "mean_rows_per_forward": (engine.stats.decode_rows - batch_rows) / max(1, forwards)})
-    server.should_exit = True
-    thread.join(60)
-    engine.stop()
     return rows
 
 
