@@ -182,6 +182,12 @@ def write_checkpoint(shape, folder: Path, device: str, seed: int = 0) -> Path:
     return folder
 
 
+def optimizer_state_bytes(optimizer) -> int:
+    """The bytes of an optimizer's state tensors (its step counters, 0-dim, left out)."""
+    return sum(t.untyped_storage().nbytes() for st in optimizer.state.values() for t in st.values()
+               if torch.is_tensor(t) and t.dim() > 0)
+
+
 def measure_step(folder: Path, method: str, shape, args, device: torch.device) -> dict:
     """Load `folder` for `method` as `qdora train` does and measure its training step."""
 
@@ -222,8 +228,7 @@ def measure_step(folder: Path, method: str, shape, args, device: torch.device) -
         row["device_used_bytes"] = total - free   # CUDA context and other processes included
     else:
         weights = tensor_bytes(model)
-        states = sum(t.untyped_storage().nbytes() for st in optimizer.state.values() for t in st.values()
-                     if torch.is_tensor(t) and t.dim() > 0)
+        states = optimizer_state_bytes(optimizer)
         row["measured_bytes"] = weights + states + peak_bytes(step)
     times = []
     for _ in range(args.reps):
@@ -284,8 +289,7 @@ def longest_trained(folder: Path, shape, options: dict, args, device: torch.devi
                 torch.cuda.synchronize(device)
                 peak = torch.cuda.max_memory_allocated(device)
             else:
-                states = sum(t.untyped_storage().nbytes() for st in optimizer.state.values() for t in st.values()
-                             if torch.is_tensor(t) and t.dim() > 0)
+                states = optimizer_state_bytes(optimizer)
                 peak = weights + states + peak_bytes(step)
         except torch.OutOfMemoryError:
             optimizer.zero_grad(set_to_none=True)

@@ -164,25 +164,8 @@ class ChunkedLoss:
         num_items = named.pop("num_items_in_batch", None)
         ignore_index = named.pop("ignore_index", IGNORE_INDEX)
         head = lm.get_output_embeddings()
-        seen = []
-
-        def keep_input(x: torch.Tensor) -> torch.Tensor:
-            seen.append(x)
-            return x.new_zeros(*x.shape[:-1], 0)
-
-        head_forward = head.__dict__.get("forward")
-        head.forward = keep_input
-        try:
-            out = own(**named)
-        finally:
-            if head_forward is None:
-                del head.forward
-            else:
-                head.forward = head_forward
-        if len(seen) != 1:
-            raise RuntimeError(f"qdora.chunked_loss: {type(lm).__name__}'s forward ran its head {len(seen)} times "
-                               "(expected once); remove the chunked loss (handle.remove()) for this model")
-        hidden = seen[0]
+        out, hidden = head_input(lm, lambda: own(**named), "qdora.chunked_loss",
+                                 "; remove the chunked loss (handle.remove()) for this model")
         if shift_labels is None:
             hidden, targets = hidden[..., :-1, :], labels[..., 1:]
         else:
@@ -200,6 +183,31 @@ class ChunkedLoss:
         if aux is not None:  # an MoE asked for its router logits: its forward adds this to the loss
             loss = loss + lm.router_aux_loss_coef * aux.to(loss.device)
         return type(out)(**{k: v for k, v in out.items() if k not in ("loss", "logits")}, loss=loss)
+
+
+def head_input(lm: nn.Module, forward, who: str, fix: str = "") -> tuple:
+    """`(output, hidden)`: `forward()` run with `lm`'s output head replaced, for that one call, by one that keeps
+    its input (the final hidden states, after whatever the model does before its head) and returns an empty
+    `(..., 0)` tensor: the model's own forward, without the `tokens × vocab` logits."""
+    head = lm.get_output_embeddings()
+    seen = []
+
+    def keep_input(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x)
+        return x.new_zeros(*x.shape[:-1], 0)
+
+    head_forward = head.__dict__.get("forward")
+    head.forward = keep_input
+    try:
+        out = forward()
+    finally:
+        if head_forward is None:
+            del head.forward
+        else:
+            head.forward = head_forward
+    if len(seen) != 1:
+        raise RuntimeError(f"{who}: {type(lm).__name__}'s forward ran its head {len(seen)} times (expected once){fix}")
+    return out, seen[0]
 
 
 def chunked_loss(model: nn.Module, chunk_tokens: int | None = None) -> ChunkedLoss:
@@ -243,25 +251,9 @@ def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
         picked = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return (picked * keep).sum(1), counts
     head = lm.get_output_embeddings()
-    seen = []
-
-    def keep_input(x: torch.Tensor) -> torch.Tensor:
-        seen.append(x)
-        return x.new_zeros(*x.shape[:-1], 0)
-
-    head_forward = head.__dict__.get("forward")
-    head.forward = keep_input
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    finally:
-        if head_forward is None:
-            del head.forward
-        else:
-            head.forward = head_forward
-    if len(seen) != 1:
-        raise RuntimeError(f"sequence_logps: {type(lm).__name__}'s forward ran its head {len(seen)} times "
-                           "(expected once)")
-    hidden = seen[0][:, :-1]
+    _, hidden = head_input(lm, lambda: model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
+                           "sequence_logps")
+    hidden = hidden[:, :-1]
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     logps = [-chunked_cross_entropy(hidden[i][keep[i]], head.weight, targets[i][keep[i]], head.bias,
                                     chunk_tokens=chunk_tokens, softcap=softcap) for i in range(hidden.shape[0])]
