@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qdora.data.records import ROLES, DataError, read_rows
+from qdora.data.records import PAIR_FIELDS, ROLES, DataError, read_rows
 
-FIELDS = ("prompt", "chosen", "rejected")
+FIELDS = PAIR_FIELDS
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,12 @@ def load_pairs(path: str | Path) -> list[Pair]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    pairs = [parse_pair(obj, where) for where, obj in read_rows(path)]
+    rows = list(read_rows(path))
+    if rows and not is_pair(rows[0][1]):  # SFT data, one line before anything else
+        has = ", ".join(rows[0][1]) if isinstance(rows[0][1], Mapping) else type(rows[0][1]).__name__
+        raise DataError(f"{path}: preference training needs preference pairs (prompt, chosen, rejected), and this "
+                        f"data has none ({rows[0][0]} has: {has}); train it with --objective sft")
+    pairs = [parse_pair(obj, where) for where, obj in rows]
     if not pairs:
         raise DataError(f"{path}: contains no pairs")
     if len({p.chat for p in pairs}) > 1:
@@ -101,14 +106,17 @@ def load_pairs(path: str | Path) -> list[Pair]:
     return pairs
 
 
+def is_pair(obj: Any) -> bool:
+    """Whether a decoded record has a preference pair's fields."""
+    return isinstance(obj, Mapping) and all(f in obj for f in FIELDS)
+
+
 def has_pairs(path: str | Path) -> bool:
-    """Whether the first record of a data file is a preference pair (for a one-line refusal before work)."""
+    """Whether the first record of a data file is a preference pair."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    for _, obj in read_rows(path):
-        return isinstance(obj, Mapping) and all(f in obj for f in FIELDS)
-    return False
+    return any(is_pair(obj) for _, obj in list(read_rows(path))[:1])
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -121,9 +129,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def tokenize_pair(tokenizer, pair: Pair, cutoff_len: int | None = None) -> dict[str, Any]:
-    """`{prompt_ids, chosen_ids, rejected_ids, truncated}`: the prompt's tokens and each reply's, as TRL's
+    """`{prompt_ids, chosen_ids, rejected_ids, truncated, length}`: the prompt's tokens and each reply's, as TRL's
     `DPOTrainer` tokenizes them; with `cutoff_len`, each sequence cut to it from the end (`truncated`: a
-    sequence was cut)."""
+    sequence was cut; `length`: the longer sequence's tokens before the cut)."""
     if pair.chat:
         messages = [{"role": r, "content": c} for r, c in pair.prompt]
 
@@ -145,7 +153,7 @@ def tokenize_pair(tokenizer, pair: Pair, cutoff_len: int | None = None) -> dict[
         rejected = tokenizer(pair.prompt + with_eos(pair.rejected)).input_ids
     start = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
     out = {"prompt_ids": prompt[:start], "chosen_ids": chosen[start:], "rejected_ids": rejected[start:],
-           "truncated": False}
+           "truncated": False, "length": max(len(chosen), len(rejected))}
     if cutoff_len is not None:
         room = max(0, cutoff_len - start)
         for key in ("chosen_ids", "rejected_ids"):

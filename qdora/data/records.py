@@ -34,6 +34,8 @@ FORMATS = ("chat", "prompt-completion", "text", "alpaca", "gsm8k")
 ROLES = ("system", "user", "assistant")
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".parquet", ".arrow")
 ALPACA_FIELDS = ("instruction", "input", "output")
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+"""A preference pair's fields (`qdora.data.preference`): not a training record of these formats."""
 GSM8K_FIELDS = ("question", "answer")
 _FIELDS = {"chat": "messages (a list of {role, content})", "prompt-completion": "prompt, completion",
            "text": "text", "alpaca": "instruction, input (optional), output", "gsm8k": "question, answer"}
@@ -168,6 +170,9 @@ def parse_record(obj: Any, source: str = "<record>", format: str = "auto") -> Re
     format, or `auto` detects it from the fields. `source` names the record in errors."""
     if not isinstance(obj, Mapping):
         raise DataError(f"{source}: expected a JSON object, got {_json_type(obj)}; {_EXPECTED}")
+    if format == "auto" and all(f in obj for f in PAIR_FIELDS):
+        raise DataError(f"{source}: holds preference pairs (prompt, chosen, rejected): train them with --objective "
+                        "dpo or simpo")
     fmt = detect_format(obj) if format == "auto" else format
     if fmt is None:
         has = ", ".join(obj) or "no fields"

@@ -24,28 +24,14 @@ import torch
 
 from qdora.core.preference import PreferenceLoss, dpo_loss, simpo_loss
 from qdora.core.safetensors_io import write_text_atomic
-from qdora.data.preference import has_pairs, load_pairs, tokenize_pair
+from qdora.data.preference import Pair, load_pairs, tokenize_pair
 from qdora.data.records import DataError, holdout
 from qdora.models.head_loss import sequence_logps
 from qdora.models.switch import disable_adapter
 from qdora.train.config import TrainConfig
-from qdora.train.run_data import Truncation
+from qdora.train.run_data import Truncation, positions_note
 
 REFERENCE_FILE = "reference_logps.json"
-
-
-def check_pair_data(cfg: TrainConfig) -> None:
-    """One line before any work when the data and the objective do not match."""
-    for path in (cfg.data, cfg.val_data):
-        if not path:
-            continue
-        pairs = has_pairs(path)
-        if cfg.objective != "sft" and not pairs:
-            raise DataError(f"{path}: objective={cfg.objective!r} needs preference pairs (prompt, chosen, rejected), "
-                            "and this data has none; train it with --objective sft")
-        if cfg.objective == "sft" and pairs:
-            raise DataError(f"{path}: holds preference pairs (prompt, chosen, rejected): train them with --objective "
-                            "dpo or simpo")
 
 
 @dataclass
@@ -55,6 +41,7 @@ class PairExamples:
     rows: list[dict]
     val: list[dict]
     lost: list[str]
+    cutoff_len: int
 
     @property
     def examples(self) -> int:
@@ -63,30 +50,15 @@ class PairExamples:
     def notes(self) -> list[str]:
         return self.lost
 
-    @property
-    def longest(self) -> int:
-        return max((len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
-                    for ex in self.rows + self.val), default=0)
-
-    def positions_note(self, max_positions) -> str | None:
-        return None
+    def positions_note(self, max_positions: int | None) -> str | None:
+        longest = max((len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
+                       for ex in self.rows + self.val), default=0)
+        return positions_note(self.cutoff_len, longest, max_positions)
 
 
-def _tokenized(pairs, tokenizer, cfg: TrainConfig, split: str) -> tuple[list[dict], Truncation, int]:
-    rows, lengths, skipped = [], [], 0
-    for pair in pairs:
-        whole = tokenize_pair(tokenizer, pair)
-        lengths.append(len(whole["prompt_ids"]) + max(len(whole["chosen_ids"]), len(whole["rejected_ids"])))
-        ex = tokenize_pair(tokenizer, pair, cfg.cutoff_len)
-        if not ex["chosen_ids"] or not ex["rejected_ids"]:
-            skipped += 1
-            continue
-        rows.append(ex)
-    return rows, Truncation.of(split, lengths, cfg.cutoff_len), skipped
-
-
-def pair_examples(cfg: TrainConfig, tokenizer) -> PairExamples:
-    """The run's pairs, tokenized; what they lose (cut replies, pairs with no reply left) in notes."""
+def read_pairs(cfg: TrainConfig) -> tuple[list[Pair], list[Pair]]:
+    """The run's training and validation pairs, read and checked before anything slow (data without pairs is
+    refused in one line); `val_split` held out of `data` as the SFT path holds it out."""
     train = load_pairs(cfg.data)
     val = load_pairs(cfg.val_data) if cfg.val_data else []
     if cfg.val_split:
@@ -95,6 +67,24 @@ def pair_examples(cfg: TrainConfig, tokenizer) -> PairExamples:
             raise DataError(f"{cfg.data}: val_split={cfg.val_split} leaves no training pair")
         val = [p for i, p in enumerate(train) if i in held]
         train = [p for i, p in enumerate(train) if i not in held]
+    return train, val
+
+
+def _tokenized(pairs, tokenizer, cfg: TrainConfig, split: str) -> tuple[list[dict], Truncation, int]:
+    rows, lengths, skipped = [], [], 0
+    for pair in pairs:
+        ex = tokenize_pair(tokenizer, pair, cfg.cutoff_len)
+        lengths.append(ex["length"])
+        if not ex["chosen_ids"] or not ex["rejected_ids"]:
+            skipped += 1
+            continue
+        rows.append(ex)
+    return rows, Truncation.of(split, lengths, cfg.cutoff_len, unit="pairs"), skipped
+
+
+def pair_examples(cfg: TrainConfig, pairs: tuple[list[Pair], list[Pair]], tokenizer) -> PairExamples:
+    """The run's pairs (`read_pairs`), tokenized; what they lose (cut replies, pairs with no reply left) in notes."""
+    train, val = pairs
     if any(p.chat for p in train + val) and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{cfg.data}: chat pairs need a chat template and the tokenizer has none; pass "
                         "--chat-template FILE")
@@ -108,8 +98,7 @@ def pair_examples(cfg: TrainConfig, tokenizer) -> PairExamples:
         if count:
             notes.append(f"note: {count:,} {split} pair(s) have no reply token within cutoff_len={cfg.cutoff_len} "
                          "and are skipped")
-    notes = [n.replace(" examples ", " pairs ") for n in notes]
-    return PairExamples(rows, val_rows, notes)
+    return PairExamples(rows, val_rows, notes, cfg.cutoff_len)
 
 
 def collate_pairs(examples: list[dict], pad: int, device) -> dict[str, torch.Tensor]:

@@ -39,11 +39,14 @@ class Truncation:
     longest: int
     """The longest example's tokens before the cut (0: no example)."""
     cutoff_len: int
+    unit: str = "examples"
+    """What the notes call them (`pairs` for a preference run)."""
 
     @classmethod
-    def of(cls, split: str, lengths: list[int], cutoff_len: int) -> Truncation:
+    def of(cls, split: str, lengths: list[int], cutoff_len: int, unit: str = "examples") -> Truncation:
         """From each example's length before the cut."""
-        return cls(split, len(lengths), sum(n > cutoff_len for n in lengths), max(lengths, default=0), cutoff_len)
+        return cls(split, len(lengths), sum(n > cutoff_len for n in lengths), max(lengths, default=0), cutoff_len,
+                   unit)
 
     def note(self) -> str | None:
         """One line for the terminal and the run log when examples were cut, else None."""
@@ -51,7 +54,7 @@ class Truncation:
             return None
         verb = "is" if self.cut == 1 else "are"
         was = "was" if self.cut == 1 else "were"
-        return (f"note: {self.cut:,} of {self.examples:,} {self.split} examples {verb} longer than "
+        return (f"note: {self.cut:,} of {self.examples:,} {self.split} {self.unit} {verb} longer than "
                 f"cutoff_len={self.cutoff_len} and {was} cut to it (longest {self.longest:,} tokens; raise "
                 "--cutoff-len to keep them whole)")
 
@@ -91,12 +94,16 @@ class RunExamples:
     def positions_note(self, max_positions: int | None) -> str | None:
         """One line when `cutoff_len` is above the model's `max_position_embeddings` (not an error:
         a RoPE model runs past it, with a quality the user should know about), else None."""
-        cutoff_len = self.truncated.cutoff_len
-        if not isinstance(max_positions, int) or cutoff_len <= max_positions:
-            return None
-        return (f"note: cutoff_len={cutoff_len} is above the model's max_position_embeddings={max_positions}: "
-                f"examples longer than {max_positions:,} tokens run at positions it was not trained on (RoPE models "
-                f"run there, with lower quality); the longest here has {self.longest:,} tokens")
+        return positions_note(self.truncated.cutoff_len, self.longest, max_positions)
+
+
+def positions_note(cutoff_len: int, longest: int, max_positions: int | None) -> str | None:
+    """`RunExamples.positions_note` of a run whose longest sequence, after the cut, has `longest` tokens."""
+    if not isinstance(max_positions, int) or cutoff_len <= max_positions:
+        return None
+    return (f"note: cutoff_len={cutoff_len} is above the model's max_position_embeddings={max_positions}: "
+            f"examples longer than {max_positions:,} tokens run at positions it was not trained on (RoPE models "
+            f"run there, with lower quality); the longest here has {longest:,} tokens")
 
 
 def read_records(cfg: TrainConfig) -> RunRecords:

@@ -29,7 +29,7 @@ from qdora.train import allocator, fsdp
 from qdora.train.checkpoint import CHECKPOINT, load_checkpoint
 from qdora.train.config import TrainConfig
 from qdora.train.fsdp import save_adapter_gathered
-from qdora.train.preference import Objective, check_pair_data, pair_examples
+from qdora.train.preference import Objective, pair_examples, read_pairs
 from qdora.train.preflight import check_run, fingerprints
 from qdora.train.run_data import examples, read_records
 from qdora.train.run_log import check_reporters, trim_csv, write_header
@@ -144,8 +144,7 @@ def setup_run(cfg: TrainConfig, build) -> Run:
         raise ValueError("fsdp=True builds the sharded model itself; a custom `build` is not supported with it")
     existing = check_run(cfg)
     check_reporters(cfg)
-    check_pair_data(cfg)
-    records = read_records(cfg) if cfg.objective == "sft" else None
+    records = read_records(cfg) if cfg.objective == "sft" else read_pairs(cfg)
     rank, world = 0, 1
     if cfg.fsdp:
         device = fsdp.init_process_group(cpu_offload=cfg.cpu_offload)
@@ -162,7 +161,7 @@ def setup_run(cfg: TrainConfig, build) -> Run:
     else:
         if cfg.chat_template:
             set_chat_template(tokenizer, cfg.chat_template)
-        data = pair_examples(cfg, tokenizer)
+        data = pair_examples(cfg, records, tokenizer)
     # notes about the data and the model print with or without --no-progress (which turns off bars and
     # messages), and go to the run log (run.log) when the run folder is written
     header = data.notes()
