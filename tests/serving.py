@@ -44,6 +44,12 @@ def make_adapters(model_dir: Path, root: Path) -> dict[str, Path]:
     return out
 
 
+def model_and_adapters(root: Path) -> tuple[Path, dict[str, Path]]:
+    """The tiny chat model under `root` and its adapters (`ADAPTERS`) beside it."""
+    model_dir = make_model_dir(root)
+    return model_dir, make_adapters(model_dir, root)
+
+
 def in_process(model_dir: Path, adapter: Path | None):
     """The model as a user loads it in Python: the NF4 base, the adapter added by `load_adapter`."""
     model, tok = load_model(model_dir, method="qdora", add=False, progress=False)

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 from conftest import FP32_TOL, assert_close
-from serving import PROMPTS, chat_ids, greedy, in_process, make_adapters, make_model_dir
+from serving import PROMPTS, chat_ids, greedy, in_process, model_and_adapters
 
 from qdora.serve.bank import AdapterBank, BankLinear
 from qdora.serve.engine import Engine, Request, Sampling
@@ -16,9 +16,7 @@ from qdora.serve.load import base_config, open_bank, parse_adapters, read_specs
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    model_dir = make_model_dir(root)
-    return model_dir, make_adapters(model_dir, root)
+    return model_and_adapters(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

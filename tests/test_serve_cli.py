@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from serving import PROMPTS, chat_ids, greedy, in_process, make_adapters, make_model_dir
+from serving import PROMPTS, chat_ids, greedy, in_process, model_and_adapters
 
 from qdora.serve import chat as chat_module
 
@@ -24,9 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    model_dir = make_model_dir(root)
-    return model_dir, make_adapters(model_dir, root)
+    return model_and_adapters(tmp_path_factory.mktemp("cli"))
 
 
 def run(*args, stdin=None, timeout=240):
