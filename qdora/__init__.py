@@ -40,6 +40,7 @@ _PUBLIC = {
     "patch_peft": "qdora.integrations.peft",
     "quantize_nf4": "qdora.core.nf4",
     "save_adapter": "qdora.models.adapter_save",
+    "tiled_layers": "qdora.models.tiled_mlp",
     "tiled_mlp": "qdora.models.tiled_mlp",
     "unpatch_peft": "qdora.integrations.peft",
 }

@@ -748,7 +748,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
         assert abs(row["error"]) <= step["tolerance"] and row["measured_bytes"] > 0 and row["step_s"] > 0
     assert not (out / "work" / "synthetic-checkpoint").exists()   # the synthetic checkpoint is removed
     long = parts["long"]["figures"]
-    assert [r["variant"] for r in long["rows"]] == ["chunked loss", "+ offloaded activations, tiled MLP"]
+    assert [r["variant"] for r in long["rows"]] == ["chunked loss", "+ offloaded activations, tiled layers"]
     for row in long["rows"]:  # doubled from 128 tokens while the steps fit the 16 MiB the dry run allows
         tokens = [t["tokens"] for t in row["tries"]]
         assert tokens[:2] == [128, 256] and row["longest_tokens"] >= 128 and row["predicted_longest_tokens"] > 0

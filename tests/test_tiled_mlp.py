@@ -228,13 +228,28 @@ def test_short_and_no_grad_calls_are_the_mlps_own_forward_bit_for_bit():
     short, long = IDS[:, :8], IDS  # 16 tokens, then 74
     want_short = model(short).logits
     with torch.no_grad():
-        want_long = model(long).logits
+        want_long = model.eval()(long).logits
     with tiled_mlp(model, 16):
-        got_short = model(short).logits  # grad enabled, train mode, T = tile
+        got_short = model.train()(short).logits  # grad enabled, train mode, T = tile
         with torch.no_grad():
-            got_long = model(long).logits  # inference: never tiled
+            got_long = model.eval()(long).logits  # inference (eval mode, no grad): never tiled
     assert torch.equal(got_short, want_short) and torch.equal(got_long, want_long)
     assert not any("Tiled" in kind for kind in graph(got_short))
+
+
+def test_a_training_forward_without_grad_is_tiled_too(monkeypatch):
+    """An offloaded checkpoint's forward and a DPO reference's run in train mode without autograd: tiled, so
+    their working set is one tile's too, and equal to untiled."""
+    model = adapted(dropout=0.0)
+    with torch.no_grad():
+        want = model(IDS).logits
+    mlp_class, calls = type(model.model.layers[0].mlp), []
+    own = mlp_class.forward
+    monkeypatch.setattr(mlp_class, "forward", lambda self, x: calls.append(tuple(x.shape)) or own(self, x))
+    with tiled_mlp(model, 16), torch.no_grad():
+        got = model(IDS).logits
+    assert calls == [(1, 16, 64)] * 4 + [(1, 10, 64)] + [(1, 16, 64)] * 4 + [(1, 10, 64)]  # 74 tokens, 2 layers
+    assert_close(got, want, TOL, "logits")
 
 
 def test_remove_gives_the_forward_back():

@@ -5,6 +5,11 @@ hides freed-but-kept heap pages. The PyTorch profiler's memory timeline records 
 allocation and free; replaying it gives the exact peak of tensor bytes allocated by the work
 (tensors that existed before it, such as weights and inputs, are not counted). On CUDA the
 allocator's own counters are used.
+
+`step_peak_bytes` is the light form for long steps: the profiler's allocation events alone (no shapes, no
+stacks, no timeline analysis), summed in time order. It counts a free of a tensor made before the work
+(the timeline leaves those out); in a training step that starts and ends without gradients there are
+none to count, and both give the same figure (`tests/test_plan_validate.py`).
 """
 
 from __future__ import annotations
@@ -12,10 +17,28 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import Action
 
 from qdora.core.nf4 import quant_state_tensors
+
+
+def step_peak_bytes(work: Callable[[], object], device: torch.device | str = "cpu") -> int:
+    """Peak bytes of tensors allocated by `work()` and alive at the same time, above those alive before it,
+    from the profiler's allocation events in time order (see the module docstring); on CUDA `peak_bytes`."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return peak_bytes(work, device)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        work()
+    deltas = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    live = peak = 0
+    for _, delta in deltas:
+        live += delta
+        peak = max(peak, live)
+    return peak
 
 
 def peak_bytes(work: Callable[[], object], device: torch.device | str = "cpu",

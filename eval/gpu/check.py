@@ -51,7 +51,7 @@ from qdora.models.head_loss import chunked_loss
 from qdora.models.loading import load_model
 from qdora.models.offload import offload_activations
 from qdora.models.shapes import PRESETS, ModelShape
-from qdora.models.tiled_mlp import tiled_mlp
+from qdora.models.tiled_mlp import tiled_layers
 from qdora.plan.memory import PlanConfig, longest_sequence, plan
 from qdora.train.loop import prepare_for_training
 
@@ -67,8 +67,8 @@ LIMIT_S = {"full": 550, "quick": 250}
 
 LLAMA3_8B_SHAPES = "4096x4096,4096x14336,14336x4096"   # (in, out): q/o, up/gate, down
 STEP_LAYERS = {"full": 8, "quick": 2}
-LONG_VARIANTS = {"chunked loss": {}, "+ offloaded activations, tiled MLP": {"offload_activations": True,
-                                                                           "tiled_mlp": True}}
+LONG_VARIANTS = {"chunked loss": {}, "+ offloaded activations, tiled layers": {"offload_activations": True,
+                                                                              "tiled_layers": True}}
 """`long`'s variants: `qdora train`'s defaults (the chunked loss, gradient checkpointing), then its long-sequence
 options on top."""
 
@@ -261,8 +261,8 @@ def longest_trained(folder: Path, shape, options: dict, args, device: torch.devi
     model, _ = load_model(folder, method="qdora", cfg=cfg, device=device, progress=False)
     prepare_for_training(model, True)
     chunked_loss(model)
-    if options.get("tiled_mlp"):
-        tiled_mlp(model)
+    if options.get("tiled_layers"):
+        tiled_layers(model)
     if options.get("offload_activations"):
         offload_activations(model)
         model.disable_input_require_grads()

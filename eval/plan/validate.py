@@ -14,6 +14,8 @@ The prediction is `qdora.plan.memory.plan(..., device="cpu")`'s tensor total.
                                                   # GLM-4-MoE: shared experts, dense layers)
     python -m qdora.eval.plan.validate --only chunked  # the chunked loss (qdora.chunked_loss installed)
     python -m qdora.eval.plan.validate --only long  # long rows, the tiled MLP and offloaded activations on and off
+    python -m qdora.eval.plan.validate --only tiled # tiled layers, where a layer's backward peaks; SmolLM2 to 16K
+                                                    # (the light measure: `measure(light=True)`)
     python -m qdora.eval.plan.validate --published  # the planner beside published figures
     python -m qdora.eval.plan.validate --goal       # long sequences on one card: Llama-3-8B against the anchor
     python -m qdora.eval.plan.validate --start    # the FSDP start, 2 processes (gloo) per case
@@ -43,7 +45,7 @@ import qdora
 from qdora.core.config import AdapterConfig
 from qdora.core.loss import default_chunk_tokens
 from qdora.core.safetensors_io import write_text_atomic
-from qdora.eval.bench.memory import peak_bytes, tensor_bytes
+from qdora.eval.bench.memory import peak_bytes, step_peak_bytes, tensor_bytes
 from qdora.eval.common import run_child
 from qdora.models.loading import load_model, smollm2_gguf_path
 from qdora.plan.memory import (
@@ -240,6 +242,24 @@ LONG = [  # the long-sequence options (qdora.tiled_mlp, qdora.offload_activation
     Case("smollm2", _p("qdora", r=16, b=1, s=4096, chunked_loss=True)),
     Case("smollm2", _p("qdora", r=16, b=1, s=4096, chunked_loss=True, tiled_mlp=True)),
 ]
+_LAYER_PEAK = dict(r=16, b=1, chunked_loss=True, loss_chunk_tokens=256)  # small chunks: the layer backward peaks
+TILED = [  # qdora.tiled_layers and the tiled MLP where a layer's backward is the peak; measured light (`measure`)
+    Case("small-llama3", _p("qdora", s=4096, **_LAYER_PEAK)),
+    Case("small-llama3", _p("qdora", s=4096, tiled_mlp=True, **_LAYER_PEAK)),
+    Case("small-llama3", _p("qdora", s=4096, tiled_layers=True, **_LAYER_PEAK)),
+    Case("small-llama3", _p("qdora", s=4096, tiled_layers=True, target_modules="all", mlp_tile_tokens=1024,
+                            **_LAYER_PEAK)),
+    Case("small-llama3", _p("qdora", s=4096, ckpt=False, tiled_layers=True, target_modules="all", **_LAYER_PEAK)),
+    Case("small-llama3", _p("qdora", s=8192, tiled_mlp=True, **_LAYER_PEAK)),
+    Case("small-llama3", _p("qdora", s=8192, tiled_layers=True, **_LAYER_PEAK)),
+    Case("small-llama3", _p("qdora", s=8192, tiled_layers=True, target_modules="all", dropout=0.0, **_LAYER_PEAK)),
+    Case("small-llama3", _p("qdora", s=8192, tiled_layers=True, target_modules="all", offload_activations=True,
+                            **_LAYER_PEAK)),
+    Case("small-llama3", _p("qdora", s=8192, ckpt=False, tiled_layers=True, target_modules="all", **_LAYER_PEAK)),
+    Case("smollm2", _p("qdora", r=16, b=1, s=8192, chunked_loss=True, tiled_layers=True)),
+    Case("smollm2", _p("qdora", r=16, b=1, s=16384, chunked_loss=True)),
+    Case("smollm2", _p("qdora", r=16, b=1, s=16384, chunked_loss=True, tiled_layers=True)),
+]
 SMOLLM2 = [
     Case("smollm2", _p("qdora", r=16, b=2, s=256)),
     Case("smollm2", _p("qdora", r=16, b=2, s=256, ckpt=False)),
@@ -369,8 +389,10 @@ def build_model(case: Case):
     return model, shape
 
 
-def measure(case: Case, seed: int = 0) -> dict:
-    """Measured peak bytes of a steady-state training step, and its parts."""
+def measure(case: Case, seed: int = 0, light: bool = False) -> dict:
+    """Measured peak bytes of a steady-state training step, and its parts. `light`: the step's peak by
+    `step_peak_bytes` (the profiler's allocation events alone, minutes where the timeline takes hours), after a
+    warm-up step of 64 tokens (the optimizer states do not depend on the sequence)."""
     model, shape = build_model(case)
     cfg = case.cfg
     g = torch.Generator().manual_seed(seed)
@@ -386,11 +408,16 @@ def measure(case: Case, seed: int = 0) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    if light:
+        long_batch = batch
+        batch = {k: v[:, :64] for k, v in batch.items()}
     step()  # the optimizer states now exist, as in every later step
+    if light:
+        batch = long_batch
     weights = tensor_bytes(model)
     states = sum(t.untyped_storage().nbytes() for st in optimizer.state.values() for t in st.values()
                  if torch.is_tensor(t) and t.dim() > 0)
-    step_peak = peak_bytes(step)
+    step_peak = step_peak_bytes(step) if light else peak_bytes(step)
     predicted = plan(shape, cfg)
     return {"model": shape.name, "method": cfg.method, "r": cfg.r, "targets": list(cfg.target_modules),
             "dropout": cfg.dropout, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
@@ -398,12 +425,14 @@ def measure(case: Case, seed: int = 0) -> dict:
             "optimizer_bytes": states, "step_peak_bytes": step_peak, "measured_bytes": weights + states + step_peak,
             "predicted_bytes": predicted.tensor_bytes, "predicted_phase": predicted.peak_phase,
             **({"loss_chunk_tokens": chunk_tokens(shape, cfg)} if cfg.chunked_loss else {}),
-            **({"options": options(shape, cfg)} if cfg.tiled_mlp or cfg.offload_activations else {})}
+            **({"options": options(shape, cfg)} if cfg.tiled_mlp or cfg.tiled_layers or cfg.offload_activations
+               else {})}
 
 
 def options(shape, cfg: PlanConfig) -> str:
     """The long-sequence options of a case, as the table shows them."""
-    tile = f"tiled MLP ({cfg.mlp_tile_tokens or shape.hidden})" if cfg.tiled_mlp else ""
+    tile = (f"tiled layers ({cfg.mlp_tile_tokens or shape.hidden})" if cfg.tiled_layers else
+            f"tiled MLP ({cfg.mlp_tile_tokens or shape.hidden})" if cfg.tiled_mlp else "")
     return " + ".join(o for o in (tile, "offload" if cfg.offload_activations else "") if o)
 
 
@@ -445,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes only (seconds)")
     p.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2-135M")
-    p.add_argument("--only", choices=("quick", "small", "smollm2", "moe", "chunked", "long"),
+    p.add_argument("--only", choices=("quick", "small", "smollm2", "moe", "chunked", "long", "tiled"),
                    help="run one group of cases (chunked: the chunked loss, qdora.chunked_loss)")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--published", action="store_true",
@@ -479,10 +508,10 @@ def main(argv: list[str] | None = None) -> int:
     cases = QUICK + ([] if args.quick else SMALL + ([] if args.no_smollm2 else SMOLLM2))
     if args.only:
         cases = {"quick": QUICK, "small": SMALL, "smollm2": SMOLLM2, "moe": MOE + MOE_SHARED,
-                 "chunked": CHUNKED, "long": LONG}[args.only]
+                 "chunked": CHUNKED, "long": LONG, "tiled": TILED}[args.only]
     rows = []
     for case in tqdm(cases, desc="plan vs measured", unit="case"):
-        rows.append(measure(case))
+        rows.append(measure(case, light=args.only == "tiled"))
         tqdm.write(table(rows[-1:]).splitlines()[-1])
     print(table(rows))
     worst = max(abs(error(r)) for r in rows)

@@ -84,7 +84,8 @@ class Problems:
             self.add(f"mlp_tile_tokens={mlp_tile_tokens!r} must be an integer >= 1 (tokens per tile of the tiled "
                      "MLP), or 0 for the model's hidden size")
         elif mlp_tile_tokens and not tiled_mlp:
-            self.add(f"mlp_tile_tokens={mlp_tile_tokens} sizes the tiled MLP, which is off; add --tiled-mlp")
+            self.add(f"mlp_tile_tokens={mlp_tile_tokens} sizes the tiled MLP, which is off; add --tiled-mlp "
+                     "(or --tiled-layers)")
         elif whole and mlp_tile_tokens > tokens:
             self.add(f"mlp_tile_tokens={mlp_tile_tokens} is above the sequence ({tokens_name}={tokens}); use at most "
                      f"{tokens}, or 0 for the model's hidden size")

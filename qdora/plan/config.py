@@ -110,8 +110,12 @@ class PlanConfig:
     tiled_mlp: bool = False
     """Each decoder layer's MLP (or MoE block) computed over tiles of tokens, forward and backward
     (qdora.tiled_mlp): its working set is one tile's, not the sequence's."""
+    tiled_layers: bool = False
+    """The tiled MLP and every other per-token part of each decoder layer tiled the same way: its norms, the
+    attention's projections that train (qdora.tiled_layers): a layer keeps its input, each tiled part's
+    input and the attention's own tensors."""
     mlp_tile_tokens: int = 0
-    """Tokens per tile of the tiled MLP; 0: the model's hidden size."""
+    """Tokens per tile of the tiled MLP (and of the tiled layers); 0: the model's hidden size."""
     objective: str = "sft"
     """sft; dpo or simpo: each example is a pair, 2·batch_size sequences of seq_len (the prompt and the longer
     reply); dpo adds the reference's forward (no gradient) after the policy's, or nothing with
@@ -159,7 +163,8 @@ class PlanConfig:
         p.loss_chunks(self.chunked_loss, self.loss_chunk_tokens)
         p.long_sequence(self.seq_len, "seq_len", loss_chunk_tokens=self.loss_chunk_tokens,
                         offload_activations=self.offload_activations,
-                        gradient_checkpointing=self.gradient_checkpointing, tiled_mlp=self.tiled_mlp,
+                        gradient_checkpointing=self.gradient_checkpointing,
+                        tiled_mlp=self.tiled_mlp or self.tiled_layers,
                         mlp_tile_tokens=self.mlp_tile_tokens, sharded=self.fsdp)
         p.choice("objective", self.objective, ("sft", "dpo", "simpo"))
         if self.precompute_reference and self.objective != "dpo":

@@ -205,9 +205,31 @@ def mlp_saved(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
             + sum(_adapter_saved(d, cfg, n) for n in d.lin if n not in shape.attention_shapes()))
 
 
+def _trains(d: Dims, names: tuple[str, ...]) -> bool:
+    """Whether any of these linears of layer kind `d` has a trainable tensor (adapter, magnitude or weight)."""
+    return any(n in d.lin and (d.full or n in d.adapted) for n in names)
+
+
+def tiled_layer_saved(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
+    """`layer_saved` with tiled layers (`qdora.tiled_layers`): each norm keeps its input `T·h·e` (the first, the
+    layer's input: under gradient checkpointing the checkpoint itself, counted with the checkpoints), the q/k/v
+    projections their shared input where one trains, the q/k norms their inputs; the attention its own tensors
+    (q, k after the rotary embedding, v, its output, the logsumexp), o's input being that output (SDPA's and
+    flash attention's output is laid out token-major, and the reshape before o is a view: measured on CPU's
+    saved tensors); the MLP its input."""
+    e, T, h, q, kv = d.e, d.T, d.h, d.q, d.kv
+    attn = T * (2 * q + 2 * kv) * e + d.b * shape.heads * d.s * 4
+    if shape.qk_norm:
+        attn += T * (q + kv) * e
+    norms = (1 if cfg.gradient_checkpointing else 2) * T * h * e
+    return norms + attn + (T * h * e if _trains(d, ("q_proj", "k_proj", "v_proj")) else 0) + T * h * e
+
+
 def layer_saved(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
     """Bytes autograd keeps for one decoder layer of kind `d`, gradient checkpointing off: its two
-    RMSNorms, its attention, its `mlp` (`mlp_saved`; tiled, its input)."""
+    RMSNorms, its attention, its `mlp` (`mlp_saved`; tiled, its input); with tiled layers `tiled_layer_saved`."""
+    if layer_tile(d, shape, cfg):
+        return tiled_layer_saved(d, shape, cfg)
     e, T, h, q, kv = d.e, d.T, d.h, d.q, d.kv
     norm_saved = T * h * 4 + T * 4 + (T * h * e if d.full else 0)
     attn_saved = T * (2 * q + 2 * kv) * e + d.b * shape.heads * d.s * 4
@@ -221,10 +243,16 @@ def layer_saved(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
 
 
 def mlp_tile(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
-    """Tokens per tile of the tiled MLP (`qdora.tiled_mlp`: `mlp_tile_tokens`, or the hidden size), or 0 where
-    the MLP runs whole (not tiled, or a micro-batch no longer than one tile: it then runs untiled)."""
+    """Tokens per tile of the tiled MLP (`qdora.tiled_mlp`, `qdora.tiled_layers`: `mlp_tile_tokens`, or the hidden
+    size), or 0 where the MLP runs whole (not tiled, or a micro-batch no longer than one tile: it then runs
+    untiled)."""
     tile = cfg.mlp_tile_tokens or shape.hidden
-    return tile if cfg.tiled_mlp and d.T > tile else 0
+    return tile if (cfg.tiled_mlp or cfg.tiled_layers) and d.T > tile else 0
+
+
+def layer_tile(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
+    """Tokens per tile of the tiled layers (`qdora.tiled_layers`), or 0 where they run whole (as `mlp_tile`)."""
+    return mlp_tile(d, shape, cfg) if cfg.tiled_layers else 0
 
 
 def tiled(d: Dims, tokens: int) -> Dims:
@@ -255,13 +283,15 @@ def _activations(ds: list[Dims], shape: ModelShape, cfg: PlanConfig) -> tuple[in
     e, T, h = d.e, d.T, d.h
     saved = [layer_saved(k, shape, cfg) for k in ds]
     shared = 2 * d.s * shape.rd * e                                     # rotary cos, sin
-    head_saved = T * h * 4 + T * 4 + (2 * T * h * e if d.full else 0)   # final norm (+ lm_head input)
+    # final norm (tiled with the layers: its input) (+ lm_head input)
+    head_saved = (T * h * e if layer_tile(d, shape, cfg) else T * h * 4 + T * 4) + (2 * T * h * e if d.full else 0)
     lsm = T * d.V * 4
     if cfg.gradient_checkpointing:
         return checkpoints_on_device(shape, cfg) * T * h * e + shared, head_saved, saved, lsm
     # the first layer's input RMSNorm saves nothing when the embeddings are frozen
     body = sum(k.L * s for k, s in zip(ds, saved))
-    return body - (0 if d.full else T * h * 4 + T * 4) + shared, head_saved, saved, lsm
+    first = 0 if d.full else T * h * e if layer_tile(d, shape, cfg) else T * h * 4 + T * 4
+    return body - first + shared, head_saved, saved, lsm
 
 
 def chunked_loss_bytes(d: Dims, shape: ModelShape, cfg: PlanConfig) -> tuple[int, int]:
@@ -310,12 +340,14 @@ def _layer_backward(ds: list[Dims], saved: list[int], shape: ModelShape, cfg: Pl
     for d, kept in zip(ds, saved):
         flight = 3 * d.T * d.h * d.e
         tile = mlp_tile(d, shape, cfg)
-        if tile:  # one tile's MLP recomputed and its backward, beside the input gradient the tiles fill;
-            # or the attention's backward (the gradients of its output, q, k and v), whichever is larger
+        if tile:  # the residual's gradient, beside one tile's MLP recomputed and its backward and the input gradient
+            # the tiles fill, or the attention's backward (the gradients of its output, q, k and v; the MLP's and
+            # the second norm's inputs, counted as kept, are freed by then), the larger; measured on CPU
             t = tiled(d, tile)
-            flight += max(d.T * d.h * d.e + mlp_saved(t, shape, cfg)
-                          + (moe.in_flight(t, shape, cfg) if d.E else 3 * t.T * t.i * t.e),
-                          d.T * (2 * d.q + 2 * d.kv) * d.e)
+            norm2 = d.T * d.h * d.e if layer_tile(d, shape, cfg) else d.T * d.h * 4 + d.T * 4
+            flight = d.T * d.h * d.e + max(d.T * d.h * d.e + mlp_saved(t, shape, cfg)
+                                           + (moe.in_flight(t, shape, cfg) if d.E else 3 * t.T * t.i * t.e),
+                                           d.T * (2 * d.q + 2 * d.kv) * d.e - d.T * d.h * d.e - norm2)
         elif d.E:
             flight += moe.in_flight(d, shape, cfg)
         else:  # a dense MLP's backward: two `T·i` gradients in flight while gate, silu, up are still kept,

@@ -88,13 +88,13 @@ def plan_to_dict(p: MemoryPlan) -> dict:
 
 def _setting(c: PlanConfig) -> str:
     named = (("chunked loss", c.chunked_loss), ("offloaded activations", c.offload_activations),
-             ("tiled MLP", c.tiled_mlp))
+             ("tiled layers", c.tiled_layers), ("tiled MLP", c.tiled_mlp and not c.tiled_layers))
     options = [name for name, on in named if on]
     targets = "all weights" if c.method == "full" else f"r={c.r} on {','.join(c.target_modules)}, dropout {c.dropout}"
     return (f"{c.method} {targets}; batch {c.batch_size}; {c.optimizer}; gradient checkpointing "
             f"{'on' if c.gradient_checkpointing else 'off'}; " + (", ".join(options) or "none of the long-sequence "
                                                                    "options (--chunked-loss, --offload-activations, "
-                                                                   "--tiled-mlp)"))
+                                                                   "--tiled-mlp, --tiled-layers)"))
 
 
 def longest_table(shape, c: PlanConfig, cards=MAX_SEQ_CARDS_GB) -> list[dict]:

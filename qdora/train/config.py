@@ -119,8 +119,11 @@ class TrainConfig:
     tiled_mlp: bool = False
     """Compute each decoder layer's MLP (or MoE block) over tiles of tokens, forward and backward
     (qdora.tiled_mlp): its working set is one tile's; the MLP's forward runs once more per step."""
+    tiled_layers: bool = False
+    """--tiled-mlp and every other per-token part of each decoder layer tiled the same way: its norms, the
+    attention's projections that train (qdora.tiled_layers); each tiled part's forward runs once more per step."""
     mlp_tile_tokens: int = 0
-    """Tokens per tile of --tiled-mlp; 0: the model's hidden size."""
+    """Tokens per tile of --tiled-mlp or --tiled-layers; 0: the model's hidden size."""
     optimizer: str = "adamw"
     """adamw (torch) or paged_adamw_8bit (bitsandbytes, CUDA only)."""
     train_on_prompt: bool = False
@@ -197,7 +200,8 @@ class TrainConfig:
         p.loss_chunks(self.chunked_loss, self.loss_chunk_tokens)
         p.long_sequence(self.cutoff_len, "cutoff_len", loss_chunk_tokens=self.loss_chunk_tokens,
                         offload_activations=self.offload_activations,
-                        gradient_checkpointing=self.gradient_checkpointing, tiled_mlp=self.tiled_mlp,
+                        gradient_checkpointing=self.gradient_checkpointing,
+                        tiled_mlp=self.tiled_mlp or self.tiled_layers,
                         mlp_tile_tokens=self.mlp_tile_tokens, sharded=self.fsdp)
         if p.choice("objective", self.objective, OBJECTIVES) and self.objective != "sft":
             p.choice("dpo_loss", self.dpo_loss, DPO_LOSSES)

@@ -24,7 +24,7 @@ from qdora.models.adapter_io import save_adapter
 from qdora.models.head_loss import chunked_loss
 from qdora.models.loading import load_model, load_tokenizer
 from qdora.models.offload import offload_activations
-from qdora.models.tiled_mlp import tiled_mlp
+from qdora.models.tiled_mlp import tiled_layers, tiled_mlp
 from qdora.train import allocator, fsdp
 from qdora.train.checkpoint import CHECKPOINT, load_checkpoint
 from qdora.train.config import TrainConfig
@@ -230,11 +230,13 @@ def _start_or_resume(run: Run, existing: Path | None) -> None:
 
 
 def long_sequence_options(model, cfg) -> None:
-    """The tiled MLP and the offloaded activations, as the run's settings ask. With offloading, the embeddings'
-    output no longer needs a gradient of its own (transformers asks for one so that reentrant checkpointing
+    """The tiled MLP (or tiled layers) and the offloaded activations, as the run's settings ask. With offloading, the
+    embeddings' output no longer needs a gradient of its own (transformers asks for one so that reentrant checkpointing
     sees a graph; the offloading checkpoint takes the layer's parameters as its inputs instead): otherwise that
     output, and later its gradient, would stay on the device through the backward, one checkpoint more."""
-    if cfg.tiled_mlp:
+    if getattr(cfg, "tiled_layers", False):
+        tiled_layers(model, cfg.mlp_tile_tokens or None)
+    elif cfg.tiled_mlp:
         tiled_mlp(model, cfg.mlp_tile_tokens or None)
     if cfg.offload_activations:
         offload_activations(model)
