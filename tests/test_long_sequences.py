@@ -17,7 +17,8 @@ from qdora.train.loop import TrainConfig, read_metrics, train
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
-def test_tiled_mlp_and_offload_give_the_default_runs_curve(setup, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("tiling", ["tiled_mlp", "tiled_layers"])
+def test_tiled_mlp_and_offload_give_the_default_runs_curve(setup, tmp_path, monkeypatch, tiling):  # noqa: F811
     seen = []
     original = OffloadedActivations.__init__
 
@@ -26,9 +27,10 @@ def test_tiled_mlp_and_offload_give_the_default_runs_curve(setup, tmp_path, monk
         seen.append(self)
 
     monkeypatch.setattr(OffloadedActivations, "__init__", remember)
-    long = train(config(setup, tmp_path / "long", tiled_mlp=True, mlp_tile_tokens=16, offload_activations=True))
+    long = train(config(setup, tmp_path / "long", **{tiling: True}, mlp_tile_tokens=16, offload_activations=True))
     tiles = find_tiled_mlp(long["model"])
     assert tiles is not None and tiles.tile_tokens == 16 and tiles.layers == 2
+    assert tiles.parts == ("layers" if tiling == "tiled_layers" else "mlp")
     assert len(seen) == 1 and seen[0].active and seen[0].stats.to_host > 0  # the path ran
     train(config(setup, tmp_path / "plain"))
     a, b = read_metrics(tmp_path / "long"), read_metrics(tmp_path / "plain")

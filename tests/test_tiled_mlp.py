@@ -328,3 +328,125 @@ def test_router_logits_are_refused():
         short = model(MOE_IDS[:, :2], labels=MOE_IDS[:, :2], output_router_logits=True)  # 4 tokens: not tiled
         assert len(short.router_logits) == 2 and short.router_logits[0].shape == (4, 4)
         run(model, MOE_IDS)  # the flag does not outlive the call
+
+
+# ---- tiled layers: norms, trained attention projections, q/k norms, final norm, MLP -----------------------------
+
+def tiled_nodes(t) -> int:
+    """How many tiled functions `t`'s autograd graph holds."""
+    seen, todo, count = set(), [t.grad_fn], 0
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__ == "TiledApplyBackward"
+        todo += [n for n, _ in node.next_functions]
+    return count
+
+
+ATTENTION_ALL = ("q_proj", "k_proj", "v_proj", "o_proj") + MLP
+
+
+@pytest.mark.parametrize("gc", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("tile", [1, 16, None])
+def test_tiled_layers_equal_the_untiled_model(tile, gc):
+    model = adapted(targets=ATTENTION_ALL, gc=gc)
+    untiled = run(model)
+    with qdora.tiled_layers(model, tile) as handle:
+        assert handle.parts == "layers" and handle.layers == 2 and find_tiled_mlp(model) is handle
+        tiled = run(model)
+        loss = model(IDS, labels=IDS).loss
+    if not gc:  # (checkpointed, the graph holds the layers' checkpoints instead)
+        # per layer: 2 norms, 4 projections, the MLP; the first layer's input norm needs no gradient (frozen
+        # embeddings) and runs whole; the final norm
+        assert tiled_nodes(loss) == 2 * 7 - 1 + 1
+    assert "TiledApplyBackward" in tiled[2]
+    assert_same(tiled, untiled)
+    assert {n.split(".")[4] for n in tiled[1] if ".self_attn." in n} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_tiled_layers_tile_only_the_projections_that_train():
+    """q and v adapted, k and o frozen: untiled, a frozen projection keeps nothing, so it is not tiled."""
+    model = adapted(targets=("q_proj", "v_proj"))
+    with qdora.tiled_layers(model, 16):
+        loss = model(IDS, labels=IDS).loss
+    # per layer: 2 norms (the first layer's input norm runs whole), q, v, the MLP (its input needs grad); final norm
+    assert tiled_nodes(loss) == 2 * 5 - 1 + 1
+    untiled = run(model)
+    with qdora.tiled_layers(model, 16):
+        assert_same(run(model), untiled)
+
+
+@pytest.mark.parametrize("tile", [1, 16])
+def test_fully_trained_tiled_layers_equal_their_fp64_copy(tile):
+    """Every weight trains, the norms' too: against the fp64 copy, untiled."""
+    model = build(llama3_config()).train().requires_grad_(True)
+    oracle = run(copy.deepcopy(model).double())
+    with qdora.tiled_layers(model, tile):
+        tiled = run(model)
+    assert "TiledApplyBackward" in tiled[2]
+    assert_same(tiled, oracle, FP32_TOL)
+    assert tiled[1]["model.layers.0.input_layernorm.weight"].abs().max() > 0
+
+
+@pytest.mark.parametrize("gc", [False, True], ids=["plain", "checkpointed"])
+def test_tiled_layers_replay_dropout(gc):
+    model = adapted(targets=ATTENTION_ALL, dropout=0.3, gc=gc)
+    with qdora.tiled_layers(model, 16):
+        first = run(model, seed=3)
+        second = run(model, seed=3)
+    assert_same(first, second, 0.0)  # the same seed draws the same masks, forward and recompute
+    untiled = run(model, seed=3)
+    assert abs(first[0].item() - untiled[0].item()) > 1e-4  # the tiles' masks are their own draws
+
+
+def test_qwen3_query_and_key_norms_are_tiled_per_token():
+    """Qwen3 normalizes each head of q and k: `(b, s, heads, head_dim)` inputs, tiled whole tokens at a time."""
+    config = transformers.Qwen3Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(config)
+    add_adapters(model, AdapterConfig(method="qdora", r=4, alpha=8, dropout=0.0, target_modules=ATTENTION_ALL),
+                 verbose=False)
+    perturb(model).train()
+    ids = MOE_IDS
+    untiled = run(model, ids)
+    shapes = []
+    norm_class = type(model.model.layers[0].self_attn.q_norm)
+    own = norm_class.forward
+    with qdora.tiled_layers(model, 5):
+        norm_class.forward = lambda self, x: shapes.append(tuple(x.shape)) or own(self, x)
+        try:
+            tiled = run(model, ids)
+        finally:
+            norm_class.forward = own
+    assert (1, 1, 5 * 4, 8) in shapes and (1, 1, 5 * 2, 8) in shapes  # 5 tokens × 4 query heads, × 2 kv heads
+    assert_same(tiled, untiled)
+
+
+def test_tiled_layers_keep_less_than_the_tiled_mlp():
+    """Saved for the backward by one decoder layer (no checkpointing, fp32, DoRA on all its linears, dropout):
+    the tiled MLP leaves the norms' and adapters' saved tensors; tiled layers keep each part's input and the
+    attention's own tensors (q, k, v, its output)."""
+    model = adapted(targets=ATTENTION_ALL, dropout=0.1)
+    ids = torch.randint(0, 1024, (1, 128), generator=torch.Generator().manual_seed(2))
+
+    def saved(tiling):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with tiling(model, 16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids, labels=ids)
+        return sum(storages.values())
+
+    h, q, kv, T = 64, 64, 16, 128
+    layers = saved(qdora.tiled_layers)
+    assert layers < saved(tiled_mlp) * 0.75
+    # per layer at most: the two norms' inputs, q/k/v's shared input, the MLP's input, q, k, v, the output
+    # (T·4 bytes each per width), plus the embeddings', the final norm's and the loss's (T·1024 logits)
+    assert layers <= 2 * (4 * T * h + (2 * q + 2 * kv) * T) * 4 + 2 * T * h * 4 + 2 * T * 1024 * 4 + 2**16

@@ -328,7 +328,12 @@ def goal_settings() -> list[tuple[str, PlanConfig]]:
     for method in ("qdora", "qlora"):
         for options, label in ((dict(chunked_loss=True), "chunked loss"),
                                (dict(chunked_loss=True, offload_activations=True, tiled_mlp=True),
-                                "chunked loss + offload + tiled MLP")):
+                                "chunked loss + offload + tiled MLP"),
+                               (dict(chunked_loss=True, offload_activations=True, tiled_layers=True),
+                                "chunked loss + offload + tiled layers"),
+                               (dict(chunked_loss=True, offload_activations=True, tiled_layers=True,
+                                     mlp_tile_tokens=1024),
+                                "chunked loss + offload + tiled layers (1,024-token tiles)")):
             for dropout in (0.05, 0.0):
                 for optimizer in ("adamw", "paged_adamw_8bit"):
                     cfg = PlanConfig(method=method, r=32, target_modules="all", dropout=dropout, batch_size=1,
@@ -349,7 +354,7 @@ def goal_table() -> str:
     for label, cfg in goal_settings():
         got = {gb: longest_sequence(shape, cfg, gb, margin=False) for gb in cards}
         out.append(f"| {label} | " + " | ".join(f"{got[gb]:,}" for gb in cards) + " |")
-        if cfg.method == "qdora" and cfg.offload_activations:
+        if cfg.method == "qdora" and cfg.tiled_layers:
             for gb in cards:
                 if GOAL.get(gb) and got[gb] < GOAL[gb]:
                     p = plan(shape, at_length(cfg, GOAL[gb]))
