@@ -205,7 +205,8 @@ def test_moe_loss_and_gradients_equal_the_untiled_model(name, tile):
     assert any(".experts." in n for n in tiled[1]) and any(".gate." in n for n in tiled[1])
 
 
-def test_a_peft_model_is_tiled_through_its_base_model():
+@pytest.mark.parametrize("tiling", [tiled_mlp, qdora.tiled_layers], ids=["mlp", "layers"])
+def test_a_peft_model_is_tiled_through_its_base_model(tiling):
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(build(llama3_config()), peft.LoraConfig(r=4, target_modules=list(ALL)))
     with torch.no_grad():
@@ -214,10 +215,13 @@ def test_a_peft_model_is_tiled_through_its_base_model():
                 p.normal_(0, 0.2)
     model.train()
     untiled = run(model)
-    with tiled_mlp(model, 16) as handle:
+    with tiling(model, 16) as handle:
         assert handle.layers == 2 and find_tiled_mlp(model) is handle
         tiled = run(model)
+        loss = model(IDS, labels=IDS).loss
     assert "TiledApplyBackward" in tiled[2]
+    # the MLPs; with the layers also the norms (the first input norm's input needs no gradient), q and v, final norm
+    assert tiled_nodes(loss) == (2 if tiling is tiled_mlp else 2 * 5 - 1 + 1)
     assert_same(tiled, untiled)
 
 
