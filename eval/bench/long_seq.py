@@ -14,7 +14,8 @@ measured step's wall time per token. Variants (each a `qdora train` setting):
 - `chunked`: `qdora train`'s default where the system has jemalloc (`qdora.train.allocator`);
 - `tiled`: `--tiled-mlp` (tiles of the hidden size, 576 tokens), jemalloc;
 - `tiled-offload`: `--tiled-mlp --offload-activations`, jemalloc (on CPU offloading saves nothing:
-  it runs the path).
+  it runs the path);
+- `tiled-layers`: `--tiled-layers` (the norms, trained projections and MLP over tiles of 576 tokens), jemalloc.
 
     qdora bench long                                   # every variant at 2K and 4K tokens
     qdora bench long --lengths 8192,16384,32768 --variants tiled
@@ -77,6 +78,7 @@ VARIANTS = {
     "chunked": ({}, "jemalloc"),
     "tiled": (dict(tiled_mlp=True), "jemalloc"),
     "tiled-offload": (dict(tiled_mlp=True, offload_activations=True), "jemalloc"),
+    "tiled-layers": (dict(tiled_layers=True), "jemalloc"),
 }
 
 
