@@ -402,7 +402,8 @@ def test_tiled_layers_replay_dropout(gc):
         second = run(model, seed=3)
     assert_same(first, second, 0.0)  # the same seed draws the same masks, forward and recompute
     untiled = run(model, seed=3)
-    assert abs(first[0].item() - untiled[0].item()) > 1e-4  # the tiles' masks are their own draws
+    # the tiles' masks are their own draws: the loss differs from untiled beyond rounding (`TOL`)
+    assert abs(first[0].item() - untiled[0].item()) > TOL * abs(untiled[0].item())
 
 
 def test_qwen3_query_and_key_norms_are_tiled_per_token():
@@ -449,8 +450,11 @@ def test_tiled_layers_keep_less_than_the_tiled_mlp():
         return sum(storages.values())
 
     h, q, kv, T = 64, 64, 16, 128
-    layers = saved(qdora.tiled_layers)
-    assert layers < saved(tiled_mlp) * 0.75
+    layers, mlp = saved(qdora.tiled_layers), saved(tiled_mlp)
+    # the tiled MLP keeps more, per layer at least: q, k, v's dropped input copies and o's (three `T·h` and
+    # one `T·q` where tiled layers keep one `T·h` input), and DoRA's kept outputs of q, k and o (fp32: ×4)
+    assert mlp - layers >= 2 * (3 * T * h + T * q - T * h + T * q + T * kv + T * h) * 4
     # per layer at most: the two norms' inputs, q/k/v's shared input, the MLP's input, q, k, v, the output
-    # (T·4 bytes each per width), plus the embeddings', the final norm's and the loss's (T·1024 logits)
+    # (T·4 bytes each per width), plus the embeddings', the final norm's and the loss's (T·1024 logits), and
+    # 64 KiB for the small ones (rotary cos/sin, logsumexp, labels: T·(16 + 8 + 8 + 4) bytes here)
     assert layers <= 2 * (4 * T * h + (2 * q + 2 * kv) * T) * 4 + 2 * T * h * 4 + 2 * T * 1024 * 4 + 2**16

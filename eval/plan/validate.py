@@ -406,19 +406,14 @@ def measure(case: Case, seed: int = 0, light: bool = False) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
-    def step():  # qdora.train.loop's step: loss, backward, clip, optimizer step, zero_grad
+    def step(batch=batch):  # qdora.train.loop's step: loss, backward, clip, optimizer step, zero_grad
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    if light:
-        long_batch = batch
-        batch = {k: v[:, :64] for k, v in batch.items()}
-    step()  # the optimizer states now exist, as in every later step
-    if light:
-        batch = long_batch
+    step({k: v[:, :64] for k, v in batch.items()} if light else batch)  # the optimizer states now exist
     weights = tensor_bytes(model)
     states = sum(t.untyped_storage().nbytes() for st in optimizer.state.values() for t in st.values()
                  if torch.is_tensor(t) and t.dim() > 0)

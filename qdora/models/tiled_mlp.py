@@ -32,9 +32,9 @@ torch random op) draws the same masks in the recompute as in the forward: the RN
 the CUDA device's for CUDA inputs) is saved before the first tile and restored before the recompute, as
 `torch.utils.checkpoint` does, and the tiles are recomputed in their forward order, so each draws what it
 drew (one state per call, not per tile: ~5 KB each, kept from the forward to the backward); the autocast
-state too. The masks are the tiles' draws, in tile
-order: the same distribution as untiled, not the same samples (on CPU the same where an MLP masks
-one projection and each tile's element count is a multiple of 4, `drop_mask`'s words).
+state too. The masks are the tiles' draws, in tile order: the same distribution as untiled, not the same
+samples (on CPU the same where an MLP masks one projection and each tile's element count is a multiple of
+4, `drop_mask`'s words).
 
 Default tile: `hidden_size` tokens (ALST's choice): one tile's intermediate tensor is then
 `hidden × intermediate` values, the size of one MLP weight matrix, whatever the sequence length (at
@@ -266,10 +266,9 @@ class TiledModules:
         if x.numel() <= rows * x.shape[-1]:
             return own(*args, **kwargs)
         params = [p for p in module.parameters() if p.requires_grad] if grad else []
-        if grad and not params and (not x.requires_grad or id(module) in self._projections):
-            return own(*args, **kwargs)  # nothing to differentiate, or a frozen projection (it keeps nothing)
-        if not grad and id(module) in self._projections:
-            return own(*args, **kwargs)  # a projection's working set is its output: nothing to bound
+        if not params and (id(module) in self._projections or grad and not x.requires_grad):
+            # a frozen projection keeps nothing and its working set is its output; or nothing to differentiate
+            return own(*args, **kwargs)
         if self._routing or getattr(getattr(self.model, "config", None), "output_router_logits", False):
             raise ValueError(_router_logits_line("the model was called with"))
 

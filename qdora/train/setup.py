@@ -234,7 +234,7 @@ def long_sequence_options(model, cfg) -> None:
     embeddings' output no longer needs a gradient of its own (transformers asks for one so that reentrant checkpointing
     sees a graph; the offloading checkpoint takes the layer's parameters as its inputs instead): otherwise that
     output, and later its gradient, would stay on the device through the backward, one checkpoint more."""
-    if getattr(cfg, "tiled_layers", False):
+    if cfg.tiled_layers:
         tiled_layers(model, cfg.mlp_tile_tokens or None)
     elif cfg.tiled_mlp:
         tiled_mlp(model, cfg.mlp_tile_tokens or None)
