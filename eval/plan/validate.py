@@ -15,7 +15,9 @@ The prediction is `qdora.plan.memory.plan(..., device="cpu")`'s tensor total.
     python -m qdora.eval.plan.validate --only chunked  # the chunked loss (qdora.chunked_loss installed)
     python -m qdora.eval.plan.validate --only long  # long rows, the tiled MLP and offloaded activations on and off
     python -m qdora.eval.plan.validate --only tiled # tiled layers, where a layer's backward peaks; SmolLM2 to 16K
-                                                    # (the light measure: `measure(light=True)`)
+                                                    # (the profiler's events alone: `measure(how="events")`)
+    python -m qdora.eval.plan.validate --only smollm2-32k  # SmolLM2 at 32K tokens, the options on and off
+                                                    # (memray's heap peak: `measure(how="heap")`, 25 min a row)
     python -m qdora.eval.plan.validate --published  # the planner beside published figures
     python -m qdora.eval.plan.validate --goal       # long sequences on one card: Llama-3-8B against the anchor
     python -m qdora.eval.plan.validate --start    # the FSDP start, 2 processes (gloo) per case
@@ -45,7 +47,7 @@ import qdora
 from qdora.core.config import AdapterConfig
 from qdora.core.loss import default_chunk_tokens
 from qdora.core.safetensors_io import write_text_atomic
-from qdora.eval.bench.memory import peak_bytes, step_peak_bytes, tensor_bytes
+from qdora.eval.bench.memory import heap_peak_bytes, peak_bytes, step_peak_bytes, tensor_bytes
 from qdora.eval.common import run_child
 from qdora.models.loading import load_model, smollm2_gguf_path
 from qdora.plan.memory import (
@@ -243,7 +245,7 @@ LONG = [  # the long-sequence options (qdora.tiled_mlp, qdora.offload_activation
     Case("smollm2", _p("qdora", r=16, b=1, s=4096, chunked_loss=True, tiled_mlp=True)),
 ]
 _LAYER_PEAK = dict(r=16, b=1, chunked_loss=True, loss_chunk_tokens=256)  # small chunks: the layer backward peaks
-TILED = [  # qdora.tiled_layers and the tiled MLP where a layer's backward is the peak; measured light (`measure`)
+TILED = [  # qdora.tiled_layers and the tiled MLP where a layer's backward is the peak; the profiler's events
     Case("small-llama3", _p("qdora", s=4096, **_LAYER_PEAK)),
     Case("small-llama3", _p("qdora", s=4096, tiled_mlp=True, **_LAYER_PEAK)),
     Case("small-llama3", _p("qdora", s=4096, tiled_layers=True, **_LAYER_PEAK)),
@@ -259,6 +261,11 @@ TILED = [  # qdora.tiled_layers and the tiled MLP where a layer's backward is th
     Case("smollm2", _p("qdora", r=16, b=1, s=8192, chunked_loss=True, tiled_layers=True)),
     Case("smollm2", _p("qdora", r=16, b=1, s=16384, chunked_loss=True)),
     Case("smollm2", _p("qdora", r=16, b=1, s=16384, chunked_loss=True, tiled_layers=True)),
+]
+SMOLLM2_32K = [  # the longest rows: memray's heap peak (the profiler's events of one step outgrow 24 GiB)
+    Case("smollm2", _p("qdora", r=16, b=1, s=32768, chunked_loss=True)),
+    Case("smollm2", _p("qdora", r=16, b=1, s=32768, chunked_loss=True, tiled_layers=True)),
+    Case("smollm2", _p("qdora", r=16, b=1, s=32768, chunked_loss=True, tiled_mlp=True, offload_activations=True)),
 ]
 SMOLLM2 = [
     Case("smollm2", _p("qdora", r=16, b=2, s=256)),
@@ -394,10 +401,17 @@ def build_model(case: Case):
     return model, shape
 
 
-def measure(case: Case, seed: int = 0, light: bool = False) -> dict:
-    """Measured peak bytes of a steady-state training step, and its parts. `light`: the step's peak by
-    `step_peak_bytes` (the profiler's allocation events alone, minutes where the timeline takes hours), after a
-    warm-up step of 64 tokens (the optimizer states do not depend on the sequence)."""
+MEASURES = {"timeline": peak_bytes, "events": step_peak_bytes, "heap": heap_peak_bytes}
+"""How a step's peak is measured (`qdora.eval.bench.memory`): the profiler's memory timeline (exact, hours at
+16K tokens), its allocation events alone (minutes there, but a 32K-token step's events outgrow 24 GiB), or
+memray's heap high-water mark (the step's own time; tensors and the little heap beside them)."""
+
+
+def measure(case: Case, seed: int = 0, how: str = "timeline") -> dict:
+    """Measured peak bytes of a steady-state training step, and its parts. `how`: a key of `MEASURES`; all but
+    the timeline warm up with a 64-token step (the optimizer states do not depend on the sequence)."""
+    if how not in MEASURES:
+        raise ValueError(f"how={how!r}: use one of {', '.join(MEASURES)}")
     model, shape = build_model(case)
     cfg = case.cfg
     g = torch.Generator().manual_seed(seed)
@@ -413,15 +427,15 @@ def measure(case: Case, seed: int = 0, light: bool = False) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step({k: v[:, :64] for k, v in batch.items()} if light else batch)  # the optimizer states now exist
+    step({k: v[:, :64] for k, v in batch.items()} if how != "timeline" else batch)  # the optimizer states exist
     weights = tensor_bytes(model)
     states = sum(t.untyped_storage().nbytes() for st in optimizer.state.values() for t in st.values()
                  if torch.is_tensor(t) and t.dim() > 0)
-    step_peak = step_peak_bytes(step) if light else peak_bytes(step)
+    step_peak = MEASURES[how](step)
     predicted = plan(shape, cfg)
     return {"model": shape.name, "method": cfg.method, "r": cfg.r, "targets": list(cfg.target_modules),
             "dropout": cfg.dropout, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
-            "gradient_checkpointing": cfg.gradient_checkpointing, "weights_bytes": weights,
+            "gradient_checkpointing": cfg.gradient_checkpointing, "measure": how, "weights_bytes": weights,
             "optimizer_bytes": states, "step_peak_bytes": step_peak, "measured_bytes": weights + states + step_peak,
             "predicted_bytes": predicted.tensor_bytes, "predicted_phase": predicted.peak_phase,
             **({"loss_chunk_tokens": chunk_tokens(shape, cfg)} if cfg.chunked_loss else {}),
@@ -474,8 +488,13 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes only (seconds)")
     p.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2-135M")
-    p.add_argument("--only", choices=("quick", "small", "smollm2", "moe", "chunked", "long", "tiled"),
+    p.add_argument("--only", choices=("quick", "small", "smollm2", "moe", "chunked", "long", "tiled", "smollm2-32k"),
                    help="run one group of cases (chunked: the chunked loss, qdora.chunked_loss)")
+    p.add_argument("--measure", choices=tuple(MEASURES),
+                   help="how a step's peak is measured (default: events for tiled, heap for smollm2-32k, else the "
+                        "timeline)")
+    p.add_argument("--case", type=int, action="append",
+                   help="run only this case of the group (its index, from 0; repeatable)")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--published", action="store_true",
                    help="print the planner beside published figures (no measurement) and stop")
@@ -508,16 +527,22 @@ def main(argv: list[str] | None = None) -> int:
     cases = QUICK + ([] if args.quick else SMALL + ([] if args.no_smollm2 else SMOLLM2))
     if args.only:
         cases = {"quick": QUICK, "small": SMALL, "smollm2": SMOLLM2, "moe": MOE + MOE_SHARED,
-                 "chunked": CHUNKED, "long": LONG, "tiled": TILED}[args.only]
+                 "chunked": CHUNKED, "long": LONG, "tiled": TILED, "smollm2-32k": SMOLLM2_32K}[args.only]
+    if args.case:
+        bad = [i for i in args.case if not 0 <= i < len(cases)]
+        if bad:
+            p.error(f"--case {bad[0]}: the group has cases 0 to {len(cases) - 1}")
+        cases = [cases[i] for i in args.case]
+    how = args.measure or {"tiled": "events", "smollm2-32k": "heap"}.get(args.only, "timeline")
     rows = []
     for case in tqdm(cases, desc="plan vs measured", unit="case"):
-        rows.append(measure(case, light=args.only == "tiled"))
+        rows.append(measure(case, how=how))
         tqdm.write(table(rows[-1:]).splitlines()[-1])
+        if args.json:  # after every row: a long run stopped part-way keeps what it measured
+            write_text_atomic(args.json, json.dumps(rows, indent=1) + "\n")
     print(table(rows))
     worst = max(abs(error(r)) for r in rows)
     print(f"\nworst |error|: {100 * worst:.1f}% over {len(rows)} cases")
-    if args.json:
-        write_text_atomic(args.json, json.dumps(rows, indent=1) + "\n")
     return 0
 
 
