@@ -42,6 +42,9 @@ def _bench(args) -> int:
     if args.what == "peft":
         from qdora.eval.bench.peft import main as bench_peft
         return bench_peft(args.rest)
+    if args.what == "loss":
+        from qdora.eval.bench.loss import main as bench_loss
+        return bench_loss(args.rest)
     from qdora.eval.bench.kernels import main as bench_kernels
     return bench_kernels(args.rest)
 
@@ -168,9 +171,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (accepted anywhere on the command line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    bench = sub.add_parser("bench", help="benchmarks: layer, load, model, step, long, generate, peft, kernels",
+    bench = sub.add_parser("bench", help="benchmarks: layer, load, model, step, long, generate, peft, kernels, loss",
                            description="Run a benchmark. `qdora bench layer --help` lists its options.")
-    bench.add_argument("what", choices=("layer", "load", "model", "step", "long", "generate", "peft", "kernels"))
+    bench.add_argument("what", choices=("layer", "load", "model", "step", "long", "generate", "peft", "kernels",
+                                        "loss"))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=_bench)
     for name, add in (("train", _add_train), ("merge", _add_merge), ("plan", _add_plan), ("chat", _add_chat),

@@ -11,7 +11,7 @@
 #   --device cpu     dry run: the same parts at tiny shapes on the CPU (no GPU needed)
 #   --out DIR        where the report, parts and logs go (default: runs/gpu-check, git-ignored)
 #   --keep-going     run every part even after one fails (default: stop at the first failure)
-#   --only PARTS     comma-separated subset of: env, tests, bench-kernels, bench-layer, step, long
+#   --only PARTS     comma-separated subset of: env, tests, bench-kernels, bench-layer, loss, step, long
 #   --budget-scale X multiply every part's time budget by X (default 1)
 #   --no-setup       never run ./setup.sh (use .venv as it is)
 #   --python PY      offline, no .venv, no setup.sh: use PY's own torch (and whatever else PY has)
@@ -79,7 +79,7 @@ import tomllib
 with open("pyproject.toml", "rb") as f:
     data = tomllib.load(f)
 dev = [r for r in data["project"]["optional-dependencies"]["dev"]
-       if re.match(r"[A-Za-z0-9._-]+", r).group() in ("pytest", "peft", "triton")]
+       if re.match(r"[A-Za-z0-9._-]+", r).group() in ("pytest", "peft", "triton", "liger-kernel", "cut-cross-entropy")]
 print("\n".join(data["project"]["dependencies"] + dev + data["build-system"]["requires"]))
 EOF
 }

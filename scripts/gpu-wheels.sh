@@ -15,9 +15,10 @@
 #                         scipy,triton,pyarrow,pytest,pip)
 #   PYTHON                (environment) the interpreter whose pip downloads (default: python3)
 #
-# The GPU check imports bitsandbytes beyond what such a machine holds; an offline editable install
-# of qdora (pip install --no-index --no-build-isolation --no-deps -e .) also needs setuptools >= 77
-# and wheel. Those three are always fetched (bitsandbytes' manylinux wheel is ~41 MiB); --all adds
+# The GPU check imports bitsandbytes, liger-kernel and cut-cross-entropy (the loss part; pure Python, under
+# 1 MiB together) beyond what such a machine holds; an offline editable install of qdora (pip install
+# --no-index --no-build-isolation --no-deps -e .) also needs setuptools >= 77 and wheel. Those five are
+# always fetched (bitsandbytes' manylinux wheel is ~41 MiB); --all adds
 # the rest of the closure of trl, datasets and gguf that --have does not cover (dependencies read
 # from constraints.txt's "via" lines). Each is fetched with `pip download --only-binary=:all:
 # --no-deps` for the target (cp, its ABI, manylinux x86-64), pinned to the lock's version for that
@@ -51,7 +52,7 @@ OUT=${OUT%/}
 HOSTPY=${PYTHON:-python3}
 "$HOSTPY" -m pip --version >/dev/null 2>&1 || die "no pip for '$HOSTPY' (set PYTHON to an interpreter with pip)"
 
-ROOTS="bitsandbytes setuptools wheel"
+ROOTS="bitsandbytes liger-kernel cut-cross-entropy setuptools wheel"
 [ "$ALL" = 1 ] && ROOTS="$ROOTS trl datasets gguf"
 # name==version for the target Python: the roots, then what they need beyond --have's closure.
 REQS=$("$HOSTPY" - "$PYVER" "$ROOTS" "$HAVE" <<'EOF'

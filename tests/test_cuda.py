@@ -734,7 +734,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["verdict"] == "passed" and report["not_run"] == []
     parts = {p["part"]: p for p in report["parts"]}
-    assert list(parts) == ["env", "tests", "bench-kernels", "bench-layer", "step", "long"]
+    assert list(parts) == ["env", "tests", "bench-kernels", "bench-layer", "loss", "step", "long"]
     assert all(p["ok"] and p["seconds"] <= p["budget_s"] for p in parts.values())
     assert parts["env"]["figures"]["cuda_available"] is False
     tests = parts["tests"]["figures"]
@@ -742,6 +742,9 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert set(parts["bench-kernels"]["figures"][0]["results"]) == {"dequantize", "norm terms", "epilogue",
                                                                      "epilogue bwd"}
     assert "ours qdora" in parts["bench-layer"]["figures"][0]["results"]
+    loss = parts["loss"]["figures"]  # on CPU: the whole logits and qdora's chunks, each against fp64
+    assert [r["variant"] for r in loss] == ["whole", "torch"]
+    assert all(r["loss_rel_err"] <= FP32_TOL and r["dh_rel_err"] <= FP32_TOL for r in loss)
     step = parts["step"]["figures"]
     assert [r["method"] for r in step["rows"]] == ["qdora", "qlora"] and step["ok"]
     for row in step["rows"]:
@@ -756,4 +759,37 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
         assert row["longest_tokens"] == max(t["tokens"] for t in row["tries"] if t["ok"])
     assert not (out / "work-long" / "synthetic-checkpoint").exists()
     md = (out / "report.md").read_text()
-    assert md.startswith("# GPU check\n\n**passed**") and "| step | ok |" in md
+    assert md.startswith("# GPU check\n\n**passed**") and "| step | ok |" in md and "| torch |" in md
+
+
+# The loss kernels (qdora.core.loss, `kernel=`): qdora's torch path and the two CUDA libraries, in bf16, each
+# against the fp64 oracle, with ignored rows and Gemma 2's soft cap (Liger's soft-capping and Cut
+# Cross-Entropy do not run in Triton's CPU interpreter: this is their only exactness test).
+@cuda_only
+@pytest.mark.parametrize("softcap", [None, 30.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("kernel", ["torch", "liger", "cce"])
+def test_loss_kernels_in_bf16_match_the_fp64_oracle(kernel, softcap):
+    from qdora.core.loss import chunked_cross_entropy
+    if kernel != "torch":
+        pytest.importorskip({"liger": "liger_kernel", "cce": "cut_cross_entropy"}[kernel])
+    g = torch.Generator(device=DEV).manual_seed(0)
+    N, H, V = 1000, 256, 32003  # V prime: no tile divides it
+    h = torch.randn(N, H, device=DEV, generator=g).bfloat16().requires_grad_()
+    W = (torch.randn(V, H, device=DEV, generator=g) * 0.1).bfloat16().requires_grad_()
+    y = torch.randint(0, V, (N,), device=DEV, generator=g)
+    y[100:300] = -100
+    loss = chunked_cross_entropy(h, W, y, softcap=softcap, kernel=kernel)
+    dh, dW = torch.autograd.grad(loss / N, (h, W))
+    h64, W64 = h.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+    logits = h64 @ W64.t()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    keep = y != -100
+    ref = -torch.log_softmax(logits, -1)[keep].gather(1, y[keep][:, None]).sum()
+    dh_ref, dW_ref = torch.autograd.grad(ref / N, (h64, W64))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert abs(loss.item() - ref.item()) <= BF16_TOL * ref.item(), (loss.item(), ref.item())
+    assert dh.dtype == torch.bfloat16 and dW.dtype == torch.bfloat16
+    assert_close(dh, dh_ref, BF16_TOL, f"{kernel} dh")
+    assert_close(dW, dW_ref, BF16_TOL, f"{kernel} dW")
+    assert dh[~keep].abs().max() == 0

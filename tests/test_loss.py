@@ -323,3 +323,74 @@ def test_the_documented_call_runs_as_written(capsys):
     assert capsys.readouterr().out.splitlines() == ["None True None", "torch.Size([2, 256, 32000])"]
     assert all(p.grad is not None for p in scope["model"].parameters() if p.requires_grad)
     assert "forward" not in scope["base"].__dict__  # removed
+
+
+# The CUDA kernel libraries (qdora.core.loss, `kernel=`). Liger's Triton kernels run here in Triton's CPU
+# interpreter (conftest.py sets TRITON_INTERPRET=1 without a GPU); Cut Cross-Entropy's do not run in it, so
+# its exactness is tested on a GPU only (tests/test_cuda.py), and here only its refusals.
+def _liger(softcap=None):
+    pytest.importorskip("liger_kernel")
+    import os
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if not interpreted and not torch.cuda.is_available():
+        pytest.skip("Liger's kernels need a GPU or TRITON_INTERPRET=1 (conftest.py sets it without a GPU)")
+    if softcap is not None and interpreted:  # its kernel calls .to() on the cap, a Python float in the interpreter
+        pytest.skip("Liger's soft-capping does not run in Triton's interpreter; tests/test_cuda.py checks it on a GPU")
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained-head", "frozen-head"])
+def test_liger_kernel_equals_the_fp64_oracle(bias, softcap, frozen):
+    _liger(softcap)
+    h, W, b, y = inputs(bias, frozen=frozen)
+    leaves = [t for t in (h, W, b) if t is not None and t.requires_grad]
+    h64, W64, b64 = (None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in (h, W, b))
+    expected = oracle(h64, W64, y, b64, softcap)
+    want = torch.autograd.grad(expected / 7, [t for t in (h64, W64, b64) if t is not None and t.requires_grad])
+    loss = chunked_cross_entropy(h, W, y, b, softcap=softcap, kernel="liger")
+    got = torch.autograd.grad(loss / 7, leaves)
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - expected.item()) <= FP32_TOL * expected.item()
+    for name, g, w in zip("hWb", got, want):
+        assert_close(g, w, FP32_TOL, f"d{name}")
+    assert got[0][y == -100].abs().max() == 0
+
+
+def test_liger_kernel_with_no_supervised_token_gives_zero():
+    _liger()
+    h, W, b, y = inputs()
+    loss = chunked_cross_entropy(h, W, torch.full_like(y, -100), b, kernel="liger")
+    loss.backward()
+    assert loss.item() == 0 and all(t.grad.abs().max() == 0 for t in (h, W, b))
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3_moe", "gemma2"])
+def test_a_model_with_the_liger_kernel_equals_its_unchunked_loss(name):
+    """`qdora.chunked_loss(model, kernel="liger")`: the loss and every adapter's gradient, as the model's own
+    (qwen3_moe: the load-balancing loss added; gemma2: tied embeddings and a soft cap that bites)."""
+    model = tiny(name)
+    _liger(model.config.get_text_config().final_logit_softcapping if name == "gemma2" else None)
+    whole = run(model, batch())
+    with chunked_loss(model, kernel="liger") as handle:
+        assert handle.kernel == "liger"
+        assert_same(run(model, batch()), whole)
+
+
+def test_kernel_refusals_are_one_line_before_any_work():
+    h, W, b, y = inputs()
+    with pytest.raises(ValueError, match=r"kernel='triton': use one of torch, liger, cce"):
+        chunked_cross_entropy(h, W, y, b, kernel="triton")
+    pytest.importorskip("cut_cross_entropy")
+    with pytest.raises(ValueError, match=r"kernel='cce' runs Triton kernels on CUDA tensors, got cpu"):
+        chunked_cross_entropy(h, W, y, kernel="cce")
+    with pytest.raises(ValueError, match=r"kernel='triton'"):
+        chunked_loss(tiny("llama"), kernel="triton")
+
+
+def test_a_missing_kernel_library_names_the_install(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)  # importing it now raises ImportError
+    from qdora.core.loss import check_loss_kernel
+    with pytest.raises(ValueError, match=r"needs cut-cross-entropy .*pip install cut-cross-entropy"):
+        check_loss_kernel("cce")

@@ -89,6 +89,26 @@ def test_bad_chunk_settings_are_refused_before_any_work(setup, tmp_path, capsys)
         qdora.QDoRATrainer(model=None, loss_chunk_tokens=0)
 
 
+def test_a_loss_kernel_is_checked_before_any_work(setup, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"loss_kernel='fused' is unknown; use one of torch, liger, cce"):
+        TrainConfig(model="m", data="d", out="o", loss_kernel="fused")
+    with pytest.raises(ValueError, match=r"loss_kernel='liger' computes the chunked loss, which --no-chunked-loss"):
+        TrainConfig(model="m", data="d", out="o", loss_kernel="liger", chunked_loss=False)
+    with pytest.raises(ValueError, match=r"loss_chunk_tokens=64 sizes qdora's own chunks; loss_kernel='cce' sizes"):
+        TrainConfig(model="m", data="d", out="o", loss_kernel="cce", loss_chunk_tokens=64)
+    with pytest.raises(ValueError, match=r"loss_kernel='ccex': use one of torch, liger, cce"):
+        qdora.QDoRATrainer(model=None, loss_kernel="ccex")
+    if torch.cuda.is_available():
+        return
+    from qdora.cli import main  # on CPU: a library kernel is refused in one line, before the model is loaded
+    root, _ = setup
+    rc = main(["train", "--model", str(root / "model"), "--data", str(root / "data.json"), "--out",
+               str(tmp_path / "never"), "--loss-kernel", "liger"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "loss_kernel='liger' runs on CUDA; this run is on cpu" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "never").exists()
+
+
 def trainer(setup, out, **kw):
     root, texts = setup
     torch.manual_seed(0)

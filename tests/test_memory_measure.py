@@ -11,7 +11,8 @@ from models import build, llama3_config
 import qdora
 from qdora.core.config import AdapterConfig
 from qdora.eval.bench.memory import heap_peak_bytes, peak_bytes, step_peak_bytes
-from qdora.eval.plan.validate import MEASURES, Case, _p, measure
+from qdora.eval.plan.validate import MEASURES, Case, measure
+from qdora.plan.memory import PlanConfig
 
 MiB = 2**20
 # memray counts the heap beside the tensors too (Python objects, a thread's own buffers); measured: 0.17 to
@@ -75,5 +76,5 @@ def test_the_three_measures_agree_on_a_training_step():
 
 def test_validate_measure_names_the_bad_measure():
     with pytest.raises(ValueError, match="how='rss'.*timeline, events, heap"):
-        measure(Case("tiny-llama3", _p("qdora")), how="rss")
+        measure(Case("tiny-llama3", PlanConfig(method="qdora", batch_size=1, seq_len=16, device="cpu")), how="rss")
     assert set(MEASURES) == {"timeline", "events", "heap"}

@@ -45,7 +45,7 @@ import transformers
 
 import qdora
 from qdora.core.config import AdapterConfig
-from qdora.eval.bench.memory import peak_bytes, tensor_bytes
+from qdora.eval.bench.memory import peak_bytes, step_peak_bytes, tensor_bytes
 from qdora.eval.gpu.report import PARTS, format_long, format_step, write_report  # noqa: F401  (also from here)
 from qdora.models.head_loss import chunked_loss
 from qdora.models.loading import load_model
@@ -58,9 +58,9 @@ from qdora.train.loop import prepare_for_training
 # Seconds per part. Full: 540 s in all, under the 9 minutes the whole check may take on one H200;
 # quick: ~4 minutes. The CPU dry run has its own, for a shared 2-core machine.
 BUDGETS = {
-    "full": {"env": 15, "tests": 200, "bench-kernels": 45, "bench-layer": 60, "step": 120, "long": 100},
-    "quick": {"env": 15, "tests": 80, "bench-kernels": 20, "bench-layer": 25, "step": 50, "long": 50},
-    "cpu": {"env": 30, "tests": 120, "bench-kernels": 60, "bench-layer": 90, "step": 120, "long": 120},
+    "full": {"env": 15, "tests": 185, "bench-kernels": 45, "bench-layer": 60, "loss": 35, "step": 100, "long": 100},
+    "quick": {"env": 15, "tests": 70, "bench-kernels": 20, "bench-layer": 25, "loss": 20, "step": 40, "long": 50},
+    "cpu": {"env": 30, "tests": 120, "bench-kernels": 60, "bench-layer": 90, "loss": 60, "step": 120, "long": 120},
 }
 LIMIT_S = {"full": 550, "quick": 250}
 """What a mode may take on a GPU, all parts together (the budgets must fit it: tested)."""
@@ -91,18 +91,21 @@ def part_commands(mode: str, device: str, out: str, python: str = sys.executable
                  f"--reps {3 if mode == 'quick' else 5}")
         step = f"--device cuda --layers {STEP_LAYERS[mode]} --seq-len 2048 --batch-size 1 --r 64"
         long = f"--device cuda --layers {STEP_LAYERS[mode] // 2} --start 8192 --max-len 1048576"
+        loss = f"--device cuda --tokens {8192 if mode == 'full' else 4096}"  # Llama-3-8B's head, every kernel
     else:  # the dry run: the same parts at tiny shapes
         tests = "tests/test_cuda.py -m 'not slow' -k 'not gpu_check'"
         kernels = "--device cpu --shapes 192x67 --tokens 37 --r 3 --reps 1"
         layer = "--device cpu --shapes 256x96 --tokens 64 --r 8 --reps 1"
         step = "--device cpu --layers 2 --seq-len 64 --batch-size 2 --r 16"
         long = "--device cpu --layers 2 --start 128 --max-len 2048 --cap-mib 16"
+        loss = "--device cpu --tokens 256 --hidden 64 --vocab 1024 --reps 1 --check-tokens 64"
     return [
         ("env", budgets["env"], f"{py} -m qdora.eval.gpu.check env --json {q('env.json')}"),
         ("tests", budgets["tests"], f"{py} -m pytest {tests} -q -p no:cacheprovider --junitxml {q('tests.xml')}"),
         ("bench-kernels", budgets["bench-kernels"],
          f"{qdora} bench kernels {kernels} --json {q('bench-kernels.json')}"),
         ("bench-layer", budgets["bench-layer"], f"{qdora} bench layer {layer} --json {q('bench-layer.json')}"),
+        ("loss", budgets["loss"], f"{qdora} bench loss {loss} --json {q('loss.json')}"),
         ("step", budgets["step"], f"{py} -m qdora.eval.gpu.check step {step} --json {q('step.json')} "
                                   f"--workdir {shlex.quote(str(Path(out) / 'work'))}"),
         ("long", budgets["long"], f"{py} -m qdora.eval.gpu.check long {long} --seconds {budgets['long'] - 15} "
@@ -254,7 +257,8 @@ def measure_step(folder: Path, method: str, shape, args, device: torch.device) -
 def longest_trained(folder: Path, shape, options: dict, args, device: torch.device, seconds: float) -> dict:
     """The longest sequence (batch 1) one QDoRA training step of `folder` runs at, with `options`: lengths doubled
     from `args.start` until a step runs out of memory (CUDA), or past `args.cap_mib` of tensors (a CPU dry run),
-    then halved between the last that ran and the first that did not, while `seconds` last."""
+    then halved between the last that ran and the first that did not, while `seconds` last: a try is started only
+    if it should end in them (its time guessed from the last try's, grown as the length's 1.5th power)."""
     cfg = AdapterConfig(method="qdora", r=args.r, alpha=2.0 * args.r, dropout=0.0, adapter_dtype="float32")
     t_end = time.perf_counter() + seconds
     torch.manual_seed(0)
@@ -290,7 +294,7 @@ def longest_trained(folder: Path, shape, options: dict, args, device: torch.devi
                 peak = torch.cuda.max_memory_allocated(device)
             else:
                 states = optimizer_state_bytes(optimizer)
-                peak = weights + states + peak_bytes(step)
+                peak = weights + states + step_peak_bytes(step)
         except torch.OutOfMemoryError:
             optimizer.zero_grad(set_to_none=True)
             peak = None
@@ -299,15 +303,21 @@ def longest_trained(folder: Path, shape, options: dict, args, device: torch.devi
         _free(device)
         return ok
 
+    def fits_in_time(length: int) -> bool:
+        guess = tries[-1]["step_s"] * max(1.0, length / tries[-1]["tokens"]) ** 1.5 if tries else 0.0
+        return time.perf_counter() + guess < t_end
+
     best, failed, length = 0, None, args.start
-    while length <= args.max_len and time.perf_counter() < t_end:
+    while length <= args.max_len and fits_in_time(length):
         if not attempt(length):
             failed = length
             break
         best, length = length, 2 * length
     grain = 1024 if cuda else 16
-    while best and failed and failed - best > grain and time.perf_counter() < t_end:
+    while best and failed and failed - best > grain:
         middle = (best + failed) // 2 // grain * grain
+        if not fits_in_time(middle):
+            break
         if attempt(middle):
             best = middle
         else:

@@ -11,8 +11,9 @@ from pathlib import Path
 from qdora.core.safetensors_io import write_text_atomic
 from qdora.eval.bench import kernels as bench_kernels
 from qdora.eval.bench import layer as bench_layer
+from qdora.eval.bench import loss as bench_loss
 
-PARTS = ("env", "tests", "bench-kernels", "bench-layer", "step", "long")
+PARTS = ("env", "tests", "bench-kernels", "bench-layer", "loss", "step", "long")
 
 
 def format_step(res: dict) -> str:
@@ -123,6 +124,8 @@ def format_report(rep: dict) -> str:
             lines += [bench_kernels.format_markdown(res, res["copy_gbps"]) for res in fig]
         elif p["part"] == "bench-layer":
             lines.append(bench_layer.format_markdown(fig))
+        elif p["part"] == "loss" and fig:
+            lines.append(bench_loss.format_markdown(fig))
         elif p["part"] == "step":
             lines.append(format_step(fig))
         elif p["part"] == "long":

@@ -31,11 +31,19 @@ soft-capping and every accumulation are fp32 (transformers soft-caps in the mode
 kept for its derivative), against the whole logits and their gradient unchunked (`3·N·V·4` bytes at
 the peak on fp32, measured in `tests/test_loss.py`). `cross_entropy_reference` beside it is the
 unchunked path, the same formula on whole logits with autograd.
+
+`kernel` picks who computes it: "torch" (this module, every device, the reference), or an established
+fused kernel library on CUDA, "liger" (liger-kernel's fused linear cross-entropy: Triton, chunked the same
+way, fp32 `dW` accumulation asked for) or "cce" (Apple's Cut Cross-Entropy: Triton, the logits only in
+on-chip memory; its gradient filtering off, `filter_eps=None`, so that the gradient is exact). Both take
+the same sum over supervised rows, so the callers divide it the same way. Which is the CUDA default is for
+a measurement on a GPU to say (`qdora bench loss`, `scripts/gpu-check.sh`); until then it is "torch".
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +68,60 @@ def check_chunk_tokens(chunk_tokens, name: str = "chunk_tokens") -> int:
         raise ValueError(f"{name}={chunk_tokens!r} must be an integer >= 1 (tokens per chunk of the LM "
                          "head and cross-entropy; None sizes it from the vocabulary)")
     return chunk_tokens
+
+
+LOSS_KERNELS = ("torch", "liger", "cce")
+"""Who computes the chunked loss (module docstring): this module's torch code, or a fused CUDA library."""
+_KERNEL_PACKAGES = {"liger": ("liger_kernel", "liger-kernel"), "cce": ("cut_cross_entropy", "cut-cross-entropy")}
+
+
+def check_loss_kernel(kernel, name: str = "kernel") -> str:
+    """`kernel` if it is one of `LOSS_KERNELS` whose library imports, else a one-line ValueError with the fix."""
+    if kernel not in LOSS_KERNELS:
+        raise ValueError(f"{name}={kernel!r}: use one of {', '.join(LOSS_KERNELS)}")
+    if kernel in _KERNEL_PACKAGES:
+        module, dist = _KERNEL_PACKAGES[kernel]
+        try:
+            __import__(module)
+        except ImportError as e:
+            raise ValueError(f"{name}={kernel!r} needs {dist} ({e}): pip install {dist}, or use {name}='torch'") \
+                from None
+    return kernel
+
+
+def _check_kernel_inputs(kernel: str, h: torch.Tensor, bias) -> None:
+    """A library kernel's limits, as one line before any work: Triton needs CUDA (or its CPU interpreter,
+    `TRITON_INTERPRET=1`, which the tests use for Liger; Cut Cross-Entropy's kernels do not run in it), and Cut
+    Cross-Entropy takes no bias and only fp16/bf16 operands."""
+    if kernel == "torch":
+        return
+    interpreted = kernel == "liger" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if h.device.type != "cuda" and not interpreted:
+        raise ValueError(f"kernel={kernel!r} runs Triton kernels on CUDA tensors, got {h.device.type}: "
+                         "use kernel='torch' there")
+    if kernel == "cce":
+        if bias is not None:
+            raise ValueError("kernel='cce': Cut Cross-Entropy takes no head bias; use kernel='torch' or 'liger'")
+
+
+def _library_cross_entropy(kernel: str, h, W, b, y, softcap, ignore_index, compute_dtype) -> torch.Tensor:
+    """The sum over supervised rows by a fused library, its operands cast to the compute dtype first (as the
+    torch path computes the head's matmul in it; the casts are differentiable)."""
+    with _no_autocast():
+        hc, Wc = h.to(compute_dtype), W.to(compute_dtype)
+        if kernel == "liger":
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # optional: loss-kernels
+
+            return liger_fused_linear_cross_entropy(
+                hc, Wc, y, None if b is None else b.to(compute_dtype), ignore_index=ignore_index, reduction="sum",
+                softcap=softcap, accum_dtype=torch.float32 if W.requires_grad else None)
+        from cut_cross_entropy import linear_cross_entropy  # optional: the loss-kernels extra
+
+        if compute_dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"kernel='cce' computes in fp16 or bf16, the head's matmul is {compute_dtype}: "
+                             "train in bf16 (autocast or a bf16 head), or use kernel='torch' or 'liger'")
+        return linear_cross_entropy(hc, Wc, y, ignore_index=ignore_index, softcap=softcap, reduction="sum",
+                                    filter_eps=None, impl="cce")
 
 
 def check_softcap(softcap) -> float | None:
@@ -161,14 +223,18 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                           bias: torch.Tensor | None = None, *, chunk_tokens: int | None = None,
                           softcap: float | None = None, ignore_index: int = IGNORE_INDEX,
-                          compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+                          compute_dtype: torch.dtype | None = None, kernel: str = "torch") -> torch.Tensor:
     """The SUM over supervised tokens of `−log softmax(softcap(hidden·weightᵀ + bias))[label]`, computed
     `chunk_tokens` rows at a time (default `default_chunk_tokens(V)`), forward and backward, never
     forming the `tokens × V` logits. `hidden (..., H)` and `labels (...)` are already aligned (shifted);
     divide the result by the token count for a mean. `compute_dtype`: the head's matmul dtype (default
-    autocast's, if on, else the weight's). A batch with no supervised token gives 0 and zero gradients."""
+    autocast's, if on, else the weight's). A batch with no supervised token gives 0 and zero gradients.
+    `kernel`: "torch" (this module), "liger" or "cce" (CUDA libraries that choose their own chunks; the module
+    docstring)."""
     chunk = default_chunk_tokens(weight.shape[0]) if chunk_tokens is None else check_chunk_tokens(chunk_tokens)
     softcap = check_softcap(softcap)
+    check_loss_kernel(kernel)
+    _check_kernel_inputs(kernel, hidden, bias)
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden has {hidden.shape[-1]} features, the head's weight {tuple(weight.shape)} "
                          f"takes {weight.shape[1]}")
@@ -180,6 +246,10 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(h.device)
+    if kernel != "torch":
+        if not (y != ignore_index).any():  # the libraries' sums of nothing differ; the contract is 0
+            return sum(t[:0].sum() for t in (h, weight, bias) if t is not None).float()
+        return _library_cross_entropy(kernel, h, weight, bias, y, softcap, ignore_index, compute_dtype)
     return ChunkedCrossEntropy.apply(h, weight, bias, y, chunk, softcap, ignore_index, compute_dtype)
 
 

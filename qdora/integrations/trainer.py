@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from qdora.core.loss import check_chunk_tokens
+from qdora.core.loss import check_chunk_tokens, check_loss_kernel
 from qdora.core.optim import MasterWeights, needs_master_weights
 from qdora.models import head_loss
 from qdora.models.adapter_io import adapter_layers, load_adapter, save_adapter
@@ -44,15 +44,18 @@ class AdapterCheckpoints:
     """Mix in before a `transformers.Trainer` (or a subclass such as `trl.SFTTrainer`) to save and
     resume a qdora-adapted model by its adapter. `adapter_format`: `"peft"` (default) or `"qdora"`.
     `chunked_loss`: the loss over chunks of `loss_chunk_tokens` tokens (None: sized from the vocabulary)
-    while training and evaluating (default True; off with `use_liger_kernel`, whose own loss is used)."""
+    while training and evaluating (default True; off with `use_liger_kernel`, whose own loss is used), computed
+    by `loss_kernel` ("torch", or on CUDA "liger" or "cce": `qdora.chunked_loss`)."""
 
     def __init__(self, *args, adapter_format: str = "peft", chunked_loss: bool = True,
-                 loss_chunk_tokens: int | None = None, **kwargs):
+                 loss_chunk_tokens: int | None = None, loss_kernel: str = "torch", **kwargs):
         if adapter_format not in ("peft", "qdora"):
             raise ValueError(f"adapter_format={adapter_format!r} is unknown; use 'peft' or 'qdora'")
         if loss_chunk_tokens is not None:
             check_chunk_tokens(loss_chunk_tokens, "loss_chunk_tokens")
+        check_loss_kernel(loss_kernel, "loss_kernel")
         self.qdora_chunked_loss, self.qdora_loss_chunk_tokens = bool(chunked_loss), loss_chunk_tokens
+        self.qdora_loss_kernel = loss_kernel
         model = kwargs.get("model", args[0] if args else None)
         if model is None or not adapter_layers(model) or getattr(model, "qdora_config", None) is None:
             raise ValueError(f"{type(self).__name__} trains a model adapted by qdora (qdora.add_adapters or "
@@ -77,7 +80,7 @@ class AdapterCheckpoints:
         handle = None
         if self.qdora_chunked_loss and not getattr(self.args, "use_liger_kernel", False) \
                 and head_loss.find_chunked_loss(self.model) is None:
-            handle = head_loss.chunked_loss(self.model, self.qdora_loss_chunk_tokens)
+            handle = head_loss.chunked_loss(self.model, self.qdora_loss_chunk_tokens, kernel=self.qdora_loss_kernel)
         try:
             yield
         finally:

@@ -33,7 +33,7 @@ import warnings
 import torch
 from torch import nn
 
-from qdora.core.loss import IGNORE_INDEX, check_chunk_tokens, chunked_cross_entropy
+from qdora.core.loss import IGNORE_INDEX, check_chunk_tokens, check_loss_kernel, chunked_cross_entropy
 
 VERIFIED = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "olmo2", "qwen3_moe", "olmoe",
                       "mixtral"})
@@ -76,10 +76,12 @@ class ChunkedLoss:
     keeps its own loss (`reason` says why). `remove()`, or leaving a `with` block, gives the model its
     forward back."""
 
-    def __init__(self, lm: nn.Module, chunk_tokens: int | None):
+    def __init__(self, lm: nn.Module, chunk_tokens: int | None, kernel: str = "torch"):
         self.model = lm
         self.chunk_tokens = chunk_tokens
         """Tokens per chunk; None: `qdora.core.loss.default_chunk_tokens` of the vocabulary."""
+        self.kernel = kernel
+        """Who computes the loss: "torch", or a CUDA library, "liger" or "cce" (`qdora.core.loss`)."""
         self.reason = unsupported(lm)
         self.active = False
         self._previous = self._previous_attr = self._function = None
@@ -174,7 +176,8 @@ class ChunkedLoss:
         keep = targets != ignore_index
         total = chunked_cross_entropy(hidden[keep], head.weight, targets[keep], head.bias,
                                       chunk_tokens=self.chunk_tokens, ignore_index=ignore_index,
-                                      softcap=getattr(lm.config, "final_logit_softcapping", None))
+                                      softcap=getattr(lm.config, "final_logit_softcapping", None),
+                                      kernel=self.kernel)
         if num_items is None:
             loss = total / keep.sum().clamp(min=1)
         else:
@@ -210,21 +213,24 @@ def head_input(lm: nn.Module, forward, who: str, fix: str = "") -> tuple:
     return out, seen[0]
 
 
-def chunked_loss(model: nn.Module, chunk_tokens: int | None = None) -> ChunkedLoss:
+def chunked_loss(model: nn.Module, chunk_tokens: int | None = None, kernel: str = "torch") -> ChunkedLoss:
     """Make `model(..., labels=...)` (a transformers causal LM, or a PEFT model around one) compute its
     loss with the LM head and the cross-entropy over chunks of `chunk_tokens` tokens (default: sized
     so that a chunk's fp32 logits take 256 MiB, `qdora.core.loss.default_chunk_tokens`), never
     forming the whole logits; `outputs.logits` is then None. Calls without labels are the model's own.
     Returns the handle: `.remove()` (or `with qdora.chunked_loss(model):`) undoes it. A model type or
-    head it cannot compute exactly keeps its own loss, said in one warning (`handle.active` False)."""
+    head it cannot compute exactly keeps its own loss, said in one warning (`handle.active` False).
+    `kernel`: "torch" (qdora's own, every device), or on CUDA "liger" (liger-kernel) or "cce" (Cut
+    Cross-Entropy), which size their own chunks (`qdora.core.loss`)."""
     if chunk_tokens is not None:
         check_chunk_tokens(chunk_tokens)
+    check_loss_kernel(kernel)
     lm = causal_lm(model)
     existing = find_chunked_loss(lm)
     if existing is not None and existing.active:
         raise ValueError(f"{type(lm).__name__} already has the chunked loss (chunk_tokens={existing.chunk_tokens}); "
                          "call .remove() on its handle first")
-    handle = ChunkedLoss(lm, chunk_tokens)
+    handle = ChunkedLoss(lm, chunk_tokens, kernel)
     if handle.reason is not None:
         warnings.warn(f"qdora.chunked_loss: {handle.reason}; {type(lm).__name__} keeps computing its loss from "
                       "the whole logits", stacklevel=2)

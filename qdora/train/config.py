@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from qdora.core.config import METHODS, AdapterConfig, Problems
+from qdora.core.loss import LOSS_KERNELS
 from qdora.core.preference import DPO_LOSSES, OBJECTIVES, check_beta, check_gamma
 from qdora.data.records import FORMATS
 
@@ -112,6 +113,9 @@ class TrainConfig:
     loss_chunk_tokens: int = 0
     """Tokens per chunk of the chunked loss; 0: as many as make a chunk's fp32 logits 256 MiB (523 tokens
     at Llama 3's 128,256-token vocabulary, 1,365 at SmolLM2's 49,152)."""
+    loss_kernel: str = "torch"
+    """Who computes the chunked loss: torch (qdora's own, every device), or on CUDA liger (liger-kernel's
+    fused linear cross-entropy) or cce (Apple's Cut Cross-Entropy): pip install qdora[loss-kernels]."""
     offload_activations: bool = False
     """Keep each decoder layer's checkpointed input in pinned host memory, copied asynchronously and fetched
     back ahead of its backward (qdora.offload_activations; needs gradient checkpointing, not with --fsdp).
@@ -163,7 +167,7 @@ class TrainConfig:
         "format": ("auto", *FORMATS),
         "method": METHODS, "norm": ("detached", "exact"), "direction": ("lora", "vera"), "schedule": SCHEDULES,
         "optimizer": OPTIMIZERS, "adapter_format": ADAPTER_FORMATS, "adapter_dtype": ("float32", "bfloat16"),
-        "objective": OBJECTIVES, "dpo_loss": DPO_LOSSES}
+        "objective": OBJECTIVES, "dpo_loss": DPO_LOSSES, "loss_kernel": LOSS_KERNELS}
     """The values a string field may take (the command line offers them as choices)."""
     PATHS: ClassVar[tuple[str, ...]] = ("model", "data", "val_data", "chat_template", "out")
     """The fields that are paths, relative to the folder the run was started in (`absolute_paths`)."""
@@ -198,6 +202,13 @@ class TrainConfig:
         p.number("progress_seconds", self.progress_seconds, inclusive=True, hint="0: a line every step")
         p.choice("optimizer", self.optimizer, OPTIMIZERS)
         p.loss_chunks(self.chunked_loss, self.loss_chunk_tokens)
+        if p.choice("loss_kernel", self.loss_kernel, LOSS_KERNELS) and self.loss_kernel != "torch":
+            if not self.chunked_loss:
+                p.add(f"loss_kernel={self.loss_kernel!r} computes the chunked loss, which --no-chunked-loss turns "
+                      "off; give one of them")
+            if self.loss_chunk_tokens:
+                p.add(f"loss_chunk_tokens={self.loss_chunk_tokens} sizes qdora's own chunks; "
+                      f"loss_kernel={self.loss_kernel!r} sizes its own: give one of them")
         p.long_sequence(self.cutoff_len, "cutoff_len", loss_chunk_tokens=self.loss_chunk_tokens,
                         offload_activations=self.offload_activations,
                         gradient_checkpointing=self.gradient_checkpointing,

@@ -20,7 +20,7 @@ from qdora.train.config import TrainConfig
 # run that ran out of memory may resume with smaller chunks.
 _RESUMABLE_CHANGES = {"out", "max_steps", "epochs", "resume", "save_every", "log_every", "progress",
                       "keep_adapters_every", "fsdp", "cpu_offload", "adapter_format", "eval_every", "keep_best",
-                      "report_to", "progress_seconds", "chunked_loss", "loss_chunk_tokens"}
+                      "report_to", "progress_seconds", "chunked_loss", "loss_chunk_tokens", "loss_kernel"}
 
 def _fingerprint(path: str) -> str | None:
     """What identifies a model or data file wherever it lies: the data file's bytes; a model

@@ -16,6 +16,7 @@ import bitsandbytes as bnb
 import torch
 
 from qdora.core.config import AdapterConfig
+from qdora.core.loss import check_loss_kernel
 from qdora.core.optim import MasterWeights, needs_master_weights
 from qdora.core.safetensors_io import write_text_atomic
 from qdora.data.chat import set_chat_template
@@ -151,6 +152,11 @@ def setup_run(cfg: TrainConfig, build) -> Run:
         rank, world = fsdp.rank(), fsdp.world_size()
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.loss_kernel != "torch":
+        check_loss_kernel(cfg.loss_kernel, "loss_kernel")
+        if device.type != "cuda":
+            raise ValueError(f"loss_kernel={cfg.loss_kernel!r} runs on CUDA; this run is on {device.type}: "
+                             "use --loss-kernel torch")
     # the tokenizer first: the data is tokenized (and checked) before the model is loaded
     folder = fsdp.resolve_shared(cfg.model, device, cfg.progress and rank == 0) if cfg.fsdp else cfg.model
     tokenizer = load_tokenizer(folder, progress=cfg.progress and rank == 0)
@@ -189,7 +195,7 @@ def setup_run(cfg: TrainConfig, build) -> Run:
     header += loaded
     prepare_for_training(model, cfg.gradient_checkpointing)
     if cfg.chunked_loss:  # the loss without the whole logits (the model's own loss where it cannot be exact)
-        chunked_loss(model, cfg.loss_chunk_tokens or None)
+        chunked_loss(model, cfg.loss_chunk_tokens or None, kernel=cfg.loss_kernel)
     long_sequence_options(model, cfg)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = make_optimizer([p for _, p in params], cfg, device)
