@@ -59,12 +59,20 @@ def facts(model, load_calls: int, stream_calls: int, start: list[str]) -> dict:
 
 def main() -> None:
     spec = json.loads(open(sys.argv[1]).read())
-    calls = {"load": 0, "stream": 0}
+    calls = {"load": 0, "stream": 0, "tiled": 0}
     start: list[str] = []  # "read layer <i>" / "read root" / "shard <class>", consecutive repeats merged
 
     def event(what: str) -> None:
         if not start or start[-1] != what:
             start.append(what)
+
+    real_tiles = qdora.models.tiled_mlp.tiles_forward
+
+    def tiles_forward(fn, tile_tokens, x):  # counts the calls that ran in more than one tile of rows
+        calls["tiled"] += x.numel() // x.shape[-1] > tile_tokens
+        return real_tiles(fn, tile_tokens, x)
+
+    qdora.models.tiled_mlp.tiles_forward = tiles_forward
 
     def counting(name, real):
         def wrapper(*args, **kwargs):
@@ -90,7 +98,7 @@ def main() -> None:
     real_build = qdora.train.fsdp.build_sharded
     start_peak = [None]
     for run in spec["runs"]:
-        calls.update(load=0, stream=0)
+        calls.update(load=0, stream=0, tiled=0)
         start_peak[0] = None
         start.clear()
         cfg = TrainConfig(**run["config"])
@@ -138,7 +146,8 @@ def main() -> None:
             save_adapter_gathered(model, run["peft_adapter"], format="peft")
         with open(os.path.join(cfg.out, f"facts-rank{dist.get_rank()}.json"), "w") as f:
             json.dump({**facts(model, calls["load"], calls["stream"], start), "start_peak_bytes": start_peak[0],
-                       "steps": summary["steps"], "interrupted": summary["interrupted"]}, f)
+                       "steps": summary["steps"], "interrupted": summary["interrupted"],
+                       "tiled_calls": calls["tiled"]}, f)
     dist.destroy_process_group()
 
 

@@ -99,6 +99,7 @@ def runs(tmp_path_factory):
             {"config": config(root, root / "fsdp-qlora", method="qlora", fsdp=True), "measure_start": True},
             {"config": config(root, root / "fsdp-qdora-offload", fsdp=True, cpu_offload=True)},
             {"config": config(root, root / "fsdp-packed", fsdp=True, **packed)},
+            {"config": config(root, root / "fsdp-tiled", fsdp=True, tiled_layers=True, mlp_tile_tokens=48)},
             {"config": config(root, root / "stop", fsdp=True, save_every=4), "sigterm_rank1_at": 2},
             {"config": config(root, root / "other-seed", fsdp=True), "seed_rank1": 1, "expect_error": True},
             {"config": config(root, root / "no-model", fsdp=True, model=str(root / "missing")), "expect_error": True},
@@ -230,6 +231,19 @@ def test_cpu_offload_trains_the_same_run(runs):
 
 
 @pytest.mark.slow
+def test_tiled_layers_under_fsdp_train_the_same_run(runs):
+    """`--tiled-layers` (48-token tiles of rows up to 320 tokens) inside FSDP2's sharded layers: each tile's
+    recompute runs in the layer's backward, while FSDP holds the layer's gathered parameters; the same run as
+    one process without tiles (tiling changes only the order of fp32 sums)."""
+    _finished(runs, "fsdp-tiled")
+    root = runs["root"]
+    for r in (0, 1):  # the tiles ran, on both ranks (and the untiled run made none)
+        assert json.loads((root / "fsdp-tiled" / f"facts-rank{r}.json").read_text())["tiled_calls"] > 0
+        assert json.loads((root / "fsdp-qdora" / f"facts-rank{r}.json").read_text())["tiled_calls"] == 0
+    _assert_same_losses(read_metrics(root / "fsdp-tiled"), read_metrics(root / "single-qdora"))
+    _assert_same_adapter(root / "fsdp-tiled" / "adapter", root / "single-qdora" / "adapter")
+
+
 def test_fsdp_gathers_the_peft_adapter_on_rank0(runs):
     _finished(runs, "fsdp-qdora")
     root = runs["root"]
