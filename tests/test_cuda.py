@@ -793,3 +793,15 @@ def test_loss_kernels_in_bf16_match_the_fp64_oracle(kernel, softcap):
     assert_close(dh, dh_ref, BF16_TOL, f"{kernel} dh")
     assert_close(dW, dW_ref, BF16_TOL, f"{kernel} dW")
     assert dh[~keep].abs().max() == 0
+
+
+@cuda_only
+def test_cut_cross_entropy_refusals_are_one_line():
+    from qdora.core.loss import chunked_cross_entropy
+    pytest.importorskip("cut_cross_entropy")
+    h, W = torch.randn(8, 16, device=DEV), torch.randn(32, 16, device=DEV)
+    y = torch.randint(0, 32, (8,), device=DEV)
+    with pytest.raises(ValueError, match=r"kernel='cce' computes in fp16 or bf16, the head's matmul is torch.float32"):
+        chunked_cross_entropy(h, W, y, kernel="cce")
+    with pytest.raises(ValueError, match=r"kernel='cce': Cut Cross-Entropy takes no head bias"):
+        chunked_cross_entropy(h.bfloat16(), W.bfloat16(), y, torch.zeros(32, device=DEV), kernel="cce")

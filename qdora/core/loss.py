@@ -89,7 +89,7 @@ def check_loss_kernel(kernel, name: str = "kernel") -> str:
     return kernel
 
 
-def _check_kernel_inputs(kernel: str, h: torch.Tensor, bias) -> None:
+def _check_kernel_inputs(kernel: str, h: torch.Tensor, bias, compute_dtype: torch.dtype) -> None:
     """A library kernel's limits, as one line before any work: Triton needs CUDA (or its CPU interpreter,
     `TRITON_INTERPRET=1`, which the tests use for Liger; Cut Cross-Entropy's kernels do not run in it), and Cut
     Cross-Entropy takes no bias and only fp16/bf16 operands."""
@@ -99,9 +99,11 @@ def _check_kernel_inputs(kernel: str, h: torch.Tensor, bias) -> None:
     if h.device.type != "cuda" and not interpreted:
         raise ValueError(f"kernel={kernel!r} runs Triton kernels on CUDA tensors, got {h.device.type}: "
                          "use kernel='torch' there")
-    if kernel == "cce":
-        if bias is not None:
-            raise ValueError("kernel='cce': Cut Cross-Entropy takes no head bias; use kernel='torch' or 'liger'")
+    if kernel == "cce" and bias is not None:
+        raise ValueError("kernel='cce': Cut Cross-Entropy takes no head bias; use kernel='torch' or 'liger'")
+    if kernel == "cce" and compute_dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"kernel='cce' computes in fp16 or bf16, the head's matmul is {compute_dtype}: "
+                         "train in bf16 (autocast or a bf16 head), or use kernel='torch' or 'liger'")
 
 
 def _library_cross_entropy(kernel: str, h, W, b, y, softcap, ignore_index, compute_dtype) -> torch.Tensor:
@@ -117,9 +119,6 @@ def _library_cross_entropy(kernel: str, h, W, b, y, softcap, ignore_index, compu
                 softcap=softcap, accum_dtype=torch.float32 if W.requires_grad else None)
         from cut_cross_entropy import linear_cross_entropy  # optional: the loss-kernels extra
 
-        if compute_dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"kernel='cce' computes in fp16 or bf16, the head's matmul is {compute_dtype}: "
-                             "train in bf16 (autocast or a bf16 head), or use kernel='torch' or 'liger'")
         return linear_cross_entropy(hc, Wc, y, ignore_index=ignore_index, softcap=softcap, reduction="sum",
                                     filter_eps=None, impl="cce")
 
@@ -234,7 +233,6 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     chunk = default_chunk_tokens(weight.shape[0]) if chunk_tokens is None else check_chunk_tokens(chunk_tokens)
     softcap = check_softcap(softcap)
     check_loss_kernel(kernel)
-    _check_kernel_inputs(kernel, hidden, bias)
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden has {hidden.shape[-1]} features, the head's weight {tuple(weight.shape)} "
                          f"takes {weight.shape[1]}")
@@ -244,6 +242,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if compute_dtype is None:
         device = hidden.device.type
         compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    _check_kernel_inputs(kernel, hidden, bias, compute_dtype)
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(h.device)
     if kernel != "torch":
