@@ -36,6 +36,7 @@ _PUBLIC = {
     "merge_and_save": "qdora.export.merge",
     "merged_weight": "qdora.export.merge",
     "offload_activations": "qdora.models.offload",
+    "packed_sdpa": "qdora.models.packed_attention",
     "param_report": "qdora.models.surgery",
     "patch_peft": "qdora.integrations.peft",
     "quantize_nf4": "qdora.core.nf4",

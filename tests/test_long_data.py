@@ -239,7 +239,9 @@ def test_a_run_names_its_attention_and_what_the_cut_removed(setup, tmp_path, cap
     printed = capsys.readouterr().out.splitlines()
     log = (out / RUN_LOG).read_text().splitlines()
     assert re.fullmatch(r"qdora train: started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", log[0])
-    assert "attention: sdpa" in log and "attention: sdpa" in printed
+    # packed rows: SDPA over each packed sequence (qdora.packed_sdpa), no tokens x tokens mask
+    named = "attention: qdora_sdpa (SDPA over each packed sequence, no tokens × tokens mask)"
+    assert named in log and named in printed
     # the 3 long texts, wherever val_split put them, are counted: training and validation apart
     counts = {}
     for line in log:
@@ -258,5 +260,5 @@ def test_a_run_names_its_attention_and_what_the_cut_removed(setup, tmp_path, cap
     train(TrainConfig(**{**cfg, "max_steps": 2, "resume": True}))
     again = (out / RUN_LOG).read_text().splitlines()
     assert again[:len(log)] == log and again[len(log)] == ""
-    assert again[len(log) + 1].startswith("qdora train: resumed at step 1, ") and again.count("attention: sdpa") == 2
+    assert again[len(log) + 1].startswith("qdora train: resumed at step 1, ") and again.count(named) == 2
     assert [m["step"] for m in read_metrics(out)] == [1, 2]

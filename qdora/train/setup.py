@@ -21,6 +21,7 @@ from qdora.core.optim import MasterWeights, needs_master_weights
 from qdora.core.safetensors_io import write_text_atomic
 from qdora.data.chat import set_chat_template
 from qdora.data.examples import pad_token_id
+from qdora.models import packed_attention
 from qdora.models.adapter_io import save_adapter
 from qdora.models.head_loss import chunked_loss
 from qdora.models.loading import load_model, load_tokenizer
@@ -185,7 +186,11 @@ def setup_run(cfg: TrainConfig, build) -> Run:
     model, model_tokenizer = _load(cfg, build, device, rank)
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    loaded = [f"attention: {getattr(config, '_attn_implementation', None) or 'unknown'}",
+    attention = getattr(config, '_attn_implementation', None) or 'unknown'
+    if cfg.packing and attention == "sdpa" and packed_attention.unsupported(model) is None:
+        packed_attention.packed_sdpa(model)  # packed rows without a T × T mask
+        attention = f"{packed_attention.NAME} (SDPA over each packed sequence, no tokens × tokens mask)"
+    loaded = [f"attention: {attention}",
               f"host allocator: {allocator.loaded()}",
               data.positions_note(getattr(text_config, "max_position_embeddings", None))]
     loaded = [line for line in loaded if line]

@@ -1,0 +1,134 @@
+"""`qdora.packed_sdpa`: SDPA over each packed sequence of a row, no `T × T` mask. Held to an independent oracle
+(each sequence run alone, as its own batch) and to transformers' own SDPA with its block-diagonal mask, for every
+verified model type: logits and every gradient; padding and generation keep transformers' mask; the mask's bytes
+are gone; what it refuses.
+
+Tolerance: FP32_TOL (conftest.py). The pieces are the same SDPA calls on the same numbers as the masked row,
+except that the masked kernel sums over (zero-weighted) masked keys too: fp32 rounding of sums of up to 64 terms."""
+
+import pytest
+import torch
+from conftest import FP32_TOL, assert_close
+
+import qdora
+from qdora.eval.bench.memory import peak_bytes
+from qdora.models.packed_attention import NAME, VERIFIED, packed_sdpa, sequence_starts
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=4096)
+MOE = dict(num_experts_per_tok=2)
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 8}),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(MOE, head_dim=8, moe_intermediate_size=16, num_experts=4,
+                                         decoder_sparse_step=1)),
+    "mixtral": ("MixtralConfig", dict(MOE, num_local_experts=4)),
+    "olmoe": ("OlmoeConfig", dict(MOE, num_experts=4)),
+}
+LENGTHS = [(5, 9, 1, 7), (12, 10)]  # two rows of 22 tokens: four sequences (one of a single token), then two
+
+
+def tiny(name):
+    config_class, fields = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**{**COMMON, **fields}, attn_implementation="sdpa")
+    return transformers.AutoModelForCausalLM.from_config(config).train()
+
+
+def packed_batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 97, (len(LENGTHS), sum(LENGTHS[0])), generator=g)
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in LENGTHS])
+    return ids, pos
+
+
+def forward_backward(model, ids, pos):
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits  # as training runs (no cache)
+    (logits.float().square().mean()).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_every_verified_model_type_is_tested():
+    assert set(ARCHITECTURES) == VERIFIED
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_packed_rows_equal_each_sequence_alone_and_the_masked_sdpa(name):
+    model = tiny(name)
+    ids, pos = packed_batch()
+    masked_logits, masked_grads = forward_backward(model, ids, pos)  # transformers' SDPA, block-diagonal mask
+    assert packed_sdpa(model) is model and model.config._attn_implementation == NAME
+    logits, grads = forward_backward(model, ids, pos)
+    assert_close(logits, masked_logits, FP32_TOL, "logits vs the masked SDPA")
+    assert sorted(grads) == sorted(masked_grads) and grads
+    for n in grads:
+        assert_close(grads[n], masked_grads[n], FP32_TOL, n)
+    model.eval()
+    with torch.no_grad():  # the oracle: every sequence as a batch of its own, plain causal attention
+        for b, row in enumerate(LENGTHS):
+            start = 0
+            for n in row:
+                alone = model(input_ids=ids[b:b + 1, start:start + n]).logits[0]
+                assert_close(logits[b, start:start + n], alone, FP32_TOL, f"row {b} sequence at {start}")
+                start += n
+
+
+def test_padding_and_generation_keep_transformers_mask():
+    model = tiny("llama").eval()
+    ids, pos = packed_batch()
+    mask = torch.ones_like(ids)
+    mask[1, -4:] = 0  # a padded row: transformers' SDPA mask, block-diagonal and padded
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        want_gen = model.generate(ids[:1, :9], max_new_tokens=6, do_sample=False)
+        packed_sdpa(model)
+        got = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        got_gen = model.generate(ids[:1, :9], max_new_tokens=6, do_sample=False)
+    real = mask.bool()
+    assert_close(got[real], want[real], FP32_TOL, "padded packed rows")
+    assert torch.equal(got_gen, want_gen)
+
+
+def test_no_tokens_by_tokens_mask_is_allocated():
+    """One packed row of 2,048 tokens in 8 sequences: transformers' SDPA allocates its `T × T` boolean mask (4 MiB,
+    more than the rest of this tiny model's forward); the pieces need none."""
+    T = 2048
+    model = tiny("llama").eval()
+    ids = torch.randint(3, 97, (1, T), generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(T).remainder(T // 8)[None]
+
+    def forward():
+        with torch.no_grad():
+            model(input_ids=ids, position_ids=pos, use_cache=False)
+
+    masked = peak_bytes(forward)
+    packed_sdpa(model)
+    ours = peak_bytes(forward)
+    assert masked >= T * T and ours < masked - T * T * 0.9, (masked, ours)
+
+
+def test_sequence_starts():
+    assert sequence_starts(torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1], [3, 4, 5, 6, 7, 8, 9, 10]])) == [[0, 3, 5, 6], [0]]
+
+
+def test_what_it_refuses_in_one_line():
+    config = transformers.PhiConfig(**COMMON, attn_implementation="sdpa")
+    with pytest.raises(ValueError, match=r"qdora.packed_sdpa: model type 'phi' is not one it is tested with"):
+        packed_sdpa(transformers.AutoModelForCausalLM.from_config(config))
+    eager = transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(**COMMON, attn_implementation="eager"))
+    with pytest.raises(ValueError, match=r"the model's attention is 'eager', not 'sdpa'"):
+        packed_sdpa(eager)
+    windowed = transformers.AutoModelForCausalLM.from_config(
+        transformers.MistralConfig(**COMMON, sliding_window=16, attn_implementation="sdpa"))
+    with pytest.raises(ValueError, match=r"sliding window \(16 tokens\)"):
+        packed_sdpa(windowed)
+
+
+def test_exported_from_the_package():
+    assert qdora.packed_sdpa is packed_sdpa
