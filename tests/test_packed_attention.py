@@ -6,6 +6,8 @@ are gone; what it refuses.
 Tolerance: FP32_TOL (conftest.py). The pieces are the same SDPA calls on the same numbers as the masked row,
 except that the masked kernel sums over (zero-weighted) masked keys too: fp32 rounding of sums of up to 64 terms."""
 
+import re
+
 import pytest
 import torch
 from conftest import FP32_TOL, assert_close
@@ -132,3 +134,11 @@ def test_what_it_refuses_in_one_line():
 
 def test_exported_from_the_package():
     assert qdora.packed_sdpa is packed_sdpa
+
+
+def test_the_heap_measurement_runs(capsys):
+    from qdora.eval.bench.packed_attention import main
+    assert main(["--tokens", "512", "--sequences", "4"]) == 0
+    out = capsys.readouterr().out
+    sdpa, ours = (float(x.replace(",", "")) for x in re.findall(r"([\d,.]+) MiB", out))
+    assert sdpa > ours + 512 * 512 / 2**20  # at least the mask's bytes apart

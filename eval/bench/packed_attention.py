@@ -1,0 +1,57 @@
+"""The heap a packed row's attention takes: transformers' SDPA (with the block-diagonal `T × T` mask it builds
+for a packed row) against `qdora.packed_sdpa` (SDPA over each packed sequence, no mask), on the forward of a small
+random Llama (2 layers, hidden 64) over one row of `--tokens` tokens in `--sequences` equal sequences. The heap's
+high-water mark by memray (`qdora.eval.bench.memory.heap_peak_bytes`), so the mask's build temporaries count too.
+
+    python -m qdora.eval.bench.packed_attention --tokens 32768 --sequences 8
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from qdora.eval.bench.memory import heap_peak_bytes
+from qdora.models.packed_attention import packed_sdpa
+from qdora.options import Parser
+
+
+def measure(tokens: int, sequences: int) -> dict:
+    import transformers  # heavy, used here only
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=tokens,
+                                      attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 97, (1, tokens))
+    pos = torch.arange(tokens).remainder(-(-tokens // sequences))[None]
+
+    def forward():
+        with torch.no_grad():
+            model(input_ids=ids, position_ids=pos, use_cache=False)
+
+    masked = heap_peak_bytes(forward)
+    packed_sdpa(model)
+    return {"tokens": tokens, "sequences": sequences, "sdpa_bytes": masked,
+            "packed_sdpa_bytes": heap_peak_bytes(forward)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="python -m qdora.eval.bench.packed_attention", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=32768, help="tokens of the packed row (default: %(default)s)")
+    p.add_argument("--sequences", type=int, default=8, help="sequences packed in it (default: %(default)s)")
+    args = p.parse_args(argv)
+    if args.tokens < 2 or not 1 <= args.sequences <= args.tokens:
+        p.error(f"--tokens={args.tokens} must be >= 2 and --sequences={args.sequences} between 1 and --tokens")
+    r = measure(args.tokens, args.sequences)
+    print(f"{r['tokens']:,} tokens in {r['sequences']} sequences: transformers' SDPA "
+          f"{r['sdpa_bytes'] / 2**20:,.1f} MiB, qdora.packed_sdpa {r['packed_sdpa_bytes'] / 2**20:,.1f} MiB "
+          "of heap at the peak")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
