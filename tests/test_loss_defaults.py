@@ -73,18 +73,24 @@ def test_qdora_train_gives_the_same_curve_with_the_chunked_loss_on_and_off(setup
     assert calls[-1] == 3 and len(read_metrics(tmp_path / "on")) == 5
 
 
+def refused_train(setup, tmp_path, capsys, *flags) -> str:
+    """`qdora train` with `flags` on the tiny setup: exit status 2, one error line, nothing written; the line."""
+    from qdora.cli import main
+    root, _ = setup
+    rc = main(["train", "--model", str(root / "model"), "--data", str(root / "data.json"), "--out",
+               str(tmp_path / "never"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "never").exists()
+    return err
+
+
 def test_bad_chunk_settings_are_refused_before_any_work(setup, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"loss_chunk_tokens=-3 must be an integer >= 1"):
         TrainConfig(model="m", data="d", out="o", loss_chunk_tokens=-3)
     with pytest.raises(ValueError, match="loss_chunk_tokens=5 sizes the chunked loss, which --no-chunked-loss"):
         TrainConfig(model="m", data="d", out="o", loss_chunk_tokens=5, chunked_loss=False)
-    from qdora.cli import main
-    root, _ = setup
-    rc = main(["train", "--model", str(root / "model"), "--data", str(root / "data.json"), "--out",
-               str(tmp_path / "never"), "--loss-chunk-tokens", "-3"])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and "loss_chunk_tokens=-3" in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "never").exists()
+    assert "loss_chunk_tokens=-3" in refused_train(setup, tmp_path, capsys, "--loss-chunk-tokens", "-3")
     with pytest.raises(ValueError, match="loss_chunk_tokens=0 must be an integer >= 1"):
         qdora.QDoRATrainer(model=None, loss_chunk_tokens=0)
 
@@ -100,13 +106,9 @@ def test_a_loss_kernel_is_checked_before_any_work(setup, tmp_path, capsys):
         qdora.QDoRATrainer(model=None, loss_kernel="ccex")
     if torch.cuda.is_available():
         return
-    from qdora.cli import main  # on CPU: a library kernel is refused in one line, before the model is loaded
-    root, _ = setup
-    rc = main(["train", "--model", str(root / "model"), "--data", str(root / "data.json"), "--out",
-               str(tmp_path / "never"), "--loss-kernel", "liger"])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and "loss_kernel='liger' runs on CUDA; this run is on cpu" in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "never").exists()
+    # on CPU: a library kernel is refused in one line, before the model is loaded
+    err = refused_train(setup, tmp_path, capsys, "--loss-kernel", "liger")
+    assert "loss_kernel='liger' runs on CUDA; this run is on cpu" in err
 
 
 def trainer(setup, out, **kw):

@@ -111,7 +111,9 @@ def test_no_tokens_by_tokens_mask_is_allocated():
     masked = peak_bytes(forward)
     packed_sdpa(model)
     ours = peak_bytes(forward)
-    assert masked >= T * T and ours < masked - T * T * 0.9, (masked, ours)
+    # at least the mask's own T x T booleans apart (measured: 24.3 MB against 2.8 MB; the mask's build makes
+    # several T x T temporaries)
+    assert masked >= T * T and ours < masked - T * T, (masked, ours)
 
 
 def test_sequence_starts():
