@@ -25,6 +25,9 @@ ARCHITECTURES = {
     "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16}, LLAMA_TARGETS),  # tied, soft-capped
     "phi3": ("Phi3Config", {"pad_token_id": 0}, ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),  # fused
     "olmo2": ("Olmo2Config", {}, LLAMA_TARGETS),
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4,
+                                         "layer_types": ["sliding_attention", "full_attention"]},
+                    LLAMA_TARGETS),  # q/k norms, a local and a global layer, scaled embeddings
 }
 IDS = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(9))
 

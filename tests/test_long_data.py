@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import FP32_TOL
 from models import CHATML, build, chatml_tokenizer, llama3_config, save_bpe_tokenizer
 
 from qdora.data.chat import assistant_spans, tokenize_chat
@@ -25,6 +26,7 @@ from qdora.data.examples import (
 )
 from qdora.data.packing import collate_packed, pack
 from qdora.models.loading import attention_implementation
+from qdora.models.packed_attention import sliding_window
 from qdora.train.loop import TrainConfig, read_metrics, train
 from qdora.train.run_data import RunExamples, Truncation
 from qdora.train.run_log import RUN_LOG
@@ -214,6 +216,20 @@ def test_attention_follows_what_each_model_supports():
     assert attention_implementation(Gemma2ForCausalLM, torch.device("cpu"), torch.float32) == "eager"  # no sdpa
 
 
+def test_the_sliding_window_a_model_uses():
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    assert sliding_window(SimpleNamespace(config=MistralConfig(sliding_window=4096))) == 4096
+    assert sliding_window(SimpleNamespace(config=MistralConfig(sliding_window=None))) is None
+    assert sliding_window(SimpleNamespace(config=Qwen2Config(sliding_window=4096))) is None  # use_sliding_window off
+    assert sliding_window(SimpleNamespace(config=Qwen2Config(sliding_window=4096, use_sliding_window=True,
+                                                             max_window_layers=0, num_hidden_layers=2))) == 4096
+    assert sliding_window(SimpleNamespace(config=Gemma3TextConfig(sliding_window=512))) == 512  # 5 local : 1 global
+    assert sliding_window(SimpleNamespace(config=Gemma3TextConfig(
+        sliding_window=512, num_hidden_layers=2, layer_types=["full_attention"] * 2))) is None
+    assert sliding_window(SimpleNamespace(config=LlamaConfig())) is None
+
+
 # ---- a tiny run: the terminal and run.log ------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -240,7 +256,7 @@ def test_a_run_names_its_attention_and_what_the_cut_removed(setup, tmp_path, cap
     log = (out / RUN_LOG).read_text().splitlines()
     assert re.fullmatch(r"qdora train: started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", log[0])
     # packed rows: SDPA over each packed sequence (qdora.packed_sdpa), no tokens x tokens mask
-    named = "attention: qdora_sdpa (SDPA over each packed sequence, no tokens × tokens mask)"
+    named = "attention: qdora_sdpa (SDPA over each packed sequence; no tokens × tokens mask)"
     assert named in log and named in printed
     # the 3 long texts, wherever val_split put them, are counted: training and validation apart
     counts = {}
@@ -262,3 +278,30 @@ def test_a_run_names_its_attention_and_what_the_cut_removed(setup, tmp_path, cap
     assert again[:len(log)] == log and again[len(log)] == ""
     assert again[len(log) + 1].startswith("qdora train: resumed at step 1, ") and again.count(named) == 2
     assert [m["step"] for m in read_metrics(out)] == [1, 2]
+
+
+def test_a_windowed_model_attends_in_blocks_without_packing(setup, tmp_path, capsys, monkeypatch):
+    """Mistral with an 8-token sliding window, rows of up to 64 tokens, no packing: transformers' SDPA would build a
+    `T × T` windowed mask; `qdora train` runs qdora_sdpa's window blocks and says so. Its loss equals the same run on
+    transformers' own SDPA (the attention swapped back by hand)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    monkeypatch.setenv("QDORA_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8, tie_word_embeddings=False)
+    MistralForCausalLM(config).save_pretrained(tmp_path / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "model" / name).write_bytes((setup / "model" / name).read_bytes())
+    cfg = dict(model=str(tmp_path / "model"), data=str(setup / "d.jsonl"), method="qdora", r=4, alpha=8, dropout=0.0,
+               lr=1e-2, max_steps=2, batch_size=4, cutoff_len=64, save_every=2, progress=False)
+    train(TrainConfig(**cfg, out=str(tmp_path / "ours")))
+    log = (tmp_path / "ours" / RUN_LOG).read_text().splitlines()
+    assert "attention: qdora_sdpa (SDPA in blocks of the 8-token sliding window; no tokens × tokens mask)" in log
+    monkeypatch.setattr("qdora.models.packed_attention.unsupported", lambda model: "swapped back by the test")
+    train(TrainConfig(**cfg, out=str(tmp_path / "theirs")))
+    assert "attention: sdpa" in (tmp_path / "theirs" / RUN_LOG).read_text().splitlines()
+    ours, theirs = read_metrics(tmp_path / "ours"), read_metrics(tmp_path / "theirs")
+    assert [m["step"] for m in ours] == [1, 2] == [m["step"] for m in theirs]
+    for a, b in zip(ours, theirs):  # FP32_TOL: the same SDPA sums, split into blocks
+        assert abs(a["loss"] - b["loss"]) <= FP32_TOL * abs(b["loss"]), (a, b)

@@ -138,6 +138,9 @@ ARCHITECTURES = {  # model type: (config class, extra fields, targets)
     "qwen3": ("Qwen3Config", {"head_dim": 8}, ("q_proj", "v_proj")),
     "gemma2": ("Gemma2Config", {"head_dim": 8, "query_pre_attn_scalar": 8, "final_logit_softcapping": 0.5},
                ("q_proj", "v_proj")),  # tied embeddings, a soft cap that bites
+    "gemma": ("GemmaConfig", {"head_dim": 8}, ("q_proj", "v_proj")),  # tied embeddings, scaled input
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 8, "query_pre_attn_scalar": 8, "final_logit_softcapping": 0.5,
+                                         "sliding_window": 4}, ("q_proj", "v_proj")),  # a soft cap that bites
     "phi3": ("Phi3Config", {"pad_token_id": 0}, ("qkv_proj", "gate_up_proj")),
     "olmo2": ("Olmo2Config", {}, ("q_proj", "v_proj")),
     "qwen3_moe": ("Qwen3MoeConfig", dict(MOE, head_dim=8, moe_intermediate_size=16, num_experts=4,

@@ -21,7 +21,8 @@ transformers = pytest.importorskip("transformers")
 COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=4096)
 MOE = dict(num_experts_per_tok=2)
-ARCHITECTURES = {
+WINDOW = 4  # shorter than most test sequences, so that the windowed cases cut them into blocks
+ARCHITECTURES = {  # case: (config class, extra fields); each model type once with full attention
     "llama": ("LlamaConfig", {}),
     "mistral": ("MistralConfig", {"sliding_window": None}),
     "qwen2": ("Qwen2Config", {}),
@@ -30,12 +31,26 @@ ARCHITECTURES = {
                                          decoder_sparse_step=1)),
     "mixtral": ("MixtralConfig", dict(MOE, num_local_experts=4)),
     "olmoe": ("OlmoeConfig", dict(MOE, num_experts=4)),
+    "olmo2": ("Olmo2Config", {}),
+    "phi3": ("Phi3Config", {"pad_token_id": 0, "sliding_window": None}),
+    "gemma": ("GemmaConfig", {"head_dim": 8}),
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 4096,
+                                         "layer_types": ["full_attention", "full_attention"]}),
 }
+WINDOWED = {  # case: (config class, extra fields) with a sliding window of WINDOW tokens
+    "mistral-window": ("MistralConfig", {"sliding_window": WINDOW}),
+    "phi3-window": ("Phi3Config", {"pad_token_id": 0, "sliding_window": WINDOW}),
+    "qwen2-window": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 0,
+                                     "layer_types": ["sliding_attention", "sliding_attention"]}),
+    "gemma3_text-window": ("Gemma3TextConfig", {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": WINDOW,
+                                                "layer_types": ["sliding_attention", "full_attention"]}),
+}
+CASES = {**ARCHITECTURES, **WINDOWED}
 LENGTHS = [(5, 9, 1, 7), (12, 10)]  # two rows of 22 tokens: four sequences (one of a single token), then two
 
 
 def tiny(name):
-    config_class, fields = ARCHITECTURES[name]
+    config_class, fields = CASES[name]
     torch.manual_seed(0)
     config = getattr(transformers, config_class)(**{**COMMON, **fields}, attn_implementation="sdpa")
     return transformers.AutoModelForCausalLM.from_config(config).train()
@@ -59,7 +74,7 @@ def test_every_verified_model_type_is_tested():
     assert set(ARCHITECTURES) == VERIFIED
 
 
-@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_packed_rows_equal_each_sequence_alone_and_the_masked_sdpa(name):
     model = tiny(name)
     ids, pos = packed_batch()
@@ -70,14 +85,19 @@ def test_packed_rows_equal_each_sequence_alone_and_the_masked_sdpa(name):
     assert sorted(grads) == sorted(masked_grads) and grads
     for n in grads:
         assert_close(grads[n], masked_grads[n], FP32_TOL, n)
-    model.eval()
-    with torch.no_grad():  # the oracle: every sequence as a batch of its own, plain causal attention
+    model.eval().set_attn_implementation("sdpa")
+    with torch.no_grad():  # the oracle: every sequence as a batch of its own, transformers' causal (windowed) SDPA
         for b, row in enumerate(LENGTHS):
             start = 0
             for n in row:
                 alone = model(input_ids=ids[b:b + 1, start:start + n]).logits[0]
                 assert_close(logits[b, start:start + n], alone, FP32_TOL, f"row {b} sequence at {start}")
                 start += n
+    if name in WINDOWED:  # the window matters here: the same weights with full attention give other logits
+        full = tiny(name.removesuffix("-window"))
+        full.load_state_dict(model.state_dict())
+        full_logits, _ = forward_backward(full, ids, pos)
+        assert (full_logits - logits).abs().max() > 100 * FP32_TOL
 
 
 def test_padding_and_generation_keep_transformers_mask():
@@ -96,22 +116,32 @@ def test_padding_and_generation_keep_transformers_mask():
     assert torch.equal(got_gen, want_gen)
 
 
-def test_no_tokens_by_tokens_mask_is_allocated():
-    """One packed row of 2,048 tokens in 8 sequences: transformers' SDPA allocates its `T × T` boolean mask (4 MiB,
-    more than the rest of this tiny model's forward); the pieces need none."""
+@pytest.mark.parametrize("case", ["packed", "windowed"])
+def test_no_tokens_by_tokens_mask_is_allocated(case):
+    """A row of 2,048 tokens, packed in 8 sequences (Llama), or one sequence under a 64-token sliding window
+    (Mistral): transformers' SDPA allocates its `T × T` boolean mask (4 MiB, more than the rest of this tiny model's
+    forward); the pieces, and the window's blocks (64 × 127 booleans each), need none."""
     T = 2048
-    model = tiny("llama").eval()
+    if case == "packed":
+        model = tiny("llama").eval()
+        pos = torch.arange(T).remainder(T // 8)[None]
+    else:
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(
+            transformers.MistralConfig(**COMMON, sliding_window=64, attn_implementation="sdpa")).eval()
+        pos = torch.arange(T)[None]
     ids = torch.randint(3, 97, (1, T), generator=torch.Generator().manual_seed(2))
-    pos = torch.arange(T).remainder(T // 8)[None]
 
     def forward():
         with torch.no_grad():
-            model(input_ids=ids, position_ids=pos, use_cache=False)
+            return model(input_ids=ids, position_ids=pos, use_cache=False).logits
 
+    want = forward()
     masked = peak_bytes(forward)
     packed_sdpa(model)
+    assert_close(forward(), want, FP32_TOL, case)
     ours = peak_bytes(forward)
-    # at least the mask's own T x T booleans apart (measured: 24.3 MB against 2.8 MB; the mask's build makes
+    # at least the mask's own T x T booleans apart (measured, packed: 24.3 MB against 2.8 MB; the mask's build makes
     # several T x T temporaries)
     assert masked >= T * T and ours < masked - T * T, (masked, ours)
 
@@ -128,19 +158,28 @@ def test_what_it_refuses_in_one_line():
         transformers.LlamaConfig(**COMMON, attn_implementation="eager"))
     with pytest.raises(ValueError, match=r"the model's attention is 'eager', not 'sdpa'"):
         packed_sdpa(eager)
-    windowed = transformers.AutoModelForCausalLM.from_config(
-        transformers.MistralConfig(**COMMON, sliding_window=16, attn_implementation="sdpa"))
-    with pytest.raises(ValueError, match=r"sliding window \(16 tokens\)"):
-        packed_sdpa(windowed)
+    gemma2 = transformers.AutoModelForCausalLM.from_config(  # soft-capped attention scores: no SDPA
+        transformers.Gemma2Config(**COMMON, head_dim=8, query_pre_attn_scalar=8))
+    with pytest.raises(ValueError, match=r"model type 'gemma2' is not one it is tested with"):
+        packed_sdpa(gemma2)
+    text = dict(COMMON, head_dim=8, query_pre_attn_scalar=8)  # a verified text model inside a multimodal one
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=14,
+                  patch_size=7)
+    multimodal = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, attn_implementation="sdpa"))
+    with pytest.raises(ValueError, match=r"model type 'gemma3' is not one it is tested with"):
+        packed_sdpa(multimodal)
 
 
 def test_exported_from_the_package():
     assert qdora.packed_sdpa is packed_sdpa
 
 
-def test_the_heap_measurement_runs(capsys):
+@pytest.mark.parametrize("args", [["--sequences", "4"], ["--sequences", "1", "--window", "32"]])
+def test_the_heap_measurement_runs(capsys, args):
     from qdora.eval.bench.packed_attention import main
-    assert main(["--tokens", "512", "--sequences", "4"]) == 0
+    assert main(["--tokens", "512", *args]) == 0
     out = capsys.readouterr().out
     sdpa, ours = (float(x.replace(",", "")) for x in re.findall(r"([\d,.]+) MiB", out))
     assert sdpa > ours + 512 * 512 / 2**20  # at least the mask's bytes apart
+    assert ("32-token sliding window" in out) == ("--window" in args)

@@ -1,9 +1,12 @@
 """The heap a packed row's attention takes: transformers' SDPA (with the block-diagonal `T × T` mask it builds
 for a packed row) against `qdora.packed_sdpa` (SDPA over each packed sequence, no mask), on the forward of a small
-random Llama (2 layers, hidden 64) over one row of `--tokens` tokens in `--sequences` equal sequences. The heap's
-high-water mark by memray (`qdora.eval.bench.memory.heap_peak_bytes`), so the mask's build temporaries count too.
+random Llama (2 layers, hidden 64) over one row of `--tokens` tokens in `--sequences` equal sequences. With
+`--window W`, the same shapes as Mistral with a sliding window of W tokens, whose mask transformers builds `T × T`
+even for one sequence (qdora_sdpa: blocks of W queries). The heap's high-water mark by memray
+(`qdora.eval.bench.memory.heap_peak_bytes`), so the mask's build temporaries count too.
 
     python -m qdora.eval.bench.packed_attention --tokens 32768 --sequences 8
+    python -m qdora.eval.bench.packed_attention --tokens 32768 --sequences 1 --window 4096
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ from qdora.models.packed_attention import packed_sdpa
 from qdora.options import Parser
 
 
-def measure(tokens: int, sequences: int) -> dict:
+def measure(tokens: int, sequences: int, window: int | None = None) -> dict:
     import transformers  # heavy, used here only
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=tokens,
-                                      attn_implementation="sdpa")
-    model = transformers.LlamaForCausalLM(config).eval()
+    shape = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=tokens, attn_implementation="sdpa")
+    config = (transformers.LlamaConfig(**shape) if window is None
+              else transformers.MistralConfig(**shape, sliding_window=window))
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     ids = torch.randint(3, 97, (1, tokens))
     pos = torch.arange(tokens).remainder(-(-tokens // sequences))[None]
 
@@ -34,7 +38,7 @@ def measure(tokens: int, sequences: int) -> dict:
 
     masked = heap_peak_bytes(forward)
     packed_sdpa(model)
-    return {"tokens": tokens, "sequences": sequences, "sdpa_bytes": masked,
+    return {"tokens": tokens, "sequences": sequences, "window": window, "sdpa_bytes": masked,
             "packed_sdpa_bytes": heap_peak_bytes(forward)}
 
 
@@ -43,11 +47,16 @@ def main(argv: list[str] | None = None) -> int:
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=32768, help="tokens of the packed row (default: %(default)s)")
     p.add_argument("--sequences", type=int, default=8, help="sequences packed in it (default: %(default)s)")
+    p.add_argument("--window", type=int, help="a sliding window of this many tokens (Mistral's shapes; default: none)")
     args = p.parse_args(argv)
     if args.tokens < 2 or not 1 <= args.sequences <= args.tokens:
         p.error(f"--tokens={args.tokens} must be >= 2 and --sequences={args.sequences} between 1 and --tokens")
-    r = measure(args.tokens, args.sequences)
-    print(f"{r['tokens']:,} tokens in {r['sequences']} sequences: transformers' SDPA "
+    if args.window is not None and args.window < 1:
+        p.error(f"--window={args.window} must be >= 1 (or left out: no sliding window)")
+    r = measure(args.tokens, args.sequences, args.window)
+    window = f", a {r['window']:,}-token sliding window" if r["window"] else ""
+    sequences = f"{r['sequences']} sequence{'s' if r['sequences'] != 1 else ''}"
+    print(f"{r['tokens']:,} tokens in {sequences}{window}: transformers' SDPA "
           f"{r['sdpa_bytes'] / 2**20:,.1f} MiB, qdora.packed_sdpa {r['packed_sdpa_bytes'] / 2**20:,.1f} MiB "
           "of heap at the peak")
     return 0

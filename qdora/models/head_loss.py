@@ -35,8 +35,8 @@ from torch import nn
 
 from qdora.core.loss import IGNORE_INDEX, check_chunk_tokens, check_loss_kernel, chunked_cross_entropy
 
-VERIFIED = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "olmo2", "qwen3_moe", "olmoe",
-                      "mixtral"})
+VERIFIED = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
+                      "qwen3_moe", "olmoe", "mixtral"})
 """Model types whose CausalLM forward applies nothing to the logits but `final_logit_softcapping` and
 adds only the load-balancing loss to the cross-entropy (read in transformers 5; tested in
 `tests/test_loss.py` against the unchunked loss, loss and every gradient)."""

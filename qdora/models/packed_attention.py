@@ -15,15 +15,23 @@ transformers' `find_packed_sequence_indices`) and runs transformers' `sdpa_atten
 `is_causal` on each piece: exactly the block-diagonal mask's attention, in `Σ len²` work instead of `T²`.
 Given a mask, it is `sdpa_attention_forward` itself.
 
+Sliding windows (Mistral, Phi-3, Qwen2's windowed layers, Gemma 3's local layers): transformers' mask also
+carries the window, `T × T` even for one unpacked sequence. Here the attention module's own `sliding_window`
+(which these models pass to the attention function) cuts each sequence longer than the window into blocks of
+`window` queries, each attending to its `2·window − 1` keys with a `window × (2·window − 1)` mask: `O(T · window)`
+bytes and work.
+
 One difference, by design: transformers looks for packed sequences only without a KV cache, so a forward with a
 cache and restarting `position_ids` (not a training call; `qdora train` runs without one) attends across them
 there, and within each sequence here.
 
-`qdora train --packing` switches an SDPA model to it (the run log's `attention:` line says so).
+`qdora train` switches an SDPA model to it with `--packing`, and for a model with a sliding window always (the run
+log's `attention:` line says so).
 
-Models: the types whose attention passes `position_ids` through to the attention function and has no
-sliding window (`VERIFIED`, each tested against its own SDPA with the mask in `tests/test_packed_attention.py`);
-another is refused in one line.
+Models: the types whose attention passes `position_ids` (and a window, if it has one) through to the attention
+function (`VERIFIED`, each tested against its own SDPA with the mask in `tests/test_packed_attention.py`, windowed
+too where the type has windows); another, or a multimodal model around one, is refused in one line. Gemma 2 is
+not among them: its attention soft-caps its scores, which SDPA cannot.
 """
 
 from __future__ import annotations
@@ -36,8 +44,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "qdora_sdpa"
 """The attention implementation's name in transformers' registries (and `model.config._attn_implementation`)."""
-VERIFIED = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "olmoe"})
-"""Model types whose attention forwards `position_ids` to the attention function (read in transformers 5.25)."""
+VERIFIED = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "olmoe", "olmo2", "phi3", "gemma",
+                      "gemma3_text"})
+"""Model types whose attention forwards `position_ids`, and its `sliding_window` where it has one, to the attention
+function (read in transformers 5.25)."""
 
 _registered = False
 
@@ -62,27 +72,50 @@ def sequence_starts(position_ids: torch.Tensor) -> list[list[int]]:
     return [torch.nonzero(row).flatten().tolist() for row in breaks.cpu()]
 
 
+def window_blocks(start: int, end: int, window: int) -> list[tuple[int, int, int]]:
+    """The query blocks `(q0, q1, k0)` of one sequence's tokens `[start, end)` under a sliding window of `window`
+    tokens (token i sees token j iff `0 <= i - j < window`, transformers' `sliding_window_overlay`): blocks of
+    `window` queries, each with the keys `[k0, q1)` it can see."""
+    return [(q0, min(q0 + window, end), max(start, q0 - window + 1)) for q0 in range(start, end, window)]
+
+
+def _causal(module, query, key, value, start: int, end: int, window: int | None, dropout, scaling, kwargs):
+    """Causal attention of one row's tokens `[start, end)` among themselves (`query` etc. of batch 1), within
+    `window` if given: one SDPA call with `is_causal`, or, for a sequence longer than the window, one call per
+    block of `window` queries with a `window × (2·window − 1)` mask (never `len × len`)."""
+    if window is None or end - start <= window:
+        out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                                        None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)
+        return out
+    pieces = []
+    for q0, q1, k0 in window_blocks(start, end, window):
+        i = torch.arange(q0, q1, device=query.device)[:, None]
+        j = torch.arange(k0, q1, device=query.device)[None, :]
+        mask = ((j <= i) & (i - j < window))[None, None]
+        out, _ = sdpa_attention_forward(module, query[:, :, q0:q1], key[:, :, k0:q1], value[:, :, k0:q1], mask,
+                                        dropout=dropout, scaling=scaling, is_causal=False, **kwargs)
+        pieces.append(out)
+    return torch.cat(pieces, dim=1)
+
+
 def _attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                is_causal=None, **kwargs):
     position_ids = kwargs.pop("position_ids", None)
+    window = kwargs.pop("sliding_window", None)  # the attention module's own window (None on full-attention layers)
     T = query.shape[2]
     if attention_mask is not None or position_ids is None or key.shape[2] != T or T == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     starts = sequence_starts(position_ids.expand(query.shape[0], -1) if position_ids.shape[0] == 1
                              else position_ids)
-    if all(len(s) == 1 for s in starts):  # one sequence per row: plain causal attention
+    if all(len(s) == 1 for s in starts) and (window is None or T <= window):  # one sequence per row: plain causal
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
                                       is_causal=True, **kwargs)
     rows = []
     for b, row in enumerate(starts):
-        pieces = []
-        for s, e in zip(row, row[1:] + [T]):
-            out, _ = sdpa_attention_forward(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
-                                            value[b:b + 1, :, s:e], None, dropout=dropout, scaling=scaling,
-                                            is_causal=True, **kwargs)
-            pieces.append(out)  # (1, e - s, heads, head_dim)
-        rows.append(torch.cat(pieces, dim=1))
+        q, k, v = query[b:b + 1], key[b:b + 1], value[b:b + 1]
+        rows.append(torch.cat([_causal(module, q, k, v, s, e, window, dropout, scaling, kwargs)
+                               for s, e in zip(row, row[1:] + [T])], dim=1))  # (1, T, heads, head_dim)
     return torch.cat(rows, dim=0), None
 
 
@@ -95,19 +128,28 @@ def register() -> None:
         _registered = True
 
 
+def sliding_window(model: nn.Module) -> int | None:
+    """The sliding window (tokens) of `model`'s windowed layers, or None if every layer attends to all tokens before
+    it (a Qwen2 config carries a `sliding_window` it does not use unless `use_sliding_window`)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None:
+        return window if "sliding_attention" in layer_types else None
+    return window if getattr(text, "use_sliding_window", True) else None
+
+
 def unsupported(model: nn.Module) -> str | None:
     """Why `packed_sdpa` cannot serve `model`, or None."""
     config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    model_type = getattr(text, "model_type", None)
+    model_type = getattr(config, "model_type", None)  # the model's own type: a multimodal wrapper's masks differ
     if model_type not in VERIFIED:
         return f"model type {model_type!r} is not one it is tested with ({', '.join(sorted(VERIFIED))})"
     if getattr(config, "_attn_implementation", None) not in ("sdpa", NAME):
         return f"the model's attention is {config._attn_implementation!r}, not 'sdpa'"
-    window = getattr(text, "sliding_window", None)
-    if window and getattr(text, "use_sliding_window", True) or "sliding_attention" in (getattr(text, "layer_types",
-                                                                                               None) or ()):
-        return f"the model attends in a sliding window ({window} tokens), which the mask carries"
     return None
 
 

@@ -187,9 +187,12 @@ def setup_run(cfg: TrainConfig, build) -> Run:
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     attention = getattr(config, '_attn_implementation', None) or 'unknown'
-    if cfg.packing and attention == "sdpa" and packed_attention.unsupported(model) is None:
-        packed_attention.packed_sdpa(model)  # packed rows without a T × T mask
-        attention = f"{packed_attention.NAME} (SDPA over each packed sequence, no tokens × tokens mask)"
+    window = packed_attention.sliding_window(model)
+    if (cfg.packing or window) and attention == "sdpa" and packed_attention.unsupported(model) is None:
+        packed_attention.packed_sdpa(model)  # packed rows, and sliding windows, without a T × T mask
+        how = ["over each packed sequence"] if cfg.packing else []
+        how += [f"in blocks of the {window}-token sliding window"] if window else []
+        attention = f"{packed_attention.NAME} (SDPA {', '.join(how)}; no tokens × tokens mask)"
     loaded = [f"attention: {attention}",
               f"host allocator: {allocator.loaded()}",
               data.positions_note(getattr(text_config, "max_position_embeddings", None))]
