@@ -39,20 +39,26 @@ ARCHITECTURES = {  # case: (config class, extra fields); each model type once wi
 }
 WINDOWED = {  # case: (config class, extra fields) with a sliding window of WINDOW tokens
     "mistral-window": ("MistralConfig", {"sliding_window": WINDOW}),
-    "phi3-window": ("Phi3Config", {"pad_token_id": 0, "sliding_window": WINDOW}),
+    "phi3-window": ("Phi3Config", {"pad_token_id": 0, "sliding_window": WINDOW, "num_key_value_heads": 4}),  # MHA
     "qwen2-window": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 0,
                                      "layer_types": ["sliding_attention", "sliding_attention"]}),
     "gemma3_text-window": ("Gemma3TextConfig", {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": WINDOW,
                                                 "layer_types": ["sliding_attention", "full_attention"]}),
 }
+FULL = {  # the same models with full attention, to show that the window matters in the test
+    "mistral-window": {"sliding_window": None},
+    "phi3-window": {"sliding_window": None},
+    "qwen2-window": {"use_sliding_window": False, "layer_types": ["full_attention"] * 2},
+    "gemma3_text-window": {"layer_types": ["full_attention"] * 2},
+}
 CASES = {**ARCHITECTURES, **WINDOWED}
 LENGTHS = [(5, 9, 1, 7), (12, 10)]  # two rows of 22 tokens: four sequences (one of a single token), then two
 
 
-def tiny(name):
+def tiny(name, **override):
     config_class, fields = CASES[name]
     torch.manual_seed(0)
-    config = getattr(transformers, config_class)(**{**COMMON, **fields}, attn_implementation="sdpa")
+    config = getattr(transformers, config_class)(**{**COMMON, **fields, **override}, attn_implementation="sdpa")
     return transformers.AutoModelForCausalLM.from_config(config).train()
 
 
@@ -71,7 +77,7 @@ def forward_backward(model, ids, pos):
 
 
 def test_every_verified_model_type_is_tested():
-    assert set(ARCHITECTURES) == VERIFIED
+    assert set(ARCHITECTURES) == VERIFIED and set(FULL) == set(WINDOWED)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -94,7 +100,7 @@ def test_packed_rows_equal_each_sequence_alone_and_the_masked_sdpa(name):
                 assert_close(logits[b, start:start + n], alone, FP32_TOL, f"row {b} sequence at {start}")
                 start += n
     if name in WINDOWED:  # the window matters here: the same weights with full attention give other logits
-        full = tiny(name.removesuffix("-window"))
+        full = tiny(name, **FULL[name])
         full.load_state_dict(model.state_dict())
         full_logits, _ = forward_backward(full, ids, pos)
         assert (full_logits - logits).abs().max() > 100 * FP32_TOL

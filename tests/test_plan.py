@@ -190,6 +190,27 @@ def test_model_from_checkpoint_folder(tmp_path):
     assert resolve_model("meta-llama/Meta-Llama-3-8B") == PRESETS["llama-3-8b"]
 
 
+def test_norms_qk_norms_and_sliding_windows_read_from_the_config(tmp_path):
+    """Gemma 3's four norms a layer, per-head q/k norms and window (the config object and its config.json alike),
+    and the windows that configs carry but no layer uses; the norm weights counted as transformers counts them."""
+    import transformers
+
+    gemma3 = transformers.Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           sliding_window=32, layer_types=["sliding_attention", "full_attention"])
+    gemma3.save_pretrained(tmp_path)
+    for shape in (shape_from_config(gemma3), resolve_model(str(tmp_path))):
+        assert (shape.norms, shape.qk_norm, shape.sliding_window) == (4, "head", 32)
+    with torch.device("meta"):
+        model = transformers.Gemma3ForCausalLM(gemma3)
+    assert shape_from_config(gemma3).params() == sum(p.numel() for p in model.parameters())
+    full = transformers.Gemma3TextConfig(sliding_window=32, num_hidden_layers=2, layer_types=["full_attention"] * 2)
+    assert shape_from_config(full).sliding_window == 0
+    assert shape_from_config(transformers.Qwen2Config(sliding_window=4096)).sliding_window == 0  # not used
+    assert shape_from_config(transformers.MistralConfig(sliding_window=4096)).sliding_window == 4096
+    assert (shape_from_config(llama3_config()).norms, shape_from_config(llama3_config()).sliding_window) == (2, 0)
+
+
 def test_errors_name_the_value(tmp_path):
     with pytest.raises(ValueError, match="neither a preset"):
         resolve_model("Llama-9-1B")
@@ -271,6 +292,15 @@ def test_chunked_loss_term_is_its_formula():
     small = plan(shape, cfg.replace(seq_len=256))
     assert chunked_loss_bytes(dims(shape, small.config), shape, small.config)[0] < 255 * V * 6 + 256 * h * 20
     assert chunked_loss_bytes(d, shape, cfg.replace(loss_chunk_tokens=64))[1] < backward
+
+
+def test_gemma3_layout_within_15_percent_of_measured_peak():
+    """Gemma 3's layout (`eval/plan/validate.py --only gemma`): four norms a layer, per-head q/k norms, GELU-tanh,
+    scaled embeddings, sliding-window layers run by qdora_sdpa's blocks in training."""
+    case = Case("small-gemma3", PlanConfig(method="qdora", r=16, batch_size=1, seq_len=256, device="cpu",
+                                           chunked_loss=True, target_modules="all"))
+    row = measure(case)
+    assert abs(error(row)) <= 0.15, row
 
 
 # A large vocabulary on a narrow model, so that the loss is the step's peak (eval/plan/validate.py --only chunked).

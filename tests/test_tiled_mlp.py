@@ -431,6 +431,26 @@ def test_qwen3_query_and_key_norms_are_tiled_per_token():
     assert_same(tiled, untiled)
 
 
+def test_gemma3_four_norms_a_layer_and_its_window_tile_exactly():
+    """Gemma 3 (text): four norms per layer (before and after attention and MLP), q/k norms, scaled embeddings, a
+    local (sliding-window) and a global layer; every norm is tiled, and the model equals untiled."""
+    config = transformers.Gemma3TextConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                           query_pre_attn_scalar=8, sliding_window=4, max_position_embeddings=64,
+                                           layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config)
+    add_adapters(model, AdapterConfig(method="qdora", r=4, alpha=8, dropout=0.0, target_modules=ATTENTION_ALL),
+                 verbose=False)
+    perturb(model).train()
+    untiled = run(model, MOE_IDS)
+    with qdora.tiled_layers(model, 5) as handle:
+        norms = [m for m in handle._modules if "Norm" in type(m).__name__]
+        assert len(norms) == 2 * (4 + 2) + 1  # per layer: 4 of its own, q and k; then the final norm
+        tiled = run(model, MOE_IDS)
+    assert_same(tiled, untiled)
+
+
 def test_tiled_layers_keep_less_than_the_tiled_mlp():
     """Saved for the backward by one decoder layer (no checkpointing, fp32, DoRA on all its linears, dropout):
     the tiled MLP leaves the norms' and adapters' saved tensors; tiled layers keep each part's input and the

@@ -14,6 +14,7 @@ The prediction is `qdora.plan.memory.plan(..., device="cpu")`'s tensor total.
                                                   # GLM-4-MoE: shared experts, dense layers)
     python -m qdora.eval.plan.validate --only chunked  # the chunked loss (qdora.chunked_loss installed)
     python -m qdora.eval.plan.validate --only long  # long rows, the tiled MLP and offloaded activations on and off
+    python -m qdora.eval.plan.validate --only gemma # Gemma 3's layout: four norms a layer, sliding-window layers
     python -m qdora.eval.plan.validate --only tiled # tiled layers, where a layer's backward peaks; SmolLM2 to 16K
                                                     # (the profiler's events alone: `measure(how="events")`)
     python -m qdora.eval.plan.validate --only smollm2-32k  # SmolLM2 at 32K tokens, the options on and off
@@ -62,7 +63,7 @@ from qdora.plan.memory import (
 )
 from qdora.train.fsdp import build_sharded, init_process_group
 from qdora.train.loop import prepare_for_training
-from qdora.train.setup import long_sequence_options
+from qdora.train.setup import long_sequence_options, training_attention
 
 # Tiny Llama-2/Llama-3 shapes (as in tests/models.py) and a small one with realistic ratios.
 SHAPES = {
@@ -108,6 +109,18 @@ MOE_SHAPES = {
                                       num_experts_per_tok=2, moe_intermediate_size=128, n_shared_experts=1,
                                       first_k_dense_replace=1, n_group=2, topk_group=1, attention_bias=True,
                                       partial_rotary_factor=0.5, tie_word_embeddings=False)),
+}
+
+
+# Other layouts, as (config class, causal LM class, fields): Gemma 3 (text) with four RMSNorms per layer, per-head
+# q/k norms, GELU-tanh MLP, scaled embeddings, tied head, three sliding-window layers (qdora_sdpa's blocks) and a
+# global one.
+ARCH_SHAPES = {
+    "small-gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                     dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                          num_attention_heads=8, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
+                          sliding_window=512, layer_types=["sliding_attention"] * 3 + ["full_attention"],
+                          tie_word_embeddings=True)),
 }
 
 
@@ -172,7 +185,8 @@ def start_table(rows: list[dict]) -> str:
 @dataclass(frozen=True)
 class Case:
     model: str
-    """A key of SHAPES or MOE_SHAPES, or `smollm2` (SmolLM2-135M-Instruct, loaded with `qdora.load_model`)."""
+    """A key of SHAPES, MOE_SHAPES or ARCH_SHAPES, or `smollm2` (SmolLM2-135M-Instruct, loaded with
+    `qdora.load_model`)."""
     cfg: PlanConfig
 
 
@@ -212,6 +226,13 @@ MOE_SHARED = [  # shared experts and dense layers (part of `--only moe`)
     Case("tiny-glm4-moe", _p("qdora", r=8, b=2, s=64, ckpt=False, target_modules=_MLP_TARGETS)),
     Case("tiny-glm4-moe", _p("qdora", r=8, b=2, s=64, target_modules=_MLP_TARGETS)),
     Case("tiny-glm4-moe", _p("qlora", r=8, b=1, s=128, ckpt=False, dropout=0.0, target_modules="all")),
+]
+GEMMA = [  # Gemma 3's layout, every linear adapted, the chunked loss; checkpointing on and off, tiled layers, 2K
+    Case("small-gemma3", _p("qdora", r=16, b=1, s=1024, chunked_loss=True, target_modules="all")),
+    Case("small-gemma3", _p("qdora", r=16, b=1, s=1024, ckpt=False, chunked_loss=True, target_modules="all")),
+    Case("small-gemma3", _p("qdora", r=16, b=1, s=1024, chunked_loss=True, loss_chunk_tokens=256, tiled_layers=True,
+                            target_modules="all")),
+    Case("small-gemma3", _p("qdora", r=16, b=1, s=2048, chunked_loss=True, target_modules="all")),
 ]
 CHUNKED = [  # the chunked loss (qdora train's default): the default chunk (the whole batch here) and small ones
     Case("vocab-llama3", _p("qdora", r=16, b=1, s=512, chunked_loss=True)),
@@ -388,13 +409,18 @@ def build_model(case: Case):
     else:
         import transformers  # heavy, used here only
 
-        arch, kw = MOE_SHAPES[case.model] if case.model in MOE_SHAPES else ("Llama", SHAPES[case.model])
-        config = getattr(transformers, f"{arch}Config")(**kw, max_position_embeddings=4096)
+        if case.model in ARCH_SHAPES:
+            config_class, model_class, kw = ARCH_SHAPES[case.model]
+        else:
+            arch, kw = MOE_SHAPES[case.model] if case.model in MOE_SHAPES else ("Llama", SHAPES[case.model])
+            config_class, model_class = f"{arch}Config", f"{arch}ForCausalLM"
+        config = getattr(transformers, config_class)(**kw, max_position_embeddings=4096)
         torch.manual_seed(0)
-        model = getattr(transformers, f"{arch}ForCausalLM")(config)
+        model = getattr(transformers, model_class)(config)
         qdora.add_adapters(model, adapter_cfg, verbose=False)
         shape = shape_from_config(config, name=case.model)
     prepare_for_training(model, cfg.gradient_checkpointing)   # exactly as qdora.train.loop does
+    training_attention(model, packing=False)  # a sliding window's blocks, as qdora.train.setup switches them on
     if cfg.chunked_loss:  # as qdora.train.setup installs it
         qdora.chunked_loss(model, cfg.loss_chunk_tokens or None)
     long_sequence_options(model, cfg)
@@ -488,11 +514,12 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes only (seconds)")
     p.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2-135M")
-    p.add_argument("--only", choices=("quick", "small", "smollm2", "moe", "chunked", "long", "tiled", "smollm2-32k"),
+    p.add_argument("--only", choices=("quick", "small", "smollm2", "moe", "gemma", "chunked", "long", "tiled",
+                                         "smollm2-32k"),
                    help="run one group of cases (chunked: the chunked loss, qdora.chunked_loss)")
     p.add_argument("--measure", choices=tuple(MEASURES),
-                   help="how a step's peak is measured (default: events for tiled, heap for smollm2-32k, else the "
-                        "timeline)")
+                   help="how a step's peak is measured (default: events for tiled and gemma, heap for smollm2-32k, "
+                        "else the timeline)")
     p.add_argument("--case", type=int, action="append",
                    help="run only this case of the group (its index, from 0; repeatable)")
     p.add_argument("--json", help="also write the rows to this file")
@@ -526,14 +553,14 @@ def main(argv: list[str] | None = None) -> int:
 
     cases = QUICK + ([] if args.quick else SMALL + ([] if args.no_smollm2 else SMOLLM2))
     if args.only:
-        cases = {"quick": QUICK, "small": SMALL, "smollm2": SMOLLM2, "moe": MOE + MOE_SHARED,
+        cases = {"quick": QUICK, "small": SMALL, "smollm2": SMOLLM2, "moe": MOE + MOE_SHARED, "gemma": GEMMA,
                  "chunked": CHUNKED, "long": LONG, "tiled": TILED, "smollm2-32k": SMOLLM2_32K}[args.only]
     if args.case:
         bad = [i for i in args.case if not 0 <= i < len(cases)]
         if bad:
             p.error(f"--case {bad[0]}: the group has cases 0 to {len(cases) - 1}")
         cases = [cases[i] for i in args.case]
-    how = args.measure or {"tiled": "events", "smollm2-32k": "heap"}.get(args.only, "timeline")
+    how = args.measure or {"tiled": "events", "gemma": "events", "smollm2-32k": "heap"}.get(args.only, "timeline")
     rows = []
     for case in tqdm(cases, desc="plan vs measured", unit="case"):
         rows.append(measure(case, how=how))

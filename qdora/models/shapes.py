@@ -57,6 +57,12 @@ class ModelShape:
     """The attention linears with a bias (Qwen2-MoE's and GLM-4-MoE's q, k, v)."""
     rotary_dim: int = 0
     """Rotated dimensions of each head (0: all, `head_dim`; GLM-4-MoE's `partial_rotary_factor` 0.5: half)."""
+    norms: int = 2
+    """RMSNorms per decoder layer: 2 (before attention and before the MLP), 4 in Gemma 2 and 3 (before and after
+    each)."""
+    sliding_window: int = 0
+    """Tokens of the sliding window of the windowed layers (0: every layer attends to all tokens before it).
+    Training runs them in blocks with one shared mask of `window × (2·window − 1)` (`qdora.packed_sdpa`)."""
     attention: str = "gqa"
     """"gqa": q/k/v/o_proj; "mla": DeepSeek-V2/V3's multi-head latent attention (`kv_lora_rank`), whose
     parameters and activations are not modeled (`attention_params` says so)."""
@@ -138,7 +144,7 @@ class ModelShape:
         routed = (self.num_experts * (sum(o * n for o, n in self.expert_shapes().values()) + h)  # + router
                   + sum(o * i for o, i in self.mlp_shapes(True).values()))                       # + shared MLP
         head = 0 if self.tied_embeddings else self.vocab * h
-        return (self.layers * ((self.attention_params() if attention else 0) + 2 * h)
+        return (self.layers * ((self.attention_params() if attention else 0) + self.norms * h)
                 + (self.layers - self.moe_layers) * dense
                 + self.moe_layers * routed + self.vocab * h + head + h)
 
@@ -176,11 +182,13 @@ ALIASES = {"olmoe-1b-7b-0924": "olmoe-1b-7b", "mixtral-8x7b-v0.1": "mixtral-8x7b
 """Hub names of the presets, beside their short names."""
 
 
-QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full", "olmo2": "full"}
+QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full", "olmo2": "full", "gemma3_text": "head"}
 """Architectures (`model_type`) that normalize queries and keys, and how (GLM-4-MoE: per head with `use_qk_norm`)."""
 QKV_BIAS = {"qwen2": ("", True), "qwen2_moe": ("qkv_bias", True), "glm4_moe": ("attention_bias", False)}
 """Architectures whose q, k, v (not o) may carry a bias: the config field that says so ("": always) and its
 default; elsewhere `attention_bias` puts one on all four."""
+LAYER_NORMS = {"gemma2": 4, "gemma3_text": 4}
+"""Architectures with other than 2 RMSNorms per decoder layer (`ModelShape.norms`)."""
 SIGMOID_ROUTERS = ("deepseek_v3", "glm4_moe")
 """Architectures whose router scores with a sigmoid and picks among groups (`ModelShape.router_groups`)."""
 
@@ -218,11 +226,16 @@ def shape_from_config(config, name: str = "model") -> ModelShape:
     biased = ("q_proj", "k_proj", "v_proj") + (() if kind in QKV_BIAS else ("o_proj",))
     bias = biased if not field or get(field, default) else ()
     qk_norm = ("head" if get("use_qk_norm") else "") if kind == "glm4_moe" else QK_NORM.get(kind, "")
+    window, layer_types = int(get("sliding_window") or 0), get("layer_types")
+    if layer_types is not None and "sliding_attention" not in layer_types or layer_types is None and not get(
+            "use_sliding_window", True):
+        window = 0  # a window in the config that no layer uses (Qwen2's without use_sliding_window)
     return ModelShape(name=name, hidden=int(get("hidden_size")), intermediate=int(get("intermediate_size")),
                       layers=layers, heads=heads, kv_heads=int(get("num_key_value_heads") or heads),
                       vocab=int(get("vocab_size")), tied_embeddings=bool(get("tie_word_embeddings", False)),
                       head_dim=int(get("head_dim") or 0), qk_norm=qk_norm, attention_bias=bias,
-                      rotary_dim=int(head_dim * partial) if partial != 1.0 else 0,
+                      rotary_dim=int(head_dim * partial) if partial != 1.0 else 0, norms=LAYER_NORMS.get(kind, 2),
+                      sliding_window=window,
                       attention="mla" if get("kv_lora_rank") else "gqa", **moe)
 
 

@@ -221,13 +221,13 @@ def tiled_layer_saved(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
     attn = T * (2 * q + 2 * kv) * e + d.b * shape.heads * d.s * 4
     if shape.qk_norm:
         attn += T * (q + kv) * e
-    norms = (1 if cfg.gradient_checkpointing else 2) * T * h * e
+    norms = (shape.norms - 1 if cfg.gradient_checkpointing else shape.norms) * T * h * e
     return norms + attn + (T * h * e if _trains(d, ("q_proj", "k_proj", "v_proj")) else 0) + T * h * e
 
 
 def layer_saved(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
-    """Bytes autograd keeps for one decoder layer of kind `d`, gradient checkpointing off: its two
-    RMSNorms, its attention, its `mlp` (`mlp_saved`; tiled, its input); with tiled layers `tiled_layer_saved`."""
+    """Bytes autograd keeps for one decoder layer of kind `d`, gradient checkpointing off: its RMSNorms (two,
+    Gemma's four), its attention, its `mlp` (`mlp_saved`; tiled, its input); with tiled layers `tiled_layer_saved`."""
     if layer_tile(d, shape, cfg):
         return tiled_layer_saved(d, shape, cfg)
     e, T, h, q, kv = d.e, d.T, d.h, d.q, d.kv
@@ -237,7 +237,11 @@ def layer_saved(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
         rows = T * (shape.heads + shape.kv_heads) if shape.qk_norm == "head" else 2 * T
         attn_saved += rows * 4 + sum(T * w * 4 for name, w in (("q_proj", q), ("k_proj", kv))
                                      if not (e == 4 and cfg.use_dora and name in d.adapted))
-    return (2 * norm_saved + attn_saved + _kept_input(d, cfg, ("q_proj", "k_proj", "v_proj"), h)
+    # Gemma's norms after the attention and after the MLP: their inputs are o's and down's outputs, which DoRA in
+    # fp32 keeps itself (on CPU, as the q/k norms above; measured on the saved tensors)
+    post = sum(norm_saved - (T * h * 4 if e == 4 and cfg.use_dora and name in d.adapted else 0)
+               for name in ("o_proj", "down_proj")[:shape.norms - 2])
+    return (2 * norm_saved + post + attn_saved + _kept_input(d, cfg, ("q_proj", "k_proj", "v_proj"), h)
             + _kept_input(d, cfg, ("o_proj",), q) + sum(_adapter_saved(d, cfg, n) for n in shape.attention_shapes())
             + _tiled_mlp_saved(d, shape, cfg))
 
@@ -283,6 +287,9 @@ def _activations(ds: list[Dims], shape: ModelShape, cfg: PlanConfig) -> tuple[in
     e, T, h = d.e, d.T, d.h
     saved = [layer_saved(k, shape, cfg) for k in ds]
     shared = 2 * d.s * shape.rd * e                                     # rotary cos, sin
+    W = shape.sliding_window
+    if W and d.s > W:  # the windowed layers' shared band mask (`qdora.models.packed_attention.band_mask`)
+        shared += W * (2 * W - 1) * e
     # final norm (tiled with the layers: its input) (+ lm_head input)
     head_saved = (T * h * e if layer_tile(d, shape, cfg) else T * h * 4 + T * 4) + (2 * T * h * e if d.full else 0)
     lsm = T * d.V * 4

@@ -124,7 +124,7 @@ def layer_weights(d: Dims, shape: ModelShape, cfg: PlanConfig) -> LayerWeights:
             trainable += count * (a_bytes + m_bytes)
             largest = max(largest, max(cfg.r * n, o * cfg.r) * d.ab if name in d.direction else o * d.ab)
     biases = sum(d.lin[n][0] for n in shape.attention_bias)  # kept as loaded beside NF4 weights
-    base += (2 * d.h + shape.qk_norm_params() + biases) * d.w  # the layer's RMSNorm weights (+ q/k norms)
+    base += (shape.norms * d.h + shape.qk_norm_params() + biases) * d.w  # the layer's RMSNorm weights (+ q/k norms)
     if d.full:
         trainable, largest = base, max(count * o * n * d.w for _, o, n, count in d.units())
     fixed = d.E * d.w if d.E and shape.router_groups else 0

@@ -187,12 +187,7 @@ def setup_run(cfg: TrainConfig, build) -> Run:
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     attention = getattr(config, '_attn_implementation', None) or 'unknown'
-    window = packed_attention.sliding_window(model)
-    if (cfg.packing or window) and attention == "sdpa" and packed_attention.unsupported(model) is None:
-        packed_attention.packed_sdpa(model)  # packed rows, and sliding windows, without a T × T mask
-        how = ["over each packed sequence"] if cfg.packing else []
-        how += [f"in blocks of the {window}-token sliding window"] if window else []
-        attention = f"{packed_attention.NAME} (SDPA {', '.join(how)}; no tokens × tokens mask)"
+    attention = training_attention(model, cfg.packing) or attention
     loaded = [f"attention: {attention}",
               f"host allocator: {allocator.loaded()}",
               data.positions_note(getattr(text_config, "max_position_embeddings", None))]
@@ -241,6 +236,19 @@ def _start_or_resume(run: Run, existing: Path | None) -> None:
             stale.unlink(missing_ok=True)
     if cfg.fsdp:
         torch.distributed.barrier()  # the folder and its files exist before any rank writes into it
+
+
+def training_attention(model, packing: bool) -> str | None:
+    """Switch an SDPA model to `qdora.packed_sdpa` where its mask would be `T × T`: packed rows, or a sliding window
+    (with or without packing). Returns the run log's name for the attention then, else None."""
+    window = packed_attention.sliding_window(model)
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if not (packing or window) or attention != "sdpa" or packed_attention.unsupported(model) is not None:
+        return None
+    packed_attention.packed_sdpa(model)
+    how = ["over each packed sequence"] if packing else []
+    how += [f"in blocks of the {window}-token sliding window"] if window else []
+    return f"{packed_attention.NAME} (SDPA {', '.join(how)}; no tokens × tokens mask)"
 
 
 def long_sequence_options(model, cfg) -> None:
