@@ -805,3 +805,37 @@ def test_cut_cross_entropy_refusals_are_one_line():
         chunked_cross_entropy(h, W, y, kernel="cce")
     with pytest.raises(ValueError, match=r"kernel='cce': Cut Cross-Entropy takes no head bias"):
         chunked_cross_entropy(h.bfloat16(), W.bfloat16(), y, torch.zeros(32, device=DEV), kernel="cce")
+
+
+@cuda_only
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_packed_and_windowed_sdpa_in_bf16_match_transformers_masked_sdpa(kv_heads):
+    """`qdora.packed_sdpa` on CUDA in bf16 (CUDA's SDPA kernels; its window blocks through transformers' SDPA with
+    repeated keys and the shared additive band mask), against transformers' own SDPA with its `T × T` mask, on packed
+    rows with a 16-token sliding window: logits and every gradient."""
+    import transformers
+
+    from qdora.models.packed_attention import packed_sdpa
+
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=kv_heads, sliding_window=16,
+                                        max_position_embeddings=256, attn_implementation="sdpa")
+    model = transformers.AutoModelForCausalLM.from_config(config).to(DEV, torch.bfloat16).train()
+    lengths = [(40, 7, 33), (80,)]  # sequences longer and shorter than the window, packed; and one alone
+    ids = torch.randint(3, 97, (2, 80), device=DEV, generator=torch.Generator(device=DEV).manual_seed(1))
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths]).to(DEV)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        logits.float().square().mean().backward()
+        return logits.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+    want, want_grads = run()
+    packed_sdpa(model)
+    got, grads = run()
+    assert_close(got, want, BF16_TOL, "logits")
+    assert sorted(grads) == sorted(want_grads)
+    for name in grads:
+        assert_close(grads[name], want_grads[name], BF16_TOL, name)
