@@ -106,8 +106,11 @@ def test_packed_rows_equal_each_sequence_alone_and_the_masked_sdpa(name):
         assert (full_logits - logits).abs().max() > 100 * FP32_TOL
 
 
-def test_padding_and_generation_keep_transformers_mask():
-    model = tiny("llama").eval()
+@pytest.mark.parametrize("name", ["llama", "mistral-window", "gemma3_text-window"])
+def test_padding_and_generation_keep_transformers_mask(name):
+    """Padded rows and decoding with a cache keep transformers' mask; a prompt longer than the window is prefilled
+    in the window's blocks, then decoded against transformers' sliding cache."""
+    model = tiny(name).eval()
     ids, pos = packed_batch()
     mask = torch.ones_like(ids)
     mask[1, -4:] = 0  # a padded row: transformers' SDPA mask, block-diagonal and padded
@@ -150,6 +153,27 @@ def test_no_tokens_by_tokens_mask_is_allocated(case):
     # at least the mask's own T x T booleans apart (measured, packed: 24.3 MB against 2.8 MB; the mask's build makes
     # several T x T temporaries)
     assert masked >= T * T and ours < masked - T * T, (masked, ours)
+
+
+def test_an_attention_call_without_position_ids_is_one_windowed_sequence_per_row():
+    """Called without `position_ids` (no packing to find), each row is one sequence: still in the window's blocks,
+    equal to the call that gives them, and to the full windowed mask's SDPA (the oracle, in fp64)."""
+    from qdora.models.packed_attention import _attention
+
+    module = tiny("mistral-window").model.layers[0].self_attn  # GQA: 4 query heads on 2 key heads
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 4, 19, 8, generator=g), torch.randn(2, 2, 19, 8, generator=g), torch.randn(2, 2, 19, 8,
+                                                                                                             generator=g)
+    without, _ = _attention(module, q, k, v, None, scaling=8 ** -0.5, sliding_window=WINDOW)
+    given, _ = _attention(module, q, k, v, None, scaling=8 ** -0.5, sliding_window=WINDOW,
+                          position_ids=torch.arange(19)[None])
+    assert torch.equal(without, given)
+    i, j = torch.arange(19)[:, None], torch.arange(19)[None]
+    band = (j <= i) & (i - j < WINDOW)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1), attn_mask=band,
+        scale=8 ** -0.5).transpose(1, 2)
+    assert_close(without, want, FP32_TOL, "windowed attention without position_ids")
 
 
 def test_sequence_starts():

@@ -125,11 +125,14 @@ def _attention(module: nn.Module, query, key, value, attention_mask, dropout: fl
     position_ids = kwargs.pop("position_ids", None)
     window = kwargs.pop("sliding_window", None)  # the attention module's own window (None on full-attention layers)
     T = query.shape[2]
-    if attention_mask is not None or position_ids is None or key.shape[2] != T or T == 1:
+    if attention_mask is not None or key.shape[2] != T or T == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    starts = sequence_starts(position_ids.expand(query.shape[0], -1) if position_ids.shape[0] == 1
-                             else position_ids)
+    if position_ids is None:  # no packing to find: one sequence per row
+        starts = [[0]] * query.shape[0]
+    else:
+        starts = sequence_starts(position_ids.expand(query.shape[0], -1) if position_ids.shape[0] == 1
+                                 else position_ids)
     if all(len(s) == 1 for s in starts) and (window is None or T <= window):  # one sequence per row: plain causal
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
                                       is_causal=True, **kwargs)
