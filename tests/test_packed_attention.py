@@ -158,14 +158,14 @@ def test_no_tokens_by_tokens_mask_is_allocated(case):
 def test_an_attention_call_without_position_ids_is_one_windowed_sequence_per_row():
     """Called without `position_ids` (no packing to find), each row is one sequence: still in the window's blocks,
     equal to the call that gives them, and to the full windowed mask's SDPA (the oracle, in fp64)."""
-    from qdora.models.packed_attention import _attention
+    from qdora.models.packed_attention import attention
 
     module = tiny("mistral-window").model.layers[0].self_attn  # GQA: 4 query heads on 2 key heads
     g = torch.Generator().manual_seed(3)
     q, k, v = torch.randn(2, 4, 19, 8, generator=g), torch.randn(2, 2, 19, 8, generator=g), torch.randn(2, 2, 19, 8,
                                                                                                              generator=g)
-    without, _ = _attention(module, q, k, v, None, scaling=8 ** -0.5, sliding_window=WINDOW)
-    given, _ = _attention(module, q, k, v, None, scaling=8 ** -0.5, sliding_window=WINDOW,
+    without, _ = attention(module, q, k, v, None, scaling=8 ** -0.5, sliding_window=WINDOW)
+    given, _ = attention(module, q, k, v, None, scaling=8 ** -0.5, sliding_window=WINDOW,
                           position_ids=torch.arange(19)[None])
     assert torch.equal(without, given)
     i, j = torch.arange(19)[:, None], torch.arange(19)[None]

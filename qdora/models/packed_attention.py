@@ -120,8 +120,11 @@ def _causal(module, query, key, value, start: int, end: int, window: int | None,
     return torch.cat(pieces, dim=1)
 
 
-def _attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+def attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                is_causal=None, **kwargs):
+    """"qdora_sdpa"'s attention function, as transformers' `AttentionInterface` calls it: given a mask, transformers'
+    `sdpa_attention_forward`; without one, SDPA over each packed sequence of each row (one per row without
+    `position_ids`), in blocks of `sliding_window` where the module has one (see the module docstring)."""
     position_ids = kwargs.pop("position_ids", None)
     window = kwargs.pop("sliding_window", None)  # the attention module's own window (None on full-attention layers)
     T = query.shape[2]
@@ -148,7 +151,7 @@ def register() -> None:
     """Register "qdora_sdpa" with transformers (once per process)."""
     global _registered
     if not _registered:
-        AttentionInterface.register(NAME, _attention)
+        AttentionInterface.register(NAME, attention)
         AttentionMaskInterface.register(NAME, _mask)
         _registered = True
 
