@@ -45,6 +45,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from qdora.models.shapes import used_sliding_window
+
 NAME = "qdora_sdpa"
 """The attention implementation's name in transformers' registries (and `model.config._attn_implementation`)."""
 VERIFIED = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "olmoe", "olmo2", "phi3", "gemma",
@@ -158,16 +160,10 @@ def register() -> None:
 
 def sliding_window(model: nn.Module) -> int | None:
     """The sliding window (tokens) of `model`'s windowed layers, or None if every layer attends to all tokens before
-    it (a Qwen2 config carries a `sliding_window` it does not use unless `use_sliding_window`)."""
+    it (`qdora.models.shapes.used_sliding_window`)."""
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(text, "sliding_window", None)
-    if not window:
-        return None
-    layer_types = getattr(text, "layer_types", None)
-    if layer_types is not None:
-        return window if "sliding_attention" in layer_types else None
-    return window if getattr(text, "use_sliding_window", True) else None
+    return (used_sliding_window(text) or None) if text is not None else None
 
 
 def unsupported(model: nn.Module) -> str | None:

@@ -193,6 +193,18 @@ SIGMOID_ROUTERS = ("deepseek_v3", "glm4_moe")
 """Architectures whose router scores with a sigmoid and picks among groups (`ModelShape.router_groups`)."""
 
 
+def used_sliding_window(config) -> int:
+    """The sliding window (tokens) of the windowed layers of a transformers config object or config.json dict, or 0
+    where no layer uses one: a config may carry a `sliding_window` that none of its `layer_types` is windowed for,
+    or (Qwen2) that only `use_sliding_window` turns on."""
+    get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else \
+        (lambda k, d=None: getattr(config, k, d))
+    window, layer_types = int(get("sliding_window") or 0), get("layer_types")
+    if layer_types is not None:
+        return window if "sliding_attention" in layer_types else 0
+    return window if get("use_sliding_window", True) else 0
+
+
 def shape_from_config(config, name: str = "model") -> ModelShape:
     """A `ModelShape` from a transformers config object or a config.json dict (an MoE's experts from
     `num_experts`, `num_local_experts` or `n_routed_experts`, `num_experts_per_tok`, `moe_intermediate_size`;
@@ -226,16 +238,12 @@ def shape_from_config(config, name: str = "model") -> ModelShape:
     biased = ("q_proj", "k_proj", "v_proj") + (() if kind in QKV_BIAS else ("o_proj",))
     bias = biased if not field or get(field, default) else ()
     qk_norm = ("head" if get("use_qk_norm") else "") if kind == "glm4_moe" else QK_NORM.get(kind, "")
-    window, layer_types = int(get("sliding_window") or 0), get("layer_types")
-    if layer_types is not None and "sliding_attention" not in layer_types or layer_types is None and not get(
-            "use_sliding_window", True):
-        window = 0  # a window in the config that no layer uses (Qwen2's without use_sliding_window)
     return ModelShape(name=name, hidden=int(get("hidden_size")), intermediate=int(get("intermediate_size")),
                       layers=layers, heads=heads, kv_heads=int(get("num_key_value_heads") or heads),
                       vocab=int(get("vocab_size")), tied_embeddings=bool(get("tie_word_embeddings", False)),
                       head_dim=int(get("head_dim") or 0), qk_norm=qk_norm, attention_bias=bias,
                       rotary_dim=int(head_dim * partial) if partial != 1.0 else 0, norms=LAYER_NORMS.get(kind, 2),
-                      sliding_window=window,
+                      sliding_window=used_sliding_window(config),
                       attention="mla" if get("kv_lora_rank") else "gqa", **moe)
 
 
