@@ -280,28 +280,44 @@ def test_a_run_names_its_attention_and_what_the_cut_removed(setup, tmp_path, cap
     assert [m["step"] for m in read_metrics(out)] == [1, 2]
 
 
-def test_a_windowed_model_attends_in_blocks_without_packing(setup, tmp_path, capsys, monkeypatch):
+GEMMA2_LOG = ("attention: qdora_softcap (eager soft-capped scores in tiles of queries, each recomputed in the "
+              "backward, over each packed sequence, within the 8-token sliding window on its windowed layers; no "
+              "tokens × tokens scores or mask)")
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2"])
+def test_a_windowed_model_attends_in_blocks_without_packing(name, setup, tmp_path, capsys, monkeypatch):
     """Mistral with an 8-token sliding window, rows of up to 64 tokens, no packing: transformers' SDPA would build a
-    `T × T` windowed mask; `qdora train` runs qdora_sdpa's window blocks and says so. Its loss equals the same run on
-    transformers' own SDPA (the attention swapped back by hand)."""
-    from transformers import MistralConfig, MistralForCausalLM
+    `T × T` windowed mask; `qdora train` runs qdora_sdpa's window blocks and says so. Gemma 2 (windowed and full
+    layers, soft-capped scores, packed, offloaded activations): transformers' eager attention would keep `T × T`
+    scores; `qdora train` runs qdora_softcap's tiles and says so. Each run's loss equals the same run on
+    transformers' own attention (swapped back by the test)."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, MistralConfig
 
     monkeypatch.setenv("QDORA_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
-    config = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8, tie_word_embeddings=False)
-    MistralForCausalLM(config).save_pretrained(tmp_path / "model")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / "model" / name).write_bytes((setup / "model" / name).read_bytes())
+    dims = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, sliding_window=8, tie_word_embeddings=False)
+    config = (MistralConfig(**dims) if name == "mistral" else
+              Gemma2Config(**dims, head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=1.0))
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "model" / file).write_bytes((setup / "model" / file).read_bytes())
     cfg = dict(model=str(tmp_path / "model"), data=str(setup / "d.jsonl"), method="qdora", r=4, alpha=8, dropout=0.0,
                lr=1e-2, max_steps=2, batch_size=4, cutoff_len=64, save_every=2, progress=False)
+    if name == "gemma2":
+        cfg.update(packing=True, offload_activations=True)
     train(TrainConfig(**cfg, out=str(tmp_path / "ours")))
     log = (tmp_path / "ours" / RUN_LOG).read_text().splitlines()
-    assert "attention: qdora_sdpa (SDPA in blocks of the 8-token sliding window; no tokens × tokens mask)" in log
+    if name == "mistral":
+        assert "attention: qdora_sdpa (SDPA in blocks of the 8-token sliding window; no tokens × tokens mask)" in log
+    else:
+        assert GEMMA2_LOG in log
     monkeypatch.setattr("qdora.models.packed_attention.unsupported", lambda model: "swapped back by the test")
     train(TrainConfig(**cfg, out=str(tmp_path / "theirs")))
-    assert "attention: sdpa" in (tmp_path / "theirs" / RUN_LOG).read_text().splitlines()
+    own = "sdpa" if name == "mistral" else "eager"
+    assert f"attention: {own}" in (tmp_path / "theirs" / RUN_LOG).read_text().splitlines()
     ours, theirs = read_metrics(tmp_path / "ours"), read_metrics(tmp_path / "theirs")
     assert [m["step"] for m in ours] == [1, 2] == [m["step"] for m in theirs]
-    for a, b in zip(ours, theirs):  # FP32_TOL: the same SDPA sums, split into blocks
+    for a, b in zip(ours, theirs):  # FP32_TOL: the same sums, split into blocks (or tiles)
         assert abs(a["loss"] - b["loss"]) <= FP32_TOL * abs(b["loss"]), (a, b)

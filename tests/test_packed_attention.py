@@ -1,7 +1,8 @@
-"""`qdora.packed_sdpa`: SDPA over each packed sequence of a row, no `T × T` mask. Held to an independent oracle
-(each sequence run alone, as its own batch) and to transformers' own SDPA with its block-diagonal mask, for every
-verified model type: logits and every gradient; padding and generation keep transformers' mask; the mask's bytes
-are gone; what it refuses.
+"""`qdora.packed_sdpa`: SDPA over each packed sequence of a row, no `T × T` mask (Gemma 2's soft-capped scores: the
+eager formula in tiles of queries). Held to an independent oracle (each sequence run alone, as its own batch) and to
+transformers' own attention (SDPA; eager for Gemma 2) with its block-diagonal mask, for every verified model type:
+logits and every gradient; padding and generation keep transformers' mask; the mask's bytes are gone; what it
+refuses.
 
 Tolerance: FP32_TOL (conftest.py). The pieces are the same SDPA calls on the same numbers as the masked row,
 except that the masked kernel sums over (zero-weighted) masked keys too: fp32 rounding of sums of up to 64 terms."""
@@ -14,7 +15,8 @@ from conftest import FP32_TOL, assert_close
 
 import qdora
 from qdora.eval.bench.memory import peak_bytes
-from qdora.models.packed_attention import NAME, VERIFIED, packed_sdpa, sequence_starts
+from qdora.models import packed_attention
+from qdora.models.packed_attention import NAME, SOFTCAP_NAME, SOFTCAPPED, VERIFIED, packed_sdpa, sequence_starts
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,6 +38,9 @@ ARCHITECTURES = {  # case: (config class, extra fields); each model type once wi
     "gemma": ("GemmaConfig", {"head_dim": 8}),
     "gemma3_text": ("Gemma3TextConfig", {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 4096,
                                          "layer_types": ["full_attention", "full_attention"]}),
+    # a soft cap that bites: the tiny model's scores reach several units
+    "gemma2": ("Gemma2Config", {"head_dim": 8, "query_pre_attn_scalar": 8, "attn_logit_softcapping": 0.5,
+                                "layer_types": ["full_attention", "full_attention"]}),
 }
 WINDOWED = {  # case: (config class, extra fields) with a sliding window of WINDOW tokens
     "mistral-window": ("MistralConfig", {"sliding_window": WINDOW}),
@@ -44,21 +49,31 @@ WINDOWED = {  # case: (config class, extra fields) with a sliding window of WIND
                                      "layer_types": ["sliding_attention", "sliding_attention"]}),
     "gemma3_text-window": ("Gemma3TextConfig", {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": WINDOW,
                                                 "layer_types": ["sliding_attention", "full_attention"]}),
+    "gemma2-window": ("Gemma2Config", {"head_dim": 8, "query_pre_attn_scalar": 8, "attn_logit_softcapping": 0.5,
+                                       "sliding_window": WINDOW,
+                                       "layer_types": ["sliding_attention", "full_attention"]}),
 }
 FULL = {  # the same models with full attention, to show that the window matters in the test
     "mistral-window": {"sliding_window": None},
     "phi3-window": {"sliding_window": None},
     "qwen2-window": {"use_sliding_window": False, "layer_types": ["full_attention"] * 2},
     "gemma3_text-window": {"layer_types": ["full_attention"] * 2},
+    "gemma2-window": {"layer_types": ["full_attention"] * 2},
 }
 CASES = {**ARCHITECTURES, **WINDOWED}
 LENGTHS = [(5, 9, 1, 7), (12, 10)]  # two rows of 22 tokens: four sequences (one of a single token), then two
 
 
+def own_attention(name):
+    """The attention transformers runs the case's model with: eager for soft-capped scores, else SDPA."""
+    return "eager" if name.removesuffix("-window") in SOFTCAPPED else "sdpa"
+
+
 def tiny(name, **override):
     config_class, fields = CASES[name]
     torch.manual_seed(0)
-    config = getattr(transformers, config_class)(**{**COMMON, **fields, **override}, attn_implementation="sdpa")
+    config = getattr(transformers, config_class)(**{**COMMON, **fields, **override},
+                                                 attn_implementation=own_attention(name))
     return transformers.AutoModelForCausalLM.from_config(config).train()
 
 
@@ -80,18 +95,25 @@ def test_every_verified_model_type_is_tested():
     assert set(ARCHITECTURES) == VERIFIED and set(FULL) == set(WINDOWED)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_packed_rows_equal_each_sequence_alone_and_the_masked_sdpa(name):
+@pytest.mark.parametrize("name", sorted(CASES) + ["gemma2-tiles", "gemma2-window-tiles"])
+def test_packed_rows_equal_each_sequence_alone_and_the_masked_sdpa(name, monkeypatch):
+    """("-tiles": the soft-capped attention in tiles of 3 queries or fewer: 4 heads × 22 keys × 4 bytes × 3 rows.)"""
+    tiles = name.endswith("-tiles")
+    name = name.removesuffix("-tiles")
+    if tiles:
+        monkeypatch.setattr(packed_attention, "TILE_SCORE_BYTES", 4 * 4 * 22 * 3)
+        assert packed_attention.tile_rows(4, 22) == 3
     model = tiny(name)
     ids, pos = packed_batch()
-    masked_logits, masked_grads = forward_backward(model, ids, pos)  # transformers' SDPA, block-diagonal mask
-    assert packed_sdpa(model) is model and model.config._attn_implementation == NAME
+    masked_logits, masked_grads = forward_backward(model, ids, pos)  # transformers' own, block-diagonal mask
+    assert packed_sdpa(model) is model
+    assert model.config._attn_implementation == (SOFTCAP_NAME if own_attention(name) == "eager" else NAME)
     logits, grads = forward_backward(model, ids, pos)
     assert_close(logits, masked_logits, FP32_TOL, "logits vs the masked SDPA")
     assert sorted(grads) == sorted(masked_grads) and grads
     for n in grads:
         assert_close(grads[n], masked_grads[n], FP32_TOL, n)
-    model.eval().set_attn_implementation("sdpa")
+    model.eval().set_attn_implementation(own_attention(name))
     with torch.no_grad():  # the oracle: every sequence as a batch of its own, transformers' causal (windowed) SDPA
         for b, row in enumerate(LENGTHS):
             start = 0
@@ -106,7 +128,7 @@ def test_packed_rows_equal_each_sequence_alone_and_the_masked_sdpa(name):
         assert (full_logits - logits).abs().max() > 100 * FP32_TOL
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral-window", "gemma3_text-window"])
+@pytest.mark.parametrize("name", ["llama", "mistral-window", "gemma3_text-window", "gemma2-window"])
 def test_padding_and_generation_keep_transformers_mask(name):
     """Padded rows and decoding with a cache keep transformers' mask; a prompt longer than the window is prefilled
     in the window's blocks, then decoded against transformers' sliding cache."""
@@ -176,6 +198,66 @@ def test_an_attention_call_without_position_ids_is_one_windowed_sequence_per_row
     assert_close(without, want, FP32_TOL, "windowed attention without position_ids")
 
 
+@pytest.mark.parametrize("window", [None, WINDOW])
+def test_softcapped_attention_equals_the_fp64_formula_in_any_tiles(window, monkeypatch):
+    """Gemma 2's attention, called directly: `softmax(c·tanh(q·kᵀ·scale / c) + mask)·v` in fp64 is the oracle, for
+    one-query tiles and whole ones, with and without `position_ids` (two packed sequences), output and the gradients
+    of q, k and v; the cap bites (without it the output differs)."""
+    from qdora.models.packed_attention import attention
+
+    module = tiny("gemma2").model.layers[0].self_attn  # 4 query heads on 2 key heads
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, h, 19, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
+    cap, scale = 0.5, 8 ** -0.5
+    starts = torch.tensor([0] * 11 + [1] * 8)  # sequences [0, 11) and [11, 19) of each row
+    pos = torch.cat([torch.arange(11), torch.arange(8)])[None]
+    i, j = torch.arange(19)[:, None], torch.arange(19)[None]
+    seen = (j <= i) & ((i - j < window) if window else True)
+
+    def oracle(packed):
+        see = seen & (starts[:, None] == starts[None]) if packed else seen
+        kk, vv = (t.double().repeat_interleave(2, 1) for t in (k, v))
+        scores = torch.tanh(q.double() @ kk.transpose(2, 3) * scale / cap) * cap
+        return (scores.masked_fill(~see, float("-inf")).softmax(-1) @ vv).transpose(1, 2)
+
+    for budget in (4 * 4 * 19, packed_attention.TILE_SCORE_BYTES):  # tiles of 1 query; one tile
+        monkeypatch.setattr(packed_attention, "TILE_SCORE_BYTES", budget)
+        for packed in (False, True):
+            extra = {"position_ids": pos} if packed else {}
+            got, _ = attention(module, q, k, v, None, scaling=scale, sliding_window=window, softcap=cap, **extra)
+            want = oracle(packed)
+            assert_close(got, want, FP32_TOL, f"output, {budget} bytes, packed={packed}")
+            grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+            for name, a, b in zip("qkv", grads, torch.autograd.grad(want.square().sum(), (q, k, v))):
+                assert_close(a, b, FP32_TOL, f"d{name}, {budget} bytes, packed={packed}")
+    uncapped, _ = attention(module, q, k, v, None, scaling=scale, sliding_window=window)
+    assert (uncapped - got).abs().max() > 0.1
+
+
+def test_softcapped_training_keeps_no_tokens_by_tokens_scores(monkeypatch):
+    """A forward and backward of Gemma 2 at 2,048 tokens: transformers' eager attention keeps its `heads × T × T`
+    scores (64 MiB in fp32 here, several times over); the tiles of 64 queries hold one tile's at a time (measured:
+    391.5 against 16.2 MiB at the peak)."""
+    T, heads = 2048, 4
+    monkeypatch.setattr(packed_attention, "TILE_SCORE_BYTES", 4 * heads * T * 64)
+    model = tiny("gemma2-window", sliding_window=256)
+    ids = torch.randint(3, 97, (1, T), generator=torch.Generator().manual_seed(2))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, use_cache=False).logits.float().square().mean().backward()
+
+    step()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    eager = peak_bytes(step)
+    packed_sdpa(model)
+    ours = peak_bytes(step)
+    for n, p in model.named_parameters():
+        assert_close(p.grad, want[n], FP32_TOL, n)
+    scores = heads * T * T * 4
+    assert eager > 2 * scores and ours < eager - 2 * scores, (eager, ours)
+
+
 def test_sequence_starts():
     assert sequence_starts(torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1], [3, 4, 5, 6, 7, 8, 9, 10]])) == [[0, 3, 5, 6], [0]]
 
@@ -188,10 +270,13 @@ def test_what_it_refuses_in_one_line():
         transformers.LlamaConfig(**COMMON, attn_implementation="eager"))
     with pytest.raises(ValueError, match=r"the model's attention is 'eager', not 'sdpa'"):
         packed_sdpa(eager)
-    gemma2 = transformers.AutoModelForCausalLM.from_config(  # soft-capped attention scores: no SDPA
-        transformers.Gemma2Config(**COMMON, head_dim=8, query_pre_attn_scalar=8))
-    with pytest.raises(ValueError, match=r"model type 'gemma2' is not one it is tested with"):
+    gemma2 = tiny("gemma2")  # soft-capped scores: from eager only
+    gemma2.config._attn_implementation = "flash_attention_2"  # (as a CUDA machine with flash-attn loads it)
+    with pytest.raises(ValueError, match=r"the model's attention is 'flash_attention_2', not 'eager'"):
         packed_sdpa(gemma2)
+    bidirectional = tiny("gemma3_text", use_bidirectional_attention=True)
+    with pytest.raises(ValueError, match=r"bidirectional \(use_bidirectional_attention=True\), not causal"):
+        packed_sdpa(bidirectional)
     text = dict(COMMON, head_dim=8, query_pre_attn_scalar=8)  # a verified text model inside a multimodal one
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=14,
                   patch_size=7)

@@ -28,10 +28,19 @@ there, and within each sequence here.
 `qdora train` switches an SDPA model to it with `--packing`, and for a model with a sliding window always (the run
 log's `attention:` line says so).
 
-Models: the types whose attention passes `position_ids` (and a window, if it has one) through to the attention
-function (`VERIFIED`, each tested against its own SDPA with the mask in `tests/test_packed_attention.py`, windowed
-too where the type has windows); another, or a multimodal model around one, is refused in one line. Gemma 2 is
-not among them: its attention soft-caps its scores, which SDPA cannot.
+Soft-capped scores (Gemma 2, `SOFTCAPPED`): SDPA cannot cap scores, so transformers runs these models eagerly, with
+every layer's `heads × T × T` scores (and their fp32 softmax) kept for the backward: 32 GiB a layer for Gemma-2-9B at
+32K tokens. `packed_sdpa` switches them to "qdora_softcap" (the same functions under another name: transformers
+checks any name with "sdpa" in it against the model's own SDPA support), whose attention runs the eager formula in
+tiles of queries (`tile_rows`: at most `TILE_SCORE_BYTES` of fp32 scores a tile), over each packed sequence, within
+the window on windowed layers, each tile recomputed in the backward (`torch.utils.checkpoint`): what it keeps is
+q, k, v and the output, and what it holds at once is one tile's scores. Given a mask (padding, generation) its
+tiles take their rows of transformers' eager mask.
+
+Models: the types whose attention passes `position_ids` (and a window, and a soft cap, if it has them) through to
+the attention function (`VERIFIED`, each tested against its own attention with the mask in
+`tests/test_packed_attention.py`, windowed too where the type has windows); another, a multimodal model around
+one, or bidirectional attention is refused in one line.
 """
 
 from __future__ import annotations
@@ -41,31 +50,53 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from qdora.models.shapes import used_sliding_window
 
 NAME = "qdora_sdpa"
 """The attention implementation's name in transformers' registries (and `model.config._attn_implementation`)."""
+SOFTCAP_NAME = "qdora_softcap"
+"""The name it has for models that soft-cap their attention scores (`SOFTCAPPED`)."""
 VERIFIED = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "olmoe", "olmo2", "phi3", "gemma",
-                      "gemma3_text"})
-"""Model types whose attention forwards `position_ids`, and its `sliding_window` where it has one, to the attention
-function (read in transformers 5.25)."""
+                      "gemma2", "gemma3_text"})
+"""Model types whose attention forwards `position_ids`, and its `sliding_window` and `softcap` where it has them, to
+the attention function (read in transformers 5.25)."""
+SOFTCAPPED = frozenset({"gemma2"})
+"""Of those, the types whose attention soft-caps its scores (`attn_logit_softcapping`): eager in transformers."""
+TILE_SCORE_BYTES = 64 * 2**20
+"""The fp32 scores of one tile of queries of the soft-capped attention, at most (`tile_rows`): the tile's working set
+is a few times this (the scores, their `tanh`, the fp32 softmax; `qdora plan` counts them)."""
 
 _registered = False
 
 
-def _mask(*, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
-    """No mask where the rows need only causality within each packed sequence (the attention splits them); else
-    transformers' own SDPA mask."""
+def _needs_mask(q_length, kv_length, q_offset, kv_offset, attention_mask) -> bool:
+    """Whether the rows need more than causality within each packed sequence (which the attention splits by itself):
+    a cache offset, a query shorter than the keys, or padding."""
     plain = (q_length == kv_length and not isinstance(q_offset, torch.Tensor) and q_offset == 0
              and not isinstance(kv_offset, torch.Tensor) and kv_offset == 0)
-    if plain and (attention_mask is None or bool(attention_mask[:, -kv_length:].all())):
+    return not (plain and (attention_mask is None or bool(attention_mask[:, -kv_length:].all())))
+
+
+def _mask(*, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+    """"qdora_sdpa"'s mask: none where the rows need only causality within each packed sequence, else transformers'
+    own SDPA mask."""
+    if not _needs_mask(q_length, kv_length, q_offset, kv_offset, attention_mask):
         return None
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
+
+
+def _eager_mask(*, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+    """"qdora_softcap"'s mask: as `_mask`, with transformers' eager (additive float) mask where one is needed."""
+    if not _needs_mask(q_length, kv_length, q_offset, kv_offset, attention_mask):
+        return None
+    return eager_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                      kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
 
 
 def sequence_starts(position_ids: torch.Tensor) -> list[list[int]]:
@@ -122,13 +153,83 @@ def _causal(module, query, key, value, start: int, end: int, window: int | None,
     return torch.cat(pieces, dim=1)
 
 
+def tile_rows(heads: int, keys: int) -> int:
+    """Queries per tile of the soft-capped attention over `keys` keys with `heads` heads (times the batch where the
+    tile spans it): as many as keep the tile's fp32 scores within `TILE_SCORE_BYTES`, at least one."""
+    return max(1, TILE_SCORE_BYTES // (4 * heads * max(keys, 1)))
+
+
+def capped_tile(query, key, value, mask, offset: int, window: int | None, scaling: float, softcap: float,
+                dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Transformers' eager soft-capped attention (Gemma 2's `eager_attention_forward`) of one tile of queries
+    `(b, H, t, d)` over its keys and values `(b, KVH, n, d)`, the keys kept grouped (never repeated per head).
+    `mask`: transformers' additive mask `(b, 1, t, n)`, or None: query a, at key index `offset + a`, sees key j iff
+    `j <= offset + a` and, with a window, `offset + a − j < window`. Returns `(b, t, H, d)`."""
+    b, H, t, d = query.shape
+    kvh, n = key.shape[1], key.shape[2]
+    g = H // kvh
+    scores = torch.matmul(query.reshape(b, kvh, g * t, d), key.transpose(2, 3)) * scaling
+    scores = (torch.tanh(scores / softcap) * softcap).view(b, kvh, g, t, n)
+    if mask is None:
+        q_pos = torch.arange(offset, offset + t, device=query.device)[:, None]
+        k_pos = torch.arange(n, device=query.device)[None]
+        hidden = k_pos > q_pos
+        if window is not None:
+            hidden |= q_pos - k_pos >= window
+        scores = scores.masked_fill(hidden, float("-inf"))
+    else:
+        scores = scores + mask[:, None]
+    probs = F.softmax(scores.view(b, kvh, g * t, n), dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=training)
+    return torch.matmul(probs, value).view(b, H, t, d).transpose(1, 2)
+
+
+def _capped(module, query, key, value, attention_mask, position_ids, window, dropout, scaling, softcap):
+    """"qdora_softcap"'s attention (`capped_tile` over tiles of `tile_rows` queries, each recomputed in the backward):
+    given a mask, every row's tiles over all keys with their rows of the mask; without one, over each packed sequence
+    of each row, within the window."""
+    B, H, T, _ = query.shape
+    S = key.shape[2]
+    scaling = module.head_dim ** -0.5 if scaling is None else scaling
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+
+    def tile(q, k, v, mask, offset):
+        args = (q, k, v, mask, offset, window, scaling, softcap, dropout, module.training)
+        return checkpoint(capped_tile, *args, use_reentrant=False) if grad else capped_tile(*args)
+
+    if attention_mask is not None or S != T:  # a mask (or a cache without one: the queries are the last keys)
+        rows = tile_rows(B * H, S)
+        return torch.cat([tile(query[:, :, q0:q0 + rows], key, value,
+                               None if attention_mask is None else attention_mask[:, :, q0:q0 + rows], S - T + q0)
+                          for q0 in range(0, T, rows)], dim=1)
+    starts = ([[0]] * B if position_ids is None
+              else sequence_starts(position_ids.expand(B, -1) if position_ids.shape[0] == 1 else position_ids))
+    out = []
+    for b, row in enumerate(starts):
+        pieces = []
+        for s, e in zip(row, row[1:] + [T]):
+            rows = tile_rows(H, e - s if window is None else min(e - s, 2 * window))
+            for q0 in range(s, e, rows):
+                q1 = min(q0 + rows, e)
+                k0 = s if window is None else max(s, q0 - window + 1)
+                pieces.append(tile(query[b:b + 1, :, q0:q1], key[b:b + 1, :, k0:q1], value[b:b + 1, :, k0:q1], None,
+                                   q0 - k0))
+        out.append(torch.cat(pieces, dim=1))
+    return torch.cat(out, dim=0)
+
+
 def attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                is_causal=None, **kwargs):
-    """"qdora_sdpa"'s attention function, as transformers' `AttentionInterface` calls it: given a mask, transformers'
-    `sdpa_attention_forward`; without one, SDPA over each packed sequence of each row (one per row without
-    `position_ids`), in blocks of `sliding_window` where the module has one (see the module docstring)."""
+    """"qdora_sdpa"'s (and "qdora_softcap"'s) attention function, as transformers' `AttentionInterface` calls it:
+    given a mask, transformers' `sdpa_attention_forward`; without one, SDPA over each packed sequence of each row (one
+    per row without `position_ids`), in blocks of `sliding_window` where the module has one; scores soft-capped
+    (`softcap`), in tiles of queries (see the module docstring)."""
     position_ids = kwargs.pop("position_ids", None)
     window = kwargs.pop("sliding_window", None)  # the attention module's own window (None on full-attention layers)
+    softcap = kwargs.pop("softcap", None)
+    if softcap is not None:
+        out = _capped(module, query, key, value, attention_mask, position_ids, window, dropout, scaling, softcap)
+        return out, None
     T = query.shape[2]
     if attention_mask is not None or key.shape[2] != T or T == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -150,11 +251,13 @@ def attention(module: nn.Module, query, key, value, attention_mask, dropout: flo
 
 
 def register() -> None:
-    """Register "qdora_sdpa" with transformers (once per process)."""
+    """Register "qdora_sdpa" and "qdora_softcap" with transformers (once per process)."""
     global _registered
     if not _registered:
         AttentionInterface.register(NAME, attention)
         AttentionMaskInterface.register(NAME, _mask)
+        AttentionInterface.register(SOFTCAP_NAME, attention)
+        AttentionMaskInterface.register(SOFTCAP_NAME, _eager_mask)
         _registered = True
 
 
@@ -166,26 +269,36 @@ def sliding_window(model: nn.Module) -> int | None:
     return (used_sliding_window(text) or None) if text is not None else None
 
 
+def implementation(model: nn.Module) -> str:
+    """The name `packed_sdpa` gives `model`'s attention: "qdora_softcap" for a type that soft-caps its scores,
+    else "qdora_sdpa"."""
+    return SOFTCAP_NAME if getattr(model.config, "model_type", None) in SOFTCAPPED else NAME
+
+
 def unsupported(model: nn.Module) -> str | None:
     """Why `packed_sdpa` cannot serve `model`, or None."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)  # the model's own type: a multimodal wrapper's masks differ
     if model_type not in VERIFIED:
         return f"model type {model_type!r} is not one it is tested with ({', '.join(sorted(VERIFIED))})"
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", NAME):
-        return f"the model's attention is {config._attn_implementation!r}, not 'sdpa'"
+    if getattr(config, "use_bidirectional_attention", False):
+        return "the model's attention is bidirectional (use_bidirectional_attention=True), not causal"
+    own = "eager" if model_type in SOFTCAPPED else "sdpa"  # transformers runs soft-capped scores eagerly
+    if getattr(config, "_attn_implementation", None) not in (own, implementation(model)):
+        return f"the model's attention is {config._attn_implementation!r}, not {own!r}"
     return None
 
 
 def packed_sdpa(model: nn.Module) -> nn.Module:
     """Switch a transformers causal LM (or a PEFT model around one) from SDPA to SDPA over each packed sequence of
-    a row, so that packed rows need no `T × T` mask (see the module docstring). Exact; returns the model. A model it
-    is not tested with, or one not on SDPA, is refused in one ValueError line; `model.set_attn_implementation("sdpa")`
-    undoes it."""
+    a row, so that packed rows need no `T × T` mask, and a model with soft-capped scores (Gemma 2) from eager to the
+    same in tiles of queries (see the module docstring). Exact; returns the model. A model it is not tested with, or
+    one not on its SDPA (eager for soft-capped scores), is refused in one ValueError line;
+    `model.set_attn_implementation("sdpa")` (or "eager") undoes it."""
     lm = model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
     reason = unsupported(lm)
     if reason is not None:
         raise ValueError(f"qdora.packed_sdpa: {reason}; keep transformers' attention for this model")
     register()
-    lm.set_attn_implementation(NAME)
+    lm.set_attn_implementation(implementation(lm))
     return model

@@ -239,15 +239,22 @@ def _start_or_resume(run: Run, existing: Path | None) -> None:
 
 
 def training_attention(model, packing: bool) -> str | None:
-    """Switch an SDPA model to `qdora.packed_sdpa` where its mask would be `T × T`: packed rows, or a sliding window
-    (with or without packing). Returns the run log's name for the attention then, else None."""
+    """Switch a model to `qdora.packed_sdpa` where its attention would be `T × T`: packed rows or a sliding window on
+    SDPA (with or without packing), or soft-capped scores on eager (Gemma 2, always). Returns the run log's name for
+    the attention then, else None."""
     window = packed_attention.sliding_window(model)
+    capped = packed_attention.implementation(model) == packed_attention.SOFTCAP_NAME
+    own = "eager" if capped else "sdpa"
     attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if not (packing or window) or attention != "sdpa" or packed_attention.unsupported(model) is not None:
+    if not (packing or window or capped) or attention != own or packed_attention.unsupported(model) is not None:
         return None
     packed_attention.packed_sdpa(model)
     how = ["over each packed sequence"] if packing else []
-    how += [f"in blocks of the {window}-token sliding window"] if window else []
+    how += [f"in blocks of the {window}-token sliding window"] if window and not capped else []
+    how += [f"within the {window}-token sliding window on its windowed layers"] if window and capped else []
+    if capped:
+        return (f"{packed_attention.SOFTCAP_NAME} (eager soft-capped scores in tiles of queries, each recomputed in "
+                f"the backward{''.join(', ' + h for h in how)}; no tokens × tokens scores or mask)")
     return f"{packed_attention.NAME} (SDPA {', '.join(how)}; no tokens × tokens mask)"
 
 
