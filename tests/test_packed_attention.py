@@ -17,6 +17,7 @@ import qdora
 from qdora.eval.bench.memory import peak_bytes
 from qdora.models import packed_attention
 from qdora.models.packed_attention import NAME, SOFTCAP_NAME, SOFTCAPPED, VERIFIED, packed_sdpa, sequence_starts
+from qdora.models.shapes import SOFTCAP_TILE_BYTES
 
 transformers = pytest.importorskip("transformers")
 
@@ -101,7 +102,7 @@ def test_packed_rows_equal_each_sequence_alone_and_the_masked_sdpa(name, monkeyp
     tiles = name.endswith("-tiles")
     name = name.removesuffix("-tiles")
     if tiles:
-        monkeypatch.setattr(packed_attention, "TILE_SCORE_BYTES", 4 * 4 * 22 * 3)
+        monkeypatch.setitem(SOFTCAP_TILE_BYTES, "cpu", 4 * 4 * 22 * 3)
         assert packed_attention.tile_rows(4, 22) == 3
     model = tiny(name)
     ids, pos = packed_batch()
@@ -220,8 +221,8 @@ def test_softcapped_attention_equals_the_fp64_formula_in_any_tiles(window, monke
         scores = torch.tanh(q.double() @ kk.transpose(2, 3) * scale / cap) * cap
         return (scores.masked_fill(~see, float("-inf")).softmax(-1) @ vv).transpose(1, 2)
 
-    for budget in (4 * 4 * 19, packed_attention.TILE_SCORE_BYTES):  # tiles of 1 query; one tile
-        monkeypatch.setattr(packed_attention, "TILE_SCORE_BYTES", budget)
+    for budget in (4 * 4 * 19, 2**20):  # tiles of 1 query, each recomputed in the backward; one, kept by autograd
+        monkeypatch.setitem(SOFTCAP_TILE_BYTES, "cpu", budget)
         for packed in (False, True):
             extra = {"position_ids": pos} if packed else {}
             got, _ = attention(module, q, k, v, None, scaling=scale, sliding_window=window, softcap=cap, **extra)
@@ -234,12 +235,46 @@ def test_softcapped_attention_equals_the_fp64_formula_in_any_tiles(window, monke
     assert (uncapped - got).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("case", ["packed", "masked", "dropout"])
+def test_softcapped_tiles_backward_is_the_numerical_gradient(case, monkeypatch):
+    """`torch.autograd.gradcheck` in fp64 (finite differences: an oracle independent of autograd's) of the tiled
+    soft-capped attention, in tiles of 2 queries: packed sequences under a window; an additive mask given (as
+    transformers gives one for padding), over all keys; attention dropout, whose backward must replay the forward's
+    random numbers (each call seeds the generator, so the function differentiated is one fixed dropout mask)."""
+    from qdora.models.packed_attention import attention
+
+    monkeypatch.setitem(SOFTCAP_TILE_BYTES, "cpu", 4 * 4 * 9 * 2)
+    module = tiny("gemma2").model.layers[0].self_attn
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, h, 9, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    extra = {"sliding_window": 3, "position_ids": torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]])}
+    mask = None
+    if case == "masked":
+        i, j = torch.arange(9)[:, None], torch.arange(9)[None]
+        # row 1 right-padded (its last two keys hidden; a row that sees no key at all has no gradient to check)
+        seen = (j <= i)[None, None] & torch.tensor([[1] * 9, [1] * 7 + [0, 0]]).bool()[:, None, None]
+        mask = torch.zeros(2, 1, 9, 9, dtype=torch.float64).masked_fill(~seen, torch.finfo(torch.float64).min)
+        extra = {}
+    module.train()
+    dropout = 0.3 if case == "dropout" else 0.0
+
+    def f(q, k, v):
+        torch.manual_seed(5)
+        return attention(module, q, k, v, mask, dropout=dropout, scaling=8 ** -0.5, softcap=0.5, **extra)[0]
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+    if case == "dropout":  # the dropout is there: another draw gives another output
+        torch.manual_seed(6)
+        other = attention(module, q, k, v, None, dropout=dropout, scaling=8 ** -0.5, softcap=0.5, **extra)[0]
+        assert (other - f(q, k, v)).abs().max() > 0.01
+
+
 def test_softcapped_training_keeps_no_tokens_by_tokens_scores(monkeypatch):
     """A forward and backward of Gemma 2 at 2,048 tokens: transformers' eager attention keeps its `heads × T × T`
     scores (64 MiB in fp32 here, several times over); the tiles of 64 queries hold one tile's at a time (measured:
     391.5 against 16.2 MiB at the peak)."""
     T, heads = 2048, 4
-    monkeypatch.setattr(packed_attention, "TILE_SCORE_BYTES", 4 * heads * T * 64)
+    monkeypatch.setitem(SOFTCAP_TILE_BYTES, "cpu", 4 * heads * T * 64)
     model = tiny("gemma2-window", sliding_window=256)
     ids = torch.randint(3, 97, (1, T), generator=torch.Generator().manual_seed(2))
 
@@ -298,3 +333,12 @@ def test_the_heap_measurement_runs(capsys, args):
     sdpa, ours = (float(x.replace(",", "")) for x in re.findall(r"([\d,.]+) MiB", out))
     assert sdpa > ours + 512 * 512 / 2**20  # at least the mask's bytes apart
     assert ("32-token sliding window" in out) == ("--window" in args)
+
+
+def test_the_softcap_measurement_runs(capsys):
+    from qdora.eval.bench.packed_attention import main
+    assert main(["--softcap", "--tokens", "1024"]) == 0
+    out = capsys.readouterr().out
+    eager, ours = (float(x.replace(",", "")) for x in re.findall(r"([\d,.]+) MiB", out))
+    assert eager > ours + 8 * 1024 * 1024 * 4 / 2**20  # at least one layer's fp32 scores apart (8 heads)
+    assert "Gemma 2, 1,024 tokens" in out and "x eager's time" in out

@@ -5,13 +5,21 @@ random Llama (2 layers, hidden 64) over one row of `--tokens` tokens in `--seque
 even for one sequence (qdora_sdpa: blocks of W queries). The heap's high-water mark by memray
 (`qdora.eval.bench.memory.heap_peak_bytes`), so the mask's build temporaries count too.
 
+With `--softcap`, Gemma 2's soft-capped scores: a training step (forward and backward) of a random 4-layer Gemma 2
+(hidden 256, 8 query heads of 32 on 4 key heads, windowed and global layers alternating; `--window`, default 512)
+on one sequence of `--tokens` tokens, on transformers' eager attention (its `heads × T × T` scores kept for the
+backward) and on qdora_softcap's tiles: the heap's high-water mark of a step, and the mean time of 3 steps after
+one to warm up (run it alone: the time is a measurement).
+
     python -m qdora.eval.bench.packed_attention --tokens 32768 --sequences 8
     python -m qdora.eval.bench.packed_attention --tokens 32768 --sequences 1 --window 4096
+    python -m qdora.eval.bench.packed_attention --softcap --tokens 4096
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -42,17 +50,55 @@ def measure(tokens: int, sequences: int, window: int | None = None) -> dict:
             "packed_sdpa_bytes": heap_peak_bytes(forward)}
 
 
+def measure_softcap(tokens: int, window: int = 512, steps: int = 3) -> dict:
+    """Heap peak and mean seconds of a Gemma 2 training step on eager attention and on qdora_softcap."""
+    import transformers  # heavy, used here only
+
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                       num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+                                       query_pre_attn_scalar=32, sliding_window=window, max_position_embeddings=tokens,
+                                       attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_config(config).train()
+    ids = torch.randint(0, 4096, (1, tokens))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, use_cache=False).logits.float().mean().backward()
+
+    out = {"tokens": tokens, "window": window}
+    for name in ("eager", "qdora_softcap"):
+        if name == "qdora_softcap":
+            packed_sdpa(model)
+        out[f"{name}_bytes"] = heap_peak_bytes(step)  # (also the warm-up)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        out[f"{name}_seconds"] = (time.perf_counter() - start) / steps
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m qdora.eval.bench.packed_attention", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=32768, help="tokens of the packed row (default: %(default)s)")
     p.add_argument("--sequences", type=int, default=8, help="sequences packed in it (default: %(default)s)")
-    p.add_argument("--window", type=int, help="a sliding window of this many tokens (Mistral's shapes; default: none)")
+    p.add_argument("--window", type=int, help="a sliding window of this many tokens (Mistral's shapes; default: none; "
+                   "with --softcap, Gemma 2's windowed layers: 512)")
+    p.add_argument("--softcap", action="store_true", help="Gemma 2's soft-capped scores: a training step's heap and "
+                   "time on eager attention and on qdora_softcap")
     args = p.parse_args(argv)
     if args.tokens < 2 or not 1 <= args.sequences <= args.tokens:
         p.error(f"--tokens={args.tokens} must be >= 2 and --sequences={args.sequences} between 1 and --tokens")
     if args.window is not None and args.window < 1:
         p.error(f"--window={args.window} must be >= 1 (or left out: no sliding window)")
+    if args.softcap:
+        r = measure_softcap(args.tokens, args.window or 512)
+        print(f"Gemma 2, {r['tokens']:,} tokens, a {r['window']:,}-token window on half the layers, a training step "
+              f"(heap peak, time): eager {r['eager_bytes'] / 2**20:,.1f} MiB, {r['eager_seconds']:.3f} s; "
+              f"qdora_softcap {r['qdora_softcap_bytes'] / 2**20:,.1f} MiB, {r['qdora_softcap_seconds']:.3f} s "
+              f"({r['qdora_softcap_seconds'] / r['eager_seconds']:.2f}x eager's time)")
+        return 0
     r = measure(args.tokens, args.sequences, args.window)
     window = f", a {r['window']:,}-token sliding window" if r["window"] else ""
     sequences = f"{r['sequences']} sequence{'s' if r['sequences'] != 1 else ''}"

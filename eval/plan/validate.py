@@ -14,7 +14,8 @@ The prediction is `qdora.plan.memory.plan(..., device="cpu")`'s tensor total.
                                                   # GLM-4-MoE: shared experts, dense layers)
     python -m qdora.eval.plan.validate --only chunked  # the chunked loss (qdora.chunked_loss installed)
     python -m qdora.eval.plan.validate --only long  # long rows, the tiled MLP and offloaded activations on and off
-    python -m qdora.eval.plan.validate --only gemma # Gemma 3's layout: four norms a layer, sliding-window layers
+    python -m qdora.eval.plan.validate --only gemma # Gemma 3's and 2's layouts: four norms a layer, sliding-window
+                                                     # layers, soft-capped attention
     python -m qdora.eval.plan.validate --only tiled # tiled layers, where a layer's backward peaks; SmolLM2 to 16K
                                                     # (the profiler's events alone: `measure(how="events")`)
     python -m qdora.eval.plan.validate --only smollm2-32k  # SmolLM2 at 32K tokens, the options on and off
@@ -121,6 +122,13 @@ ARCH_SHAPES = {
                           num_attention_heads=8, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
                           sliding_window=512, layer_types=["sliding_attention"] * 3 + ["full_attention"],
                           tie_word_embeddings=True)),
+    # Gemma 2: four norms, GELU-tanh MLP, tied head, soft-capped scores (qdora_softcap's tiles) and final logits,
+    # windowed and global layers alternating
+    "small-gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+                     dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                          num_attention_heads=8, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
+                          sliding_window=512, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                          layer_types=["sliding_attention", "full_attention"] * 2, tie_word_embeddings=True)),
 }
 
 
@@ -233,6 +241,10 @@ GEMMA = [  # Gemma 3's layout, every linear adapted, the chunked loss; checkpoin
     Case("small-gemma3", _p("qdora", r=16, b=1, s=1024, chunked_loss=True, loss_chunk_tokens=256, tiled_layers=True,
                             target_modules="all")),
     Case("small-gemma3", _p("qdora", r=16, b=1, s=2048, chunked_loss=True, target_modules="all")),
+    # Gemma 2: its soft-capped attention in tiles of queries (4 MiB of fp32 scores a tile on CPU)
+    Case("small-gemma2", _p("qdora", r=16, b=1, s=1024, chunked_loss=True, target_modules="all")),
+    Case("small-gemma2", _p("qdora", r=16, b=1, s=1024, ckpt=False, chunked_loss=True, target_modules="all")),
+    Case("small-gemma2", _p("qdora", r=16, b=1, s=4096, chunked_loss=True, target_modules="all")),
 ]
 CHUNKED = [  # the chunked loss (qdora train's default): the default chunk (the whole batch here) and small ones
     Case("vocab-llama3", _p("qdora", r=16, b=1, s=512, chunked_loss=True)),

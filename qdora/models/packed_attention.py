@@ -32,10 +32,10 @@ Soft-capped scores (Gemma 2, `SOFTCAPPED`): SDPA cannot cap scores, so transform
 every layer's `heads × T × T` scores (and their fp32 softmax) kept for the backward: 32 GiB a layer for Gemma-2-9B at
 32K tokens. `packed_sdpa` switches them to "qdora_softcap" (the same functions under another name: transformers
 checks any name with "sdpa" in it against the model's own SDPA support), whose attention runs the eager formula in
-tiles of queries (`tile_rows`: at most `TILE_SCORE_BYTES` of fp32 scores a tile), over each packed sequence, within
-the window on windowed layers, each tile recomputed in the backward (`torch.utils.checkpoint`): what it keeps is
-q, k, v and the output, and what it holds at once is one tile's scores. Given a mask (padding, generation) its
-tiles take their rows of transformers' eager mask.
+tiles of queries (`tile_rows`: at most `qdora.models.shapes.SOFTCAP_TILE_BYTES` of fp32 scores a tile), over each
+packed sequence, within the window on windowed layers, each tile recomputed in the backward (`CappedTiles`): what it
+keeps is q, k, v, and what it holds at once is one tile's scores. Given a mask (padding, generation) its tiles take
+their rows of transformers' eager mask.
 
 Models: the types whose attention passes `position_ids` (and a window, and a soft cap, if it has them) through to
 the attention function (`VERIFIED`, each tested against its own attention with the mask in
@@ -50,12 +50,11 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from qdora.models.shapes import used_sliding_window
+from qdora.models.shapes import softcap_tile_rows, used_sliding_window
 
 NAME = "qdora_sdpa"
 """The attention implementation's name in transformers' registries (and `model.config._attn_implementation`)."""
@@ -67,10 +66,6 @@ VERIFIED = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtra
 the attention function (read in transformers 5.25)."""
 SOFTCAPPED = frozenset({"gemma2"})
 """Of those, the types whose attention soft-caps its scores (`attn_logit_softcapping`): eager in transformers."""
-TILE_SCORE_BYTES = 64 * 2**20
-"""The fp32 scores of one tile of queries of the soft-capped attention, at most (`tile_rows`): the tile's working set
-is a few times this (the scores, their `tanh`, the fp32 softmax; `qdora plan` counts them)."""
-
 _registered = False
 
 
@@ -153,10 +148,10 @@ def _causal(module, query, key, value, start: int, end: int, window: int | None,
     return torch.cat(pieces, dim=1)
 
 
-def tile_rows(heads: int, keys: int) -> int:
+def tile_rows(heads: int, keys: int, device: torch.device = torch.device("cpu")) -> int:
     """Queries per tile of the soft-capped attention over `keys` keys with `heads` heads (times the batch where the
-    tile spans it): as many as keep the tile's fp32 scores within `TILE_SCORE_BYTES`, at least one."""
-    return max(1, TILE_SCORE_BYTES // (4 * heads * max(keys, 1)))
+    tile spans it): `qdora.models.shapes.softcap_tile_rows`, one rule with the planner's."""
+    return softcap_tile_rows(heads, keys, device.type)
 
 
 def capped_tile(query, key, value, mask, offset: int, window: int | None, scaling: float, softcap: float,
@@ -179,43 +174,97 @@ def capped_tile(query, key, value, mask, offset: int, window: int | None, scalin
         scores = scores.masked_fill(hidden, float("-inf"))
     else:
         scores = scores + mask[:, None]
-    probs = F.softmax(scores.view(b, kvh, g * t, n), dim=-1, dtype=torch.float32).to(query.dtype)
+    # eager's softmax in fp32 (at least: fp64 stays fp64, where eager's would round it to fp32)
+    probs = F.softmax(scores.view(b, kvh, g * t, n), dim=-1,
+                      dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=training)
     return torch.matmul(probs, value).view(b, H, t, d).transpose(1, 2)
 
 
+class CappedTiles(torch.autograd.Function):
+    """`capped_tile` over a list of tiles `(b0, b1, q0, q1, k0, k1)` (rows `[b0, b1)`, queries `[q0, q1)`, keys
+    `[k0, k1)`; the queries are the last `T` of the `S` keys), into one output `(B, T, H, d)`. It keeps q, k, v (and
+    the mask) for the backward, which computes each tile again and takes its gradients with autograd, adding them
+    into whole-size gradients of q, k and v: one tile's working set at a time. (Slicing each tile in autograd's graph
+    instead would give every tile's backward a zero-filled gradient the size of the whole q, k and v.) Dropout
+    replays the forward's random numbers: the backward draws them again from the forward's generator state, tile by
+    tile in the same order."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, tiles, window, scaling, softcap, dropout, training):
+        ctx.tiles, ctx.args = tiles, (window, scaling, softcap, dropout, training)
+        ctx.rng = _rng_state(query.device) if dropout and training else None
+        ctx.save_for_backward(query, key, value, mask)
+        B, H, T, d = query.shape
+        out = query.new_empty(B, T, H, d)
+        for tile in tiles:
+            b0, b1, q0, q1, _, _ = tile
+            out[b0:b1, q0:q1] = capped_tile(*_tile_inputs(query, key, value, mask, tile), *ctx.args)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, mask = ctx.saved_tensors
+        grads = [torch.zeros_like(t) if need else None for t, need in zip((query, key, value), ctx.needs_input_grad)]
+        with torch.random.fork_rng([query.device] if query.device.type == "cuda" else [],
+                                   enabled=ctx.rng is not None):
+            if ctx.rng is not None:
+                _set_rng_state(query.device, ctx.rng)
+            for tile in ctx.tiles:
+                b0, b1, q0, q1, k0, k1 = tile
+                q, k, v, m, offset = _tile_inputs(query, key, value, mask, tile)
+                inputs = [t.detach().requires_grad_(need) for t, need in zip((q, k, v), ctx.needs_input_grad)]
+                with torch.enable_grad():
+                    out = capped_tile(*inputs, m, offset, *ctx.args)
+                wanted = [t for t in inputs if t.requires_grad]
+                got = iter(torch.autograd.grad(out, wanted, grad_out[b0:b1, q0:q1]))
+                for grad, t, where in zip(grads, inputs, ((q0, q1), (k0, k1), (k0, k1))):
+                    if t.requires_grad:
+                        grad[b0:b1, :, where[0]:where[1]] += next(got)
+        return *grads, None, None, None, None, None, None, None
+
+
+def _tile_inputs(query, key, value, mask, tile):
+    """One tile's queries, keys, values, rows of the mask (None without one), and `capped_tile`'s offset: the key
+    index of its first query within its keys."""
+    b0, b1, q0, q1, k0, k1 = tile
+    rows = slice(b0, b1) if mask is None or mask.shape[0] > 1 else slice(None)
+    return (query[b0:b1, :, q0:q1], key[b0:b1, :, k0:k1], value[b0:b1, :, k0:k1],
+            None if mask is None else mask[rows, :, q0:q1, k0:k1], key.shape[2] - query.shape[2] + q0 - k0)
+
+
+def _rng_state(device: torch.device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 def _capped(module, query, key, value, attention_mask, position_ids, window, dropout, scaling, softcap):
-    """"qdora_softcap"'s attention (`capped_tile` over tiles of `tile_rows` queries, each recomputed in the backward):
-    given a mask, every row's tiles over all keys with their rows of the mask; without one, over each packed sequence
-    of each row, within the window."""
+    """"qdora_softcap"'s attention: `CappedTiles` over tiles of `tile_rows` queries. Given a mask, tiles of all rows
+    at once over all keys, with their rows of the mask; without one, over each packed sequence of each row, within the
+    window."""
     B, H, T, _ = query.shape
     S = key.shape[2]
     scaling = module.head_dim ** -0.5 if scaling is None else scaling
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-
-    def tile(q, k, v, mask, offset):
-        args = (q, k, v, mask, offset, window, scaling, softcap, dropout, module.training)
-        return checkpoint(capped_tile, *args, use_reentrant=False) if grad else capped_tile(*args)
-
     if attention_mask is not None or S != T:  # a mask (or a cache without one: the queries are the last keys)
-        rows = tile_rows(B * H, S)
-        return torch.cat([tile(query[:, :, q0:q0 + rows], key, value,
-                               None if attention_mask is None else attention_mask[:, :, q0:q0 + rows], S - T + q0)
-                          for q0 in range(0, T, rows)], dim=1)
-    starts = ([[0]] * B if position_ids is None
-              else sequence_starts(position_ids.expand(B, -1) if position_ids.shape[0] == 1 else position_ids))
-    out = []
-    for b, row in enumerate(starts):
-        pieces = []
-        for s, e in zip(row, row[1:] + [T]):
-            rows = tile_rows(H, e - s if window is None else min(e - s, 2 * window))
-            for q0 in range(s, e, rows):
-                q1 = min(q0 + rows, e)
-                k0 = s if window is None else max(s, q0 - window + 1)
-                pieces.append(tile(query[b:b + 1, :, q0:q1], key[b:b + 1, :, k0:q1], value[b:b + 1, :, k0:q1], None,
-                                   q0 - k0))
-        out.append(torch.cat(pieces, dim=1))
-    return torch.cat(out, dim=0)
+        rows = tile_rows(B * H, S, query.device)
+        tiles = [(0, B, q0, min(q0 + rows, T), 0, S) for q0 in range(0, T, rows)]
+    else:
+        starts = ([[0]] * B if position_ids is None
+                  else sequence_starts(position_ids.expand(B, -1) if position_ids.shape[0] == 1 else position_ids))
+        tiles = []
+        for b, row in enumerate(starts):
+            for s, e in zip(row, row[1:] + [T]):
+                rows = tile_rows(H, e - s if window is None else min(e - s, 2 * window), query.device)
+                tiles += [(b, b + 1, q0, min(q0 + rows, e), s if window is None else max(s, q0 - window + 1),
+                           min(q0 + rows, e)) for q0 in range(s, e, rows)]
+    return CappedTiles.apply(query, key, value, attention_mask, tiles, window, scaling, softcap, dropout,
+                             module.training)
 
 
 def attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,

@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from qdora.models import shapes
 from qdora.models.shapes import PRESETS, ModelShape, resolve_model, shape_from_config  # noqa: F401  (also from here)
 from qdora.plan import moe
 from qdora.plan.config import (  # noqa: F401  (the setting and result, also from here)
@@ -218,11 +219,29 @@ def tiled_layer_saved(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
     flash attention's output is laid out token-major, and the reshape before o is a view: measured on CPU's
     saved tensors); the MLP its input."""
     e, T, h, q, kv = d.e, d.T, d.h, d.q, d.kv
-    attn = T * (2 * q + 2 * kv) * e + d.b * shape.heads * d.s * 4
+    attn = attention_kept(d, shape)
     if shape.qk_norm:
         attn += T * (q + kv) * e
     norms = (shape.norms - 1 if cfg.gradient_checkpointing else shape.norms) * T * h * e
     return norms + attn + (T * h * e if _trains(d, ("q_proj", "k_proj", "v_proj")) else 0) + T * h * e
+
+
+def attention_kept(d: Dims, shape: ModelShape) -> int:
+    """What one layer's attention keeps for its backward: q, k (after the rotary embedding), v and its output, and
+    SDPA's fp32 logsumexp per head and token (the soft-capped attention's tiles keep none: their backward computes
+    them again)."""
+    return d.T * (2 * d.q + 2 * d.kv) * d.e + (0 if shape.softcap_attention else d.b * shape.heads * d.s * 4)
+
+
+def softcap_tile(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
+    """What the soft-capped attention's largest tile (`qdora.models.shapes.softcap_tile_rows`; on a full-attention
+    layer, `rows × heads × s` scores) holds at the peak of its backward: 16 bytes a score in fp32 (four fp32
+    copies), 14 in bf16 (two fp32: the softmax and its gradient; three bf16), measured on CPU (the slope of the
+    backward's peak over 4 to 64 MiB tiles); 0 where the scores are not soft-capped."""
+    if not shape.softcap_attention:
+        return 0
+    scores = min(d.s, shapes.softcap_tile_rows(shape.heads, d.s, cfg.device)) * shape.heads * d.s
+    return scores * (16 if d.e == 4 else 8 + 3 * d.e)
 
 
 def layer_saved(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
@@ -232,7 +251,7 @@ def layer_saved(d: Dims, shape: ModelShape, cfg: PlanConfig) -> int:
         return tiled_layer_saved(d, shape, cfg)
     e, T, h, q, kv = d.e, d.T, d.h, d.q, d.kv
     norm_saved = T * h * 4 + T * 4 + (T * h * e if d.full else 0)
-    attn_saved = T * (2 * q + 2 * kv) * e + d.b * shape.heads * d.s * 4
+    attn_saved = attention_kept(d, shape)
     if shape.qk_norm:  # fp32 inputs (on CPU, DoRA's kept q/k outputs themselves) and a 1/rms per row
         rows = T * (shape.heads + shape.kv_heads) if shape.qk_norm == "head" else 2 * T
         attn_saved += rows * 4 + sum(T * w * 4 for name, w in (("q_proj", q), ("k_proj", kv))
@@ -288,7 +307,7 @@ def _activations(ds: list[Dims], shape: ModelShape, cfg: PlanConfig) -> tuple[in
     saved = [layer_saved(k, shape, cfg) for k in ds]
     shared = 2 * d.s * shape.rd * e                                     # rotary cos, sin
     W = shape.sliding_window
-    if W and d.s > W:  # the windowed layers' shared band mask (`qdora.models.packed_attention.band_mask`)
+    if W and d.s > W and not shape.softcap_attention:  # the windowed layers' shared band mask (`band_mask`)
         shared += W * (2 * W - 1) * e
     # final norm (tiled with the layers: its input) (+ lm_head input)
     head_saved = (T * h * e if layer_tile(d, shape, cfg) else T * h * 4 + T * 4) + (2 * T * h * e if d.full else 0)
@@ -321,7 +340,7 @@ def chunked_loss_bytes(d: Dims, shape: ModelShape, cfg: PlanConfig) -> tuple[int
     kept = N * H * e + N * 4 + N * 8 + 2 * N * 8
     forward = kept + (0 if d.full else T * H * e) + logits
     backward = kept + N * H * e + logits + c * H * e
-    if getattr(shape, "final_logit_softcapping", None):
+    if shape.softcap_logits:
         backward += c * V * 4
     if d.full:  # (the norm's output, the head's input counted in the saved activations, is no longer kept)
         backward += V * H * 4 + (V * H * e if e != 4 else 0) - T * H * e
@@ -354,12 +373,17 @@ def _layer_backward(ds: list[Dims], saved: list[int], shape: ModelShape, cfg: Pl
             norm2 = d.T * d.h * d.e if layer_tile(d, shape, cfg) else d.T * d.h * 4 + d.T * 4
             flight = d.T * d.h * d.e + max(d.T * d.h * d.e + mlp_saved(t, shape, cfg)
                                            + (moe.in_flight(t, shape, cfg) if d.E else 3 * t.T * t.i * t.e),
-                                           d.T * (2 * d.q + 2 * d.kv) * d.e - d.T * d.h * d.e - norm2)
+                                           d.T * (2 * d.q + 2 * d.kv) * d.e - d.T * d.h * d.e - norm2
+                                           + softcap_tile(d, shape, cfg))
         elif d.E:
             flight += moe.in_flight(d, shape, cfg)
         else:  # a dense MLP's backward: two `T·i` gradients in flight while gate, silu, up are still kept,
             # the residual's gradients no longer (measured on CPU's live tensors at the peak)
             flight = max(flight, 2 * d.T * d.i * d.e)
+        if shape.softcap_attention and not tile:  # the attention's backward, the MLP's kept tensors freed by then:
+            # the gradients of its output, q, k and v, and one tile of scores recomputed
+            flight = max(flight, d.T * (2 * d.q + 2 * d.kv) * d.e + softcap_tile(d, shape, cfg)
+                         - _tiled_mlp_saved(d, shape, cfg))
         if cfg.offload_activations and cfg.device == "cpu":  # beside the host copies (the checkpoints), the
             kept += 2 * d.T * d.h * d.e                      # input fetched back and the one prefetched
         out.append((kept if cfg.gradient_checkpointing else 0, flight + _dequantized_block(d, cfg)))
