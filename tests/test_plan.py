@@ -42,6 +42,33 @@ def test_preset_parameter_count_matches_transformers(key):
     assert s.params() == sum(p.numel() for p in model.parameters())
 
 
+# Gemma 2's published configurations (transformers' Gemma2Config defaults: vocabulary 256,000, head_dim 256, a
+# 4,096-token window, soft caps 50 and 30, tied embeddings).
+GEMMA2 = {"gemma-2-2b": dict(num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, hidden_size=2304,
+                             intermediate_size=9216),
+          "gemma-2-9b": dict(num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, hidden_size=3584,
+                             intermediate_size=14336, head_dim=256, query_pre_attn_scalar=224),
+          "gemma-2-27b": dict(num_hidden_layers=46, num_attention_heads=32, num_key_value_heads=16, hidden_size=4608,
+                              intermediate_size=36864, head_dim=128, query_pre_attn_scalar=144)}
+
+
+@pytest.mark.parametrize("key", sorted(GEMMA2))
+def test_gemma2_presets_match_transformers(key):
+    """The shape read back from the config (four norms, window, both soft caps) and the parameter count of
+    transformers' model on the meta device; the totals as the model cards give them (2.61B, 9.24B, 27.2B)."""
+    import transformers
+
+    config = transformers.Gemma2Config(**GEMMA2[key])
+    s = PRESETS[key]
+    assert shape_from_config(config, name=s.name) == s
+    with torch.device("meta"):
+        model = transformers.Gemma2ForCausalLM(config)
+    assert s.params() == sum(p.numel() for p in model.parameters())
+    assert round(s.params() / 1e9, 2 if key == "gemma-2-2b" else 1 if key == "gemma-2-27b" else 2) == \
+        {"gemma-2-2b": 2.61, "gemma-2-9b": 9.24, "gemma-2-27b": 27.2}[key]
+    assert resolve_model(f"google/{key}-it") == s
+
+
 def test_known_totals():
     # Parameter counts as published: Llama-2-7B 6.74B, Llama-3-8B 8.03B, Llama-3-70B 70.6B.
     assert PRESETS["llama-2-7b"].params() == 6_738_415_616

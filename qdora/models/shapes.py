@@ -164,6 +164,13 @@ PRESETS = {
     "llama-3-8b": ModelShape("Llama-3-8B", 4096, 14336, 32, 32, 8, 128256, False),
     "llama-3-70b": ModelShape("Llama-3-70B", 8192, 28672, 80, 64, 8, 128256, False),
     "smollm2-135m": ModelShape("SmolLM2-135M", 576, 1536, 30, 9, 3, 49152, True),
+    # Gemma 2: four norms a layer, a 4,096-token window on every other layer, soft-capped scores and logits
+    "gemma-2-2b": ModelShape("Gemma-2-2B", 2304, 9216, 26, 8, 4, 256000, True, head_dim=256, norms=4,
+                             sliding_window=4096, softcap_logits=True, softcap_attention=True),
+    "gemma-2-9b": ModelShape("Gemma-2-9B", 3584, 14336, 42, 16, 8, 256000, True, head_dim=256, norms=4,
+                             sliding_window=4096, softcap_logits=True, softcap_attention=True),
+    "gemma-2-27b": ModelShape("Gemma-2-27B", 4608, 36864, 46, 32, 16, 256000, True, head_dim=128, norms=4,
+                              sliding_window=4096, softcap_logits=True, softcap_attention=True),
     # Mixtures of experts, every layer routed: Qwen/Qwen3-30B-A3B, allenai/OLMoE-1B-7B-0924,
     # mistralai/Mixtral-8x7B-v0.1 (`intermediate` is the config's dense size, unused without dense layers).
     "qwen3-30b-a3b": ModelShape("Qwen3-30B-A3B", 2048, 6144, 48, 32, 4, 151936, False, head_dim=128,
@@ -184,7 +191,8 @@ PRESETS = {
                               shared_intermediate=1408, router_groups=(1, 1),
                               attention_bias=("q_proj", "k_proj", "v_proj"), rotary_dim=64),
 }
-ALIASES = {"olmoe-1b-7b-0924": "olmoe-1b-7b", "mixtral-8x7b-v0.1": "mixtral-8x7b"}
+ALIASES = {"olmoe-1b-7b-0924": "olmoe-1b-7b", "mixtral-8x7b-v0.1": "mixtral-8x7b",
+           **{f"gemma-2-{n}-it": f"gemma-2-{n}" for n in ("2b", "9b", "27b")}}
 """Hub names of the presets, beside their short names."""
 
 

@@ -38,7 +38,9 @@ def format_plan(p: MemoryPlan, cards=CARDS_GB) -> str:
     lines = [
         f"{m.name}: {m.params() / 1e9:.2f}B parameters (hidden {m.hidden}, {layers}, "
         f"{m.heads} heads / {m.kv_heads} kv, vocab {m.vocab}"
-        f"{', tied embeddings' if m.tied_embeddings else ''})",
+        f"{', tied embeddings' if m.tied_embeddings else ''}"
+        f"{f', a {m.sliding_window:,}-token sliding window' if m.sliding_window else ''}"
+        f"{', soft-capped attention (in tiles of queries)' if m.softcap_attention else ''})",
         f"{c.method}" + ("" if c.method == "full" else f" r={c.r} on {targets}, dropout {c.dropout}")
         + f"; batch {c.batch_size} x {c.seq_len} tokens"
         + ("" if c.objective == "sft" else f" ({c.objective}: {c.batch_size} pair(s), {2 * c.batch_size} sequences"
