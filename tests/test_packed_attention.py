@@ -342,3 +342,10 @@ def test_the_softcap_measurement_runs(capsys):
     eager, ours = (float(x.replace(",", "")) for x in re.findall(r"([\d,.]+) MiB", out))
     assert eager > ours + 8 * 1024 * 1024 * 4 / 2**20  # at least one layer's fp32 scores apart (8 heads)
     assert "Gemma 2, 1,024 tokens" in out and "x eager's time" in out
+
+
+def test_the_bench_refuses_no_eager_without_softcap(capsys):
+    from qdora.eval.bench.packed_attention import main
+    with pytest.raises(SystemExit):
+        main(["--tokens", "512", "--no-eager"])
+    assert "--no-eager goes with --softcap" in capsys.readouterr().err
