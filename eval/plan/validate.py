@@ -245,6 +245,7 @@ GEMMA = [  # Gemma 3's layout, every linear adapted, the chunked loss; checkpoin
     Case("small-gemma2", _p("qdora", r=16, b=1, s=1024, chunked_loss=True, target_modules="all")),
     Case("small-gemma2", _p("qdora", r=16, b=1, s=1024, ckpt=False, chunked_loss=True, target_modules="all")),
     Case("small-gemma2", _p("qdora", r=16, b=1, s=4096, chunked_loss=True, target_modules="all")),
+    Case("small-gemma2", _p("qdora", r=16, b=1, s=16384, chunked_loss=True, target_modules="all")),
 ]
 CHUNKED = [  # the chunked loss (qdora train's default): the default chunk (the whole batch here) and small ones
     Case("vocab-llama3", _p("qdora", r=16, b=1, s=512, chunked_loss=True)),
