@@ -807,58 +807,12 @@ def test_cut_cross_entropy_refusals_are_one_line():
         chunked_cross_entropy(h.bfloat16(), W.bfloat16(), y, torch.zeros(32, device=DEV), kernel="cce")
 
 
-@cuda_only
-@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
-def test_packed_and_windowed_sdpa_in_bf16_match_transformers_masked_sdpa(kv_heads):
-    """`qdora.packed_sdpa` on CUDA in bf16 (CUDA's SDPA kernels; its window blocks through transformers' SDPA with
-    repeated keys and the shared additive band mask), against transformers' own SDPA with its `T × T` mask, on packed
-    rows with a 16-token sliding window: logits and every gradient."""
-    import transformers
-
+def _packed_attention_against_transformers(model, implementation: str) -> None:
+    """Logits and every gradient of `model` (bf16, on CUDA) on two packed rows of 80 tokens (sequences longer and
+    shorter than a 16-token window, packed; and one alone), after `qdora.packed_sdpa` (whose attention is then
+    `implementation`) against before it, within BF16_TOL."""
     from qdora.models.packed_attention import packed_sdpa
 
-    torch.manual_seed(0)
-    config = transformers.MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=kv_heads, sliding_window=16,
-                                        max_position_embeddings=256, attn_implementation="sdpa")
-    model = transformers.AutoModelForCausalLM.from_config(config).to(DEV, torch.bfloat16).train()
-    lengths = [(40, 7, 33), (80,)]  # sequences longer and shorter than the window, packed; and one alone
-    ids = torch.randint(3, 97, (2, 80), device=DEV, generator=torch.Generator(device=DEV).manual_seed(1))
-    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths]).to(DEV)
-
-    def run():
-        model.zero_grad(set_to_none=True)
-        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-        logits.float().square().mean().backward()
-        return logits.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
-
-    want, want_grads = run()
-    packed_sdpa(model)
-    got, grads = run()
-    assert_close(got, want, BF16_TOL, "logits")
-    assert sorted(grads) == sorted(want_grads)
-    for name in grads:
-        assert_close(grads[name], want_grads[name], BF16_TOL, name)
-
-
-@cuda_only
-def test_softcapped_tiles_in_bf16_match_transformers_eager_attention(monkeypatch):
-    """Gemma 2's soft-capped attention on CUDA in bf16 (`qdora.packed_sdpa`'s "qdora_softcap": tiles of 8 queries
-    here, each recomputed in the backward), against transformers' eager attention with its `T × T` mask, on packed
-    rows with a 16-token sliding window on one layer: logits and every gradient."""
-    import transformers
-
-    from qdora.models.packed_attention import packed_sdpa
-    from qdora.models.shapes import SOFTCAP_TILE_BYTES
-
-    monkeypatch.setitem(SOFTCAP_TILE_BYTES, "cuda", 4 * 4 * 80 * 8)  # 4 heads, 80 keys, 8 queries a tile
-    torch.manual_seed(0)
-    config = transformers.Gemma2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                       query_pre_attn_scalar=16, sliding_window=16, attn_logit_softcapping=1.0,
-                                       layer_types=["sliding_attention", "full_attention"],
-                                       max_position_embeddings=256, attn_implementation="eager")
-    model = transformers.AutoModelForCausalLM.from_config(config).to(DEV, torch.bfloat16).train()
     lengths = [(40, 7, 33), (80,)]
     ids = torch.randint(3, 97, (2, 80), device=DEV, generator=torch.Generator(device=DEV).manual_seed(1))
     pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths]).to(DEV)
@@ -871,9 +825,45 @@ def test_softcapped_tiles_in_bf16_match_transformers_eager_attention(monkeypatch
 
     want, want_grads = run()
     packed_sdpa(model)
-    assert model.config._attn_implementation == "qdora_softcap"
+    assert model.config._attn_implementation == implementation
     got, grads = run()
     assert_close(got, want, BF16_TOL, "logits")
     assert sorted(grads) == sorted(want_grads)
     for name in grads:
         assert_close(grads[name], want_grads[name], BF16_TOL, name)
+
+
+@cuda_only
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_packed_and_windowed_sdpa_in_bf16_match_transformers_masked_sdpa(kv_heads):
+    """`qdora.packed_sdpa` on CUDA in bf16 (CUDA's SDPA kernels; its window blocks through transformers' SDPA with
+    repeated keys and the shared additive band mask), against transformers' own SDPA with its `T × T` mask, on packed
+    rows with a 16-token sliding window: logits and every gradient."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=kv_heads, sliding_window=16,
+                                        max_position_embeddings=256, attn_implementation="sdpa")
+    model = transformers.AutoModelForCausalLM.from_config(config).to(DEV, torch.bfloat16).train()
+    _packed_attention_against_transformers(model, "qdora_sdpa")
+
+
+@cuda_only
+def test_softcapped_tiles_in_bf16_match_transformers_eager_attention(monkeypatch):
+    """Gemma 2's soft-capped attention on CUDA in bf16 (`qdora.packed_sdpa`'s "qdora_softcap": tiles of 8 queries
+    here, each recomputed in the backward), against transformers' eager attention with its `T × T` mask, on packed
+    rows with a 16-token sliding window on one layer: logits and every gradient."""
+    import transformers
+
+    from qdora.models.shapes import SOFTCAP_TILE_BYTES
+
+    monkeypatch.setitem(SOFTCAP_TILE_BYTES, "cuda", 4 * 4 * 80 * 8)  # 4 heads, 80 keys, 8 queries a tile
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       query_pre_attn_scalar=16, sliding_window=16, attn_logit_softcapping=1.0,
+                                       layer_types=["sliding_attention", "full_attention"],
+                                       max_position_embeddings=256, attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_config(config).to(DEV, torch.bfloat16).train()
+    _packed_attention_against_transformers(model, "qdora_softcap")
