@@ -344,8 +344,19 @@ def test_the_softcap_measurement_runs(capsys):
     assert "Gemma 2, 1,024 tokens" in out and "x eager's time" in out
 
 
-def test_the_bench_refuses_no_eager_without_softcap(capsys):
+def test_the_bench_refuses_softcap_options_without_softcap_and_bad_tiles(capsys):
     from qdora.eval.bench.packed_attention import main
-    with pytest.raises(SystemExit):
-        main(["--tokens", "512", "--no-eager"])
-    assert "--no-eager goes with --softcap" in capsys.readouterr().err
+    for args, said in ((["--no-eager"], "--no-eager, --device and --tile-mib go with --softcap"),
+                       (["--softcap", "--tile-mib", "4,x"], "--tile-mib='4,x' must be comma-separated whole numbers"),
+                       (["--softcap", "--tile-mib", "0"], "--tile-mib='0' must be")):
+        with pytest.raises(SystemExit):
+            main(["--tokens", "512", *args])
+        assert said in capsys.readouterr().err
+
+
+def test_the_softcap_measurement_times_each_tile_size(capsys):
+    from qdora.eval.bench.packed_attention import main
+    assert main(["--softcap", "--no-eager", "--tokens", "256", "--tile-mib", "1,2"]) == 0
+    out = capsys.readouterr().out
+    assert "qdora_softcap, 1 MiB tiles" in out and "qdora_softcap, 2 MiB tiles" in out and "eager" not in out
+    assert SOFTCAP_TILE_BYTES["cpu"] == 4 * 2**20  # the default is back

@@ -8,13 +8,15 @@ even for one sequence (qdora_sdpa: blocks of W queries). The heap's high-water m
 With `--softcap`, Gemma 2's soft-capped scores: a training step (forward and backward) of a random 4-layer Gemma 2
 (hidden 256, 8 query heads of 32 on 4 key heads, windowed and global layers alternating; `--window`, default 512)
 on one sequence of `--tokens` tokens, on transformers' eager attention (its `heads × T × T` scores kept for the
-backward) and on qdora_softcap's tiles: the heap's high-water mark of a step, and the mean time of 3 steps after
-one to warm up (run it alone: the time is a measurement).
+backward) and on qdora_softcap's tiles (`--tile-mib`: several tile sizes, one after another): the step's peak
+memory (on CPU the heap's high-water mark; on CUDA, `--device cuda`, in bf16, the allocator's peak of tensor bytes)
+and the mean time of 3 steps after the measured one (run it alone: the time is a measurement).
 
     python -m qdora.eval.bench.packed_attention --tokens 32768 --sequences 8
     python -m qdora.eval.bench.packed_attention --tokens 32768 --sequences 1 --window 4096
     python -m qdora.eval.bench.packed_attention --softcap --tokens 4096
     python -m qdora.eval.bench.packed_attention --softcap --no-eager --tokens 16384
+    python -m qdora.eval.bench.packed_attention --softcap --device cuda --tokens 16384 --tile-mib 32,128,512
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import time
 
 import torch
 
-from qdora.eval.bench.memory import heap_peak_bytes
+from qdora.eval.bench.memory import heap_peak_bytes, peak_bytes
 from qdora.models.packed_attention import packed_sdpa
+from qdora.models.shapes import SOFTCAP_TILE_BYTES
 from qdora.options import Parser
 
 
@@ -51,32 +54,53 @@ def measure(tokens: int, sequences: int, window: int | None = None) -> dict:
             "packed_sdpa_bytes": heap_peak_bytes(forward)}
 
 
-def measure_softcap(tokens: int, window: int = 512, steps: int = 3, eager: bool = True) -> dict:
-    """Heap peak and mean seconds of a Gemma 2 training step on eager attention (unless `eager` is False) and on
-    qdora_softcap."""
+def measure_softcap(tokens: int, window: int = 512, steps: int = 3, eager: bool = True, device: str = "cpu",
+                    tiles_mib: tuple[int, ...] = ()) -> dict:
+    """Peak memory and mean seconds of a Gemma 2 training step on eager attention (unless `eager` is False) and on
+    qdora_softcap, once per tile size in `tiles_mib` (MiB of fp32 scores a tile; none: the device's default,
+    `qdora.models.shapes.SOFTCAP_TILE_BYTES`). On CPU in fp32, the heap's peak (memray); on CUDA in bf16, the peak of
+    tensor bytes a step allocates (the allocator's counters)."""
     import transformers  # heavy, used here only
 
+    dev = torch.device(device)
     torch.manual_seed(0)
     config = transformers.Gemma2Config(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                                        num_attention_heads=8, num_key_value_heads=4, head_dim=32,
                                        query_pre_attn_scalar=32, sliding_window=window, max_position_embeddings=tokens,
                                        attn_implementation="eager")
-    model = transformers.AutoModelForCausalLM.from_config(config).train()
-    ids = torch.randint(0, 4096, (1, tokens))
+    model = transformers.AutoModelForCausalLM.from_config(config).to(dev, torch.bfloat16 if dev.type == "cuda"
+                                                                      else torch.float32).train()
+    ids = torch.randint(0, 4096, (1, tokens), device=dev)
 
     def step():
         model.zero_grad(set_to_none=True)
         model(input_ids=ids, use_cache=False).logits.float().mean().backward()
 
-    out = {"tokens": tokens, "window": window}
-    for name in ("eager", "qdora_softcap") if eager else ("qdora_softcap",):
-        if name == "qdora_softcap":
-            packed_sdpa(model)
-        out[f"{name}_bytes"] = heap_peak_bytes(step)  # (also the warm-up)
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def measure(name: str) -> None:
+        out[f"{name}_bytes"] = (peak_bytes(step, dev) if dev.type == "cuda" else heap_peak_bytes(step))  # + warm-up
+        sync()
         start = time.perf_counter()
         for _ in range(steps):
             step()
+        sync()
         out[f"{name}_seconds"] = (time.perf_counter() - start) / steps
+
+    out = {"tokens": tokens, "window": window, "device": dev.type}
+    if eager:
+        measure("eager")
+    packed_sdpa(model)
+    kind = "cpu" if dev.type == "cpu" else "cuda"
+    default = SOFTCAP_TILE_BYTES[kind]
+    try:
+        for mib in tiles_mib or (default >> 20,):
+            SOFTCAP_TILE_BYTES[kind] = mib << 20
+            measure("qdora_softcap" if not tiles_mib else f"qdora_softcap_{mib}mib")
+    finally:
+        SOFTCAP_TILE_BYTES[kind] = default
     return out
 
 
@@ -91,21 +115,39 @@ def main(argv: list[str] | None = None) -> int:
                    "time on eager attention and on qdora_softcap")
     p.add_argument("--no-eager", action="store_true", help="with --softcap, qdora_softcap alone (eager's scores "
                    "outgrow the memory first: 5.3 GiB of heap at 4,096 tokens here, four times that at 8,192)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="with --softcap: cpu (fp32, the heap's "
+                   "peak) or cuda (bf16, the allocator's peak of tensor bytes); default: %(default)s")
+    p.add_argument("--tile-mib", default="", help="with --softcap: comma-separated tile sizes (MiB of fp32 scores "
+                   "a tile) to time qdora_softcap with, one after another (default: the device's, 4 on CPU, 128 on "
+                   "CUDA)")
     args = p.parse_args(argv)
     if args.tokens < 2 or not 1 <= args.sequences <= args.tokens:
         p.error(f"--tokens={args.tokens} must be >= 2 and --sequences={args.sequences} between 1 and --tokens")
-    if args.no_eager and not args.softcap:
-        p.error("--no-eager goes with --softcap (the soft-capped attention's measurement)")
+    if (args.no_eager or args.device != "cpu" or args.tile_mib) and not args.softcap:
+        p.error("--no-eager, --device and --tile-mib go with --softcap (the soft-capped attention's measurement)")
+    try:
+        tiles = tuple(int(x) for x in args.tile_mib.split(",") if x.strip())
+    except ValueError:
+        tiles = (0,)
+    if any(t < 1 for t in tiles):
+        p.error(f"--tile-mib={args.tile_mib!r} must be comma-separated whole numbers of MiB, each >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device here; leave --device out to measure on the CPU")
     if args.window is not None and args.window < 1:
         p.error(f"--window={args.window} must be >= 1 (or left out: no sliding window)")
     if args.softcap:
-        r = measure_softcap(args.tokens, args.window or 512, eager=not args.no_eager)
-        eager = (f"eager {r['eager_bytes'] / 2**20:,.1f} MiB, {r['eager_seconds']:.3f} s; " if "eager_bytes" in r
-                 else "")
-        ratio = f" ({r['qdora_softcap_seconds'] / r['eager_seconds']:.2f}x eager's time)" if eager else ""
+        r = measure_softcap(args.tokens, args.window or 512, eager=not args.no_eager, device=args.device,
+                            tiles_mib=tiles)
+        memory = "heap peak" if args.device == "cpu" else "peak of tensor bytes"
+        runs = [(name.removesuffix("_bytes"), r[name], r[name.replace("_bytes", "_seconds")]) for name in r
+                if name.endswith("_bytes")]
+        eager_s = r.get("eager_seconds")
+        parts = [f"{name.replace('qdora_softcap_', 'qdora_softcap, ').replace('mib', ' MiB tiles')} "
+                 f"{nbytes / 2**20:,.1f} MiB, {seconds:.3f} s"
+                 + (f" ({seconds / eager_s:.2f}x eager's time)" if eager_s and name != "eager" else "")
+                 for name, nbytes, seconds in runs]
         print(f"Gemma 2, {r['tokens']:,} tokens, a {r['window']:,}-token window on half the layers, a training step "
-              f"(heap peak, time): {eager}qdora_softcap {r['qdora_softcap_bytes'] / 2**20:,.1f} MiB, "
-              f"{r['qdora_softcap_seconds']:.3f} s{ratio}")
+              f"on {args.device} ({memory}, time): " + "; ".join(parts))
         return 0
     r = measure(args.tokens, args.sequences, args.window)
     window = f", a {r['window']:,}-token sliding window" if r["window"] else ""
