@@ -11,7 +11,7 @@ import re
 
 import pytest
 import torch
-from conftest import FP32_TOL, assert_close
+from conftest import BF16_TOL, FP32_TOL, assert_close
 
 import qdora
 from qdora.eval.bench.memory import peak_bytes
@@ -267,6 +267,30 @@ def test_softcapped_tiles_backward_is_the_numerical_gradient(case, monkeypatch):
         torch.manual_seed(6)
         other = attention(module, q, k, v, None, dropout=dropout, scaling=8 ** -0.5, softcap=0.5, **extra)[0]
         assert (other - f(q, k, v)).abs().max() > 0.01
+
+
+def test_softcapped_tiles_recompute_under_the_forwards_autocast(monkeypatch):
+    """Under CPU autocast to bf16 with fp32 q, k, v, in tiles of 2 queries: the output has the dtype and values of the
+    formula run whole under the same autocast (the oracle), and the backward computes the tiles again under it too:
+    dq equal to the oracle's (without the autocast state it differed by 5.9e-3 here); dk and dv, summed over tiles
+    in fp32, within BF16_TOL of the oracle's bf16 sums."""
+    from types import SimpleNamespace
+
+    from qdora.models.packed_attention import attention, capped_tile
+
+    monkeypatch.setitem(SOFTCAP_TILE_BYTES, "cpu", 4 * 4 * 19 * 2)
+    module = SimpleNamespace(head_dim=8, training=True)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, 19, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = attention(module, q, k, v, None, scaling=8 ** -0.5, softcap=0.5)
+        want = capped_tile(q, k, v, None, 0, None, 8 ** -0.5, 0.5)
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+    grad = torch.randn(got.shape, generator=g)
+    ours, theirs = torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)
+    assert torch.equal(ours[0], theirs[0])
+    for name, a, b in zip("kv", ours[1:], theirs[1:]):
+        assert_close(a, b, BF16_TOL, f"d{name}")
 
 
 def test_softcapped_training_keeps_no_tokens_by_tokens_scores(monkeypatch):

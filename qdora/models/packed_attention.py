@@ -45,6 +45,7 @@ one, or bidirectional attention is refused in one line.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -188,18 +189,23 @@ class CappedTiles(torch.autograd.Function):
     into whole-size gradients of q, k and v: one tile's working set at a time. (Slicing each tile in autograd's graph
     instead would give every tile's backward a zero-filled gradient the size of the whole q, k and v.) Dropout
     replays the forward's random numbers: the backward draws them again from the forward's generator state, tile by
-    tile in the same order."""
+    tile in the same order; and the tiles compute again under the forward's autocast state."""
 
     @staticmethod
     def forward(ctx, query, key, value, mask, tiles, window, scaling, softcap, dropout, training):
         ctx.tiles, ctx.args = tiles, (window, scaling, softcap, dropout, training)
         ctx.rng = _rng_state(query.device) if dropout and training else None
+        ctx.autocast = [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+                        for kind in dict.fromkeys(("cpu", query.device.type))]
         ctx.save_for_backward(query, key, value, mask)
         B, H, T, d = query.shape
-        out = query.new_empty(B, T, H, d)
+        out = None
         for tile in tiles:
             b0, b1, q0, q1, _, _ = tile
-            out[b0:b1, q0:q1] = capped_tile(*_tile_inputs(query, key, value, mask, tile), *ctx.args)
+            piece = capped_tile(*_tile_inputs(query, key, value, mask, tile), *ctx.args)
+            if out is None:  # in the tiles' dtype (under autocast, not the inputs')
+                out = piece.new_empty(B, T, H, d)
+            out[b0:b1, q0:q1] = piece
         return out
 
     @staticmethod
@@ -214,7 +220,10 @@ class CappedTiles(torch.autograd.Function):
                 b0, b1, q0, q1, k0, k1 = tile
                 q, k, v, m, offset = _tile_inputs(query, key, value, mask, tile)
                 inputs = [t.detach().requires_grad_(need) for t, need in zip((q, k, v), ctx.needs_input_grad)]
-                with torch.enable_grad():
+                with contextlib.ExitStack() as stack:  # the forward's autocast state, as the forward computed
+                    for kind, enabled, dtype in ctx.autocast:
+                        stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
+                    stack.enter_context(torch.enable_grad())
                     out = capped_tile(*inputs, m, offset, *ctx.args)
                 wanted = [t for t in inputs if t.requires_grad]
                 got = iter(torch.autograd.grad(out, wanted, grad_out[b0:b1, q0:q1]))
