@@ -107,7 +107,8 @@ def _add_plan(sub) -> None:
                                    "qdora/plan/memory.py for the model of each term.")
     p.add_argument("--model",
                    help="a preset (Llama-2-7B, Llama-2-13B, Llama-2-70B, LLaMA-65B, Llama-3-8B, Llama-3-70B, "
-                        "SmolLM2-135M, Gemma-2-2B, Gemma-2-9B, Gemma-2-27B; MoE: Qwen3-30B-A3B, OLMoE-1B-7B, "
+                        "SmolLM2-135M, Mistral-7B-v0.3, Qwen2.5-7B, Qwen3-8B, Gemma-2-2B, Gemma-2-9B, Gemma-2-27B; "
+                        "MoE: Qwen3-30B-A3B, OLMoE-1B-7B, "
                         "Mixtral-8x7B, Qwen1.5-MoE-A2.7B, "
                         "GLM-4.5-Air) or a checkpoint folder "
                         "with a config.json (required, here or in --config: a run's train_config.json names its "

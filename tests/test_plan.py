@@ -69,6 +69,35 @@ def test_gemma2_presets_match_transformers(key):
     assert resolve_model(f"google/{key}-it") == s
 
 
+# Other dense families' published configurations (config.json), with their model cards' parameter totals.
+DENSE = {"mistral-7b-v0.3": ("MistralConfig", dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+                                                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                                   sliding_window=None, tie_word_embeddings=False), 7.25),
+         "qwen2.5-7b": ("Qwen2Config", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                                            num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                                            tie_word_embeddings=False, use_sliding_window=False,
+                                            sliding_window=131072), 7.62),
+         "qwen3-8b": ("Qwen3Config", dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                                          num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                                          head_dim=128, tie_word_embeddings=False), 8.19)}
+
+
+@pytest.mark.parametrize("key", sorted(DENSE))
+def test_dense_presets_match_transformers(key):
+    """Mistral-7B-v0.3, Qwen2.5-7B (q/k/v biases), Qwen3-8B (per-head q/k norms): the shape read back from the
+    config, the parameter count of transformers' model on the meta device, and the published total."""
+    import transformers
+
+    config_class, fields, billions = DENSE[key]
+    config = getattr(transformers, config_class)(**fields)
+    s = PRESETS[key]
+    assert shape_from_config(config, name=s.name) == s
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    assert s.params() == sum(p.numel() for p in model.parameters())
+    assert round(s.params() / 1e9, 2) == billions
+
+
 def test_known_totals():
     # Parameter counts as published: Llama-2-7B 6.74B, Llama-3-8B 8.03B, Llama-3-70B 70.6B.
     assert PRESETS["llama-2-7b"].params() == 6_738_415_616

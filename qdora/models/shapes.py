@@ -164,6 +164,10 @@ PRESETS = {
     "llama-3-8b": ModelShape("Llama-3-8B", 4096, 14336, 32, 32, 8, 128256, False),
     "llama-3-70b": ModelShape("Llama-3-70B", 8192, 28672, 80, 64, 8, 128256, False),
     "smollm2-135m": ModelShape("SmolLM2-135M", 576, 1536, 30, 9, 3, 49152, True),
+    "mistral-7b-v0.3": ModelShape("Mistral-7B-v0.3", 4096, 14336, 32, 32, 8, 32768, False, head_dim=128),
+    "qwen2.5-7b": ModelShape("Qwen2.5-7B", 3584, 18944, 28, 28, 4, 152064, False,
+                             attention_bias=("q_proj", "k_proj", "v_proj")),
+    "qwen3-8b": ModelShape("Qwen3-8B", 4096, 12288, 36, 32, 8, 151936, False, head_dim=128, qk_norm="head"),
     # Gemma 2: four norms a layer, a 4,096-token window on every other layer, soft-capped scores and logits
     "gemma-2-2b": ModelShape("Gemma-2-2B", 2304, 9216, 26, 8, 4, 256000, True, head_dim=256, norms=4,
                              sliding_window=4096, softcap_logits=True, softcap_attention=True),
@@ -192,6 +196,7 @@ PRESETS = {
                               attention_bias=("q_proj", "k_proj", "v_proj"), rotary_dim=64),
 }
 ALIASES = {"olmoe-1b-7b-0924": "olmoe-1b-7b", "mixtral-8x7b-v0.1": "mixtral-8x7b",
+           "mistral-7b-instruct-v0.3": "mistral-7b-v0.3", "qwen2.5-7b-instruct": "qwen2.5-7b",
            **{f"gemma-2-{n}-it": f"gemma-2-{n}" for n in ("2b", "9b", "27b")}}
 """Hub names of the presets, beside their short names."""
 
