@@ -45,7 +45,9 @@ Per phase of the step (the peak is the largest phase)
 Saved activations of one Llama decoder layer (autograd's saved tensors, measured on CPU with
 saved-tensor hooks and derived from the code): each RMSNorm keeps its fp32 input `T·h·4`; the
 attention (SDPA flash/efficient kernels, no padding mask) keeps q, k (after rotary), v, its output
-and an fp32 logsumexp per head and token; the MLP keeps `gate`, `silu(gate)`, `up` (`3·T·i·e`).
+and an fp32 logsumexp per head and token (soft-capped scores, Gemma 2's tiles of queries: no logsumexp, and the
+attention's backward holds one tile's working set, `softcap_tile`); the MLP keeps `gate`, `silu(gate)`, `up`
+(`3·T·i·e`).
 A linear keeps its input only if its weight trains (full) or it has an adapter: then its input
 (or, with dropout, each adapter's own dropped-out copy plus the dropout mask), `a = x·Aᵀ (T·r)`,
 and for DoRA its output (`dm` is recovered from it; shared when the next op keeps it anyway: v,
