@@ -293,6 +293,27 @@ def test_softcapped_tiles_recompute_under_the_forwards_autocast(monkeypatch):
         assert_close(a, b, BF16_TOL, f"d{name}")
 
 
+@pytest.mark.parametrize("window", [None, 16, 512, 4096])
+def test_tile_rows_are_the_most_whose_scores_fit(window, monkeypatch):
+    """`tile_rows` against a search over every row count: the most queries whose tile, `rows × min(keys, rows +
+    window − 1)` scores a head (all keys without a window), stays within the budget; under a window with a budget
+    larger than `window` rows need, the keys grow with the rows (a fixed `2·window` bound let 2,048-query tiles of
+    a 512-token window hold 160 MiB of scores on a 64 MiB budget)."""
+    from qdora.models.packed_attention import tile_rows
+
+    for mib, heads, keys in [(1, 4, 100), (1, 16, 16384), (4, 8, 1024), (4, 8, 4096), (64, 8, 4096), (64, 16, 1024),
+                             (128, 16, 16384)]:
+        monkeypatch.setitem(SOFTCAP_TILE_BYTES, "cpu", mib << 20)
+        budget = (mib << 20) // (4 * heads)
+
+        def span(rows):
+            return keys if window is None or window >= keys else min(keys, rows + window - 1)
+
+        fits = [r for r in range(1, keys + 1) if r * span(r) <= budget]
+        got = tile_rows(heads, keys, window=window)
+        assert min(got, keys) == (max(fits) if fits else 1), (mib, heads, keys, got)
+
+
 def test_softcapped_training_keeps_no_tokens_by_tokens_scores(monkeypatch):
     """A forward and backward of Gemma 2 at 2,048 tokens: transformers' eager attention keeps its `heads × T × T`
     scores (64 MiB in fp32 here, several times over); the tiles of 64 queries hold one tile's at a time (measured:

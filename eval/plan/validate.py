@@ -16,6 +16,8 @@ The prediction is `qdora.plan.memory.plan(..., device="cpu")`'s tensor total.
     python -m qdora.eval.plan.validate --only long  # long rows, the tiled MLP and offloaded activations on and off
     python -m qdora.eval.plan.validate --only gemma # Gemma 3's and 2's layouts: four norms a layer, sliding-window
                                                      # layers, soft-capped attention
+    python -m qdora.eval.plan.validate --only gemma --case 4 --case 5 --case 6 --tile-mib 64
+                                                     # Gemma 2 with a soft-capped tile's working set at the peak
     python -m qdora.eval.plan.validate --only tiled # tiled layers, where a layer's backward peaks; SmolLM2 to 16K
                                                     # (the profiler's events alone: `measure(how="events")`)
     python -m qdora.eval.plan.validate --only smollm2-32k  # SmolLM2 at 32K tokens, the options on and off
@@ -52,6 +54,7 @@ from qdora.core.safetensors_io import write_text_atomic
 from qdora.eval.bench.memory import heap_peak_bytes, peak_bytes, step_peak_bytes, tensor_bytes
 from qdora.eval.common import run_child
 from qdora.models.loading import load_model, smollm2_gguf_path
+from qdora.models.shapes import SOFTCAP_TILE_BYTES
 from qdora.plan.memory import (
     GIB,
     MAX_SEQ_CARDS_GB,
@@ -536,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--case", type=int, action="append",
                    help="run only this case of the group (its index, from 0; repeatable)")
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--tile-mib", type=int, help="the soft-capped attention's tiles (Gemma 2), MiB of fp32 scores a "
+                   "tile, for plan and run alike (default: 4 on CPU): larger ones put a tile's working set at the "
+                   "step's peak")
     p.add_argument("--published", action="store_true",
                    help="print the planner beside published figures (no measurement) and stop")
     p.add_argument("--start", action="store_true", help="validate the FSDP start term (2 processes per case)")
@@ -564,6 +570,10 @@ def main(argv: list[str] | None = None) -> int:
         print(goal_table())
         return 0
 
+    if args.tile_mib is not None:
+        if args.tile_mib < 1:
+            p.error(f"--tile-mib={args.tile_mib} must be >= 1 (MiB of fp32 scores a tile)")
+        SOFTCAP_TILE_BYTES["cpu"] = args.tile_mib << 20
     cases = QUICK + ([] if args.quick else SMALL + ([] if args.no_smollm2 else SMOLLM2))
     if args.only:
         cases = {"quick": QUICK, "small": SMALL, "smollm2": SMOLLM2, "moe": MOE + MOE_SHARED, "gemma": GEMMA,

@@ -149,10 +149,11 @@ def _causal(module, query, key, value, start: int, end: int, window: int | None,
     return torch.cat(pieces, dim=1)
 
 
-def tile_rows(heads: int, keys: int, device: torch.device = torch.device("cpu")) -> int:
-    """Queries per tile of the soft-capped attention over `keys` keys with `heads` heads (times the batch where the
-    tile spans it): `qdora.models.shapes.softcap_tile_rows`, one rule with the planner's."""
-    return softcap_tile_rows(heads, keys, device.type)
+def tile_rows(heads: int, keys: int, device: torch.device = torch.device("cpu"), window: int | None = None) -> int:
+    """Queries per tile of the soft-capped attention over a sequence of `keys` tokens with `heads` heads (times the
+    batch where the tile spans it), under `window` if given: `qdora.models.shapes.softcap_tile_rows`, one rule with
+    the planner's."""
+    return softcap_tile_rows(heads, keys, device.type, window)
 
 
 def capped_tile(query, key, value, mask, offset: int, window: int | None, scaling: float, softcap: float,
@@ -269,7 +270,7 @@ def _capped(module, query, key, value, attention_mask, position_ids, window, dro
         tiles = []
         for b, row in enumerate(starts):
             for s, e in zip(row, row[1:] + [T]):
-                rows = tile_rows(H, e - s if window is None else min(e - s, 2 * window), query.device)
+                rows = tile_rows(H, e - s, query.device, window)
                 tiles += [(b, b + 1, q0, min(q0 + rows, e), s if window is None else max(s, q0 - window + 1),
                            min(q0 + rows, e)) for q0 in range(s, e, rows)]
     return CappedTiles.apply(query, key, value, attention_mask, tiles, window, scaling, softcap, dropout,

@@ -8,6 +8,7 @@ GLM-4-MoE's `shared_experts`), and some of its layers may be dense (`dense_layer
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,10 +220,17 @@ trained a 2,048-token step in 0.84 s with 4 MiB tiles, 1.09 with 16, 2.27 with 3
 attention; 8,192 tokens in 8.0 s with 4 to 16 MiB. On CUDA larger tiles launch fewer kernels (not measured yet)."""
 
 
-def softcap_tile_rows(heads: int, keys: int, device_type: str = "cpu") -> int:
-    """Queries per tile of the soft-capped attention over `keys` keys with `heads` heads (times the batch where a
-    tile spans it): as many as keep the tile's fp32 scores within `SOFTCAP_TILE_BYTES`, at least one."""
-    return max(1, SOFTCAP_TILE_BYTES["cpu" if device_type == "cpu" else "cuda"] // (4 * heads * max(keys, 1)))
+def softcap_tile_rows(heads: int, keys: int, device_type: str = "cpu", window: int | None = None) -> int:
+    """Queries per tile of the soft-capped attention over a sequence of `keys` tokens with `heads` heads (times the
+    batch where a tile spans it): as many as keep the tile's fp32 scores within `SOFTCAP_TILE_BYTES`, at least one.
+    Under a sliding window a tile of r queries sees `min(keys, r + window − 1)` keys."""
+    budget = SOFTCAP_TILE_BYTES["cpu" if device_type == "cpu" else "cuda"] // (4 * heads)  # scores a tile
+    keys = max(keys, 1)
+    if window is not None and window < keys:  # the largest r with r·(r + window − 1) within the budget
+        rows = (math.isqrt((window - 1) ** 2 + 4 * budget) - (window - 1)) // 2
+        if rows + window - 1 < keys:
+            return max(1, rows)
+    return max(1, budget // keys)
 
 
 def used_sliding_window(config) -> int:
