@@ -216,8 +216,9 @@ SIGMOID_ROUTERS = ("deepseek_v3", "glm4_moe")
 SOFTCAP_TILE_BYTES = {"cpu": 4 * 2**20, "cuda": 128 * 2**20}
 """The fp32 scores of one tile of queries of the soft-capped attention (`qdora.packed_sdpa`'s "qdora_softcap"), at
 most, by device type. On CPU, tiles within the caches run fastest: a 4-layer Gemma 2 (hidden 256, 8 heads of 32)
-trained a 2,048-token step in 0.84 s with 4 MiB tiles, 1.09 with 16, 2.27 with 32, 3.02 on transformers' eager
-attention; 8,192 tokens in 8.0 s with 4 to 16 MiB. On CUDA larger tiles launch fewer kernels (not measured yet)."""
+trained a 2,048-token step in 0.92 s with 1 MiB tiles, 0.99 with 4, 1.20 with 16, 1.42 with 32, and 2.94 on
+transformers' eager attention (`python -m qdora.eval.bench.packed_attention --softcap`). On CUDA larger tiles launch
+fewer kernels (not measured yet: docs/gpu.md gives the command)."""
 
 
 def softcap_tile_rows(heads: int, keys: int, device_type: str = "cpu", window: int | None = None) -> int:
