@@ -60,9 +60,9 @@ import weakref
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import get_device_states, set_device_states
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from qdora.core.recompute import ForwardState
 from qdora.models.head_loss import causal_lm
 
 
@@ -171,13 +171,6 @@ class _Call:
     slot: HeldInput | None = None
 
 
-def _autocast_state(device_type: str) -> tuple:
-    types = [device_type] if device_type == "cpu" or not torch.amp.is_autocast_available(device_type) \
-        else [device_type, "cpu"]
-    return tuple((t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t), torch.is_autocast_cache_enabled())
-                 for t in types)
-
-
 class OffloadedCheckpoint(torch.autograd.Function):
     """`call.run(x)` checkpointed with `x` held on the host (module docstring). Inputs: `x` and the
     layer's trainable parameters, so that both get gradients."""
@@ -185,8 +178,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: _Call, x: torch.Tensor, *params: torch.Tensor):
         ctx.set_materialize_grads(False)
-        ctx.cpu_rng, ctx.device_rng = torch.get_rng_state(), get_device_states(x)
-        ctx.autocast = _autocast_state(x.device.type)
+        ctx.state = ForwardState.capture(x)
         call.slot = call.handle.offload(x, call.layer)  # first: on CUDA the copy overlaps this layer's compute
         with torch.no_grad():
             out = call.run(x)
@@ -204,20 +196,12 @@ class OffloadedCheckpoint(torch.autograd.Function):
         wants_x = ctx.needs_input_grad[1]
         params = [p for p, need in zip(ctx.params, ctx.needs_input_grad[2:]) if need]
         x = x.detach().requires_grad_(wants_x)
-        devices, states = ctx.device_rng
         aliases = {id(p): nn.Parameter(p.detach()) for p in params}
         # the aliases stay in the layer through the gradient too: a function inside it that recomputes in its own
         # backward (qdora.tiled_mlp) runs the layer's modules again there, and must use them
         with _swapped(call.layer, aliases):
-            with torch.random.fork_rng(devices=devices, device_type=x.device.type), contextlib.ExitStack() as stack:
-                torch.set_rng_state(ctx.cpu_rng)
-                if devices:
-                    set_device_states(devices, states, device_type=x.device.type)
-                for device_type, enabled, dtype, cache in ctx.autocast:
-                    stack.enter_context(torch.amp.autocast(device_type, dtype=dtype, enabled=enabled,
-                                                           cache_enabled=cache))
-                with torch.enable_grad():
-                    out = call.run(x)
+            with ctx.state.rng(), ctx.state.autocast():
+                out = call.run(x)
             slot.release()
             outputs = out if isinstance(out, tuple) else (out,)
             pairs = [(o, g) for o, g in zip(outputs, grads)

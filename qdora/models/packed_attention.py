@@ -45,7 +45,6 @@ one, or bidirectional attention is refused in one line.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -55,6 +54,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+from qdora.core.recompute import ForwardState
 from qdora.models.shapes import softcap_tile_rows, used_sliding_window
 
 NAME = "qdora_sdpa"
@@ -195,9 +195,7 @@ class CappedTiles(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, mask, tiles, window, scaling, softcap, dropout, training):
         ctx.tiles, ctx.args = tiles, (window, scaling, softcap, dropout, training)
-        ctx.rng = _rng_state(query.device) if dropout and training else None
-        ctx.autocast = [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
-                        for kind in dict.fromkeys(("cpu", query.device.type))]
+        ctx.state = ForwardState.capture(query, rng=bool(dropout and training))
         ctx.save_for_backward(query, key, value, mask)
         B, H, T, d = query.shape
         out = None
@@ -213,18 +211,12 @@ class CappedTiles(torch.autograd.Function):
     def backward(ctx, grad_out):
         query, key, value, mask = ctx.saved_tensors
         grads = [torch.zeros_like(t) if need else None for t, need in zip((query, key, value), ctx.needs_input_grad)]
-        with torch.random.fork_rng([query.device] if query.device.type == "cuda" else [],
-                                   enabled=ctx.rng is not None):
-            if ctx.rng is not None:
-                _set_rng_state(query.device, ctx.rng)
+        with ctx.state.rng():
             for tile in ctx.tiles:
                 b0, b1, q0, q1, k0, k1 = tile
                 q, k, v, m, offset = _tile_inputs(query, key, value, mask, tile)
                 inputs = [t.detach().requires_grad_(need) for t, need in zip((q, k, v), ctx.needs_input_grad)]
-                with contextlib.ExitStack() as stack:  # the forward's autocast state, as the forward computed
-                    for kind, enabled, dtype in ctx.autocast:
-                        stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
-                    stack.enter_context(torch.enable_grad())
+                with ctx.state.autocast():  # the forward's autocast state, as the forward computed
                     out = capped_tile(*inputs, m, offset, *ctx.args)
                 wanted = [t for t in inputs if t.requires_grad]
                 got = iter(torch.autograd.grad(out, wanted, grad_out[b0:b1, q0:q1]))
@@ -241,17 +233,6 @@ def _tile_inputs(query, key, value, mask, tile):
     rows = slice(b0, b1) if mask is None or mask.shape[0] > 1 else slice(None)
     return (query[b0:b1, :, q0:q1], key[b0:b1, :, k0:k1], value[b0:b1, :, k0:k1],
             None if mask is None else mask[rows, :, q0:q1, k0:k1], key.shape[2] - query.shape[2] + q0 - k0)
-
-
-def _rng_state(device: torch.device):
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_rng_state(device: torch.device, state) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
 
 
 def _capped(module, query, key, value, attention_mask, position_ids, window, dropout, scaling, softcap):

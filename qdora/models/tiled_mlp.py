@@ -64,7 +64,6 @@ nothing. Cost: each tiled part's forward once more per step, the DoRA row norm i
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import types
@@ -72,6 +71,7 @@ import types
 import torch
 from torch import nn
 
+from qdora.core.recompute import ForwardState
 from qdora.models.head_loss import causal_lm
 
 _MARK = "_qdora_tiled_mlp"
@@ -107,13 +107,10 @@ class TiledApply(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fn, tile_tokens, x, *params):
-        cuda = x.device if x.device.type == "cuda" else None
         # one RNG state for all the tiles: the backward recomputes them in the same order, drawing as they drew
-        state = (torch.get_rng_state(), None if cuda is None else torch.cuda.get_rng_state(cuda))
+        state = ForwardState.capture(x)
         out = tiles_forward(fn, tile_tokens, x)
         ctx.fn, ctx.tile_tokens, ctx.params, ctx.state = fn, tile_tokens, params, state
-        ctx.autocast = [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
-                        for kind in dict.fromkeys(("cpu", x.device.type))]
         ctx.save_for_backward(x)
         return out
 
@@ -127,17 +124,10 @@ class TiledApply(torch.autograd.Function):
         lead = (1,) * (x.dim() - 2)
         dx = torch.empty(flat.shape, dtype=x.dtype, device=x.device) if need_x else None
         sums: dict[int, torch.Tensor] = {}
-        cuda = x.device if x.device.type == "cuda" else None
-        with torch.random.fork_rng(devices=[] if cuda is None else [cuda]):
-            torch.set_rng_state(ctx.state[0])
-            if cuda is not None:
-                torch.cuda.set_rng_state(ctx.state[1], cuda)
+        with ctx.state.rng():
             for start in range(0, flat.shape[0], tile_tokens):
                 tile = flat[start:start + tile_tokens].detach().requires_grad_(need_x)
-                with contextlib.ExitStack() as stack:
-                    for kind, enabled, dtype in ctx.autocast:
-                        stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
-                    stack.enter_context(torch.enable_grad())
+                with ctx.state.autocast():
                     y = ctx.fn(tile.clone().view(*lead, *tile.shape))  # a non-leaf copy: in-place ops stay legal
                 inputs = ([tile] if need_x else []) + [params[i] for i in wanted]
                 grads = torch.autograd.grad(y, inputs, dy[start:start + tile.shape[0]].view_as(y),
