@@ -1,0 +1,128 @@
+"""The long-sequence calls in a user's own trainer (docs/peft-and-trainers.md): packed rows from transformers'
+`DataCollatorWithFlattening` or TRL's `padding_free`, `qdora.packed_sdpa`, `qdora.tiled_layers` and
+`qdora.offload_activations` under `qdora.QDoRATrainer` and TRL's `SFTTrainer`. The oracle is the same trainer on
+transformers' own path (padded rows, or its masked SDPA over the same packed rows): the same loss curve and the same
+trained adapters; and SDPA is never handed a mask.
+
+Tolerance: the packed and padded rows are the same sums in other matmul shapes (fp32 rounding), through 3 SGD steps
+(AdamW's normalized step would turn a rounding-level difference in a gradient near 0 into a step's): FP32_TOL on the
+adapters (measured: 3.7e-7), rel 1e-5 on the losses (measured: 7.7e-8)."""
+
+import pytest
+import torch
+from conftest import FP32_TOL, assert_close
+
+import qdora
+from qdora import AdapterConfig, load_model
+
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+from test_hf_trainer import setup  # noqa: E402,F401  (the same model and texts as the Trainer tests)
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+CFG = AdapterConfig(method="qdora", r=4, alpha=8, dropout=0.0)
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    """(query length, whether a mask was given) of every SDPA call."""
+    seen = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spied(query, key, value, attn_mask=None, *args, **kwargs):
+        seen.append((query.shape[-2], attn_mask is not None))
+        return original(query, key, value, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spied)
+    return seen
+
+
+def arguments(out, **kw):
+    base = dict(output_dir=str(out), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+                report_to=[], use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    base.update(kw)
+    return base
+
+
+def rows(tokenizer, texts):
+    """Examples of 24 to 90 tokens, so that padded rows hold padding."""
+    out = []
+    for i, text in enumerate(texts):
+        ids = tokenizer(text).input_ids[:24 + 6 * i]
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
+    assert len({len(r["input_ids"]) for r in out}) > len(out) // 2
+    return datasets.Dataset.from_list(out)
+
+
+def adapters(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def losses(run):
+    return [e["loss"] for e in run.state.log_history if "loss" in e]
+
+
+def test_qdora_trainer_on_flattened_rows_with_every_long_sequence_call(setup, tmp_path, sdpa_calls):  # noqa: F811
+    root, texts = setup
+
+    def run(out, long):
+        torch.manual_seed(0)  # the adapters' initial A
+        model, tok = load_model(root / "model", cfg=CFG, progress=False)
+        if long:  # the documented calls, in the documented order
+            qdora.packed_sdpa(model)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            qdora.tiled_layers(model, 16)
+            qdora.offload_activations(model)
+            model.disable_input_require_grads()
+            collator = transformers.DataCollatorWithFlattening()
+            args = arguments(out)  # the trainer's gradient_checkpointing stays off: it would replace the offloading
+        else:
+            collator = transformers.DataCollatorForSeq2Seq(tok, padding=True)
+            args = arguments(out, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainer = qdora.QDoRATrainer(model=model, args=transformers.TrainingArguments(**args), data_collator=collator,
+                                     train_dataset=rows(tok, texts[:12]), processing_class=tok)
+        trainer.train()
+        return losses(trainer), adapters(model)
+
+    padded, padded_adapters = run(tmp_path / "padded", long=False)
+    assert any(masked for _, masked in sdpa_calls)  # padded rows: transformers hands SDPA its mask
+    sdpa_calls.clear()
+    packed, packed_adapters = run(tmp_path / "packed", long=True)
+    assert len(packed) == 3 and packed == pytest.approx(padded, rel=1e-5)
+    assert sorted(packed_adapters) == sorted(padded_adapters)
+    assert all(padded_adapters[n].abs().max() > 1e-4 for n in padded_adapters if "lora_B" in n)  # B left 0: trained
+    for name, value in packed_adapters.items():
+        assert_close(value, padded_adapters[name], FP32_TOL, name)
+    assert sdpa_calls and not any(masked for _, masked in sdpa_calls)
+    assert max(length for length, _ in sdpa_calls) <= 90  # one example at a time, not the row
+
+
+def test_sft_trainer_padding_free_with_packed_sdpa_equals_its_masked_sdpa(setup, tmp_path, sdpa_calls):  # noqa: F811
+    trl = pytest.importorskip("trl")
+    root, texts = setup
+
+    class QDoRASFTTrainer(qdora.AdapterCheckpoints, trl.SFTTrainer):
+        pass
+
+    def run(out, packed):
+        torch.manual_seed(0)
+        model, tok = load_model(root / "model", cfg=CFG, progress=False)
+        if packed:
+            qdora.packed_sdpa(model)
+        args = trl.SFTConfig(**arguments(out), padding_free=True, max_length=None, bf16=False)
+        data = rows(tok, texts[:12]).select_columns(["input_ids"])  # tokenized and cut already, as TRL asks
+        trainer = QDoRASFTTrainer(model=model, args=args, processing_class=tok, train_dataset=data)
+        trainer.train()
+        return losses(trainer), adapters(model)
+
+    masked, masked_adapters = run(tmp_path / "masked", packed=False)
+    assert any(m for _, m in sdpa_calls)  # transformers' block-diagonal mask over the flattened row
+    row = max(length for length, _ in sdpa_calls)
+    sdpa_calls.clear()
+    packed, packed_adapters = run(tmp_path / "packed", packed=True)
+    assert len(packed) == 3 and packed == pytest.approx(masked, rel=1e-5)
+    for name, value in packed_adapters.items():
+        assert_close(value, masked_adapters[name], FP32_TOL, name)
+    assert sdpa_calls and not any(m for _, m in sdpa_calls) and max(length for length, _ in sdpa_calls) < row
