@@ -342,6 +342,58 @@ def test_sequence_starts():
     assert sequence_starts(torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1], [3, 4, 5, 6, 7, 8, 9, 10]])) == [[0, 3, 5, 6], [0]]
 
 
+@pytest.mark.parametrize("switched", [False, True], ids=["transformers", "packed_sdpa"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_right_padded_rows_need_no_mask(name, switched):
+    """Rows padded on the right (the second row's last 5 tokens, more than the window): without the attention mask,
+    the real tokens' logits and every gradient of a loss over them equal those of transformers' own masked attention
+    (the oracle), on transformers' attention and after `packed_sdpa`; `unmasked_right_padding` says so."""
+    model = tiny(name)
+    ids = torch.randint(3, 97, (2, 14), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    real = mask.bool()
+
+    def run(attention_mask):
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
+        (logits.float().square() * real[..., None]).mean().backward()  # the real tokens' outputs only
+        return logits.detach()[real], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want, want_grads = run(mask)
+    if switched:
+        packed_sdpa(model)
+    assert packed_attention.unmasked_right_padding(model)
+    got, grads = run(None)
+    assert_close(got, want, FP32_TOL, "real tokens' logits")
+    assert sorted(grads) == sorted(want_grads) and grads
+    for n in grads:
+        assert_close(grads[n], want_grads[n], FP32_TOL, n)
+
+
+def test_right_padding_keeps_its_mask_where_the_loss_reads_it():
+    """An MoE whose loss adds the router's load-balancing term over the real tokens (`output_router_logits`): without
+    the mask the padding counts in it, and the loss changes; so do an unverified type, bidirectional attention and
+    flash attention (whose mask skips the padding) keep it."""
+    model = tiny("qwen3_moe", output_router_logits=True, router_aux_loss_coef=1.0)
+    ids = torch.randint(3, 97, (2, 14), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        masked, unmasked = (model(input_ids=ids, attention_mask=m, labels=labels, use_cache=False).loss
+                            for m in (mask, None))
+    assert abs(masked - unmasked) > 1e-4 * abs(masked)
+    assert not packed_attention.unmasked_right_padding(model)
+    assert packed_attention.unmasked_right_padding(tiny("qwen3_moe"))
+    bidirectional = tiny("llama")
+    bidirectional.config.use_bidirectional_attention = True
+    flash = tiny("llama")
+    flash.config._attn_implementation_internal = "flash_attention_2"
+    gpt2 = transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4))
+    assert not any(packed_attention.unmasked_right_padding(m) for m in (bidirectional, flash, gpt2))
+
+
 def test_what_it_refuses_in_one_line():
     config = transformers.PhiConfig(**COMMON, attn_implementation="sdpa")
     with pytest.raises(ValueError, match=r"qdora.packed_sdpa: model type 'phi' is not one it is tested with"):
@@ -378,6 +430,17 @@ def test_the_heap_measurement_runs(capsys, args):
     sdpa, ours = (float(x.replace(",", "")) for x in re.findall(r"([\d,.]+) MiB", out))
     assert sdpa > ours + 512 * 512 / 2**20  # at least the mask's bytes apart
     assert ("32-token sliding window" in out) == ("--window" in args)
+
+
+def test_the_padded_measurement_runs(capsys):
+    from qdora.eval.bench.packed_attention import main
+    assert main(["--padded", "--tokens", "512"]) == 0
+    out = capsys.readouterr().out
+    masked, unmasked = (float(x.replace(",", "")) for x in re.findall(r"([\d,.]+) MiB", out))
+    assert masked > unmasked + 2 * 512 * 512 / 2**20  # at least the mask's booleans apart
+    with pytest.raises(SystemExit):
+        main(["--padded", "--softcap", "--tokens", "512"])
+    assert "--padded measures a Llama's padded rows" in capsys.readouterr().err
 
 
 def test_the_softcap_measurement_runs(capsys):

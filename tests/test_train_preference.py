@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from serving import make_model_dir
 
 from qdora.data.records import DataError
@@ -75,6 +76,45 @@ def test_a_precomputed_reference_gives_the_live_references_run(files, tmp_path):
         assert [r["loss"] for r in pre] == pytest.approx([r["loss"] for r in live], rel=1e-5, abs=1e-6)
         saved = json.loads((tmp_path / f"pre-{method}" / "reference_logps.json").read_text())
         assert len(saved) == len(PAIRS) and all(len(s) == 2 and s[0] < 0 for s in saved)
+
+
+def test_pairs_train_without_a_padding_mask_as_with_it(files, tmp_path, monkeypatch):
+    """Chosen and rejected replies of different lengths, right-padded into one batch: the model gets no attention
+    mask (`unmasked_right_padding`), the run log says so, and the run equals the same run given the mask (swapped
+    back by the test): the same sums, fp32 rounding."""
+    from qdora.models import packed_attention
+    from qdora.train.run_log import RUN_LOG
+
+    masks = []
+    original = packed_attention.unmasked_right_padding
+
+    def recorded(model):
+        masks.append(original(model))
+        return masks[-1]
+
+    given = []  # whether SDPA was handed a mask, each call
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spied(query, key, value, attn_mask=None, *args, **kwargs):
+        given.append(attn_mask is not None)
+        return sdpa(query, key, value, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spied)
+    monkeypatch.setattr(packed_attention, "unmasked_right_padding", recorded)
+    train(cfg(files, tmp_path / "unmasked", val_split=0.34, eval_every=3))
+    assert masks == [True] and given and not any(given)
+    assert any(line.startswith("padding: rows padded on the right go to the model without an attention mask")
+               for line in (tmp_path / "unmasked" / RUN_LOG).read_text().splitlines())
+    monkeypatch.setattr(packed_attention, "unmasked_right_padding", lambda model: False)
+    given.clear()
+    train(cfg(files, tmp_path / "masked", val_split=0.34, eval_every=3))
+    assert any(given)
+    ours, theirs = read_metrics(tmp_path / "unmasked"), read_metrics(tmp_path / "masked")
+    keys = ("loss", "rewards/chosen", "rewards/rejected", "val_loss", "val_rewards/margins")
+    assert len(ours) == 3 and "val_loss" in ours[-1] and ours[-1]["rewards/margins"] != 0.0
+    for a, b in zip(ours, theirs):
+        assert sorted(a) == sorted(b)
+        assert [a[k] for k in keys if k in b] == pytest.approx([b[k] for k in keys if k in b], rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize("objective, extra", [("dpo", {}), ("dpo", {"precompute_reference": True}),

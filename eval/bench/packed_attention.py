@@ -12,8 +12,15 @@ backward) and on qdora_softcap's tiles (`--tile-mib`: several tile sizes, one af
 memory (on CPU the heap's high-water mark; on CUDA, `--device cuda`, in bf16, the allocator's peak of tensor bytes)
 and the mean time of 3 steps after the measured one (run it alone: the time is a measurement).
 
+With `--padded`, rows padded on the right (a preference batch's chosen and rejected replies, or unpacked rows of
+different lengths): a training step of the same Llama with 4 layers, on 2 rows of `--tokens` tokens, the second
+padded over its last quarter, given the attention mask (transformers' SDPA, with its `(rows, 1, T, T)` mask, which
+each layer's SDPA also keeps for the backward) and without it (what `qdora train` gives such a model:
+`qdora.models.packed_attention.unmasked_right_padding`): the heap's peak.
+
     python -m qdora.eval.bench.packed_attention --tokens 32768 --sequences 8
     python -m qdora.eval.bench.packed_attention --tokens 32768 --sequences 1 --window 4096
+    python -m qdora.eval.bench.packed_attention --padded --tokens 8192
     python -m qdora.eval.bench.packed_attention --softcap --tokens 4096
     python -m qdora.eval.bench.packed_attention --softcap --no-eager --tokens 16384
     python -m qdora.eval.bench.packed_attention --softcap --device cuda --tokens 16384 --tile-mib 32,128,512
@@ -52,6 +59,28 @@ def measure(tokens: int, sequences: int, window: int | None = None) -> dict:
     packed_sdpa(model)
     return {"tokens": tokens, "sequences": sequences, "window": window, "sdpa_bytes": masked,
             "packed_sdpa_bytes": heap_peak_bytes(forward)}
+
+
+def measure_padded(tokens: int) -> dict:
+    """The heap's peak of a training step over 2 rows of `tokens` tokens, the second padded over its last quarter,
+    with the attention mask and without it (the real tokens' loss is the same: `tests/test_packed_attention.py`)."""
+    import transformers  # heavy, used here only
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=tokens, attn_implementation="sdpa")).train()
+    ids = torch.randint(3, 97, (2, tokens))
+    mask = torch.ones_like(ids)
+    mask[1, tokens - tokens // 4:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def step(attention_mask):
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, attention_mask=attention_mask, labels=labels, use_cache=False).loss.backward()
+
+    return {"tokens": tokens, "masked_bytes": heap_peak_bytes(lambda: step(mask)),
+            "unmasked_bytes": heap_peak_bytes(lambda: step(None))}
 
 
 def measure_softcap(tokens: int, window: int = 512, steps: int = 3, eager: bool = True, device: str = "cpu",
@@ -111,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sequences", type=int, default=8, help="sequences packed in it (default: %(default)s)")
     p.add_argument("--window", type=int, help="a sliding window of this many tokens (Mistral's shapes; default: none; "
                    "with --softcap, Gemma 2's windowed layers: 512)")
+    p.add_argument("--padded", action="store_true", help="2 rows padded on the right: a training step's heap with "
+                   "the attention mask and without it")
     p.add_argument("--softcap", action="store_true", help="Gemma 2's soft-capped scores: a training step's heap and "
                    "time on eager attention and on qdora_softcap")
     p.add_argument("--no-eager", action="store_true", help="with --softcap, qdora_softcap alone (eager's scores "
@@ -135,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--device cuda: torch sees no CUDA device here; leave --device out to measure on the CPU")
     if args.window is not None and args.window < 1:
         p.error(f"--window={args.window} must be >= 1 (or left out: no sliding window)")
+    if args.padded and (args.softcap or args.window is not None):
+        p.error("--padded measures a Llama's padded rows; it goes with neither --softcap nor --window")
+    if args.padded:
+        r = measure_padded(args.tokens)
+        masked, unmasked = r["masked_bytes"] / 2**20, r["unmasked_bytes"] / 2**20
+        print(f"2 rows of {r['tokens']:,} tokens, one padded over its last quarter, a training step: with the "
+              f"attention mask {masked:,.1f} MiB, without it {unmasked:,.1f} MiB of heap at the peak")
+        return 0
     if args.softcap:
         r = measure_softcap(args.tokens, args.window or 512, eager=not args.no_eager, device=args.device,
                             tiles_mib=tiles)

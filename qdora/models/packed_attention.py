@@ -329,6 +329,21 @@ def unsupported(model: nn.Module) -> str | None:
     return None
 
 
+def unmasked_right_padding(model: nn.Module) -> bool:
+    """Whether rows padded on the right give `model` the same loss without their attention mask, so that none is
+    built: the model is causal (a token attends to tokens before it, so no real token sees the padding after it), its
+    positions come from the token index (transformers' default without `position_ids`, as with the mask), and nothing
+    in its loss reads the mask (no MoE router loss: `output_router_logits` off). Only the padding's own outputs, which
+    the loss ignores, change. True for a `VERIFIED` type on attention that would build a `T × T` mask from it
+    (SDPA, eager, and this module's); False on flash attention, whose padding mask skips the padding instead."""
+    lm = model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
+    config = getattr(lm, "config", None)
+    return (getattr(config, "model_type", None) in VERIFIED
+            and not getattr(config, "use_bidirectional_attention", False)
+            and not getattr(config, "output_router_logits", False)
+            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager", NAME, SOFTCAP_NAME))
+
+
 def packed_sdpa(model: nn.Module) -> nn.Module:
     """Switch a transformers causal LM (or a PEFT model around one) from SDPA to SDPA over each packed sequence of
     a row, so that packed rows need no `T × T` mask, and a model with soft-capped scores (Gemma 2) from eager to the
