@@ -43,6 +43,7 @@ _PUBLIC = {
     "save_adapter": "qdora.models.adapter_save",
     "tiled_layers": "qdora.models.tiled_mlp",
     "tiled_mlp": "qdora.models.tiled_mlp",
+    "unmasked_padding": "qdora.models.packed_attention",
     "unpatch_peft": "qdora.integrations.peft",
 }
 __all__ = sorted(_PUBLIC)

@@ -371,6 +371,55 @@ def test_right_padded_rows_need_no_mask(name, switched):
         assert_close(grads[n], want_grads[n], FP32_TOL, n)
 
 
+def test_unmasked_padding_drops_only_a_right_padding_mask_without_a_cache(monkeypatch):
+    """`unmasked_padding`'s hook: a right-padded mask is dropped (SDPA gets none; the real tokens' logits equal the
+    masked model's), and a left-padded one, a packed row's positions, and a forward with a cache keep theirs (the same
+    logits as without the hook, bitwise). On a PEFT model it hooks the base model's decoder; `remove()` undoes it; an
+    unverified type gets no hook."""
+    given = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spied(query, key, value, attn_mask=None, *args, **kwargs):
+        given.append(attn_mask is not None)
+        return sdpa(query, key, value, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spied)
+    model = tiny("llama").eval()
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(4))
+    right, left = torch.ones_like(ids), torch.ones_like(ids)
+    right[1, 7:] = 0
+    left[1, :5] = 0
+
+    def logits(mask, **kw):
+        given.clear()
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask, **kw).logits
+
+    want_right, want_left = logits(right, use_cache=False), logits(left, use_cache=False)
+    want_cached = logits(right, use_cache=True, cache=transformers.DynamicCache(config=model.config))
+    handle = qdora.unmasked_padding(model)
+    got = logits(right, use_cache=False)
+    assert given and not any(given)
+    assert_close(got[right.bool()], want_right[right.bool()], FP32_TOL, "right-padded rows")
+    assert torch.equal(logits(left, use_cache=False), want_left) and all(given)
+    assert torch.equal(logits(right, use_cache=True, cache=transformers.DynamicCache(config=model.config)),
+                       want_cached) and all(given)
+    handle.remove()
+    assert torch.equal(logits(right, use_cache=False), want_right) and all(given)
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"])).eval()
+    handle = qdora.unmasked_padding(model)
+    logits(right, use_cache=False)
+    assert given and not any(given)  # PEFT calls its base model's forward, past hooks on the model: the decoder's run
+    handle.remove()
+    logits(right, use_cache=False)
+    assert all(given)
+    gpt2 = transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4))
+    assert qdora.unmasked_padding(gpt2) is None
+    assert packed_attention.is_right_padding(right) and not packed_attention.is_right_padding(left)
+    assert not packed_attention.is_right_padding(right[None]) and not packed_attention.is_right_padding(right * 2)
+
+
 def test_right_padding_keeps_its_mask_where_the_loss_reads_it():
     """An MoE whose loss adds the router's load-balancing term over the real tokens (`output_router_logits`): without
     the mask the padding counts in it, and the loss changes; so do an unverified type, bidirectional attention and
@@ -419,7 +468,7 @@ def test_what_it_refuses_in_one_line():
 
 
 def test_exported_from_the_package():
-    assert qdora.packed_sdpa is packed_sdpa
+    assert qdora.packed_sdpa is packed_sdpa and qdora.unmasked_padding is packed_attention.unmasked_padding
 
 
 @pytest.mark.parametrize("args", [["--sequences", "4"], ["--sequences", "1", "--window", "32"]])

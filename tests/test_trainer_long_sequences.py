@@ -82,7 +82,8 @@ def test_qdora_trainer_on_flattened_rows_with_every_long_sequence_call(setup, tm
             collator = transformers.DataCollatorForSeq2Seq(tok, padding=True)
             args = arguments(out, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
         trainer = qdora.QDoRATrainer(model=model, args=transformers.TrainingArguments(**args), data_collator=collator,
-                                     train_dataset=rows(tok, texts[:12]), processing_class=tok)
+                                     train_dataset=rows(tok, texts[:12]), processing_class=tok,
+                                     keep_padding_mask=not long)  # transformers' own path: the padded rows' mask
         trainer.train()
         return losses(trainer), adapters(model)
 
@@ -126,3 +127,69 @@ def test_sft_trainer_padding_free_with_packed_sdpa_equals_its_masked_sdpa(setup,
     for name, value in packed_adapters.items():
         assert_close(value, masked_adapters[name], FP32_TOL, name)
     assert sdpa_calls and not any(m for _, m in sdpa_calls) and max(length for length, _ in sdpa_calls) < row
+
+
+def test_qdora_trainer_gives_right_padded_rows_no_mask(setup, tmp_path, sdpa_calls):  # noqa: F811
+    """`DataCollatorForSeq2Seq`'s right-padded rows: by default the decoder gets no mask while training (SDPA is never
+    handed one), with the same loss curve and adapters as `keep_padding_mask=True` (transformers' masked SDPA, the
+    oracle); after `train()` the model's masks are its own again."""
+    root, texts = setup
+
+    def run(out, **kw):
+        torch.manual_seed(0)
+        model, tok = load_model(root / "model", cfg=CFG, progress=False)
+        trainer = qdora.QDoRATrainer(model=model, args=transformers.TrainingArguments(**arguments(out)),
+                                     data_collator=transformers.DataCollatorForSeq2Seq(tok, padding=True),
+                                     train_dataset=rows(tok, texts[:12]), processing_class=tok, **kw)
+        trainer.train()
+        return losses(trainer), adapters(model), model
+
+    kept, kept_adapters, _ = run(tmp_path / "kept", keep_padding_mask=True)
+    assert any(masked for _, masked in sdpa_calls)
+    sdpa_calls.clear()
+    dropped, dropped_adapters, model = run(tmp_path / "dropped")
+    assert sdpa_calls and not any(masked for _, masked in sdpa_calls)
+    assert len(dropped) == 3 and dropped == pytest.approx(kept, rel=1e-5)
+    for name, value in dropped_adapters.items():
+        assert_close(value, kept_adapters[name], FP32_TOL, name)
+    sdpa_calls.clear()
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        model(input_ids=torch.full((2, 8), 5), attention_mask=mask)
+    assert all(masked for _, masked in sdpa_calls)  # the hook went with train()
+
+
+def test_trl_dpo_pairs_reach_the_decoder_without_a_mask(setup, tmp_path, sdpa_calls):  # noqa: F811
+    """TRL's `DPOTrainer` (whose `padding_free` is off in this TRL) pads chosen and rejected replies on the right:
+    under `AdapterCheckpoints` they train without a mask, with the same losses and rewards as with it."""
+    trl = pytest.importorskip("trl")
+    root, _ = setup
+
+    class QDoRADPOTrainer(qdora.AdapterCheckpoints, trl.DPOTrainer):
+        pass
+
+    pairs = datasets.Dataset.from_list([
+        {"prompt": "What is the capital of France?", "chosen": " Paris is the capital.", "rejected": " The sky."},
+        {"prompt": "Name a fruit:", "chosen": " apple", "rejected": " one two three four five"},
+        {"prompt": "Count: one two", "chosen": " three four", "rejected": " pear"},
+        {"prompt": "The grass is", "chosen": " green, as grass is.", "rejected": " Paris."}])
+
+    def run(out, **kw):
+        torch.manual_seed(0)
+        model, tok = load_model(root / "model", cfg=CFG, progress=False)
+        args = trl.DPOConfig(**arguments(out, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                                          learning_rate=1e-2, max_steps=2), bf16=False)
+        trainer = QDoRADPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tok, **kw)
+        trainer.train()
+        return [e for e in trainer.state.log_history if "loss" in e]
+
+    kept = run(tmp_path / "kept", keep_padding_mask=True)
+    assert any(masked for _, masked in sdpa_calls)
+    sdpa_calls.clear()
+    dropped = run(tmp_path / "dropped")
+    assert sdpa_calls and not any(masked for _, masked in sdpa_calls)
+    keys = ("loss", "rewards/chosen", "rewards/rejected")
+    assert len(dropped) == 2 and dropped[-1]["rewards/margins"] != 0.0
+    for a, b in zip(dropped, kept):
+        assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-5, abs=1e-6)

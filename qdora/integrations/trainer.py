@@ -13,7 +13,9 @@ chunks of tokens, never the whole logits (`qdora.chunked_loss`, installed for th
 `train()` and `evaluate()`; `chunked_loss=False` keeps transformers' loss, `loss_chunk_tokens` sizes the
 chunks); an evaluation whose metrics need the logits (`compute_metrics`) gets them, computed whole.
 TRL's `SFTTrainer` computes its loss over chunks itself (its fused LM head, which the chunked loss
-passes every call through to). A preference trainer that takes a `ref_model` (TRL's `DPOTrainer`) and is
+passes every call through to). Rows padded on the right (a padding collator's, TRL's chosen and rejected replies)
+reach the decoder without their attention mask where the loss is the same (`qdora.unmasked_padding`: no `T × T`
+mask; `keep_padding_mask=True` keeps it). A preference trainer that takes a `ref_model` (TRL's `DPOTrainer`) and is
 given none gets `BaseReference(model)`: the model itself with its adapters off, magnitude included
 (`qdora.integrations.reference`), instead of a second, full-precision copy TRL would load from disk.
 Everything else is the trainer's own.
@@ -36,6 +38,7 @@ from qdora.core.loss import check_chunk_tokens, check_loss_kernel
 from qdora.core.optim import MasterWeights, needs_master_weights
 from qdora.models import head_loss
 from qdora.models.adapter_io import adapter_layers, load_adapter, save_adapter
+from qdora.models.packed_attention import unmasked_padding
 
 TRAINING_ARGS_NAME = "training_args.bin"
 
@@ -45,17 +48,20 @@ class AdapterCheckpoints:
     resume a qdora-adapted model by its adapter. `adapter_format`: `"peft"` (default) or `"qdora"`.
     `chunked_loss`: the loss over chunks of `loss_chunk_tokens` tokens (None: sized from the vocabulary)
     while training and evaluating (default True; off with `use_liger_kernel`, whose own loss is used), computed
-    by `loss_kernel` ("torch", or on CUDA "liger" or "cce": `qdora.chunked_loss`)."""
+    by `loss_kernel` ("torch", or on CUDA "liger" or "cce": `qdora.chunked_loss`). `keep_padding_mask`: False (default)
+    gives rows padded on the right no attention mask while training and evaluating, where that is exact
+    (`qdora.unmasked_padding`)."""
 
     def __init__(self, *args, adapter_format: str = "peft", chunked_loss: bool = True,
-                 loss_chunk_tokens: int | None = None, loss_kernel: str = "torch", **kwargs):
+                 loss_chunk_tokens: int | None = None, loss_kernel: str = "torch", keep_padding_mask: bool = False,
+                 **kwargs):
         if adapter_format not in ("peft", "qdora"):
             raise ValueError(f"adapter_format={adapter_format!r} is unknown; use 'peft' or 'qdora'")
         if loss_chunk_tokens is not None:
             check_chunk_tokens(loss_chunk_tokens, "loss_chunk_tokens")
         check_loss_kernel(loss_kernel, "loss_kernel")
         self.qdora_chunked_loss, self.qdora_loss_chunk_tokens = bool(chunked_loss), loss_chunk_tokens
-        self.qdora_loss_kernel = loss_kernel
+        self.qdora_loss_kernel, self.qdora_keep_padding_mask = loss_kernel, bool(keep_padding_mask)
         model = kwargs.get("model", args[0] if args else None)
         if model is None or not adapter_layers(model) or getattr(model, "qdora_config", None) is None:
             raise ValueError(f"{type(self).__name__} trains a model adapted by qdora (qdora.add_adapters or "
@@ -75,24 +81,29 @@ class AdapterCheckpoints:
                 model._hf_peft_config_loaded = previous
 
     @contextlib.contextmanager
-    def _chunked_loss(self):
-        """The chunked loss on the model for the block, unless it has one already (or is off)."""
-        handle = None
+    def _qdora_forward(self):
+        """For the block: the chunked loss on the model, unless it has one already (or is off); and right padding
+        without its mask, unless kept."""
+        handles = []
         if self.qdora_chunked_loss and not getattr(self.args, "use_liger_kernel", False) \
                 and head_loss.find_chunked_loss(self.model) is None:
-            handle = head_loss.chunked_loss(self.model, self.qdora_loss_chunk_tokens, kernel=self.qdora_loss_kernel)
+            handles.append(head_loss.chunked_loss(self.model, self.qdora_loss_chunk_tokens,
+                                                  kernel=self.qdora_loss_kernel))
+        if not self.qdora_keep_padding_mask:
+            handles.append(unmasked_padding(self.model))
         try:
             yield
         finally:
-            if handle is not None:
-                handle.remove()
+            for handle in handles:
+                if handle is not None:
+                    handle.remove()
 
     def train(self, *args, **kwargs):
-        with self._chunked_loss():
+        with self._qdora_forward():
             return super().train(*args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
-        with self._chunked_loss():
+        with self._qdora_forward():
             return super().evaluate(*args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -239,12 +239,11 @@ def chunked_loss(model: nn.Module, chunk_tokens: int | None = None, kernel: str 
     return handle
 
 
-def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    completion_mask: torch.Tensor,
                    chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's `Σ_t log p(token_t | tokens_<t)` over its completion tokens (`completion_mask` 1; a
     sequence's first token is never scored), and their count: `(logps (B,), tokens (B,))`, differentiable.
-    `attention_mask` None: rows padded on the right, given no mask (`packed_attention.unmasked_right_padding`).
 
     For the model types `chunked_loss` is exact for, the LM head and the log-softmax run over chunks of
     tokens, one row at a time (`qdora.core.loss.chunked_cross_entropy`): no `tokens × vocab` tensor is

@@ -50,6 +50,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
@@ -342,6 +343,31 @@ def unmasked_right_padding(model: nn.Module) -> bool:
             and not getattr(config, "use_bidirectional_attention", False)
             and not getattr(config, "output_router_logits", False)
             and getattr(config, "_attn_implementation", None) in ("sdpa", "eager", NAME, SOFTCAP_NAME))
+
+
+def is_right_padding(mask) -> bool:
+    """Whether `mask` is a 2-D attention mask that marks only padding on the right: each row's ones, then zeros."""
+    return (isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool(((mask == 0) | (mask == 1)).all())
+            and bool((mask[:, 1:] <= mask[:, :-1]).all()))
+
+
+def unmasked_padding(model: nn.Module) -> RemovableHandle | None:
+    """For a model `unmasked_right_padding` holds exact: a forward pre-hook on its decoder stack that drops an
+    `attention_mask` marking only padding on the right (`is_right_padding`) from a forward without a cache and without
+    the router's logits, so that no `T × T` mask is built from it; the loss and the real tokens' outputs are the same.
+    A decoding step's mask (with a cache), left padding and packed rows' masks stay. None for any other model (its
+    masks stay). `.remove()` on the handle takes the hook off. `qdora train` and `qdora.QDoRATrainer` install it."""
+    if not unmasked_right_padding(model):
+        return None
+    lm = model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
+    return lm.get_decoder().register_forward_pre_hook(_drop_right_padding, with_kwargs=True)
+
+
+def _drop_right_padding(module, args, kwargs):
+    cached = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+    if not cached and not kwargs.get("output_router_logits") and is_right_padding(kwargs.get("attention_mask")):
+        return args, {**kwargs, "attention_mask": None}
+    return None
 
 
 def packed_sdpa(model: nn.Module) -> nn.Module:

@@ -94,8 +94,6 @@ def _local_batch(run: Run, examples: list[dict], ids: list[int], packed: bool) -
         batch["labels"].fill_(IGNORE_INDEX)
     else:
         batch = join([examples[i] for i in local], run.pad)
-    if not run.padding_mask:  # right-padded rows, exact without it (`Run.padding_mask`)
-        batch.pop("attention_mask", None)
     return {k: v.to(run.device) for k, v in batch.items()}
 
 

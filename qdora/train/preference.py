@@ -142,8 +142,7 @@ class Objective:
         self.micro = 0
 
     def _logps(self, model, batch):
-        mask = batch["attention_mask"] if self.run.padding_mask else None  # right-padded (`Run.padding_mask`)
-        return sequence_logps(model, batch["input_ids"], mask, batch["completion_mask"],
+        return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
                               self.run.cfg.loss_chunk_tokens or None)
 
     @torch.no_grad()

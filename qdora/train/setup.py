@@ -100,9 +100,6 @@ class Run:
     """A preference objective's loss and reference (`qdora.train.preference.Objective`); None for sft."""
     val_metrics: dict = dataclasses.field(default_factory=dict)
     """The last validation's metrics besides its loss (preference objectives: rewards, accuracy)."""
-    padding_mask: bool = True
-    """Whether right-padded batches give the model their attention mask (False where the loss is the same without it,
-    `qdora.models.packed_attention.unmasked_right_padding`: then no `T × T` mask is built from it)."""
 
     @property
     def out(self) -> Path:
@@ -191,10 +188,10 @@ def setup_run(cfg: TrainConfig, build) -> Run:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     attention = getattr(config, '_attn_implementation', None) or 'unknown'
     attention = training_attention(model, cfg.packing) or attention
-    padding_mask = not packed_attention.unmasked_right_padding(model)
+    unmasked = packed_attention.unmasked_padding(model) is not None  # the hook stays for the run
     padded = cfg.objective != "sft" or cfg.batch_size > 1  # rows of one batch padded to the longest
     loaded = [f"attention: {attention}",
-              None if padding_mask or not padded else
+              None if not unmasked or not padded else
               "padding: rows padded on the right go to the model without an attention mask (causal attention never "
               "lets a token see the padding after it; no tokens × tokens mask is built from it)",
               f"host allocator: {allocator.loaded()}",
@@ -211,7 +208,7 @@ def setup_run(cfg: TrainConfig, build) -> Run:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = make_optimizer([p for _, p in params], cfg, device)
     run = Run(cfg, model, model_tokenizer or tokenizer, optimizer, params, data.rows, pad_token_id(tokenizer),
-               device, rank, world, build, val=data.val, padding_mask=padding_mask)
+               device, rank, world, build, val=data.val)
     if cfg.objective != "sft":
         run.objective = Objective(run)
     _start_or_resume(run, existing)
