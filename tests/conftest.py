@@ -41,3 +41,17 @@ def assert_close(actual, expected, tol, what=""):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    """`(query length, whether a mask was given)` of every `scaled_dot_product_attention` call in the test."""
+    seen = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spied(query, key, value, attn_mask=None, *args, **kwargs):
+        seen.append((query.shape[-2], attn_mask is not None))
+        return original(query, key, value, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spied)
+    return seen

@@ -327,29 +327,21 @@ PADDING_LOG = ("padding: rows padded on the right go to the model without an att
                "lets a token see the padding after it; no tokens × tokens mask is built from it)")
 
 
-def test_padded_rows_train_without_a_mask_as_with_it(setup, tmp_path, monkeypatch):
+def test_padded_rows_train_without_a_mask_as_with_it(setup, tmp_path, monkeypatch, sdpa_calls):
     """Unpacked batches of 4 examples of different lengths, padded on the right: SDPA is never handed a mask (so
     none of `T × T` is built), the run log says so, and the training and validation losses equal the same run with
     the mask (`unmasked_right_padding` swapped to False by the test: transformers' masked SDPA)."""
     monkeypatch.setenv("QDORA_CACHE", str(tmp_path / "cache"))
-    seen = []
-    original = torch.nn.functional.scaled_dot_product_attention
-
-    def spied(query, key, value, attn_mask=None, *args, **kwargs):
-        seen.append(attn_mask is not None)
-        return original(query, key, value, attn_mask, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spied)
     cfg = dict(model=str(setup / "model"), data=str(setup / "d.jsonl"), method="qdora", r=4, alpha=8, dropout=0.0,
                lr=1e-2, max_steps=2, batch_size=4, cutoff_len=64, save_every=2, val_split=0.25, eval_every=2,
                progress=False)
     train(TrainConfig(**cfg, out=str(tmp_path / "unmasked")))
-    assert seen and not any(seen)
+    assert sdpa_calls and not any(masked for _, masked in sdpa_calls)
     assert PADDING_LOG in (tmp_path / "unmasked" / RUN_LOG).read_text().splitlines()
-    seen.clear()
+    sdpa_calls.clear()
     monkeypatch.setattr("qdora.models.packed_attention.unmasked_right_padding", lambda model: False)
     train(TrainConfig(**cfg, out=str(tmp_path / "masked")))
-    assert any(seen)  # transformers' mask, for the padded rows
+    assert any(masked for _, masked in sdpa_calls)  # transformers' mask, for the padded rows
     assert PADDING_LOG not in (tmp_path / "masked" / RUN_LOG).read_text().splitlines()
     ours, theirs = read_metrics(tmp_path / "unmasked"), read_metrics(tmp_path / "masked")
     assert [m["step"] for m in ours] == [1, 2] == [m["step"] for m in theirs] and "val_loss" in ours[-1]

@@ -371,19 +371,12 @@ def test_right_padded_rows_need_no_mask(name, switched):
         assert_close(grads[n], want_grads[n], FP32_TOL, n)
 
 
-def test_unmasked_padding_drops_only_a_right_padding_mask_without_a_cache(monkeypatch):
+def test_unmasked_padding_drops_only_a_right_padding_mask_without_a_cache(sdpa_calls):
     """`unmasked_padding`'s hook: a right-padded mask is dropped (SDPA gets none; the real tokens' logits equal the
     masked model's), and a left-padded one, a packed row's positions, and a forward with a cache keep theirs (the same
     logits as without the hook, bitwise). On a PEFT model it hooks the base model's decoder; `remove()` undoes it; an
     unverified type gets no hook."""
-    given = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def spied(query, key, value, attn_mask=None, *args, **kwargs):
-        given.append(attn_mask is not None)
-        return sdpa(query, key, value, attn_mask, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spied)
+    given = []  # whether SDPA was handed a mask, each call of the last forward
     model = tiny("llama").eval()
     ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(4))
     right, left = torch.ones_like(ids), torch.ones_like(ids)
@@ -391,9 +384,11 @@ def test_unmasked_padding_drops_only_a_right_padding_mask_without_a_cache(monkey
     left[1, :5] = 0
 
     def logits(mask, **kw):
-        given.clear()
+        sdpa_calls.clear()
         with torch.no_grad():
-            return model(input_ids=ids, attention_mask=mask, **kw).logits
+            out = model(input_ids=ids, attention_mask=mask, **kw).logits
+        given[:] = [masked for _, masked in sdpa_calls]
+        return out
 
     want_right, want_left = logits(right, use_cache=False), logits(left, use_cache=False)
     want_cached = logits(right, use_cache=True, cache=transformers.DynamicCache(config=model.config))

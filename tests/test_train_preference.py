@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from serving import make_model_dir
 
 from qdora.data.records import DataError
@@ -78,7 +77,7 @@ def test_a_precomputed_reference_gives_the_live_references_run(files, tmp_path):
         assert len(saved) == len(PAIRS) and all(len(s) == 2 and s[0] < 0 for s in saved)
 
 
-def test_pairs_train_without_a_padding_mask_as_with_it(files, tmp_path, monkeypatch):
+def test_pairs_train_without_a_padding_mask_as_with_it(files, tmp_path, monkeypatch, sdpa_calls):
     """Chosen and rejected replies of different lengths, right-padded into one batch: the model gets no attention
     mask (`unmasked_right_padding`), the run log says so, and the run equals the same run given the mask (swapped
     back by the test): the same sums, fp32 rounding."""
@@ -92,23 +91,15 @@ def test_pairs_train_without_a_padding_mask_as_with_it(files, tmp_path, monkeypa
         masks.append(original(model))
         return masks[-1]
 
-    given = []  # whether SDPA was handed a mask, each call
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def spied(query, key, value, attn_mask=None, *args, **kwargs):
-        given.append(attn_mask is not None)
-        return sdpa(query, key, value, attn_mask, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spied)
     monkeypatch.setattr(packed_attention, "unmasked_right_padding", recorded)
     train(cfg(files, tmp_path / "unmasked", val_split=0.34, eval_every=3))
-    assert masks == [True] and given and not any(given)
+    assert masks == [True] and sdpa_calls and not any(masked for _, masked in sdpa_calls)
     assert any(line.startswith("padding: rows padded on the right go to the model without an attention mask")
                for line in (tmp_path / "unmasked" / RUN_LOG).read_text().splitlines())
     monkeypatch.setattr(packed_attention, "unmasked_right_padding", lambda model: False)
-    given.clear()
+    sdpa_calls.clear()
     train(cfg(files, tmp_path / "masked", val_split=0.34, eval_every=3))
-    assert any(given)
+    assert any(masked for _, masked in sdpa_calls)
     ours, theirs = read_metrics(tmp_path / "unmasked"), read_metrics(tmp_path / "masked")
     keys = ("loss", "rewards/chosen", "rewards/rejected", "val_loss", "val_rewards/margins")
     assert len(ours) == 3 and "val_loss" in ours[-1] and ours[-1]["rewards/margins"] != 0.0

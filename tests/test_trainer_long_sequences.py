@@ -24,20 +24,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 CFG = AdapterConfig(method="qdora", r=4, alpha=8, dropout=0.0)
 
 
-@pytest.fixture
-def sdpa_calls(monkeypatch):
-    """(query length, whether a mask was given) of every SDPA call."""
-    seen = []
-    original = torch.nn.functional.scaled_dot_product_attention
-
-    def spied(query, key, value, attn_mask=None, *args, **kwargs):
-        seen.append((query.shape[-2], attn_mask is not None))
-        return original(query, key, value, attn_mask, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spied)
-    return seen
-
-
 def arguments(out, **kw):
     base = dict(output_dir=str(out), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                 optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
