@@ -850,6 +850,42 @@ def test_packed_and_windowed_sdpa_in_bf16_match_transformers_masked_sdpa(kv_head
 
 
 @cuda_only
+def test_right_padded_rows_without_a_mask_in_bf16_match_the_masked_model():
+    """`qdora.unmasked_padding` on CUDA in bf16: two rows, the second padded on the right past a 16-token window, fed
+    without their mask (CUDA's causal SDPA kernels) against transformers' masked SDPA: the real tokens' logits and
+    every gradient of a loss over them."""
+    import transformers
+
+    import qdora
+
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+                                        max_position_embeddings=256, attn_implementation="sdpa")
+    model = transformers.AutoModelForCausalLM.from_config(config).to(DEV, torch.bfloat16).train()
+    ids = torch.randint(3, 97, (2, 80), device=DEV, generator=torch.Generator(device=DEV).manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 47:] = 0
+    real = mask.bool()
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        (logits.float().square() * real[..., None]).mean().backward()
+        return logits.detach().float()[real], {n: p.grad.float() for n, p in model.named_parameters()
+                                                if p.grad is not None}
+
+    want, want_grads = run()
+    handle = qdora.unmasked_padding(qdora.packed_sdpa(model))
+    assert handle is not None
+    got, grads = run()
+    assert_close(got, want, BF16_TOL, "real tokens' logits")
+    assert sorted(grads) == sorted(want_grads)
+    for name in grads:
+        assert_close(grads[name], want_grads[name], BF16_TOL, name)
+
+
+@cuda_only
 def test_softcapped_tiles_in_bf16_match_transformers_eager_attention(monkeypatch):
     """Gemma 2's soft-capped attention on CUDA in bf16 (`qdora.packed_sdpa`'s "qdora_softcap": tiles of 8 queries
     here, each recomputed in the backward), against transformers' eager attention with its `T × T` mask, on packed
