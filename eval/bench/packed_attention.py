@@ -16,7 +16,8 @@ With `--padded`, rows padded on the right (a preference batch's chosen and rejec
 different lengths): a training step of the same Llama with 4 layers, on 2 rows of `--tokens` tokens, the second
 padded over its last quarter, given the attention mask (transformers' SDPA, with its `(rows, 1, T, T)` mask, which
 each layer's SDPA also keeps for the backward) and without it (what `qdora train` gives such a model:
-`qdora.models.packed_attention.unmasked_right_padding`): the heap's peak.
+`qdora.models.packed_attention.unmasked_padding`): the heap's peak and the mean time of 3 steps after it (run it
+alone: the time is a measurement).
 
     python -m qdora.eval.bench.packed_attention --tokens 32768 --sequences 8
     python -m qdora.eval.bench.packed_attention --tokens 32768 --sequences 1 --window 4096
@@ -61,9 +62,10 @@ def measure(tokens: int, sequences: int, window: int | None = None) -> dict:
             "packed_sdpa_bytes": heap_peak_bytes(forward)}
 
 
-def measure_padded(tokens: int) -> dict:
-    """The heap's peak of a training step over 2 rows of `tokens` tokens, the second padded over its last quarter,
-    with the attention mask and without it (the real tokens' loss is the same: `tests/test_packed_attention.py`)."""
+def measure_padded(tokens: int, steps: int = 3) -> dict:
+    """The heap's peak and the mean time of `steps` more training steps over 2 rows of `tokens` tokens, the second
+    padded over its last quarter, with the attention mask and without it (the real tokens' loss is the same:
+    `tests/test_packed_attention.py`)."""
     import transformers  # heavy, used here only
 
     torch.manual_seed(0)
@@ -79,8 +81,14 @@ def measure_padded(tokens: int) -> dict:
         model.zero_grad(set_to_none=True)
         model(input_ids=ids, attention_mask=attention_mask, labels=labels, use_cache=False).loss.backward()
 
-    return {"tokens": tokens, "masked_bytes": heap_peak_bytes(lambda: step(mask)),
-            "unmasked_bytes": heap_peak_bytes(lambda: step(None))}
+    out = {"tokens": tokens}
+    for name, attention_mask in (("masked", mask), ("unmasked", None)):
+        out[f"{name}_bytes"] = heap_peak_bytes(lambda: step(attention_mask))  # also the warm-up
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(attention_mask)
+        out[f"{name}_seconds"] = (time.perf_counter() - start) / steps
+    return out
 
 
 def measure_softcap(tokens: int, window: int = 512, steps: int = 3, eager: bool = True, device: str = "cpu",
@@ -171,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.padded:
         r = measure_padded(args.tokens)
         masked, unmasked = r["masked_bytes"] / 2**20, r["unmasked_bytes"] / 2**20
-        print(f"2 rows of {r['tokens']:,} tokens, one padded over its last quarter, a training step: with the "
-              f"attention mask {masked:,.1f} MiB, without it {unmasked:,.1f} MiB of heap at the peak")
+        print(f"2 rows of {r['tokens']:,} tokens, one padded over its last quarter, a training step (heap peak, "
+              f"time): with the attention mask {masked:,.1f} MiB, {r['masked_seconds']:.3f} s; without it "
+              f"{unmasked:,.1f} MiB, {r['unmasked_seconds']:.3f} s")
         return 0
     if args.softcap:
         r = measure_softcap(args.tokens, args.window or 512, eager=not args.no_eager, device=args.device,
