@@ -69,7 +69,7 @@ def test_qdora_trainer_on_flattened_rows_with_every_long_sequence_call(setup, tm
             args = arguments(out, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
         trainer = qdora.QDoRATrainer(model=model, args=transformers.TrainingArguments(**args), data_collator=collator,
                                      train_dataset=rows(tok, texts[:12]), processing_class=tok,
-                                     keep_padding_mask=not long)  # transformers' own path: the padded rows' mask
+                                     keep_padding_mask=not long, packed_attention=long)  # else transformers' own
         trainer.train()
         return losses(trainer), adapters(model)
 
@@ -86,7 +86,10 @@ def test_qdora_trainer_on_flattened_rows_with_every_long_sequence_call(setup, tm
     assert max(length for length, _ in sdpa_calls) <= 90  # one example at a time, not the row
 
 
-def test_sft_trainer_padding_free_with_packed_sdpa_equals_its_masked_sdpa(setup, tmp_path, sdpa_calls):  # noqa: F811
+def test_sft_trainer_padding_free_attends_per_sequence_by_itself(setup, tmp_path, sdpa_calls):  # noqa: F811
+    """`AdapterCheckpoints` on TRL's `SFTTrainer(padding_free=True)` runs the model on `qdora.packed_sdpa` while it
+    trains (no call of the user's), against `packed_attention=False` (transformers' block-diagonal mask), and gives the
+    model its own attention back after."""
     trl = pytest.importorskip("trl")
     root, texts = setup
 
@@ -96,12 +99,12 @@ def test_sft_trainer_padding_free_with_packed_sdpa_equals_its_masked_sdpa(setup,
     def run(out, packed):
         torch.manual_seed(0)
         model, tok = load_model(root / "model", cfg=CFG, progress=False)
-        if packed:
-            qdora.packed_sdpa(model)
         args = trl.SFTConfig(**arguments(out), padding_free=True, max_length=None, bf16=False)
         data = rows(tok, texts[:12]).select_columns(["input_ids"])  # tokenized and cut already, as TRL asks
-        trainer = QDoRASFTTrainer(model=model, args=args, processing_class=tok, train_dataset=data)
+        trainer = QDoRASFTTrainer(model=model, args=args, processing_class=tok, train_dataset=data,
+                                  packed_attention=packed)
         trainer.train()
+        assert model.config._attn_implementation == "sdpa"
         return losses(trainer), adapters(model)
 
     masked, masked_adapters = run(tmp_path / "masked", packed=False)
@@ -179,3 +182,37 @@ def test_trl_dpo_pairs_reach_the_decoder_without_a_mask(setup, tmp_path, sdpa_ca
     assert len(dropped) == 2 and dropped[-1]["rewards/margins"] != 0.0
     for a, b in zip(dropped, kept):
         assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-5, abs=1e-6)
+
+
+def test_qdora_trainer_trains_gemma2_in_soft_capped_tiles(setup, tmp_path, monkeypatch):  # noqa: F811
+    """Gemma 2 (eager attention in transformers, `heads × T × T` scores kept): `QDoRATrainer` trains it on
+    "qdora_softcap"'s tiles by itself, with the loss curve of `packed_attention=False` (transformers' eager
+    attention, the oracle), and gives it eager attention back after."""
+    from qdora.models import packed_attention
+
+    root, texts = setup
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(transformers.Gemma2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=1.0, sliding_window=8,
+        max_position_embeddings=512)).save_pretrained(tmp_path / "gemma2")
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "gemma2" / file).write_bytes((root / "model" / file).read_bytes())
+    tiles = []
+    capped_tile = packed_attention.capped_tile
+    monkeypatch.setattr(packed_attention, "capped_tile", lambda *a, **k: tiles.append(1) or capped_tile(*a, **k))
+
+    def run(out, **kw):
+        torch.manual_seed(0)
+        model, tok = load_model(tmp_path / "gemma2", cfg=CFG, progress=False)
+        trainer = qdora.QDoRATrainer(model=model, args=transformers.TrainingArguments(**arguments(out)),
+                                     data_collator=transformers.DataCollatorForSeq2Seq(tok, padding=True),
+                                     train_dataset=rows(tok, texts[:12]), processing_class=tok, **kw)
+        trainer.train()
+        assert model.config._attn_implementation == "eager"
+        return losses(trainer)
+
+    theirs = run(tmp_path / "eager", packed_attention=False)
+    assert not tiles
+    ours = run(tmp_path / "tiles")
+    assert tiles and len(ours) == 3 and ours == pytest.approx(theirs, rel=1e-5)

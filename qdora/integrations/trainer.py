@@ -15,9 +15,11 @@ chunks); an evaluation whose metrics need the logits (`compute_metrics`) gets th
 TRL's `SFTTrainer` computes its loss over chunks itself (its fused LM head, which the chunked loss
 passes every call through to). Rows padded on the right (a padding collator's, TRL's chosen and rejected replies)
 reach the decoder without their attention mask where the loss is the same (`qdora.unmasked_padding`: no `T × T`
-mask; `keep_padding_mask=True` keeps it). A preference trainer that takes a `ref_model` (TRL's `DPOTrainer`) and is
-given none gets `BaseReference(model)`: the model itself with its adapters off, magnitude included
-(`qdora.integrations.reference`), instead of a second, full-precision copy TRL would load from disk.
+mask; `keep_padding_mask=True` keeps it), and the model attends through `qdora.packed_sdpa` where it serves it
+(packed rows, sliding windows, Gemma 2's soft-capped scores, each without a `T × T` mask or scores;
+`packed_attention=False` keeps the model's own). A preference trainer that takes a `ref_model` (TRL's
+`DPOTrainer`) and is given none gets `BaseReference(model)`: the model itself with its adapters off, magnitude
+included (`qdora.integrations.reference`), instead of a second, full-precision copy TRL would load from disk.
 Everything else is the trainer's own.
 
     from transformers import Trainer
@@ -36,9 +38,8 @@ import torch
 
 from qdora.core.loss import check_chunk_tokens, check_loss_kernel
 from qdora.core.optim import MasterWeights, needs_master_weights
-from qdora.models import head_loss
+from qdora.models import head_loss, packed_attention
 from qdora.models.adapter_io import adapter_layers, load_adapter, save_adapter
-from qdora.models.packed_attention import unmasked_padding
 
 TRAINING_ARGS_NAME = "training_args.bin"
 
@@ -50,11 +51,13 @@ class AdapterCheckpoints:
     while training and evaluating (default True; off with `use_liger_kernel`, whose own loss is used), computed
     by `loss_kernel` ("torch", or on CUDA "liger" or "cce": `qdora.chunked_loss`). `keep_padding_mask`: False (default)
     gives rows padded on the right no attention mask while training and evaluating, where that is exact
-    (`qdora.unmasked_padding`)."""
+    (`qdora.unmasked_padding`). `packed_attention`: True (default) runs the model on `qdora.packed_sdpa` while
+    training and evaluating, where that serves it (a tested model type on SDPA, or Gemma 2 on eager), and gives it its
+    own attention back after."""
 
     def __init__(self, *args, adapter_format: str = "peft", chunked_loss: bool = True,
                  loss_chunk_tokens: int | None = None, loss_kernel: str = "torch", keep_padding_mask: bool = False,
-                 **kwargs):
+                 packed_attention: bool = True, **kwargs):
         if adapter_format not in ("peft", "qdora"):
             raise ValueError(f"adapter_format={adapter_format!r} is unknown; use 'peft' or 'qdora'")
         if loss_chunk_tokens is not None:
@@ -62,6 +65,7 @@ class AdapterCheckpoints:
         check_loss_kernel(loss_kernel, "loss_kernel")
         self.qdora_chunked_loss, self.qdora_loss_chunk_tokens = bool(chunked_loss), loss_chunk_tokens
         self.qdora_loss_kernel, self.qdora_keep_padding_mask = loss_kernel, bool(keep_padding_mask)
+        self.qdora_packed_attention = bool(packed_attention)
         model = kwargs.get("model", args[0] if args else None)
         if model is None or not adapter_layers(model) or getattr(model, "qdora_config", None) is None:
             raise ValueError(f"{type(self).__name__} trains a model adapted by qdora (qdora.add_adapters or "
@@ -89,8 +93,10 @@ class AdapterCheckpoints:
                 and head_loss.find_chunked_loss(self.model) is None:
             handles.append(head_loss.chunked_loss(self.model, self.qdora_loss_chunk_tokens,
                                                   kernel=self.qdora_loss_kernel))
+        if self.qdora_packed_attention:
+            handles.append(_PackedAttention.on(self.model))
         if not self.qdora_keep_padding_mask:
-            handles.append(unmasked_padding(self.model))
+            handles.append(packed_attention.unmasked_padding(self.model))
         try:
             yield
         finally:
@@ -145,6 +151,26 @@ class AdapterCheckpoints:
 
     def _load_best_model(self) -> None:
         load_adapter(self.model, self.state.best_model_checkpoint, verbose=False)
+
+
+class _PackedAttention:
+    """`qdora.packed_sdpa` on a model until `remove()`, which gives it back the attention it had."""
+
+    def __init__(self, lm, previous: str):
+        self.lm, self.previous = lm, previous
+
+    @classmethod
+    def on(cls, model) -> _PackedAttention | None:
+        """Switched, or None where `packed_sdpa` does not serve the model or it is on it already."""
+        lm = head_loss.causal_lm(model)
+        previous = getattr(lm.config, "_attn_implementation", None)
+        if packed_attention.unsupported(lm) is not None or previous == packed_attention.implementation(lm):
+            return None
+        packed_attention.packed_sdpa(lm)
+        return cls(lm, previous)
+
+    def remove(self) -> None:
+        self.lm.set_attn_implementation(self.previous)
 
 
 def _next_init(cls: type):
