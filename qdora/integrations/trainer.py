@@ -86,8 +86,8 @@ class AdapterCheckpoints:
 
     @contextlib.contextmanager
     def _qdora_forward(self):
-        """For the block: the chunked loss on the model, unless it has one already (or is off); and right padding
-        without its mask, unless kept."""
+        """For the block: the chunked loss on the model, unless it has one already (or is off); `packed_sdpa`, unless
+        off; and right padding without its mask, unless kept."""
         handles = []
         if self.qdora_chunked_loss and not getattr(self.args, "use_liger_kernel", False) \
                 and head_loss.find_chunked_loss(self.model) is None:
