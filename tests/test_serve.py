@@ -273,3 +273,40 @@ def test_every_method_is_served_as_in_process(files, tmp_path, cfg, base):
     load_adapter(reference, tmp_path / "a", verbose=False)
     with torch.no_grad(), bank.use("a"):
         assert torch.equal(bank.model(IDS).logits, reference.eval()(IDS).logits)
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma2"])
+def test_windowed_and_soft_capped_models_prefill_without_tokens_by_tokens_attention(tmp_path, kind):
+    """A model with an 8-token sliding window (Mistral), or soft-capped scores under it too (Gemma 2): the bank runs it
+    on `qdora.packed_sdpa` (window blocks; tiles of queries), and a prompt several windows long gets `model.generate`'s
+    greedy answer on transformers' own attention (SDPA's windowed mask; eager scores), the oracle."""
+    import transformers
+    from models import chatml_tokenizer
+    from serving import CORPUS
+
+    from qdora import load_model
+
+    dims = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, sliding_window=8, max_position_embeddings=256, tie_word_embeddings=False)
+    config = (transformers.MistralConfig(**dims) if kind == "mistral" else transformers.Gemma2Config(
+        **dims, head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=1.0,
+        layer_types=["sliding_attention", "full_attention"]))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # logits far apart: greedy answers do not hang on rounding
+    model.save_pretrained(tmp_path / "m")
+    chatml_tokenizer(CORPUS).save_pretrained(tmp_path / "m")
+    bank, tok, _ = open_bank(tmp_path / "m", [], progress=False)
+    assert bank.model.config._attn_implementation == ("qdora_sdpa" if kind == "mistral" else "qdora_softcap")
+    oracle, _ = load_model(tmp_path / "m", method="qdora", add=False, progress=False)
+    assert oracle.config._attn_implementation == ("sdpa" if kind == "mistral" else "eager")
+    ids = chat_ids(tok, " ".join(CORPUS))
+    assert len(ids) > 4 * 8
+    engine = Engine(bank, tok, max_batch=4).start()
+    try:
+        request = engine.submit(Request(ids, sampling=Sampling(max_new_tokens=12)))
+        assert request.done.wait(120)
+    finally:
+        engine.stop()
+    assert request.tokens == greedy(oracle.eval(), tok, ids, 12) and len(request.tokens) > 0

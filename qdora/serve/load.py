@@ -1,5 +1,7 @@
 """A base and its adapters, opened for `qdora chat` and `qdora serve`: the checks that need no loading
-first (one line each), then one base in memory and every adapter in an `AdapterBank` over it."""
+first (one line each), then one base in memory and every adapter in an `AdapterBank` over it. A model with a sliding
+window or soft-capped attention scores (Gemma 2) attends through `qdora.packed_sdpa`, as `qdora train` runs it, so
+that a long prompt's prefill builds no `T × T` mask or scores (decoding steps keep transformers' masks)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from qdora.models.adapter_io import adapter_config, read_adapter
 from qdora.models.loading import check_model_path, load_model
 from qdora.serve.bank import AdapterBank
 from qdora.serve.options import BASES
+from qdora.train.setup import training_attention
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ def open_bank(model: str | os.PathLike, adapters: list[tuple[str, Path]], base: 
     specs = read_specs(adapters, base)
     cfg = base_config(specs, base)
     net, tokenizer = load_model(model, method=cfg.method, cfg=cfg, add=False, progress=progress)
+    training_attention(net, packing=False)  # a long prompt's prefill without T x T masks or scores (windows, Gemma 2)
     bank = AdapterBank(net)
     for spec in specs:
         bank.add(spec.name, spec.path)
