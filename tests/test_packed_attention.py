@@ -487,6 +487,15 @@ def test_the_padded_measurement_runs(capsys):
     assert "--padded measures a Llama's padded rows" in capsys.readouterr().err
 
 
+def test_the_prefill_measurement_runs(capsys):
+    from qdora.eval.bench.packed_attention import main
+    assert main(["--softcap", "--prefill", "--tokens", "1024"]) == 0
+    out = capsys.readouterr().out
+    eager, ours = (float(x.replace(",", "")) for x in re.findall(r"([\d,.]+) MiB", out))
+    assert eager > ours + 8 * 1024 * 1024 * 4 / 2**20  # at least one layer's fp32 scores apart (8 heads)
+    assert "a prefill" in out
+
+
 def test_the_softcap_measurement_runs(capsys):
     from qdora.eval.bench.packed_attention import main
     assert main(["--softcap", "--tokens", "1024"]) == 0
@@ -498,7 +507,8 @@ def test_the_softcap_measurement_runs(capsys):
 
 def test_the_bench_refuses_softcap_options_without_softcap_and_bad_tiles(capsys):
     from qdora.eval.bench.packed_attention import main
-    for args, said in ((["--no-eager"], "--no-eager, --device and --tile-mib go with --softcap"),
+    for args, said in ((["--no-eager"], "--no-eager, --device, --tile-mib and --prefill go with --softcap"),
+                       (["--softcap", "--prefill", "--no-eager"], "--prefill measures eager attention and"),
                        (["--softcap", "--tile-mib", "4,x"], "--tile-mib='4,x' must be comma-separated whole numbers"),
                        (["--softcap", "--tile-mib", "0"], "--tile-mib='0' must be")):
         with pytest.raises(SystemExit):

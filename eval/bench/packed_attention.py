@@ -12,6 +12,10 @@ backward) and on qdora_softcap's tiles (`--tile-mib`: several tile sizes, one af
 memory (on CPU the heap's high-water mark; on CUDA, `--device cuda`, in bf16, the allocator's peak of tensor bytes)
 and the mean time of 3 steps after the measured one (run it alone: the time is a measurement).
 
+With `--softcap --prefill`, the same Gemma 2 serving a prompt: one forward of `--tokens` tokens without gradients
+into an empty cache, as `qdora chat` and `qdora serve` prefill it, on eager attention and on qdora_softcap (the
+heap's peak, and the time of one more such forward).
+
 With `--padded`, rows padded on the right (a preference batch's chosen and rejected replies, or unpacked rows of
 different lengths): a training step of the same Llama with 4 layers, on 2 rows of `--tokens` tokens, the second
 padded over its last quarter, given the attention mask (transformers' SDPA, with its `(rows, 1, T, T)` mask, which
@@ -23,6 +27,7 @@ alone: the time is a measurement).
     python -m qdora.eval.bench.packed_attention --tokens 32768 --sequences 1 --window 4096
     python -m qdora.eval.bench.packed_attention --padded --tokens 8192
     python -m qdora.eval.bench.packed_attention --softcap --tokens 4096
+    python -m qdora.eval.bench.packed_attention --softcap --prefill --tokens 8192
     python -m qdora.eval.bench.packed_attention --softcap --no-eager --tokens 16384
     python -m qdora.eval.bench.packed_attention --softcap --device cuda --tokens 16384 --tile-mib 32,128,512
 """
@@ -141,6 +146,35 @@ def measure_softcap(tokens: int, window: int = 512, steps: int = 3, eager: bool 
     return out
 
 
+def measure_prefill(tokens: int, window: int = 512) -> dict:
+    """Heap peak and seconds of a Gemma 2 prefill (`measure_softcap`'s model, no gradients, an empty cache) of
+    `tokens` tokens, on eager attention and on qdora_softcap."""
+    import transformers  # heavy, used here only
+
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                       num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+                                       query_pre_attn_scalar=32, sliding_window=window, max_position_embeddings=tokens,
+                                       attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 4096, (1, tokens))
+
+    def prefill():
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                  past_key_values=transformers.DynamicCache(config=config), logits_to_keep=1)
+
+    out = {"tokens": tokens, "window": window}
+    for name in ("eager", "qdora_softcap"):
+        if name == "qdora_softcap":
+            packed_sdpa(model)
+        out[f"{name}_bytes"] = heap_peak_bytes(prefill)
+        start = time.perf_counter()
+        prefill()
+        out[f"{name}_seconds"] = time.perf_counter() - start
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m qdora.eval.bench.packed_attention", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                    "the attention mask and without it")
     p.add_argument("--softcap", action="store_true", help="Gemma 2's soft-capped scores: a training step's heap and "
                    "time on eager attention and on qdora_softcap")
+    p.add_argument("--prefill", action="store_true", help="with --softcap, a serving prefill (no gradients, a cache) "
+                   "instead of a training step")
     p.add_argument("--no-eager", action="store_true", help="with --softcap, qdora_softcap alone (eager's scores "
                    "outgrow the memory first: 5.3 GiB of heap at 4,096 tokens here, four times that at 8,192)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="with --softcap: cpu (fp32, the heap's "
@@ -162,8 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.tokens < 2 or not 1 <= args.sequences <= args.tokens:
         p.error(f"--tokens={args.tokens} must be >= 2 and --sequences={args.sequences} between 1 and --tokens")
-    if (args.no_eager or args.device != "cpu" or args.tile_mib) and not args.softcap:
-        p.error("--no-eager, --device and --tile-mib go with --softcap (the soft-capped attention's measurement)")
+    if (args.no_eager or args.device != "cpu" or args.tile_mib or args.prefill) and not args.softcap:
+        p.error("--no-eager, --device, --tile-mib and --prefill go with --softcap (the soft-capped attention's "
+                "measurement)")
+    if args.prefill and (args.no_eager or args.device != "cpu" or args.tile_mib):
+        p.error("--prefill measures eager attention and qdora_softcap on the CPU; it goes with none of --no-eager, "
+                "--device and --tile-mib")
     try:
         tiles = tuple(int(x) for x in args.tile_mib.split(",") if x.strip())
     except ValueError:
@@ -182,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"2 rows of {r['tokens']:,} tokens, one padded over its last quarter, a training step (heap peak, "
               f"time): with the attention mask {masked:,.1f} MiB, {r['masked_seconds']:.3f} s; without it "
               f"{unmasked:,.1f} MiB, {r['unmasked_seconds']:.3f} s")
+        return 0
+    if args.prefill:
+        r = measure_prefill(args.tokens, args.window or 512)
+        print(f"Gemma 2, {r['tokens']:,} tokens, a {r['window']:,}-token window on half the layers, a prefill "
+              f"(heap peak, time): eager {r['eager_bytes'] / 2**20:,.1f} MiB, {r['eager_seconds']:.3f} s; "
+              f"qdora_softcap {r['qdora_softcap_bytes'] / 2**20:,.1f} MiB, {r['qdora_softcap_seconds']:.3f} s")
         return 0
     if args.softcap:
         r = measure_softcap(args.tokens, args.window or 512, eager=not args.no_eager, device=args.device,
