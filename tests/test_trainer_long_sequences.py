@@ -112,16 +112,22 @@ def test_sft_trainer_padding_free_attends_per_sequence_by_itself(setup, tmp_path
     row = max(length for length, _ in sdpa_calls)
     sdpa_calls.clear()
     packed, packed_adapters = run(tmp_path / "packed", packed=True)
-    assert len(packed) == 3 and packed == pytest.approx(masked, rel=1e-5)
+    assert len(packed) == 3 and packed == pytest.approx(masked, rel=1e-5)  # (switched: SDPA got no mask, below)
     for name, value in packed_adapters.items():
         assert_close(value, masked_adapters[name], FP32_TOL, name)
     assert sdpa_calls and not any(m for _, m in sdpa_calls) and max(length for length, _ in sdpa_calls) < row
 
 
-def test_qdora_trainer_gives_right_padded_rows_no_mask(setup, tmp_path, sdpa_calls):  # noqa: F811
+def test_qdora_trainer_gives_right_padded_rows_no_mask(setup, tmp_path, sdpa_calls, monkeypatch):  # noqa: F811
     """`DataCollatorForSeq2Seq`'s right-padded rows: by default the decoder gets no mask while training (SDPA is never
     handed one), with the same loss curve and adapters as `keep_padding_mask=True` (transformers' masked SDPA, the
-    oracle); after `train()` the model's masks are its own again."""
+    oracle); after `train()` the model's masks are its own again. The rows are not packed and the model has no window
+    or soft cap: its attention is not switched (`packed_sdpa` is not called)."""
+    from qdora.models import packed_attention
+
+    switched = []
+    packed_sdpa = packed_attention.packed_sdpa
+    monkeypatch.setattr(packed_attention, "packed_sdpa", lambda model: switched.append(1) or packed_sdpa(model))
     root, texts = setup
 
     def run(out, **kw):
@@ -147,6 +153,7 @@ def test_qdora_trainer_gives_right_padded_rows_no_mask(setup, tmp_path, sdpa_cal
     with torch.no_grad():
         model(input_ids=torch.full((2, 8), 5), attention_mask=mask)
     assert all(masked for _, masked in sdpa_calls)  # the hook went with train()
+    assert not switched
 
 
 def test_trl_dpo_pairs_reach_the_decoder_without_a_mask(setup, tmp_path, sdpa_calls):  # noqa: F811

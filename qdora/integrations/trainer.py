@@ -52,8 +52,9 @@ class AdapterCheckpoints:
     by `loss_kernel` ("torch", or on CUDA "liger" or "cce": `qdora.chunked_loss`). `keep_padding_mask`: False (default)
     gives rows padded on the right no attention mask while training and evaluating, where that is exact
     (`qdora.unmasked_padding`). `packed_attention`: True (default) runs the model on `qdora.packed_sdpa` while
-    training and evaluating, where that serves it (a tested model type on SDPA, or Gemma 2 on eager), and gives it its
-    own attention back after."""
+    training and evaluating, where that serves it (packed rows: TRL's `padding_free` or `packing`, transformers'
+    `DataCollatorWithFlattening`; a sliding window; Gemma 2's soft-capped scores), and gives it its own attention back
+    after."""
 
     def __init__(self, *args, adapter_format: str = "peft", chunked_loss: bool = True,
                  loss_chunk_tokens: int | None = None, loss_kernel: str = "torch", keep_padding_mask: bool = False,
@@ -93,8 +94,10 @@ class AdapterCheckpoints:
                 and head_loss.find_chunked_loss(self.model) is None:
             handles.append(head_loss.chunked_loss(self.model, self.qdora_loss_chunk_tokens,
                                                   kernel=self.qdora_loss_kernel))
-        if self.qdora_packed_attention:
-            handles.append(_PackedAttention.on(self.model))
+        if self.qdora_packed_attention:  # packed rows: TRL's padding_free or packing, transformers' flattening
+            packing = getattr(self.args, "padding_free", False) or getattr(self.args, "packing", False) \
+                or type(self.data_collator).__name__ == "DataCollatorWithFlattening"
+            handles.append(_PackedAttention.on(self.model, bool(packing)))
         if not self.qdora_keep_padding_mask:
             handles.append(packed_attention.unmasked_padding(self.model))
         try:
@@ -160,11 +163,15 @@ class _PackedAttention:
         self.lm, self.previous = lm, previous
 
     @classmethod
-    def on(cls, model) -> _PackedAttention | None:
-        """Switched, or None where `packed_sdpa` does not serve the model or it is on it already."""
+    def on(cls, model, packing: bool) -> _PackedAttention | None:
+        """Switched where it serves the model: rows packed (`packing`), a sliding window, or soft-capped scores.
+        None where it does not (plain rows of a plain model: one causal SDPA call either way), where `packed_sdpa`
+        cannot serve the model, or where it is on it already."""
         lm = head_loss.causal_lm(model)
         previous = getattr(lm.config, "_attn_implementation", None)
-        if packed_attention.unsupported(lm) is not None or previous == packed_attention.implementation(lm):
+        capped = packed_attention.implementation(lm) == packed_attention.SOFTCAP_NAME
+        if not (packing or capped or packed_attention.sliding_window(lm)) \
+                or packed_attention.unsupported(lm) is not None or previous == packed_attention.implementation(lm):
             return None
         packed_attention.packed_sdpa(lm)
         return cls(lm, previous)
