@@ -50,6 +50,17 @@ def losses(run):
     return [e["loss"] for e in run.state.log_history if "loss" in e]
 
 
+def padded_run(model_dir, texts, out, **kw):
+    """`qdora.QDoRATrainer` trained on `DataCollatorForSeq2Seq`'s right-padded `rows` (`kw`: the trainer's options)."""
+    torch.manual_seed(0)  # the adapters' initial A
+    model, tok = load_model(model_dir, cfg=CFG, progress=False)
+    trainer = qdora.QDoRATrainer(model=model, args=transformers.TrainingArguments(**arguments(out)),
+                                 data_collator=transformers.DataCollatorForSeq2Seq(tok, padding=True),
+                                 train_dataset=rows(tok, texts[:12]), processing_class=tok, **kw)
+    trainer.train()
+    return trainer
+
+
 def test_qdora_trainer_on_flattened_rows_with_every_long_sequence_call(setup, tmp_path, sdpa_calls):  # noqa: F811
     root, texts = setup
 
@@ -131,13 +142,8 @@ def test_qdora_trainer_gives_right_padded_rows_no_mask(setup, tmp_path, sdpa_cal
     root, texts = setup
 
     def run(out, **kw):
-        torch.manual_seed(0)
-        model, tok = load_model(root / "model", cfg=CFG, progress=False)
-        trainer = qdora.QDoRATrainer(model=model, args=transformers.TrainingArguments(**arguments(out)),
-                                     data_collator=transformers.DataCollatorForSeq2Seq(tok, padding=True),
-                                     train_dataset=rows(tok, texts[:12]), processing_class=tok, **kw)
-        trainer.train()
-        return losses(trainer), adapters(model), model
+        trainer = padded_run(root / "model", texts, out, **kw)
+        return losses(trainer), adapters(trainer.model), trainer.model
 
     kept, kept_adapters, _ = run(tmp_path / "kept", keep_padding_mask=True)
     assert any(masked for _, masked in sdpa_calls)
@@ -210,13 +216,8 @@ def test_qdora_trainer_trains_gemma2_in_soft_capped_tiles(setup, tmp_path, monke
     monkeypatch.setattr(packed_attention, "capped_tile", lambda *a, **k: tiles.append(1) or capped_tile(*a, **k))
 
     def run(out, **kw):
-        torch.manual_seed(0)
-        model, tok = load_model(tmp_path / "gemma2", cfg=CFG, progress=False)
-        trainer = qdora.QDoRATrainer(model=model, args=transformers.TrainingArguments(**arguments(out)),
-                                     data_collator=transformers.DataCollatorForSeq2Seq(tok, padding=True),
-                                     train_dataset=rows(tok, texts[:12]), processing_class=tok, **kw)
-        trainer.train()
-        assert model.config._attn_implementation == "eager"
+        trainer = padded_run(tmp_path / "gemma2", texts, out, **kw)
+        assert trainer.model.config._attn_implementation == "eager"
         return losses(trainer)
 
     theirs = run(tmp_path / "eager", packed_attention=False)
