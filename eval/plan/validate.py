@@ -54,6 +54,7 @@ from qdora.core.safetensors_io import write_text_atomic
 from qdora.eval.bench.memory import heap_peak_bytes, peak_bytes, step_peak_bytes, tensor_bytes
 from qdora.eval.common import run_child
 from qdora.models.loading import load_model, smollm2_gguf_path
+from qdora.models.packed_attention import band_mask
 from qdora.models.shapes import SOFTCAP_TILE_BYTES
 from qdora.plan.memory import (
     GIB,
@@ -454,6 +455,9 @@ def measure(case: Case, seed: int = 0, how: str = "timeline") -> dict:
     the timeline warm up with a 64-token step (the optimizer states do not depend on the sequence)."""
     if how not in MEASURES:
         raise ValueError(f"how={how!r}: use one of {', '.join(MEASURES)}")
+    # a window's shared band mask is made by the first step long enough to need it and kept for the run: each case
+    # makes its own, as a run of its own would (a mask cached by an earlier case would be counted nowhere)
+    band_mask.cache_clear()
     model, shape = build_model(case)
     cfg = case.cfg
     g = torch.Generator().manual_seed(seed)
