@@ -373,7 +373,7 @@ def test_right_padded_rows_need_no_mask(name, switched):
 
 def test_unmasked_padding_drops_only_a_right_padding_mask_without_a_cache(sdpa_calls):
     """`unmasked_padding`'s hook: a right-padded mask is dropped (SDPA gets none; the real tokens' logits equal the
-    masked model's), and a left-padded one, a packed row's positions, and a forward with a cache keep theirs (the same
+    masked model's), and a left-padded one, one beside `position_ids`, and a forward with a cache keep theirs (the same
     logits as without the hook, bitwise). On a PEFT model it hooks the base model's decoder; `remove()` undoes it; an
     unverified type gets no hook."""
     given = []  # whether SDPA was handed a mask, each call of the last forward
@@ -397,6 +397,11 @@ def test_unmasked_padding_drops_only_a_right_padding_mask_without_a_cache(sdpa_c
     assert given and not any(given)
     assert_close(got[right.bool()], want_right[right.bool()], FP32_TOL, "right-padded rows")
     assert torch.equal(logits(left, use_cache=False), want_left) and all(given)
+    positions = torch.arange(12).remainder(6)[None]  # beside position_ids (two packed sequences a row) a mask stays
+    handle.remove()
+    want_positions = logits(right, use_cache=False, position_ids=positions)
+    handle = qdora.unmasked_padding(model)
+    assert torch.equal(logits(right, use_cache=False, position_ids=positions), want_positions) and all(given)
     assert torch.equal(logits(right, use_cache=True, cache=transformers.DynamicCache(config=model.config)),
                        want_cached) and all(given)
     handle.remove()

@@ -353,10 +353,12 @@ def is_right_padding(mask) -> bool:
 
 def unmasked_padding(model: nn.Module) -> RemovableHandle | None:
     """For a model `unmasked_right_padding` holds exact: a forward pre-hook on its decoder stack that drops an
-    `attention_mask` marking only padding on the right (`is_right_padding`) from a forward without a cache and without
-    the router's logits, so that no `T × T` mask is built from it; the loss and the real tokens' outputs are the same.
-    A decoding step's mask (with a cache), left padding and packed rows' masks stay. None for any other model (its
-    masks stay). `.remove()` on the handle takes the hook off. `qdora train` and `qdora.QDoRATrainer` install it."""
+    `attention_mask` marking only padding on the right (`is_right_padding`) from a forward without a cache, without
+    `position_ids` and without the router's logits, so that no `T × T` mask is built from it; the loss and the real
+    tokens' outputs are the same. A decoding step's mask (with a cache), left padding, and any mask given beside
+    `position_ids` (from which transformers reads packed rows when there is no mask) stay. None for any other model
+    (its masks stay). `.remove()` on the handle takes the hook off. `qdora train` and `qdora.QDoRATrainer` install
+    it."""
     if not unmasked_right_padding(model):
         return None
     lm = model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
@@ -364,8 +366,9 @@ def unmasked_padding(model: nn.Module) -> RemovableHandle | None:
 
 
 def _drop_right_padding(module, args, kwargs):
-    cached = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
-    if not cached and not kwargs.get("output_router_logits") and is_right_padding(kwargs.get("attention_mask")):
+    # given `position_ids`, the mask stays: without a mask transformers would read packed rows from them
+    plain = all(kwargs.get(name) is None for name in ("cache", "past_key_values", "position_ids"))
+    if plain and not kwargs.get("output_router_logits") and is_right_padding(kwargs.get("attention_mask")):
         return args, {**kwargs, "attention_mask": None}
     return None
 
