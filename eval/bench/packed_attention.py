@@ -96,6 +96,17 @@ def measure_padded(tokens: int, steps: int = 3) -> dict:
     return out
 
 
+def gemma2_config(tokens: int, window: int):
+    """The soft-capped measurements' Gemma 2: 4 layers, hidden 256, 8 query heads of 32 on 4 key heads, `window` on
+    every other layer, on transformers' eager attention."""
+    import transformers  # heavy, used here only
+
+    return transformers.Gemma2Config(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                     num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+                                     query_pre_attn_scalar=32, sliding_window=window,
+                                     max_position_embeddings=tokens, attn_implementation="eager")
+
+
 def measure_softcap(tokens: int, window: int = 512, steps: int = 3, eager: bool = True, device: str = "cpu",
                     tiles_mib: tuple[int, ...] = ()) -> dict:
     """Peak memory and mean seconds of a Gemma 2 training step on eager attention (unless `eager` is False) and on
@@ -106,10 +117,7 @@ def measure_softcap(tokens: int, window: int = 512, steps: int = 3, eager: bool 
 
     dev = torch.device(device)
     torch.manual_seed(0)
-    config = transformers.Gemma2Config(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                       num_attention_heads=8, num_key_value_heads=4, head_dim=32,
-                                       query_pre_attn_scalar=32, sliding_window=window, max_position_embeddings=tokens,
-                                       attn_implementation="eager")
+    config = gemma2_config(tokens, window)
     model = transformers.AutoModelForCausalLM.from_config(config).to(dev, torch.bfloat16 if dev.type == "cuda"
                                                                       else torch.float32).train()
     ids = torch.randint(0, 4096, (1, tokens), device=dev)
@@ -152,10 +160,7 @@ def measure_prefill(tokens: int, window: int = 512) -> dict:
     import transformers  # heavy, used here only
 
     torch.manual_seed(0)
-    config = transformers.Gemma2Config(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                       num_attention_heads=8, num_key_value_heads=4, head_dim=32,
-                                       query_pre_attn_scalar=32, sliding_window=window, max_position_embeddings=tokens,
-                                       attn_implementation="eager")
+    config = gemma2_config(tokens, window)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     ids = torch.randint(0, 4096, (1, tokens))
 

@@ -164,15 +164,11 @@ class _PackedAttention:
 
     @classmethod
     def on(cls, model, packing: bool) -> _PackedAttention | None:
-        """Switched where it serves the model: rows packed (`packing`), a sliding window, or soft-capped scores.
-        None where it does not (plain rows of a plain model: one causal SDPA call either way), where `packed_sdpa`
-        cannot serve the model, or where it is on it already."""
-        lm = head_loss.causal_lm(model)
-        previous = getattr(lm.config, "_attn_implementation", None)
-        capped = packed_attention.implementation(lm) == packed_attention.SOFTCAP_NAME
-        if not (packing or capped or packed_attention.sliding_window(lm)) \
-                or packed_attention.unsupported(lm) is not None or previous == packed_attention.implementation(lm):
+        """Switched where it serves the model (`qdora.models.packed_attention.serves`), else None."""
+        if not packed_attention.serves(model, packing):
             return None
+        lm = head_loss.causal_lm(model)
+        previous = lm.config._attn_implementation
         packed_attention.packed_sdpa(lm)
         return cls(lm, previous)
 

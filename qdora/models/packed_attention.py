@@ -56,6 +56,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from qdora.core.recompute import ForwardState
+from qdora.models.head_loss import causal_lm
 from qdora.models.shapes import softcap_tile_rows, used_sliding_window
 
 NAME = "qdora_sdpa"
@@ -96,9 +97,11 @@ def _eager_mask(*, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, att
                       kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
 
 
-def sequence_starts(position_ids: torch.Tensor) -> list[list[int]]:
+def sequence_starts(position_ids: torch.Tensor, rows: int | None = None) -> list[list[int]]:
     """Per row, the token index where each packed sequence starts (0 first): where `position_ids` does not go up
-    by one from the token before."""
+    by one from the token before. `rows`: the batch's, where `position_ids` is one row for all of them."""
+    if rows is not None and position_ids.shape[0] == 1:
+        position_ids = position_ids.expand(rows, -1)
     pos = position_ids.reshape(position_ids.shape[0], -1)
     breaks = torch.ones_like(pos, dtype=torch.bool)
     breaks[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
@@ -247,8 +250,7 @@ def _capped(module, query, key, value, attention_mask, position_ids, window, dro
         rows = tile_rows(B * H, S, query.device)
         tiles = [(0, B, q0, min(q0 + rows, T), 0, S) for q0 in range(0, T, rows)]
     else:
-        starts = ([[0]] * B if position_ids is None
-                  else sequence_starts(position_ids.expand(B, -1) if position_ids.shape[0] == 1 else position_ids))
+        starts = [[0]] * B if position_ids is None else sequence_starts(position_ids, B)
         tiles = []
         for b, row in enumerate(starts):
             for s, e in zip(row, row[1:] + [T]):
@@ -278,8 +280,7 @@ def attention(module: nn.Module, query, key, value, attention_mask, dropout: flo
     if position_ids is None:  # no packing to find: one sequence per row
         starts = [[0]] * query.shape[0]
     else:
-        starts = sequence_starts(position_ids.expand(query.shape[0], -1) if position_ids.shape[0] == 1
-                                 else position_ids)
+        starts = sequence_starts(position_ids, query.shape[0])
     if all(len(s) == 1 for s in starts) and (window is None or T <= window):  # one sequence per row: plain causal
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
                                       is_causal=True, **kwargs)
@@ -337,7 +338,7 @@ def unmasked_right_padding(model: nn.Module) -> bool:
     in its loss reads the mask (no MoE router loss: `output_router_logits` off). Only the padding's own outputs, which
     the loss ignores, change. True for a `VERIFIED` type on attention that would build a `T × T` mask from it
     (SDPA, eager, and this module's); False on flash attention, whose padding mask skips the padding instead."""
-    lm = model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
+    lm = causal_lm(model)
     config = getattr(lm, "config", None)
     return (getattr(config, "model_type", None) in VERIFIED
             and not getattr(config, "use_bidirectional_attention", False)
@@ -347,8 +348,9 @@ def unmasked_right_padding(model: nn.Module) -> bool:
 
 def is_right_padding(mask) -> bool:
     """Whether `mask` is a 2-D attention mask that marks only padding on the right: each row's ones, then zeros."""
-    return (isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool(((mask == 0) | (mask == 1)).all())
-            and bool((mask[:, 1:] <= mask[:, :-1]).all()))
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return False
+    return bool((((mask == 0) | (mask == 1)).all() & (mask[:, 1:] <= mask[:, :-1]).all()).item())  # one host read
 
 
 def unmasked_padding(model: nn.Module) -> RemovableHandle | None:
@@ -361,7 +363,7 @@ def unmasked_padding(model: nn.Module) -> RemovableHandle | None:
     it."""
     if not unmasked_right_padding(model):
         return None
-    lm = model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
+    lm = causal_lm(model)
     return lm.get_decoder().register_forward_pre_hook(_drop_right_padding, with_kwargs=True)
 
 
@@ -373,13 +375,23 @@ def _drop_right_padding(module, args, kwargs):
     return None
 
 
+def serves(model: nn.Module, packing: bool) -> bool:
+    """Whether switching `model` to `packed_sdpa` takes a `T × T` mask or scores off its attention: its rows are
+    packed (`packing`), it has a sliding window, or it soft-caps its scores; and `packed_sdpa` can serve it and is not
+    on it already. (Plain rows of a plain model are one causal SDPA call either way.)"""
+    lm = causal_lm(model)
+    own = "eager" if implementation(lm) == SOFTCAP_NAME else "sdpa"
+    return (bool(packing or sliding_window(lm) or own == "eager") and unsupported(lm) is None
+            and getattr(lm.config, "_attn_implementation", None) == own)
+
+
 def packed_sdpa(model: nn.Module) -> nn.Module:
     """Switch a transformers causal LM (or a PEFT model around one) from SDPA to SDPA over each packed sequence of
     a row, so that packed rows need no `T × T` mask, and a model with soft-capped scores (Gemma 2) from eager to the
     same in tiles of queries (see the module docstring). Exact; returns the model. A model it is not tested with, or
     one not on its SDPA (eager for soft-capped scores), is refused in one ValueError line;
     `model.set_attn_implementation("sdpa")` (or "eager") undoes it."""
-    lm = model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
+    lm = causal_lm(model)
     reason = unsupported(lm)
     if reason is not None:
         raise ValueError(f"qdora.packed_sdpa: {reason}; keep transformers' attention for this model")

@@ -247,12 +247,10 @@ def training_attention(model, packing: bool) -> str | None:
     """Switch a model to `qdora.packed_sdpa` where its attention would be `T × T`: packed rows or a sliding window on
     SDPA (with or without packing), or soft-capped scores on eager (Gemma 2, always). Returns the run log's name for
     the attention then, else None."""
+    if not packed_attention.serves(model, packing):
+        return None
     window = packed_attention.sliding_window(model)
     capped = packed_attention.implementation(model) == packed_attention.SOFTCAP_NAME
-    own = "eager" if capped else "sdpa"
-    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if not (packing or window or capped) or attention != own or packed_attention.unsupported(model) is not None:
-        return None
     packed_attention.packed_sdpa(model)
     how = ["over each packed sequence"] if packing else []
     how += [f"in blocks of the {window}-token sliding window"] if window and not capped else []
